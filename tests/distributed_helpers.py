@@ -1,0 +1,95 @@
+"""Run a function on several real processes (gloo on CPU), the way torchrun would start them.
+
+``run_distributed(fn, world_size=2, args=...)`` starts one spawned process per rank with RANK, WORLD_SIZE,
+LOCAL_RANK and a free loopback MASTER_PORT, calls :func:`wsd_pretrain.distributed.init_distributed`, runs
+``fn(rank, world_size, *args)``, tears the group down in ``finally``, and returns each rank's (JSON-able) result.
+An exception on any rank fails the test with that rank's traceback; a hang is killed after ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _child(
+    fn: Callable[..., Any], rank: int, world_size: int, port: int, args: Sequence[Any], out: str, env: dict[str, str]
+) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+    )
+    from wsd_pretrain import distributed
+
+    result: dict[str, Any]
+    try:
+        distributed.init_distributed(backend="gloo", timeout_s=120)
+        try:
+            result = {"ok": True, "value": fn(rank, world_size, *args)}
+        finally:
+            distributed.teardown()
+    except BaseException:
+        result = {"ok": False, "error": traceback.format_exc()}
+    Path(out).write_text(json.dumps(result, default=repr))
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int = 2,
+    args: Sequence[Any] = (),
+    timeout: float = 300.0,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return the per-rank results."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [os.path.join(tmp, f"rank{r}.json") for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_child, args=(fn, r, world_size, port, tuple(args), outs[r], env or {}))
+            for r in range(world_size)
+        ]
+        try:
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join(timeout)
+            hung = [r for r, p in enumerate(procs) if p.is_alive()]
+            if hung:
+                pytest.fail(f"ranks {hung} still running after {timeout:.0f}s")
+            results = []
+            for r, path in enumerate(outs):
+                if not os.path.exists(path):
+                    pytest.fail(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+                results.append(json.loads(Path(path).read_text()))
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        errors = [f"--- rank {r} ---\n{res['error']}" for r, res in enumerate(results) if not res["ok"]]
+        if errors:
+            pytest.fail("\n".join(errors), pytrace=False)
+        return [res["value"] for res in results]

@@ -1,0 +1,199 @@
+"""The one place that starts and stops torch.distributed, and the rank helpers everything else uses.
+
+:func:`init_distributed` reads the launcher's environment (torchrun, the DeepSpeed launcher, SLURM's srun),
+checks it, and is safe to call twice; :func:`teardown` pairs with it. Every helper answers for a single
+process too (rank 0 of 1), so library code never asks "am I distributed?".
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+__all__ = [
+    "DistInfo",
+    "all_gather_object",
+    "barrier",
+    "broadcast_object",
+    "get_local_rank",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_distributed",
+    "teardown",
+]
+
+T = TypeVar("T")
+_STARTED_HERE = False
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: global rank, world size, rank on its node, and the backend (None: one process)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str | None
+
+
+def _env_int(name: str, env: dict[str, str], problems: list[str]) -> int | None:
+    raw = env.get(name)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        problems.append(f"{name}={raw!r} is not a whole number")
+        return None
+
+
+def _launcher_env(env: dict[str, str]) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun/deepspeed variables, or SLURM's when those are absent."""
+    problems: list[str] = []
+    rank = _env_int("RANK", env, problems)
+    world = _env_int("WORLD_SIZE", env, problems)
+    local = _env_int("LOCAL_RANK", env, problems)
+    if rank is None and world is None and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank = _env_int("SLURM_PROCID", env, problems)
+        world = _env_int("SLURM_NTASKS", env, problems)
+        local = _env_int("SLURM_LOCALID", env, problems)
+    if problems:
+        raise ConfigError(problems, where="launcher environment")
+    if rank is None and world is None:
+        return 0, 1, 0
+    if rank is None or world is None:
+        raise ConfigError(
+            "RANK and WORLD_SIZE must be set together (launch with torchrun, deepspeed or srun)",
+            where="launcher environment",
+        )
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE", where="launcher environment")
+    if world > 1 and (not env.get("MASTER_ADDR") or not env.get("MASTER_PORT")):
+        raise ConfigError(
+            "MASTER_ADDR and MASTER_PORT must be set for a multi-process run (torchrun sets them; under srun "
+            "export them in the batch script, see launch/slurm.sbatch)",
+            where="launcher environment",
+        )
+    return rank, world, local if local is not None else rank
+
+
+def default_backend() -> str:
+    """nccl with CUDA, gloo on CPU (and whenever DeepSpeed is told to run on the CPU)."""
+    if os.environ.get("DS_ACCELERATOR", "").lower() == "cpu" or not torch.cuda.is_available():
+        return "gloo"
+    return "nccl"
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
+    """Start the process group described by the launcher's environment; a plain process stays single.
+
+    Safe to call twice (the second call returns the running group's info). ``timeout_s`` bounds every collective:
+    a rank that never arrives fails the job instead of hanging it.
+    """
+    global _STARTED_HERE
+    if dist.is_available() and dist.is_initialized():
+        return _info()
+    rank, world, local = _launcher_env(dict(os.environ))
+    if world == 1 and "RANK" not in os.environ:
+        return DistInfo(rank=0, world_size=1, local_rank=0, backend=None)
+    backend = backend or default_backend()
+    if backend == "nccl" and torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    _STARTED_HERE = True
+    return _info()
+
+
+def teardown() -> None:
+    """Destroy the process group if :func:`init_distributed` started it (after a last barrier)."""
+    global _STARTED_HERE
+    if _STARTED_HERE and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    _STARTED_HERE = False
+
+
+def _info() -> DistInfo:
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+        backend=str(dist.get_backend()),
+    )
+
+
+def is_distributed() -> bool:
+    """True when a process group is running."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """Global rank (0 for a single process)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes (1 for a single process)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_local_rank() -> int:
+    """Rank on this node (0 for a single process)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing for a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank. Plain JSON values only: they travel as UTF-8 bytes, never pickled."""
+    if not is_distributed():
+        return obj
+    device = _comm_device()
+    payload = json.dumps(obj).encode() if dist.get_rank() == src else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=src)
+    buf = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == src:
+        buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buf, src=src)
+    return json.loads(buf.cpu().numpy().tobytes().decode()) if dist.get_rank() != src else obj
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order. Plain JSON values only (UTF-8 bytes, never pickled)."""
+    if not is_distributed():
+        return [obj]
+    device = _comm_device()
+    payload = json.dumps(obj).encode()
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(payload)], dtype=torch.int64, device=device))
+    longest = max(int(t.item()) for t in sizes)
+    mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+    if payload:
+        mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    bufs = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(bufs, mine)
+    return [json.loads(b[: int(n.item())].cpu().numpy().tobytes().decode()) for b, n in zip(bufs, sizes)]
