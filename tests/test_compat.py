@@ -265,3 +265,42 @@ def test_create_scheduler_fn_builds_a_scheduler():
     from pytorch_accelerated.trainer import TrainerPlaceholderValues
 
     assert placeholder_fn.keywords["num_epochs"] is TrainerPlaceholderValues.NUM_EPOCHS
+
+
+def _trainer_lrs(scheduler_cls):
+    from pytorch_accelerated import Trainer
+    from pytorch_accelerated.callbacks import TrainerCallback
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    dataset = TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+    model = torch.nn.Linear(4, 1)
+    lrs: list[float] = []
+
+    class Record(TrainerCallback):
+        def on_train_step_end(self, trainer, **kwargs):
+            lrs.append(trainer.optimizer.param_groups[0]["lr"])
+
+    trainer = Trainer(
+        model=model,
+        loss_func=torch.nn.MSELoss(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        callbacks=[Record()],
+    )
+    trainer.train(
+        train_dataset=dataset,
+        num_epochs=3,
+        per_device_batch_size=8,
+        create_scheduler_fn=scheduler_cls.create_scheduler_fn(num_warmup_epochs=1, decay_phase_ratio=0.25),
+    )
+    return trainer.scheduler, lrs
+
+
+def test_create_scheduler_fn_in_pytorch_accelerated_trainer():
+    ours, our_lrs = _trainer_lrs(WSDLrScheduler)
+    seed, seed_lrs = _trainer_lrs(SeedScheduler)
+    assert isinstance(ours, WSDLrScheduler)
+    assert (ours.total_steps, ours.num_warmup_steps) == (seed.total_steps, seed.num_warmup_steps) == (24, 8)
+    # the LR each update ran at: the same, but for the first update, which the seed ran at the peak
+    assert seed_lrs[0] == 0.1 and our_lrs[0] == pytest.approx(1e-6)
+    assert our_lrs[1:] == pytest.approx(seed_lrs[1:], rel=1e-12)
