@@ -21,6 +21,7 @@ from .errors import ConfigError
 __all__ = [
     "DistInfo",
     "all_gather_object",
+    "all_reduce_max",
     "barrier",
     "broadcast_object",
     "get_local_rank",
@@ -158,6 +159,16 @@ def barrier() -> None:
     """Wait for every rank (nothing for a single process)."""
     if is_distributed():
         dist.barrier()
+
+
+def all_reduce_max(values: list[int]) -> list[int]:
+    """Element-wise maximum of small integer flags over all ranks (one collective; the per-step agreement on
+    time-based and preemption saves)."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
 
 
 def _comm_device() -> torch.device:

@@ -1,0 +1,271 @@
+"""The on-disk format (docs/checkpoint-format.md, version 1): names, the manifest, index files, and the one
+reader that validates them. Everything that opens a checkpoint (resume, tools, tests) goes through here.
+
+::
+
+    <run dir>/checkpoints/
+        step-000000240-pre-decay/            a committed checkpoint (named by position and kinds)
+            manifest.json                    written last: every file with size and sha256, kinds, step, schedule,
+                                             layout, versions
+            model.safetensors.index.json     Hugging Face index: {"metadata": {"total_size"}, "weight_map"}
+            model-00001-of-00002.safetensors the model in its own parameter names and dtype
+            config.json                      when the model has a Hugging Face config
+            train_state/
+                master.safetensors.index.json, master-0000k-of-0000n.safetensors   fp32 master weights, when they
+                                                                                     differ from the model's
+                optimizer.safetensors.index.json, optimizer-0000k-of-0000n.safetensors
+                engine.json                  optimizer hyperparameters per group, engine counters
+                trainer.json                 position, step, tokens, scheduler state, data position, user state
+                rng/rank-00000.json          every rank's RNG streams
+        .staging-step-000000300-post-decay-<nonce>/   in progress: never read by resume
+        latest                               {"name": ...}: the newest committed checkpoint (a convenience)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ..errors import CheckpointError
+from .safetensors_io import read_json
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "KINDS",
+    "CheckpointInfo",
+    "checkpoint_name",
+    "list_checkpoints",
+    "load_manifest",
+    "resolve_checkpoint",
+    "safe_path",
+    "shard_name",
+]
+
+FORMAT = "wsd_pretrain.checkpoint"
+FORMAT_VERSION = 1
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+STAGING_PREFIX = ".staging-"
+TRAIN_STATE = "train_state"
+KINDS = ("pre-decay", "post-decay", "preempt", "periodic", "final")
+GROUP_PREFIX = {"model": "model", "master": f"{TRAIN_STATE}/master", "optimizer": f"{TRAIN_STATE}/optimizer"}
+_NAME_RE = re.compile(
+    r"^step-(\d{9,})-((?:pre-decay|post-decay|preempt|periodic|final)(?:\+(?:pre-decay|post-decay|preempt|periodic|final))*)$"
+)
+_SHARD_RE = re.compile(r"^(model|master|optimizer)-(\d{5})-of-(\d{5})\.safetensors$")
+
+
+def checkpoint_name(position: int, kinds: list[str] | tuple[str, ...]) -> str:
+    """``step-000000300-post-decay+final``: the position (optimizer updates, or tokens) and every kind."""
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise CheckpointError(f"checkpoint kinds {list(kinds)}: each must be one of {KINDS}")
+    ordered = [k for k in KINDS if k in kinds]
+    return f"step-{position:09d}-{'+'.join(ordered)}"
+
+
+def parse_name(name: str) -> tuple[int, list[str]] | None:
+    m = _NAME_RE.match(name)
+    return (int(m.group(1)), m.group(2).split("+")) if m else None
+
+
+def shard_name(group: str, index: int, count: int) -> str:
+    """``model-00001-of-00003.safetensors`` (group ``model``, ``master`` or ``optimizer``), 1-based."""
+    return f"{group}-{index:05d}-of-{count:05d}.safetensors"
+
+
+def index_name(group: str) -> str:
+    return f"{GROUP_PREFIX[group]}.safetensors.index.json"
+
+
+def group_dir(group: str) -> str:
+    return "" if group == "model" else TRAIN_STATE
+
+
+def safe_path(base: Path, rel: Any, what: str) -> Path:
+    """``base / rel`` for a relative path read from a checkpoint, refusing anything that leaves ``base``:
+    absolute paths, ``..``, backslashes, empty parts and symbolic links on the way."""
+    if not isinstance(rel, str) or not rel:
+        raise CheckpointError(f"{what}: path {rel!r} is not a relative file name")
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or "\\" in rel or any(part in ("", ".", "..") for part in rel.split("/")):
+        raise CheckpointError(f"{what}: path {rel!r} leaves the checkpoint directory; refused")
+    path = base
+    for part in pure.parts:
+        path = path / part
+        if path.is_symlink():
+            raise CheckpointError(f"{what}: {rel!r} goes through a symbolic link ({path}); refused")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def _expect(cond: bool, where: Path, why: str) -> None:
+    if not cond:
+        raise CheckpointError(f"{where}: invalid manifest: {why}")
+
+
+def load_manifest(ckpt: Path) -> dict[str, Any]:
+    """Read and check ``ckpt/manifest.json``'s structure (not the files it lists: see :func:`check_files`)."""
+    path = ckpt / MANIFEST
+    if path.is_symlink():
+        raise CheckpointError(f"{path}: is a symbolic link; refused")
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt}: no {MANIFEST} (not a committed wsd_pretrain checkpoint)")
+    m = read_json(path, max_bytes=64 * 1024 * 1024)
+    _expect(isinstance(m, dict), path, "not a JSON object")
+    _expect(m.get("format") == FORMAT, path, f"format is {m.get('format')!r}, expected {FORMAT!r}")
+    version = m.get("format_version")
+    _expect(isinstance(version, int), path, "format_version is missing")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {version} is newer than this release reads ({FORMAT_VERSION}); upgrade wsd_pretrain"
+        )
+    for key, typ in (("position", int), ("step", int), ("tokens", int), ("world_size", int), ("files", dict),
+                     ("kinds", list), ("layout", dict), ("groups", dict)):  # fmt: skip
+        _expect(
+            isinstance(m.get(key), typ) and not isinstance(m.get(key), bool), path, f"{key!r} must be {typ.__name__}"
+        )
+    _expect(all(k in KINDS for k in m["kinds"]) and m["kinds"], path, f"kinds {m['kinds']!r}")
+    for rel, rec in m["files"].items():
+        safe_path(ckpt, rel, f"{path} files")
+        _expect(
+            isinstance(rec, dict)
+            and isinstance(rec.get("size"), int)
+            and rec["size"] >= 0
+            and isinstance(rec.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", rec["sha256"]) is not None,
+            path,
+            f"file record for {rel!r} needs size (int) and sha256 (64 hex digits)",
+        )
+    return m
+
+
+def check_files(ckpt: Path, manifest: dict[str, Any], *, checksums: bool) -> list[str]:
+    """Problems with the files the manifest lists (missing, wrong size, wrong checksum, symlink), one per file."""
+    from .safetensors_io import hash_file
+
+    problems = []
+    for rel, rec in sorted(manifest["files"].items()):
+        path = safe_path(ckpt, rel, "manifest")
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = path.stat().st_size
+        if size != rec["size"]:
+            problems.append(f"{rel}: {size} bytes, the manifest says {rec['size']}")
+            continue
+        if checksums:
+            _, digest = hash_file(path)
+            if digest != rec["sha256"]:
+                problems.append(f"{rel}: sha256 {digest[:12]}… does not match the manifest's {rec['sha256'][:12]}…")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- listing
+
+
+@dataclass
+class CheckpointInfo:
+    """One directory under ``checkpoints/``: its state is complete, in progress (staging) or corrupt."""
+
+    name: str
+    path: Path
+    state: str
+    position: int | None = None
+    kinds: list[str] = field(default_factory=list)
+    size: int = 0
+    manifest: dict[str, Any] | None = None
+    problem: str | None = None
+    latest: bool = False
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def read_latest(run_dir: Path) -> str | None:
+    path = checkpoints_dir(run_dir) / LATEST
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        data = read_json(path, max_bytes=4096)
+    except CheckpointError:
+        return None
+    name = data.get("name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) and parse_name(name) else None
+
+
+def list_checkpoints(run_dir: Path, *, checksums: bool = False) -> list[CheckpointInfo]:
+    """Every checkpoint directory in the run, oldest first; complete ones have their manifest checked (and sizes,
+    and with ``checksums`` the sha256 of every file)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    latest = read_latest(run_dir)
+    out = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        path = Path(entry.path)
+        if entry.name.startswith(STAGING_PREFIX):
+            out.append(CheckpointInfo(entry.name, path, "in progress", size=_du(path)))
+            continue
+        parsed = parse_name(entry.name)
+        if parsed is None:
+            continue
+        info = CheckpointInfo(entry.name, path, "complete", position=parsed[0], kinds=parsed[1], size=_du(path))
+        try:
+            info.manifest = load_manifest(path)
+            problems = check_files(path, info.manifest, checksums=checksums)
+            if problems:
+                info.state, info.problem = "corrupt", "; ".join(problems)
+            else:
+                info.position, info.kinds = info.manifest["position"], info.manifest["kinds"]
+        except CheckpointError as exc:
+            info.state, info.problem = "corrupt", str(exc)
+        info.latest = entry.name == latest
+        out.append(info)
+    out.sort(key=lambda i: (i.position if i.position is not None else -1, i.name))
+    return out
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def resolve_checkpoint(target: str | os.PathLike[str], which: str = "latest") -> Path:
+    """A checkpoint directory from a run directory (``which``: "latest" = the newest complete one, or a name) or
+    from a checkpoint directory itself."""
+    path = Path(target)
+    if (path / MANIFEST).exists():
+        return path
+    if path.name == CHECKPOINTS:
+        path = path.parent
+    if not checkpoints_dir(path).is_dir():
+        raise CheckpointError(f"{path}: neither a checkpoint nor a run directory with a checkpoints/ folder")
+    infos = list_checkpoints(path)
+    if which != "latest":
+        for info in infos:
+            if info.name == which:
+                if info.state != "complete":
+                    raise CheckpointError(f"checkpoint {which!r} is {info.state}: {info.problem or ''}")
+                return info.path
+        raise CheckpointError(f"{path}: no checkpoint named {which!r}")
+    complete = [i for i in infos if i.state == "complete"]
+    if not complete:
+        raise CheckpointError(f"{path}: no complete checkpoint to resume from")
+    return complete[-1].path

@@ -1,0 +1,423 @@
+"""When to save, apart from how: the checkpoint manager the training loop calls once per optimizer update.
+
+::
+
+    manager = CheckpointManager(run_dir, engine_or_model, optimizer, scheduler, config=CheckpointConfig(...),
+                                data=sampler)
+    manager.resume("auto")                 # newest complete checkpoint, or a fresh start
+    for batch in loader:
+        ...; optimizer.step(); scheduler.step()
+        manager.maybe_save()               # pre/post-decay points, every N steps / M minutes, end, preemption
+        if manager.should_stop: break      # a preemption checkpoint was written
+    manager.close()
+
+The schedule says where the pre-decay and post-decay points are (``scheduler.events()``) and, in branching mode,
+where to rewind; the manager does no schedule arithmetic. Time-based and preemption triggers are agreed by all
+ranks (one small all-reduce), so every rank saves the same step. Sub-classing is not needed: the engine differs
+behind :func:`~wsd_pretrain.checkpoint.adapters.make_adapter`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+
+from .. import distributed as D
+from ..errors import CheckpointError, ConfigError
+from ..scheduler import WSDScheduler
+from . import format as F
+from .adapters import EngineAdapter, make_adapter
+from .io import PendingSave, SaveRequest, load_checkpoint, start_save
+
+__all__ = ["CheckpointConfig", "CheckpointManager", "Stateful", "parse_size"]
+
+log = logging.getLogger(__name__)
+
+
+class Stateful(Protocol):
+    """Anything whose position is part of the checkpoint (a data sampler): plain-JSON state."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def parse_size(value: int | str) -> int:
+    """``"2GB"`` -> 2_000_000_000 (decimal units, as Hugging Face's ``max_shard_size``); ``"512MiB"``; ints pass."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"size {value!r}: give bytes or a string like '2GB'", where="checkpoint")
+    text = value.strip().upper().replace(" ", "")
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "B": 1}  # fmt: skip
+    for suffix, mult in units.items():
+        if text.endswith(suffix):
+            try:
+                return int(float(text[: -len(suffix)]) * mult)
+            except ValueError:
+                break
+    raise ConfigError(f"size {value!r}: give bytes or a string like '2GB', '512MiB'", where="checkpoint")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """When and how checkpoints are written (the ``checkpoint:`` section of a config file)."""
+
+    at_milestones: bool = True
+    """Save at every pre-decay and post-decay point of the schedule (required in branching mode)."""
+    every_steps: int | None = None
+    """Also save every N optimizer updates (periodic)."""
+    every_minutes: float | None = None
+    """Also save every M minutes of wall time (periodic; rank 0's clock, agreed by all ranks)."""
+    at_end: bool = True
+    """Save when the schedule ends (final)."""
+    on_preemption: bool = True
+    """Save and stop on SIGTERM or SIGUSR1 (what SLURM and Kubernetes send before killing a job)."""
+    signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+    keep_last: int = 2
+    """Periodic and preemption checkpoints to keep (the newest K); the newest complete one is never deleted."""
+    keep_milestones: bool = True
+    """Keep every pre-decay, post-decay and final checkpoint (False: they count as periodic)."""
+    async_save: bool = False
+    """Write in the background while training goes on; the next save waits for the previous one."""
+    write_mode: Literal["parallel", "rank0"] = "parallel"
+    """parallel: every rank writes its shards (shared filesystem); rank0: everything goes through rank 0."""
+    max_shard_size: int | str = "2GB"
+    """Largest safetensors shard (bytes or '2GB'); also bounds the extra memory of a save."""
+    verify: Literal["checksum", "size", "none"] = "checksum"
+    """What resume checks: every file's sha256, only sizes, or nothing."""
+    fsync: bool = True
+    """fsync every file and directory before the commit (turn off only for throwaway runs)."""
+    decide_every: int = 1
+    """How often (in updates) ranks agree on time-based and preemption saves."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.every_steps is not None and (not isinstance(self.every_steps, int) or self.every_steps <= 0):
+            problems.append(f"every_steps={self.every_steps!r}: a whole number > 0, or null")
+        if self.every_minutes is not None and not (
+            isinstance(self.every_minutes, (int, float)) and self.every_minutes > 0
+        ):
+            problems.append(f"every_minutes={self.every_minutes!r}: a number > 0, or null")
+        if not isinstance(self.keep_last, int) or self.keep_last < 1:
+            problems.append(f"keep_last={self.keep_last!r}: keep at least 1")
+        if self.write_mode not in ("parallel", "rank0"):
+            problems.append(f"write_mode={self.write_mode!r}: 'parallel' or 'rank0'")
+        if self.verify not in ("checksum", "size", "none"):
+            problems.append(f"verify={self.verify!r}: 'checksum', 'size' or 'none'")
+        if not isinstance(self.decide_every, int) or self.decide_every < 1:
+            problems.append(f"decide_every={self.decide_every!r}: a whole number >= 1")
+        bad = [s for s in self.signals if not hasattr(signal, s)]
+        if bad:
+            problems.append(f"signals={list(self.signals)}: {bad} are not signal names")
+        try:
+            if parse_size(self.max_shard_size) < 1:
+                problems.append(f"max_shard_size={self.max_shard_size!r}: must be positive")
+        except ConfigError as exc:
+            problems += exc.problems
+        if problems:
+            raise ConfigError(problems, where="checkpoint config")
+
+
+class _RunLock:
+    """An exclusive lock on the run directory, held by rank 0: a second run pointed at it refuses to start."""
+
+    def __init__(self, run_dir: Path) -> None:
+        import fcntl
+
+        self.path = run_dir / ".wsd_pretrain.lock"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self._fd, 256, 0).decode(errors="replace").strip()
+            os.close(self._fd)
+            raise CheckpointError(
+                f"{run_dir} is in use by another run ({holder or 'unknown process'}); give this run its own "
+                "--run-dir, or stop the other one"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class CheckpointManager:
+    """Saves at the schedule's decay points, periodically, at the end and on preemption; resumes; rewinds.
+
+    Args:
+        run_dir: the run directory (checkpoints go to ``<run_dir>/checkpoints``).
+        model: a DeepSpeed engine, an FSDP2 module, a DDP module or a plain module.
+        optimizer: the torch optimizer (ignored for DeepSpeed, whose engine knows it).
+        scheduler: the :class:`WSDScheduler` whose position, events and state are saved.
+        config: :class:`CheckpointConfig`.
+        data: the data sampler (``state_dict``/``load_state_dict`` in plain JSON), restored on resume and rewind.
+        extra_state: returns plain-JSON user state to save; ``load_extra_state`` receives it back.
+        hf_config: a Hugging Face ``config.json`` dict, written beside the model so the folder loads with
+            ``from_pretrained``.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        model: Any,
+        optimizer: torch.optim.Optimizer | None,
+        scheduler: WSDScheduler,
+        *,
+        config: CheckpointConfig | None = None,
+        data: Stateful | None = None,
+        extra_state: Callable[[], dict[str, Any]] | None = None,
+        load_extra_state: Callable[[dict[str, Any]], None] | None = None,
+        hf_config: dict[str, Any] | None = None,
+        adapter: EngineAdapter | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = config or CheckpointConfig()
+        self.scheduler = scheduler
+        self.adapter = adapter or make_adapter(model, optimizer)
+        self.data = data
+        self.extra_state = extra_state
+        self.load_extra_state = load_extra_state
+        self.hf_config = hf_config
+        if scheduler.schedule.mode == "branching" and not self.config.at_milestones:
+            raise ConfigError(
+                "a branching schedule rewinds to its pre-decay checkpoints: keep checkpoint.at_milestones=true",
+                where="checkpoint config",
+            )
+        self._lock = _RunLock(self.run_dir) if D.get_rank() == 0 else None
+        self._pending: PendingSave | None = None
+        self._last_save_time = time.monotonic()
+        self._preempt_flag = 0
+        self._old_handlers: dict[int, Any] = {}
+        self.should_stop = False
+        self._final_done = False
+        self.last_saved: Path | None = None
+        self.saves: list[Path] = []
+        if self.config.on_preemption:
+            self._install_signal_handlers()
+
+    # ------------------------------------------------------------------ signals
+
+    def _install_signal_handlers(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("checkpoint manager not created in the main thread: preemption signals are not caught")
+            return
+        for name in self.config.signals:
+            signum = getattr(signal, name)
+            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._preempt_flag = 1
+        log.warning(
+            "received %s: a preemption checkpoint will be written at the next step", signal.Signals(signum).name
+        )
+
+    def request_preemption(self) -> None:
+        """What a caught signal does: save at the next :meth:`maybe_save` and set :attr:`should_stop`."""
+        self._preempt_flag = 1
+
+    # ------------------------------------------------------------------ saving
+
+    def _trainer_state(self) -> dict[str, Any]:
+        s = self.scheduler
+        return {
+            "position": s.position,
+            "trajectory_position": s.schedule.trajectory_position(s.position),
+            "step": s.last_epoch,
+            "tokens": s.tokens,
+            "scheduler": s.state_dict(),
+            "data": self.data.state_dict() if self.data is not None else None,
+            "extra": self.extra_state() if self.extra_state is not None else None,
+        }
+
+    def maybe_save(self) -> Path | None:
+        """Call once after each ``scheduler.step()``. Saves if this step is a decay point, periodic, the end or a
+        preemption; in branching mode, after a branch's post-decay save, restores its pre-decay state. Returns the
+        checkpoint written (it may still be in flight with async saves), or None."""
+        s = self.scheduler
+        kinds: list[str] = []
+        rewind_to = None
+        if self.config.at_milestones:
+            for event in s.events():
+                kinds.append(event.kind)
+                if event.kind == "post-decay" and event.milestone.rewind:
+                    rewind_to = event.milestone
+        cfg = self.config
+        if cfg.every_steps and s.last_epoch % cfg.every_steps == 0:
+            kinds.append("periodic")
+        if cfg.at_end and s.finished and not self._final_done:
+            kinds.append("final")
+            self._final_done = True
+        if s.last_epoch % cfg.decide_every == 0 or kinds:
+            time_due = int(
+                cfg.every_minutes is not None and time.monotonic() - self._last_save_time >= cfg.every_minutes * 60
+            )
+            preempt, time_due = D.all_reduce_max([self._preempt_flag, time_due if D.get_rank() == 0 else 0])
+            if time_due:
+                kinds.append("periodic")
+            if preempt:
+                kinds.append("preempt")
+                self.should_stop = True
+        if not kinds:
+            return None
+        path = self.save(sorted(set(kinds), key=F.KINDS.index))
+        if rewind_to is not None:
+            self._rewind(rewind_to)
+        return path
+
+    def save(self, kinds: list[str]) -> Path:
+        """Save now with these kinds (every rank calls it). Waits for the previous async save first."""
+        self.wait()
+        s = self.scheduler
+        request = SaveRequest(
+            position=s.position,
+            step=s.last_epoch,
+            tokens=s.tokens,
+            kinds=list(kinds),
+            trainer=self._trainer_state(),
+            schedule=s.schedule.to_dict(),
+            hf_config=self.hf_config,
+            extra_manifest={"trajectory_position": s.schedule.trajectory_position(s.position)},
+        )
+        t0 = time.monotonic()
+        pending = start_save(
+            self.adapter,
+            self.run_dir,
+            request,
+            max_shard_bytes=parse_size(self.config.max_shard_size),
+            rank0_only=self.config.write_mode == "rank0",
+            fsync=self.config.fsync,
+            snapshot=self.config.async_save,
+            after_commit=self._retain if D.get_rank() == 0 else None,
+        )
+        self._last_save_time = time.monotonic()
+        self.last_saved = pending.final
+        self.saves.append(pending.final)
+        if self.config.async_save:
+            self._pending = pending
+            log.info("checkpoint %s: state fetched in %.2fs, writing in the background", pending.name,
+                     time.monotonic() - t0)  # fmt: skip
+        else:
+            pending.wait()
+            log.info("checkpoint %s written in %.2fs", pending.name, time.monotonic() - t0)
+        return pending.final
+
+    def wait(self) -> None:
+        """Wait for an async save in flight (every rank calls it); raises if it failed on any rank."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.wait()
+
+    # ------------------------------------------------------------------ retention
+
+    def _retain(self, newest: Path) -> None:
+        infos = [i for i in F.list_checkpoints(self.run_dir) if i.state == "complete"]
+        if not infos:
+            return
+        newest_complete = infos[-1].path
+        protected = {"pre-decay", "post-decay", "final"} if self.config.keep_milestones else set()
+        rotating = [i for i in infos if not (set(i.kinds) & protected)]
+        doomed = rotating[: max(0, len(rotating) - self.config.keep_last)]
+        for info in doomed:
+            if info.path in (newest_complete, newest):
+                continue
+            trash = info.path.parent / f".deleting-{info.name}"
+            try:
+                os.rename(info.path, trash)  # gone from listings at once; a crash mid-delete leaves only trash
+                shutil.rmtree(trash, ignore_errors=True)
+                log.info("retention: removed %s", info.name)
+            except OSError as exc:
+                log.warning("retention: could not remove %s: %s", info.name, exc)
+
+    # ------------------------------------------------------------------ resuming
+
+    def resume(self, which: str | os.PathLike[str] = "auto", *, verify: str | None = None) -> bool:
+        """Restore everything from a checkpoint: ``"auto"`` (the newest complete one in the run, or a fresh start
+        when there is none: returns False), ``"latest"`` (the same, but none is an error), a checkpoint name or a
+        path. Returns True when a checkpoint was loaded."""
+        target = str(which)
+        if target in ("auto", "latest"):
+            infos = [i for i in F.list_checkpoints(self.run_dir) if i.state == "complete"]
+            if not infos:
+                if target == "auto":
+                    return False
+                raise CheckpointError(f"{self.run_dir}: no complete checkpoint to resume from")
+            path = infos[-1].path
+        elif os.sep in target or Path(target).is_dir():
+            path = F.resolve_checkpoint(target)
+        else:
+            path = F.resolve_checkpoint(self.run_dir, target)
+        self.load(path, verify=verify)
+        return True
+
+    def load(
+        self, path: str | os.PathLike[str], *, verify: str | None = None, scheduler: bool = True
+    ) -> dict[str, Any]:
+        """Load one checkpoint into the engine, optimizer, RNG, data sampler and (with ``scheduler``) scheduler."""
+        self.wait()
+        out = load_checkpoint(
+            self.adapter,
+            path,
+            verify=verify or self.config.verify,
+            rank0_only=self.config.write_mode == "rank0",
+        )
+        trainer = out["trainer"]
+        if scheduler:
+            self.scheduler.load_state_dict(trainer["scheduler"])
+        if self.data is not None and trainer.get("data") is not None:
+            self.data.load_state_dict(trainer["data"])
+        if self.load_extra_state is not None and trainer.get("extra") is not None:
+            self.load_extra_state(trainer["extra"])
+        log.info("loaded checkpoint %s (position %s)", Path(path).name, trainer.get("position"))
+        return out
+
+    def _rewind(self, milestone: Any) -> None:
+        """Branching mode: back to the pre-decay state of ``milestone``; the scheduler keeps its position."""
+        self.wait()
+        candidates = [
+            i for i in F.list_checkpoints(self.run_dir)
+            if i.state == "complete" and i.position == milestone.pre_decay and "pre-decay" in i.kinds
+        ]  # fmt: skip
+        if not candidates:
+            raise CheckpointError(
+                f"branching: the pre-decay checkpoint at position {milestone.pre_decay} is missing, cannot rewind"
+            )
+        self.load(candidates[-1].path, scheduler=False, verify="size")
+        log.info("branch %d done: rewound to its pre-decay state (%d trained)", milestone.index,
+                 milestone.trajectory_pre_decay)  # fmt: skip
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self) -> None:
+        """Wait for any save in flight, restore signal handlers, release the run lock (every rank calls it)."""
+        try:
+            self.wait()
+        finally:
+            for signum, handler in self._old_handlers.items():
+                signal.signal(signum, handler)
+            self._old_handlers.clear()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

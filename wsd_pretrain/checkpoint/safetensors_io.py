@@ -1,0 +1,348 @@
+"""Streaming safetensors files: written tensor by tensor with the checksum computed on the way, read back only
+after the header has been checked.
+
+The writer never builds the file in memory: it writes the 8-byte little-endian header length, the JSON header
+(``dtype``, ``shape``, ``data_offsets``; ``__metadata__`` holds strings only, ``{"format": "pt"}`` as transformers
+expects), then each tensor's bytes straight from its storage. The result is byte-compatible with
+``safetensors.torch.save_file`` and readable by ``safetensors`` alone.
+
+The reader refuses a hostile or damaged file before any tensor is touched: a header length beyond the file or
+above 100 MB, JSON that is not a header, unknown dtypes, negative or non-integer shapes, offsets outside the data,
+overlapping or gapped tensors, a byte count that disagrees with the shape, or a file longer than its header says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+
+__all__ = [
+    "DTYPE_TO_STR",
+    "STR_TO_DTYPE",
+    "SafetensorsHeader",
+    "TensorInfo",
+    "read_header",
+    "tensor_nbytes",
+    "write_safetensors",
+]
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+_CHUNK = 64 * 1024 * 1024
+
+DTYPE_TO_STR: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"), ("float8_e4m3fn", "F8_E4M3"),
+                     ("float8_e5m2", "F8_E5M2"), ("complex64", "C64")):  # fmt: skip
+    if hasattr(torch, _name):
+        DTYPE_TO_STR[getattr(torch, _name)] = _code
+STR_TO_DTYPE: dict[str, torch.dtype] = {v: k for k, v in DTYPE_TO_STR.items()}
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def tensor_nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * itemsize(dtype)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors file: its dtype, shape and byte range within the data section."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated header: the tensors in file order, the metadata and where the data section starts."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (it must be a contiguous CPU tensor)."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    flat = t.reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _validate_for_save(tensors: Mapping[str, torch.Tensor]) -> None:
+    problems = []
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not name:
+            problems.append(f"tensor name {name!r}: names are non-empty strings")
+        elif name == "__metadata__":
+            problems.append("'__metadata__' is reserved by the safetensors format; rename the tensor")
+        if not isinstance(t, torch.Tensor):
+            problems.append(f"{name}: a {type(t).__name__}, not a tensor; store it in the JSON side of the state")
+            continue
+        if t.dtype not in DTYPE_TO_STR:
+            problems.append(f"{name}: dtype {t.dtype} has no safetensors code; cast it (e.g. .float())")
+        if t.layout != torch.strided:
+            problems.append(f"{name}: {t.layout} tensors cannot be saved; call .to_dense() first")
+    if problems:
+        raise CheckpointError("cannot write safetensors file: " + "; ".join(problems))
+
+
+def header_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The header (length prefix included) for ``tensors`` written in the given order."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_TO_STR[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    fsync: bool = True,
+) -> tuple[int, str]:
+    """Write ``tensors`` (any device; copied to CPU one at a time) to ``path``; return ``(size, sha256 hex)``.
+
+    The file is created exclusively (an existing file is an error: checkpoint files are written once, in a staging
+    directory) and fsynced before returning when ``fsync`` is set.
+    """
+    _validate_for_save(tensors)
+    if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError("safetensors __metadata__ holds strings only; put other values in the JSON state")
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "xb") as f:
+        head = header_bytes(tensors, metadata)
+        f.write(head)
+        digest.update(head)
+        size += len(head)
+        for t in tensors.values():
+            cpu = t.detach()
+            if cpu.device.type != "cpu":
+                cpu = cpu.to("cpu")
+            if not cpu.is_contiguous():
+                cpu = cpu.contiguous()
+            view = _byte_view(cpu)
+            for lo in range(0, len(view), _CHUNK):
+                chunk = view[lo : lo + _CHUNK]
+                f.write(chunk)
+                digest.update(chunk)
+            size += len(view)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    return size, digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Read and check a safetensors header without loading any tensor; a bad file raises CheckpointError naming it."""
+    p = Path(path)
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{p}: not a valid safetensors file: {why}")
+
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise bad(f"{size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES:
+                raise bad(f"header claims {n} bytes (more than the {MAX_HEADER_BYTES}-byte limit)")
+            if 8 + n > size:
+                raise bad(f"header claims {n} bytes but the file has {size - 8} after the length prefix")
+            raw = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise bad("__metadata__ must map strings to strings")
+    data_len = size - 8 - n
+    infos: list[TensorInfo] = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"entry {name!r} must have exactly dtype, shape and data_offsets")
+        dtype = STR_TO_DTYPE.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+        if dtype is None:
+            raise bad(f"tensor {name!r} has unknown dtype {entry['dtype']!r}")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_len
+        ):
+            raise bad(f"tensor {name!r} has data_offsets {offsets!r} outside the {data_len}-byte data section")
+        if offsets[1] - offsets[0] != tensor_nbytes(shape, dtype):
+            raise bad(
+                f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {entry['dtype']} "
+                f"(which needs {tensor_nbytes(shape, dtype)})"
+            )
+        infos.append(TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1]))
+    cursor = 0
+    for info in sorted(infos, key=lambda i: (i.start, i.end)):
+        if info.start != cursor:
+            what = "overlaps the previous tensor" if info.start < cursor else "leaves a gap before it"
+            raise bad(f"tensor {info.name!r} at byte {info.start} {what} (expected {cursor})")
+        cursor = info.end
+    if cursor != data_len:
+        raise bad(f"the tensors cover {cursor} bytes but the data section has {data_len}")
+    return SafetensorsHeader(
+        tensors={i.name: i for i in infos}, metadata=dict(metadata), data_start=8 + n, file_size=size
+    )
+
+
+class SafetensorsReader:
+    """Read tensors (whole or a dim-0 slice) from a file whose header :func:`read_header` has checked."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.header = read_header(self.path)
+        from safetensors import safe_open
+
+        try:
+            self._handle = safe_open(str(self.path), framework="pt")
+        except Exception as exc:  # the Rust reader's own checks
+            raise CheckpointError(f"{self.path}: safetensors refused the file: {exc}") from None
+
+    def keys(self) -> list[str]:
+        return list(self.header.tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.header.tensors:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
+        return self._handle.get_tensor(name)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` along dim 0 (what one rank of a dim-0 sharded engine needs)."""
+        if name not in self.header.tensors:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
+        return self._handle.get_slice(name)[start:stop]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.header.tensors)
+
+    def close(self) -> None:
+        self._handle = None
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def hash_file(path: str | os.PathLike[str]) -> tuple[int, str]:
+    """``(size, sha256 hex)`` of a file, read in 64 MB chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def write_json(path: str | os.PathLike[str], data: Any, *, fsync: bool = True) -> tuple[int, str]:
+    """Write JSON exclusively (never over an existing file); return ``(size, sha256 hex)``."""
+    raw = (json.dumps(encode_floats(data), indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+    with open(path, "xb") as f:
+        f.write(raw)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    return len(raw), hashlib.sha256(raw).hexdigest()
+
+
+def encode_floats(obj: Any) -> Any:
+    """Plain JSON for any value of ours: a non-finite float becomes ``{"$float": "inf"}`` (JSON has no inf/nan)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"$float": repr(obj)}
+    if isinstance(obj, dict):
+        return {str(k): encode_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [encode_floats(v) for v in obj]
+    return obj
+
+
+def decode_floats(obj: Any) -> Any:
+    """The inverse of :func:`encode_floats`."""
+    if isinstance(obj, dict):
+        if set(obj) == {"$float"} and obj["$float"] in ("inf", "-inf", "nan"):
+            return float(obj["$float"])
+        return {k: decode_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_floats(v) for v in obj]
+    return obj
+
+
+def read_json(path: str | os.PathLike[str], *, max_bytes: int = 256 * 1024 * 1024) -> Any:
+    """Read one of our JSON files (size-capped, non-finite floats decoded); errors name the file."""
+    p = Path(path)
+    try:
+        if p.stat().st_size > max_bytes:
+            raise CheckpointError(f"{p}: {p.stat().st_size} bytes, more than a checkpoint JSON file may hold")
+        return decode_floats(json.loads(p.read_text(encoding="utf-8")))
+    except OSError as exc:
+        raise CheckpointError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{p}: not valid JSON ({exc})") from None
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a directory's entries (new files, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
