@@ -23,7 +23,7 @@ class TinyLM(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(
             torch.nn.Sequential(
                 torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim)
-            )  # fmt: skip
+            )
             for _ in range(2)
         )
         self.head = torch.nn.Linear(dim, vocab, bias=False)
@@ -35,8 +35,7 @@ class TinyLM(torch.nn.Module):
         for block in self.blocks:
             h = h + block(h) * self.scale[0]
         logits = self.head(h).float()
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
-                                                 tokens[:, 1:].reshape(-1))  # fmt: skip
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
 
 
 def batch(i: int, rank: int, vocab: int = 32) -> torch.Tensor:
@@ -75,8 +74,9 @@ def build(engine: str, schedule: WSDSchedule, rank: int = 0, lr: float = 3e-3) -
             get_accelerator().is_fp16_supported = lambda: True  # see docs/decisions.md: torch runs fp16 on any CPU
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
         sched = WSDScheduler(opt, schedule)
-        ds_engine, *_ = deepspeed_initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                             config=ds_config(int(stage), dtype or "fp32"))  # fmt: skip
+        ds_engine, *_ = deepspeed_initialize(
+            model=model, optimizer=opt, lr_scheduler=sched, config=ds_config(int(stage), dtype or "fp32")
+        )
         del deepspeed
 
         def ds_step(i: int) -> float:

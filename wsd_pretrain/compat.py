@@ -47,9 +47,15 @@ _SEED_STATE_KEYS = (
     "checkpoint_decay_info",
 )
 _SCHEDULE_KEYS = (
-    "base_lr_values", "total_steps", "num_warmup_steps", "decay_phase_ratio", "lr_min", "warmup_starting_lr",
-    "use_inverse_sqrt_decay", "num_checkpoints",
-)  # fmt: skip
+    "base_lr_values",
+    "total_steps",
+    "num_warmup_steps",
+    "decay_phase_ratio",
+    "lr_min",
+    "warmup_starting_lr",
+    "use_inverse_sqrt_decay",
+    "num_checkpoints",
+)
 
 
 def estimate_checkpoint_steps(total_steps: int, num_checkpoints: int = 3) -> list[int]:

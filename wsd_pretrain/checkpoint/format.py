@@ -127,8 +127,16 @@ def load_manifest(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: format version {version} is newer than this release reads ({FORMAT_VERSION}); upgrade wsd_pretrain"
         )
-    for key, typ in (("position", int), ("step", int), ("tokens", int), ("world_size", int), ("files", dict),
-                     ("kinds", list), ("layout", dict), ("groups", dict)):  # fmt: skip
+    for key, typ in (
+        ("position", int),
+        ("step", int),
+        ("tokens", int),
+        ("world_size", int),
+        ("files", dict),
+        ("kinds", list),
+        ("layout", dict),
+        ("groups", dict),
+    ):
         _expect(
             isinstance(m.get(key), typ) and not isinstance(m.get(key), bool), path, f"{key!r} must be {typ.__name__}"
         )

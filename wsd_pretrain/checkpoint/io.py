@@ -258,8 +258,12 @@ def start_save(
             assert writer is not None
             writer.submit(shard.relpath, {spec.name: bucket[spec.name] for spec in shard.specs})
 
-    owned = {spec.name.split("/")[0] if spec.group == "optimizer" else spec.name
-             for s in shards if s.owner == rank for spec in s.specs}  # fmt: skip
+    owned = {
+        spec.name.split("/")[0] if spec.group == "optimizer" else spec.name
+        for s in shards
+        if s.owner == rank
+        for spec in s.specs
+    }
     for pname in adapter.param_names:
         if not adapter.collective and pname not in owned:
             continue  # every rank holds everything: only the owner reads it
@@ -368,8 +372,14 @@ def _commit(
         index = {"metadata": {"total_size": sum(s.nbytes for s in gshards)}, "weight_map": weight_map}
         add_json(F.index_name(group), index)
         dtypes = sorted({str(spec.dtype).removeprefix("torch.") for s in gshards for spec in s.specs})
-        groups[group] = {"index": F.index_name(group), "shards": len(gshards), "tensors": len(weight_map),
-                         "bytes": index["metadata"]["total_size"], "dtypes": dtypes, "dir": base}  # fmt: skip
+        groups[group] = {
+            "index": F.index_name(group),
+            "shards": len(gshards),
+            "tensors": len(weight_map),
+            "bytes": index["metadata"]["total_size"],
+            "dtypes": dtypes,
+            "dir": base,
+        }
     if request.hf_config is not None:
         add_json("config.json", request.hf_config)
     add_json(f"{F.TRAIN_STATE}/engine.json", meta)
@@ -428,8 +438,12 @@ def _versions() -> dict[str, str]:
 
     from .. import __version__
 
-    out = {"wsd_pretrain": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
-           "python": platform.python_version()}  # fmt: skip
+    out = {
+        "wsd_pretrain": __version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
     try:
         import deepspeed
 
@@ -541,8 +555,11 @@ def load_checkpoint(
         if rank == 0:
             try:
                 manifest = verify_checkpoint_local(ckpt, verify)
-                result = {"manifest": manifest, "trainer": read_json(ckpt / F.TRAIN_STATE / "trainer.json"),
-                          "engine": read_json(ckpt / F.TRAIN_STATE / "engine.json")}  # fmt: skip
+                result = {
+                    "manifest": manifest,
+                    "trainer": read_json(ckpt / F.TRAIN_STATE / "trainer.json"),
+                    "engine": read_json(ckpt / F.TRAIN_STATE / "engine.json"),
+                }
             except CheckpointError as exc:
                 result = {"error": str(exc)}
         result = D.broadcast_object(result)
@@ -644,7 +661,10 @@ def _restore_rng(ckpt: Path, manifest: dict[str, Any], rank0_only: bool) -> None
     if state is None:
         if manifest["world_size"] == world:
             raise CheckpointError(f"{ckpt}: no RNG state for rank {rank}")
-        log.warning("rank %d: the checkpoint was written by %d ranks; this rank's RNG keeps its fresh seed",
-                    rank, manifest["world_size"])  # fmt: skip
+        log.warning(
+            "rank %d: the checkpoint was written by %d ranks; this rank's RNG keeps its fresh seed",
+            rank,
+            manifest["world_size"],
+        )
         return
     restore_rng(state)

@@ -58,8 +58,17 @@ def parse_size(value: int | str) -> int:
     if not isinstance(value, str):
         raise ConfigError(f"size {value!r}: give bytes or a string like '2GB'", where="checkpoint")
     text = value.strip().upper().replace(" ", "")
-    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "B": 1}  # fmt: skip
+    units = {
+        "KIB": 1024,
+        "MIB": 1024**2,
+        "GIB": 1024**3,
+        "TIB": 1024**4,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "B": 1,
+    }
     for suffix, mult in units.items():
         if text.endswith(suffix):
             try:
@@ -311,8 +320,9 @@ class CheckpointManager:
         self.saves.append(pending.final)
         if self.config.async_save:
             self._pending = pending
-            log.info("checkpoint %s: state fetched in %.2fs, writing in the background", pending.name,
-                     time.monotonic() - t0)  # fmt: skip
+            log.info(
+                "checkpoint %s: state fetched in %.2fs, writing in the background", pending.name, time.monotonic() - t0
+            )
         else:
             pending.wait()
             log.info("checkpoint %s written in %.2fs", pending.name, time.monotonic() - t0)
@@ -391,16 +401,20 @@ class CheckpointManager:
         """Branching mode: back to the pre-decay state of ``milestone``; the scheduler keeps its position."""
         self.wait()
         candidates = [
-            i for i in F.list_checkpoints(self.run_dir)
+            i
+            for i in F.list_checkpoints(self.run_dir)
             if i.state == "complete" and i.position == milestone.pre_decay and "pre-decay" in i.kinds
-        ]  # fmt: skip
+        ]
         if not candidates:
             raise CheckpointError(
                 f"branching: the pre-decay checkpoint at position {milestone.pre_decay} is missing, cannot rewind"
             )
         self.load(candidates[-1].path, scheduler=False, verify="size")
-        log.info("branch %d done: rewound to its pre-decay state (%d trained)", milestone.index,
-                 milestone.trajectory_pre_decay)  # fmt: skip
+        log.info(
+            "branch %d done: rewound to its pre-decay state (%d trained)",
+            milestone.index,
+            milestone.trajectory_pre_decay,
+        )
 
     # ------------------------------------------------------------------ closing
 

@@ -30,8 +30,13 @@ def capture_rng() -> dict[str, Any]:
         import numpy as np
 
         kind, key, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {"kind": kind, "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                          "cached_gaussian": float(cached)}  # fmt: skip
+        state["numpy"] = {
+            "kind": kind,
+            "key": key.tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
     except ImportError:
         pass
     state["torch"] = _b64(torch.get_rng_state())
@@ -49,8 +54,9 @@ def restore_rng(state: dict[str, Any]) -> None:
             import numpy as np
 
             n = state["numpy"]
-            np.random.set_state((n["kind"], np.array(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"],
-                                 n["cached_gaussian"]))  # fmt: skip
+            np.random.set_state(
+                (n["kind"], np.array(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+            )
         torch.set_rng_state(_unb64(state["torch"]))
         if "cuda" in state and torch.cuda.is_available():
             saved = [_unb64(s) for s in state["cuda"]]

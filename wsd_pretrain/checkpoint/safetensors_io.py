@@ -52,8 +52,14 @@ DTYPE_TO_STR: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"), ("float8_e4m3fn", "F8_E4M3"),
-                     ("float8_e5m2", "F8_E5M2"), ("complex64", "C64")):  # fmt: skip
+for _name, _code in (
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("complex64", "C64"),
+):
     if hasattr(torch, _name):
         DTYPE_TO_STR[getattr(torch, _name)] = _code
 STR_TO_DTYPE: dict[str, torch.dtype] = {v: k for k, v in DTYPE_TO_STR.items()}
