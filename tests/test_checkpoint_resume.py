@@ -14,7 +14,6 @@ SCHEDULE = dict(total=12, warmup=2, milestones=(6, 12), decay_length=(2, 3), dec
 
 def _run(rank: int, world: int, engine: str, run_dir: str, stop: int | None, resume: bool) -> dict:
     from engines import build, full_state
-
     from wsd_pretrain import WSDSchedule
     from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 

@@ -161,6 +161,11 @@ class WSDScheduler(LRScheduler):
             ratios.append(self.warmup_start_lr / base if base > 0 else 0.0)
         return ratios
 
+    def refresh(self) -> None:
+        """Set every group's LR for the current position again, after something else wrote the param groups
+        (restoring an optimizer state does; the checkpoint manager calls this after a branching rewind)."""
+        self._apply()
+
     def _apply(self) -> None:
         lrs = self.get_lr()
         for group, lr in zip(self.optimizer.param_groups, lrs):

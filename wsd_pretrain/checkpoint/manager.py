@@ -208,6 +208,8 @@ class CheckpointManager:
                 where="checkpoint config",
             )
         self._lock = _RunLock(self.run_dir) if D.get_rank() == 0 else None
+        if self._lock is not None:
+            self._remove_leftovers()
         self._pending: PendingSave | None = None
         self._last_save_time = time.monotonic()
         self._preempt_flag = 0
@@ -218,6 +220,20 @@ class CheckpointManager:
         self.saves: list[Path] = []
         if self.config.on_preemption:
             self._install_signal_handlers()
+
+    def _remove_leftovers(self) -> None:
+        """Staging directories and half-deleted checkpoints of a run that crashed (we hold the run lock, so no
+        other run is writing them)."""
+        root = F.checkpoints_dir(self.run_dir)
+        if not root.is_dir():
+            return
+        for entry in root.iterdir():
+            if entry.name.startswith((F.STAGING_PREFIX, ".deleting-", ".latest-")):
+                log.info("removing %s, left by an interrupted run", entry.name)
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ signals
 
@@ -390,6 +406,8 @@ class CheckpointManager:
         trainer = out["trainer"]
         if scheduler:
             self.scheduler.load_state_dict(trainer["scheduler"])
+        else:
+            self.scheduler.refresh()  # the optimizer state brought back its saved LRs; the position decides
         if self.data is not None and trainer.get("data") is not None:
             self.data.load_state_dict(trainer["data"])
         if self.load_extra_state is not None and trainer.get("extra") is not None:
