@@ -59,6 +59,15 @@ def ds_config(stage: int, dtype: str) -> dict[str, Any]:
     return cfg
 
 
+def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Two groups, as real recipes use (weight decay on matrices only): catches per-group bugs."""
+    params = list(model.parameters())
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
 def build(engine: str, schedule: WSDSchedule, rank: int = 0, lr: float = 3e-3) -> tuple[Any, Any, WSDScheduler, Any]:
     torch.manual_seed(0)
     model = TinyLM()
@@ -72,7 +81,7 @@ def build(engine: str, schedule: WSDSchedule, rank: int = 0, lr: float = 3e-3) -
             from deepspeed.accelerator import get_accelerator
 
             get_accelerator().is_fp16_supported = lambda: True  # see docs/decisions.md: torch runs fp16 on any CPU
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+        opt = torch.optim.AdamW(param_groups(model), lr=lr)
         sched = WSDScheduler(opt, schedule)
         ds_engine, *_ = deepspeed_initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_config(int(stage), dtype or "fp32")
@@ -94,7 +103,7 @@ def build(engine: str, schedule: WSDSchedule, rank: int = 0, lr: float = 3e-3) -
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    opt = torch.optim.AdamW(param_groups(model), lr=lr)
     sched = WSDScheduler(opt, schedule)
 
     def torch_step(i: int) -> float:

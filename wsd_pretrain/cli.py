@@ -1,6 +1,7 @@
 """The ``wsd-pretrain`` command: thin argument parsing over library functions.
 
 Subcommands:
+  train      train (see ``wsd-pretrain train --help``; also ``python -m wsd_pretrain.train``)
   schedule   print a schedule's phases and milestones (``--plot out.png`` draws it)
 """
 
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="wsd-pretrain", description="Warmup-Stable-Decay pretraining: schedules, checkpoints, tools."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train a model (wsd-pretrain train --help)", add_help=False)
     p = sub.add_parser(
         "schedule",
         help="print a schedule's phases and milestones, optionally plot it",
@@ -137,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

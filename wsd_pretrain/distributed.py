@@ -115,12 +115,14 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     return _info()
 
 
-def teardown() -> None:
-    """Destroy the process group if :func:`init_distributed` started it (after a last barrier)."""
+def teardown(barrier: bool = True) -> None:
+    """Destroy the process group if :func:`init_distributed` started it (after a last barrier, unless leaving on
+    an error, when another rank may never arrive)."""
     global _STARTED_HERE
     if _STARTED_HERE and dist.is_initialized():
         try:
-            dist.barrier()
+            if barrier:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
     _STARTED_HERE = False

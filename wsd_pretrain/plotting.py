@@ -49,10 +49,11 @@ def plot_schedule(
     base_lr: float = 1.0,
     title: str | None = None,
     losses: Sequence[tuple[int, float]] | None = None,
+    eval_losses: Sequence[tuple[int, float]] | None = None,
 ) -> Path:
     """Draw the LR curve to ``out`` (PNG, SVG or PDF by suffix): decays shaded, pre-decay points as downward
-    triangles, post-decay points as circles, rewinds (branching) as dotted lines. With ``losses`` (position, loss)
-    the loss goes on a second axis."""
+    triangles, post-decay points as circles, rewinds (branching) as dotted lines. ``losses`` and ``eval_losses``
+    ((position, loss) pairs) go on a second axis."""
     plt = _pyplot()
     xs, ys = schedule_curve(schedule, base_lr)
     fig, ax = plt.subplots(figsize=(10, 4.2), dpi=120)
@@ -84,9 +85,27 @@ def plot_schedule(
     ax.set_ylabel("learning rate" if base_lr != 1.0 else "LR / base LR")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    if losses:
+    if losses or eval_losses:
         ax2 = ax.twinx()
-        ax2.plot([p for p, _ in losses], [v for _, v in losses], color="tab:purple", lw=1, alpha=0.8, label="loss")
+        if losses:
+            ax2.plot(
+                [p for p, _ in losses],
+                [v for _, v in losses],
+                color="tab:purple",
+                lw=0.8,
+                alpha=0.6,
+                label="training loss",
+            )
+        if eval_losses:
+            ax2.plot(
+                [p for p, _ in eval_losses],
+                [v for _, v in eval_losses],
+                "s-",
+                color="black",
+                ms=3,
+                lw=1,
+                label="validation loss",
+            )
         ax2.set_ylabel("loss")
         ax2.legend(loc="upper right", fontsize=8)
     ax.legend(loc="lower left", fontsize=8)

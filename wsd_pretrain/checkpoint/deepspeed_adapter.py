@@ -84,7 +84,15 @@ class DeepSpeedAdapter(EngineAdapter):
         if self.stage == 0:
             return opt.state.get(self._zero0_master.get(name, self._by_name[name]), {})
         flats = self._flat_params()
-        return opt.state.get(flats[0], {}) if flats else {}
+        return opt.state.get(flats[self._flat_index()[name]], {}) if flats else {}
+
+    def _flat_index(self) -> dict[str, int]:
+        """Which flat partition (param group for ZeRO 1/2, sub-group for ZeRO-3) holds each parameter."""
+        if not hasattr(self, "_flat_of"):
+            groups = getattr(self.wrapper, "fp16_groups", None) if self.stage == 3 else self.wrapper.bit16_groups
+            by_id = {id(p): n for n, p in self._params}
+            self._flat_of = {by_id[id(p)]: i for i, group in enumerate(groups or []) for p in group if id(p) in by_id}
+        return self._flat_of
 
     def _flat_params(self) -> list[torch.Tensor]:
         if hasattr(self.wrapper, "fp32_partitioned_groups_flat"):  # ZeRO-3
@@ -106,7 +114,19 @@ class DeepSpeedAdapter(EngineAdapter):
         scal = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() == 0]
         return elem, scal
 
+    def _relink(self) -> None:
+        """ZeRO 1/2 link each parameter to its optimizer-state fragment once, after the first group's first step
+        (``_optimizer_step``), when the other groups have no state yet: with several param groups, those stay
+        unlinked and the per-parameter getters and setters fail. Linking again once every group has state fixes
+        it (DeepSpeed 0.19)."""
+        if hasattr(self.wrapper, "_hp_optimizer_states_linked") and len(self.optimizer.state) >= len(
+            self._flat_params()
+        ):
+            self.wrapper._hp_optimizer_states_linked = False
+            self.wrapper._lazy_init_hp_params_optimizer_state()
+
     def plan(self) -> list[TensorSpec]:
+        self._relink()
         elem, scal = self._optim_keys()
         specs = []
         for name, p in self._params:
@@ -190,7 +210,7 @@ class DeepSpeedAdapter(EngineAdapter):
                 self.optimizer.step()
                 for flat in flats:
                     flat.grad = None
-                self.wrapper._lazy_init_hp_params_optimizer_state()
+                self._relink()
         finally:
             for g, lr in saved:
                 g["lr"] = lr
