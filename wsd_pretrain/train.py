@@ -77,7 +77,8 @@ class TrainConfig:
     engine: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"
     """ddp (also a single plain process), fsdp2 (fully_shard), or deepspeed (ZeRO from ds_config)."""
     ds_config: str | None = None
-    """DeepSpeed config JSON (engine: deepspeed); batch sizes, precision and clipping come from this section."""
+    """DeepSpeed config JSON (engine: deepspeed), relative to the job config file; batch sizes, precision and
+    clipping come from this section, the LR schedule from the schedule section."""
     zero_stage: int | None = None
     """Override the ds_config's ZeRO stage (0-3)."""
     micro_batch_size: int = 16
@@ -509,6 +510,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     config = apply_overrides(load_config(args.config, []), args.overrides)
     job = resolve_job(config, total_steps=args.total_steps, save_every=args.save_every)
+    if job.train.ds_config and args.config is not None and not Path(job.train.ds_config).is_absolute():
+        # a ds_config named in a config file is relative to that file
+        job = replace(job, train=replace(job.train, ds_config=str(args.config.parent / job.train.ds_config)))
     if args.dry_run:
         print(dump_config(job.to_dict()))
         return {}
