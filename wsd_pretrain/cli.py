@@ -1,6 +1,7 @@
 """The ``wsd-pretrain`` command: thin argument parsing over library functions.
 
 Subcommands:
+  ckpt       list, inspect, verify, export-hf, from-deepspeed, reshard, to-dcp, from-dcp
   train      train (see ``wsd-pretrain train --help``; also ``python -m wsd_pretrain.train``)
   schedule   print a schedule's phases and milestones (``--plot out.png`` draws it)
 """
@@ -113,6 +114,213 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- ckpt
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _bar(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    return bar, (lambda n: bar.update(n))
+
+
+def _cmd_ckpt(args: argparse.Namespace) -> int:
+    from .checkpoint import format as F
+    from .checkpoint import tools
+    from .checkpoint.manager import parse_size
+
+    action = args.action
+    if action == "list":
+        infos = F.list_checkpoints(args.run_dir, checksums=args.checksums)
+        if args.json:
+            print(
+                json.dumps(
+                    [
+                        {
+                            "name": i.name,
+                            "state": i.state,
+                            "position": i.position,
+                            "kinds": i.kinds,
+                            "size": i.size,
+                            "latest": i.latest,
+                            "problem": i.problem,
+                        }
+                        for i in infos
+                    ],
+                    indent=2,
+                )
+            )
+            return 0
+        if not infos:
+            print(f"no checkpoints in {args.run_dir}")
+            return 0
+        rows = [("", "name", "position", "kinds", "size", "state")]
+        for i in infos:
+            rows.append(
+                (
+                    "*" if i.latest else "",
+                    i.name,
+                    "" if i.position is None else str(i.position),
+                    "+".join(i.kinds),
+                    _human(i.size),
+                    i.state + (f": {i.problem}" if i.problem else ""),
+                )
+            )
+        print("\n".join(_table(rows)))
+        print("  * = latest")
+        return 0
+    if action == "inspect":
+        info = tools.inspect_checkpoint(args.ckpt)
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        sched = info.get("schedule", {})
+        print(f"{info['name']}  ({'+'.join(info['kinds'])})")
+        print(
+            f"  position {info['position']} (trajectory {info['trajectory_position']}), step {info['step']}, "
+            f"tokens {info['tokens']:,}"
+        )
+        if "phase" in sched:
+            print(
+                f"  schedule: {sched['phase']} phase, period {sched['period']}, progress {sched['progress']}, "
+                f"run ends at {sched['end']} {sched['units']} ({sched['mode']})"
+            )
+        layout = info["layout"]
+        print(f"  written by {info['world_size']} rank(s): " + ", ".join(f"{k}={v}" for k, v in layout.items()))
+        for group, by_dtype in info["tensors"].items():
+            parts = ", ".join(f"{d}: {v['tensors']} tensors, {_human(v['bytes'])}" for d, v in by_dtype.items())
+            print(f"  {group}: {parts}")
+        print(
+            f"  {info['files']} files, {_human(info['bytes'])}; versions: "
+            + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+        )
+        return 0
+    if action == "verify":
+        path = F.resolve_checkpoint(args.ckpt)
+        problems = tools.verify_checkpoint_files(path, checksums=not args.sizes_only)
+        for p in problems:
+            print(f"BAD  {p}")
+        if problems:
+            print(f"{path.name}: {len(problems)} problem(s)", file=sys.stderr)
+            return 1
+        n = len(F.load_manifest(path)["files"])
+        print(f"OK   {path.name}: {n} files match the manifest ({'sizes' if args.sizes_only else 'sha256'})")
+        return 0
+    if action == "export-hf":
+        bar, tick = _bar(0, "export")
+        try:
+            out = tools.export_hf(
+                args.ckpt,
+                args.out,
+                dtype=args.dtype,
+                source=args.source,
+                max_shard_size=parse_size(args.max_shard_size),
+                progress=tick,
+            )
+        finally:
+            bar.close()
+        print(f"Hugging Face folder written to {out}")
+        return 0
+    if action == "from-deepspeed":
+        hf = json.loads(Path(args.hf_config).read_text()) if args.hf_config else None
+        bar, tick = _bar(0, "import")
+        try:
+            out = tools.from_deepspeed(
+                args.ds_ckpt, args.out, max_shard_size=parse_size(args.max_shard_size), hf_config=hf, progress=tick
+            )
+        finally:
+            bar.close()
+        print(f"imported to {out}; resume with: wsd-pretrain train --run-dir {args.out} ...")
+        return 0
+    if action == "reshard":
+        bar, tick = _bar(0, "reshard")
+        try:
+            out = tools.reshard(
+                args.ckpt, args.out, max_shard_size=parse_size(args.max_shard_size), dtype=args.dtype, progress=tick
+            )
+        finally:
+            bar.close()
+        print(f"resharded checkpoint written to {out}")
+        return 0
+    if action == "to-dcp":
+        bar, tick = _bar(0, "to-dcp")
+        try:
+            out = tools.to_dcp(args.ckpt, args.out, include_optimizer=not args.model_only, progress=tick)
+        finally:
+            bar.close()
+        print(f"torch.distributed.checkpoint directory written to {out}")
+        return 0
+    if action == "from-dcp":
+        hf = json.loads(Path(args.hf_config).read_text()) if args.hf_config else None
+        bar, tick = _bar(0, "from-dcp")
+        try:
+            out = tools.from_dcp(
+                args.dcp_dir,
+                args.out,
+                prefix=args.prefix,
+                dtype=args.dtype,
+                hf_config=hf,
+                max_shard_size=parse_size(args.max_shard_size),
+                progress=tick,
+            )
+        finally:
+            bar.close()
+        print(f"Hugging Face folder written to {out}")
+        return 0
+    raise AssertionError(action)
+
+
+def _add_ckpt(sub: Any) -> None:
+    ck = sub.add_parser("ckpt", help="list, inspect, verify and convert checkpoints")
+    acts = ck.add_subparsers(dest="action", required=True)
+    p = acts.add_parser("list", help="every checkpoint of a run: step, kind, size, state, latest")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--checksums", action="store_true", help="also check every file's sha256 (slower)")
+    p.add_argument("--json", action="store_true")
+    p = acts.add_parser("inspect", help="schedule position, tokens, layout, tensors by dtype")
+    p.add_argument("ckpt", type=Path, help="a checkpoint folder, or a run directory (its newest)")
+    p.add_argument("--json", action="store_true")
+    p = acts.add_parser("verify", help="check every file against the manifest; exit 1 naming each bad file")
+    p.add_argument("ckpt", type=Path)
+    p.add_argument("--sizes-only", action="store_true", help="compare sizes, not checksums")
+    p = acts.add_parser("export-hf", help="a Hugging Face model folder")
+    p.add_argument("ckpt", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--source", choices=["auto", "model", "master"], default="auto")
+    p = acts.add_parser("from-deepspeed", help="DeepSpeed's checkpoints (ZeRO 0-3) into a new run directory")
+    p.add_argument("ds_ckpt", type=Path, help="the folder with DeepSpeed's 'latest' file, or a global_stepN folder")
+    p.add_argument("out", type=Path, help="a new run directory")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--hf-config", default=None, help="a config.json to write beside the model")
+    p = acts.add_parser("reshard", help="another shard size or model dtype")
+    p.add_argument("ckpt", type=Path)
+    p.add_argument("out", type=Path, help="the new checkpoint folder")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p = acts.add_parser("to-dcp", help="a torch.distributed.checkpoint directory")
+    p.add_argument("ckpt", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--model-only", action="store_true")
+    p = acts.add_parser("from-dcp", help="a torch.distributed.checkpoint directory into a Hugging Face folder")
+    p.add_argument("dcp_dir", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--prefix", default=None, help="only keys under this prefix, stripped (e.g. 'model.')")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--hf-config", default=None)
+    ck.set_defaults(func=_cmd_ckpt)
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 
 
@@ -135,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the schedule, phases and milestones as JSON")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(func=_cmd_schedule)
+    _add_ckpt(sub)
     return parser
 
 

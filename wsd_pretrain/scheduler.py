@@ -161,6 +161,19 @@ class WSDScheduler(LRScheduler):
             ratios.append(self.warmup_start_lr / base if base > 0 else 0.0)
         return ratios
 
+    def start_at(self, position: int, *, updates: int | None = None, tokens: int = 0) -> None:
+        """Jump to ``position`` (for a checkpoint that has no scheduler state, e.g. one imported from DeepSpeed
+        without a WSDScheduler): the LRs are set for it."""
+        if not isinstance(position, int) or position < self.schedule.origin:
+            raise ConfigError(
+                f"position={position!r}: a whole number >= the schedule's origin {self.schedule.origin}",
+                where="WSDScheduler.start_at",
+            )
+        self.position = self.previous_position = position
+        self.last_epoch = position if updates is None else updates
+        self.tokens = tokens
+        self._apply()
+
     def refresh(self) -> None:
         """Set every group's LR for the current position again, after something else wrote the param groups
         (restoring an optimizer state does; the checkpoint manager calls this after a branching rewind)."""

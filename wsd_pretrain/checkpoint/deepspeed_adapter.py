@@ -119,11 +119,12 @@ class DeepSpeedAdapter(EngineAdapter):
         (``_optimizer_step``), when the other groups have no state yet: with several param groups, those stay
         unlinked and the per-parameter getters and setters fail. Linking again once every group has state fixes
         it (DeepSpeed 0.19)."""
-        if hasattr(self.wrapper, "_hp_optimizer_states_linked") and len(self.optimizer.state) >= len(
-            self._flat_params()
-        ):
+        if getattr(self, "_relinked", False) or not hasattr(self.wrapper, "_hp_optimizer_states_linked"):
+            return
+        if len(self.optimizer.state) >= len(self._flat_params()):
             self.wrapper._hp_optimizer_states_linked = False
             self.wrapper._lazy_init_hp_params_optimizer_state()
+            self._relinked = True
 
     def plan(self) -> list[TensorSpec]:
         self._relink()
@@ -144,6 +145,7 @@ class DeepSpeedAdapter(EngineAdapter):
     # ------------------------------------------------------------------ out
 
     def fetch(self, name: str) -> dict[str, torch.Tensor]:
+        self._relink()
         p = self._by_name[name]
         elem, scal = self._optim_keys()
         out: dict[str, torch.Tensor] = {}

@@ -52,11 +52,10 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".staging-"
 TRAIN_STATE = "train_state"
-KINDS = ("pre-decay", "post-decay", "preempt", "periodic", "final")
+KINDS = ("pre-decay", "post-decay", "preempt", "periodic", "final", "imported")
 GROUP_PREFIX = {"model": "model", "master": f"{TRAIN_STATE}/master", "optimizer": f"{TRAIN_STATE}/optimizer"}
-_NAME_RE = re.compile(
-    r"^step-(\d{9,})-((?:pre-decay|post-decay|preempt|periodic|final)(?:\+(?:pre-decay|post-decay|preempt|periodic|final))*)$"
-)
+_KIND_RE = "(?:pre-decay|post-decay|preempt|periodic|final|imported)"
+_NAME_RE = re.compile(rf"^step-(\d{{9,}})-({_KIND_RE}(?:\+{_KIND_RE})*)$")
 _SHARD_RE = re.compile(r"^(model|master|optimizer)-(\d{5})-of-(\d{5})\.safetensors$")
 
 

@@ -204,19 +204,24 @@ def start_save(
     snapshot: bool = False,
     commit_timeout: float = 3600.0,
     after_commit: Callable[[Path], None] | None = None,
+    dest: str | os.PathLike[str] | None = None,
+    with_rng: bool = True,
+    rng_states: dict[int, Any] | None = None,
 ) -> PendingSave:
     """Start writing one checkpoint (every rank calls this with the same request) and return at once when the
     engine's state has been fetched: the files are written, and rank 0 commits, in background threads.
 
     ``snapshot`` copies CPU tensors when fetched (needed when training goes on during the write: async saves).
     ``rank0_only`` streams every tensor through rank 0 (jobs without a shared filesystem). ``after_commit`` runs
-    on rank 0 once the checkpoint is committed (retention).
+    on rank 0 once the checkpoint is committed (retention). ``dest`` writes the checkpoint at exactly that path
+    (converters) instead of ``<run_dir>/checkpoints/<name>``, and leaves ``latest`` alone. ``with_rng=False``
+    writes no RNG files (a converted checkpoint has none; resume then keeps fresh seeds).
     """
     rank, world = D.get_rank(), D.get_world_size()
     run_dir = Path(run_dir)
-    root = F.checkpoints_dir(run_dir)
+    root = F.checkpoints_dir(run_dir) if dest is None else Path(dest).parent
     name = F.checkpoint_name(request.position, request.kinds)
-    final = root / name
+    final = root / name if dest is None else Path(dest)
     specs = adapter.plan()
     buffers = [(b, adapter.fetch_buffer(b)) for b in adapter.buffer_names]
     specs += [TensorSpec("model", b, tuple(t.shape), t.dtype) for b, t in buffers]
@@ -227,8 +232,10 @@ def start_save(
     staging_name: Any = None
     if rank == 0:
         try:
-            if final.exists():
-                raise CheckpointError(f"{final} already exists; a checkpoint is written once")
+            if final.exists() and (dest is None or any(final.iterdir())):
+                raise CheckpointError(f"{final} already exists; a checkpoint is written once (give a new path)")
+            if dest is not None and final.exists():
+                final.rmdir()  # an empty folder given as the destination: the rename below takes its place
             root.mkdir(parents=True, exist_ok=True)
             staging_name = f"{F.STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
             (root / staging_name / F.TRAIN_STATE / "rng").mkdir(parents=True)
@@ -285,8 +292,12 @@ def start_save(
         fetch_error = f"internal: shards {sorted(pending)} never filled"
 
     # per-rank files: the RNG streams (in rank0 mode they travel to rank 0 as JSON)
-    rng = capture_rng()
-    rng_by_rank = D.all_gather_object(rng) if rank0_only else {rank: rng}
+    rng = capture_rng() if with_rng else None
+    rng_by_rank: Any = D.all_gather_object(rng) if rank0_only else {rank: rng}
+    if not with_rng:
+        rng_by_rank = {}
+    elif rng_states is not None:  # a converter copies the source's RNG files
+        rng_by_rank = dict(rng_states)
     meta = adapter.meta() if rank == 0 else {}
     layout = adapter.layout() if rank == 0 else {}
     writer_ranks = list(range(world)) if not rank0_only else [0]
@@ -294,7 +305,7 @@ def start_save(
 
     def finish() -> None:
         assert writer is not None
-        for r, state in enumerate(rng_by_rank) if rank0_only else rng_by_rank.items():
+        for r, state in enumerate(rng_by_rank) if isinstance(rng_by_rank, list) else rng_by_rank.items():
             writer.write_json(f"{F.TRAIN_STATE}/rng/rank-{r:05d}.json", state)
         writer.close()
         error = fetch_error or writer.error
@@ -312,7 +323,20 @@ def start_save(
             if errors:
                 raise CheckpointError("; ".join(errors))
             _commit(
-                staging, final, root, shards, reports, meta, layout, adapter.tied, request, world, rank0_only, fsync
+                staging,
+                final,
+                root,
+                shards,
+                reports,
+                meta,
+                layout,
+                adapter.tied,
+                request,
+                world,
+                rank0_only,
+                fsync,
+                latest=dest is None,
+                with_rng=with_rng,
             )
             if after_commit is not None:
                 after_commit(final)
@@ -353,6 +377,9 @@ def _commit(
     world: int,
     rank0_only: bool,
     fsync: bool,
+    *,
+    latest: bool = True,
+    with_rng: bool = True,
 ) -> None:
     files: dict[str, dict[str, Any]] = {}
     for r in reports:
@@ -394,7 +421,8 @@ def _commit(
         "step": request.step,
         "tokens": request.tokens,
         "schedule": request.schedule,
-        "world_size": world,
+        "world_size": int(layout.get("world_size", world)),
+        "rng": with_rng,
         "layout": layout | {"write_mode": "rank0" if rank0_only else "parallel"},
         "groups": groups,
         "master_weights": "master" if "master" in groups else "model",
@@ -411,7 +439,8 @@ def _commit(
     os.rename(staging, final)  # the commit
     if fsync:
         fsync_dir(root)
-    write_latest(root, final.name, fsync)
+    if latest:
+        write_latest(root, final.name, fsync)
 
 
 def write_latest(root: Path, name: str, fsync: bool = True) -> None:
@@ -659,6 +688,9 @@ def _restore_rng(ckpt: Path, manifest: dict[str, Any], rank0_only: bool) -> None
         path = F.safe_path(ckpt, f"{F.TRAIN_STATE}/rng/rank-{rank:05d}.json", "rng state")
         state = read_json(path) if path.is_file() else None
     if state is None:
+        if not manifest.get("rng", True):
+            log.info("rank %d: the checkpoint has no RNG state (imported); this rank keeps its fresh seed", rank)
+            return
         if manifest["world_size"] == world:
             raise CheckpointError(f"{ckpt}: no RNG state for rank {rank}")
         log.warning(

@@ -357,7 +357,7 @@ class CheckpointManager:
         if not infos:
             return
         newest_complete = infos[-1].path
-        protected = {"pre-decay", "post-decay", "final"} if self.config.keep_milestones else set()
+        protected = {"pre-decay", "post-decay", "final", "imported"} if self.config.keep_milestones else {"imported"}
         rotating = [i for i in infos if not (set(i.kinds) & protected)]
         doomed = rotating[: max(0, len(rotating) - self.config.keep_last)]
         for info in doomed:
@@ -404,8 +404,18 @@ class CheckpointManager:
             rank0_only=self.config.write_mode == "rank0",
         )
         trainer = out["trainer"]
-        if scheduler:
+        if scheduler and trainer.get("scheduler") is not None:
             self.scheduler.load_state_dict(trainer["scheduler"])
+        elif scheduler:
+            log.warning(
+                "the checkpoint has no scheduler state (imported): the schedule continues at position %d",
+                trainer["position"],
+            )
+            self.scheduler.start_at(
+                int(trainer["position"]),
+                updates=int(trainer.get("step", trainer["position"])),
+                tokens=int(trainer.get("tokens", 0)),
+            )
         else:
             self.scheduler.refresh()  # the optimizer state brought back its saved LRs; the position decides
         if self.data is not None and trainer.get("data") is not None:

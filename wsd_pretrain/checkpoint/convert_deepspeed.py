@@ -1,0 +1,385 @@
+"""DeepSpeed's own checkpoints (ZeRO 0-3, a ``global_stepN/`` folder and the ``latest`` file) into our format: the
+model and the full training state (fp32 master weights, optimizer state, counters, the scheduler's state when it
+was a WSDScheduler), so a run started without wsd_pretrain resumes with it.
+
+DeepSpeed's files are pickles; reading them means unpickling (``torch.load``), which is done here only, for files
+the user names, and never for our own format. They are opened memory-mapped (``mmap=True``), and each parameter is
+put together from the ranks' fragments when it is written, so the converter holds about one shard of output at a
+time, never the whole model or optimizer state (see docs/benchmarks.md for the measured peak).
+
+* ZeRO 1/2: each rank's partition of every flat param group, with ``param_slice_mappings`` giving each parameter's
+  fragment (offset, length) in it; a parameter is its fragments in rank order.
+* ZeRO-3: each parameter is split in ``ceil(numel / world)`` pieces (the last padded), concatenated per rank in
+  parameter order across the flat groups; a parameter is the ranks' pieces in order, the padding dropped (as
+  DeepSpeed's ``zero_to_fp32``).
+* ZeRO-0: one ``mp_rank_00_model_states.pt`` with the torch optimizer's state (and, for bf16/fp16, its fp32 copies)
+  indexed by position in the param groups; positions are matched to names by the parameters' shapes, in module
+  order within each group, and an ambiguous match is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from .adapters import TensorSpec, _jsonable
+
+__all__ = ["DeepSpeedCheckpointSource", "find_deepspeed_step_dir"]
+
+_OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+
+
+def find_deepspeed_step_dir(path: str | Path) -> Path:
+    """The ``global_stepN`` folder: ``path`` itself, or the one DeepSpeed's ``latest`` file names."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist")
+    if (p / "mp_rank_00_model_states.pt").is_file() or any(p.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
+        return p
+    latest = p / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if not tag or "/" in tag or tag in (".", ".."):
+            raise CheckpointError(f"{latest}: names {tag!r}, not a tag folder")
+        if (p / tag).is_dir():
+            return find_deepspeed_step_dir(p / tag)
+        raise CheckpointError(f"{latest} names {tag!r}, which is not a folder of {p}")
+    raise CheckpointError(f"{p}: not a DeepSpeed checkpoint (no model states file and no 'latest' file)")
+
+
+def _load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read this DeepSpeed file: {exc}") from None
+
+
+class _Flat:
+    """Several flat tensors read as one (a rank's flat groups, concatenated without copying them)."""
+
+    def __init__(self, parts: list[torch.Tensor]) -> None:
+        self.parts = parts
+        self.starts = [0]
+        for t in parts:
+            self.starts.append(self.starts[-1] + t.numel())
+
+    def slice(self, start: int, length: int) -> torch.Tensor:
+        out, pos, end = [], start, start + length
+        for i, t in enumerate(self.parts):
+            lo, hi = self.starts[i], self.starts[i + 1]
+            if hi <= pos or lo >= end:
+                continue
+            a, b = max(pos, lo) - lo, min(end, hi) - lo
+            out.append(t.reshape(-1)[a:b])
+        if sum(o.numel() for o in out) != length:
+            raise CheckpointError(f"flat state too short: wanted [{start}, {end}), have {self.starts[-1]}")
+        return torch.cat(out) if len(out) > 1 else out[0].clone()
+
+
+class DeepSpeedCheckpointSource:
+    """A DeepSpeed checkpoint seen through the adapter interface (``plan``/``fetch``), for ``start_save``."""
+
+    collective = False
+
+    def __init__(self, path: str | Path) -> None:
+        self.step_dir = find_deepspeed_step_dir(path)
+        model_files = sorted(self.step_dir.glob("*mp_rank_00_model_states.pt"))
+        self.model_states = _load(model_files[0])
+        ms = self.model_states
+        if not isinstance(ms, dict) or "module" not in ms:
+            raise CheckpointError(f"{model_files[0]}: no 'module' entry; not a DeepSpeed model states file")
+        if ms.get("frozen_param_shapes"):
+            raise CheckpointError(f"{self.step_dir}: frozen parameters are not supported by the converter")
+        optim_files = sorted((int(m.group(1)), f) for f in self.step_dir.iterdir() if (m := _OPTIM_RE.match(f.name)))
+        self.world = len(optim_files)
+        if optim_files and [r for r, _ in optim_files] != list(range(self.world)):
+            raise CheckpointError(f"{self.step_dir}: optimizer files for ranks {[r for r, _ in optim_files]}")
+        self.optim = [_load(f)["optimizer_state_dict"] for _, f in optim_files]
+        self.stage = (
+            int(getattr(self.optim[0]["zero_stage"], "value", self.optim[0]["zero_stage"])) if self.optim else 0
+        )
+        module = ms["module"]
+        self.buffer_names_ = list(ms.get("buffer_names") or [])
+        self.tied = {k: v for k, v in (ms.get("shared_params") or {}).items()}
+        shapes = ms.get("param_shapes")
+        if shapes:
+            self.shapes = {n: tuple(int(d) for d in s) for group in shapes for n, s in group.items()}
+            self.group_of = {n: g for g, group in enumerate(shapes) for n in group}
+        else:
+            # ZeRO-0 records neither shapes nor shared parameters: tied weights share storage in the file
+            seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+            for n, t in module.items():
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+                if n not in self.buffer_names_ and key in seen:
+                    self.tied[n] = seen[key]
+                seen.setdefault(key, n)
+            self.shapes = {
+                n: tuple(t.shape) for n, t in module.items() if n not in self.buffer_names_ and n not in self.tied
+            }
+            self.group_of = {}
+        self.param_names = list(self.shapes)
+        self.lp_dtype = {n: module[n].dtype for n in self.param_names if n in module}
+        self.low_precision = any(d != torch.float32 for d in self.lp_dtype.values())
+        if self.stage == 0:
+            self._init_zero0()
+        elif self.stage in (1, 2):
+            self._init_zero12()
+        else:
+            self._init_zero3()
+
+    # ------------------------------------------------------------------ layouts
+
+    def _init_zero12(self) -> None:
+        self._frag: dict[str, list[tuple[int, int, int]]] = {n: [] for n in self.param_names}  # (rank, start, numel)
+        for rank, opt in enumerate(self.optim):
+            mappings = opt.get("param_slice_mappings")
+            if mappings is None:
+                raise CheckpointError(f"{self.step_dir}: no param_slice_mappings (DeepSpeed older than 0.10?)")
+            for group in mappings:
+                for name, frag in group.items():
+                    self._frag[name].append((rank, int(frag.start), int(frag.numel)))
+        self._state = [opt["base_optimizer_state"]["state"] for opt in self.optim]
+        self._groups = self.optim[0]["base_optimizer_state"]["param_groups"]
+
+    def _init_zero3(self) -> None:
+        inner = [opt["optimizer_state_dict"] for opt in self.optim]
+        self._flats = {"master": [_Flat(list(opt["fp32_flat_groups"])) for opt in self.optim]}
+        keys = self._elem_keys(
+            [inner[0]["state"][i] for i in sorted(inner[0]["state"])],
+            [t.numel() for t in self.optim[0]["fp32_flat_groups"]],
+        )
+        for key in keys:
+            self._flats[key] = [_Flat([o["state"][i][key] for i in sorted(o["state"])]) for o in inner]
+        self._state = [o["state"] for o in inner]
+        self._groups = inner[0]["param_groups"]
+        self._offset: dict[str, int] = {}
+        offset = 0
+        for name in self.param_names:
+            self._offset[name] = offset
+            offset += math.ceil(math.prod(self.shapes[name]) / self.world)
+
+    def _init_zero0(self) -> None:
+        opt = self.model_states.get("optimizer")
+        if opt is None:
+            raise CheckpointError(f"{self.step_dir}: the checkpoint has no optimizer state")
+        self.world = 1
+        inner = opt.get("optimizer_state_dict", opt)
+        self._state = [inner["state"]]
+        self._groups = inner["param_groups"]
+        group_shapes = [[None] * len(g["params"]) for g in self._groups]
+        fp32_groups = opt.get("fp32_groups")
+        for g, group in enumerate(self._groups):
+            for j, idx in enumerate(group["params"]):
+                st = inner["state"].get(idx, {})
+                ref = fp32_groups[g][j] if fp32_groups else next((v for v in st.values() if v.dim() > 0), None)
+                group_shapes[g][j] = tuple(ref.shape) if ref is not None else None
+        order = _match_groups([(n, self.shapes[n]) for n in self.param_names], group_shapes)
+        self._zero0_index = {}
+        self._zero0_master = {}
+        for name, (g, j) in order.items():
+            self._zero0_index[name] = self._groups[g]["params"][j]
+            if fp32_groups:
+                self._zero0_master[name] = fp32_groups[g][j]
+            self.group_of[name] = g
+
+    @staticmethod
+    def _elem_keys(states: list[dict[str, Any]], numels: list[int]) -> list[str]:
+        st = states[0] if states else {}
+        return [k for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0 and v.numel() == numels[0]]
+
+    # ------------------------------------------------------------------ the adapter interface
+
+    @property
+    def buffer_names(self) -> list[str]:
+        return list(self.buffer_names_)
+
+    def layout(self) -> dict[str, Any]:
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(iter(self.lp_dtype.values()), None), "fp32")
+        return {
+            "engine": "deepspeed",
+            "zero_stage": self.stage,
+            "dtype": dtype,
+            "world_size": self.world,
+            "data_parallel": self.world,
+            "imported_from": str(self.step_dir),
+        }
+
+    def _keys(self) -> tuple[list[str], list[str]]:
+        if self.stage == 0:
+            st = next(iter(self._state[0].values()), {})
+            return (
+                [k for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0],
+                [k for k, v in st.items() if torch.is_tensor(v) and v.dim() == 0],
+            )
+        st = self._state[0][min(self._state[0])]
+        if self.stage == 3:
+            elem = [k for k in self._flats if k != "master"]
+        else:
+            numel = self.optim[0]["single_partition_of_fp32_groups"][0].numel()
+            elem = [k for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0 and v.numel() == numel]
+        return elem, [k for k, v in st.items() if torch.is_tensor(v) and v.dim() == 0]
+
+    def plan(self) -> list[TensorSpec]:
+        elem, scal = self._keys()
+        specs = []
+        for name in self.param_names:
+            shape = self.shapes[name]
+            specs.append(TensorSpec("model", name, shape, self.lp_dtype.get(name, torch.float32)))
+            if self.low_precision:
+                specs.append(TensorSpec("master", name, shape, torch.float32))
+            specs += [TensorSpec("optimizer", f"{name}/{k}", shape, torch.float32) for k in elem]
+            specs += [TensorSpec("optimizer", f"{name}/{k}", (), torch.float32) for k in scal]
+        return specs
+
+    def _gather12(self, name: str, source: str) -> torch.Tensor:
+        parts = []
+        for rank, start, numel in sorted(self._frag[name]):
+            opt = self.optim[rank]
+            g = self.group_of[name]
+            flat = (
+                opt["single_partition_of_fp32_groups"][g]
+                if source == "master"
+                else opt["base_optimizer_state"]["state"][g][source]
+            )
+            parts.append(flat.reshape(-1)[start : start + numel])
+        full = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        if full.numel() != math.prod(self.shapes[name]):
+            raise CheckpointError(
+                f"{name}: fragments hold {full.numel()} elements, the shape needs {math.prod(self.shapes[name])}"
+            )
+        return full.view(self.shapes[name])
+
+    def _gather3(self, name: str, source: str) -> torch.Tensor:
+        numel = math.prod(self.shapes[name])
+        piece = math.ceil(numel / self.world)
+        parts = [self._flats[source][r].slice(self._offset[name], piece) for r in range(self.world)]
+        return torch.cat(parts)[:numel].view(self.shapes[name])
+
+    def fetch(self, name: str) -> dict[str, torch.Tensor]:
+        elem, scal = self._keys()
+        out: dict[str, torch.Tensor] = {}
+        if self.stage == 0:
+            idx = self._zero0_index[name]
+            master = self._zero0_master.get(name)
+            module_t = self.model_states["module"][name]
+            out["model"] = module_t
+            if self.low_precision:
+                out["master"] = master.to(torch.float32) if master is not None else module_t.float()
+            st = self._state[0].get(idx, {})
+            for k in elem + scal:
+                out[f"optimizer/{k}"] = st[k]
+            return out
+        gather = self._gather3 if self.stage == 3 else self._gather12
+        master = gather(name, "master")
+        lp = self.lp_dtype.get(name, torch.float32)
+        if self.stage == 3 or name not in self.model_states["module"]:
+            out["model"] = master.to(lp)
+        else:
+            out["model"] = self.model_states["module"][name]
+        if self.low_precision:
+            out["master"] = master
+        for k in elem:
+            out[f"optimizer/{k}"] = gather(name, k)
+        states = self._state[0]
+        g = self.group_of.get(name) if self.stage != 3 else None  # ZeRO-3 sub-groups all share one step count
+        for k in scal:
+            out[f"optimizer/{k}"] = (states[g] if g in states else states[min(states)])[k]
+        return out
+
+    def fetch_buffer(self, name: str) -> torch.Tensor:
+        return self.model_states["module"][name]
+
+    def meta(self) -> dict[str, Any]:
+        groups = [{k: _jsonable(v) for k, v in g.items() if k != "params"} | {"params": None} for g in self._groups]
+        ms = self.model_states
+        engine = {
+            "global_steps": int(ms.get("global_steps", 0)),
+            "global_samples": int(ms.get("global_samples", 0)),
+            "skipped_steps": int(ms.get("skipped_steps", 0)),
+        }
+        scaler = (self.optim[0] if self.optim else (ms.get("optimizer") or {})).get("loss_scaler")
+        if scaler is not None:
+            engine["loss_scaler"] = {
+                f: _jsonable(getattr(scaler, f))
+                for f in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+                if hasattr(scaler, f)
+            }
+        return {
+            "optimizer": {"class": "unknown (DeepSpeed import)", "param_groups": groups, "scalars": {}},
+            "engine": engine,
+        }
+
+    # ------------------------------------------------------------------ trainer state
+
+    def trainer_state(self) -> dict[str, Any]:
+        ms = self.model_states
+        sched = ms.get("lr_scheduler")
+        ours = sched if isinstance(sched, dict) and sched.get("format") == "wsd_pretrain.WSDScheduler" else None
+        steps = int(ms.get("global_steps", 0)) - int(ms.get("skipped_steps", 0))
+        client = ms.get("wsd_pretrain") if isinstance(ms.get("wsd_pretrain"), dict) else {}
+        position = int(ours["position"]) if ours else steps
+        return {
+            "position": position,
+            "trajectory_position": int(ours["trajectory_position"]) if ours else steps,
+            "step": int(ours["updates"]) if ours else steps,
+            "tokens": int(ours["tokens"]) if ours else 0,
+            "scheduler": _jsonable(ours) if ours else None,
+            "data": client.get("data"),
+            "extra": client.get("extra"),
+            "imported_from": {
+                "deepspeed": str(self.step_dir),
+                "global_steps": int(ms.get("global_steps", 0)),
+                "skipped_steps": int(ms.get("skipped_steps", 0)),
+                "global_samples": int(ms.get("global_samples", 0)),
+                "ds_version": str(ms.get("ds_version", "")),
+            },
+        }
+
+
+def _match_groups(params: list[tuple[str, tuple[int, ...]]], groups: list[list[Any]]) -> dict[str, tuple[int, int]]:
+    """Assign the module's parameters (in order) to param-group slots (each group in module order) by shape; the
+    assignment must exist and be unique."""
+    n, sizes = len(params), [len(g) for g in groups]
+    if n != sum(sizes):
+        raise CheckpointError(f"ZeRO-0 checkpoint: {n} parameters, {sum(sizes)} optimizer slots")
+
+    @cache
+    def count(i: int, pos: tuple[int, ...]) -> int:
+        if i == n:
+            return 1
+        total = 0
+        for g, p in enumerate(pos):
+            if p < sizes[g] and groups[g][p] in (None, params[i][1]):
+                total += count(i + 1, (*pos[:g], p + 1, *pos[g + 1 :]))
+                if total > 1:
+                    return total
+        return total
+
+    start = tuple(0 for _ in groups)
+    found = count(0, start)
+    if found != 1:
+        raise CheckpointError(
+            "ZeRO-0 checkpoint: the optimizer's param groups cannot be matched to parameter names "
+            + (
+                "(no consistent order)"
+                if found == 0
+                else "unambiguously (parameters of equal shapes in several groups)"
+            )
+            + "; convert a ZeRO-1/2/3 checkpoint, which records names"
+        )
+    out, pos = {}, list(start)
+    for i in range(n):
+        for g in range(len(groups)):
+            if pos[g] < sizes[g] and groups[g][pos[g]] in (None, params[i][1]):
+                trial = tuple([*pos[:g], pos[g] + 1, *pos[g + 1 :]])
+                if count(i + 1, trial) == 1:
+                    out[params[i][0]] = (g, pos[g])
+                    pos[g] += 1
+                    break
+    return out

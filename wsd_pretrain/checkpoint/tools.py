@@ -1,0 +1,490 @@
+"""Checkpoint tools behind ``wsd-pretrain ckpt``: list, inspect, verify, export to a Hugging Face folder, import
+from DeepSpeed and torch.distributed.checkpoint, export to DCP, reshard.
+
+Every conversion streams: tensors are read one parameter at a time and written shard by shard (through the same
+writer as training saves, or :func:`write_hf_folder`), so peak memory is about one output shard or the largest
+tensor, never the whole model (measured in docs/benchmarks.md). Outputs are written in a staging folder and
+renamed into place; a non-empty output folder is refused; a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..schedule import WSDSchedule
+from . import format as F
+from .adapters import TensorSpec
+from .io import SaveRequest, _Tensors, plan_shards, start_save
+from .safetensors_io import (
+    fsync_dir,
+    read_header,
+    read_json,
+    write_json,
+    write_safetensors,
+)
+
+__all__ = [
+    "CheckpointSource",
+    "export_hf",
+    "from_dcp",
+    "from_deepspeed",
+    "inspect_checkpoint",
+    "reshard",
+    "to_dcp",
+    "verify_checkpoint_files",
+]
+
+Progress = Callable[[int], None] | None
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    table = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
+    if name not in table:
+        raise CheckpointError(f"dtype {name!r}: use bf16, fp16 or fp32")
+    return table[name]
+
+
+def _fresh_output(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} exists and is not empty: give a new output folder")
+
+
+# ---------------------------------------------------------------------------------------------- reading tools
+
+
+def inspect_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a checkpoint holds: position and phase in its schedule, tokens, the job's layout, tensors and bytes by
+    dtype per group (from the headers; no tensor is read)."""
+    path = F.resolve_checkpoint(ckpt)
+    m = F.load_manifest(path)
+    out: dict[str, Any] = {
+        "name": m["name"],
+        "kinds": m["kinds"],
+        "created": m.get("created"),
+        "position": m["position"],
+        "trajectory_position": m.get("trajectory_position", m["position"]),
+        "step": m["step"],
+        "tokens": m["tokens"],
+        "world_size": m["world_size"],
+        "layout": m["layout"],
+        "versions": m.get("versions", {}),
+        "files": len(m["files"]),
+        "bytes": sum(r["size"] for r in m["files"].values()),
+    }
+    if m.get("schedule"):
+        try:
+            schedule = WSDSchedule.from_dict(m["schedule"])
+            phase = schedule.phase_at(m["position"])
+            out["schedule"] = {
+                "phase": phase.name,
+                "period": phase.period,
+                "progress": round(phase.progress, 4),
+                "end": schedule.end,
+                "units": schedule.units,
+                "mode": schedule.mode,
+                "milestones": [[ms.pre_decay, ms.post_decay] for ms in schedule.milestones_info],
+            }
+        except Exception as exc:  # a schedule with a callable shape cannot be rebuilt from JSON
+            out["schedule"] = {"error": str(exc)}
+    groups = {}
+    for group in m["groups"]:
+        store = _Tensors(path, m, group)
+        by_dtype: dict[str, dict[str, int]] = {}
+        for name in store.weight_map:
+            info = store.header(name)
+            entry = by_dtype.setdefault(str(info.dtype).removeprefix("torch."), {"tensors": 0, "bytes": 0})
+            entry["tensors"] += 1
+            entry["bytes"] += info.end - info.start
+        groups[group] = by_dtype
+    out["tensors"] = groups
+    return out
+
+
+def verify_checkpoint_files(ckpt: str | os.PathLike[str], *, checksums: bool = True) -> list[str]:
+    """Every problem found, one per bad file: manifest structure, each file's size and sha256, each safetensors
+    header, each index against its shards. An empty list means the checkpoint is sound."""
+    path = Path(ckpt)
+    try:
+        m = F.load_manifest(path)
+    except CheckpointError as exc:
+        return [str(exc)]
+    problems = F.check_files(path, m, checksums=checksums)
+    bad = {p.split(":", 1)[0] for p in problems}
+    for rel in sorted(m["files"]):
+        if rel in bad:
+            continue
+        if rel.endswith(".safetensors"):
+            try:
+                read_header(F.safe_path(path, rel, "manifest"))
+            except CheckpointError as exc:
+                problems.append(f"{rel}: {exc}")
+    for group in m["groups"]:
+        try:
+            store = _Tensors(path, m, group)
+            for fname in sorted(set(store.weight_map.values())):
+                if f"{F.group_dir(group) + '/' if F.group_dir(group) else ''}{fname}" in bad:
+                    continue
+                store._reader(fname)
+        except CheckpointError as exc:
+            problems.append(f"{F.index_name(group)}: {exc}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- our checkpoints as a source
+
+
+class CheckpointSource:
+    """One of our checkpoints seen through the adapter interface (for reshard), optionally casting the model."""
+
+    collective = False
+
+    def __init__(self, ckpt: Path, model_dtype: torch.dtype | None = None, progress: Progress = None) -> None:
+        self.path = ckpt
+        self.manifest = F.load_manifest(ckpt)
+        self.stores = {g: _Tensors(ckpt, self.manifest, g) for g in ("model", "master", "optimizer")}
+        self.model_dtype = model_dtype
+        self.progress = progress
+        self.tied = dict(self.manifest.get("tied") or {})
+        self.trainer = read_json(ckpt / F.TRAIN_STATE / "trainer.json")
+        self.engine = read_json(ckpt / F.TRAIN_STATE / "engine.json")
+        # every model tensor (parameters and buffers alike) is carried over by name
+        self.param_names = list(self.stores["model"].weight_map)
+        self.buffer_names: list[str] = []
+        self._optim_keys: dict[str, list[str]] = {}
+        for full in self.stores["optimizer"].weight_map:
+            p, _, k = full.rpartition("/")
+            self._optim_keys.setdefault(p, []).append(k)
+
+    def layout(self) -> dict[str, Any]:
+        return dict(self.manifest["layout"])
+
+    def plan(self) -> list[TensorSpec]:
+        specs = []
+        model, master, optim = self.stores["model"], self.stores["master"], self.stores["optimizer"]
+        keys = self._optim_keys
+        for name in self.param_names:
+            info = model.header(name)
+            specs.append(TensorSpec("model", name, tuple(info.shape), self.model_dtype or info.dtype))
+            if master.has(name):
+                h = master.header(name)
+                specs.append(TensorSpec("master", name, tuple(h.shape), h.dtype))
+            elif self._keeps_master(info.dtype):
+                specs.append(TensorSpec("master", name, tuple(info.shape), info.dtype))
+            for k in keys.get(name, []):
+                h = optim.header(f"{name}/{k}")
+                specs.append(TensorSpec("optimizer", f"{name}/{k}", tuple(h.shape), h.dtype))
+        return specs
+
+    def _keeps_master(self, dtype: torch.dtype) -> bool:
+        return self.model_dtype is not None and self.model_dtype != dtype and dtype == torch.float32
+
+    def fetch(self, name: str) -> dict[str, torch.Tensor]:
+        model, master, optim = self.stores["model"], self.stores["master"], self.stores["optimizer"]
+        t = model.get(name)
+        out = {"model": t.to(self.model_dtype) if self.model_dtype else t}
+        if master.has(name):
+            out["master"] = master.get(name)
+        elif self._keeps_master(t.dtype):
+            out["master"] = t  # the model was the fp32 master: keep it exact beside the cast copy
+        for k in self._optim_keys.get(name, []):
+            out[f"optimizer/{k}"] = optim.get(f"{name}/{k}")
+        if self.progress:
+            self.progress(1)
+        return out
+
+    def fetch_buffer(self, name: str) -> torch.Tensor:
+        return self.stores["model"].get(name)
+
+    def meta(self) -> dict[str, Any]:
+        return self.engine
+
+    def rng_states(self) -> dict[int, Any]:
+        out = {}
+        rng_dir = self.path / F.TRAIN_STATE / "rng"
+        if rng_dir.is_dir():
+            for f in sorted(rng_dir.glob("rank-*.json")):
+                out[int(f.stem.split("-")[1])] = read_json(f)
+        return out
+
+
+def reshard(
+    ckpt: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    max_shard_size: int,
+    dtype: str | None = None,
+    progress: Progress = None,
+) -> Path:
+    """Rewrite a checkpoint with another shard size and/or model dtype (the fp32 master and optimizer state stay
+    exact), checksummed anew; ``out`` is the new checkpoint folder."""
+    src_path, out = F.resolve_checkpoint(ckpt), Path(out)
+    _fresh_output(out)
+    source = CheckpointSource(src_path, _dtype(dtype), progress)
+    m = source.manifest
+    request = SaveRequest(
+        position=m["position"],
+        step=m["step"],
+        tokens=m["tokens"],
+        kinds=list(m["kinds"]),
+        trainer=source.trainer,
+        schedule=m.get("schedule"),
+        hf_config=read_json(src_path / "config.json") if (src_path / "config.json").is_file() else None,
+        extra_manifest={
+            "trajectory_position": m.get("trajectory_position", m["position"]),
+            "resharded_from": str(src_path),
+        },
+    )
+    pending = start_save(
+        source,
+        out.parent,
+        request,
+        max_shard_bytes=max_shard_size,
+        dest=out,
+        rng_states=source.rng_states(),
+        with_rng=bool(m.get("rng", True)),
+    )
+    return pending.wait()
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face export
+
+
+def write_hf_folder(
+    out: Path,
+    specs: list[TensorSpec],
+    fetch: Callable[[str], torch.Tensor],
+    max_shard_size: int,
+    config: dict[str, Any] | None,
+    progress: Progress = None,
+) -> Path:
+    """A Hugging Face folder: ``model-0000k-of-0000N.safetensors``, ``model.safetensors.index.json`` and
+    ``config.json``, written shard by shard into a staging folder and renamed to ``out``."""
+    _fresh_output(out)
+    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        shards = plan_shards(specs, max_shard_size, 1, True)
+        for shard in shards:
+            batch = {}
+            for spec in shard.specs:
+                batch[spec.name] = fetch(spec.name).to(spec.dtype)
+                if progress:
+                    progress(1)
+            write_safetensors(staging / shard.relpath, batch)
+            del batch
+        weight_map = {spec.name: shard.relpath for shard in shards for spec in shard.specs}
+        write_json(
+            staging / "model.safetensors.index.json",
+            {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": weight_map},
+        )
+        if config is not None:
+            write_json(staging / "config.json", config)
+        fsync_dir(staging)
+        if out.exists():
+            out.rmdir()
+        os.rename(staging, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def export_hf(
+    ckpt: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    max_shard_size: int = 5 * 10**9,
+    source: str = "auto",
+    progress: Progress = None,
+) -> Path:
+    """Export the model to a Hugging Face folder. ``source``: "model" (the model's weights), "master" (the fp32
+    master weights) or "auto" (master when the checkpoint has them and ``dtype`` is fp32 or unset, else model);
+    ``dtype`` casts (default: the source's)."""
+    path, out = F.resolve_checkpoint(ckpt), Path(out)
+    m = F.load_manifest(path)
+    model, master = _Tensors(path, m, "model"), _Tensors(path, m, "master")
+    target = _dtype(dtype)
+    if source not in ("auto", "model", "master"):
+        raise CheckpointError(f"source={source!r}: 'auto', 'model' or 'master'")
+    if source == "master" and not master.weight_map:
+        raise CheckpointError(f"{path}: has no separate master weights (the model weights are the master)")
+    use_master = source == "master" or (
+        source == "auto" and bool(master.weight_map) and target in (None, torch.float32)
+    )
+    specs = []
+    for name in model.weight_map:
+        src = master if (use_master and master.has(name)) else model
+        info = src.header(name)
+        specs.append(TensorSpec("model", name, tuple(info.shape), target or info.dtype))
+
+    def fetch(name: str) -> torch.Tensor:
+        return (master if (use_master and master.has(name)) else model).get(name)
+
+    config = read_json(path / "config.json") if (path / "config.json").is_file() else None
+    if config is not None and target is not None:
+        config = {**config, "torch_dtype": str(target).removeprefix("torch.")}
+    return write_hf_folder(out, specs, fetch, max_shard_size, config, progress)
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed
+
+
+def from_deepspeed(
+    ds_ckpt: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    max_shard_size: int,
+    hf_config: dict[str, Any] | None = None,
+    progress: Progress = None,
+) -> Path:
+    """Import a DeepSpeed checkpoint (``global_stepN`` or the folder with ``latest``) into the run directory ``out``
+    as ``checkpoints/step-<N>-imported``: ``wsd-pretrain train --run-dir out`` then resumes from it."""
+    from .convert_deepspeed import DeepSpeedCheckpointSource
+
+    out = Path(out)
+    if F.checkpoints_dir(out).is_dir() and any(F.checkpoints_dir(out).iterdir()):
+        raise CheckpointError(f"{out} already has checkpoints: import into a new run directory")
+    source = DeepSpeedCheckpointSource(ds_ckpt)
+    if progress is not None:
+        fetch = source.fetch
+
+        def counted(name: str) -> dict[str, torch.Tensor]:
+            result = fetch(name)
+            progress(1)
+            return result
+
+        source.fetch = counted  # type: ignore[method-assign]
+    trainer = source.trainer_state()
+    schedule = trainer["scheduler"]["schedule"] if trainer["scheduler"] else None
+    request = SaveRequest(
+        position=trainer["position"],
+        step=trainer["step"],
+        tokens=trainer["tokens"],
+        kinds=["imported"],
+        trainer=trainer,
+        schedule=schedule,
+        hf_config=hf_config,
+        extra_manifest={"trajectory_position": trainer["trajectory_position"]},
+    )
+    dest = F.checkpoints_dir(out) / F.checkpoint_name(trainer["position"], ["imported"])
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    path = start_save(source, out, request, max_shard_bytes=max_shard_size, dest=dest, with_rng=False).wait()
+    from .io import write_latest
+
+    write_latest(dest.parent, dest.name)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- torch.distributed.checkpoint
+
+
+def _meta_tensor(spec: TensorSpec) -> torch.Tensor:
+    return torch.empty(spec.shape, dtype=spec.dtype, device="meta")
+
+
+def to_dcp(
+    ckpt: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    include_optimizer: bool = True,
+    progress: Progress = None,
+) -> Path:
+    """Write a checkpoint as a torch.distributed.checkpoint directory with keys ``model.<name>`` (and
+    ``master.<name>``, ``optimizer.<name>/<key>``), each tensor read from our files only when DCP writes it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    path, out = F.resolve_checkpoint(ckpt), Path(out)
+    _fresh_output(out)
+    m = F.load_manifest(path)
+    stores = {g: _Tensors(path, m, g) for g in ("model", "master", "optimizer") if g == "model" or include_optimizer}
+    placeholders: dict[str, torch.Tensor] = {}
+    for group, store in stores.items():
+        for name in store.weight_map:
+            info = store.header(name)
+            # shapes only: a tensor is read from our files when the planner's resolve_data asks for it
+            placeholders[f"{group}.{name}"] = _meta_tensor(TensorSpec(group, name, tuple(info.shape), info.dtype))
+
+    class StreamingPlanner(DefaultSavePlanner):
+        """Plans from shapes only; each tensor is read from our checkpoint when DCP asks for its bytes."""
+
+        def resolve_data(self, write_item: Any) -> Any:
+            group, _, name = write_item.index.fqn.partition(".")
+            if progress:
+                progress(1)
+            return stores[group].get(name)
+
+    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        dcp.save(placeholders, checkpoint_id=str(staging), planner=StreamingPlanner(), no_dist=True)
+        write_json(
+            staging / "wsd_pretrain.json",
+            {"from": str(path), "manifest_name": m["name"], "position": m["position"], "step": m["step"]},
+        )
+        if out.exists():
+            out.rmdir()
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def from_dcp(
+    dcp_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    max_shard_size: int = 5 * 10**9,
+    prefix: str | None = None,
+    dtype: str | None = None,
+    hf_config: dict[str, Any] | None = None,
+    progress: Progress = None,
+) -> Path:
+    """A torch.distributed.checkpoint directory's tensors (those under ``prefix``, e.g. ``model.``; default: all)
+    into a Hugging Face folder, read a shard's worth at a time."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    src, out = Path(dcp_dir), Path(out)
+    try:
+        metadata = FileSystemReader(str(src)).read_metadata()
+    except Exception as exc:
+        raise CheckpointError(f"{src}: not a torch.distributed.checkpoint directory ({exc})") from None
+    target = _dtype(dtype)
+    specs, names = [], {}
+    for fqn, item in metadata.state_dict_metadata.items():
+        if not isinstance(item, TensorStorageMetadata) or (prefix and not fqn.startswith(prefix)):
+            continue
+        name = fqn[len(prefix) :] if prefix else fqn
+        names[name] = (fqn, item)
+        specs.append(TensorSpec("model", name, tuple(item.size), target or item.properties.dtype))
+    if not specs:
+        raise CheckpointError(f"{src}: no tensors{' under ' + repr(prefix) if prefix else ''}")
+
+    def fetch(name: str) -> torch.Tensor:
+        fqn, item = names[name]
+        buf = {fqn: torch.empty(tuple(item.size), dtype=item.properties.dtype)}
+        dcp.load(buf, checkpoint_id=str(src), no_dist=True)
+        return buf[fqn]
+
+    return write_hf_folder(out, specs, fetch, max_shard_size, hf_config, progress)
