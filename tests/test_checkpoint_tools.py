@@ -129,7 +129,7 @@ def test_dcp_round_trip_streams_each_tensor(trained, tmp_path):
     probe = {"optimizer.model.norm.weight/exp_avg": torch.empty(64)}
     dcp.load(probe, checkpoint_id=str(dcp_dir), no_dist=True)
     assert probe["optimizer.model.norm.weight/exp_avg"].abs().sum() > 0
-    with pytest.raises(CheckpointError, match="not a torch.distributed.checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a torch\.distributed\.checkpoint"):
         tools.from_dcp(tmp_path, tmp_path / "x")
 
 
@@ -252,5 +252,5 @@ def test_from_deepspeed_refuses_what_is_not_a_deepspeed_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not a DeepSpeed checkpoint"):
         tools.from_deepspeed(tmp_path, tmp_path / "out", max_shard_size=10**9)
     (tmp_path / "latest").write_text("../etc")
-    with pytest.raises(CheckpointError, match="not a tag folder|not a folder"):
+    with pytest.raises(CheckpointError, match=r"not a tag folder|not a folder"):
         tools.from_deepspeed(tmp_path, tmp_path / "out", max_shard_size=10**9)
