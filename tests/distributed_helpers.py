@@ -12,13 +12,24 @@ import json
 import multiprocessing as mp
 import os
 import socket
+import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+
+def _failed(path: str) -> bool:
+    if not os.path.exists(path):
+        return True
+    try:
+        return not json.loads(Path(path).read_text())["ok"]
+    except (ValueError, KeyError):
+        return True
 
 
 def free_port() -> int:
@@ -53,6 +64,11 @@ def _child(
     except BaseException:
         result = {"ok": False, "error": traceback.format_exc()}
     Path(out).write_text(json.dumps(result, default=repr))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # gloo's worker threads can abort the interpreter's shutdown after the work is done ("terminate called
+    # without an active exception"); the result is written, so leave without the shutdown
+    os._exit(0)
 
 
 def run_distributed(
@@ -74,15 +90,27 @@ def run_distributed(
         try:
             for p in procs:
                 p.start()
-            for p in procs:
-                p.join(timeout)
-            hung = [r for r, p in enumerate(procs) if p.is_alive()]
-            if hung:
+            deadline = time.monotonic() + timeout
+            while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+                # fail fast: when a rank has failed, the others may wait forever in a collective
+                if any(not p.is_alive() and _failed(outs[r]) for r, p in enumerate(procs)):
+                    time.sleep(2.0)
+                    break
+                time.sleep(0.05)
+            hung = [r for r, p in enumerate(procs) if p.is_alive() and _failed(outs[r])]
+            if hung and not any(_failed(outs[r]) for r, p in enumerate(procs) if not p.is_alive()):
                 pytest.fail(f"ranks {hung} still running after {timeout:.0f}s")
             results = []
             for r, path in enumerate(outs):
                 if not os.path.exists(path):
-                    pytest.fail(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+                    results.append(
+                        {
+                            "ok": False,
+                            "error": f"no result (exit code {procs[r].exitcode}; killed after "
+                            "another rank failed, or it died)",
+                        }
+                    )
+                    continue
                 results.append(json.loads(Path(path).read_text()))
         finally:
             for p in procs:

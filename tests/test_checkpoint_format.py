@@ -33,7 +33,7 @@ def test_written_files_read_back_with_safetensors_and_hash_as_reported(tmp_path)
     assert loaded.keys() == TENSORS.keys()
     for k, v in TENSORS.items():
         assert torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype
-    assert (size, digest) == hash_file(ours)
+    assert (size, digest) == hash_file(ours)  # xxh3_128 by default
     # the same tensors, the same metadata: safetensors' own reader sees the same header
     assert read_header(ours).tensors.keys() == read_header(theirs).tensors.keys()
 
@@ -149,3 +149,15 @@ def test_plan_shards_caps_sizes_and_balances_owners():
     # every rank computes the same plan
     again = plan_shards(specs, 1000, 3, rank0_only=False)
     assert [(s.relpath, s.owner) for s in again] == [(s.relpath, s.owner) for s in shards]
+
+
+@pytest.mark.parametrize("algo", ["xxh3_128", "sha256"])
+def test_both_checksums_are_written_and_verified(tmp_path, algo):
+    import hashlib
+
+    size, digest = write_safetensors(tmp_path / "c.safetensors", TENSORS, checksum=algo)
+    assert (size, digest) == hash_file(tmp_path / "c.safetensors", algo)
+    if algo == "sha256":
+        assert digest == hashlib.sha256((tmp_path / "c.safetensors").read_bytes()).hexdigest()
+    with pytest.raises(CheckpointError, match="checksum 'md5'"):
+        write_safetensors(tmp_path / "d.safetensors", TENSORS, checksum="md5")

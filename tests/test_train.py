@@ -139,7 +139,7 @@ def test_deepspeed_launcher_on_one_node(tmp_path):
 
 def _files(run_dir: Path, name: str) -> dict[str, str]:
     manifest = json.loads((run_dir / "checkpoints" / name / "manifest.json").read_text())
-    return {k: v["sha256"] for k, v in manifest["files"].items() if k.endswith(".safetensors") and "rng" not in k}
+    return {k: v["hash"] for k, v in manifest["files"].items() if k.endswith(".safetensors") and "rng" not in k}
 
 
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):

@@ -212,7 +212,8 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
             print(f"{path.name}: {len(problems)} problem(s)", file=sys.stderr)
             return 1
         n = len(F.load_manifest(path)["files"])
-        print(f"OK   {path.name}: {n} files match the manifest ({'sizes' if args.sizes_only else 'sha256'})")
+        algo = F.load_manifest(path)["checksum"]
+        print(f"OK   {path.name}: {n} files match the manifest ({'sizes' if args.sizes_only else algo})")
         return 0
     if action == "export-hf":
         bar, tick = _bar(0, "export")
@@ -283,7 +284,7 @@ def _add_ckpt(sub: Any) -> None:
     acts = ck.add_subparsers(dest="action", required=True)
     p = acts.add_parser("list", help="every checkpoint of a run: step, kind, size, state, latest")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--checksums", action="store_true", help="also check every file's sha256 (slower)")
+    p.add_argument("--checksums", action="store_true", help="also check every file's checksum (slower)")
     p.add_argument("--json", action="store_true")
     p = acts.add_parser("inspect", help="schedule position, tokens, layout, tensors by dtype")
     p.add_argument("ckpt", type=Path, help="a checkpoint folder, or a run directory (its newest)")

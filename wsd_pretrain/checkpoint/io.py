@@ -8,7 +8,7 @@ Save (every rank calls :func:`save_checkpoint` with the same request):
 3. parameters are fetched one at a time (a collective for sharded engines); a tensor is kept only by its shard's
    owner, and a shard is written (streamed, checksummed, fsynced) as soon as it is full, by a writer thread, so
    fetching and writing overlap and no rank holds more than a few shards;
-4. every rank reports its files (size, sha256) or its error; on any error rank 0 removes the staging directory and
+4. every rank reports its files (size, checksum) or its error; on any error rank 0 removes the staging directory and
    every rank raises;
 5. rank 0 writes the indexes, ``engine.json``, ``trainer.json``, then ``manifest.json`` last, fsyncs, renames the
    staging directory to its final name (the commit), fsyncs ``checkpoints/``, and updates ``latest``.
@@ -39,6 +39,7 @@ from . import format as F
 from .adapters import EngineAdapter, TensorSpec
 from .rng import capture_rng, restore_rng
 from .safetensors_io import (
+    DEFAULT_CHECKSUM,
     SafetensorsReader,
     fsync_dir,
     read_json,
@@ -114,8 +115,8 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int, world_size: int, 
 class _Writer:
     """A thread that writes full shards while the main thread fetches the next parameters."""
 
-    def __init__(self, staging: Path, fsync: bool) -> None:
-        self.staging, self.fsync = staging, fsync
+    def __init__(self, staging: Path, fsync: bool, checksum: str) -> None:
+        self.staging, self.fsync, self.checksum = staging, fsync, checksum
         self.records: dict[str, dict[str, Any]] = {}
         self.error: str | None = None
         self._queue: queue.Queue[tuple[str, dict[str, torch.Tensor]] | None] = queue.Queue(maxsize=2)
@@ -130,8 +131,8 @@ class _Writer:
             try:
                 path = self.staging / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
-                size, digest = write_safetensors(path, tensors, fsync=self.fsync)
-                self.records[rel] = {"size": size, "sha256": digest}
+                size, digest = write_safetensors(path, tensors, fsync=self.fsync, checksum=self.checksum)
+                self.records[rel] = {"size": size, "hash": digest}
             except Exception as exc:  # reported to every rank, then raised
                 self.error = f"{rel}: {type(exc).__name__}: {exc}"
 
@@ -144,8 +145,8 @@ class _Writer:
         try:
             path = self.staging / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            size, digest = write_json(path, data, fsync=self.fsync)
-            self.records[rel] = {"size": size, "sha256": digest}
+            size, digest = write_json(path, data, fsync=self.fsync, checksum=self.checksum)
+            self.records[rel] = {"size": size, "hash": digest}
         except Exception as exc:
             self.error = f"{rel}: {type(exc).__name__}: {exc}"
 
@@ -154,10 +155,21 @@ class _Writer:
         self._thread.join()
 
 
-def _snapshot(t: torch.Tensor, copy: bool) -> torch.Tensor:
-    if t.device.type != "cpu":
-        return t.detach().to("cpu")
-    return t.detach().clone() if copy else t.detach()
+def _snapshot(
+    t: torch.Tensor, copy: bool, pool: dict[Any, torch.Tensor] | None = None, key: Any = None
+) -> torch.Tensor:
+    """A CPU tensor to write: the tensor itself (sync saves of CPU tensors), or a copy (async saves; device
+    tensors). With ``pool``, copies go into buffers kept from the previous save: no new pages to fault in, which is
+    most of a snapshot's cost on a CPU."""
+    t = t.detach()
+    if not copy and t.device.type == "cpu":
+        return t
+    if pool is not None:
+        buf = pool.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = pool[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.device.type == "cuda")
+        return buf.copy_(t, non_blocking=False)
+    return t.to("cpu") if t.device.type != "cpu" else t.clone()
 
 
 class PendingSave:
@@ -207,11 +219,15 @@ def start_save(
     dest: str | os.PathLike[str] | None = None,
     with_rng: bool = True,
     rng_states: dict[int, Any] | None = None,
+    checksum: str = DEFAULT_CHECKSUM,
+    snapshot_pool: dict[Any, torch.Tensor] | None = None,
 ) -> PendingSave:
     """Start writing one checkpoint (every rank calls this with the same request) and return at once when the
     engine's state has been fetched: the files are written, and rank 0 commits, in background threads.
 
-    ``snapshot`` copies CPU tensors when fetched (needed when training goes on during the write: async saves).
+    ``snapshot`` copies CPU tensors when fetched (needed when training goes on during the write: async saves),
+    into ``snapshot_pool``'s buffers when given (the caller keeps the pool between saves and never starts a save
+    before the previous one has finished).
     ``rank0_only`` streams every tensor through rank 0 (jobs without a shared filesystem). ``after_commit`` runs
     on rank 0 once the checkpoint is committed (retention). ``dest`` writes the checkpoint at exactly that path
     (converters) instead of ``<run_dir>/checkpoints/<name>``, and leaves ``latest`` alone. ``with_rng=False``
@@ -248,7 +264,7 @@ def start_save(
     writes_here = rank == 0 or not rank0_only
     if writes_here and rank != 0:
         _wait_visible(staging)
-    writer = _Writer(staging, fsync) if writes_here else None
+    writer = _Writer(staging, fsync, checksum) if writes_here else None
 
     # 3. fetch parameter by parameter; owners keep their tensors and hand full shards to the writer thread
     pending: dict[str, dict[str, torch.Tensor]] = {s.relpath: {} for s in shards if s.owner == rank}
@@ -259,7 +275,7 @@ def start_save(
         if shard.owner != rank:
             return
         bucket = pending[shard.relpath]
-        bucket[tensor_name] = _snapshot(tensor, snapshot)
+        bucket[tensor_name] = _snapshot(tensor, snapshot, snapshot_pool, (group, tensor_name))
         if len(bucket) == len(shard.specs):
             del pending[shard.relpath]
             assert writer is not None
@@ -380,14 +396,15 @@ def _commit(
     *,
     latest: bool = True,
     with_rng: bool = True,
+    checksum: str = DEFAULT_CHECKSUM,
 ) -> None:
     files: dict[str, dict[str, Any]] = {}
     for r in reports:
         files.update(r["records"])
 
     def add_json(rel: str, data: Any) -> None:
-        size, digest = write_json(staging / rel, data, fsync=fsync)
-        files[rel] = {"size": size, "sha256": digest}
+        size, digest = write_json(staging / rel, data, fsync=fsync, checksum=checksum)
+        files[rel] = {"size": size, "hash": digest}
 
     groups: dict[str, Any] = {}
     for group in ("model", "master", "optimizer"):
@@ -427,7 +444,7 @@ def _commit(
         "groups": groups,
         "master_weights": "master" if "master" in groups else "model",
         "tied": tied,
-        "checksum": "sha256",
+        "checksum": checksum,
         "files": dict(sorted(files.items())),
         "versions": _versions(),
         **request.extra_manifest,
@@ -571,7 +588,7 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore the engine from ``ckpt`` (every rank calls this); return ``{"manifest", "trainer"}``.
 
-    ``verify``: "checksum" (sha256 of every file), "size" (sizes only, for speed) or "none". A mismatched model
+    ``verify``: "checksum" (every file's checksum), "size" (sizes only, for speed) or "none". A mismatched model
     (names, shapes) or a corrupt file raises CheckpointError naming it, before anything is changed.
     ``rank0_only``: only rank 0 reads files and broadcasts each tensor (no shared filesystem).
     """

@@ -118,7 +118,7 @@ def inspect_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def verify_checkpoint_files(ckpt: str | os.PathLike[str], *, checksums: bool = True) -> list[str]:
-    """Every problem found, one per bad file: manifest structure, each file's size and sha256, each safetensors
+    """Every problem found, one per bad file: manifest structure, each file's size and checksum, each safetensors
     header, each index against its shards. An empty list means the checkpoint is sound."""
     path = Path(ckpt)
     try:
@@ -233,7 +233,7 @@ def reshard(
     progress: Progress = None,
 ) -> Path:
     """Rewrite a checkpoint with another shard size and/or model dtype (the fp32 master and optimizer state stay
-    exact), checksummed anew; ``out`` is the new checkpoint folder."""
+    exact), checksummed anew (same algorithm); ``out`` is the new checkpoint folder."""
     src_path, out = F.resolve_checkpoint(ckpt), Path(out)
     _fresh_output(out)
     source = CheckpointSource(src_path, _dtype(dtype), progress)

@@ -1,0 +1,11 @@
+"""`python tools/from_deepspeed.py ...` is `wsd-pretrain ckpt from-deepspeed ...` (see `--help`)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from wsd_pretrain.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["ckpt", "from-deepspeed", *sys.argv[1:]]))
