@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from wsd_pretrain.cli import main  # noqa: E402
+from wsd_pretrain.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["ckpt", "from-deepspeed", *sys.argv[1:]]))

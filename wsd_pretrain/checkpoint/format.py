@@ -50,6 +50,7 @@ FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
+MANIFEST_HASH = "manifest.hash"
 STAGING_PREFIX = ".staging-"
 TRAIN_STATE = "train_state"
 KINDS = ("pre-decay", "post-decay", "preempt", "periodic", "final", "imported")
@@ -117,6 +118,7 @@ def load_manifest(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: is a symbolic link; refused")
     if not path.is_file():
         raise CheckpointError(f"{ckpt}: no {MANIFEST} (not a committed wsd_pretrain checkpoint)")
+    _check_manifest_hash(ckpt)
     m = read_json(path, max_bytes=64 * 1024 * 1024)
     _expect(isinstance(m, dict), path, "not a JSON object")
     _expect(m.get("format") == FORMAT, path, f"format is {m.get('format')!r}, expected {FORMAT!r}")
@@ -155,6 +157,26 @@ def load_manifest(ckpt: Path) -> dict[str, Any]:
             f"file record for {rel!r} needs size (int) and hash ({digits} hex digits of {algo})",
         )
     return m
+
+
+def _check_manifest_hash(ckpt: Path) -> None:
+    from .safetensors_io import hash_file
+
+    hpath = ckpt / MANIFEST_HASH
+    if hpath.is_symlink() or not hpath.is_file():
+        raise CheckpointError(f"{ckpt}: no {MANIFEST_HASH} (an incomplete or foreign checkpoint)")
+    try:
+        raw = hpath.read_bytes()[:200].decode("ascii").split()
+    except UnicodeDecodeError:
+        raw = []
+    if len(raw) != 2 or raw[0] not in CHECKSUMS or not re.fullmatch(rf"[0-9a-f]{{{hex_length(raw[0])}}}", raw[1]):
+        raise CheckpointError(f"{hpath}: damaged (expected '<algorithm> <hex digest>')")
+    _, digest = hash_file(ckpt / MANIFEST, raw[0])
+    if digest != raw[1]:
+        raise CheckpointError(
+            f"{ckpt / MANIFEST}: {raw[0]} {digest[:12]}… does not match {MANIFEST_HASH}'s "
+            f"{raw[1][:12]}…: the manifest is corrupt"
+        )
 
 
 def check_files(ckpt: Path, manifest: dict[str, Any], *, checksums: bool) -> list[str]:

@@ -449,7 +449,13 @@ def _commit(
         "versions": _versions(),
         **request.extra_manifest,
     }
-    write_json(staging / F.MANIFEST, manifest, fsync=fsync)
+    _, digest = write_json(staging / F.MANIFEST, manifest, fsync=fsync, checksum=checksum)
+    # the manifest's own checksum, in a file of its own: a flipped byte anywhere in manifest.json is caught
+    with open(staging / F.MANIFEST_HASH, "x") as f:
+        f.write(f"{checksum} {digest}\n")
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
     if fsync:
         for dirpath, _, _ in os.walk(staging):
             fsync_dir(dirpath)
@@ -606,6 +612,7 @@ def load_checkpoint(
                     "trainer": read_json(ckpt / F.TRAIN_STATE / "trainer.json"),
                     "engine": read_json(ckpt / F.TRAIN_STATE / "engine.json"),
                 }
+                _validated_trainer(ckpt, result["trainer"], result["engine"])
             except CheckpointError as exc:
                 result = {"error": str(exc)}
         result = D.broadcast_object(result)
@@ -618,13 +625,17 @@ def load_checkpoint(
         )
         trainer = read_json(F.safe_path(ckpt, f"{F.TRAIN_STATE}/trainer.json", "trainer state"))
         engine_meta = read_json(F.safe_path(ckpt, f"{F.TRAIN_STATE}/engine.json", "engine state"))
+        _validated_trainer(ckpt, trainer, engine_meta)
 
-    stores = (
-        {g: _Tensors(ckpt, manifest, g) for g in ("model", "master", "optimizer")}
-        if (rank == 0 or not rank0_only)
-        else None
-    )
-    _check_compatible(adapter, ckpt, stores, rank0_only)
+    stores, early = None, []
+    if rank == 0 or not rank0_only:
+        try:
+            stores = {g: _Tensors(ckpt, manifest, g) for g in ("model", "master", "optimizer")}
+        except CheckpointError as exc:
+            if not rank0_only:
+                raise
+            early = [str(exc)]  # told to the other ranks below, so none waits forever
+    _check_compatible(adapter, ckpt, stores, rank0_only, early)
     with_optim = load_optimizer and bool(manifest["groups"].get("optimizer"))
     adapter.begin_restore(with_optim)
     optimizer_keys = _optimizer_keys(stores, rank0_only) if with_optim else {}
@@ -665,28 +676,75 @@ def _optimizer_keys(stores: dict[str, _Tensors] | None, rank0_only: bool) -> dic
     return D.broadcast_object(keys) if rank0_only else keys
 
 
-def _check_compatible(adapter: EngineAdapter, ckpt: Path, stores: dict[str, _Tensors] | None, rank0_only: bool) -> None:
-    problems: list[str] = []
+def _check_compatible(
+    adapter: EngineAdapter, ckpt: Path, stores: dict[str, _Tensors] | None, rank0_only: bool, early: list[str]
+) -> None:
+    """Refuse, before anything changes, a checkpoint whose tensors do not fit this model: names, shapes, dtypes
+    (a floating tensor for a floating one, others exactly), and optimizer tensors of the wrong shape."""
+    problems: list[str] = list(early)
     if stores is not None:
-        model = stores["model"]
-        wanted = {s.name: s.shape for s in adapter.plan() if s.group == "model"}
-        wanted.update({b: tuple(adapter.fetch_buffer(b).shape) for b in adapter.buffer_names})
+        model, master, optim = stores["model"], stores["master"], stores["optimizer"]
+        wanted = {s.name: (s.shape, s.dtype) for s in adapter.plan() if s.group == "model"}
+        for b in adapter.buffer_names:
+            t = adapter.fetch_buffer(b)
+            wanted[b] = (tuple(t.shape), t.dtype)
         missing = sorted(set(wanted) - set(model.weight_map))
         extra = sorted(set(model.weight_map) - set(wanted))
         if missing:
             problems.append(f"the checkpoint lacks {len(missing)} tensors of this model, e.g. {missing[:3]}")
         if extra:
             problems.append(f"the checkpoint has {len(extra)} tensors this model lacks, e.g. {extra[:3]}")
+
+        def check(store: _Tensors, key: str, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> None:
+            info = store.header(key)
+            if tuple(info.shape) != tuple(shape):
+                problems.append(f"{what} {key}: shape {list(info.shape)} in the checkpoint, {list(shape)} here")
+            elif info.dtype.is_floating_point != dtype.is_floating_point or (
+                not dtype.is_floating_point and info.dtype != dtype
+            ):
+                problems.append(f"{what} {key}: dtype {info.dtype} in the checkpoint, {dtype} here")
+
         for name in sorted(set(wanted) & set(model.weight_map)):
-            saved = model.header(name).shape
-            if tuple(saved) != tuple(wanted[name]):
-                problems.append(f"{name}: shape {list(saved)} in the checkpoint, {list(wanted[name])} in this model")
-                if len(problems) > 6:
-                    break
+            check(model, name, *wanted[name], "model tensor")
+            if master.has(name):
+                check(master, name, wanted[name][0], torch.float32, "master weight")
+            if len(problems) > 8:
+                break
+        for key in optim.weight_map:
+            pname = key.rpartition("/")[0]
+            info = optim.header(key)
+            if pname not in wanted:
+                problems.append(f"optimizer state {key} belongs to no parameter of this model")
+            elif info.shape and tuple(info.shape) != tuple(wanted[pname][0]):
+                problems.append(
+                    f"optimizer state {key}: shape {list(info.shape)}, the parameter's is {list(wanted[pname][0])}"
+                )
+            elif not info.dtype.is_floating_point:
+                problems.append(f"optimizer state {key}: dtype {info.dtype}, expected a floating type")
+            if len(problems) > 8:
+                break
     if rank0_only:
         problems = D.broadcast_object(problems)
     if problems:
         raise CheckpointError(f"{ckpt} does not match this model: " + "; ".join(problems))
+
+
+def _validated_trainer(ckpt: Path, trainer: Any, engine: Any) -> None:
+    """trainer.json and engine.json are JSON we wrote: refuse any other shape with a clear error."""
+    where = ckpt / F.TRAIN_STATE
+    if not isinstance(trainer, dict):
+        raise CheckpointError(f"{where / 'trainer.json'}: not a JSON object")
+    for key in ("position", "step", "tokens"):
+        if not isinstance(trainer.get(key), int) or isinstance(trainer.get(key), bool) or trainer[key] < 0:
+            raise CheckpointError(f"{where / 'trainer.json'}: {key!r} must be a whole number >= 0")
+    for key in ("scheduler", "data", "extra"):
+        if trainer.get(key) is not None and not isinstance(trainer[key], dict):
+            raise CheckpointError(f"{where / 'trainer.json'}: {key!r} must be an object or null")
+    if not isinstance(engine, dict) or not isinstance(engine.get("optimizer", {}) or {}, dict):
+        raise CheckpointError(f"{where / 'engine.json'}: not an engine state object")
+    groups = (engine.get("optimizer") or {}).get("param_groups", [])
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise CheckpointError(f"{where / 'engine.json'}: optimizer.param_groups must be a list of objects")
 
 
 def _restore_rng(ckpt: Path, manifest: dict[str, Any], rank0_only: bool) -> None:

@@ -112,6 +112,11 @@ class CheckpointConfig:
     """fsync every file and directory before the commit (turn off only for throwaway runs)."""
     decide_every: int = 1
     """How often (in updates) ranks agree on time-based and preemption saves."""
+    on_save_error: Literal["stop", "continue"] = "stop"
+    """A save that fails (a full disk, a lost rank) raises on every rank ("stop"), or is logged and dropped while
+    training carries on ("continue"; the next save tries again). Older checkpoints are untouched either way."""
+    fallback: bool = False
+    """When resuming the newest checkpoint fails (a corrupt file), try the next older complete one instead."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -348,15 +353,25 @@ class CheckpointManager:
                 "checkpoint %s: state fetched in %.2fs, writing in the background", pending.name, time.monotonic() - t0
             )
         else:
-            pending.wait()
+            self._finish(pending)
             log.info("checkpoint %s written in %.2fs", pending.name, time.monotonic() - t0)
         return pending.final
+
+    def _finish(self, pending: PendingSave) -> None:
+        try:
+            pending.wait()
+        except CheckpointError as exc:
+            if pending.final in self.saves:
+                self.saves.remove(pending.final)
+            if self.config.on_save_error == "stop":
+                raise
+            log.error("%s; training carries on (checkpoint.on_save_error=continue)", exc)
 
     def wait(self) -> None:
         """Wait for an async save in flight (every rank calls it); raises if it failed on any rank."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            pending.wait()
+            self._finish(pending)
 
     # ------------------------------------------------------------------ retention
 
@@ -392,7 +407,19 @@ class CheckpointManager:
                 if target == "auto":
                     return False
                 raise CheckpointError(f"{self.run_dir}: no complete checkpoint to resume from")
-            path = infos[-1].path
+            for info in reversed(infos):
+                try:
+                    self.load(info.path, verify=verify)
+                    return True
+                except CheckpointError as exc:
+                    if not self.config.fallback or info is infos[0]:
+                        raise
+                    log.warning(
+                        "cannot resume from %s (%s); trying the previous checkpoint (checkpoint.fallback=true)",
+                        info.name,
+                        exc,
+                    )
+            raise AssertionError("unreachable")
         elif os.sep in target or Path(target).is_dir():
             path = F.resolve_checkpoint(target)
         else:
