@@ -19,6 +19,7 @@ complete. Resume picks the newest complete checkpoint, so a crash between the re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -51,6 +52,17 @@ __all__ = ["PendingSave", "SaveRequest", "Shard", "load_checkpoint", "plan_shard
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+fault_hook: Callable[[str], None] | None = None
+"""Called with the name of each step of a save as this rank reaches it (``save-begin``, ``staging-created``,
+``shard-begin:<file>``, ``shard-end:<file>``, ``done-marker``, ``commit-begin``, ``manifest-begin``,
+``manifest-written``, ``manifest-hash-written``, ``renamed:<name>``, ``latest-written:<name>``). ``None`` in normal use; the
+reliability suite (tools/reliability.py) sets it to kill the process at chosen moments."""
+
+
+def _point(name: str) -> None:
+    if fault_hook is not None:
+        fault_hook(name)
 
 
 @dataclass
@@ -118,6 +130,7 @@ class _Writer:
     def __init__(self, staging: Path, fsync: bool, checksum: str) -> None:
         self.staging, self.fsync, self.checksum = staging, fsync, checksum
         self.records: dict[str, dict[str, Any]] = {}
+        self.attempted: list[str] = []
         self.error: str | None = None
         self._queue: queue.Queue[tuple[str, dict[str, torch.Tensor]] | None] = queue.Queue(maxsize=2)
         self._thread = threading.Thread(target=self._run, name="wsd-ckpt-writer", daemon=True)
@@ -129,10 +142,12 @@ class _Writer:
             if self.error is not None:
                 continue
             try:
-                path = self.staging / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
+                path = _inside_staging(self.staging, rel)
+                self.attempted.append(rel)
+                _point(f"shard-begin:{rel}")
                 size, digest = write_safetensors(path, tensors, fsync=self.fsync, checksum=self.checksum)
                 self.records[rel] = {"size": size, "hash": digest}
+                _point(f"shard-end:{rel}")
             except Exception as exc:  # reported to every rank, then raised
                 self.error = f"{rel}: {type(exc).__name__}: {exc}"
 
@@ -143,8 +158,8 @@ class _Writer:
         if self.error is not None:
             return
         try:
-            path = self.staging / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path = _inside_staging(self.staging, rel)
+            self.attempted.append(rel)
             size, digest = write_json(path, data, fsync=self.fsync, checksum=self.checksum)
             self.records[rel] = {"size": size, "hash": digest}
         except Exception as exc:
@@ -153,6 +168,54 @@ class _Writer:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
+
+    def discard(self) -> None:
+        """Remove this rank's files of a save that failed: they would be deleted anyway, and on a full disk the space
+        they free lets the error report reach rank 0."""
+        for rel in self.attempted:
+            with contextlib.suppress(OSError):
+                (self.staging / rel).unlink()
+        self.records = {}
+
+
+def _inside_staging(staging: Path, rel: str) -> Path:
+    """``staging/rel``, creating its folders one level at a time: never the staging directory itself, so a rank
+    that is late to a save that rank 0 abandoned (and removed) fails instead of re-creating a stray directory."""
+    folder = staging
+    for part in Path(rel).parent.parts:
+        folder = folder / part
+        try:
+            folder.mkdir(exist_ok=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"{staging}: the staging directory is gone (the save was abandoned)") from None
+    if not staging.is_dir():
+        raise CheckpointError(f"{staging}: the staging directory is gone (the save was abandoned)")
+    return staging / rel
+
+
+def _write_report(staging: Path, rank: int, report: dict[str, Any], fsync: bool, writer: _Writer) -> str | None:
+    """Write this rank's done marker (its files, or its error) atomically (a temporary name, then a rename: rank 0
+    never reads half a report); on a full disk free this rank's files and try again with a bare error report.
+    Returns an error to add to this rank's own."""
+    path = staging / f".done-rank-{rank:05d}.json"
+    tmp = staging / f".done-rank-{rank:05d}.json.tmp"
+
+    def attempt(data: dict[str, Any]) -> str | None:
+        try:
+            write_json(tmp, data, fsync=fsync)
+            os.rename(tmp, path)
+            return None
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return f"done marker: {exc}"
+
+    problem = attempt(report)
+    if problem is None:
+        return None
+    writer.discard()
+    again = attempt({"rank": rank, "records": {}, "error": "; ".join(e for e in (report["error"], problem) if e)})
+    return problem if again is None else f"{problem} (and again after freeing this rank's files)"
 
 
 def _snapshot(
@@ -188,7 +251,8 @@ class PendingSave:
     def wait(self) -> Path:
         if self._thread is not None:
             self._thread.join()
-        errors = [e for e in D.all_gather_object([self.local_error, self.commit_error]) for e in e if e]
+        gathered = D.all_gather_object([self.local_error, self.commit_error])
+        errors = [c for _, c in gathered if c] or [e for e, _ in gathered if e]  # rank 0's error includes the rest
         if errors:
             raise CheckpointError(
                 f"checkpoint {self.name} was not written (nothing was committed): {'; '.join(errors)}"
@@ -234,6 +298,7 @@ def start_save(
     writes no RNG files (a converted checkpoint has none; resume then keeps fresh seeds).
     """
     rank, world = D.get_rank(), D.get_world_size()
+    _point("save-begin")
     run_dir = Path(run_dir)
     root = F.checkpoints_dir(run_dir) if dest is None else Path(dest).parent
     name = F.checkpoint_name(request.position, request.kinds)
@@ -255,6 +320,7 @@ def start_save(
             root.mkdir(parents=True, exist_ok=True)
             staging_name = f"{F.STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
             (root / staging_name / F.TRAIN_STATE / "rng").mkdir(parents=True)
+            _point("staging-created")
         except (OSError, CheckpointError) as exc:
             staging_name = {"error": f"{type(exc).__name__}: {exc}"}
     staging_name = D.broadcast_object(staging_name)
@@ -325,19 +391,25 @@ def start_save(
             writer.write_json(f"{F.TRAIN_STATE}/rng/rank-{r:05d}.json", state)
         writer.close()
         error = fetch_error or writer.error
+        if error:
+            writer.discard()
         done = {"rank": rank, "records": writer.records, "error": error}
-        try:
-            write_json(staging / f".done-rank-{rank:05d}.json", done, fsync=fsync)
-        except OSError as exc:
-            error = f"done marker: {exc}"
+        if rank != 0:  # rank 0 keeps its own report in memory
+            problem = _write_report(staging, rank, done, fsync, writer)
+            error = "; ".join(e for e in (error, problem) if e) or None
+        _point("done-marker")
         result.local_error = f"rank {rank}: {error}" if error else None
         if rank != 0:
             return
         try:
-            reports = _collect_reports(staging, writer_ranks, commit_timeout)
+            # every report is read, failed or not, before the staging directory may be removed: by then no rank
+            # is still writing into it
+            reports = [done, *_collect_reports(staging, [r for r in writer_ranks if r != 0], commit_timeout)]
             errors = [f"rank {r['rank']}: {r['error']}" for r in reports if r["error"]]
             if errors:
-                raise CheckpointError("; ".join(errors))
+                result.commit_error = "; ".join(errors)
+                shutil.rmtree(staging, ignore_errors=True)
+                return
             _commit(
                 staging,
                 final,
@@ -375,7 +447,13 @@ def _collect_reports(staging: Path, ranks: list[int], timeout: float) -> list[di
             if time.monotonic() > deadline:
                 raise CheckpointError(f"rank {r} did not finish writing within {timeout:.0f}s")
             time.sleep(0.02)
-        reports.append(read_json(path))
+        try:
+            report = read_json(path)
+            if not isinstance(report, dict) or not isinstance(report.get("records"), dict):
+                raise CheckpointError(f"{path}: not a done report")
+        except CheckpointError as exc:  # a rank that could not finish its report (a full disk): its error
+            report = {"rank": r, "records": {}, "error": f"unreadable done marker ({exc})"}
+        reports.append(report)
         path.unlink()
     return reports
 
@@ -398,6 +476,7 @@ def _commit(
     with_rng: bool = True,
     checksum: str = DEFAULT_CHECKSUM,
 ) -> None:
+    _point("commit-begin")
     files: dict[str, dict[str, Any]] = {}
     for r in reports:
         files.update(r["records"])
@@ -449,21 +528,26 @@ def _commit(
         "versions": _versions(),
         **request.extra_manifest,
     }
+    _point("manifest-begin")
     _, digest = write_json(staging / F.MANIFEST, manifest, fsync=fsync, checksum=checksum)
+    _point("manifest-written")
     # the manifest's own checksum, in a file of its own: a flipped byte anywhere in manifest.json is caught
     with open(staging / F.MANIFEST_HASH, "x") as f:
         f.write(f"{checksum} {digest}\n")
         f.flush()
         if fsync:
             os.fsync(f.fileno())
+    _point("manifest-hash-written")
     if fsync:
         for dirpath, _, _ in os.walk(staging):
             fsync_dir(dirpath)
     os.rename(staging, final)  # the commit
+    _point(f"renamed:{final.name}")
     if fsync:
         fsync_dir(root)
     if latest:
         write_latest(root, final.name, fsync)
+        _point(f"latest-written:{final.name}")
 
 
 def write_latest(root: Path, name: str, fsync: bool = True) -> None:

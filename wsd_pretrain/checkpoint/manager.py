@@ -402,13 +402,20 @@ class CheckpointManager:
         path. Returns True when a checkpoint was loaded."""
         target = str(which)
         if target in ("auto", "latest"):
-            infos = [i for i in F.list_checkpoints(self.run_dir) if i.state == "complete"]
+            # committed checkpoints, newest last; one that turns out damaged is an error (it was committed, so
+            # skipping it silently would resume from older state than the user expects) unless fallback is on
+            infos = [i for i in F.list_checkpoints(self.run_dir) if i.state in ("complete", "corrupt")]
             if not infos:
                 if target == "auto":
                     return False
                 raise CheckpointError(f"{self.run_dir}: no complete checkpoint to resume from")
             for info in reversed(infos):
                 try:
+                    if info.state == "corrupt":
+                        raise CheckpointError(
+                            f"{info.path} is damaged: {info.problem} (set checkpoint.fallback=true to resume from "
+                            "the previous checkpoint instead, or remove this one)"
+                        )
                     self.load(info.path, verify=verify)
                     return True
                 except CheckpointError as exc:

@@ -339,7 +339,9 @@ def export_hf(
     def fetch(name: str) -> torch.Tensor:
         return (master if (use_master and master.has(name)) else model).get(name)
 
-    config = read_json(path / "config.json") if (path / "config.json").is_file() else None
+    config = read_json(F.safe_path(path, "config.json", "model config")) if (path / "config.json").exists() else None
+    if config is not None and not isinstance(config, dict):
+        raise CheckpointError(f"{path / 'config.json'}: not a JSON object (a Hugging Face config is one)")
     if config is not None and target is not None:
         config = {**config, "torch_dtype": str(target).removeprefix("torch.")}
     return write_hf_folder(out, specs, fetch, max_shard_size, config, progress)

@@ -1,0 +1,59 @@
+"""The reliability suite's CI-sized subset (the full suite: ``python tools/reliability.py``, docs/reliability.md).
+
+Real processes and real files throughout: 2-rank gloo jobs SIGKILLed mid-save, a file-size limit standing in for a
+full disk, every file of a checkpoint damaged in turn, hostile checkpoints, torchrun restarting a killed worker,
+SIGTERM to the launcher, and a second run on a directory in use."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+
+import reliability as R
+
+pytestmark = [pytest.mark.fault, pytest.mark.distributed]
+
+
+def _failures(trials: list[R.Trial]) -> list[str]:
+    return [f"{t.case}: {t.detail}" for t in trials if not t.ok]
+
+
+def test_sigkill_at_every_phase_of_a_save_loses_nothing(tmp_path):
+    trials = R.kill_trials(tmp_path, n=10, seed=1, log=lambda s: None)
+    assert len(trials) == 10
+    assert not _failures(trials)
+    assert sum(t.lost for t in trials) == 0
+    phases = {t.phase for t in trials}
+    assert {"shard writes", "pointer update"} & phases, phases
+
+
+def test_full_disk_stops_or_carries_on_and_keeps_older_checkpoints(tmp_path):
+    trials = R.disk_trials(tmp_path, tmpfs=False, log=lambda s: None)
+    assert len(trials) == 4
+    assert not _failures(trials)
+
+
+def test_every_kind_of_corrupt_file_is_named_and_fallback_resumes_the_previous(tmp_path):
+    trials = R.corruption_trials(tmp_path, log=lambda s: None)
+    assert len(trials) >= 20
+    assert not _failures(trials)
+
+
+def test_hostile_checkpoints_are_refused_without_reading_outside(tmp_path):
+    trials = R.hostile_trials(tmp_path, log=lambda s: None)
+    assert len(trials) == len(R.hostile_cases(tmp_path / "outside"))
+    assert not _failures(trials)
+
+
+def test_torchrun_restarts_a_killed_worker_and_sigterm_leaves_a_preempt_checkpoint(tmp_path):
+    trials = R.elastic_trials(tmp_path, steps=20, victims=(1,), log=lambda s: None)
+    trials += R.preemption_trials(tmp_path, steps=20, log=lambda s: None)
+    assert not _failures(trials)
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused(tmp_path):
+    assert not _failures(R.lock_trials(tmp_path, log=lambda s: None))

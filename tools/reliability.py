@@ -1,0 +1,1307 @@
+"""The reliability suite: kills mid-save, full disk, corruption, hostile files, elastic restarts, preemption, lock.
+
+    python tools/reliability.py                   # every scenario at full size; writes docs/reliability.md
+    python tools/reliability.py --only kill --kills 80
+    python tools/reliability.py --no-doc          # print the tally only
+
+Every trial runs real processes (2 ranks on gloo, or torchrun with the training entry point) on real files and
+checks what a user relies on: resume finds the newest complete checkpoint, nothing committed earlier is lost or
+altered, bad files are refused with an error that names them. Each scenario returns one :class:`Trial` per trial;
+``tests/test_reliability.py`` runs a CI-sized subset of the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DOC = ROOT / "docs" / "reliability.md"
+BIN = Path(sys.executable).parent
+SAVE_EVERY = 2
+TOTAL = 8
+SHARD = 4 * 1024**2
+
+PHASES = ("before the save", "staging", "shard writes", "manifest", "rename", "pointer update", "after the commit")
+
+
+@dataclass
+class Trial:
+    scenario: str
+    case: str
+    ok: bool
+    lost: int = 0
+    detail: str = ""
+    phase: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------------------------------------- the 2-rank child
+
+
+def _mlp():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*(torch.nn.Linear(1024, 1024) for _ in range(3)))
+
+
+def _child(run_dir: str, spec: dict[str, Any]) -> None:
+    """One rank of a small 2-rank DDP job that saves every 2 updates (the victim of the kill and disk trials)."""
+    import resource
+
+    import torch
+
+    from wsd_pretrain import WSDSchedule, WSDScheduler
+    from wsd_pretrain import distributed as D
+    from wsd_pretrain.checkpoint import io
+    from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
+    from wsd_pretrain.errors import CheckpointError
+
+    D.init_distributed(backend="gloo", timeout_s=60)
+    rank = D.get_rank()
+    model = torch.nn.parallel.DistributedDataParallel(_mlp())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = WSDScheduler(opt, WSDSchedule(total=TOTAL, decay_length=2))
+    saves = 0
+    events = open(spec["events"] + f".{rank}", "a") if spec.get("events") else None
+
+    def hook(point: str) -> None:
+        nonlocal saves
+        if point == "save-begin":
+            saves += 1
+            if rank == 0:
+                print(f"BEGIN {saves} {time.monotonic()}", flush=True)
+        if rank == 0 and point.startswith("latest-written:"):
+            print(f"COMMITTED {point.split(':', 1)[1]} {time.monotonic()}", flush=True)
+        if events is not None:
+            events.write(f"{saves} {point}\n")
+            events.flush()
+        if saves == spec.get("target") and point == spec.get("point"):
+            victim = spec["victim"]
+            if victim == "all":
+                os.killpg(0, signal.SIGKILL)
+            elif victim == rank:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    io.fault_hook = hook
+    cfg = CheckpointConfig(
+        every_steps=SAVE_EVERY,
+        at_milestones=False,
+        at_end=False,
+        on_preemption=False,
+        keep_last=100,
+        write_mode=spec.get("mode", "parallel"),
+        async_save=bool(spec.get("async")),
+        max_shard_size=SHARD,
+        on_save_error=spec.get("on_error", "stop"),
+    )
+    mgr = CheckpointManager(run_dir, model, opt, sched, config=cfg)
+    limited = False
+    try:
+        while not sched.finished:
+            g = torch.Generator().manual_seed(1000 * sched.last_epoch + rank)
+            model(torch.randn(4, 1024, generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+            if spec.get("fsize") and rank in spec["fsize_ranks"] and sched.last_epoch == SAVE_EVERY + 1:
+                # the disk "fills up" after the first checkpoint: files may not grow past a few bytes
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (spec["fsize"], resource.RLIM_INFINITY))
+                limited = True
+            mgr.maybe_save()
+            if limited and sched.last_epoch == 2 * SAVE_EVERY + 1 and spec.get("on_error") == "continue":
+                resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+                limited = False  # space freed: the next save may succeed
+        mgr.close()
+    except CheckpointError as exc:
+        print(f"CHECKPOINT-ERROR {exc}", flush=True)
+        sys.stdout.flush()
+        os._exit(3)
+    print(f"DONE {sched.last_epoch}", flush=True)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+class _Job:
+    """The 2 ranks of :func:`_child`, started directly (as a launcher would) in one new process group."""
+
+    def __init__(self, run_dir: Path, spec: dict[str, Any]) -> None:
+        port = _free_port()
+        self.lines: list[tuple[float, str]] = []
+        self.committed: dict[str, str] = {}  # name -> manifest.hash at commit time
+        self.run_dir = run_dir
+        self.procs: list[subprocess.Popen[str]] = []
+        pgid = 0
+        for rank in range(2):
+            env = _env(
+                RANK=str(rank),
+                WORLD_SIZE="2",
+                LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
+            cmd = [sys.executable, str(Path(__file__).resolve()), "_child", str(run_dir), json.dumps(spec)]
+            p = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                process_group=pgid,
+            )
+            pgid = pgid or p.pid
+            self.procs.append(p)
+        self.pgid = pgid
+        self.stderr: list[str] = ["", ""]
+        self._readers = [threading.Thread(target=self._read, args=(0,), daemon=True)] + [
+            threading.Thread(target=self._err, args=(i,), daemon=True) for i in range(2)
+        ]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, i: int) -> None:
+        assert self.procs[i].stdout is not None
+        for line in self.procs[i].stdout:
+            line = line.strip()
+            self.lines.append((time.monotonic(), line))
+            if line.startswith("COMMITTED "):
+                name = line.split()[1]
+                ckpt = self.run_dir / "checkpoints" / name
+                self.committed[name] = (ckpt / "manifest.hash").read_text()
+
+    def _err(self, i: int) -> None:
+        assert self.procs[i].stderr is not None
+        self.stderr[i] = self.procs[i].stderr.read()
+
+    def wait_line(self, prefix: str, timeout: float = 120.0) -> float | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for t, line in list(self.lines):
+                if line.startswith(prefix):
+                    return t
+            if all(p.poll() is not None for p in self.procs):
+                return None
+            time.sleep(0.001)
+        return None
+
+    def kill(self, which: int | str) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if which == "all":
+                os.killpg(self.pgid, signal.SIGKILL)
+            else:
+                self.procs[int(which)].send_signal(signal.SIGKILL)
+
+    def finish(self, after_first_death: float = 0.3, timeout: float = 120.0) -> list[int]:
+        """Wait for the job: once one rank has died, the rest are killed (what a launcher does), like a real job."""
+        deadline = time.monotonic() + timeout
+        while all(p.poll() is None for p in self.procs):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        end = time.monotonic() + after_first_death
+        while any(p.poll() is None for p in self.procs) and time.monotonic() < end:
+            time.sleep(0.01)
+        if any(p.poll() is None for p in self.procs):
+            self.kill("all")
+        codes = [p.wait(30) for p in self.procs]
+        for t in self._readers:
+            t.join(10)
+        return codes
+
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+
+# ------------------------------------------------------------------------------------------------ kill mid-save
+
+
+def _phase_of(event: str) -> str:
+    name = event.split(":", 1)[0]
+    return {
+        "save-begin": "staging",
+        "staging-created": "staging",
+        "shard-begin": "shard writes",
+        "shard-end": "shard writes",
+        "done-marker": "shard writes",
+        "commit-begin": "manifest",
+        "manifest-begin": "manifest",
+        "manifest-written": "manifest",
+        "manifest-hash-written": "rename",
+        "renamed": "pointer update",
+        "latest-written": "after the commit",
+    }[name]
+
+
+def _disk_phase(run_dir: Path, target_step: int) -> str:
+    """Where the interrupted save was, read from what it left on disk."""
+    from wsd_pretrain.checkpoint import format as F
+
+    root = run_dir / "checkpoints"
+    staging = sorted(p for p in root.glob(F.STAGING_PREFIX + "*") if f"step-{target_step:09d}-" in p.name)
+    if staging:
+        s = staging[-1]
+        if (s / "manifest.json").exists():
+            return "rename" if (s / "manifest.hash").exists() else "manifest"
+        if (s / "train_state" / "engine.json").exists() or (s / "model.safetensors.index.json").exists():
+            return "manifest"  # rank 0 is writing the indexes and train state that precede the manifest
+        if any(p.is_file() for p in s.rglob("*")):
+            return "shard writes"
+        return "staging"
+    final = [p for p in root.glob(f"step-{target_step:09d}-*") if p.is_dir()]
+    if final:
+        return "after the commit" if F.read_latest(run_dir) == final[0].name else "pointer update"
+    return "before the save"
+
+
+def _check_after_crash(run_dir: Path, committed: dict[str, str], target_step: int) -> tuple[bool, int, str]:
+    """Every checkpoint committed before the kill is intact; resume (a fresh process's manager) finds the newest."""
+    import torch
+
+    from wsd_pretrain import WSDSchedule, WSDScheduler
+    from wsd_pretrain.checkpoint import format as F
+    from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
+    from wsd_pretrain.checkpoint.tools import verify_checkpoint_files
+
+    root = run_dir / "checkpoints"
+    lost, notes = 0, []
+    for name, mhash in committed.items():
+        ckpt = root / name
+        if not ckpt.is_dir():
+            lost += 1
+            notes.append(f"{name} missing")
+        elif (ckpt / "manifest.hash").read_text() != mhash or verify_checkpoint_files(ckpt):
+            lost += 1
+            notes.append(f"{name} altered")
+    complete = set(committed) | {p.name for p in root.glob(f"step-{target_step:09d}-*") if p.is_dir()}
+    expected = max((int(n.split("-")[1]) for n in complete), default=None)
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = WSDScheduler(opt, WSDSchedule(total=TOTAL, decay_length=2))
+    mgr = CheckpointManager(
+        run_dir, model, opt, sched, config=CheckpointConfig(on_preemption=False, max_shard_size=SHARD)
+    )
+    try:
+        resumed = mgr.resume("auto")
+        leftovers = [p.name for p in root.iterdir() if p.name.startswith(".") and p.name != ".wsd_pretrain.lock"]
+    finally:
+        mgr.close()
+    ok = lost == 0
+    if expected is None:
+        ok = ok and not resumed
+    elif not resumed or sched.last_epoch != expected:
+        ok = False
+        notes.append(f"resume went to step {sched.last_epoch if resumed else None}, expected {expected}")
+    if leftovers:
+        ok = False
+        notes.append(f"leftovers after reopening: {leftovers}")
+    listed = [i for i in F.list_checkpoints(run_dir) if i.state == "complete"]
+    if sorted(i.name for i in listed) != sorted(complete):
+        ok = False
+        notes.append(f"complete checkpoints {[i.name for i in listed]}, expected {sorted(complete)}")
+    return ok, lost, "; ".join(notes)
+
+
+def calibrate(workdir: Path, mode: str, async_: bool) -> tuple[dict[int, list[str]], float]:
+    """One uninterrupted run recording every save step each rank reaches, and how long a save takes."""
+    run_dir = workdir / f"calibrate-{mode}-{int(async_)}"
+    events = workdir / f"events-{mode}-{int(async_)}"
+    job = _Job(run_dir, {"mode": mode, "async": async_, "events": str(events)})
+    codes = job.finish(timeout=300)
+    if codes != [0, 0]:
+        raise RuntimeError(f"calibration run failed: {codes}\n{job.stderr[0][-3000:]}\n{job.stderr[1][-3000:]}")
+    target = 2
+    per_rank: dict[int, list[str]] = {}
+    for r in range(2):
+        lines = Path(f"{events}.{r}").read_text().splitlines()
+        per_rank[r] = [ln.split(" ", 1)[1] for ln in lines if ln.split(" ", 1)[0] == str(target)]
+    begin = [t for t, ln in job.lines if ln.startswith(f"BEGIN {target} ")]
+    done = [t for t, ln in job.lines if ln.startswith("COMMITTED ") and f"-{target * SAVE_EVERY:09d}-" in ln]
+    duration = (done[0] - begin[0]) if begin and done else 0.2
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return per_rank, duration
+
+
+def kill_trials(workdir: Path, n: int, seed: int = 0, log: Callable[[str], None] = print) -> list[Trial]:
+    """``n`` SIGKILLs during the second save of a 2-rank job: half at a chosen step of the save protocol (spread
+    evenly over its phases), half at a random time within the save; one rank or the whole job; parallel and rank0
+    writes; sync and async saves."""
+    rng = random.Random(seed)
+    trials: list[Trial] = []
+    configs = [("parallel", False), ("rank0", False), ("parallel", True), ("rank0", True)]
+    calib = {c: calibrate(workdir, *c) for c in configs[: max(1, min(4, n))]}
+    phase_cycle = ["staging", "shard writes", "manifest", "rename", "pointer update"]
+    target_save = 2
+    target_step = target_save * SAVE_EVERY
+    for i in range(n):
+        mode, async_ = configs[i % len(calib)]
+        events, duration = calib[(mode, async_)]
+        run_dir = workdir / f"kill-{i:03d}"
+        spec: dict[str, Any] = {"mode": mode, "async": async_, "target": target_save}
+        timed = i % 2 == 1
+        if not timed:
+            phase = phase_cycle[(i // 2) % len(phase_cycle)]
+            victims = [v for v in (0, 1, "all") if any(_phase_of(e) == phase for e in events[0 if v == "all" else v])]
+            victim = rng.choice(victims)
+            choices = [e for e in events[0 if victim == "all" else victim] if _phase_of(e) == phase]
+            spec.update(point=rng.choice(choices), victim=victim)
+            how = f"at {spec['point']}"
+        else:
+            victim = rng.choice([0, 1, "all"])
+            spec.update(point=None, victim=victim)
+            delay = rng.uniform(0, 1.1 * duration)
+            how = f"{delay * 1000:.0f} ms into the save"
+        job = _Job(run_dir, spec)
+        if timed:
+            t0 = job.wait_line(f"BEGIN {target_save} ")
+            if t0 is not None:
+                time.sleep(max(0.0, t0 + delay - time.monotonic()))
+                job.kill(victim)
+        codes = job.finish()
+        killed = any(c == -signal.SIGKILL for c in codes)
+        where = _disk_phase(run_dir, target_step)
+        case = f"{mode}{' async' if async_ else ''}, kill {'both ranks' if victim == 'all' else f'rank {victim}'} {how}"
+        if not killed:
+            trials.append(Trial("kill", case, False, detail=f"the job was not killed (exit {codes})", phase=where))
+            continue
+        ok, lost, notes = _check_after_crash(run_dir, dict(job.committed), target_step)
+        trials.append(Trial("kill", case, ok, lost, notes, phase=where, extra={"timed": timed}))
+        log(f"  kill {i + 1}/{n}: {case}: phase {where}: {'ok' if ok else 'FAILED ' + notes}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return trials
+
+
+# --------------------------------------------------------------------------------------------------- full disk
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size_mb: int) -> Iterator[bool]:
+    """A tmpfs of ``size_mb`` at ``path`` (needs root); yields False where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    try:
+        yield res.returncode == 0
+    finally:
+        if res.returncode == 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def disk_trials(workdir: Path, tmpfs: bool = True, log: Callable[[str], None] = print) -> list[Trial]:
+    """The disk fills up after the first checkpoint (step 2): the step-4 save fails. With ``on_save_error=stop``
+    every rank stops with a clear error; with ``continue`` training goes on (and, in the RLIMIT cases, the space
+    comes back and the next saves succeed). Older checkpoints stay intact and no staging directory is left."""
+    from wsd_pretrain.checkpoint import format as F
+    from wsd_pretrain.checkpoint.tools import verify_checkpoint_files
+
+    trials = []
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("file size limit on rank 0, stop", {"fsize": 1 << 20, "fsize_ranks": [0], "on_error": "stop"}),
+        ("file size limit on rank 1, stop", {"fsize": 1 << 20, "fsize_ranks": [1], "on_error": "stop"}),
+        ("file size limit on both ranks, continue", {"fsize": 1 << 20, "fsize_ranks": [0, 1], "on_error": "continue"}),
+        ("file size limit on rank 0, rank0 mode, stop", {"fsize": 1 << 20, "fsize_ranks": [0], "mode": "rank0"}),
+    ]
+    if tmpfs:
+        cases += [
+            ("full 60 MB filesystem, stop", {"tmpfs": 60, "on_error": "stop"}),
+            ("full 60 MB filesystem, continue", {"tmpfs": 60, "on_error": "continue"}),
+        ]
+    for i, (case, spec) in enumerate(cases):
+        run_dir = workdir / f"disk-{i}"
+        with contextlib.ExitStack() as stack:
+            if spec.get("tmpfs"):
+                mounted = stack.enter_context(small_filesystem(run_dir, spec["tmpfs"]))
+                if not mounted:
+                    log(f"  disk: {case}: skipped (mounting a tmpfs needs root)")
+                    continue
+            job = _Job(run_dir, spec)
+            codes = job.finish(after_first_death=30)
+            out = job.text()
+            notes = []
+            stop = spec.get("on_error", "stop") == "stop"
+            if stop and codes != [3, 3]:
+                notes.append(f"expected every rank to stop with a checkpoint error, got exit codes {codes}")
+            if not stop and codes != [0, 0]:
+                notes.append(f"expected training to carry on to the end, got exit codes {codes}")
+            msg = next((ln for ln in out.splitlines() if ln.startswith("CHECKPOINT-ERROR")), "")
+            errtext = msg + job.stderr[0] + job.stderr[1]
+            if not re.search(r"File too large|No space left", errtext):
+                notes.append("no error naming the cause (file too large / no space left)")
+            root = run_dir / "checkpoints"
+            staging = [p.name for p in root.glob(".staging-*")]
+            if staging:
+                notes.append(f"staging left behind: {staging}")
+            first = root / F.checkpoint_name(SAVE_EVERY, ["periodic"])
+            if not first.is_dir() or verify_checkpoint_files(first):
+                notes.append("the first checkpoint is missing or damaged")
+            infos = [x.name for x in F.list_checkpoints(run_dir) if x.state == "complete"]
+            if any(f"-{2 * SAVE_EVERY:09d}-" in n for n in infos):
+                notes.append("the failed checkpoint was committed")
+            if not stop and spec.get("fsize") and len(infos) != TOTAL // SAVE_EVERY - 1:
+                notes.append(f"after the space came back, saves should succeed again: {infos}")
+            lost = 0 if first.is_dir() else 1
+            trials.append(Trial("disk", case, not notes, lost, "; ".join(notes), extra={"error": msg[:300]}))
+            log(f"  disk: {case}: {'ok' if not notes else 'FAILED ' + '; '.join(notes)}")
+    return trials
+
+
+# ----------------------------------------------------------------------------------------- corruption, hostile
+
+
+def _tiny_run(run_dir: Path, steps: int = 4) -> None:
+    """A run of the default model (single process) with checkpoints at steps 2 and 4."""
+    import torch
+
+    from wsd_pretrain import WSDSchedule, WSDScheduler
+    from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
+    from wsd_pretrain.model import LlamaLM, ModelConfig
+
+    mcfg = ModelConfig()
+    torch.manual_seed(0)
+    model = LlamaLM(mcfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = WSDScheduler(opt, WSDSchedule(total=10, decay_length=2))
+    cfg = CheckpointConfig(every_steps=2, at_milestones=False, at_end=False, on_preemption=False, keep_last=10)
+    with CheckpointManager(run_dir, model, opt, sched, config=cfg, hf_config=mcfg.hf_config()) as mgr:
+        for _ in range(steps):
+            x = torch.randint(0, 256, (2, 16))
+            model(x).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+            mgr.maybe_save()
+
+
+def _fresh_manager(run_dir: Path, **cfg: Any):
+    import torch
+
+    from wsd_pretrain import WSDSchedule, WSDScheduler
+    from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
+    from wsd_pretrain.model import LlamaLM, ModelConfig
+
+    mcfg = ModelConfig()
+    model = LlamaLM(mcfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = WSDScheduler(opt, WSDSchedule(total=10, decay_length=2))
+    config = CheckpointConfig(on_preemption=False, **cfg)
+    return CheckpointManager(run_dir, model, opt, sched, config=config), sched
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+def corruption_trials(workdir: Path, seed: int = 0, log: Callable[[str], None] = print) -> list[Trial]:
+    """Truncate, or flip one byte in, each file of the newest checkpoint (the safetensors shards in the header and
+    in the data): ``verify`` names the file, resume refuses naming it, and resume with ``fallback`` goes back to
+    the previous checkpoint."""
+    from wsd_pretrain.checkpoint import format as F
+    from wsd_pretrain.checkpoint.tools import verify_checkpoint_files
+    from wsd_pretrain.errors import CheckpointError
+
+    rng = random.Random(seed)
+    base = workdir / "corruption-base"
+    _tiny_run(base)
+    ckpts = [i for i in F.list_checkpoints(base) if i.state == "complete"]
+    newest = ckpts[-1].path
+    manifest = json.loads((newest / "manifest.json").read_text())
+    files = [*sorted(manifest["files"]), "manifest.json", "manifest.hash"]
+    trials = []
+    for rel in files:
+        size = (newest / rel).stat().st_size
+        damages: list[tuple[str, Callable[[Path], None]]] = [
+            ("truncated to half", lambda p, s=size: os.truncate(p, s // 2)),
+        ]
+        if rel.endswith(".safetensors"):
+            hlen = struct.unpack("<Q", (newest / rel).read_bytes()[:8])[0]
+            damages.append(("one byte flipped in the header", lambda p, h=hlen: _flip(p, 8 + rng.randrange(h))))
+            damages.append(
+                ("one byte flipped in the data", lambda p, h=hlen, s=size: _flip(p, rng.randrange(8 + h, s)))
+            )
+        else:
+            damages.append(("one byte flipped", lambda p, s=size: _flip(p, rng.randrange(s))))
+        for what, damage in damages:
+            run = workdir / "corruption-trial"
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.copytree(base, run)
+            ckpt = run / "checkpoints" / newest.name
+            damage(ckpt / rel)
+            notes = []
+            name = Path(rel).name
+            try:
+                problems = verify_checkpoint_files(ckpt)
+                if not any(name in p for p in problems):
+                    notes.append(f"verify did not name the file: {problems}")
+            except CheckpointError as exc:
+                if name not in str(exc):
+                    notes.append(f"verify's error does not name the file: {exc}")
+            mgr, sched = _fresh_manager(run)
+            try:
+                mgr.resume("auto")
+                notes.append(f"resume accepted the damaged checkpoint (step {sched.last_epoch})")
+            except CheckpointError as exc:
+                if name not in str(exc):
+                    notes.append(f"resume's error does not name the file: {str(exc)[:200]}")
+            finally:
+                mgr.close()
+            mgr, sched = _fresh_manager(run, fallback=True)
+            try:
+                mgr.resume("auto")
+                if sched.last_epoch != ckpts[-2].position:
+                    notes.append(f"fallback resumed step {sched.last_epoch}, expected {ckpts[-2].position}")
+            except CheckpointError as exc:
+                notes.append(f"fallback failed: {str(exc)[:200]}")
+            finally:
+                mgr.close()
+            trials.append(Trial("corruption", f"{rel}: {what}", not notes, detail="; ".join(notes)))
+            if notes:
+                log(f"  corruption {rel} {what}: FAILED {'; '.join(notes)}")
+    shutil.rmtree(workdir / "corruption-trial", ignore_errors=True)
+    return trials
+
+
+def reseal(ckpt: Path, edit: Callable[[Any], Any] | None = None) -> None:
+    """Recompute the manifest's sizes and checksums and the manifest's own hash: what a careful attacker (or a
+    buggy tool) would do, so that the checks under test are the structural ones, not the checksums."""
+    from wsd_pretrain.checkpoint.safetensors_io import hash_file
+
+    mpath = ckpt / "manifest.json"
+    m = json.loads(mpath.read_text())
+    if isinstance(m, dict) and isinstance(m.get("files"), dict):
+        algo = m.get("checksum", "xxh3_128")
+        for rel, entry in m["files"].items():
+            p = Path(rel) if os.path.isabs(rel) else ckpt / rel
+            if p.exists() and isinstance(entry, dict):
+                entry["size"], entry["hash"] = hash_file(p, algo)
+        if edit is not None:
+            edit(m)
+        mpath.unlink()
+        mpath.write_text(json.dumps(m, indent=1))
+    algo = m.get("checksum", "xxh3_128") if isinstance(m, dict) else "xxh3_128"
+    (ckpt / "manifest.hash").write_text(f"{algo} {hash_file(mpath, algo)[1]}\n")
+
+
+def _rewrite_header(path: Path, edit: Callable[[dict[str, Any]], Any], length: int | None = None) -> None:
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    data = raw[8 + n :]
+    new = edit(header)
+    blob = json.dumps(header if new is None else new).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.unlink()
+    path.write_bytes(struct.pack("<Q", len(blob) if length is None else length) + blob + data)
+
+
+def _first_tensors(header: dict[str, Any]) -> list[str]:
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+
+
+def _edit_json(path: Path, edit: Callable[[Any], Any]) -> None:
+    data = json.loads(path.read_text())
+    new = edit(data)
+    path.unlink()
+    path.write_text(json.dumps(data if new is None else new))
+
+
+def hostile_cases(outside: Path) -> list[tuple[str, Callable[[Path], None], set[str]]]:
+    """(case, how to make the checkpoint hostile, which operations must refuse it). Every case must also leave
+    ``outside`` unread and unchanged, and never unpickle."""
+    secret = outside / "secret.safetensors"
+
+    def shard(ckpt: Path) -> Path:
+        return sorted(ckpt.glob("model-*.safetensors"))[0]
+
+    def index(ckpt: Path) -> Path:
+        return ckpt / "model.safetensors.index.json"
+
+    def set_map(value: Callable[[Path], str]) -> Callable[[Path], None]:
+        def f(ckpt: Path) -> None:
+            def edit(ix: dict[str, Any]) -> None:
+                key = sorted(ix["weight_map"])[0]
+                ix["weight_map"][key] = value(ckpt)
+
+            _edit_json(index(ckpt), edit)
+            reseal(ckpt)
+
+        return f
+
+    def add_file(rel: Callable[[Path], str]) -> Callable[[Path], None]:
+        def f(ckpt: Path) -> None:
+            _edit_json(ckpt / "manifest.json", lambda m: m["files"].update({rel(ckpt): {"size": 0, "hash": "0"}}))
+            reseal(ckpt)
+
+        return f
+
+    def symlink_shard(ckpt: Path) -> None:
+        s = shard(ckpt)
+        shutil.copy(s, outside / "copy.safetensors")
+        s.unlink()
+        s.symlink_to(outside / "copy.safetensors")  # same bytes: checksums pass; the link must be refused
+
+    def symlink_dir(ckpt: Path) -> None:
+        d = ckpt / "train_state" / "rng"
+        shutil.copytree(d, outside / "rng")
+        shutil.rmtree(d)
+        d.symlink_to(outside / "rng", target_is_directory=True)
+
+    def symlink_manifest(ckpt: Path) -> None:
+        shutil.copy(ckpt / "manifest.json", outside / "manifest.json")
+        (ckpt / "manifest.json").unlink()
+        (ckpt / "manifest.json").symlink_to(outside / "manifest.json")
+
+    def header(edit: Callable[[dict[str, Any]], Any], length: Callable[[Path], int] | None = None):
+        def f(ckpt: Path) -> None:
+            p = shard(ckpt)
+            _rewrite_header(p, edit, None if length is None else length(p))
+            reseal(ckpt)
+
+        return f
+
+    def overlap(h: dict[str, Any]) -> None:
+        a, b = _first_tensors(h)[:2]
+        h[b]["data_offsets"] = list(h[a]["data_offsets"])
+
+    def past_end(h: dict[str, Any]) -> None:
+        last = _first_tensors(h)[-1]
+        h[last]["data_offsets"][1] += 1 << 40
+
+    def shape_mismatch(h: dict[str, Any]) -> None:
+        k = _first_tensors(h)[0]
+        h[k]["shape"] = [d * 2 for d in h[k]["shape"]]
+
+    def dtype(value: str) -> Callable[[dict[str, Any]], None]:
+        def f(h: dict[str, Any]) -> None:
+            k = next(k for k in _first_tensors(h) if h[k]["dtype"] == "F32")
+            h[k]["dtype"] = value
+
+        return f
+
+    def transposed(h: dict[str, Any]) -> None:
+        k = next(k for k in _first_tensors(h) if len(h[k]["shape"]) == 2 and h[k]["shape"][0] != h[k]["shape"][1])
+        h[k]["shape"] = h[k]["shape"][::-1]
+
+    def json_case(rel: str, edit: Callable[[Any], Any]) -> Callable[[Path], None]:
+        def f(ckpt: Path) -> None:
+            _edit_json(ckpt / rel, edit)
+            reseal(ckpt)
+
+        return f
+
+    def sizes_as_strings(m: dict[str, Any]) -> None:
+        for e in m["files"].values():
+            e["size"] = str(e["size"])
+
+    def manifest_as_list(ckpt: Path) -> None:
+        _edit_json(ckpt / "manifest.json", lambda m: [m])
+        reseal(ckpt)
+
+    def latest_escapes(ckpt: Path) -> None:
+        (ckpt.parent / "latest").write_text(json.dumps({"name": "../../outside"}))
+
+    every = {"load", "verify", "export"}
+    return [
+        ("index entry with '..'", set_map(lambda c: "../../outside/secret.safetensors"), every),
+        ("index entry with an absolute path", set_map(lambda c: str(secret)), every),
+        ("manifest entry with '..'", add_file(lambda c: "../../outside/secret.safetensors"), every),
+        ("manifest entry with an absolute path", add_file(lambda c: str(secret)), every),
+        ("shard is a symlink out of the checkpoint", symlink_shard, every),
+        ("directory is a symlink out of the checkpoint", symlink_dir, {"load", "verify"}),
+        ("manifest.json is a symlink out of the checkpoint", symlink_manifest, every),
+        ("safetensors header claims 2^62 bytes", header(lambda h: None, lambda p: 1 << 62), every),
+        ("safetensors header longer than the file", header(lambda h: None, lambda p: p.stat().st_size), every),
+        ("tensor offsets past the end of the file", header(past_end), every),
+        ("overlapping tensor offsets", header(overlap), every),
+        ("offsets disagree with shape and dtype", header(shape_mismatch), every),
+        ("unknown dtype", header(dtype("F128")), every),
+        ("header is a JSON list", header(lambda h: [h]), every),
+        ("wrong dtype (int32 for a float weight)", header(dtype("I32")), {"load"}),
+        ("wrong shape (a weight transposed)", header(transposed), {"load"}),
+        ("manifest is a JSON list", manifest_as_list, every),
+        ("manifest file sizes are strings", lambda c: reseal(c, sizes_as_strings), every),
+        ("manifest position is a string", json_case("manifest.json", lambda m: m.update(position="ten")), every),
+        (
+            "index weight_map is a list",
+            json_case("model.safetensors.index.json", lambda ix: ix.update(weight_map=[])),
+            {"load", "export"},
+        ),
+        (
+            "trainer.json step is a string",
+            json_case("train_state/trainer.json", lambda t: t.update(step="ten")),
+            {"load"},
+        ),
+        (
+            "engine.json param_groups is not a list",
+            json_case("train_state/engine.json", lambda e: e.update(optimizer={"param_groups": "x"})),
+            {"load"},
+        ),
+        ("RNG state is a JSON list", json_case("train_state/rng/rank-00000.json", lambda r: [r]), {"load"}),
+        ("config.json is a JSON list", json_case("config.json", lambda c: [c]), {"export"}),
+        ("latest pointer leads out of the run", latest_escapes, set()),
+    ]
+
+
+class _Audit:
+    """Records every file the interpreter opens (resolved through symlinks) and any unpickling."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.opened: list[str] = []
+        self.unpickled: list[str] = []
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event: str, args: tuple[Any, ...]) -> None:
+        if not self.active:
+            return
+        if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            with contextlib.suppress(Exception):
+                self.opened.append(os.path.realpath(os.fsdecode(args[0])))
+        elif event == "pickle.find_class":
+            self.unpickled.append(repr(args))
+
+
+_AUDIT: _Audit | None = None
+
+
+def _tree_digest(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def hostile_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial]:
+    """Each hostile checkpoint is opened by load (resume), verify, export-hf and list: the operations that must
+    refuse it do, with a CheckpointError (a ValueError) and a message; none reads or writes outside the
+    checkpoint, none unpickles, none crashes with any other exception."""
+    global _AUDIT
+
+    from wsd_pretrain.checkpoint import format as F
+
+    if _AUDIT is None:
+        _AUDIT = _Audit()
+    base = workdir / "hostile-base"
+    if not base.exists():
+        _tiny_run(base)
+    newest = [i for i in F.list_checkpoints(base) if i.state == "complete"][-1].path
+    trials = []
+    for case, make, must in hostile_cases(workdir / "outside"):
+        trial = _hostile_one(workdir, base, newest, case, make, must)
+        trials.append(trial)
+        log(f"  hostile: {case}: {'ok' if trial.ok else 'FAILED ' + trial.detail}")
+    shutil.rmtree(workdir / "hostile-trial", ignore_errors=True)
+    return trials
+
+
+def _hostile_one(
+    workdir: Path, base: Path, newest: Path, case: str, make: Callable[[Path], None], must: set[str]
+) -> Trial:
+    import torch
+
+    from wsd_pretrain.checkpoint import format as F
+    from wsd_pretrain.checkpoint.tools import export_hf, verify_checkpoint_files
+    from wsd_pretrain.errors import CheckpointError
+
+    real_load = torch.load
+
+    def no_torch_load(*a: Any, **k: Any) -> Any:
+        assert _AUDIT is not None
+        _AUDIT.unpickled.append("torch.load")
+        return real_load(*a, **k)
+
+    top = workdir / "hostile-trial"
+    shutil.rmtree(top, ignore_errors=True)
+    outside = workdir / "outside"
+    shutil.rmtree(outside, ignore_errors=True)
+    outside.mkdir()
+    shutil.copy(next(newest.glob("model-*.safetensors")), outside / "secret.safetensors")
+    run = top / "run"
+    shutil.copytree(base, run)
+    ckpt = run / "checkpoints" / newest.name
+    make(ckpt)
+    before = _tree_digest(outside)
+    notes: list[str] = []
+    outcome: dict[str, str] = {}
+
+    def attempt(op: str, fn: Callable[[], Any]) -> None:
+        try:
+            res = fn()
+            outcome[op] = "refused" if (op == "verify" and res) else "accepted"
+        except CheckpointError as exc:
+            outcome[op] = "refused"
+            if not str(exc).strip():
+                notes.append(f"{op}: an empty error message")
+        except Exception as exc:
+            outcome[op] = "crashed"
+            notes.append(f"{op}: crashed with {type(exc).__name__}: {exc}")
+
+    assert _AUDIT is not None
+    _AUDIT.opened.clear()
+    _AUDIT.unpickled.clear()
+    torch.load = no_torch_load
+    _AUDIT.active = True
+    try:
+
+        def load() -> None:
+            mgr, _ = _fresh_manager(run)
+            try:
+                mgr.resume(str(ckpt))
+            finally:
+                mgr.close()
+
+        attempt("load", load)
+        attempt("verify", lambda: verify_checkpoint_files(ckpt))
+        attempt("export", lambda: export_hf(ckpt, top / "hf"))
+        attempt("list", lambda: F.list_checkpoints(run))
+        attempt("resolve", lambda: F.resolve_checkpoint(run))
+    finally:
+        _AUDIT.active = False
+        torch.load = real_load
+    for op in sorted(must):
+        if outcome.get(op) != "refused":
+            notes.append(f"{op} {outcome.get(op)} it")
+    if "export" in outcome and outcome["export"] != "accepted" and (top / "hf").exists():
+        notes.append("export left a half-written output folder")
+    out_real = os.path.realpath(outside)
+    touched = sorted({p for p in _AUDIT.opened if p == out_real or p.startswith(out_real + os.sep)})
+    if touched:
+        notes.append(f"read outside the checkpoint: {touched}")
+    if _tree_digest(outside) != before:
+        notes.append("files outside the checkpoint changed")
+    if _AUDIT.unpickled:
+        notes.append(f"unpickled: {_AUDIT.unpickled}")
+    return Trial("hostile", case, not notes, detail="; ".join(notes), extra={k: outcome[k] for k in sorted(outcome)})
+
+
+# ------------------------------------------------------------------------- elastic restarts, preemption, lock
+
+QUICK = ["train.progress=false", "train.eval_every=1000", "data.max_bytes=2000000"]
+
+
+def _torchrun(nproc: int, run_dir: Path, *args: str, restarts: int = 0) -> list[str]:
+    return [
+        str(BIN / "torchrun"),
+        "--nproc-per-node",
+        str(nproc),
+        "--max-restarts",
+        str(restarts),
+        "--monitor-interval",
+        "0.2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "wsd_pretrain.train",
+        "--run-dir",
+        str(run_dir),
+        "--resume",
+        "auto",
+        *args,
+        *QUICK,
+    ]
+
+
+def _final_tensors(run_dir: Path) -> dict[str, str]:
+    from wsd_pretrain.checkpoint import format as F
+
+    final = [i for i in F.list_checkpoints(run_dir) if i.state == "complete" and "final" in i.kinds]
+    if not final:
+        return {}
+    m = json.loads((final[-1].path / "manifest.json").read_text())
+    return {rel: e["hash"] for rel, e in m["files"].items() if rel.endswith(".safetensors") and "rng" not in rel}
+
+
+def _last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return -1
+    steps = [json.loads(x).get("step", -1) for x in path.read_text().splitlines() if x.strip().startswith("{")]
+    return max(steps, default=-1)
+
+
+def _workers(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the launcher's worker processes."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != launcher_pid:
+                continue
+            env = dict(
+                kv.split("=", 1)
+                for kv in (d / "environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in kv
+            )
+            if "RANK" in env:
+                out[int(env["RANK"])] = int(d.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _run_to_end(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-4000:]}")
+    return res
+
+
+def elastic_trials(
+    workdir: Path, steps: int = 30, victims: tuple[int, ...] = (1, 0), log: Callable[[str], None] = print
+) -> list[Trial]:
+    """torchrun --max-restarts 1; one worker SIGKILLed mid-run: the agent restarts the group, which resumes from the
+    newest checkpoint and ends with the same weights and optimizer state as an uninterrupted run."""
+    args = ["--total-steps", str(steps), "--save-every", "5"]
+    straight = workdir / "elastic-straight"
+    _run_to_end(_torchrun(2, straight, *args))
+    reference = _final_tensors(straight)
+    trials = []
+    for victim in victims:
+        at = steps // 2 + 2 if victim else steps // 3 + 1
+        run = workdir / f"elastic-{victim}"
+        proc = subprocess.Popen(
+            _torchrun(2, run, *args, restarts=1),
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        notes = []
+        try:
+            deadline = time.monotonic() + 300
+            while _last_step(run) < at and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            pids = _workers(proc.pid)
+            if victim not in pids:
+                notes.append(f"no worker of rank {victim} found to kill (workers {pids})")
+            else:
+                os.kill(pids[victim], signal.SIGKILL)
+            out, _ = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out = ""
+        if proc.returncode != 0:
+            notes.append(f"the elastic job failed (exit {proc.returncode}): {out[-1500:]}")
+        if "restart" not in out.lower():
+            notes.append("the launcher did not restart the workers")
+        got = _final_tensors(run)
+        if not got or got != reference:
+            notes.append("final weights differ from the uninterrupted run")
+        case = f"rank {victim} killed at step {at} of {steps}, restarted by torchrun"
+        trials.append(Trial("elastic", case, not notes, detail="; ".join(notes)))
+        log(f"  elastic: {case}: {'ok' if not notes else 'FAILED ' + '; '.join(notes)}")
+    return trials
+
+
+def preemption_trials(
+    workdir: Path, steps: int = 30, reference_dir: Path | None = None, log: Callable[[str], None] = print
+) -> list[Trial]:
+    """SIGTERM to the torchrun launcher mid-run (what SLURM's --signal and Kubernetes send): a complete preempt
+    checkpoint appears within the grace period, the job exits, and rerunning the same command continues exactly."""
+    from wsd_pretrain.checkpoint import format as F
+
+    args = ["--total-steps", str(steps), "--save-every", "5"]
+    straight = reference_dir or workdir / "elastic-straight"
+    if not _final_tensors(straight):
+        _run_to_end(_torchrun(2, straight, *args))
+    reference = _final_tensors(straight)
+    trials = []
+    for at in (steps // 2 + 1,):
+        run = workdir / f"preempt-{at}"
+        proc = subprocess.Popen(
+            _torchrun(2, run, *args),
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        notes = []
+        try:
+            deadline = time.monotonic() + 300
+            while _last_step(run) < at and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            grace = 30.0
+            preempt = None
+            while time.monotonic() - t0 < grace and preempt is None:
+                done = [i for i in F.list_checkpoints(run) if i.state == "complete" and "preempt" in i.kinds]
+                preempt = done[-1] if done else None
+                time.sleep(0.05)
+            took = time.monotonic() - t0
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out = ""
+        if preempt is None:
+            notes.append(f"no complete preempt checkpoint within {grace:.0f}s: {out[-1500:]}")
+        elif _final_tensors(run):
+            notes.append("the run went on to the end instead of stopping")
+        else:
+            _run_to_end(_torchrun(2, run, *args))
+            if _final_tensors(run) != reference:
+                notes.append("the resumed run's final weights differ from the uninterrupted run")
+        case = f"SIGTERM to torchrun at step {at} of {steps}" + (
+            f"; preempt checkpoint {preempt.name} committed {took:.1f}s later" if preempt else ""
+        )
+        trials.append(Trial("preemption", case, not notes, detail="; ".join(notes), extra={"seconds": took}))
+        log(f"  preemption: {case}: {'ok' if not notes else 'FAILED ' + '; '.join(notes)}")
+    return trials
+
+
+def lock_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial]:
+    """A second run pointed at a run directory in use refuses to start and changes nothing there."""
+    run = workdir / "lock"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "wsd_pretrain.train", "--run-dir", str(run), "--total-steps", "400", *QUICK],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    notes = []
+    try:
+        deadline = time.monotonic() + 300
+        while _last_step(run) < 3 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lines_before = (run / "metrics.jsonl").read_text().count("\n")
+        second = subprocess.run(
+            [sys.executable, "-m", "wsd_pretrain.train", "--run-dir", str(run), "--total-steps", "400", *QUICK],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        lines_after = (run / "metrics.jsonl").read_text().count("\n")
+        if second.returncode == 0:
+            notes.append("the second run started")
+        if "lock" not in second.stderr.lower() and "another run" not in second.stderr.lower():
+            notes.append(f"the refusal does not say why: {second.stderr[-500:]}")
+        if lines_after < lines_before:
+            notes.append("the second run truncated the first run's metrics")
+        if first.poll() is not None:
+            notes.append("the first run died")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    case = "second training run on a run directory in use"
+    trials = [Trial("lock", case, not notes, detail="; ".join(notes))]
+    log(f"  lock: {case}: {'ok' if not notes else 'FAILED ' + '; '.join(notes)}")
+    return trials
+
+
+# ---------------------------------------------------------------------------------------------------- the report
+
+
+def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    from _bench import machine
+
+    by = Counter(t.scenario for t in trials)
+    fails = Counter(t.scenario for t in trials if not t.ok)
+    lost = Counter()
+    for t in trials:
+        lost[t.scenario] += t.lost
+    titles = {
+        "kill": "SIGKILL during a save (one rank or all)",
+        "disk": "full disk",
+        "corruption": "corrupt files (truncated, one byte flipped)",
+        "hostile": "hostile checkpoints",
+        "elastic": "elastic restart (torchrun --max-restarts)",
+        "preemption": "preemption (SIGTERM to the launcher)",
+        "lock": "two runs on one directory",
+    }
+    out = [
+        "# Reliability",
+        "",
+        "Written by `python tools/reliability.py` (the whole suite; `tests/test_reliability.py`, marked `fault`,",
+        "runs a CI-sized subset of the same code in the default test command). Every trial runs real processes on real",
+        "files: 2-rank gloo jobs for the kills and the full disk, `torchrun` with the training entry point for the",
+        "elastic restarts, the preemption and the lock.",
+        "",
+        f"Machine: {machine()}. Run on {time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} minutes.",
+        "",
+        "| scenario | trials | failures | checkpoints lost |",
+        "|---|---|---|---|",
+    ]
+    for s in titles:
+        if by[s]:
+            out.append(f"| {titles[s]} | {by[s]} | {fails[s]} | {lost[s]} |")
+    kills = [t for t in trials if t.scenario == "kill"]
+    if kills:
+        ph = Counter(t.phase for t in kills)
+        out += [
+            "",
+            "## Kills mid-save",
+            "",
+            "A 2-rank DDP job (a 3-layer 1024-wide MLP: 12.6 MB of weights, 37.8 MB with AdamW's state, in 4 MB",
+            "shards) saves every 2 updates; during its second save one rank, or the whole job, is SIGKILLed. Half the",
+            "kills land at a step of the save protocol chosen at random phase by phase (`io.fault_hook`), half at a",
+            "random time within the save (uniform over 1.1x a calibrated save's duration); the writes are parallel or",
+            "through rank 0, synchronous or async. When one rank dies the other is killed 0.3 s later, as a launcher",
+            "would. Then a fresh process opens the run: every checkpoint committed before the kill must be present",
+            "and unchanged (manifest hash equal, every file's checksum verified), resume must land on the newest",
+            "complete checkpoint, and no staging directory may remain.",
+            "",
+            "Where the interrupted save was, read from what it left on disk:",
+            "",
+            "| phase | trials | failures |",
+            "|---|---|---|",
+        ]
+        for p in PHASES:
+            if ph[p]:
+                out.append(f"| {p} | {ph[p]} | {sum(1 for t in kills if t.phase == p and not t.ok)} |")
+    disks = [t for t in trials if t.scenario == "disk"]
+    if disks:
+        out += ["", "## Full disk", "", "| case | result | error seen by the user |", "|---|---|---|"]
+        for t in disks:
+            err = t.extra.get("error", "").replace("|", "/").replace("CHECKPOINT-ERROR ", "")
+            out.append(f"| {t.case} | {'ok' if t.ok else 'FAILED: ' + t.detail} | {err[:160]} |")
+    for scen, title in (("corruption", "Corruption"), ("hostile", "Hostile checkpoints")):
+        rows = [t for t in trials if t.scenario == scen]
+        if not rows:
+            continue
+        out += ["", f"## {title}", ""]
+        if scen == "corruption":
+            out += [
+                "Each file of a checkpoint of the default model (its shards, indexes, config.json, the train-state",
+                "JSON, RNG, manifest.json and manifest.hash) damaged in turn. Checked: `verify` names the file,",
+                "resume refuses it naming the file, resume with `checkpoint.fallback=true` resumes the previous one.",
+                "",
+            ]
+        else:
+            out += [
+                "Each case is opened by resume, `verify`, `export-hf`, `list` and the `latest` resolution. Checked:",
+                "the operations that must refuse it do (CheckpointError, a ValueError, with a message), none crashes",
+                "with another exception, none opens a file outside the checkpoint (every `open` audited, symlinks",
+                "resolved), nothing outside changes, nothing is unpickled (`pickle.find_class` audited, `torch.load`",
+                "trapped). The files are resealed (manifest sizes and checksums recomputed), so the structural checks",
+                "are what is tested, not the checksums.",
+                "",
+                "| case | resume | verify | export-hf | result |",
+                "|---|---|---|---|---|",
+            ]
+        for t in rows:
+            if scen == "hostile":
+                e = t.extra
+                res = "ok" if t.ok else "FAILED: " + t.detail
+                out.append(f"| {t.case} | {e.get('load')} | {e.get('verify')} | {e.get('export')} | {res} |")
+        if scen == "corruption":
+            out.append(f"{len(rows)} trials, {sum(not t.ok for t in rows)} failures.")
+            out += [f"- FAILED {t.case}: {t.detail}" for t in rows if not t.ok]
+    for scen in ("elastic", "preemption", "lock"):
+        rows = [t for t in trials if t.scenario == scen]
+        if rows:
+            out += ["", f"## {titles[scen].capitalize()}", ""]
+            out += [f"- {t.case}: {'ok' if t.ok else 'FAILED: ' + t.detail}" for t in rows]
+    path.write_text("\n".join(out) + "\n")
+
+
+SCENARIOS = ("kill", "disk", "corruption", "hostile", "elastic", "preemption", "lock")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_child":
+        _child(argv[1], json.loads(argv[2]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kills", type=int, default=60, help="SIGKILL trials (default 60)")
+    ap.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {', '.join(SCENARIOS)}")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/reliability.md")
+    args = ap.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SCENARIOS]
+    if bad:
+        ap.error(f"--only: unknown scenario(s) {bad}; choose from {', '.join(SCENARIOS)}")
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="wsd-reliability-", dir=args.workdir) as tmp:
+        work = Path(tmp)
+        trials: list[Trial] = []
+        runners: dict[str, Callable[[], list[Trial]]] = {
+            "kill": lambda: kill_trials(work, args.kills, seed=args.seed),
+            "disk": lambda: disk_trials(work),
+            "corruption": lambda: corruption_trials(work, seed=args.seed),
+            "hostile": lambda: hostile_trials(work),
+            "elastic": lambda: elastic_trials(work),
+            "preemption": lambda: preemption_trials(work),
+            "lock": lambda: lock_trials(work),
+        }
+        for s in SCENARIOS:
+            if s in only:
+                print(f"{s}:", flush=True)
+                got = runners[s]()
+                trials += got
+                print(f"{s}: {len(got)} trials, {sum(not t.ok for t in got)} failures", flush=True)
+    seconds = time.monotonic() - t0
+    if not args.no_doc:
+        write_doc(trials, seconds)
+        print(f"wrote {DOC.relative_to(ROOT)}")
+    failed = [t for t in trials if not t.ok]
+    for t in failed:
+        print(f"FAILED {t.scenario}: {t.case}: {t.detail}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
