@@ -23,12 +23,12 @@ def _failures(trials: list[R.Trial]) -> list[str]:
 
 
 def test_sigkill_at_every_phase_of_a_save_loses_nothing(tmp_path):
-    trials = R.kill_trials(tmp_path, n=10, seed=1, log=lambda s: None)
-    assert len(trials) == 10
+    trials = R.kill_trials(tmp_path, n=8, seed=1, log=lambda s: None)
+    assert len(trials) == 8
     assert not _failures(trials)
     assert sum(t.lost for t in trials) == 0
     phases = {t.phase for t in trials}
-    assert {"shard writes", "pointer update"} & phases, phases
+    assert len(phases) >= 3, f"the kills should land in most phases of the protocol: {phases}"
 
 
 def test_full_disk_stops_or_carries_on_and_keeps_older_checkpoints(tmp_path):

@@ -924,18 +924,24 @@ QUICK = ["train.progress=false", "train.eval_every=1000", "data.max_bytes=200000
 
 
 def _torchrun(nproc: int, run_dir: Path, *args: str, restarts: int = 0) -> list[str]:
+    # c10d rendezvous, as launch/torchrun_multinode.sh: with the static one (--master-port), torch 2.13's restarted
+    # workers can read the previous attempt's gloo addresses from the store and fail to connect
     return [
         str(BIN / "torchrun"),
+        "--nnodes",
+        "1",
         "--nproc-per-node",
         str(nproc),
         "--max-restarts",
         str(restarts),
         "--monitor-interval",
         "0.2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{_free_port()}",
+        "--rdzv-id",
+        f"reliability-{os.getpid()}-{time.monotonic_ns()}",
         "-m",
         "wsd_pretrain.train",
         "--run-dir",
@@ -988,6 +994,12 @@ def _workers(launcher_pid: int) -> dict[int, int]:
     return out
 
 
+def _worker_errors(out: str) -> str:
+    """The workers' own error lines from a launcher's output (not the launcher's traceback)."""
+    lines = [ln for ln in out.splitlines() if re.match(r"\[rank\d+\]: \w*(Error|Exception)", ln)]
+    return " | ".join(lines[-4:]) or out[-800:]
+
+
 def _run_to_end(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
@@ -1032,10 +1044,11 @@ def elastic_trials(
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 out = ""
+        (workdir / f"elastic-{victim}.log").write_text(out)
         if proc.returncode != 0:
-            notes.append(f"the elastic job failed (exit {proc.returncode}): {out[-1500:]}")
-        if "restart" not in out.lower():
-            notes.append("the launcher did not restart the workers")
+            notes.append(f"the elastic job failed (exit {proc.returncode}): {_worker_errors(out)}")
+        if "resumed" not in out:
+            notes.append("the restarted workers did not resume from a checkpoint")
         got = _final_tensors(run)
         if not got or got != reference:
             notes.append("final weights differ from the uninterrupted run")
@@ -1267,7 +1280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=60, help="SIGKILL trials (default 60)")
     ap.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {', '.join(SCENARIOS)}")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--workdir", type=Path, default=None, help="scratch directory, kept (default: a temporary one)")
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/reliability.md")
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -1275,8 +1288,12 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"--only: unknown scenario(s) {bad}; choose from {', '.join(SCENARIOS)}")
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="wsd-reliability-", dir=args.workdir) as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wsd-reliability-")))
+        else:
+            work = args.workdir
+            work.mkdir(parents=True, exist_ok=True)
         trials: list[Trial] = []
         runners: dict[str, Callable[[], list[Trial]]] = {
             "kill": lambda: kill_trials(work, args.kills, seed=args.seed),

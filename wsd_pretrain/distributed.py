@@ -110,7 +110,18 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     if backend == "nccl" and torch.cuda.is_available():
         torch.cuda.set_device(local)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart is not None and "MASTER_PORT" in os.environ:
+        # torchrun keeps one store across restarts; without a per-attempt prefix, restarted workers can read the
+        # previous attempt's connection keys (gloo addresses, NCCL ids) and fail to connect or hang
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+        )
+        prefixed = dist.PrefixStore(f"wsd_pretrain/attempt_{restart}", store)
+        dist.init_process_group(backend=backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
     _STARTED_HERE = True
     return _info()
 

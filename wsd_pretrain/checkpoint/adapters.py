@@ -215,7 +215,7 @@ class TorchAdapter(EngineAdapter):
         specs = []
         for name, p in self._params:
             specs.append(TensorSpec("model", name, tuple(p.shape), p.dtype))
-            for key, value in self._state(p).items():
+            for key, value in sorted(self._state(p).items()):  # sorted: the same bytes after a resume
                 if isinstance(value, torch.Tensor):
                     specs.append(TensorSpec("optimizer", f"{name}/{key}", tuple(value.shape), value.dtype))
         return specs
@@ -291,7 +291,7 @@ class FSDP2Adapter(TorchAdapter):
         specs = []
         for name, p in self._params:
             specs.append(TensorSpec("model", name, tuple(p.shape), p.dtype))  # a DTensor's shape is the global one
-            for key, value in self._state(p).items():
+            for key, value in sorted(self._state(p).items()):
                 if isinstance(value, torch.Tensor):
                     specs.append(TensorSpec("optimizer", f"{name}/{key}", tuple(value.shape), value.dtype))
         return specs
