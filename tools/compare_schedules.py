@@ -218,8 +218,11 @@ def write_doc(
     ax.plot(
         pts, [statistics.mean(e[p] for e in ev) for p in pts], marker=".", label=f"{base} ({steps} updates)", alpha=0.6
     )
-    ev = [_evals(results[("cooldown", s)]) for s in seeds]
-    pts = sorted(p for p in set.intersection(*(set(e) for e in ev)) if p >= half)
+    ev = [{**_evals(results[(base, s)]), **_evals(results[("cooldown", s)])} for s in seeds]  # from the branch point
+    pts = [
+        half,
+        *sorted(p for p in set.intersection(*(set(_evals(results[("cooldown", s)])) for s in seeds)) if p > half),
+    ]
     ax.plot(pts, [statistics.mean(e[p] for e in ev) for p in pts], marker="o", label=f"cooldown branch from {half}")
     ax.set(title="continuation and cooldown branch", xlabel="update (trajectory)", ylabel="validation loss")
     ax.set_ylim(min(min(cont), min(fresh)) - 0.05, min(min(cont), min(fresh)) + 0.6)
@@ -247,6 +250,14 @@ def write_doc(
     decay_drop = mean_ev[base][pre_at] - mean_ev[base][steps]
     prior_drop = mean_ev[base][before] - mean_ev[base][pre_at] if before in mean_ev[base] else float("nan")
     tokens = steps * 16 * 128
+    deltas = {n: mean([f - c for f, c in zip(final[n], cos, strict=True)]) for n in scheds if n != "cosine"}
+    lin_vs_sqrt = [a - b for a, b in zip(final["WSD linear 20%"], final["WSD 1-sqrt 20%"], strict=True)]
+    from wsd_pretrain import WSDSchedule
+
+    cos_sched = WSDSchedule(total=steps, warmup=warm, decay_length=steps - warm, decay_shape="cosine")
+    half_lr_at = next(p for p in range(warm, steps + 1) if cos_sched.factor(p) <= 0.5)
+    inv = WSDSchedule(total=steps, warmup=warm, decay_fraction=0.2, decay_shape="inverse", min_lr_ratio=MIN_LR)
+    inv_quarter = inv.factor(pre_at + dlen // 4)
     sqrt20 = mean(final["WSD 1-sqrt 20%"]) - mean(cos)
     lines = [
         "# WSD against cosine at small scale",
@@ -299,10 +310,31 @@ def write_doc(
         "  the longer run (same data order, restored RNG and optimizer state), which is the property that lets a",
         "  team extend a run after the fact.",
         "",
-        f"What differs, and why it may: each run trains on {tokens / 1e6:.2f} million bytes with a 0.8M-parameter",
-        "model, orders of magnitude below the papers' scales; a few hundred updates leave the model far from",
-        "convergence, and the spread between seeds (the ± column) is of the same order as some of the differences",
-        "between the WSD variants, so their order among themselves is not settled by this experiment.",
+        "## Where this differs from the papers, and why it may",
+        "",
+        f"- Every WSD variant beats cosine here, by {-max(deltas.values()):.3f} to {-min(deltas.values()):.3f} nats;",
+        "  the papers report WSD matching cosine or ahead by a little. Each run here sees only",
+        f"  {tokens / 1e6:.2f} million bytes with a 0.8M-parameter model and is far from convergence (the stable-phase",
+        f"  loss still falls by {prior_drop:.3f} over the last {dlen} stable updates), where a high LR kept longer pays",
+        f"  most; cosine is already below half its peak LR at update {half_lr_at} of {steps}.",
+        f"- Linear against 1-sqrt at 20%: linear minus 1-sqrt is {_stat(lin_vs_sqrt)} per seed "
+        f"({sum(d < 0 for d in lin_vs_sqrt)} of {len(seeds)} seeds lower with linear). Hägele et al. find 1-sqrt",
+        "  ahead of linear; "
+        + (
+            "here the order is reversed in every seed, by a margin small next to the gap to cosine."
+            if all(d < 0 for d in lin_vs_sqrt)
+            else "here the seeds disagree, so this experiment does not order the two."
+        ),
+        (
+            "- The inverse-proportional shape ends last among the WSD shapes"
+            if "inverse" in max(deltas, key=lambda n: deltas[n])
+            else f"- The worst WSD variant is {max(deltas, key=lambda n: deltas[n])}; the inverse-proportional shape"
+        )
+        + f": with a floor of {MIN_LR:g}, its LR is at {inv_quarter:.3f}x the peak a quarter of the way into the",
+        "  decay, so most of the decay runs near the floor, where this far-from-converged model makes little progress.",
+        f"- The decay's drop is {decay_drop / prior_drop if prior_drop > 0 else float('inf'):.1f}x the stable phase's "
+        "over as many updates, a visible but not a dramatic knee: the stable phase itself is still improving fast",
+        "  at this scale, so the contrast Wen et al. describe (a loss that stays high, then falls sharply) is weaker.",
     ]
     DOC.write_text("\n".join(lines) + "\n")
     print(f"wrote {DOC.relative_to(ROOT)}")
