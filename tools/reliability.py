@@ -465,6 +465,8 @@ def disk_trials(workdir: Path, tmpfs: bool = True, log: Callable[[str], None] = 
                 notes.append(f"expected training to carry on to the end, got exit codes {codes}")
             msg = next((ln for ln in out.splitlines() if ln.startswith("CHECKPOINT-ERROR")), "")
             errtext = msg + job.stderr[0] + job.stderr[1]
+            if not msg:  # on_save_error=continue: the error is logged and training goes on
+                msg = next((ln for ln in job.stderr[0].splitlines() if "was not written" in ln), "")
             if not re.search(r"File too large|No space left", errtext):
                 notes.append("no error naming the cause (file too large / no space left)")
             root = run_dir / "checkpoints"
@@ -1257,13 +1259,23 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
                 e = t.extra
                 res = "ok" if t.ok else "FAILED: " + t.detail
                 out.append(f"| {t.case} | {e.get('load')} | {e.get('verify')} | {e.get('export')} | {res} |")
+        if scen == "hostile":
+            out += [
+                "",
+                '"accepted" appears only where the operation does not use what the case breaks: `verify` checks each',
+                "file's integrity against the manifest, not its meaning (a resealed file with a wrong dtype or a",
+                "string step is intact); `export-hf` reads neither the training state nor tensor shapes beyond the",
+                "file's own; resume does not read `config.json`. A `latest` pointer leading out of the run is ignored:",
+                "resume and the tools take the newest complete checkpoint by position, and the pointer is only read",
+                "when it names a checkpoint in `checkpoints/`.",
+            ]
         if scen == "corruption":
             out.append(f"{len(rows)} trials, {sum(not t.ok for t in rows)} failures.")
             out += [f"- FAILED {t.case}: {t.detail}" for t in rows if not t.ok]
     for scen in ("elastic", "preemption", "lock"):
         rows = [t for t in trials if t.scenario == scen]
         if rows:
-            out += ["", f"## {titles[scen].capitalize()}", ""]
+            out += ["", f"## {titles[scen][0].upper()}{titles[scen][1:]}", ""]
             out += [f"- {t.case}: {'ok' if t.ok else 'FAILED: ' + t.detail}" for t in rows]
     path.write_text("\n".join(out) + "\n")
 
