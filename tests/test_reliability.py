@@ -23,12 +23,12 @@ def _failures(trials: list[R.Trial]) -> list[str]:
 
 
 def test_sigkill_at_every_phase_of_a_save_loses_nothing(tmp_path):
-    trials = R.kill_trials(tmp_path, n=8, seed=1, log=lambda s: None)
-    assert len(trials) == 8
+    trials = R.kill_trials(tmp_path, n=6, seed=1, log=lambda s: None)
+    assert len(trials) == 6
     assert not _failures(trials)
     assert sum(t.lost for t in trials) == 0
-    phases = {t.phase for t in trials}
-    assert len(phases) >= 3, f"the kills should land in most phases of the protocol: {phases}"
+    aimed = {t.extra["aimed"] for t in trials if not t.extra["timed"]}
+    assert aimed == {"staging", "shard writes", "manifest"}, aimed  # the kills aimed at protocol steps went there
 
 
 def test_full_disk_stops_or_carries_on_and_keeps_older_checkpoints(tmp_path):
@@ -49,6 +49,7 @@ def test_hostile_checkpoints_are_refused_without_reading_outside(tmp_path):
     assert not _failures(trials)
 
 
+@pytest.mark.slow  # four torchrun jobs (about two minutes here); `python tools/reliability.py` runs it too
 def test_torchrun_restarts_a_killed_worker_and_sigterm_leaves_a_preempt_checkpoint(tmp_path):
     trials = R.elastic_trials(tmp_path, steps=20, victims=(1,), log=lambda s: None)
     trials += R.preemption_trials(tmp_path, steps=20, log=lambda s: None)

@@ -404,7 +404,8 @@ def kill_trials(workdir: Path, n: int, seed: int = 0, log: Callable[[str], None]
             trials.append(Trial("kill", case, False, detail=f"the job was not killed (exit {codes})", phase=where))
             continue
         ok, lost, notes = _check_after_crash(run_dir, dict(job.committed), target_step)
-        trials.append(Trial("kill", case, ok, lost, notes, phase=where, extra={"timed": timed}))
+        aimed = None if timed else phase
+        trials.append(Trial("kill", case, ok, lost, notes, phase=where, extra={"timed": timed, "aimed": aimed}))
         log(f"  kill {i + 1}/{n}: {case}: phase {where}: {'ok' if ok else 'FAILED ' + notes}")
         shutil.rmtree(run_dir, ignore_errors=True)
     return trials
@@ -996,6 +997,23 @@ def _workers(launcher_pid: int) -> dict[int, int]:
     return out
 
 
+def _launch_until(run: Path, args: list[str], at: int, restarts: int = 0) -> subprocess.Popen[str]:
+    """Start the training job on 2 ranks under torchrun; return once it has logged update ``at`` (or ended)."""
+    proc = subprocess.Popen(
+        _torchrun(2, run, *args, restarts=restarts),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while _last_step(run) < at and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return proc
+
+
 def _worker_errors(out: str) -> str:
     """The workers' own error lines from a launcher's output (not the launcher's traceback)."""
     lines = [ln for ln in out.splitlines() if re.match(r"\[rank\d+\]: \w*(Error|Exception)", ln)]
@@ -1022,20 +1040,9 @@ def elastic_trials(
     for victim in victims:
         at = steps // 2 + 2 if victim else steps // 3 + 1
         run = workdir / f"elastic-{victim}"
-        proc = subprocess.Popen(
-            _torchrun(2, run, *args, restarts=1),
-            cwd=ROOT,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        proc = _launch_until(run, args, at, restarts=1)
         notes = []
         try:
-            deadline = time.monotonic() + 300
-            while _last_step(run) < at and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
             pids = _workers(proc.pid)
             if victim not in pids:
                 notes.append(f"no worker of rank {victim} found to kill (workers {pids})")
@@ -1075,20 +1082,9 @@ def preemption_trials(
     trials = []
     for at in (steps // 2 + 1,):
         run = workdir / f"preempt-{at}"
-        proc = subprocess.Popen(
-            _torchrun(2, run, *args),
-            cwd=ROOT,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        proc = _launch_until(run, args, at)
         notes = []
         try:
-            deadline = time.monotonic() + 300
-            while _last_step(run) < at and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             grace = 30.0
@@ -1188,7 +1184,8 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
         "# Reliability",
         "",
         "Written by `python tools/reliability.py` (the whole suite; `tests/test_reliability.py`, marked `fault`,",
-        "runs a CI-sized subset of the same code in the default test command). Every trial runs real processes on real",
+        "runs a CI-sized subset of the same code in the default test command, its torchrun test under `-m slow`). Every",
+        "trial runs real processes on real",
         "files: 2-rank gloo jobs for the kills and the full disk, `torchrun` with the training entry point for the",
         "elastic restarts, the preemption and the lock.",
         "",
