@@ -9,10 +9,11 @@ renamed into place; a non-empty output folder is refused; a failure leaves nothi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,24 @@ def _dtype(name: str | None) -> torch.dtype | None:
     if name not in table:
         raise CheckpointError(f"dtype {name!r}: use bf16, fp16 or fp32")
     return table[name]
+
+
+@contextlib.contextmanager
+def _atomic_output(out: Path) -> Iterator[Path]:
+    """A staging folder beside ``out`` to write into: renamed to ``out`` (and fsynced) when the block ends, removed
+    on any error, so ``out`` is either complete or absent."""
+    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        fsync_dir(staging)
+        if out.exists():
+            out.rmdir()
+        os.rename(staging, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _fresh_output(out: Path) -> None:
@@ -277,9 +296,7 @@ def write_hf_folder(
     """A Hugging Face folder: ``model-0000k-of-0000N.safetensors``, ``model.safetensors.index.json`` and
     ``config.json``, written shard by shard into a staging folder and renamed to ``out``."""
     _fresh_output(out)
-    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    try:
+    with _atomic_output(out) as staging:
         shards = plan_shards(specs, max_shard_size, 1, True)
         for shard in shards:
             batch = {}
@@ -296,14 +313,6 @@ def write_hf_folder(
         )
         if config is not None:
             write_json(staging / "config.json", config)
-        fsync_dir(staging)
-        if out.exists():
-            out.rmdir()
-        os.rename(staging, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -435,19 +444,12 @@ def to_dcp(
                 progress(1)
             return stores[group].get(name)
 
-    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with _atomic_output(out) as staging:
         dcp.save(placeholders, checkpoint_id=str(staging), planner=StreamingPlanner(), no_dist=True)
         write_json(
             staging / "wsd_pretrain.json",
             {"from": str(path), "manifest_name": m["name"], "position": m["position"], "step": m["step"]},
         )
-        if out.exists():
-            out.rmdir()
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
