@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +125,12 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _bar(total: int, desc: str) -> Any:
+def _with_bar(desc: str, run: Callable[[Callable[[int], Any]], Path]) -> Path:
+    """Run a conversion, given a progress callback that advances a bar (tensors done) on standard error."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-    return bar, (lambda n: bar.update(n))
+    with tqdm(total=0, desc=desc, unit="tensor", file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
+        return run(bar.update)
 
 
 def _cmd_ckpt(args: argparse.Namespace) -> int:
@@ -211,59 +212,55 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
         if problems:
             print(f"{path.name}: {len(problems)} problem(s)", file=sys.stderr)
             return 1
-        n = len(F.load_manifest(path)["files"])
-        algo = F.load_manifest(path)["checksum"]
+        manifest = F.load_manifest(path)
+        n, algo = len(manifest["files"]), manifest["checksum"]
         print(f"OK   {path.name}: {n} files match the manifest ({'sizes' if args.sizes_only else algo})")
         return 0
     if action == "export-hf":
-        bar, tick = _bar(0, "export")
-        try:
-            out = tools.export_hf(
+        out = _with_bar(
+            "export",
+            lambda tick: tools.export_hf(
                 args.ckpt,
                 args.out,
                 dtype=args.dtype,
                 source=args.source,
                 max_shard_size=parse_size(args.max_shard_size),
                 progress=tick,
-            )
-        finally:
-            bar.close()
+            ),
+        )
         print(f"Hugging Face folder written to {out}")
         return 0
     if action == "from-deepspeed":
         hf = json.loads(Path(args.hf_config).read_text()) if args.hf_config else None
-        bar, tick = _bar(0, "import")
-        try:
-            out = tools.from_deepspeed(
+        out = _with_bar(
+            "import",
+            lambda tick: tools.from_deepspeed(
                 args.ds_ckpt, args.out, max_shard_size=parse_size(args.max_shard_size), hf_config=hf, progress=tick
-            )
-        finally:
-            bar.close()
+            ),
+        )
         print(f"imported to {out}; resume with: wsd-pretrain train --run-dir {args.out} ...")
         return 0
     if action == "reshard":
-        bar, tick = _bar(0, "reshard")
-        try:
-            out = tools.reshard(
+        out = _with_bar(
+            "reshard",
+            lambda tick: tools.reshard(
                 args.ckpt, args.out, max_shard_size=parse_size(args.max_shard_size), dtype=args.dtype, progress=tick
-            )
-        finally:
-            bar.close()
+            ),
+        )
         print(f"resharded checkpoint written to {out}")
         return 0
     if action == "to-dcp":
-        bar, tick = _bar(0, "to-dcp")
-        try:
-            out = tools.to_dcp(args.ckpt, args.out, include_optimizer=not args.model_only, progress=tick)
-        finally:
-            bar.close()
+        out = _with_bar(
+            "to-dcp",
+            lambda tick: tools.to_dcp(args.ckpt, args.out, include_optimizer=not args.model_only, progress=tick),
+        )
         print(f"torch.distributed.checkpoint directory written to {out}")
         return 0
     if action == "from-dcp":
         hf = json.loads(Path(args.hf_config).read_text()) if args.hf_config else None
-        bar, tick = _bar(0, "from-dcp")
-        try:
-            out = tools.from_dcp(
+        out = _with_bar(
+            "from-dcp",
+            lambda tick: tools.from_dcp(
                 args.dcp_dir,
                 args.out,
                 prefix=args.prefix,
@@ -271,9 +268,8 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
                 hf_config=hf,
                 max_shard_size=parse_size(args.max_shard_size),
                 progress=tick,
-            )
-        finally:
-            bar.close()
+            ),
+        )
         print(f"Hugging Face folder written to {out}")
         return 0
     raise AssertionError(action)
