@@ -61,7 +61,7 @@ def ds_config(stage: int, dtype: str) -> dict[str, Any]:
 
 def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
     """Two groups, as real recipes use (weight decay on matrices only): catches per-group bugs."""
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -72,21 +72,36 @@ def build(engine: str, schedule: WSDSchedule, rank: int = 0, lr: float = 3e-3) -
     torch.manual_seed(0)
     model = TinyLM()
     if engine.startswith("ds"):
-        import deepspeed
-
         from wsd_pretrain import deepspeed_initialize
 
-        stage, _, dtype = engine[2:].partition("-")
+        spec, *flags = engine[2:].split("+")
+        stage, _, dtype = spec.partition("-")
         if dtype == "fp16":
             from deepspeed.accelerator import get_accelerator
 
             get_accelerator().is_fp16_supported = lambda: True  # see docs/decisions.md: torch runs fp16 on any CPU
-        opt = torch.optim.AdamW(param_groups(model), lr=lr)
-        sched = WSDScheduler(opt, schedule)
-        ds_engine, *_ = deepspeed_initialize(
-            model=model, optimizer=opt, lr_scheduler=sched, config=ds_config(int(stage), dtype or "fp32")
-        )
-        del deepspeed
+        if "frozen" in flags:
+            model.blocks[0][0].weight.requires_grad_(False)  # a frozen parameter: no master, no optimizer state
+        config = ds_config(int(stage), dtype or "fp32")
+        if "fused" in flags or "cpuadam" in flags:
+            # DeepSpeed builds its own optimizer from the ds_config: FusedAdam, or DeepSpeedCPUAdam with offload
+            config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.1}}
+        if "cpuadam" in flags:
+            config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if "bf16opt" in flags:  # ZeRO-1 bf16 with fp32 gradient accumulation: DeepSpeed's BF16_Optimizer
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
+        if "optimizer" in config:
+            ds_engine, _, _, sched = deepspeed_initialize(
+                model=model,
+                model_parameters=param_groups(model),
+                lr_scheduler=lambda o: WSDScheduler(o, schedule),
+                config=config,
+            )
+            opt = ds_engine.basic_optimizer
+        else:
+            opt = torch.optim.AdamW(param_groups(model), lr=lr)
+            sched = WSDScheduler(opt, schedule)
+            ds_engine, *_ = deepspeed_initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
 
         def ds_step(i: int) -> float:
             loss = ds_engine(batch(i, rank))
@@ -119,12 +134,92 @@ def build(engine: str, schedule: WSDSchedule, rank: int = 0, lr: float = 3e-3) -
 
 
 def full_state(model: Any, optimizer: Any) -> dict[str, torch.Tensor]:
-    """Every tensor the checkpoint holds, gathered (a collective for sharded engines), as fp32 CPU copies."""
-    from wsd_pretrain.checkpoint.adapters import make_adapter
+    """Every tensor the checkpoint holds, as fp32 CPU copies keyed ``<param>:model``, ``<param>:master`` (DeepSpeed
+    with bf16/fp16) and ``<param>:optimizer/<key>``, read through each engine's own public API (DeepSpeed's
+    ``safe_get_full_*``, DTensor's ``full_tensor``: collectives, every rank calls this), not through our adapters,
+    so that the tests compare our checkpoints against an independent oracle."""
+    out: dict[str, torch.Tensor] = {}
+    try:
+        from deepspeed import DeepSpeedEngine
+    except ImportError:
+        DeepSpeedEngine = None
+    if DeepSpeedEngine is not None and isinstance(model, DeepSpeedEngine):
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    adapter = make_adapter(model, optimizer)
-    out = {}
-    for name in adapter.param_names:
-        for key, t in adapter.fetch(name).items():
-            out[f"{name}:{key}"] = t.detach().float().cpu().clone()
+        engine = model
+        low = engine.bfloat16_enabled() or engine.fp16_enabled()
+        stage = engine.zero_optimization_stage()
+        opt = engine.basic_optimizer
+        wrapper = engine.optimizer
+        if getattr(wrapper, "_hp_optimizer_states_linked", None) and len(opt.state) == len(opt.param_groups):
+            # DeepSpeed links each parameter to its optimizer-state fragment after the first group's first step,
+            # when later groups have no state yet; linking again (its own method) makes the getters see them all
+            wrapper._hp_optimizer_states_linked = False
+            wrapper._lazy_init_hp_params_optimizer_state()
+        steps = [st.get("step") for st in opt.state.values()]
+        for name, p in _unique_params(engine.module):
+            if stage == 3:
+                with deepspeed.zero.GatheredParameters([p]):
+                    out[f"{name}:model"] = p.detach().float().cpu().clone()
+            else:
+                out[f"{name}:model"] = p.detach().float().cpu().clone()
+            if stage == 0:
+                hp, state = p, opt.state.get(p, {})
+                for lp_group, hp_group in zip(getattr(wrapper, "fp16_groups", []), getattr(wrapper, "fp32_groups", [])):
+                    for lp, h in zip(lp_group, hp_group):  # FP16_UnfusedOptimizer: an fp32 copy per parameter
+                        if lp is p:
+                            hp, state = h, opt.state.get(h, {})
+                for lp_group, flat in zip(
+                    getattr(wrapper, "fp16_groups", []), getattr(wrapper, "fp32_groups_flat", [])
+                ):
+                    offset = 0  # FP16_Optimizer: one flat fp32 copy per group, the parameters in order
+                    for lp in lp_group:
+                        if lp is p:
+                            hp = flat.narrow(0, offset, p.numel())
+                            state = {
+                                k: (v.narrow(0, offset, p.numel()) if isinstance(v, torch.Tensor) and v.dim() else v)
+                                for k, v in opt.state.get(flat, {}).items()
+                            }
+                        offset += lp.numel()
+                if low:
+                    out[f"{name}:master"] = hp.detach().float().cpu().clone()
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        out[f"{name}:optimizer/{key}"] = value.detach().float().cpu().clone()
+                continue
+            fp32 = safe_get_full_fp32_param(p)
+            if fp32 is None:
+                continue
+            if low:
+                out[f"{name}:master"] = fp32.detach().float().cpu().clone()
+            for key in ("exp_avg", "exp_avg_sq"):
+                if steps:
+                    out[f"{name}:optimizer/{key}"] = (
+                        safe_get_full_optimizer_state(p, key).detach().float().cpu().clone()
+                    )
+            if steps and steps[0] is not None:
+                out[f"{name}:optimizer/step"] = torch.tensor(float(steps[0]))
+        return out
+    from torch.distributed.tensor import DTensor
+
+    def full(t: torch.Tensor) -> torch.Tensor:
+        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu().clone()
+
+    module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    for name, p in _unique_params(module):
+        out[f"{name}:model"] = full(p)
+        for key, value in (optimizer.state.get(p, {}) if optimizer is not None else {}).items():
+            if isinstance(value, torch.Tensor):
+                out[f"{name}:optimizer/{key}"] = full(value)
+    return out
+
+
+def _unique_params(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    seen: set[int] = set()
+    out = []
+    for name, p in module.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
     return out

@@ -15,42 +15,24 @@ from pathlib import Path
 import torch
 
 from wsd_pretrain import WSDSchedule, WSDScheduler
-from wsd_pretrain.checkpoint import io
+from wsd_pretrain.checkpoint import faults
 from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 
 run_dir, phase, marker = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 state = {"saves": 0}
+# where each phase stops, as the save protocol names its steps (wsd_pretrain.checkpoint.faults)
+STOPS = {"shard": "shard-end:", "manifest": "manifest-begin", "rename": "manifest-hash-written", "latest": "renamed:"}
 
 
-def stall(where: str) -> None:
-    if state["saves"] == 2 and where == phase:
-        marker.write_text(where)
+def hook(point: str) -> None:
+    if point == "save-begin":
+        state["saves"] += 1
+    if state["saves"] == 2 and point.startswith(STOPS[phase]):
+        marker.write_text(point)
         time.sleep(600)
 
 
-real_shard, real_json, real_rename, real_latest = io.write_safetensors, io.write_json, io.os.rename, io.write_latest
-
-
-def shard(path, *a, **k):
-    out = real_shard(path, *a, **k)
-    stall("shard")  # one shard written, more to come
-    return out
-
-
-def json_(path, *a, **k):
-    if Path(path).name == "manifest.json":
-        stall("manifest")
-    return real_json(path, *a, **k)
-
-
-def rename(src, dst):
-    stall("rename")
-    real_rename(src, dst)
-    stall("latest")
-
-
-io.write_safetensors, io.write_json = shard, json_
-io.os.rename = rename
+faults.fault_hook = hook
 
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Linear(64, 16))
@@ -68,7 +50,5 @@ while not sched.finished:
     opt.step()
     opt.zero_grad()
     sched.step()
-    if sched.last_epoch % 2 == 0:
-        state["saves"] += 1
     mgr.maybe_save()
 mgr.close()

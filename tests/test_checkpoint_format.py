@@ -11,8 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from wsd_pretrain import CheckpointError
 from wsd_pretrain.checkpoint import format as F
-from wsd_pretrain.checkpoint.adapters import TensorSpec
-from wsd_pretrain.checkpoint.io import plan_shards
+from wsd_pretrain.checkpoint.layout import Item, Partition, fsdp_rows, plan_save, zero3_chunks, zero12_fragments
 from wsd_pretrain.checkpoint.safetensors_io import SafetensorsReader, hash_file, read_header, write_safetensors
 
 TENSORS = {
@@ -132,23 +131,45 @@ def test_safe_path_refuses_symlinks(tmp_path):
     assert F.safe_path(tmp_path / "ckpt", "train_state/x.json", "test") == tmp_path / "ckpt/train_state/x.json"
 
 
-def test_plan_shards_caps_sizes_and_balances_owners():
-    specs = [TensorSpec("model", f"w{i}", (100,), torch.float32) for i in range(10)]  # 400 bytes each
-    specs += [TensorSpec("optimizer", f"w{i}/exp_avg", (100,), torch.float32) for i in range(10)]
-    specs += [TensorSpec("model", "huge", (1000,), torch.float32)]
-    shards = plan_shards(specs, max_shard_bytes=1000, world_size=3, rank0_only=False)
-    assert all(s.nbytes <= 1000 or len(s.specs) == 1 for s in shards)
-    assert [s.relpath for s in shards if s.group == "model"][0] == "model-00001-of-00006.safetensors"
-    assert [s.relpath for s in shards if s.group == "optimizer"][
-        0
-    ] == "train_state/optimizer-00001-of-00005.safetensors"
-    assert sorted({s.owner for s in shards}) == [0, 1, 2]
-    loads = [sum(s.nbytes for s in shards if s.owner == r) for r in range(3)]
-    assert max(loads) - min(loads) <= 4000
-    assert {s.owner for s in plan_shards(specs, 1000, 3, rank0_only=True)} == {0}
+def test_plan_caps_model_shards_and_balances_writers():
+    items = [Item("model", f"w{i}", (100,), torch.float32) for i in range(10)]  # 400 bytes each
+    items += [Item("model", "huge", (1000,), torch.float32)]
+    items += [Item("optimizer", f"w{i}/exp_avg", (100,), torch.float32) for i in range(10)]  # replicated (DDP)
+    plan = plan_save(items, world=3, max_shard_bytes=1000)
+    assert [s.relpath for s in plan.model_shards][0] == "model-00001-of-00006.safetensors"
+    assert all(s.nbytes <= 1000 or len(s.items) == 1 for s in plan.model_shards)
+    # every replicated optimizer tensor is written once, by one rank; the writers are balanced by bytes
+    files = [f for r in range(3) for f in plan.state_files(r)]
+    written = sorted(item.name for f in files for item, _, _ in f.entries)
+    assert written == sorted(f"w{i}/exp_avg" for i in range(10))
+    assert sorted({s.owner for s in plan.model_shards}) == [0, 1, 2]
+    assert max(plan.bytes_per_rank) - min(plan.bytes_per_rank) <= 4000
+    assert [len(plan.state_files(r)) for r in range(3)] == list(plan.files_per_holder)
     # every rank computes the same plan
-    again = plan_shards(specs, 1000, 3, rank0_only=False)
-    assert [(s.relpath, s.owner) for s in again] == [(s.relpath, s.owner) for s in shards]
+    again = plan_save(items, world=3, max_shard_bytes=1000)
+    assert [(s.relpath, s.owner) for s in again.model_shards] == [(s.relpath, s.owner) for s in plan.model_shards]
+
+
+def test_each_rank_writes_the_slices_it_holds():
+    # ZeRO-3: 10 elements over 4 ranks -> 3, 3, 3, 1; FSDP2 rows: 5 rows of 2 over 4 ranks -> 2, 2, 1, 0 rows
+    z3 = Item("optimizer", "w/exp_avg", (10,), torch.float32, zero3_chunks(10, 4))
+    fs = Item("optimizer", "v/exp_avg", (5, 2), torch.float32, fsdp_rows((5, 2), 4))
+    (frag,) = zero12_fragments([6], [5], partition_size=4, world=4)  # elements 5..10 of a flat of 16 -> ranks 1, 2
+    zf = Item("master", "u", (6,), torch.float32, frag)
+    plan = plan_save([z3, fs, zf], world=4, max_shard_bytes=10**6)
+    held = {r: [(i.key, s, n) for f in plan.state_files(r) for i, s, n in f.entries] for r in range(4)}
+    assert held[0] == [("optimizer/w/exp_avg", 0, 3), ("optimizer/v/exp_avg", 0, 4)]
+    assert held[1] == [("optimizer/w/exp_avg", 3, 3), ("optimizer/v/exp_avg", 4, 4), ("master/u", 0, 3)]
+    assert held[2] == [("optimizer/w/exp_avg", 6, 3), ("optimizer/v/exp_avg", 8, 2), ("master/u", 3, 3)]
+    assert held[3] == [("optimizer/w/exp_avg", 9, 1)]
+    assert list(plan.files_per_holder) == [1, 1, 1, 1]
+    assert list(plan.bytes_per_rank) == [28, 40, 32, 4]
+    # a partition read back from an index must tile the tensor exactly
+    assert Partition.from_json({"parts": [[0, 3, 1], [3, 3, 2]]}, 6, "t") == frag
+    with pytest.raises(CheckpointError, match="gap or overlap"):
+        Partition.from_json({"parts": [[0, 3, 1], [4, 2, 2]]}, 6, "t")
+    with pytest.raises(CheckpointError, match="cover 5 elements of 6"):
+        Partition.from_json({"parts": [[0, 3, 1], [3, 2, 2]]}, 6, "t")
 
 
 @pytest.mark.parametrize("algo", ["xxh3_128", "sha256"])

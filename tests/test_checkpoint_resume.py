@@ -38,7 +38,7 @@ def _run(rank: int, world: int, engine: str, run_dir: str, stop: int | None, res
     }
 
 
-ENGINES = ["ddp", "fsdp2", "ds0", "ds0-bf16", "ds1-bf16", "ds2", "ds3", "ds3-bf16", "ds2-fp16"]
+ENGINES = ["ddp", "fsdp2", "ds0", "ds0-bf16", "ds1-bf16", "ds2", "ds3", "ds3-bf16", "ds2-fp16", "ds2+cpuadam"]
 
 
 @pytest.mark.parametrize("engine", ENGINES)

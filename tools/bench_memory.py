@@ -60,7 +60,7 @@ model, opt, nbytes = build(gb)
 shutil.rmtree(out, ignore_errors=True); os.makedirs(out)
 if method == "ours":
     from wsd_pretrain.checkpoint.adapters import TorchAdapter
-    from wsd_pretrain.checkpoint.io import SaveRequest, save_checkpoint
+    from wsd_pretrain.checkpoint.save import SaveRequest, save_checkpoint
     adapter = TorchAdapter(model, opt)
     with Peak() as p:
         save_checkpoint(adapter, out, SaveRequest(position=1, step=1, tokens=0, kinds=["periodic"]))

@@ -76,7 +76,8 @@ def drop_caches() -> bool:
 def bench_size(gb: float, args: argparse.Namespace, root: Path, cold: bool, rows: list, load_rows: list) -> None:
     from wsd_pretrain import WSDSchedule, WSDScheduler
     from wsd_pretrain.checkpoint.adapters import TorchAdapter
-    from wsd_pretrain.checkpoint.io import SaveRequest, load_checkpoint, save_checkpoint
+    from wsd_pretrain.checkpoint.load import load_checkpoint
+    from wsd_pretrain.checkpoint.save import SaveRequest, save_checkpoint
 
     model, opt, nbytes = build(gb)
     tensors = flat_tensors(model, opt)

@@ -91,7 +91,7 @@ def _child(run_dir: str, spec: dict[str, Any]) -> None:
 
     from wsd_pretrain import WSDSchedule, WSDScheduler
     from wsd_pretrain import distributed as D
-    from wsd_pretrain.checkpoint import io
+    from wsd_pretrain.checkpoint import faults
     from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
     from wsd_pretrain.errors import CheckpointError
 
@@ -121,7 +121,7 @@ def _child(run_dir: str, spec: dict[str, Any]) -> None:
             elif victim == rank:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    io.fault_hook = hook
+    faults.fault_hook = hook
     cfg = CheckpointConfig(
         every_steps=SAVE_EVERY,
         at_milestones=False,
@@ -260,9 +260,11 @@ def _phase_of(event: str) -> str:
     return {
         "save-begin": "staging",
         "staging-created": "staging",
+        "fetch-begin": "staging",
+        "fetch-end": "shard writes",
         "shard-begin": "shard writes",
         "shard-end": "shard writes",
-        "done-marker": "shard writes",
+        "report": "shard writes",
         "commit-begin": "manifest",
         "manifest-begin": "manifest",
         "manifest-written": "manifest",
@@ -1206,7 +1208,7 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
             "",
             "A 2-rank DDP job (a 3-layer 1024-wide MLP: 12.6 MB of weights, 37.8 MB with AdamW's state, in 4 MB",
             "shards) saves every 2 updates; during its second save one rank, or the whole job, is SIGKILLed. Half the",
-            "kills land at a step of the save protocol chosen at random phase by phase (`io.fault_hook`), half at a",
+            "kills land at a step of the save protocol chosen at random phase by phase (`checkpoint.faults.fault_hook`), half at a",
             "random time within the save (uniform over 1.1x a calibrated save's duration); the writes are parallel or",
             "through rank 0, synchronous or async. When one rank dies the other is killed 0.3 s later, as a launcher",
             "would. Then a fresh process opens the run: every checkpoint committed before the kill must be present",

@@ -11,7 +11,7 @@ import datetime
 import json
 import os
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ __all__ = [
     "all_reduce_max",
     "barrier",
     "broadcast_object",
+    "gather_object",
     "get_local_rank",
     "get_rank",
     "get_world_size",
@@ -174,50 +175,80 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_max(values: list[int]) -> list[int]:
+def all_reduce_max(values: list[int], group: Any = None) -> list[int]:
     """Element-wise maximum of small integer flags over all ranks (one collective; the per-step agreement on
-    time-based and preemption saves)."""
+    time-based and preemption saves runs it on the checkpoint's gloo group: no device synchronisation)."""
     if not is_distributed():
         return list(values)
-    t = torch.tensor(values, dtype=torch.int64, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor(values, dtype=torch.int64, device=_comm_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return [int(v) for v in t.tolist()]
 
 
-def _comm_device() -> torch.device:
-    if dist.get_backend() == "nccl":
+def _comm_device(group: Any = None) -> torch.device:
+    """Where a group's tensors must live: the current CUDA device for NCCL, the CPU for gloo (a group with a backend
+    per device, "cpu:gloo,cuda:nccl", takes CPU tensors)."""
+    backend = str(dist.get_backend(group))
+    if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def broadcast_object(obj: T, src: int = 0) -> T:
-    """Rank ``src``'s ``obj`` on every rank. Plain JSON values only: they travel as UTF-8 bytes, never pickled."""
+def broadcast_object(obj: T, src: int = 0, group: Any = None) -> T:
+    """Rank ``src``'s ``obj`` on every rank of ``group``. Plain JSON values only: they travel as UTF-8 bytes,
+    never pickled. ``src`` is a global rank."""
     if not is_distributed():
         return obj
-    device = _comm_device()
+    device = _comm_device(group)
     payload = json.dumps(obj).encode() if dist.get_rank() == src else b""
     size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
-    dist.broadcast(size, src=src)
+    dist.broadcast(size, src=src, group=group)
     buf = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
     if dist.get_rank() == src:
         buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
-    dist.broadcast(buf, src=src)
+    dist.broadcast(buf, src=src, group=group)
     return json.loads(buf.cpu().numpy().tobytes().decode()) if dist.get_rank() != src else obj
 
 
-def all_gather_object(obj: T) -> list[T]:
+def all_gather_object(obj: T, group: Any = None) -> list[T]:
     """Every rank's ``obj``, in rank order. Plain JSON values only (UTF-8 bytes, never pickled)."""
     if not is_distributed():
         return [obj]
-    device = _comm_device()
+    device = _comm_device(group)
     payload = json.dumps(obj).encode()
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(payload)], dtype=torch.int64, device=device))
+    dist.all_gather(sizes, torch.tensor([len(payload)], dtype=torch.int64, device=device), group=group)
     longest = max(int(t.item()) for t in sizes)
     mine = torch.zeros(longest, dtype=torch.uint8, device=device)
     if payload:
         mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     bufs = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in range(world)]
-    dist.all_gather(bufs, mine)
+    dist.all_gather(bufs, mine, group=group)
     return [json.loads(b[: int(n.item())].cpu().numpy().tobytes().decode()) for b, n in zip(bufs, sizes)]
+
+
+def gather_object(obj: T, dst: int = 0, group: Any = None) -> list[T] | None:
+    """Every rank's ``obj`` on rank ``dst`` only (None elsewhere), in rank order: what rank 0 needs from each
+    rank without sending it to all (plain JSON, never pickled). ``dst`` is a global rank."""
+    if not is_distributed():
+        return [obj]
+    device = _comm_device(group)
+    payload = json.dumps(obj).encode()
+    world = dist.get_world_size(group)
+    me = dist.get_rank() == dst
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)] if me else None
+    dist.gather(size, sizes, dst=dst, group=group)
+    # the longest payload sets the buffer size: one more small broadcast, then one gather of equal-sized buffers
+    longest = torch.tensor([max(int(t.item()) for t in sizes) if me else 0], dtype=torch.int64, device=device)
+    dist.broadcast(longest, src=dst, group=group)
+    n = int(longest.item())
+    mine = torch.zeros(n, dtype=torch.uint8, device=device)
+    if payload:
+        mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    bufs = [torch.zeros(n, dtype=torch.uint8, device=device) for _ in range(world)] if me else None
+    dist.gather(mine, bufs, dst=dst, group=group)
+    if not me:
+        return None
+    return [json.loads(b[: int(k.item())].cpu().numpy().tobytes().decode()) for b, k in zip(bufs, sizes)]

@@ -1,22 +1,27 @@
-"""One seam for every engine: full, named tensors out of a running job and into it.
+"""One seam for every engine: which tensors a job holds, where, and how they go back.
 
-The checkpoint manager never branches on the engine. An adapter tells it, identically on every rank, which tensors
-exist (``plan``) and hands them over one parameter at a time (``fetch``), in the model's own parameter names and at
-their full (unsharded) shapes, so a checkpoint's layout does not depend on the world size or the engine. When the
-engine shards its state (``collective`` is True), every rank calls ``fetch``/``restore`` for every parameter in the
-same order, and only one parameter's full state exists at a time on any rank.
+The writer, reader and manager never branch on the engine. An adapter answers, identically on every rank and
+without communication:
 
-Tensor keys inside a parameter's bundle: ``"model"`` (the weight in the model's dtype), ``"master"`` (fp32 master
-weight, only when it differs from the model weight), ``"optimizer/<state key>"`` (e.g. ``exp_avg``; 0-d tensors
-such as ``step`` included).
+* :meth:`~EngineAdapter.items`: every tensor of the training state (:class:`~.layout.Item`: group, name, full
+  shape, dtype, and the :class:`~.layout.Partition` saying which ranks hold which elements): model weights and
+  persistent buffers (in the model's own names and dtype), fp32 master weights when they differ from the model's
+  (``master``), and optimizer state (``optimizer``, ``<param>/<key>``);
+* :meth:`~EngineAdapter.local`: this rank's part of an item, taken from the engine's own storage with no copy and
+  no collective (the only tensor traffic of a save, sending the parts of a partitioned model weight to the rank
+  that writes its Hugging Face shard, is done by the writer);
+* :meth:`~EngineAdapter.wants`: what this rank needs back on a resume (``hp``: the fp32 master, or the model
+  weight when the checkpoint has no separate master; ``lp``: the model weight in its own dtype; ``optimizer``
+  state), each a whole tensor or an element range, so a rank reads only its own part;
+* :meth:`~EngineAdapter.restore`: put those tensors back, locally.
 
-Implementations: :class:`TorchAdapter` (a plain module or DDP), :class:`FSDP2Adapter` (``fully_shard``) and
-:class:`DeepSpeedAdapter` (ZeRO 0-3, fp32/bf16/fp16) in :mod:`.deepspeed_adapter`.
+Implementations: :class:`TorchAdapter` (a plain module or DDP), :class:`FSDP2Adapter` (``fully_shard``, including
+HSDP) and :class:`~.deepspeed_adapter.DeepSpeedAdapter` (ZeRO 0-3; fp32, bf16, fp16; DeepSpeed's own optimizers).
 """
 
 from __future__ import annotations
 
-import math
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,22 +30,28 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from .layout import Item, Partition, fsdp_rows
 
-__all__ = ["EngineAdapter", "FSDP2Adapter", "TensorSpec", "TorchAdapter", "make_adapter"]
+__all__ = ["EngineAdapter", "FSDP2Adapter", "TorchAdapter", "Want", "make_adapter"]
 
 
 @dataclass(frozen=True)
-class TensorSpec:
-    """A tensor that goes into a checkpoint: its group (model, master, optimizer), name, full shape and dtype."""
+class Want:
+    """One tensor a rank needs on resume: ``kind`` is ``hp`` (fp32 master, else the model weight), ``lp`` (the
+    model weight in ``dtype``), ``optimizer`` (state ``key`` of parameter ``name``) or ``buffer``; ``numel=None``
+    means the whole tensor in its shape, else elements ``[start, start + numel)`` of its flattened form (1-D)."""
 
-    group: str
+    kind: str
     name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
+    key: str | None = None
+    start: int = 0
+    numel: int | None = None
+    dtype: torch.dtype | None = None
 
     @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+    def slot(self) -> str:
+        """The key of this tensor in the dict :meth:`EngineAdapter.restore` receives."""
+        return f"optimizer/{self.key}" if self.kind == "optimizer" else self.kind
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -67,16 +78,28 @@ def _named_tensors(module: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Pa
     return params, buffers, tied
 
 
+def world_and_rank() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 class EngineAdapter(ABC):
-    """Named tensors out, named tensors in; see the module docstring."""
+    """See the module docstring."""
 
     engine: str = "?"
+    gathers = True
+    """A running job: each rank holds its own parts, and a partitioned model weight is sent to its writer. (Converters
+    reading a checkpoint set this False and hand every part over themselves, through ``part(item, holder)``.)"""
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         self.module = unwrap(module)
         self.optimizer = optimizer
         self._params, self._buffers, self.tied = _named_tensors(self.module)
         self._by_name = dict(self._params)
+        self.world, self.rank = world_and_rank()
 
     # ------------------------------------------------------------------ description
 
@@ -88,38 +111,53 @@ class EngineAdapter(ABC):
     def buffer_names(self) -> list[str]:
         return list(self._buffers)
 
-    @property
-    @abstractmethod
-    def collective(self) -> bool:
-        """True when fetch/restore are collectives that every rank must call in the same order."""
-
     @abstractmethod
     def layout(self) -> dict[str, Any]:
         """How the job is laid out (engine, stage, dtypes, world size): recorded in the manifest."""
 
     @abstractmethod
-    def plan(self) -> list[TensorSpec]:
-        """Every tensor ``fetch`` will return, in order, the same on every rank."""
+    def items(self) -> list[Item]:
+        """Every tensor of the state, in order (model weights, buffers, masters, optimizer state), the same on every
+        rank."""
+
+    def buffer_items(self) -> list[Item]:
+        out = []
+        for b in self._buffers:
+            t = self.module.state_dict(keep_vars=True)[b]
+            out.append(Item("model", b, tuple(t.shape), t.dtype))
+        return out
 
     @abstractmethod
-    def fetch(self, name: str) -> dict[str, torch.Tensor]:
-        """Parameter ``name``'s full tensors, keyed as in the module docstring."""
+    def local(self, item: Item) -> torch.Tensor:
+        """This rank's part of ``item``: the whole tensor for a replicated item, else its slice as a 1-D tensor of
+        ``item.partition.local(rank)`` elements. A view of the engine's storage (callers copy when they must)."""
 
-    def fetch_buffer(self, name: str) -> torch.Tensor:
-        return self.module.state_dict(keep_vars=True)[name].detach()
+    @property
+    def device(self) -> torch.device:
+        p = next(iter(self._by_name.values()), None)
+        return p.device if p is not None else torch.device("cpu")
 
     @abstractmethod
     def meta(self) -> dict[str, Any]:
-        """Plain-JSON state beside the tensors: optimizer hyperparameters per group, engine counters."""
+        """Plain-JSON state beside the tensors: optimizer hyperparameters per group, non-tensor optimizer state
+        (``scalars``: ``{param: {key: value}}``), engine counters."""
+
+    def check_complete(self) -> None:
+        """Raise when the engine holds optimizer state that neither :meth:`items` nor :meth:`meta` carries."""
 
     # ------------------------------------------------------------------ restoring
+
+    @abstractmethod
+    def wants(self, saved: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, list[Want]]:
+        """What this rank needs back, per parameter (and per buffer): ``saved`` is the checkpoint's optimizer
+        state, ``{param: {key: shape}}``."""
 
     def begin_restore(self, with_optimizer_state: bool) -> None:
         """Prepare the engine to receive state (e.g. create optimizer state that does not exist yet)."""
 
     @abstractmethod
     def restore(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Put parameter ``name``'s full tensors back (each rank keeps its part)."""
+        """Put parameter ``name``'s tensors back (keys: the wants' :attr:`Want.slot`)."""
 
     def restore_buffer(self, name: str, tensor: torch.Tensor) -> None:
         target = self.module.state_dict(keep_vars=True)[name]
@@ -185,11 +223,47 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def is_json_scalar(value: Any) -> bool:
+    """A non-tensor optimizer state value that JSON carries exactly (FusedAdam's and CPU Adam's int ``step``)."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_json_scalar(v) for v in value)
+    return False
+
+
+def step_tensor(value: torch.Tensor, param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    """A restored 0-d ``step`` placed as torch's ``Optimizer.load_state_dict`` places it: on the parameter's device
+    in fp32 for fused or capturable Adam/AdamW (their kernels read it there), else as saved, on the CPU."""
+    if group.get("fused") or group.get("capturable"):
+        return value.to(dtype=torch.float32, device=param.device)
+    return value.to("cpu").clone()
+
+
+def restore_scalars(state: dict[str, Any], leaves: dict[str, Any], name: str, as_tensor: Any = None) -> None:
+    """Non-tensor optimizer state back into ``state``. A number saved by an optimizer that keeps it as a Python
+    value (FusedAdam's int ``step``) goes into a 0-d tensor where this optimizer keeps one (``as_tensor(key, value)``
+    makes it when the state is still empty)."""
+    for key, value in leaves.items():
+        current = state.get(key)
+        if isinstance(current, torch.Tensor):
+            if current.dim() != 0 or not isinstance(value, (int, float)):
+                raise CheckpointError(
+                    f"optimizer state {name}/{key} is {value!r} in the checkpoint and a tensor here: a different optimizer"
+                )
+            current.fill_(value)
+        elif current is None and as_tensor is not None and (made := as_tensor(key, value)) is not None:
+            state[key] = made
+        else:
+            state[key] = value
+
+
 # ---------------------------------------------------------------------------------------------- plain torch / DDP
 
 
 class TorchAdapter(EngineAdapter):
-    """A plain module or DDP with any torch optimizer: every rank holds everything, nothing is collective."""
+    """A plain module or DDP with any torch optimizer: every rank holds everything (replicated items); each tensor
+    is written once, by the rank the plan picks, and read back whole by every rank."""
 
     engine = "torch"
 
@@ -198,35 +272,39 @@ class TorchAdapter(EngineAdapter):
         super().__init__(module, optimizer)
         self._name_of = {id(p): n for n, p in self._params}
 
-    @property
-    def collective(self) -> bool:
-        return False
-
     def layout(self) -> dict[str, Any]:
-        import torch.distributed as dist
-
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        return {"engine": "ddp" if self.ddp else "torch", "world_size": world, "data_parallel": world}
+        return {"engine": "ddp" if self.ddp else "torch", "world_size": self.world, "data_parallel": self.world}
 
     def _state(self, p: torch.Tensor) -> dict[str, Any]:
         return self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
 
-    def plan(self) -> list[TensorSpec]:
-        specs = []
+    def _partition(self, p: torch.Tensor) -> Partition:
+        return Partition(replicated=True)
+
+    def items(self) -> list[Item]:
+        model, optim = [], []
         for name, p in self._params:
-            specs.append(TensorSpec("model", name, tuple(p.shape), p.dtype))
+            part = self._partition(p)
+            model.append(Item("model", name, tuple(p.shape), p.dtype, part))
             for key, value in sorted(self._state(p).items()):  # sorted: the same bytes after a resume
                 if isinstance(value, torch.Tensor):
-                    specs.append(TensorSpec("optimizer", f"{name}/{key}", tuple(value.shape), value.dtype))
-        return specs
+                    vpart = (
+                        part if value.dim() > 0 and tuple(value.shape) == tuple(p.shape) else Partition(replicated=True)
+                    )
+                    optim.append(Item("optimizer", f"{name}/{key}", tuple(value.shape), value.dtype, vpart))
+        return model + self.buffer_items() + optim
 
-    def fetch(self, name: str) -> dict[str, torch.Tensor]:
-        p = self._by_name[name]
-        out = {"model": p.detach()}
-        for key, value in self._state(p).items():
-            if isinstance(value, torch.Tensor):
-                out[f"optimizer/{key}"] = value.detach()
-        return out
+    def local(self, item: Item) -> torch.Tensor:
+        if item.group == "model":
+            t = (
+                self._by_name[item.name]
+                if item.name in self._by_name
+                else self.module.state_dict(keep_vars=True)[item.name]
+            )
+        else:
+            pname, _, key = item.name.rpartition("/")
+            t = self._state(self._by_name[pname])[key]
+        return _local_of(t.detach())
 
     def meta(self) -> dict[str, Any]:
         if self.optimizer is None:
@@ -244,88 +322,152 @@ class TorchAdapter(EngineAdapter):
             }
         }
 
+    def check_complete(self) -> None:
+        for name, p in self._params:
+            for key, value in self._state(p).items():
+                if not isinstance(value, torch.Tensor) and not is_json_scalar(value):
+                    raise CheckpointError(
+                        f"optimizer state {name}/{key} is a {type(value).__name__}: neither a tensor nor a JSON value, "
+                        "so it cannot be checkpointed without pickling; use an optimizer whose state is tensors and numbers"
+                    )
+
     def _group_names(self, group: dict[str, Any]) -> list[str]:
         return [self._name_of.get(id(p), "?") for p in group["params"]]
 
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        for group in self.optimizer.param_groups if self.optimizer is not None else []:
+            if any(q is p for q in group["params"]):
+                return group
+        return {}
+
+    def _range(self, p: torch.Tensor) -> tuple[int, int | None]:
+        return 0, None
+
+    def wants(self, saved: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, list[Want]]:
+        out: dict[str, list[Want]] = {}
+        for name, p in self._params:
+            start, numel = self._range(p)
+            wants = [Want("hp", name, start=start, numel=numel)]
+            if self.optimizer is not None:
+                for key, shape in saved.get(name, {}).items():
+                    ranged = len(shape) > 0 and tuple(shape) == tuple(p.shape)
+                    wants.append(Want("optimizer", name, key, *((start, numel) if ranged else (0, None))))
+            out[name] = wants
+        return out
+
     def restore(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         p = self._by_name[name]
-        with torch.no_grad():  # the fp32 master, where the checkpoint has one, is the more precise source
-            p.copy_(tensors.get("master", tensors["model"]).to(p.dtype))
+        with torch.no_grad():
+            _local_of(p).copy_(tensors["hp"].to(p.dtype).view(_local_of(p).shape))
         if self.optimizer is None:
             return
         state = self.optimizer.state[p]
-        for key, value in tensors.items():
-            if key.startswith("optimizer/"):
-                state[key.split("/", 1)[1]] = value.to(p.device) if value.dim() else value
+        group = self._group_of(p)
+        for slot, value in tensors.items():
+            if slot.startswith("optimizer/"):
+                key = slot.split("/", 1)[1]
+                state[key] = self._state_value(p, key, value, group)
+
+    def _state_value(self, p: torch.Tensor, key: str, value: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        if value.dim() == 0:
+            return step_tensor(value, p, group)
+        return value.to(p.device).view(p.shape)
 
     def restore_meta(self, meta: dict[str, Any]) -> None:
         saved = meta.get("optimizer")
         if self.optimizer is None or saved is None:
             return
         self._apply_group_meta(self.optimizer.param_groups, saved["param_groups"], self._group_names)
+        torch_native = type(self.optimizer).__module__.startswith("torch.optim")
         for name, leaves in saved.get("scalars", {}).items():
             if name in self._by_name:
-                self.optimizer.state[self._by_name[name]].update(leaves)
+                p = self._by_name[name]
+
+                def as_tensor(key: str, value: Any, p: torch.Tensor = p) -> torch.Tensor | None:
+                    # torch's own optimizers keep ``step`` as a 0-d tensor: an int from FusedAdam becomes one
+                    if torch_native and key == "step" and isinstance(value, (int, float)):
+                        return step_tensor(torch.tensor(float(value)), p, self._group_of(p))
+                    return None
+
+                restore_scalars(self.optimizer.state[p], leaves, name, as_tensor)
+
+
+def _local_of(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 # ---------------------------------------------------------------------------------------------- FSDP2
 
 
 class FSDP2Adapter(TorchAdapter):
-    """``fully_shard`` modules: parameters and optimizer state are DTensors; full tensors are gathered (a
-    collective) one parameter at a time and scattered back the same way."""
+    """``fully_shard`` modules: parameters and their optimizer state are DTensors sharded on dim 0, chunked as
+    ``torch.chunk`` cuts (``ceil(rows / shards)`` rows per rank). Each rank writes its own rows of the optimizer
+    state; a weight travels to the one rank that writes its model shard. HSDP (a 2-D mesh, ``Replicate`` then
+    ``Shard(0)``) is written by the first replica and read back by every replica."""
 
     engine = "fsdp2"
 
-    @property
-    def collective(self) -> bool:
-        return True
-
     def layout(self) -> dict[str, Any]:
-        import torch.distributed as dist
+        return {"engine": "fsdp2", "world_size": self.world, "data_parallel": self.world}
 
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        return {"engine": "fsdp2", "world_size": world, "data_parallel": world}
+    def _mesh_info(self, p: torch.Tensor) -> tuple[list[int], int] | None:
+        """(global ranks holding chunks 0..n-1 in the first replica, this rank's shard index), or None for a tensor
+        that is not sharded."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    def plan(self) -> list[TensorSpec]:
-        specs = []
-        for name, p in self._params:
-            specs.append(TensorSpec("model", name, tuple(p.shape), p.dtype))  # a DTensor's shape is the global one
-            for key, value in sorted(self._state(p).items()):
-                if isinstance(value, torch.Tensor):
-                    specs.append(TensorSpec("optimizer", f"{name}/{key}", tuple(value.shape), value.dtype))
-        return specs
+        if not isinstance(p, DTensor):
+            return None
+        mesh, placements = p.device_mesh, p.placements
+        if len(placements) == 1 and placements[0] == Shard(0):
+            return mesh.mesh.flatten().tolist(), mesh.get_local_rank(0)
+        if len(placements) == 2 and placements[0] == Replicate() and placements[1] == Shard(0):
+            return mesh.mesh[0].tolist(), mesh.get_local_rank(1)
+        if all(isinstance(pl, Replicate) for pl in placements):
+            return None
+        raise CheckpointError(
+            f"a parameter has placements {placements} on a {mesh.ndim}-D mesh: the checkpoint supports FSDP2's "
+            "Shard(0) on one mesh dimension and HSDP (Replicate, Shard(0)); tensor-parallel placements are not "
+            "supported yet"
+        )
 
-    def fetch(self, name: str) -> dict[str, torch.Tensor]:
-        return {k: _full(v) for k, v in super().fetch(name).items()}
+    def _partition(self, p: torch.Tensor) -> Partition:
+        info = self._mesh_info(p)
+        if info is None:
+            return Partition(replicated=True)
+        ranks = info[0]
+        return fsdp_rows(tuple(p.shape), len(ranks), ranks=None if ranks == list(range(len(ranks))) else ranks)
 
-    def restore(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        from torch.distributed.tensor import DTensor, distribute_tensor
+    def _range(self, p: torch.Tensor) -> tuple[int, int | None]:
+        info = self._mesh_info(p)
+        if info is None:
+            return 0, None
+        _, index = info
+        part = fsdp_rows(tuple(p.shape), len(info[0]))
+        start = min(index * part.chunk, p.numel())
+        return start, _local_of(p).numel()
 
-        p = self._by_name[name]
-        with torch.no_grad():
-            source = tensors.get("master", tensors["model"]).to(p.dtype)
-            if isinstance(p, DTensor):
-                p.to_local().copy_(distribute_tensor(source, p.device_mesh, p.placements).to_local())
-            else:
-                p.copy_(source)
-        if self.optimizer is None:
-            return
-        state = self.optimizer.state[p]
-        for key, value in tensors.items():
-            if not key.startswith("optimizer/"):
-                continue
-            k = key.split("/", 1)[1]
-            if isinstance(p, DTensor) and value.dim() > 0 and tuple(value.shape) == tuple(p.shape):
-                state[k] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
-            else:
-                state[k] = value.clone()
+    def local(self, item: Item) -> torch.Tensor:
+        t = super().local(item)
+        return t if item.shape == () or item.group == "model" else t.reshape(-1)
 
+    def _state_value(self, p: torch.Tensor, key: str, value: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
+        if value.dim() == 0:
+            return step_tensor(value, p, group)
+        if isinstance(p, DTensor):
+            local = _local_of(p)
+            return DTensor.from_local(
+                value.to(local.device).view(local.shape).clone(),
+                p.device_mesh,
+                p.placements,
+                shape=p.shape,
+                stride=p.stride(),
+                run_check=False,
+            )
+        return value.to(p.device).view(p.shape)
 
 
 # ---------------------------------------------------------------------------------------------- choosing one
@@ -333,10 +475,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def make_adapter(model: Any, optimizer: torch.optim.Optimizer | None = None) -> EngineAdapter:
     """The adapter for ``model``: a DeepSpeed engine, an FSDP2 module, or a plain/DDP module."""
-    try:
-        from deepspeed import DeepSpeedEngine
-    except ImportError:
-        DeepSpeedEngine = None
+    ds = sys.modules.get("deepspeed")  # a DeepSpeed engine means DeepSpeed is imported; importing it costs seconds
+    DeepSpeedEngine = getattr(ds, "DeepSpeedEngine", None) if ds is not None else None
     if DeepSpeedEngine is not None and isinstance(model, DeepSpeedEngine):
         from .deepspeed_adapter import DeepSpeedAdapter
 

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from .adapters import TensorSpec, _jsonable
+from .adapters import _jsonable, is_json_scalar
+from .layout import Item, Partition, zero3_chunks
 
 __all__ = ["DeepSpeedCheckpointSource", "find_deepspeed_step_dir"]
 
@@ -83,9 +84,14 @@ class _Flat:
 
 
 class DeepSpeedCheckpointSource:
-    """A DeepSpeed checkpoint seen through the adapter interface (``plan``/``fetch``), for ``start_save``."""
+    """A DeepSpeed checkpoint seen through the adapter interface (``items``/``local``/``part``), for ``start_save``:
+    each rank's partition of the master weights and optimizer state stays that rank's slice (DeepSpeed's own
+    partitions become the checkpoint's), and the model weights are written whole."""
 
-    collective = False
+    gathers = False  # every part is read from DeepSpeed's files: no collective
+    rank = 0
+    device = torch.device("cpu")
+    progress: Any = None
 
     def __init__(self, path: str | Path) -> None:
         self.step_dir = find_deepspeed_step_dir(path)
@@ -225,75 +231,97 @@ class DeepSpeedCheckpointSource:
             elem = [k for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0 and v.numel() == numel]
         return elem, [k for k, v in st.items() if torch.is_tensor(v) and v.dim() == 0]
 
-    def plan(self) -> list[TensorSpec]:
+    def _partition(self, name: str) -> Partition:
+        numel = math.prod(self.shapes[name])
+        if self.stage == 3:
+            return zero3_chunks(numel, self.world)
+        if self.stage in (1, 2):
+            parts, start = [], 0
+            for rank, _, n in sorted(self._frag[name]):
+                parts.append((start, n, rank))
+                start += n
+            if start != numel:
+                raise CheckpointError(f"{name}: fragments hold {start} elements, the shape needs {numel}")
+            return Partition(parts=tuple(parts))
+        return Partition.whole(0, numel)
+
+    def items(self) -> list[Item]:
         elem, scal = self._keys()
-        specs = []
+        model, master, optim = [], [], []
         for name in self.param_names:
             shape = self.shapes[name]
-            specs.append(TensorSpec("model", name, shape, self.lp_dtype.get(name, torch.float32)))
+            part = self._partition(name)
+            model.append(Item("model", name, shape, self.lp_dtype.get(name, torch.float32)))
             if self.low_precision:
-                specs.append(TensorSpec("master", name, shape, torch.float32))
-            specs += [TensorSpec("optimizer", f"{name}/{k}", shape, torch.float32) for k in elem]
-            specs += [TensorSpec("optimizer", f"{name}/{k}", (), torch.float32) for k in scal]
-        return specs
+                master.append(Item("master", name, shape, torch.float32, part))
+            optim += [Item("optimizer", f"{name}/{k}", shape, torch.float32, part) for k in elem]
+            optim += [Item("optimizer", f"{name}/{k}", (), self._scalar(name, k).dtype) for k in scal]
+        buffers = [
+            Item("model", b, tuple(t.shape), t.dtype)
+            for b in self.buffer_names_
+            for t in [self.model_states["module"][b]]
+        ]
+        return model + buffers + master + optim
 
-    def _gather12(self, name: str, source: str) -> torch.Tensor:
-        parts = []
-        for rank, start, numel in sorted(self._frag[name]):
-            opt = self.optim[rank]
-            g = self.group_of[name]
-            flat = (
-                opt["single_partition_of_fp32_groups"][g]
-                if source == "master"
-                else opt["base_optimizer_state"]["state"][g][source]
-            )
-            parts.append(flat.reshape(-1)[start : start + numel])
-        full = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
-        if full.numel() != math.prod(self.shapes[name]):
-            raise CheckpointError(
-                f"{name}: fragments hold {full.numel()} elements, the shape needs {math.prod(self.shapes[name])}"
-            )
-        return full.view(self.shapes[name])
+    def _scalar(self, name: str, key: str) -> Any:
+        states = self._state[0]
+        if self.stage == 0:
+            return states[self._zero0_index[name]][key]
+        g = self.group_of.get(name) if self.stage != 3 else None  # ZeRO-3 sub-groups all share one step count
+        return (states[g] if g in states else states[min(states)])[key]
 
-    def _gather3(self, name: str, source: str) -> torch.Tensor:
-        numel = math.prod(self.shapes[name])
-        piece = math.ceil(numel / self.world)
-        parts = [self._flats[source][r].slice(self._offset[name], piece) for r in range(self.world)]
-        return torch.cat(parts)[:numel].view(self.shapes[name])
+    def local(self, item: Item) -> torch.Tensor:
+        """A whole tensor: a model weight (from the model states, or the assembled fp32 master cast to the model's
+        dtype under ZeRO-3), a buffer, or a 0-d optimizer state."""
+        if item.group == "optimizer":
+            name, key = item.name.rsplit("/", 1)
+            return self._scalar(name, key)
+        module = self.model_states["module"]
+        if item.name in self.buffer_names_:
+            return module[item.name]
+        if self.progress is not None:
+            self.progress(1)
+        if self.stage in (1, 2) and item.name in module:
+            return module[item.name]
+        if self.stage == 0:
+            return module[item.name]
+        master = torch.cat(
+            [
+                self.part(Item("master", item.name, item.shape, torch.float32, self._partition(item.name)), r)
+                for r in range(self.world)
+            ]
+        )[: item.numel]
+        return master.view(item.shape).to(item.dtype)
 
-    def fetch(self, name: str) -> dict[str, torch.Tensor]:
-        elem, scal = self._keys()
-        out: dict[str, torch.Tensor] = {}
+    def part(self, item: Item, holder: int) -> torch.Tensor:
+        """``holder``'s slice of a master weight or an optimizer moment, straight from its DeepSpeed file."""
+        name, key = (item.name, "master") if item.group == "master" else item.name.rsplit("/", 1)
+        if item.shape == ():  # a 0-d state (step): whole, written by the rank the plan chose
+            return self.local(item).reshape(-1)
         if self.stage == 0:
             idx = self._zero0_index[name]
-            master = self._zero0_master.get(name)
-            module_t = self.model_states["module"][name]
-            out["model"] = module_t
-            if self.low_precision:
-                out["master"] = master.to(torch.float32) if master is not None else module_t.float()
-            st = self._state[0].get(idx, {})
-            for k in elem + scal:
-                out[f"optimizer/{k}"] = st[k]
-            return out
-        gather = self._gather3 if self.stage == 3 else self._gather12
-        master = gather(name, "master")
-        lp = self.lp_dtype.get(name, torch.float32)
-        if self.stage == 3 or name not in self.model_states["module"]:
-            out["model"] = master.to(lp)
-        else:
-            out["model"] = self.model_states["module"][name]
-        if self.low_precision:
-            out["master"] = master
-        for k in elem:
-            out[f"optimizer/{k}"] = gather(name, k)
-        states = self._state[0]
-        g = self.group_of.get(name) if self.stage != 3 else None  # ZeRO-3 sub-groups all share one step count
-        for k in scal:
-            out[f"optimizer/{k}"] = (states[g] if g in states else states[min(states)])[k]
-        return out
-
-    def fetch_buffer(self, name: str) -> torch.Tensor:
-        return self.model_states["module"][name]
+            if key == "master":
+                master = self._zero0_master.get(name)
+                return (
+                    (master if master is not None else self.model_states["module"][name]).to(torch.float32).reshape(-1)
+                )
+            return self._state[0][idx][key].reshape(-1)
+        if self.stage == 3:
+            numel = math.prod(self.shapes[name])
+            piece = math.ceil(numel / self.world)
+            valid = max(0, min(piece, numel - holder * piece))
+            return self._flats[key][holder].slice(self._offset[name], piece)[:valid]
+        opt = self.optim[holder]
+        g = self.group_of[name]
+        flat = (
+            opt["single_partition_of_fp32_groups"][g]
+            if key == "master"
+            else opt["base_optimizer_state"]["state"][g][key]
+        )
+        for rank, start, numel in self._frag[name]:
+            if rank == holder:
+                return flat.reshape(-1)[start : start + numel]
+        return torch.empty(0, dtype=torch.float32)
 
     def meta(self) -> dict[str, Any]:
         groups = [{k: _jsonable(v) for k, v in g.items() if k != "params"} | {"params": None} for g in self._groups]
@@ -310,10 +338,26 @@ class DeepSpeedCheckpointSource:
                 for f in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
                 if hasattr(scaler, f)
             }
+        scalars: dict[str, Any] = {}
+        for name in self.param_names:
+            try:
+                state = self._scalar_state(name)
+            except (KeyError, ValueError):
+                continue
+            leaves = {k: _jsonable(v) for k, v in state.items() if not torch.is_tensor(v) and is_json_scalar(v)}
+            if leaves:
+                scalars[name] = leaves
         return {
-            "optimizer": {"class": "unknown (DeepSpeed import)", "param_groups": groups, "scalars": {}},
+            "optimizer": {"class": "unknown (DeepSpeed import)", "param_groups": groups, "scalars": scalars},
             "engine": engine,
         }
+
+    def _scalar_state(self, name: str) -> dict[str, Any]:
+        states = self._state[0]
+        if self.stage == 0:
+            return states.get(self._zero0_index[name], {})
+        g = self.group_of.get(name) if self.stage != 3 else None
+        return states[g] if g in states else states[min(states)]
 
     # ------------------------------------------------------------------ trainer state
 

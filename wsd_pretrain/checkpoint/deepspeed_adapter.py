@@ -1,27 +1,45 @@
-"""DeepSpeed engines (ZeRO 0-3; fp32, bf16, fp16) behind the adapter seam.
+"""DeepSpeed engines behind the adapter seam: every optimizer wrapper DeepSpeed 0.16-0.19 builds, or a clear refusal.
 
-ZeRO 1-3 partition the fp32 master weights and the optimizer state in flat buffers. Full per-parameter tensors
-come from DeepSpeed's public per-parameter API (``safe_get_full_fp32_param``, ``safe_get_full_optimizer_state``
-and their ``safe_set_`` twins, collectives that every rank calls), one parameter at a time. Two things that API
-does not do are done here, pinned to DeepSpeed 0.16-0.19 and covered by the resume tests for every stage:
+Each rank writes the master weights and optimizer state it holds, straight from DeepSpeed's own buffers (no
+``safe_get_full_*``: those all-reduce a full fp32 copy of every tensor on every rank). What a wrapper holds:
 
-* a fresh engine has no optimizer state until its first step, and the setters need it: ``begin_restore`` runs one
-  optimizer step at LR 0 on zero gradients (weights unchanged bit for bit), whose state is then overwritten;
-* the setters write the fp32 master only: the model's low-precision weights are refreshed from it (ZeRO-3 through
-  ``GatheredParameters``).
+* ``DeepSpeedZeroOptimizer`` (ZeRO-1/2) and ``BF16_Optimizer``: each param group is one flat buffer, cut into
+  ``world`` equal partitions; each rank's fp32 master partition and optimizer state cover a contiguous range of the
+  flat buffer, and each parameter's fragment of it is linked in ``param._hp_mapping``. The fragments of every rank
+  are computed here from the flat layout (identical on every rank) and checked against this rank's own links. The
+  model's low-precision weights are whole on every rank (replicated).
+* ``DeepSpeedZeroOptimizer_Stage3``: every parameter is cut into ``ceil(numel / world)`` elements per rank, for the
+  low-precision weight (``ds_tensor``), the fp32 master and each optimizer moment alike (read and written through the
+  ``safe_*_local_*`` API).
+* ZeRO-0: ``FP16_Optimizer`` (fused: one flat fp32 copy per group), ``FP16_UnfusedOptimizer`` (an fp32 copy per
+  parameter) or the torch optimizer itself (fp32): every rank holds everything.
 
-ZeRO-0 keeps the state in the torch optimizer itself: with fp32 the optimizer steps the model's parameters; with
-bf16/fp16 DeepSpeed's wrapper keeps fp32 copies (``fp32_groups``) beside the model's (``fp16_groups``).
+The optimizer's own state is taken as it is: tensors as slices (``exp_avg``...), 0-d tensors whole, numbers (the
+``step`` of FusedAdam and DeepSpeedCPUAdam is a Python int) in ``engine.json``; anything else is refused when the
+manager is built (:meth:`DeepSpeedAdapter.check_complete`), so a checkpoint is never silently missing state.
+Refused: NVMe offload (state swapped out to disk), ZeRO++ hierarchical partitions / MiCS, data-parallel groups
+smaller than the world (tensor or pipeline parallelism), MoE.
+
+A fresh engine has no optimizer state until its first step, and restoring needs the buffers: ``begin_restore`` runs
+one optimizer step at LR 0 on zero gradients (weights unchanged bit for bit), whose state is then overwritten.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
-from .adapters import EngineAdapter, TensorSpec, _jsonable
+from .adapters import (
+    EngineAdapter,
+    Want,
+    _jsonable,
+    is_json_scalar,
+    restore_scalars,
+)
+from .layout import Item, Partition, zero3_chunks, zero12_fragments
 
 __all__ = ["DeepSpeedAdapter"]
 
@@ -35,27 +53,60 @@ class DeepSpeedAdapter(EngineAdapter):
         self.ds = engine
         super().__init__(engine.module, engine.basic_optimizer)
         self.stage = int(engine.zero_optimization_stage())
-        self.wrapper = engine.optimizer  # DeepSpeed's optimizer wrapper (or the torch optimizer at ZeRO-0 fp32)
+        self.wrapper = engine.optimizer
         self.low_precision = bool(engine.bfloat16_enabled() or engine.fp16_enabled())
-        self._zero0_master: dict[str, torch.Tensor] = {}
-        if self.stage == 0 and self.low_precision:
-            fp16_groups = getattr(self.wrapper, "fp16_groups", None)
-            fp32_groups = getattr(self.wrapper, "fp32_groups", None) or getattr(self.wrapper, "fp32_groups_flat", None)
-            if fp16_groups is None or fp32_groups is None:
-                raise CheckpointError(
-                    f"ZeRO-0 with {self._dtype_name()} and optimizer wrapper {type(self.wrapper).__name__} is not "
-                    "supported: use ZeRO stage 1-3 for mixed precision"
+        self.kind = self._kind()
+        self._refuse_unsupported()
+        self._id_name = {id(p): n for n, p in self._params}
+        self._layout_cache: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ which wrapper
+
+    def _kind(self) -> str:
+        name = type(self.wrapper).__name__
+        if name == "DeepSpeedZeroOptimizer_Stage3":
+            return "zero3"
+        if name in ("DeepSpeedZeroOptimizer", "BF16_Optimizer"):
+            return "fragments"
+        if name == "FP16_Optimizer":
+            return "fused16"
+        if name == "FP16_UnfusedOptimizer":
+            return "unfused16"
+        if self.wrapper is self.optimizer and self.stage == 0 and not self.low_precision:
+            return "plain"
+        raise CheckpointError(
+            f"DeepSpeed optimizer wrapper {name} (ZeRO stage {self.stage}, {self._dtype_name()}) is not supported by "
+            "the checkpoint manager: use ZeRO stage 0-3 with fp32, bf16 or fp16"
+        )
+
+    def _refuse_unsupported(self) -> None:
+        cfg = getattr(self.ds, "_config", None)
+        zc = getattr(cfg, "zero_config", None)
+        problems = []
+        for what in ("offload_optimizer", "offload_param"):
+            off = getattr(zc, what, None)
+            device = getattr(getattr(off, "device", None), "value", getattr(off, "device", None))
+            if device is not None and str(device).lower() == "nvme":
+                problems.append(
+                    f"zero_optimization.{what}.device is nvme: its state is swapped out to disk, which the checkpoint "
+                    "cannot read in place; use device 'cpu' (ZeRO-Offload) or none"
                 )
-            by_id = {id(p): n for n, p in self._params}
-            for lp_group, hp_group in zip(fp16_groups, fp32_groups):
-                for lp, hp in zip(lp_group, hp_group):
-                    self._zero0_master[by_id[id(lp)]] = hp
-
-    # ------------------------------------------------------------------ description
-
-    @property
-    def collective(self) -> bool:
-        return self.stage > 0
+        if getattr(zc, "zero_hpz_partition_size", 1) not in (None, 1):
+            problems.append("zero_optimization.zero_hpz_partition_size > 1 (ZeRO++ hierarchical partitions)")
+        if getattr(cfg, "mics_shard_size", -1) not in (None, -1, 0):
+            problems.append("mics_shard_size is set (MiCS)")
+        if getattr(self.ds, "has_moe_layers", False):
+            problems.append("the model has MoE layers (expert-parallel groups)")
+        dp = int(getattr(self.ds, "dp_world_size", self.world))
+        if dp != self.world:
+            problems.append(
+                f"the data-parallel group has {dp} ranks of {self.world} (tensor or pipeline parallelism): only pure "
+                "data parallelism is supported"
+            )
+        if problems:
+            raise CheckpointError(
+                "this DeepSpeed configuration is not supported by the checkpoint manager: " + "; ".join(problems)
+            )
 
     def _dtype_name(self) -> str:
         if self.ds.bfloat16_enabled():
@@ -63,118 +114,246 @@ class DeepSpeedAdapter(EngineAdapter):
         return "fp16" if self.ds.fp16_enabled() else "fp32"
 
     def layout(self) -> dict[str, Any]:
-        import torch.distributed as dist
-
-        world = dist.get_world_size() if dist.is_initialized() else 1
         return {
             "engine": "deepspeed",
             "zero_stage": self.stage,
             "dtype": self._dtype_name(),
-            "world_size": world,
-            "data_parallel": int(getattr(self.ds, "dp_world_size", world)),
+            "optimizer": type(self.optimizer).__name__,
+            "wrapper": type(self.wrapper).__name__,
+            "world_size": self.world,
+            "data_parallel": int(getattr(self.ds, "dp_world_size", self.world)),
             "gradient_accumulation_steps": int(self.ds.gradient_accumulation_steps()),
         }
+
+    # ------------------------------------------------------------------ where each parameter's state lives
+
+    def _flat_groups(self) -> tuple[list[list[torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]:
+        """(low-precision params per group in flat order, the groups' flat lp buffers, this rank's fp32 partitions)."""
+        w = self.wrapper
+        if type(w).__name__ == "BF16_Optimizer":
+            return w.bf16_groups, w.bf16_groups_flat, w.fp32_groups_flat_partition
+        return w.bit16_groups, w.bit16_groups_flat, w.single_partition_of_fp32_groups
+
+    def _fragment_layout(self) -> dict[str, Any]:
+        """For ZeRO-1/2 and BF16_Optimizer: every parameter's fragments on every rank, its group and flat state."""
+        if self._layout_cache is not None:
+            return self._layout_cache
+        w = self.wrapper
+        lp_groups, lp_flats, hp_flats = self._flat_groups()
+        parts: dict[str, Partition] = {}
+        group_of: dict[str, int] = {}
+        for i, params in enumerate(lp_groups):
+            size = lp_flats[i].numel() // self.world
+            if size != hp_flats[i].numel():
+                raise CheckpointError(
+                    f"DeepSpeed param group {i}: partition of {hp_flats[i].numel()} elements, expected {size}: this "
+                    "DeepSpeed version lays partitions out differently than the checkpoint manager expects"
+                )
+            padding = getattr(w, "round_robin_bit16_padding", None)
+            if padding is not None and any(padding[i]):
+                by_id = {id(p): off for p, off in zip(w.round_robin_bit16_groups[i], w.round_robin_bit16_offsets[i])}
+                offsets = [by_id[id(p)] for p in params]
+            else:
+                order = getattr(w, "round_robin_bit16_groups", None)
+                order = order[i] if order is not None else params
+                running, by_id = 0, {}
+                for p in order:
+                    by_id[id(p)] = running
+                    running += p.numel()
+                offsets = [by_id[id(p)] for p in params]
+            for p, part in zip(params, zero12_fragments([p.numel() for p in params], offsets, size, self.world)):
+                name = self._id_name.get(id(p))
+                if name is None:
+                    raise CheckpointError("a DeepSpeed param group holds a tensor that is not a module parameter")
+                mine = part.local(self.rank, p.numel())
+                link = getattr(p, "_hp_mapping", None)
+                linked = (link.lp_fragment_address.start, link.lp_fragment_address.numel) if link is not None else None
+                if mine != linked:
+                    raise CheckpointError(
+                        f"{name}: DeepSpeed links elements {linked} to this rank, the flat layout says {mine}: this "
+                        "DeepSpeed version partitions differently than the checkpoint manager expects"
+                    )
+                parts[name] = part
+                group_of[name] = i
+        self._layout_cache = {"parts": parts, "group_of": group_of, "hp_flats": hp_flats}
+        return self._layout_cache
+
+    def _flat_state(self, name: str) -> dict[str, Any]:
+        """The torch optimizer state of the flat tensor that holds ``name``'s master (empty before the first step)."""
+        if self.kind == "fragments":
+            lay = self._fragment_layout()
+            if name not in lay["group_of"]:
+                return {}
+            return self.optimizer.state.get(lay["hp_flats"][lay["group_of"][name]], {})
+        if self.kind == "zero3":
+            p = self._by_name[name]
+            if not p.requires_grad:
+                return {}
+            g = self.wrapper.grad_position[self.wrapper.get_param_id(p)][0]
+            return self.optimizer.state.get(self.wrapper.fp32_partitioned_groups_flat[g], {})
+        if self.kind == "fused16":
+            g, _ = self._fused_position()[name]
+            return self.optimizer.state.get(self.wrapper.fp32_groups_flat[g], {})
+        hp = self._zero0_master(name)
+        return self.optimizer.state.get(hp, {}) if hp is not None else {}
+
+    def _fused_position(self) -> dict[str, tuple[int, int]]:
+        """FP16_Optimizer (fused): ``{name: (group, element offset in the group's flat fp32 copy)}``."""
+        if not hasattr(self, "_fused"):
+            self._fused = {}
+            for g, params in enumerate(self.wrapper.fp16_groups):
+                offset = 0
+                for p in params:
+                    self._fused[self._id_name[id(p)]] = (g, offset)
+                    offset += p.numel()
+        return self._fused
+
+    def _zero0_master(self, name: str) -> torch.Tensor | None:
+        """The tensor the torch optimizer steps for ``name`` at ZeRO-0: its fp32 copy, or the parameter itself."""
+        p = self._by_name[name]
+        if self.kind == "plain":
+            return p
+        if self.kind == "unfused16":
+            for lp_group, hp_group in zip(self.wrapper.fp16_groups, self.wrapper.fp32_groups):
+                for lp, hp in zip(lp_group, hp_group):
+                    if lp is p:
+                        return hp
+            return None
+        g, offset = self._fused_position()[name]
+        return self.wrapper.fp32_groups_flat[g].narrow(0, offset, p.numel()).view(p.shape)
+
+    def _state_keys(self, name: str) -> tuple[list[str], list[str], dict[str, Any]]:
+        """(per-element state keys, 0-d tensor keys, JSON scalars) of ``name``'s optimizer state."""
+        state = self._flat_state(name)
+        elem, zero_d, scalars = [], [], {}
+        numel = self._hp_numel(name)
+        for key, value in sorted(state.items()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == numel:
+                elem.append(key)
+            elif isinstance(value, torch.Tensor) and value.dim() == 0:
+                zero_d.append(key)
+            elif not isinstance(value, torch.Tensor) and is_json_scalar(value):
+                scalars[key] = _jsonable(value)
+        return elem, zero_d, scalars
+
+    def _hp_numel(self, name: str) -> int:
+        """Elements of the flat tensor whose state holds ``name`` (what a per-element state tensor has)."""
+        if self.kind == "fragments":
+            lay = self._fragment_layout()
+            return lay["hp_flats"][lay["group_of"][name]].numel() if name in lay["group_of"] else -1
+        if self.kind == "zero3":
+            p = self._by_name[name]
+            if not p.requires_grad:
+                return -1
+            return self.wrapper.fp32_partitioned_groups_flat[
+                self.wrapper.grad_position[self.wrapper.get_param_id(p)][0]
+            ].numel()
+        if self.kind == "fused16":
+            return self.wrapper.fp32_groups_flat[self._fused_position()[name][0]].numel()
+        hp = self._zero0_master(name)
+        return hp.numel() if hp is not None else -1
+
+    def check_complete(self) -> None:
+        self._relink()
+        for name, _ in self._params:
+            numel = self._hp_numel(name)
+            for key, value in self._flat_state(name).items():
+                ok = (isinstance(value, torch.Tensor) and (value.dim() == 0 or value.numel() == numel)) or (
+                    not isinstance(value, torch.Tensor) and is_json_scalar(value)
+                )
+                if not ok:
+                    what = (
+                        f"a tensor of {value.numel()} elements"
+                        if isinstance(value, torch.Tensor)
+                        else type(value).__name__
+                    )
+                    raise CheckpointError(
+                        f"optimizer state {name}/{key} is {what}: neither per-element state of the parameter, a 0-d "
+                        f"tensor nor a number, so {type(self.optimizer).__name__}'s state cannot be saved exactly"
+                    )
+
+    # ------------------------------------------------------------------ the items
+
+    def _partition(self, name: str) -> Partition:
+        p = self._by_name[name]
+        if self.kind == "zero3":
+            numel = int(p.ds_numel)
+            if p.ds_tensor.numel() != math.ceil(numel / self.world):
+                raise CheckpointError(
+                    f"{name}: ZeRO-3 holds {p.ds_tensor.numel()} elements per rank, expected ceil({numel} / "
+                    f"{self.world}): an unsupported ZeRO-3 partitioning (hpZ, MiCS?)"
+                )
+            return zero3_chunks(numel, self.world)
+        if self.kind == "fragments":
+            return self._fragment_layout()["parts"].get(name, Partition(replicated=True))
+        return Partition(replicated=True)
 
     def _full_shape(self, p: torch.nn.Parameter) -> tuple[int, ...]:
         return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
 
-    def _hp_state(self, name: str) -> dict[str, Any]:
-        """The torch optimizer state that holds a parameter's master (ZeRO-0) or its flat partition (ZeRO 1-3)."""
-        opt = self.optimizer
-        if self.stage == 0:
-            return opt.state.get(self._zero0_master.get(name, self._by_name[name]), {})
-        flats = self._flat_params()
-        return opt.state.get(flats[self._flat_index()[name]], {}) if flats else {}
-
-    def _flat_index(self) -> dict[str, int]:
-        """Which flat partition (param group for ZeRO 1/2, sub-group for ZeRO-3) holds each parameter."""
-        if not hasattr(self, "_flat_of"):
-            groups = getattr(self.wrapper, "fp16_groups", None) if self.stage == 3 else self.wrapper.bit16_groups
-            by_id = {id(p): n for n, p in self._params}
-            self._flat_of = {by_id[id(p)]: i for i, group in enumerate(groups or []) for p in group if id(p) in by_id}
-        return self._flat_of
-
-    def _flat_params(self) -> list[torch.Tensor]:
-        if hasattr(self.wrapper, "fp32_partitioned_groups_flat"):  # ZeRO-3
-            return list(self.wrapper.fp32_partitioned_groups_flat)
-        if hasattr(self.wrapper, "single_partition_of_fp32_groups"):  # ZeRO 1/2
-            return list(self.wrapper.single_partition_of_fp32_groups)
-        return []
-
-    def _optim_keys(self) -> tuple[list[str], list[str]]:
-        """(per-element state keys, scalar state keys) of the optimizer, the same for every parameter."""
-        if self.stage == 0:
-            state = self._hp_state(self._params[0][0]) if self._params else {}
-            elem = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0]
-            scal = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() == 0]
-            return elem, scal
-        flats = self._flat_params()
-        state = self.optimizer.state.get(flats[0], {}) if flats else {}
-        elem = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.numel() == flats[0].numel()]
-        scal = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() == 0]
-        return elem, scal
-
-    def _relink(self) -> None:
-        """ZeRO 1/2 link each parameter to its optimizer-state fragment once, after the first group's first step
-        (``_optimizer_step``), when the other groups have no state yet: with several param groups, those stay
-        unlinked and the per-parameter getters and setters fail. Linking again once every group has state fixes
-        it (DeepSpeed 0.19)."""
-        if getattr(self, "_relinked", False) or not hasattr(self.wrapper, "_hp_optimizer_states_linked"):
-            return
-        if len(self.optimizer.state) >= len(self._flat_params()):
-            self.wrapper._hp_optimizer_states_linked = False
-            self.wrapper._lazy_init_hp_params_optimizer_state()
-            self._relinked = True
-
-    def plan(self) -> list[TensorSpec]:
+    def items(self) -> list[Item]:
         self._relink()
-        elem, scal = self._optim_keys()
-        specs = []
+        model, master, optim = [], [], []
         for name, p in self._params:
             shape = self._full_shape(p)
-            specs.append(TensorSpec("model", name, shape, p.dtype))
-            if self.low_precision:
-                specs.append(TensorSpec("master", name, shape, torch.float32))
+            part = self._partition(name)
+            model.append(
+                Item("model", name, shape, p.dtype, part if self.kind == "zero3" else Partition(replicated=True))
+            )
+            has_master = self._hp_numel(name) >= 0
+            if self.low_precision and has_master:
+                master.append(Item("master", name, shape, torch.float32, part))
+            elem, zero_d, _ = self._state_keys(name)
             for key in elem:
-                specs.append(TensorSpec("optimizer", f"{name}/{key}", shape, torch.float32))
-            for key in scal:
-                dtype = self._hp_state(name)[key].dtype
-                specs.append(TensorSpec("optimizer", f"{name}/{key}", (), dtype))
-        return specs
+                dtype = self._flat_state(name)[key].dtype
+                optim.append(Item("optimizer", f"{name}/{key}", shape, dtype, part))
+            for key in zero_d:
+                dtype = self._flat_state(name)[key].dtype
+                optim.append(Item("optimizer", f"{name}/{key}", (), dtype))
+        return model + self.buffer_items() + master + optim
 
-    # ------------------------------------------------------------------ out
-
-    def fetch(self, name: str) -> dict[str, torch.Tensor]:
-        self._relink()
+    def local(self, item: Item) -> torch.Tensor:
+        if item.group == "model" and item.name not in self._by_name:
+            return self.module.state_dict(keep_vars=True)[item.name].detach()
+        name, key = (item.name, None) if item.group != "optimizer" else item.name.rsplit("/", 1)
         p = self._by_name[name]
-        elem, scal = self._optim_keys()
-        out: dict[str, torch.Tensor] = {}
-        if self.stage == 0:
-            hp = self._zero0_master.get(name, p)
-            out["model"] = p.detach()
-            if self.low_precision:
-                out["master"] = hp.detach()
-            state = self.optimizer.state.get(hp, {})
-            for key in elem + scal:
-                out[f"optimizer/{key}"] = state[key].detach()
-            return out
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        if key is not None and item.shape == ():  # a 0-d state tensor (written whole by one rank)
+            return self._flat_state(name)[key].detach()
+        if self.kind == "zero3":
+            local = item.partition.local(self.rank, item.numel)
+            n = local[1] if local is not None else 0
+            if item.group == "model":
+                return p.ds_tensor.detach().reshape(-1)[:n]
+            from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-        master = safe_get_full_fp32_param(p)
-        out["model"] = master.to(p.dtype) if self.low_precision else master
-        if self.low_precision:
-            out["master"] = master
-        for key in elem:
-            out[f"optimizer/{key}"] = safe_get_full_optimizer_state(p, key)
-        flat_state = self._hp_state(name)
-        for key in scal:
-            out[f"optimizer/{key}"] = flat_state[key].detach().clone()
-        return out
+            t = safe_get_local_fp32_param(p) if key is None else safe_get_local_optimizer_state(p, key)
+            return t.detach().reshape(-1)[:n]
+        if item.group == "model":
+            return p.detach()
+        if self.kind == "fragments":
+            link = p._hp_mapping
+            return (link.hp_fragment if key is None else link.get_optim_state_fragment(key)).detach()
+        hp = self._zero0_master(name)
+        if key is None:
+            return hp.detach()
+        if self.kind == "fused16":
+            _, offset = self._fused_position()[name]
+            return self._flat_state(name)[key].narrow(0, offset, p.numel()).view(p.shape).detach()
+        return self._flat_state(name)[key].detach()
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.ds.device) if getattr(self.ds, "device", None) is not None else super().device
 
     def meta(self) -> dict[str, Any]:
         groups = []
         for group in self.optimizer.param_groups:
             groups.append({k: _jsonable(v) for k, v in group.items() if k != "params"} | {"params": None})
+        scalars = {}
+        for name, _ in self._params:
+            leaves = self._state_keys(name)[2]
+            if leaves:
+                scalars[name] = leaves
         engine = {
             "global_steps": int(self.ds.global_steps),
             "global_samples": int(self.ds.global_samples),
@@ -185,78 +364,161 @@ class DeepSpeedAdapter(EngineAdapter):
         if scaler is not None:
             engine["loss_scaler"] = {f: _jsonable(getattr(scaler, f)) for f in _SCALER_FIELDS if hasattr(scaler, f)}
         return {
-            "optimizer": {"class": type(self.optimizer).__name__, "param_groups": groups, "scalars": {}},
+            "optimizer": {"class": type(self.optimizer).__name__, "param_groups": groups, "scalars": scalars},
             "engine": engine,
         }
 
-    # ------------------------------------------------------------------ in
+    # ------------------------------------------------------------------ restoring
+
+    def _relink(self) -> None:
+        """ZeRO 1/2 link each parameter to its optimizer-state fragment once, after the first group's first step
+        (``_optimizer_step``), when the other groups have no state yet: with several param groups, those stay
+        unlinked. Linking again once every group has state fixes it (DeepSpeed 0.19)."""
+        if self.kind != "fragments" or getattr(self, "_relinked", False):
+            return
+        if not hasattr(self.wrapper, "_hp_optimizer_states_linked"):
+            return
+        if len(self.optimizer.state) >= len(self._flat_groups()[2]):
+            self.wrapper._hp_optimizer_states_linked = False
+            self.wrapper._lazy_init_hp_params_optimizer_state()
+            self._relinked = True
 
     def begin_restore(self, with_optimizer_state: bool) -> None:
-        if self.stage == 0 or self.optimizer.state or not with_optimizer_state:
+        if not with_optimizer_state or self.optimizer.state:
+            self._relink()
             return
-        # A fresh ZeRO engine has no optimizer state yet and the setters need it: one step at LR 0 on zero
-        # gradients creates it without moving a weight (Adam/AdamW/SGD: the update is scaled by the LR).
+        # A fresh engine has no optimizer state yet and restoring needs its buffers: one step at LR 0 on zero
+        # gradients creates them without moving a weight (Adam/AdamW/SGD: the update is scaled by the LR).
         saved = [(g, g["lr"]) for g in self.optimizer.param_groups]
         for g, _ in saved:
             g["lr"] = 0.0
         try:
-            if hasattr(self.wrapper, "fp32_partitioned_groups_flat"):
+            # the gradients are put back as they were: ZeRO-Offload keeps its fp32 gradient buffers for good
+            if self.kind == "zero3":
                 for i, flat in enumerate(self.wrapper.fp32_partitioned_groups_flat):
+                    kept = flat.grad
                     flat.grad = torch.zeros_like(flat)
                     self.wrapper._optimizer_step(i)
-                    flat.grad = None
+                    flat.grad = kept
             else:
-                flats = self.wrapper.single_partition_of_fp32_groups
+                flats = self._stepped_tensors()
+                kept = [flat.grad for flat in flats]
                 for flat in flats:
                     flat.grad = torch.zeros_like(flat)
                 self.optimizer.step()
-                for flat in flats:
-                    flat.grad = None
+                for flat, grad in zip(flats, kept):
+                    flat.grad = grad
                 self._relink()
         finally:
             for g, lr in saved:
                 g["lr"] = lr
 
+    def _stepped_tensors(self) -> list[torch.Tensor]:
+        """The tensors the torch optimizer steps (it creates state for those with a gradient)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _range(self, name: str) -> tuple[int, int | None]:
+        if self.kind in ("zero3", "fragments"):
+            local = self._partition(name).local(
+                self.rank, self._by_name[name].ds_numel if self.kind == "zero3" else self._by_name[name].numel()
+            )
+            return local if local is not None else (0, 0)
+        return 0, None
+
+    def wants(self, saved: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, list[Want]]:
+        out: dict[str, list[Want]] = {}
+        for name, p in self._params:
+            shape = self._full_shape(p)
+            start, numel = self._range(name)
+            has_master = self._hp_numel(name) >= 0 or (self.kind == "zero3" and p.requires_grad)
+            wants = []
+            if self.kind == "zero3":
+                wants.append(Want("lp", name, start=start, numel=numel, dtype=p.dtype))
+            else:
+                wants.append(Want("lp", name, dtype=p.dtype))
+            if has_master and (self.low_precision or self.kind in ("zero3", "fragments")):
+                wants.append(Want("hp", name, start=start, numel=numel))
+            if has_master:
+                for key, kshape in saved.get(name, {}).items():
+                    ranged = len(kshape) > 0 and tuple(kshape) == shape
+                    wants.append(Want("optimizer", name, key, *((start, numel) if ranged else (0, None))))
+            out[name] = wants
+        return out
+
     def restore(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         p = self._by_name[name]
-        master = tensors.get("master", tensors["model"]).to(torch.float32)
-        optim = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("optimizer/")}
-        if self.stage == 0:
-            hp = self._zero0_master.get(name, p)
-            with torch.no_grad():
-                hp.copy_(master.to(hp.dtype))
-                if hp is not p:
-                    p.copy_(tensors["model"].to(p.dtype))
-            state = self.optimizer.state[hp]
-            for key, value in optim.items():
-                state[key] = value.to(hp.device)
-            return
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        safe_set_full_fp32_param(p, master)
-        flat_state = self._hp_state(name)
-        for key, value in optim.items():
-            if value.dim() == 0:
-                if key in flat_state:
-                    flat_state[key].copy_(value)
-                else:
-                    flat_state[key] = value.clone()
-            else:
-                safe_set_full_optimizer_state(p, value.to(torch.float32), key)
-        low = tensors["model"].to(p.dtype)
+        lp = tensors["lp"]
+        hp = tensors.get("hp")
         with torch.no_grad():
-            if self.stage == 3:
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    p.data.copy_(low)
+            if self.kind == "zero3":
+                p.ds_tensor.reshape(-1)[: lp.numel()].copy_(lp.to(p.dtype))
             else:
-                p.data.copy_(low)
+                p.data.copy_(lp.to(p.dtype).view(p.shape))
+        optim = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("optimizer/")}
+        if hp is None and not optim:
+            return
+        if self.kind == "zero3":
+            from deepspeed.utils import (
+                safe_get_local_fp32_param,
+                safe_get_local_optimizer_state,
+                safe_set_local_fp32_param,
+                safe_set_local_optimizer_state,
+            )
+
+            if hp is not None:
+                buf = safe_get_local_fp32_param(p).detach().clone().reshape(-1)
+                buf[: hp.numel()] = hp.to(buf.dtype)
+                safe_set_local_fp32_param(p, buf)
+            state = self._flat_state(name)
+            for key, value in optim.items():
+                if value.dim() == 0 and key in state and not isinstance(state[key], torch.Tensor):
+                    state[key] = type(state[key])(value.item())
+                    continue
+                if value.dim() == 0 and key in state and state[key].dim() == 0:
+                    state[key].copy_(value)
+                    continue
+                buf = safe_get_local_optimizer_state(p, key).detach().clone().reshape(-1)
+                buf[: value.numel()] = value.to(buf.dtype)
+                safe_set_local_optimizer_state(p, buf, key)
+            return
+        if self.kind == "fragments":
+            link = p._hp_mapping
+            with torch.no_grad():
+                if link is not None and hp is not None:
+                    link.hp_fragment.copy_(hp.to(link.hp_fragment.dtype))
+                state = self._flat_state(name)
+                for key, value in optim.items():
+                    if value.dim() == 0 and key in state and not isinstance(state[key], torch.Tensor):
+                        state[key] = type(state[key])(value.item())  # a torch step tensor into FusedAdam's int
+                    elif value.dim() == 0 and key in state and state[key].dim() == 0:
+                        state[key].copy_(value)
+                    elif link is not None:
+                        frag = link.get_optim_state_fragment(key)
+                        frag.copy_(value.to(frag.dtype))
+            return
+        # ZeRO-0: every rank holds everything
+        master = self._zero0_master(name)
+        state = self._flat_state(name)
+        with torch.no_grad():
+            if master is not None and master is not p and hp is not None:
+                master.copy_(hp.to(master.dtype).view(master.shape))
+            for key, value in optim.items():
+                if self.kind == "fused16" and value.dim() > 0:
+                    _, offset = self._fused_position()[name]
+                    state[key].narrow(0, offset, p.numel()).copy_(value.reshape(-1))
+                elif key in state and isinstance(state[key], torch.Tensor):
+                    state[key].copy_(value.view(state[key].shape))
+                else:
+                    target = master if master is not None else p
+                    state[key] = value.to(target.device).view(target.shape) if value.dim() else value.clone()
 
     def restore_meta(self, meta: dict[str, Any]) -> None:
         saved = meta.get("optimizer") or {}
-        groups = saved.get("param_groups", [])
-        self._apply_group_meta(self.optimizer.param_groups, groups, lambda g: None)
+        self._apply_group_meta(self.optimizer.param_groups, saved.get("param_groups", []), lambda g: None)
+        for name, leaves in (saved.get("scalars") or {}).items():
+            if name in self._by_name:
+                restore_scalars(self._flat_state_for_write(name), leaves, name)
+        self._replay_cpu_adam_steps()
         engine = meta.get("engine") or {}
         for field in ("global_steps", "global_samples", "skipped_steps", "micro_steps"):
             if field in engine and hasattr(self.ds, field):
@@ -269,3 +531,56 @@ class DeepSpeedAdapter(EngineAdapter):
                     current.fill_(value)
                 else:
                     setattr(scaler, field, value)
+
+    def _replay_cpu_adam_steps(self) -> None:
+        """DeepSpeed's CPU Adam kernels (FusedAdam on the CPU accelerator; DeepSpeedCPUAdam, which ZeRO-Offload runs
+        on the host of a GPU job) keep beta1^t and beta2^t in a process-wide float, multiplied by beta once per step;
+        a process that starts at step t computes pow(beta, t) instead, which can differ in the last bit, so every
+        update after a resume would differ from the uninterrupted run's by an ulp. Replaying the kernel's step
+        counter from 1 to t (on a one-element dummy at LR 0: t kernel calls, about 10 us each) rebuilds the same
+        products, and the resumed run stays bitwise equal."""
+        opt = self.optimizer
+        name = type(opt).__name__
+        on_cpu_kernel = name == "DeepSpeedCPUAdam" or (name == "FusedAdam" and self.device.type == "cpu")
+        if not on_cpu_kernel:
+            return
+        steps = [st.get("step") for st in opt.state.values() if isinstance(st.get("step"), int)]
+        if not steps:
+            return
+        last = max(steps)
+        dummy = [torch.zeros(1) for _ in range(4)]  # param, grad, exp_avg, exp_avg_sq
+        groups = [g for g in opt.param_groups if g["params"]]
+        if name == "DeepSpeedCPUAdam":
+            for t in range(1, last + 1):
+                for g in groups:
+                    b1, b2 = g["betas"]
+                    opt.ds_opt_adam.adam_update(
+                        opt.opt_id, t, 0.0, b1, b2, g["eps"], g["weight_decay"], g["bias_correction"], *dummy
+                    )
+            return
+        from deepspeed.ops.adam.fused_adam import multi_tensor_applier as apply
+
+        p, grad, m, v = dummy
+        for t in range(1, last + 1):
+            for g in groups:
+                b1, b2 = g["betas"]
+                apply(
+                    opt.multi_tensor_adam,
+                    opt._dummy_overflow_buf,
+                    [[grad], [p], [m], [v]],
+                    0.0,
+                    b1,
+                    b2,
+                    g["eps"],
+                    t,
+                    opt.adam_w_mode,
+                    1 if g["bias_correction"] else 0,
+                    g["weight_decay"],
+                )
+
+    def _flat_state_for_write(self, name: str) -> dict[str, Any]:
+        state = self._flat_state(name)
+        if state or self.kind not in ("plain", "unfused16"):
+            return state
+        target = self._zero0_master(name)
+        return self.optimizer.state[target] if target is not None else state

@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 FORMAT = "wsd_pretrain.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -54,10 +55,12 @@ MANIFEST_HASH = "manifest.hash"
 STAGING_PREFIX = ".staging-"
 TRAIN_STATE = "train_state"
 KINDS = ("pre-decay", "post-decay", "preempt", "periodic", "final", "imported")
+GROUP_NAMES = ("model", "master", "optimizer")
 GROUP_PREFIX = {"model": "model", "master": f"{TRAIN_STATE}/master", "optimizer": f"{TRAIN_STATE}/optimizer"}
+STATE_INDEX = f"{TRAIN_STATE}/state.index.json"
 _KIND_RE = "(?:pre-decay|post-decay|preempt|periodic|final|imported)"
 _NAME_RE = re.compile(rf"^step-(\d{{9,}})-({_KIND_RE}(?:\+{_KIND_RE})*)$")
-_SHARD_RE = re.compile(r"^(model|master|optimizer)-(\d{5})-of-(\d{5})\.safetensors$")
+SHARD_RE = re.compile(r"^(model|master|optimizer)-(\d{5})-of-(\d{5})\.safetensors$")
 
 
 def checkpoint_name(position: int, kinds: list[str] | tuple[str, ...]) -> str:
@@ -77,6 +80,11 @@ def parse_name(name: str) -> tuple[int, list[str]] | None:
 def shard_name(group: str, index: int, count: int) -> str:
     """``model-00001-of-00003.safetensors`` (group ``model``, ``master`` or ``optimizer``), 1-based."""
     return f"{group}-{index:05d}-of-{count:05d}.safetensors"
+
+
+def state_file(rank: int, index: int) -> str:
+    """``train_state/state-r00003-00001.safetensors``: rank 3's first file of master/optimizer slices (1-based)."""
+    return f"{TRAIN_STATE}/state-r{rank:05d}-{index:05d}.safetensors"
 
 
 def index_name(group: str) -> str:
@@ -123,11 +131,12 @@ def load_manifest(ckpt: Path) -> dict[str, Any]:
     _expect(isinstance(m, dict), path, "not a JSON object")
     _expect(m.get("format") == FORMAT, path, f"format is {m.get('format')!r}, expected {FORMAT!r}")
     version = m.get("format_version")
-    _expect(isinstance(version, int), path, "format_version is missing")
+    _expect(isinstance(version, int) and not isinstance(version, bool), path, "format_version is missing")
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: format version {version} is newer than this release reads ({FORMAT_VERSION}); upgrade wsd_pretrain"
         )
+    _expect(version in READS_VERSIONS, path, f"format_version {version} is not one of {READS_VERSIONS}")
     for key, typ in (
         ("position", int),
         ("step", int),
@@ -152,10 +161,14 @@ def load_manifest(ckpt: Path) -> dict[str, Any]:
             and isinstance(rec.get("size"), int)
             and rec["size"] >= 0
             and isinstance(rec.get("hash"), str)
-            and re.fullmatch(rf"[0-9a-f]{{{digits}}}", rec["hash"]) is not None,
+            and re.fullmatch(rf"[0-9a-f]{{{digits}}}", rec["hash"]) is not None
+            and (type(rec.get("rank", 0)) is int and rec.get("rank", 0) >= 0),
             path,
             f"file record for {rel!r} needs size (int) and hash ({digits} hex digits of {algo})",
         )
+    if version >= 2 and m.get("state") is not None:
+        st = m["state"]
+        _expect(isinstance(st, dict) and st.get("index") == STATE_INDEX, path, f"state must name {STATE_INDEX}")
     return m
 
 

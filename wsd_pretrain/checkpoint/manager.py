@@ -34,9 +34,11 @@ import torch
 from .. import distributed as D
 from ..errors import CheckpointError, ConfigError
 from ..scheduler import WSDScheduler
+from . import coord
 from . import format as F
 from .adapters import EngineAdapter, make_adapter
-from .io import PendingSave, SaveRequest, load_checkpoint, start_save
+from .load import load_checkpoint
+from .save import HostArena, PendingSave, SaveRequest, start_save
 
 __all__ = ["CheckpointConfig", "CheckpointManager", "Stateful", "parse_size"]
 
@@ -58,6 +60,8 @@ def parse_size(value: int | str) -> int:
     if not isinstance(value, str):
         raise ConfigError(f"size {value!r}: give bytes or a string like '2GB'", where="checkpoint")
     text = value.strip().upper().replace(" ", "")
+    if text.isdigit():
+        return int(text)  # plain bytes
     units = {
         "KIB": 1024,
         "MIB": 1024**2,
@@ -111,7 +115,12 @@ class CheckpointConfig:
     fsync: bool = True
     """fsync every file and directory before the commit (turn off only for throwaway runs)."""
     decide_every: int = 1
-    """How often (in updates) ranks agree on time-based and preemption saves."""
+    """How often (in updates) ranks agree on time-based and preemption saves: one all-reduce of two integers on the
+    checkpoint's gloo group (CPU, no device synchronisation). A signal is acted on at most ``decide_every`` updates
+    after it arrives."""
+    timeout_minutes: float = 60.0
+    """How long a rank waits for the others inside a save or a resume (the checkpoint's own gloo groups, apart from
+    the training group's timeout) before the job fails."""
     on_save_error: Literal["stop", "continue"] = "stop"
     """A save that fails (a full disk, a lost rank) raises on every rank ("stop"), or is logged and dropped while
     training carries on ("continue"; the next save tries again). Older checkpoints are untouched either way."""
@@ -136,6 +145,8 @@ class CheckpointConfig:
             problems.append(f"verify={self.verify!r}: 'checksum', 'size' or 'none'")
         if not isinstance(self.decide_every, int) or self.decide_every < 1:
             problems.append(f"decide_every={self.decide_every!r}: a whole number >= 1")
+        if not isinstance(self.timeout_minutes, (int, float)) or self.timeout_minutes <= 0:
+            problems.append(f"timeout_minutes={self.timeout_minutes!r}: a number of minutes > 0")
         bad = [s for s in self.signals if not hasattr(signal, s)]
         if bad:
             problems.append(f"signals={list(self.signals)}: {bad} are not signal names")
@@ -208,6 +219,9 @@ class CheckpointManager:
         self.config = config or CheckpointConfig()
         self.scheduler = scheduler
         self.adapter = adapter or make_adapter(model, optimizer)
+        self.adapter.check_complete()  # state the checkpoint could not carry is refused now, not after hours
+        coord.set_timeout(self.config.timeout_minutes * 60)
+        coord.groups()  # every rank makes the checkpoint's gloo groups here, at the same point
         self.data = data
         self.extra_state = extra_state
         self.load_extra_state = load_extra_state
@@ -221,7 +235,8 @@ class CheckpointManager:
         if self._lock is not None:
             self._remove_leftovers()
         self._pending: PendingSave | None = None
-        self._snapshot_pool: dict[Any, torch.Tensor] = {}  # async saves reuse their host buffers
+        self._arena = HostArena() if self.config.async_save else None  # async saves reuse one host buffer
+        self._retention: Any = None  # rank 0's retention thread (off the critical path of a save)
         self._last_save_time = time.monotonic()
         self._preempt_flag = 0
         self._old_handlers: dict[int, Any] = {}
@@ -304,7 +319,7 @@ class CheckpointManager:
             time_due = int(
                 cfg.every_minutes is not None and time.monotonic() - self._last_save_time >= cfg.every_minutes * 60
             )
-            preempt, time_due = D.all_reduce_max([self._preempt_flag, time_due if D.get_rank() == 0 else 0])
+            preempt, time_due = coord.all_reduce_max([self._preempt_flag, time_due if D.get_rank() == 0 else 0])
             if time_due:
                 kinds.append("periodic")
             if preempt:
@@ -332,6 +347,7 @@ class CheckpointManager:
             extra_manifest={"trajectory_position": s.schedule.trajectory_position(s.position)},
         )
         t0 = time.monotonic()
+        self._join_retention()
         pending = start_save(
             self.adapter,
             self.run_dir,
@@ -339,10 +355,9 @@ class CheckpointManager:
             max_shard_bytes=parse_size(self.config.max_shard_size),
             rank0_only=self.config.write_mode == "rank0",
             fsync=self.config.fsync,
-            snapshot=self.config.async_save,
-            after_commit=self._retain if D.get_rank() == 0 else None,
+            arena=self._arena,
+            after_commit=self._retain_in_background if D.get_rank() == 0 else None,
             checksum=self.config.checksum,
-            snapshot_pool=self._snapshot_pool if self.config.async_save else None,
         )
         self._last_save_time = time.monotonic()
         self.last_saved = pending.final
@@ -375,6 +390,25 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ retention
 
+    def _retain_in_background(self, newest: Path) -> None:
+        """Rank 0, after a commit: apply retention in a thread of its own, so a synchronous save returns as soon as
+        its checkpoint is committed (the next save, listing or close waits for it)."""
+        import threading
+
+        def run() -> None:
+            try:
+                self._retain(newest)
+            except Exception as exc:  # retention never fails a save
+                log.warning("retention after %s failed: %s", newest.name, exc)
+
+        self._retention = threading.Thread(target=run, name="wsd-ckpt-retention", daemon=True)
+        self._retention.start()
+
+    def _join_retention(self) -> None:
+        if self._retention is not None:
+            self._retention.join()
+            self._retention = None
+
     def _retain(self, newest: Path) -> None:
         infos = [i for i in F.list_checkpoints(self.run_dir) if i.state == "complete"]
         if not infos:
@@ -401,38 +435,70 @@ class CheckpointManager:
         when there is none: returns False), ``"latest"`` (the same, but none is an error), a checkpoint name or a
         path. Returns True when a checkpoint was loaded."""
         target = str(which)
+        self.wait()
         if target in ("auto", "latest"):
-            # committed checkpoints, newest last; one that turns out damaged is an error (it was committed, so
-            # skipping it silently would resume from older state than the user expects) unless fallback is on
-            infos = [i for i in F.list_checkpoints(self.run_dir) if i.state in ("complete", "corrupt")]
+            # committed checkpoints, newest last, as rank 0 sees them; one that turns out damaged is an error (it was
+            # committed, so skipping it silently would resume from older state than the user expects) unless
+            # fallback is on. Every rank walks the same list, and a failed load raises on every rank at once.
+            infos = self._listing() if D.get_rank() == 0 else None
+            infos = coord.broadcast(infos)
+            if isinstance(infos, dict):
+                raise CheckpointError(infos["error"])
             if not infos:
                 if target == "auto":
                     return False
                 raise CheckpointError(f"{self.run_dir}: no complete checkpoint to resume from")
-            for info in reversed(infos):
+            for i, info in enumerate(reversed(infos)):
                 try:
-                    if info.state == "corrupt":
+                    if info["state"] == "corrupt":
                         raise CheckpointError(
-                            f"{info.path} is damaged: {info.problem} (set checkpoint.fallback=true to resume from "
+                            f"{info['path']} is damaged: {info['problem']} (set checkpoint.fallback=true to resume from "
                             "the previous checkpoint instead, or remove this one)"
                         )
-                    self.load(info.path, verify=verify)
+                    self.load(info["path"], verify=verify)
                     return True
                 except CheckpointError as exc:
-                    if not self.config.fallback or info is infos[0]:
+                    if not self.config.fallback or i == len(infos) - 1:
                         raise
                     log.warning(
                         "cannot resume from %s (%s); trying the previous checkpoint (checkpoint.fallback=true)",
-                        info.name,
+                        info["name"],
                         exc,
                     )
             raise AssertionError("unreachable")
-        elif os.sep in target or Path(target).is_dir():
-            path = F.resolve_checkpoint(target)
-        else:
-            path = F.resolve_checkpoint(self.run_dir, target)
-        self.load(path, verify=verify)
+        found: Any = None
+        if D.get_rank() == 0:
+            try:
+                if os.sep in target or Path(target).is_dir():
+                    found = str(F.resolve_checkpoint(target))
+                else:
+                    found = str(F.resolve_checkpoint(self.run_dir, target))
+            except CheckpointError as exc:
+                found = {"error": str(exc)}
+        found = coord.broadcast(found)
+        if isinstance(found, dict):
+            raise CheckpointError(found["error"])
+        self.load(found, verify=verify)
         return True
+
+    def _listing(self) -> Any:
+        """Rank 0: the run's committed checkpoints (and damaged ones), oldest first, as plain JSON for the others."""
+        self._join_retention()
+        try:
+            return [
+                {
+                    "name": i.name,
+                    "path": str(i.path),
+                    "state": i.state,
+                    "problem": i.problem,
+                    "position": i.position,
+                    "kinds": i.kinds,
+                }
+                for i in F.list_checkpoints(self.run_dir)
+                if i.state in ("complete", "corrupt")
+            ]
+        except (OSError, CheckpointError) as exc:
+            return {"error": f"{self.run_dir}: cannot list checkpoints: {exc}"}
 
     def load(
         self, path: str | os.PathLike[str], *, verify: str | None = None, scheduler: bool = True
@@ -470,16 +536,20 @@ class CheckpointManager:
     def _rewind(self, milestone: Any) -> None:
         """Branching mode: back to the pre-decay state of ``milestone``; the scheduler keeps its position."""
         self.wait()
+        infos = self._listing() if D.get_rank() == 0 else None
+        infos = coord.broadcast(infos)
+        if isinstance(infos, dict):
+            raise CheckpointError(infos["error"])
         candidates = [
             i
-            for i in F.list_checkpoints(self.run_dir)
-            if i.state == "complete" and i.position == milestone.pre_decay and "pre-decay" in i.kinds
+            for i in infos
+            if i["state"] == "complete" and i["position"] == milestone.pre_decay and "pre-decay" in i["kinds"]
         ]
         if not candidates:
             raise CheckpointError(
                 f"branching: the pre-decay checkpoint at position {milestone.pre_decay} is missing, cannot rewind"
             )
-        self.load(candidates[-1].path, scheduler=False, verify="size")
+        self.load(candidates[-1]["path"], scheduler=False, verify="size")
         log.info(
             "branch %d done: rewound to its pre-decay state (%d trained)",
             milestone.index,
@@ -492,6 +562,7 @@ class CheckpointManager:
         """Wait for any save in flight, restore signal handlers, release the run lock (every rank calls it)."""
         try:
             self.wait()
+            self._join_retention()
         finally:
             for signum, handler in self._old_handlers.items():
                 signal.signal(signum, handler)

@@ -13,12 +13,13 @@ overlapping or gapped tensors, a byte count that disagrees with the shape, or a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = [
     "DTYPE_TO_STR",
     "STR_TO_DTYPE",
     "SafetensorsHeader",
+    "StreamingWriter",
     "TensorInfo",
     "read_header",
     "tensor_nbytes",
@@ -123,16 +125,25 @@ def _validate_for_save(tensors: Mapping[str, torch.Tensor]) -> None:
         raise CheckpointError("cannot write safetensors file: " + "; ".join(problems))
 
 
-def header_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    """The header (length prefix included) for ``tensors`` written in the given order."""
+def header_bytes(
+    tensors: Mapping[str, torch.Tensor] | Sequence[tuple[str, torch.dtype, Sequence[int]]],
+    metadata: Mapping[str, str] | None = None,
+) -> bytes:
+    """The header (length prefix included) for tensors written in the given order: a mapping of tensors, or
+    ``(name, dtype, shape)`` triples (a file streamed tensor by tensor)."""
+    specs = (
+        [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()] if isinstance(tensors, Mapping) else list(tensors)
+    )
     header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_TO_STR[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+    for name, dtype, shape in specs:
+        n = tensor_nbytes(shape, dtype)
+        header[name] = {"dtype": DTYPE_TO_STR[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as safetensors writes it
+    if len(raw) > MAX_HEADER_BYTES:
+        raise CheckpointError(f"a safetensors header of {len(raw)} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
     return struct.pack("<Q", len(raw)) + raw
 
 
@@ -156,6 +167,81 @@ def hex_length(algo: str) -> int:
     return {"xxh3_128": 32, "sha256": 64}[algo]
 
 
+class StreamingWriter:
+    """A safetensors file written tensor by tensor: the header first (every name, dtype and shape is known up front),
+    then each tensor's bytes as it arrives, in header order, with the checksum computed on the way (on a second
+    thread: hashing and file writes both release the GIL, so hashing costs no time while it is faster than the
+    disk). Peak memory is one tensor's CPU copy (none for a CPU tensor)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        fsync: bool = True,
+        checksum: str = DEFAULT_CHECKSUM,
+    ) -> None:
+        if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise CheckpointError("safetensors __metadata__ holds strings only; put other values in the JSON state")
+        self.path, self.fsync = Path(path), fsync
+        self._specs = [(n, d, tuple(s)) for n, d, s in specs]
+        self._next = 0
+        self._digest = new_hasher(checksum)
+        self._pending: Any = None
+        head = header_bytes(self._specs, metadata)
+        self._f = open(self.path, "xb")  # exclusive: checkpoint files are written once, in a staging directory
+        self.size = 0
+        self._put(memoryview(head))
+
+    def _put(self, view: memoryview) -> None:
+        for lo in range(0, len(view), _CHUNK):
+            chunk = view[lo : lo + _CHUNK]
+            if self._pending is not None:
+                self._pending.result()
+            self._pending = _hash_pool().submit(self._digest.update, chunk)
+            self._f.write(chunk)
+        self.size += len(view)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor (it must be the next one the header lists, with its dtype and element count)."""
+        if self._next >= len(self._specs):
+            raise CheckpointError(f"{self.path}: more tensors than the header lists ({name!r})")
+        want, dtype, shape = self._specs[self._next]
+        if name != want or tensor.dtype != dtype or tensor.numel() != math.prod(shape):
+            raise CheckpointError(
+                f"{self.path}: got {name!r} ({tensor.dtype}, {tensor.numel()} elements), the header lists {want!r} "
+                f"({dtype}, {math.prod(shape)} elements) next"
+            )
+        cpu = tensor.detach()
+        if cpu.device.type != "cpu":
+            cpu = cpu.to("cpu")
+        if not cpu.is_contiguous():
+            cpu = cpu.contiguous()
+        self._put(_byte_view(cpu))
+        self._next += 1
+
+    def close(self) -> tuple[int, str]:
+        """Finish the file (every tensor must have been added), fsync it; return ``(size, checksum hex)``."""
+        try:
+            if self._next != len(self._specs):
+                raise CheckpointError(f"{self.path}: {len(self._specs) - self._next} tensors never written")
+            if self._pending is not None:
+                self._pending.result()
+            self._f.flush()
+            if self.fsync:
+                os.fsync(self._f.fileno())
+        finally:
+            self._f.close()
+        return self.size, self._digest.hexdigest()
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._pending is not None:
+                self._pending.result()
+        self._f.close()
+
+
 def write_safetensors(
     path: str | os.PathLike[str],
     tensors: Mapping[str, torch.Tensor],
@@ -170,39 +256,16 @@ def write_safetensors(
     directory) and fsynced before returning when ``fsync`` is set.
     """
     _validate_for_save(tensors)
-    if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise CheckpointError("safetensors __metadata__ holds strings only; put other values in the JSON state")
-    digest = new_hasher(checksum)
-    size = 0
-    # The checksum is computed by a second thread while this one writes the same chunk (hashlib and file writes
-    # both release the GIL), so hashing costs no time as long as it is faster than the disk.
-    hasher = _hash_pool()
-    pending = None
-    with open(path, "xb") as f:
-        head = header_bytes(tensors, metadata)
-        f.write(head)
-        digest.update(head)
-        size += len(head)
-        for t in tensors.values():
-            cpu = t.detach()
-            if cpu.device.type != "cpu":
-                cpu = cpu.to("cpu")
-            if not cpu.is_contiguous():
-                cpu = cpu.contiguous()
-            view = _byte_view(cpu)
-            for lo in range(0, len(view), _CHUNK):
-                chunk = view[lo : lo + _CHUNK]
-                if pending is not None:
-                    pending.result()
-                pending = hasher.submit(digest.update, chunk)
-                f.write(chunk)
-            size += len(view)
-        if pending is not None:
-            pending.result()
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    return size, digest.hexdigest()
+    writer = StreamingWriter(
+        path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata, fsync=fsync, checksum=checksum
+    )
+    try:
+        for name, t in tensors.items():
+            writer.add(name, t)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
 
 
 _POOL: Any = None
@@ -301,6 +364,7 @@ class SafetensorsReader:
             self._handle = safe_open(str(self.path), framework="pt")
         except Exception as exc:  # the Rust reader's own checks
             raise CheckpointError(f"{self.path}: safetensors refused the file: {exc}") from None
+        self._fd: int | None = None
 
     def keys(self) -> list[str]:
         return list(self.header.tensors)
@@ -309,6 +373,30 @@ class SafetensorsReader:
         if name not in self.header.tensors:
             raise CheckpointError(f"{self.path}: has no tensor {name!r}")
         return self._handle.get_tensor(name)
+
+    def read_range(self, name: str, start: int, numel: int) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` of the flattened tensor, as a 1-D tensor: only those bytes are read."""
+        info = self.header.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
+        total = math.prod(info.shape)
+        if start < 0 or numel < 0 or start + numel > total:
+            raise CheckpointError(f"{self.path}: {name!r} has {total} elements; [{start}, {start + numel}) refused")
+        out = torch.empty(numel, dtype=info.dtype)
+        if numel == 0:
+            return out
+        size = itemsize(info.dtype)
+        view = _byte_view(out)
+        offset = self.header.data_start + info.start + start * size
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.path}: ended while reading {name!r} (the file was truncated?)")
+            done += n
+        return out
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` along dim 0 (what one rank of a dim-0 sharded engine needs)."""
@@ -321,6 +409,9 @@ class SafetensorsReader:
 
     def close(self) -> None:
         self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> SafetensorsReader:
         return self

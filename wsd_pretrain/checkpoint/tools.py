@@ -22,8 +22,8 @@ import torch
 from ..errors import CheckpointError
 from ..schedule import WSDSchedule
 from . import format as F
-from .adapters import TensorSpec
-from .io import SaveRequest, _Tensors, plan_shards, start_save
+from .commit import write_latest
+from .layout import Item, Partition, plan_save
 from .safetensors_io import (
     fsync_dir,
     read_header,
@@ -31,6 +31,8 @@ from .safetensors_io import (
     write_json,
     write_safetensors,
 )
+from .save import SaveRequest, start_save
+from .store import CheckpointStore
 
 __all__ = [
     "CheckpointSource",
@@ -123,16 +125,19 @@ def inspect_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
         except Exception as exc:  # a schedule with a callable shape cannot be rebuilt from JSON
             out["schedule"] = {"error": str(exc)}
     groups = {}
-    for group in m["groups"]:
-        store = _Tensors(path, m, group)
-        by_dtype: dict[str, dict[str, int]] = {}
-        for name in store.weight_map:
-            info = store.header(name)
-            entry = by_dtype.setdefault(str(info.dtype).removeprefix("torch."), {"tensors": 0, "bytes": 0})
-            entry["tensors"] += 1
-            entry["bytes"] += info.end - info.start
-        groups[group] = by_dtype
+    with CheckpointStore(path, m) as store:
+        for group in F.GROUP_NAMES:
+            by_dtype: dict[str, dict[str, int]] = {}
+            for name in store.names(group):
+                e = store.entry(group, name)
+                entry = by_dtype.setdefault(str(e.dtype).removeprefix("torch."), {"tensors": 0, "bytes": 0})
+                entry["tensors"] += 1
+                entry["bytes"] += e.numel * e.dtype.itemsize
+            if by_dtype:
+                groups[group] = by_dtype
+        out["state_files_per_rank"] = store.files_per_rank or None
     out["tensors"] = groups
+    out["format_version"] = m["format_version"]
     return out
 
 
@@ -154,15 +159,12 @@ def verify_checkpoint_files(ckpt: str | os.PathLike[str], *, checksums: bool = T
                 read_header(F.safe_path(path, rel, "manifest"))
             except CheckpointError as exc:
                 problems.append(f"{rel}: {exc}")
-    for group in m["groups"]:
+    if not problems:  # the indexes against the files: every slice where the index says, nothing else
         try:
-            store = _Tensors(path, m, group)
-            for fname in sorted(set(store.weight_map.values())):
-                if f"{F.group_dir(group) + '/' if F.group_dir(group) else ''}{fname}" in bad:
-                    continue
-                store._reader(fname)
+            with CheckpointStore(path, m) as store:
+                store.check_all()
         except CheckpointError as exc:
-            problems.append(f"{F.index_name(group)}: {exc}")
+            problems.append(str(exc))
     return problems
 
 
@@ -170,66 +172,59 @@ def verify_checkpoint_files(ckpt: str | os.PathLike[str], *, checksums: bool = T
 
 
 class CheckpointSource:
-    """One of our checkpoints seen through the adapter interface (for reshard), optionally casting the model."""
+    """One of our checkpoints seen through the adapter interface, for rewriting it (reshard): the master weights and
+    optimizer state keep their slices and holder ranks (a version-1 checkpoint's whole tensors become one slice of
+    rank 0), model weights are read whole, optionally cast."""
 
-    collective = False
+    gathers = False  # every part is read from the files: no collective
 
     def __init__(self, ckpt: Path, model_dtype: torch.dtype | None = None, progress: Progress = None) -> None:
         self.path = ckpt
         self.manifest = F.load_manifest(ckpt)
-        self.stores = {g: _Tensors(ckpt, self.manifest, g) for g in ("model", "master", "optimizer")}
+        self.store = CheckpointStore(ckpt, self.manifest)
         self.model_dtype = model_dtype
         self.progress = progress
         self.tied = dict(self.manifest.get("tied") or {})
-        self.trainer = read_json(ckpt / F.TRAIN_STATE / "trainer.json")
-        self.engine = read_json(ckpt / F.TRAIN_STATE / "engine.json")
-        # every model tensor (parameters and buffers alike) is carried over by name
-        self.param_names = list(self.stores["model"].weight_map)
-        self.buffer_names: list[str] = []
-        self._optim_keys: dict[str, list[str]] = {}
-        for full in self.stores["optimizer"].weight_map:
-            p, _, k = full.rpartition("/")
-            self._optim_keys.setdefault(p, []).append(k)
+        self.trainer = read_json(F.safe_path(ckpt, f"{F.TRAIN_STATE}/trainer.json", "trainer state"))
+        self.engine = read_json(F.safe_path(ckpt, f"{F.TRAIN_STATE}/engine.json", "engine state"))
+        self.world = len(self.store.files_per_rank) or 1
+        self.rank = 0
+        self.device = torch.device("cpu")
 
     def layout(self) -> dict[str, Any]:
         return dict(self.manifest["layout"])
 
-    def plan(self) -> list[TensorSpec]:
-        specs = []
-        model, master, optim = self.stores["model"], self.stores["master"], self.stores["optimizer"]
-        keys = self._optim_keys
-        for name in self.param_names:
-            info = model.header(name)
-            specs.append(TensorSpec("model", name, tuple(info.shape), self.model_dtype or info.dtype))
-            if master.has(name):
-                h = master.header(name)
-                specs.append(TensorSpec("master", name, tuple(h.shape), h.dtype))
-            elif self._keeps_master(info.dtype):
-                specs.append(TensorSpec("master", name, tuple(info.shape), info.dtype))
-            for k in keys.get(name, []):
-                h = optim.header(f"{name}/{k}")
-                specs.append(TensorSpec("optimizer", f"{name}/{k}", tuple(h.shape), h.dtype))
-        return specs
-
     def _keeps_master(self, dtype: torch.dtype) -> bool:
         return self.model_dtype is not None and self.model_dtype != dtype and dtype == torch.float32
 
-    def fetch(self, name: str) -> dict[str, torch.Tensor]:
-        model, master, optim = self.stores["model"], self.stores["master"], self.stores["optimizer"]
-        t = model.get(name)
-        out = {"model": t.to(self.model_dtype) if self.model_dtype else t}
-        if master.has(name):
-            out["master"] = master.get(name)
-        elif self._keeps_master(t.dtype):
-            out["master"] = t  # the model was the fp32 master: keep it exact beside the cast copy
-        for k in self._optim_keys.get(name, []):
-            out[f"optimizer/{k}"] = optim.get(f"{name}/{k}")
-        if self.progress:
-            self.progress(1)
-        return out
+    def items(self) -> list[Item]:
+        store = self.store
+        model, master, optim = [], [], []
+        for name in store.names("model"):
+            e = store.entry("model", name)
+            model.append(Item("model", name, e.shape, self.model_dtype or e.dtype))
+            if not store.has("master", name) and self._keeps_master(e.dtype):
+                # the model was the fp32 master: keep it exact beside the cast copy (whole, one slice of rank 0)
+                master.append(Item("master", name, e.shape, e.dtype, Partition.whole(0, e.numel)))
+        for group, out in (("master", master), ("optimizer", optim)):
+            for name in store.names(group):
+                e = store.entry(group, name)
+                out.append(
+                    Item(group, name, e.shape, e.dtype, e.partition if e.file is None else Partition.whole(0, e.numel))
+                )
+        return model + master + optim
 
-    def fetch_buffer(self, name: str) -> torch.Tensor:
-        return self.stores["model"].get(name)
+    def local(self, item: Item) -> torch.Tensor:
+        group = item.group if self.store.has(item.group, item.name) else "model"
+        t = self.store.read(group, item.name)
+        if self.progress and item.group == "model":
+            self.progress(1)
+        return t.to(item.dtype)
+
+    def part(self, item: Item, holder: int) -> torch.Tensor:
+        start, numel = item.partition.local(holder, item.numel) or (0, 0)
+        group = item.group if self.store.has(item.group, item.name) else "model"
+        return self.store.read(group, item.name, start, numel)
 
     def meta(self) -> dict[str, Any]:
         return self.engine
@@ -241,6 +236,9 @@ class CheckpointSource:
             for f in sorted(rng_dir.glob("rank-*.json")):
                 out[int(f.stem.split("-")[1])] = read_json(f)
         return out
+
+    def close(self) -> None:
+        self.store.close()
 
 
 def reshard(
@@ -270,16 +268,20 @@ def reshard(
             "resharded_from": str(src_path),
         },
     )
-    pending = start_save(
-        source,
-        out.parent,
-        request,
-        max_shard_bytes=max_shard_size,
-        dest=out,
-        rng_states=source.rng_states(),
-        with_rng=bool(m.get("rng", True)),
-    )
-    return pending.wait()
+    try:
+        pending = start_save(
+            source,
+            out.parent,
+            request,
+            max_shard_bytes=max_shard_size,
+            dest=out,
+            rng_states=source.rng_states(),
+            with_rng=bool(m.get("rng", True)),
+            checksum=m.get("checksum", "xxh3_128"),
+        )
+        return pending.wait()
+    finally:
+        source.close()
 
 
 # ---------------------------------------------------------------------------------------------- Hugging Face export
@@ -287,7 +289,7 @@ def reshard(
 
 def write_hf_folder(
     out: Path,
-    specs: list[TensorSpec],
+    specs: list[Item],
     fetch: Callable[[str], torch.Tensor],
     max_shard_size: int,
     config: dict[str, Any] | None,
@@ -297,16 +299,16 @@ def write_hf_folder(
     ``config.json``, written shard by shard into a staging folder and renamed to ``out``."""
     _fresh_output(out)
     with _atomic_output(out) as staging:
-        shards = plan_shards(specs, max_shard_size, 1, True)
+        shards = plan_save(specs, 1, max_shard_size).model_shards
         for shard in shards:
             batch = {}
-            for spec in shard.specs:
+            for spec in shard.items:
                 batch[spec.name] = fetch(spec.name).to(spec.dtype)
                 if progress:
                     progress(1)
             write_safetensors(staging / shard.relpath, batch)
             del batch
-        weight_map = {spec.name: shard.relpath for shard in shards for spec in shard.specs}
+        weight_map = {spec.name: shard.relpath for shard in shards for spec in shard.items}
         write_json(
             staging / "model.safetensors.index.json",
             {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": weight_map},
@@ -330,30 +332,34 @@ def export_hf(
     ``dtype`` casts (default: the source's)."""
     path, out = F.resolve_checkpoint(ckpt), Path(out)
     m = F.load_manifest(path)
-    model, master = _Tensors(path, m, "model"), _Tensors(path, m, "master")
     target = _dtype(dtype)
     if source not in ("auto", "model", "master"):
         raise CheckpointError(f"source={source!r}: 'auto', 'model' or 'master'")
-    if source == "master" and not master.weight_map:
-        raise CheckpointError(f"{path}: has no separate master weights (the model weights are the master)")
-    use_master = source == "master" or (
-        source == "auto" and bool(master.weight_map) and target in (None, torch.float32)
-    )
-    specs = []
-    for name in model.weight_map:
-        src = master if (use_master and master.has(name)) else model
-        info = src.header(name)
-        specs.append(TensorSpec("model", name, tuple(info.shape), target or info.dtype))
+    with CheckpointStore(path, m) as store:
+        has_master = bool(store.names("master"))
+        if source == "master" and not has_master:
+            raise CheckpointError(f"{path}: has no separate master weights (the model weights are the master)")
+        use_master = source == "master" or (source == "auto" and has_master and target in (None, torch.float32))
 
-    def fetch(name: str) -> torch.Tensor:
-        return (master if (use_master and master.has(name)) else model).get(name)
+        def group_of(name: str) -> str:
+            return "master" if use_master and store.has("master", name) else "model"
 
-    config = read_json(F.safe_path(path, "config.json", "model config")) if (path / "config.json").exists() else None
-    if config is not None and not isinstance(config, dict):
-        raise CheckpointError(f"{path / 'config.json'}: not a JSON object (a Hugging Face config is one)")
-    if config is not None and target is not None:
-        config = {**config, "torch_dtype": str(target).removeprefix("torch.")}
-    return write_hf_folder(out, specs, fetch, max_shard_size, config, progress)
+        specs = []
+        for name in store.names("model"):
+            e = store.entry(group_of(name), name)
+            specs.append(Item("model", name, e.shape, target or e.dtype))
+
+        def fetch(name: str) -> torch.Tensor:
+            return store.read(group_of(name), name)  # a master assembled from its slices, one tensor at a time
+
+        config = (
+            read_json(F.safe_path(path, "config.json", "model config")) if (path / "config.json").exists() else None
+        )
+        if config is not None and not isinstance(config, dict):
+            raise CheckpointError(f"{path / 'config.json'}: not a JSON object (a Hugging Face config is one)")
+        if config is not None and target is not None:
+            config = {**config, "torch_dtype": str(target).removeprefix("torch.")}
+        return write_hf_folder(out, specs, fetch, max_shard_size, config, progress)
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed
@@ -375,15 +381,7 @@ def from_deepspeed(
     if F.checkpoints_dir(out).is_dir() and any(F.checkpoints_dir(out).iterdir()):
         raise CheckpointError(f"{out} already has checkpoints: import into a new run directory")
     source = DeepSpeedCheckpointSource(ds_ckpt)
-    if progress is not None:
-        fetch = source.fetch
-
-        def counted(name: str) -> dict[str, torch.Tensor]:
-            result = fetch(name)
-            progress(1)
-            return result
-
-        source.fetch = counted  # type: ignore[method-assign]
+    source.progress = progress
     trainer = source.trainer_state()
     schedule = trainer["scheduler"]["schedule"] if trainer["scheduler"] else None
     request = SaveRequest(
@@ -399,17 +397,11 @@ def from_deepspeed(
     dest = F.checkpoints_dir(out) / F.checkpoint_name(trainer["position"], ["imported"])
     dest.parent.mkdir(parents=True, exist_ok=True)
     path = start_save(source, out, request, max_shard_bytes=max_shard_size, dest=dest, with_rng=False).wait()
-    from .io import write_latest
-
     write_latest(dest.parent, dest.name)
     return path
 
 
 # ---------------------------------------------------------------------------------------------- torch.distributed.checkpoint
-
-
-def _meta_tensor(spec: TensorSpec) -> torch.Tensor:
-    return torch.empty(spec.shape, dtype=spec.dtype, device="meta")
 
 
 def to_dcp(
@@ -420,36 +412,37 @@ def to_dcp(
     progress: Progress = None,
 ) -> Path:
     """Write a checkpoint as a torch.distributed.checkpoint directory with keys ``model.<name>`` (and
-    ``master.<name>``, ``optimizer.<name>/<key>``), each tensor read from our files only when DCP writes it."""
+    ``master.<name>``, ``optimizer.<name>/<key>``), each tensor assembled from our files only when DCP writes it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
     path, out = F.resolve_checkpoint(ckpt), Path(out)
     _fresh_output(out)
     m = F.load_manifest(path)
-    stores = {g: _Tensors(path, m, g) for g in ("model", "master", "optimizer") if g == "model" or include_optimizer}
-    placeholders: dict[str, torch.Tensor] = {}
-    for group, store in stores.items():
-        for name in store.weight_map:
-            info = store.header(name)
-            # shapes only: a tensor is read from our files when the planner's resolve_data asks for it
-            placeholders[f"{group}.{name}"] = _meta_tensor(TensorSpec(group, name, tuple(info.shape), info.dtype))
+    groups = ("model", "master", "optimizer") if include_optimizer else ("model",)
+    with CheckpointStore(path, m) as store:
+        placeholders: dict[str, torch.Tensor] = {}
+        for group in groups:
+            for name in store.names(group):
+                e = store.entry(group, name)
+                # shapes only: a tensor is read from our files when the planner's resolve_data asks for it
+                placeholders[f"{group}.{name}"] = torch.empty(e.shape, dtype=e.dtype, device="meta")
 
-    class StreamingPlanner(DefaultSavePlanner):
-        """Plans from shapes only; each tensor is read from our checkpoint when DCP asks for its bytes."""
+        class StreamingPlanner(DefaultSavePlanner):
+            """Plans from shapes only; each tensor is read from our checkpoint when DCP asks for its bytes."""
 
-        def resolve_data(self, write_item: Any) -> Any:
-            group, _, name = write_item.index.fqn.partition(".")
-            if progress:
-                progress(1)
-            return stores[group].get(name)
+            def resolve_data(self, write_item: Any) -> Any:
+                group, _, name = write_item.index.fqn.partition(".")
+                if progress:
+                    progress(1)
+                return store.read(group, name)
 
-    with _atomic_output(out) as staging:
-        dcp.save(placeholders, checkpoint_id=str(staging), planner=StreamingPlanner(), no_dist=True)
-        write_json(
-            staging / "wsd_pretrain.json",
-            {"from": str(path), "manifest_name": m["name"], "position": m["position"], "step": m["step"]},
-        )
+        with _atomic_output(out) as staging:
+            dcp.save(placeholders, checkpoint_id=str(staging), planner=StreamingPlanner(), no_dist=True)
+            write_json(
+                staging / "wsd_pretrain.json",
+                {"from": str(path), "manifest_name": m["name"], "position": m["position"], "step": m["step"]},
+            )
     return out
 
 
@@ -481,7 +474,7 @@ def from_dcp(
             continue
         name = fqn[len(prefix) :] if prefix else fqn
         names[name] = (fqn, item)
-        specs.append(TensorSpec("model", name, tuple(item.size), target or item.properties.dtype))
+        specs.append(Item("model", name, tuple(item.size), target or item.properties.dtype))
     if not specs:
         raise CheckpointError(f"{src}: no tensors{' under ' + repr(prefix) if prefix else ''}")
 

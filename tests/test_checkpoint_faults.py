@@ -1,0 +1,83 @@
+"""One rank fails in one phase of a save or a resume: every rank raises that error, none waits in a collective
+for a rank that is gone, and nothing committed is lost (2 ranks, FSDP2: the fetch phase gathers weights)."""
+
+from __future__ import annotations
+
+import pytest
+
+from distributed_helpers import run_distributed
+
+pytestmark = [pytest.mark.distributed, pytest.mark.fault]
+
+# (operation, rank that fails, the protocol step where it fails: wsd_pretrain.checkpoint.faults)
+CASES = [
+    ("save", 0, "staging-created"),  # open: rank 0 cannot make the staging directory
+    ("save", 1, "fetch:"),  # fetch: one rank cannot hand over a tensor (the others are in gathers)
+    ("save", 1, "shard-begin:"),  # write: one rank's file fails (a full disk)
+    ("save", 0, "manifest-written"),  # commit: rank 0 fails after writing the manifest, before the rename
+    ("load", 0, "load-open"),  # open: rank 0 cannot read the manifest
+    ("load", 1, "load-verify"),  # verify: one rank's share of the files
+    ("load", 1, "load-read:"),  # read: one rank's slice
+    ("load", 0, "load-restore:"),  # restore: one rank cannot put a tensor back
+]
+
+
+def _scenarios(rank, world, run_dir):
+    import time
+
+    from engines import build, full_state
+    from wsd_pretrain import CheckpointError, WSDSchedule
+    from wsd_pretrain.checkpoint import faults
+    from wsd_pretrain.checkpoint import format as F
+    from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
+
+    model, opt, sched, step = build("fsdp2", WSDSchedule(total=10, decay_length=2), rank)
+    cfg = CheckpointConfig(at_milestones=False, max_shard_size=4096, timeout_minutes=5)
+    mgr = CheckpointManager(run_dir, model, opt, sched, config=cfg)
+    step(0)
+    good = mgr.save(["periodic"])
+    reference = {k: v.tolist() for k, v in full_state(model, opt).items()}
+    step(1)
+    outcomes = []
+    for i, (op, victim, where) in enumerate(CASES):
+
+        def hook(point: str, victim=victim, where=where, tag=f"injected failure {i}") -> None:
+            if rank == victim and point.startswith(where):
+                raise RuntimeError(tag)
+
+        faults.fault_hook = hook
+        t0 = time.monotonic()
+        try:
+            if op == "save":
+                step(2 + i)  # a new position: a new name for every attempt
+                mgr.save(["periodic"])
+            else:
+                mgr.load(good)
+            outcome = "no error"
+        except CheckpointError as exc:
+            outcome = str(exc)
+        finally:
+            faults.fault_hook = None
+        outcomes.append({"case": [op, victim, where], "error": outcome, "seconds": time.monotonic() - t0})
+    # nothing committed was lost: the good checkpoint is the only one, and it still loads exactly
+    names = [i.name for i in F.list_checkpoints(run_dir)]
+    mgr.load(good)
+    restored = {k: v.tolist() for k, v in full_state(model, opt).items()}
+    mgr.close()
+    return {"outcomes": outcomes, "names": names, "same": restored == reference, "good": good.name}
+
+
+def test_a_failure_on_one_rank_in_any_phase_raises_on_every_rank(tmp_path):
+    results = run_distributed(_scenarios, args=(str(tmp_path),), timeout=600)
+    for i, (op, victim, where) in enumerate(CASES):
+        for rank, res in enumerate(results):
+            outcome = res["outcomes"][i]
+            assert f"injected failure {i}" in outcome["error"], f"rank {rank}, {op} failing at {where}: {outcome}"
+            assert f"rank {victim}" in outcome["error"] or (op, where) in (
+                ("save", "staging-created"),
+                ("load", "load-open"),
+            )
+    for res in results:
+        assert res["names"] == [res["good"]], "a failed save left a checkpoint (or removed the good one)"
+        assert res["same"], "the good checkpoint no longer restores the same state"
+        assert not list((tmp_path / "checkpoints").glob(".staging-*"))

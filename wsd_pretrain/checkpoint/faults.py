@@ -1,0 +1,27 @@
+"""Fault-injection points of the save and load protocols (docs/reliability.md).
+
+``fault_hook`` is None in normal use. The reliability suite (tools/reliability.py) and the fault tests set it to a
+function that receives the name of each step as a rank reaches it and may kill the process or raise there:
+
+save: ``save-begin``, ``staging-created``, ``fetch-begin``, ``fetch:<tensor>``, ``fetch-end``,
+``shard-begin:<file>``, ``shard-end:<file>``, ``report``, ``commit-begin``, ``manifest-begin``, ``manifest-written``,
+``manifest-hash-written``, ``renamed:<name>``, ``latest-written:<name>``;
+load: ``load-open`` (rank 0), ``load-verify``, ``load-read:<param>``, ``load-restore:<param>``.
+
+An exception raised by the hook at a point inside a phase is handled as a real failure there would be: every
+rank raises it (tests/test_checkpoint_faults.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = ["fault_hook", "point"]
+
+fault_hook: Callable[[str], None] | None = None
+
+
+def point(name: str) -> None:
+    """Called by the protocol at each named step."""
+    if fault_hook is not None:
+        fault_hook(name)

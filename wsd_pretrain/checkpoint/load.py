@@ -1,0 +1,397 @@
+"""Reading one checkpoint back into a running job, on every rank (docs/checkpoint-format.md, "How a checkpoint is
+read").
+
+Every rank calls :func:`load_checkpoint`. Each phase ends with an agreement (:func:`.coord.agree`), so an error on
+any rank raises the same :class:`CheckpointError` on every rank and none is left waiting in a collective:
+
+1. **open**: rank 0 reads and checks the manifest (against ``manifest.hash``), ``trainer.json`` and
+   ``engine.json``, and sends them to every rank (one read instead of one per rank);
+2. **verify**: the files are checked against the manifest (checksums, sizes only, or not at all), each rank
+   checking the files that rank ``r mod world`` wrote: on the same layout, the files it is about to read;
+3. **plan**: each rank opens the indexes, compares the checkpoint's tensors with this job's (names, shapes,
+   dtypes; nothing has changed yet) and works out what it needs: its own slices on the same layout, the
+   overlapping parts of other ranks' slices on another;
+4. **read and restore**: each rank reads exactly those bytes and puts them back, with no collective (a
+   low-precision weight that every rank holds whole, as under ZeRO-1/2, is read whole by every rank);
+5. the optimizer's hyperparameters and counters, each rank's RNG streams, then the caller's scheduler and data.
+
+``rank0_only`` (``write_mode: rank0``, no shared filesystem): rank 0 reads every tensor and broadcasts it on the
+checkpoint's gloo group; each rank keeps its part.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed as D
+from ..errors import CheckpointError
+from . import coord
+from . import format as F
+from .adapters import EngineAdapter, Want
+from .faults import point
+from .rng import restore_rng
+from .safetensors_io import DTYPE_TO_STR, STR_TO_DTYPE, read_json
+from .store import CheckpointStore
+
+__all__ = ["load_checkpoint", "verify_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+def _open(ckpt: Path) -> dict[str, Any]:
+    manifest = F.load_manifest(ckpt)
+    trainer = read_json(F.safe_path(ckpt, f"{F.TRAIN_STATE}/trainer.json", "trainer state"))
+    engine = read_json(F.safe_path(ckpt, f"{F.TRAIN_STATE}/engine.json", "engine state"))
+    _validated_trainer(ckpt, trainer, engine)
+    return {"manifest": manifest, "trainer": trainer, "engine": engine}
+
+
+def verify_checkpoint(ckpt: Path, manifest: dict[str, Any], mode: str, *, everything: bool = False) -> None:
+    """Check the files against the manifest (``mode``: checksum, size, none), this rank's share of them (the files
+    rank ``r mod world`` wrote) or ``everything``; raise on every rank naming each bad file."""
+    rank, world = D.get_rank(), D.get_world_size()
+    problems: list[str] = []
+    if mode != "none":
+        mine = {
+            rel: rec
+            for i, (rel, rec) in enumerate(sorted(manifest["files"].items()))
+            if everything or int(rec.get("rank", i)) % world == rank
+        }
+        try:
+            point("load-verify")
+            problems = F.check_files(ckpt, {**manifest, "files": mine}, checksums=mode == "checksum")
+        except Exception as exc:
+            problems = [str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"]
+    coord.agree("; ".join(problems) or None, f"{ckpt} failed verification")
+
+
+def load_checkpoint(
+    adapter: EngineAdapter,
+    ckpt: str | os.PathLike[str],
+    *,
+    verify: str = "checksum",
+    rank0_only: bool = False,
+    load_optimizer: bool = True,
+    restore_rng_state: bool = True,
+) -> dict[str, Any]:
+    """Restore the engine from ``ckpt`` (every rank calls this); return ``{"manifest", "trainer", "stats"}``.
+
+    ``verify``: "checksum" (every file's checksum), "size" (sizes only, for speed) or "none". A mismatched model
+    (names, shapes) or a corrupt file raises CheckpointError naming it on every rank, before anything is changed.
+    """
+    ckpt = Path(ckpt)
+    if verify not in ("checksum", "size", "none"):
+        raise CheckpointError(f"verify={verify!r}: use 'checksum', 'size' or 'none'")
+    rank = D.get_rank()
+    # 1. open: rank 0 reads the manifest and the JSON state for everyone
+    opened: Any = None
+    if rank == 0:
+        try:
+            point("load-open")
+            opened = _open(ckpt)
+        except Exception as exc:
+            why = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+            opened = {"error": f"cannot resume: rank 0: {why}"}
+    opened = coord.broadcast(opened)
+    if "error" in opened:
+        raise CheckpointError(opened["error"])
+    manifest, trainer, engine_meta = opened["manifest"], opened["trainer"], opened["engine"]
+
+    # 2. verify
+    if rank0_only:
+        error = None
+        if rank == 0:
+            try:
+                verify_checkpoint_local(ckpt, manifest, verify)
+            except CheckpointError as exc:
+                error = str(exc)
+        coord.agree(error, "cannot resume")
+    else:
+        verify_checkpoint(ckpt, manifest, verify)
+
+    # 3. plan: what this rank needs, checked against this job
+    reads = rank == 0 or not rank0_only
+    store: CheckpointStore | None = None
+    described: Any = None
+    error = None
+    if reads:
+        try:
+            store = CheckpointStore(ckpt, manifest)
+            described = _describe(store)
+        except Exception as exc:
+            error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+    _agree_or_close(error, store)
+    if rank0_only:
+        described = coord.broadcast(described)
+    plan: dict[str, list[Want]] = {}
+    with_optim = load_optimizer and bool(described["optimizer"])
+    try:
+        problems = _check_compatible(adapter, described)
+        if problems:
+            raise CheckpointError(f"{ckpt} does not match this model: " + "; ".join(problems))
+        saved = {p: {k: tuple(s) for k, s in keys.items()} for p, keys in described["optimizer"].items()}
+        plan = adapter.wants(saved if with_optim else {})
+    except Exception as exc:  # an engine that cannot describe what it needs: every rank must hear of it
+        error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+    _agree_or_close(error, store)
+
+    # 4. read and restore, parameter by parameter (no collective, except in rank0 mode)
+    error = None
+    reader = _Rank0Reader(store) if rank0_only else _Reader(store)
+
+    def step(what: str, fn: Any) -> None:
+        # a failure is remembered; in rank0 mode the rank keeps receiving rank 0's broadcasts (without restoring)
+        # so that rank 0 is never left sending to a rank that stopped listening
+        nonlocal error
+        if error is not None and not rank0_only:
+            return
+        try:
+            fn(error is None)
+        except Exception as exc:
+            if error is None:
+                error = f"{what}: {exc}" if isinstance(exc, CheckpointError) else f"{what}: {type(exc).__name__}: {exc}"
+
+    step("preparing the engine", lambda ok: adapter.begin_restore(with_optim) if ok else None)
+    for pname in adapter.param_names:
+
+        def one(ok: bool, pname: str = pname) -> None:
+            point(f"load-read:{pname}")
+            tensors = {w.slot: reader.get(w, described) for w in plan.get(pname, [])}
+            if ok:
+                point(f"load-restore:{pname}")
+                adapter.restore(pname, tensors)
+
+        step(pname, one)
+    for bname in adapter.buffer_names:
+
+        def buf(ok: bool, bname: str = bname) -> None:
+            t = reader.get(Want("buffer", bname), described)
+            if ok:
+                adapter.restore_buffer(bname, t)
+
+        step(bname, buf)
+    step("optimizer hyperparameters", lambda ok: adapter.restore_meta(engine_meta) if ok and load_optimizer else None)
+    step("finishing the restore", lambda ok: adapter.end_restore() if ok else None)
+    stats = {"bytes_read": store.bytes_read if store is not None else 0}
+    if store is not None:
+        store.close()
+    coord.agree(error, f"resuming from {ckpt} failed (the engine may be partly restored: restart the job)")
+    if restore_rng_state:
+        _restore_rng(ckpt, manifest, rank0_only)
+    return {"manifest": manifest, "trainer": trainer, "stats": stats}
+
+
+def _agree_or_close(error: str | None, store: CheckpointStore | None) -> None:
+    try:
+        coord.agree(error, "cannot resume")
+    except CheckpointError:
+        if store is not None:
+            store.close()
+        raise
+
+
+def verify_checkpoint_local(ckpt: Path, manifest: dict[str, Any], verify: str) -> None:
+    if verify != "none":
+        problems = F.check_files(ckpt, manifest, checksums=verify == "checksum")
+        if problems:
+            raise CheckpointError(f"{ckpt} failed verification: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+def _describe(store: CheckpointStore | None) -> dict[str, Any]:
+    """What the checkpoint holds, as plain JSON (in rank0 mode the other ranks learn it from rank 0)."""
+    assert store is not None
+    out: dict[str, Any] = {"model": {}, "master": {}, "optimizer": {}}
+    for group in ("model", "master"):
+        for name in store.names(group):
+            e = store.entry(group, name)
+            out[group][name] = [list(e.shape), DTYPE_TO_STR[e.dtype]]
+    for pname, keys in store.optimizer_keys().items():
+        out["optimizer"][pname] = {}
+        for key in keys:
+            e = store.entry("optimizer", f"{pname}/{key}")
+            out["optimizer"][pname][key] = list(e.shape)
+            out.setdefault("optimizer_dtypes", {})[f"{pname}/{key}"] = DTYPE_TO_STR[e.dtype]
+    return out
+
+
+def _check_compatible(adapter: EngineAdapter, described: dict[str, Any]) -> list[str]:
+    """Problems that make the checkpoint unfit for this model: names, shapes, dtypes (a floating tensor for a
+    floating one, others exactly), master weights and optimizer state of the wrong shape."""
+    problems: list[str] = []
+    model, master = described["model"], described["master"]
+    wanted = {i.name: (i.shape, i.dtype) for i in adapter.items() if i.group == "model"}
+    missing = sorted(set(wanted) - set(model))
+    extra = sorted(set(model) - set(wanted))
+    if missing:
+        problems.append(f"the checkpoint lacks {len(missing)} tensors of this model, e.g. {missing[:3]}")
+    if extra:
+        problems.append(f"the checkpoint has {len(extra)} tensors this model lacks, e.g. {extra[:3]}")
+
+    def check(entry: list[Any], key: str, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> None:
+        saved_shape, saved_dtype = tuple(entry[0]), STR_TO_DTYPE[entry[1]]
+        if saved_shape != tuple(shape):
+            problems.append(f"{what} {key}: shape {list(saved_shape)} in the checkpoint, {list(shape)} here")
+        elif saved_dtype.is_floating_point != dtype.is_floating_point or (
+            not dtype.is_floating_point and saved_dtype != dtype
+        ):
+            problems.append(f"{what} {key}: dtype {saved_dtype} in the checkpoint, {dtype} here")
+
+    for name in sorted(set(wanted) & set(model)):
+        check(model[name], name, *wanted[name], "model tensor")
+        if name in master:
+            check(master[name], name, wanted[name][0], torch.float32, "master weight")
+        if len(problems) > 8:
+            return problems
+    dtypes = described.get("optimizer_dtypes", {})
+    for pname, keys in described["optimizer"].items():
+        for key, shape in keys.items():
+            full = f"{pname}/{key}"
+            if pname not in wanted:
+                problems.append(f"optimizer state {full} belongs to no parameter of this model")
+            elif shape and tuple(shape) != tuple(wanted[pname][0]):
+                problems.append(f"optimizer state {full}: shape {shape}, the parameter's is {list(wanted[pname][0])}")
+            elif not STR_TO_DTYPE[dtypes[full]].is_floating_point:
+                problems.append(f"optimizer state {full}: dtype {dtypes[full]}, expected a floating type")
+            if len(problems) > 8:
+                return problems
+    return problems
+
+
+def _source(want: Want, described: dict[str, Any]) -> tuple[str, str, torch.dtype | None]:
+    """Where a want is read from: (group, tensor name, dtype to cast to or None)."""
+    if want.kind == "optimizer":
+        return "optimizer", f"{want.name}/{want.key}", None
+    if want.kind == "buffer":
+        return "model", want.name, None
+    hp = ("master", want.name) if want.name in described["master"] else ("model", want.name)
+    if want.kind == "hp":
+        return (*hp, None)
+    # lp: the model's own weight when its dtype is what this engine holds, else the master (or weight) cast
+    saved = STR_TO_DTYPE[described["model"][want.name][1]]
+    if want.dtype is None or saved == want.dtype:
+        return "model", want.name, None
+    return (*hp, want.dtype)
+
+
+class _Reader:
+    """Each want read from the files (one positioned read per slice); repeated reads of a parameter are shared."""
+
+    def __init__(self, store: CheckpointStore | None) -> None:
+        assert store is not None
+        self.store = store
+        self._last: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def get(self, want: Want, described: dict[str, Any]) -> torch.Tensor:
+        group, name, cast = _source(want, described)
+        key = (group, name, want.start, want.numel)
+        t = self._last.get(key)
+        if t is None:
+            if len(self._last) > 8:
+                self._last.clear()
+            t = self._last[key] = self.store.read(group, name, want.start, want.numel)
+        return t.to(cast) if cast is not None else t
+
+
+class _Rank0Reader(_Reader):
+    """``write_mode: rank0``: rank 0 reads each whole tensor and broadcasts it (gloo, CPU); every rank keeps its
+    part. Costs each tensor's bytes times the world size in messages: for jobs without a shared filesystem."""
+
+    def __init__(self, store: CheckpointStore | None) -> None:
+        self.store = store  # type: ignore[assignment]
+        self._last = {}
+
+    def get(self, want: Want, described: dict[str, Any]) -> torch.Tensor:
+        import torch.distributed as dist
+
+        group, name, cast = _source(want, described)
+        key = (group, name)
+        full = self._last.get(key)
+        if full is None:
+            desc: Any = None
+            if D.get_rank() == 0:
+                try:
+                    full = self.store.read(group, name).contiguous()
+                    desc = [list(full.shape), DTYPE_TO_STR[full.dtype]]
+                except Exception as exc:  # told to every rank, which all stop reading
+                    desc = {"error": f"{type(exc).__name__}: {exc}"}
+            desc = coord.broadcast(desc)
+            if isinstance(desc, dict):
+                raise CheckpointError(f"rank 0 could not read {group} tensor {name!r}: {desc['error']}")
+            if full is None:
+                full = torch.empty(desc[0], dtype=STR_TO_DTYPE[desc[1]])
+            if D.is_distributed():
+                dist.broadcast(full, src=0, group=coord.groups().coord)
+            self._last = {key: full}
+        t = full if want.numel is None else full.reshape(-1)[want.start : want.start + want.numel]
+        return t.to(cast) if cast is not None else t
+
+
+# ---------------------------------------------------------------------------------------------- JSON state
+
+
+def _validated_trainer(ckpt: Path, trainer: Any, engine: Any) -> None:
+    """trainer.json and engine.json are JSON we wrote: refuse any other shape with a clear error."""
+    where = ckpt / F.TRAIN_STATE
+    if not isinstance(trainer, dict):
+        raise CheckpointError(f"{where / 'trainer.json'}: not a JSON object")
+    for key in ("position", "step", "tokens"):
+        if not isinstance(trainer.get(key), int) or isinstance(trainer.get(key), bool) or trainer[key] < 0:
+            raise CheckpointError(f"{where / 'trainer.json'}: {key!r} must be a whole number >= 0")
+    for key in ("scheduler", "data", "extra"):
+        if trainer.get(key) is not None and not isinstance(trainer[key], dict):
+            raise CheckpointError(f"{where / 'trainer.json'}: {key!r} must be an object or null")
+    if not isinstance(engine, dict) or not isinstance(engine.get("optimizer", {}) or {}, dict):
+        raise CheckpointError(f"{where / 'engine.json'}: not an engine state object")
+    groups = (engine.get("optimizer") or {}).get("param_groups", [])
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise CheckpointError(f"{where / 'engine.json'}: optimizer.param_groups must be a list of objects")
+    scalars = (engine.get("optimizer") or {}).get("scalars", {})
+    if not isinstance(scalars, dict) or not all(isinstance(v, dict) for v in scalars.values()):
+        raise CheckpointError(f"{where / 'engine.json'}: optimizer.scalars must map parameters to objects")
+
+
+def _restore_rng(ckpt: Path, manifest: dict[str, Any], rank0_only: bool) -> None:
+    rank, world = D.get_rank(), D.get_world_size()
+    error, state = None, None
+    try:
+        if rank0_only:
+            states: Any = None
+            if rank == 0:
+                try:
+                    states = []
+                    for r in range(world):
+                        path = F.safe_path(ckpt, f"{F.TRAIN_STATE}/rng/rank-{r:05d}.json", "rng state")
+                        states.append(read_json(path) if path.is_file() else None)
+                except CheckpointError as exc:
+                    states = {"error": str(exc)}
+            states = coord.broadcast(states)
+            if isinstance(states, dict):
+                raise CheckpointError(states["error"])
+            state = states[rank]
+        else:
+            path = F.safe_path(ckpt, f"{F.TRAIN_STATE}/rng/rank-{rank:05d}.json", "rng state")
+            state = read_json(path) if path.is_file() else None
+        if state is None:
+            if not manifest.get("rng", True):
+                log.info("rank %d: the checkpoint has no RNG state (imported); this rank keeps its fresh seed", rank)
+            elif manifest["world_size"] == world:
+                raise CheckpointError(f"{ckpt}: no RNG state for rank {rank}")
+            else:
+                log.warning(
+                    "rank %d: the checkpoint was written by %d ranks; this rank's RNG keeps its fresh seed",
+                    rank,
+                    manifest["world_size"],
+                )
+        else:
+            restore_rng(state)
+    except CheckpointError as exc:
+        error = str(exc)
+    coord.agree(error, "restoring the RNG state failed")

@@ -1,0 +1,592 @@
+"""Writing one checkpoint on every rank (docs/checkpoint-format.md, "How a checkpoint is written").
+
+Every rank calls :func:`start_save` with the same request:
+
+1. **plan**: every rank computes the same :class:`~.layout.SavePlan` from the adapter's items, with no
+   communication: the Hugging Face model shards and their writers, and each rank's own slice files;
+2. **open**: rank 0 makes ``.staging-<name>-<nonce>`` and tells the others its name (coord group);
+3. **fetch**: each rank hands its tensors to its writer thread: the slices it holds (master weights, optimizer
+   state: no collective), the replicated tensors it was given, and the model weights of the shards it writes; a
+   partitioned weight (ZeRO-3, FSDP2) is gathered to that one rank (one ``gather`` per such weight, on the training
+   group: about the model's bytes in all, never an all-gather). Async saves copy each tensor into a reused host
+   buffer (:class:`HostArena`) first. The phase ends with an agreement: any rank's error raises on every rank;
+4. **write** (background thread): each file is streamed, checksummed and fsynced as its tensors arrive;
+5. **report and commit** (background thread, commit group): rank 0 gathers every rank's files (size, checksum) or
+   error, commits (:mod:`.commit`) or removes the staging directory, and tells every rank the outcome, which
+   :meth:`PendingSave.wait` raises on every rank if the save failed.
+
+Memory: a synchronous save writes CPU tensors from their own storage and copies a device tensor only when the
+writer reaches it; gathered weights waiting for the writer are capped at one shard's bytes. An async save keeps one
+host buffer of the rank's share (pinned on GPU), reused by every later save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed as D
+from ..errors import CheckpointError
+from . import coord
+from . import format as F
+from .adapters import EngineAdapter
+from .faults import point
+from .layout import Item, ModelShard, SavePlan, StateFile, plan_save
+from .rng import capture_rng
+from .safetensors_io import DEFAULT_CHECKSUM, StreamingWriter, write_json
+
+__all__ = ["HostArena", "PendingSave", "SaveRequest", "save_checkpoint", "start_save"]
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass
+class SaveRequest:
+    """What to save besides the engine's tensors. ``trainer`` is plain JSON (position, step, tokens, scheduler and
+    data-loader state, user state)."""
+
+    position: int
+    step: int
+    tokens: int
+    kinds: list[str]
+    trainer: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] | None = None
+    hf_config: dict[str, Any] | None = None
+    extra_manifest: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- host buffers
+
+
+class HostArena:
+    """One host buffer that every async save of a manager reuses: a rank's share of the state is copied into it
+    (the only stall of an async save), then written from it while training goes on. Pinned when the state is on a
+    GPU (fast device-to-host copies); it grows when a save needs more, and is never one buffer per tensor."""
+
+    _ALIGN = 64
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+        self._off = 0
+        self._pinned = False
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buf is None else self._buf.numel()
+
+    def begin(self, nbytes: int, pin: bool) -> None:
+        """Make room for ``nbytes`` (allocating only when the buffer is too small or not pinned as asked)."""
+        need = nbytes + self._ALIGN * 64
+        if self._buf is None or self._buf.numel() < need or (pin and not self._pinned):
+            self._buf = None
+            self._buf = torch.empty(need, dtype=torch.uint8, pin_memory=pin)
+            self._pinned = pin
+        self._off = 0
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of ``t`` inside the buffer (asynchronous from a device into pinned memory: see :meth:`end`)."""
+        assert self._buf is not None
+        n = t.numel() * t.element_size()
+        off = -(-self._off // self._ALIGN) * self._ALIGN
+        if off + n > self._buf.numel():
+            raise CheckpointError(f"internal: the snapshot buffer of {self._buf.numel()} bytes is too small")
+        view = self._buf[off : off + n].view(t.dtype).view(t.shape)
+        view.copy_(t.detach(), non_blocking=self._pinned and t.device.type == "cuda")
+        self._off = off + n
+        return view
+
+    def end(self) -> None:
+        if self._pinned and torch.cuda.is_available():
+            torch.cuda.synchronize()  # the copies must be done before training changes the tensors
+
+
+# ---------------------------------------------------------------------------------------------- the writer thread
+
+
+class _Writer:
+    """A thread that streams this rank's files as their tensors arrive, while the main thread fetches the next
+    ones. Files are written in the order their first tensor arrives; each is fsynced and checksummed."""
+
+    def __init__(self, staging: Path, fsync: bool, checksum: str, budget: int) -> None:
+        self.staging, self.fsync, self.checksum = staging, fsync, checksum
+        self.records: dict[str, dict[str, Any]] = {}
+        self.attempted: list[str] = []
+        self.error: str | None = None
+        self._files: dict[str, tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], dict[str, str]]] = {}
+        self._open: dict[str, StreamingWriter] = {}
+        self._left: dict[str, int] = {}
+        self._queue: queue.Queue[tuple[str, str, torch.Tensor, int] | None] = queue.Queue()
+        self._held = 0  # bytes of tensors queued that exist only for this save (gathered weights)
+        self._budget = budget
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="wsd-ckpt-writer", daemon=True)
+        self._thread.start()
+
+    def expect(self, rel: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> None:
+        self._files[rel] = (specs, metadata)
+        self._left[rel] = len(specs)
+
+    def submit(self, rel: str, key: str, tensor: torch.Tensor, held: int = 0) -> None:
+        """Queue one tensor of ``rel``; ``held`` bytes (a tensor made for this save) count against the budget, and
+        the caller waits while the writer is that far behind."""
+        with self._cond:
+            while held and self._held > 0 and self._held + held > self._budget and self.error is None:
+                self._cond.wait(1.0)
+            self._held += held
+        self._queue.put((rel, key, tensor, held))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            rel, key, tensor, held = item
+            try:
+                if self.error is None:
+                    self._write(rel, key, tensor)
+            except Exception as exc:  # reported to every rank, then raised
+                self.error = f"{rel}: {type(exc).__name__}: {exc}"
+                for w in self._open.values():
+                    w.abort()
+                self._open.clear()
+            finally:
+                del tensor
+                with self._cond:
+                    self._held -= held
+                    self._cond.notify_all()
+
+    def _write(self, rel: str, key: str, tensor: torch.Tensor) -> None:
+        w = self._open.get(rel)
+        if w is None:
+            specs, metadata = self._files[rel]
+            path = _inside_staging(self.staging, rel)
+            self.attempted.append(rel)
+            point(f"shard-begin:{rel}")
+            w = self._open[rel] = StreamingWriter(path, specs, metadata, fsync=self.fsync, checksum=self.checksum)
+        w.add(key, tensor)
+        self._left[rel] -= 1
+        if self._left[rel] == 0:
+            size, digest = self._open.pop(rel).close()
+            self.records[rel] = {"size": size, "hash": digest}
+            point(f"shard-end:{rel}")
+
+    def write_json(self, rel: str, data: Any) -> None:
+        if self.error is not None:
+            return
+        try:
+            path = _inside_staging(self.staging, rel)
+            self.attempted.append(rel)
+            size, digest = write_json(path, data, fsync=self.fsync, checksum=self.checksum)
+            self.records[rel] = {"size": size, "hash": digest}
+        except Exception as exc:
+            self.error = f"{rel}: {type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        """Wait until every queued tensor is written; a file left unfinished is an error."""
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is None and any(self._left.values()):
+            missing = sorted(rel for rel, n in self._left.items() if n)
+            self.error = f"internal: files {missing[:3]} never received all their tensors"
+        for w in self._open.values():
+            w.abort()
+        self._open.clear()
+
+    def discard(self) -> None:
+        """Remove this rank's files of a save that failed: they would be deleted anyway, and on a full disk the space
+        they free lets the error report through."""
+        for rel in self.attempted:
+            with contextlib.suppress(OSError):
+                (self.staging / rel).unlink()
+        self.records = {}
+
+
+def _inside_staging(staging: Path, rel: str) -> Path:
+    """``staging/rel``, creating its folders one level at a time: never the staging directory itself, so a rank
+    that is late to a save that rank 0 abandoned (and removed) fails instead of re-creating a stray directory."""
+    folder = staging
+    for part in Path(rel).parent.parts:
+        folder = folder / part
+        try:
+            folder.mkdir(exist_ok=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"{staging}: the staging directory is gone (the save was abandoned)") from None
+    if not staging.is_dir():
+        raise CheckpointError(f"{staging}: the staging directory is gone (the save was abandoned)")
+    return staging / rel
+
+
+# ---------------------------------------------------------------------------------------------- a save in flight
+
+
+class PendingSave:
+    """A checkpoint being written. Training may go on (async saves) until :meth:`wait`, which raises on every rank
+    if any rank failed (every rank learns the same outcome from rank 0)."""
+
+    def __init__(self, name: str, final: Path, staging: Path) -> None:
+        self.name, self.final, self.staging = name, final, staging
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None
+        self.stats: dict[str, Any] = {}
+
+    def done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    def wait(self) -> Path:
+        if self._thread is not None:
+            self._thread.join()
+        if self.error:
+            raise CheckpointError(f"checkpoint {self.name} was not written (nothing was committed): {self.error}")
+        return self.final
+
+
+def save_checkpoint(adapter: Any, run_dir: str | os.PathLike[str], request: SaveRequest, **kwargs: Any) -> Path:
+    """Write one checkpoint and commit it before returning (every rank calls this); see :func:`start_save`."""
+    return start_save(adapter, run_dir, request, **kwargs).wait()
+
+
+def start_save(
+    adapter: EngineAdapter,
+    run_dir: str | os.PathLike[str],
+    request: SaveRequest,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    rank0_only: bool = False,
+    fsync: bool = True,
+    arena: HostArena | None = None,
+    after_commit: Callable[[Path], None] | None = None,
+    dest: str | os.PathLike[str] | None = None,
+    with_rng: bool = True,
+    rng_states: dict[int, Any] | None = None,
+    checksum: str = DEFAULT_CHECKSUM,
+) -> PendingSave:
+    """Start writing one checkpoint (every rank calls this with the same request) and return once the engine's
+    state has been handed to the writer threads (see the module docstring).
+
+    ``arena``: copy every tensor into this reused host buffer first (async saves: training may change the tensors
+    as soon as this returns). ``rank0_only``: rank 0 writes every file; the other ranks send it their slices (jobs
+    without a shared filesystem). ``after_commit`` runs on rank 0 once the checkpoint is committed. ``dest`` writes
+    the checkpoint at exactly that path (converters) and leaves ``latest`` alone. ``with_rng=False`` writes no RNG
+    files; ``rng_states`` gives them (a converter copies the source's).
+    """
+    rank, procs = D.get_rank(), D.get_world_size()
+    point("save-begin")
+    run_dir = Path(run_dir)
+    root = F.checkpoints_dir(run_dir) if dest is None else Path(dest).parent
+    name = F.checkpoint_name(request.position, request.kinds)
+    final = root / name if dest is None else Path(dest)
+    items = adapter.items()
+    holders = getattr(adapter, "world", procs)
+    plan = plan_save(items, holders, max_shard_bytes)
+    t_plan = time.monotonic()
+
+    # 2. rank 0 opens the staging directory and tells everyone its name
+    staging_name: Any = None
+    if rank == 0:
+        try:
+            if final.exists() and (dest is None or any(final.iterdir())):
+                raise CheckpointError(f"{final} already exists; a checkpoint is written once (give a new path)")
+            if dest is not None and final.exists():
+                final.rmdir()  # an empty folder given as the destination: the rename below takes its place
+            root.mkdir(parents=True, exist_ok=True)
+            staging_name = f"{F.STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+            (root / staging_name / F.TRAIN_STATE / "rng").mkdir(parents=True)
+            point("staging-created")
+        except Exception as exc:
+            if isinstance(staging_name, str):
+                shutil.rmtree(root / staging_name, ignore_errors=True)
+            staging_name = {"error": f"rank 0: {type(exc).__name__}: {exc}"}
+    staging_name = coord.broadcast(staging_name)
+    if isinstance(staging_name, dict):
+        raise CheckpointError(f"cannot start checkpoint {name}: {staging_name['error']}")
+    staging = root / staging_name
+    result = PendingSave(name, final, staging)
+
+    # 3. fetch: every rank hands what it writes to its writer thread
+    writer_of = (lambda holder: 0) if rank0_only else (lambda holder: holder % procs)
+    my_shards = [s for s in plan.model_shards if writer_of(s.owner) == rank]
+    my_holders = [h for h in range(plan.world) if writer_of(h) == rank]
+    my_files: list[StateFile] = [f for h in my_holders for f in plan.state_files(h)]
+    writer = _Writer(staging, fsync, checksum, budget=max_shard_bytes)
+    error: str | None = None
+    if rank != 0:
+        error = _wait_visible(staging)
+    point("fetch-begin")
+    try:
+        for shard in my_shards:
+            writer.expect(shard.relpath, [(i.name, i.dtype, i.shape) for i in shard.items], {})
+        for f in my_files:
+            starts = {item.key: start for item, start, _ in f.entries}
+            meta = {"wsd_pretrain": json.dumps({"rank": f.holder, "starts": starts}, separators=(",", ":"))}
+            writer.expect(f.relpath, [(item.key, item.dtype, (n,)) for item, _, n in f.entries], meta)
+        if arena is not None:
+            arena.begin(sum(s.nbytes for s in my_shards) + sum(f.nbytes for f in my_files), pin=_on_gpu(adapter))
+    except Exception as exc:
+        error = error or f"preparing the save: {type(exc).__name__}: {exc}"
+        arena = None
+    fetch = _Fetch(adapter, writer, arena, rank, procs, plan, error)
+    fetch.model(plan.model_shards, writer_of)
+    fetch.state(my_files, plan, writer_of, rank0_only)
+    if arena is not None:
+        with contextlib.suppress(Exception):
+            arena.end()
+    rng = capture_rng() if with_rng else None
+    if rank0_only and procs > 1:
+        gathered = D.gather_object(rng, dst=0, group=coord.groups().coord)
+        rng_by_rank = dict(enumerate(gathered)) if gathered is not None else {}
+    else:
+        rng_by_rank = {rank: rng} if with_rng else {}
+    if rng_states is not None:
+        rng_by_rank = dict(rng_states)
+    meta = adapter.meta() if rank == 0 else {}
+    layout = adapter.layout() if rank == 0 else {}
+    point("fetch-end")
+    try:
+        coord.agree(fetch.error, f"checkpoint {name}: fetching the state failed (nothing was committed)")
+    except CheckpointError:
+        writer.close()
+        writer.discard()
+        coord.agree(None, "abandoning the save")  # every rank has stopped writing before rank 0 removes the folder
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result.stats = {"plan_s": t_plan, "fetched_s": time.monotonic(), "bytes": fetch.bytes, "sent": fetch.sent}
+
+    def finish() -> None:
+        from .commit import commit
+
+        for r, state in rng_by_rank.items():
+            if state is not None:
+                writer.write_json(f"{F.TRAIN_STATE}/rng/rank-{int(r):05d}.json", state)
+        writer.close()
+        if writer.error:
+            writer.discard()
+        point("report")
+        records = {rel: rec | {"rank": rank} for rel, rec in writer.records.items()}
+        report = {"records": records, "error": writer.error}
+        group = coord.groups().commit
+        reports = D.gather_object(report, dst=0, group=group) if procs > 1 else [report]
+        outcome: Any = None
+        if rank == 0:
+            assert reports is not None
+            errors = [f"rank {r}: {rep['error']}" for r, rep in enumerate(reports) if rep["error"]]
+            if errors:
+                outcome = {"error": "; ".join(errors)}
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                try:
+                    files = {rel: rec for rep in reports for rel, rec in rep["records"].items()}
+                    commit(
+                        staging,
+                        final,
+                        root,
+                        plan,
+                        files,
+                        meta,
+                        layout,
+                        adapter.tied,
+                        request,
+                        procs,
+                        rank0_only,
+                        fsync,
+                        checksum,
+                        latest=dest is None,
+                        with_rng=with_rng,
+                    )
+                    outcome = {"ok": True}
+                except Exception as exc:
+                    outcome = {"error": f"rank 0 could not commit: {type(exc).__name__}: {exc}"}
+                    shutil.rmtree(staging, ignore_errors=True)
+        outcome = D.broadcast_object(outcome, src=0, group=group) if procs > 1 else outcome
+        if "error" in outcome:
+            result.error = outcome["error"]
+            return
+        seen = _wait_visible(final) if rank != 0 else None
+        if procs > 1:
+            coord_error = D.all_gather_object(seen, group=group)
+            seen = "; ".join(f"rank {r}: {e}" for r, e in enumerate(coord_error) if e) or None
+        if seen:
+            result.error = f"committed, but not visible on every rank: {seen}"
+            return
+        if after_commit is not None and rank == 0:
+            after_commit(final)
+
+    def run() -> None:
+        try:
+            finish()
+        except Exception as exc:  # a collective failed: every rank is told by its own failure
+            result.error = result.error or f"{type(exc).__name__}: {exc}"
+
+    result._thread = threading.Thread(target=run, name=f"wsd-ckpt-{name}", daemon=False)
+    result._thread.start()
+    return result
+
+
+def _on_gpu(adapter: Any) -> bool:
+    device = getattr(adapter, "device", torch.device("cpu"))
+    return torch.device(device).type == "cuda"
+
+
+class _Fetch:
+    """The fetch phase of one rank: what it writes goes to its writer; what it holds for another rank's file goes
+    there through a collective. A local error is remembered, and the rank keeps taking part in every collective
+    (sending zeros) until the phase's agreement, so no rank waits forever."""
+
+    def __init__(
+        self,
+        adapter: Any,
+        writer: _Writer,
+        arena: HostArena | None,
+        rank: int,
+        procs: int,
+        plan: SavePlan,
+        error: str | None,
+    ) -> None:
+        self.adapter, self.writer, self.arena = adapter, writer, arena
+        self.rank, self.procs, self.plan = rank, procs, plan
+        self.error = error
+        self.bytes = 0  # bytes handed to the writer
+        self.sent = 0  # bytes this rank sent through collectives
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = f"{what}: {type(exc).__name__}: {exc}"
+
+    def _hand(self, rel: str, key: str, tensor: torch.Tensor, made: bool) -> None:
+        if self.error is not None:
+            return
+        try:
+            point(f"fetch:{key}")
+            if self.arena is not None:
+                tensor, made = self.arena.copy(tensor), False
+            self.bytes += tensor.numel() * tensor.element_size()
+            self.writer.submit(rel, key, tensor, tensor.numel() * tensor.element_size() if made else 0)
+        except Exception as exc:
+            self._fail(f"{rel} {key}", exc)
+
+    def model(self, shards: list[ModelShard], writer_of: Callable[[int], int]) -> None:
+        gathers = getattr(self.adapter, "gathers", True) and self.procs > 1
+        for shard in shards:
+            writes = writer_of(shard.owner) == self.rank
+            for item in shard.items:
+                if item.partition.replicated or not gathers:
+                    if writes:
+                        try:
+                            t = self._whole(item)
+                        except Exception as exc:
+                            self._fail(f"fetch {item.name}", exc)
+                            continue
+                        self._hand(shard.relpath, item.name, t, made=not item.partition.replicated)
+                    continue
+                full = self._gather(item, writer_of(shard.owner))
+                if writes and full is not None:
+                    self._hand(shard.relpath, item.name, full, made=True)
+
+    def _whole(self, item: Item) -> torch.Tensor:
+        if item.partition.replicated:
+            return self.adapter.local(item)
+        return self.adapter.full(item)  # a converter's source holds every part
+
+    def _gather(self, item: Item, dst: int) -> torch.Tensor | None:
+        """``item``'s parts from the ranks that hold them to ``dst`` only (point to point on the training group, each
+        part at its exact size: no padding, no all-gather; ranks holding nothing of it do nothing)."""
+        import torch.distributed as dist
+
+        parts = list(item.partition.iter_parts(item.numel, self.plan.world))
+        mine = [p for p in parts if p[2] == self.rank]
+        if self.rank != dst and not mine:
+            return None
+        device = D._comm_device(None)
+        if self.rank != dst:
+            start, n, _ = mine[0]
+            try:
+                local = self.adapter.local(item).reshape(-1)
+                if local.numel() != n:
+                    raise CheckpointError(f"holds {local.numel()} elements, the plan says {n}")
+            except Exception as exc:
+                self._fail(f"fetch {item.name}", exc)
+                local = torch.zeros(n, dtype=item.dtype)
+            dist.send(local.to(device).contiguous(), dst=dst)
+            self.sent += n * local.element_size()
+            return None
+        out = torch.empty(item.numel, dtype=item.dtype, device=device)
+        works = []
+        for start, n, holder in parts:
+            if holder == dst:
+                try:
+                    out[start : start + n] = self.adapter.local(item).reshape(-1).to(device)
+                except Exception as exc:
+                    self._fail(f"fetch {item.name}", exc)
+            else:
+                works.append(dist.irecv(out[start : start + n], src=holder))
+        for work in works:
+            work.wait()
+        return out.view(item.shape)
+
+    def state(self, files: list[StateFile], plan: SavePlan, writer_of: Callable[[int], int], rank0_only: bool) -> None:
+        if rank0_only and self.procs > 1:
+            self._state_to_rank0(plan)
+            return
+        for f in files:
+            for item, start, n in f.entries:
+                try:
+                    live = getattr(self.adapter, "gathers", True)  # a running job; a converter holds every part
+                    t = self.adapter.local(item) if live else self.adapter.part(item, f.holder)
+                    t = t.reshape(-1)
+                    if t.numel() != n:
+                        raise CheckpointError(f"holds {t.numel()} elements, the plan says {n} from {start}")
+                except Exception as exc:
+                    self._fail(f"fetch {item.key}", exc)
+                    continue
+                self._hand(f.relpath, item.key, t, made=False)
+
+    def _state_to_rank0(self, plan: SavePlan) -> None:
+        """``write_mode: rank0``: each rank sends its slices to rank 0 (gloo, CPU tensors: works under NCCL too),
+        holder by holder in rank order."""
+        import torch.distributed as dist
+
+        group = coord.groups().coord
+        for holder in range(plan.world):
+            if self.rank not in (0, holder):
+                continue
+            for f in plan.state_files(holder):
+                for item, _, n in f.entries:
+                    t: torch.Tensor | None = None
+                    if self.rank == holder:
+                        try:
+                            t = self.adapter.local(item).reshape(-1).detach().to("cpu")
+                            if t.numel() != n:
+                                raise CheckpointError(f"holds {t.numel()} elements, the plan says {n}")
+                        except Exception as exc:
+                            self._fail(f"fetch {item.key}", exc)
+                            t = torch.zeros(n, dtype=item.dtype)
+                    if holder == 0:
+                        self._hand(f.relpath, item.key, t, made=False)
+                    elif self.rank == holder:
+                        dist.send(t.contiguous(), dst=0, group=group)
+                        self.sent += t.numel() * t.element_size()
+                    else:
+                        buf = torch.empty(n, dtype=item.dtype)
+                        dist.recv(buf, src=holder, group=group)
+                        self._hand(f.relpath, item.key, buf, made=True)
+
+
+def _wait_visible(path: Path, timeout: float = 120.0) -> str | None:
+    """None once ``path`` exists here (a shared filesystem may show another node's rename late), else an error."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return f"{path} is not visible on this rank after {timeout:.0f}s"
+        time.sleep(0.05)
+    return None
