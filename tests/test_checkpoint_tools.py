@@ -102,16 +102,29 @@ def test_reshard_to_bf16_and_back_loses_nothing_that_matters(trained, tmp_path):
     assert m["master_weights"] == "master", "the fp32 weights are kept as the master"
     # resuming from the resharded checkpoint restores the exact fp32 weights and optimizer state
     cfg = ModelConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
-    a, b = LlamaLM(cfg), LlamaLM(cfg)
-    for model, path in ((a, src), (b, out)):
+    loaded = []
+    for path in (src, out):
+        torch.manual_seed(len(loaded) + 1)  # other initial weights each time: the load must replace them all
+        model = LlamaLM(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         mgr = CheckpointManager(
-            tmp_path / f"load-{model is a}", model, opt, WSDScheduler(opt, WSDSchedule(total=6, decay_length=2))
+            tmp_path / f"load-{len(loaded)}", model, opt, WSDScheduler(opt, WSDSchedule(total=6, decay_length=2))
         )
         mgr.load(path)
         mgr.close()
+        loaded.append((model, opt))
+    (a, opt_a), (b, opt_b) = loaded
+    names = [n for n, _ in a.named_parameters()]
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
+    # the optimizer state too: every parameter's exp_avg, exp_avg_sq and step, the trained values
+    state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert sorted(state_a) == sorted(state_b) == list(range(len(names)))
+    for i, n in enumerate(names):
+        assert state_a[i].keys() == state_b[i].keys() == {"step", "exp_avg", "exp_avg_sq"}, n
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(state_a[i][key], state_b[i][key]), f"{n} {key}"
+        assert float(state_b[i]["step"]) == 6.0 and state_b[i]["exp_avg_sq"].abs().sum() > 0, n
 
 
 def test_dcp_round_trip_streams_each_tensor(trained, tmp_path):
