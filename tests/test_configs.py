@@ -116,6 +116,24 @@ def test_unknown_sections_and_keys_are_refused_with_hints():
     assert len(info.value.problems) == 3  # every problem of every section, at once
 
 
+def test_values_of_the_wrong_type_are_refused_naming_field_value_and_type():
+    with pytest.raises(ConfigError) as info:
+        resolve_job(
+            {
+                "train": {"micro_batch_size": True, "seed": "zero", "dtype": "fp8"},  # yes/no is not a number
+                "optimizer": {"lr": "high"},
+                "data": {"paths": "a.txt"},
+            }
+        )
+    assert info.value.problems == [
+        "data: paths='a.txt': expected a list of str",
+        "optimizer: lr='high': expected float",
+        "train: micro_batch_size=True: expected int",
+        "train: seed='zero': expected int",
+        "train: dtype='fp8': expected one of 'fp32', 'bf16', 'fp16'",
+    ]
+
+
 def test_total_steps_rescales_and_save_every_sets_the_interval():
     job = resolve_job({}, total_steps=60, save_every=7)
     assert job.schedule.total == 60 and job.schedule.warmup == 6 and job.checkpoint.every_steps == 7
