@@ -21,8 +21,8 @@ DOC = ROOT / "docs" / "benchmarks.md"
 HEADER = """# Benchmarks
 
 Every figure here is measured by a script in `tools/` that anyone can rerun (`python tools/bench_<name>.py`); each
-script rewrites its own section below. Ratios compare things measured side by side in the same run, on the
-machine described in the section; times are medians of several runs.
+script rewrites its own section below (`--out FILE` writes it elsewhere). Ratios compare things measured side by
+side in the same run, on the machine described in the section; times are medians of several runs.
 """
 
 

@@ -6,7 +6,7 @@ the other ranks on time-based and preemption saves: one small all-reduce). Runs 
 2 ranks (gloo).
 
     python tools/bench_overhead.py [--steps 100] [--rounds 3] [--out docs/benchmarks.md]
-    python tools/bench_overhead.py --steps 2 --rounds 1 --batch 2 --seq-len 16 --out /tmp/o.md   # a smoke run
+    python tools/bench_overhead.py --steps 2 --rounds 1 --batch 2 --seq-len 16 --ranks 2 --out /tmp/o.md  # smoke
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16, help="sequences per rank per update")
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="world sizes to measure (default 1 2)")
     add_out_argument(ap)
     args = ap.parse_args(argv)
     rows = [
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             "maybe_save alone / step",
         ]
     ]
-    for world in (1, 2):
+    for world in args.ranks:
         res = launch(world, args.steps, args.rounds, args.batch, args.seq_len)
         a, b = statistics.median(res["without"]), statistics.median(res["with"])
         alone = res["maybe_save_alone"]
