@@ -58,7 +58,7 @@ T_MANAGER = "tests/test_checkpoint_manager.py"
 MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ shapes and the schedule
     M(
-        "warmup-1sqrt-mirrored",
+        "warmup-1sqrt-other-curve",
         "wsd_pretrain/shapes.py",
         "return 1.0 - math.sqrt(1.0 - t)",
         "return t ** (math.log(1 - math.sqrt(0.5)) / math.log(0.5))",
