@@ -17,12 +17,14 @@ SCHEDULE = dict(total=10, warmup=2, milestones=(5, 10), decay_length=(2, 2))
 
 
 def _train(rank, world, engine, run_dir, stop=None, resume=None, config=None, schedule=None, preempt_at=None):
-    from engines import build, full_state
+    """Training that draws from every random stream (engines.build(stochastic=True)): an exact resume or rewind
+    needs the model, optimizer, data position and every rank's RNG back."""
+    from engines import build, full_state, rng_digests
     from wsd_pretrain import WSDSchedule
     from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 
     sched_kwargs = schedule or SCHEDULE
-    model, opt, sched, step = build(engine, WSDSchedule(**sched_kwargs), rank)
+    model, opt, sched, step = build(engine, WSDSchedule(**sched_kwargs), rank, stochastic=True)
     mgr = CheckpointManager(run_dir, model, opt, sched, config=CheckpointConfig(**(config or {})))
     loaded = mgr.resume(resume) if resume else False
     losses = {}
@@ -45,6 +47,7 @@ def _train(rank, world, engine, run_dir, stop=None, resume=None, config=None, sc
         "stopped": mgr.should_stop,
         "saves": [p.name for p in mgr.saves],
         "state": {k: v.flatten().tolist() for k, v in state.items()},
+        "rng": rng_digests(),
     }
 
 
@@ -60,14 +63,14 @@ def _load_only(rank, world, engine, ckpt):
     return {"position": sched.position, "state": {k: v.flatten().tolist() for k, v in full_state(model, opt).items()}}
 
 
-def _assert_same_state(a: dict, b: dict, keys=None):
-    keys = keys or a.keys()
-    for key in keys:
-        assert a[key] == pytest.approx(b[key], abs=0, rel=0), key
+def _assert_same_state(a: dict, b: dict):
+    """The same tensors (parameters, master weights, every optimizer state key), bit for bit."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key] == b[key], key
 
 
-def _model_keys(state):
-    return [k for k in state if k.endswith(":model") or k.endswith(":master") or "exp_avg" in k]
+OPTIMIZER_KEYS = {"optimizer/exp_avg", "optimizer/exp_avg_sq", "optimizer/step"}
 
 
 @pytest.mark.parametrize(
@@ -83,13 +86,14 @@ def test_a_checkpoint_resumes_on_another_world_size_and_engine(tmp_path, saver, 
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["world_size"] == save_world
     ref = saved[0]["state"]
+    # every engine here trains in fp32: each parameter has its weight and AdamW's exp_avg, exp_avg_sq and step
+    params = {k.partition(":")[0] for k in ref}
+    assert len(params) == 13 and ref.keys() == {f"{p}:{k}" for p in params for k in {"model", *OPTIMIZER_KEYS}}
+    assert {v[0] for k, v in ref.items() if k.endswith(":optimizer/step")} == {4.0}
     for res in loaded:
         assert res["position"] == manifest["position"]
-        # fp32 views of the master weights and the Adam moments are equal bit for bit
-        common = [k for k in _model_keys(ref) if k in res["state"] and not k.endswith(":model")]
-        common += [k for k in ref if k.endswith(":model") and k.replace(":model", ":master") not in ref]
-        assert common
-        _assert_same_state(ref, res["state"], [k for k in common if k in res["state"]])
+        # weights and the whole optimizer state, the same tensors bit for bit, on every rank of the new layout
+        _assert_same_state(ref, res["state"])
 
 
 def test_hugging_face_folder_loads_with_plain_safetensors_and_from_pretrained(tmp_path):
@@ -164,6 +168,7 @@ def test_async_and_rank0_saves_resume_exactly(tmp_path, mode):
     for s, r in zip(straight, resumed):
         assert r["loaded"]
         _assert_same_state(s["state"], r["state"])
+        assert r["rng"] == s["rng"], "every random stream of this rank"
     names = sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step-*"))
     assert "step-000000010-post-decay+final" in names and "step-000000003-pre-decay+periodic" in names
     assert not list((tmp_path / "a" / "checkpoints").glob(".staging-*")), "no staging directory is left behind"
@@ -193,6 +198,7 @@ def test_preemption_signal_on_one_rank_saves_everywhere_and_resume_continues(tmp
     for s, f, r in zip(straight, first, resumed):
         assert {**f["losses"], **r["losses"]} == s["losses"]
         _assert_same_state(s["state"], r["state"])
+        assert r["rng"] == s["rng"], "every random stream of this rank"
 
 
 def test_branching_leaves_the_main_trajectory_untouched(tmp_path):
@@ -203,7 +209,9 @@ def test_branching_leaves_the_main_trajectory_untouched(tmp_path):
     )
     without = run_distributed(_train, args=("ds1-bf16", str(tmp_path / "b"), None, None, None, main_only), timeout=600)
     for a, b in zip(with_branches, without):
+        # each rewind restored the model, the optimizer, the data position and every random stream
         _assert_same_state(b["state"], a["state"])
+        assert a["rng"] == b["rng"]
     names = with_branches[0]["saves"]
     assert names == [
         "step-000000003-pre-decay",

@@ -1,5 +1,7 @@
 """Exact resume with real engines on 2 ranks (gloo, CPU): 2N steps straight versus N steps, stop, resume, N more
-must give the same losses and bitwise-equal final weights and optimizer state."""
+must give the same losses, bitwise-equal final weights and optimizer state, and every random stream of every rank
+(python, numpy, torch CPU) in the same state at every step from the resume on. The training draws from every stream
+(dropout, a random data augmentation), so without the RNG restore the losses differ too."""
 
 from __future__ import annotations
 
@@ -13,26 +15,28 @@ SCHEDULE = dict(total=12, warmup=2, milestones=(6, 12), decay_length=(2, 3), dec
 
 
 def _run(rank: int, world: int, engine: str, run_dir: str, stop: int | None, resume: bool) -> dict:
-    from engines import build, full_state
+    from engines import build, full_state, rng_digests
     from wsd_pretrain import WSDSchedule
     from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 
     schedule = WSDSchedule(**SCHEDULE)
-    model, opt, sched, step = build(engine, schedule, rank)
+    model, opt, sched, step = build(engine, schedule, rank, stochastic=True)
     mgr = CheckpointManager(run_dir, model, opt, sched, config=CheckpointConfig(every_steps=5, max_shard_size=4096))
     if resume:
         assert mgr.resume("auto")
-    losses = {}
+    losses, rng = {}, {sched.position: rng_digests()}
     while not sched.finished:
         i = sched.position
         losses[i] = step(i)
         mgr.maybe_save()
+        rng[sched.position] = rng_digests()
         if stop is not None and sched.position == stop:
             break
     mgr.close()
     state = full_state(model, opt)
     return {
         "losses": losses,
+        "rng": rng,
         "state": {k: v.flatten().tolist() for k, v in state.items()},
         "saves": [p.name for p in mgr.saves],
     }
@@ -48,8 +52,16 @@ def test_stop_and_resume_equals_straight(engine, tmp_path):
     assert first[0]["saves"] == ["step-000000004-pre-decay", "step-000000005-periodic"]
     second = run_distributed(_run, args=(engine, str(tmp_path / "resumed"), None, True), timeout=600)
     for rank in range(2):
+        # the training draws from every stream: the losses and the weights come out the same only if the resume
+        # restored each of them
         resumed_losses = {**first[rank]["losses"], **second[rank]["losses"]}
         assert resumed_losses == straight[rank]["losses"], f"rank {rank}: losses differ after resume"
         assert second[rank]["state"].keys() == straight[rank]["state"].keys()
         for key, values in straight[rank]["state"].items():
             assert second[rank]["state"][key] == values, f"rank {rank}: {key} differs"
+        # and every stream of this rank itself, from the moment the checkpoint is loaded (position 5) to the end
+        assert second[rank]["rng"].keys() == {str(p) for p in range(5, 13)}
+        for position, streams in second[rank]["rng"].items():
+            assert streams == straight[rank]["rng"][position], f"rank {rank}: RNG differs at position {position}"
+    ends = [straight[r]["rng"]["12"] for r in range(2)]
+    assert all(ends[0][k] != ends[1][k] for k in ("python", "numpy", "torch")), "each rank has its own streams"

@@ -102,16 +102,29 @@ def test_reshard_to_bf16_and_back_loses_nothing_that_matters(trained, tmp_path):
     assert m["master_weights"] == "master", "the fp32 weights are kept as the master"
     # resuming from the resharded checkpoint restores the exact fp32 weights and optimizer state
     cfg = ModelConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
-    a, b = LlamaLM(cfg), LlamaLM(cfg)
-    for model, path in ((a, src), (b, out)):
+    loaded = []
+    for path in (src, out):
+        torch.manual_seed(len(loaded) + 1)  # other initial weights each time: the load must replace them all
+        model = LlamaLM(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         mgr = CheckpointManager(
-            tmp_path / f"load-{model is a}", model, opt, WSDScheduler(opt, WSDSchedule(total=6, decay_length=2))
+            tmp_path / f"load-{len(loaded)}", model, opt, WSDScheduler(opt, WSDSchedule(total=6, decay_length=2))
         )
         mgr.load(path)
         mgr.close()
+        loaded.append((model, opt))
+    (a, opt_a), (b, opt_b) = loaded
+    names = [n for n, _ in a.named_parameters()]
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
+    # the optimizer state too: every parameter's exp_avg, exp_avg_sq and step, the trained values
+    state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert sorted(state_a) == sorted(state_b) == list(range(len(names)))
+    for i, n in enumerate(names):
+        assert state_a[i].keys() == state_b[i].keys() == {"step", "exp_avg", "exp_avg_sq"}, n
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(state_a[i][key], state_b[i][key]), f"{n} {key}"
+        assert float(state_b[i]["step"]) == 6.0 and state_b[i]["exp_avg_sq"].abs().sum() > 0, n
 
 
 def test_dcp_round_trip_streams_each_tensor(trained, tmp_path):
@@ -212,6 +225,21 @@ def test_from_deepspeed_matches_zero_to_fp32_and_resumes_like_deepspeed(tmp_path
     tools.from_deepspeed(ds_dir, out, max_shard_size=20_000)
     ckpt = F.resolve_checkpoint(out)
     assert ckpt.name == "step-000000004-imported" and tools.verify_checkpoint_files(ckpt) == []
+    if (stage, dtype) == (2, "fp32"):  # tools/from_deepspeed.py, as a user runs it, writes the same files
+        import subprocess
+        import sys
+
+        script = Path(__file__).resolve().parent.parent / "tools" / "from_deepspeed.py"
+        res = subprocess.run(
+            [sys.executable, str(script), str(ds_dir), str(tmp_path / "by-script"), "--max-shard-size", "20000"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        by_script = F.resolve_checkpoint(tmp_path / "by-script")
+        assert by_script.name == ckpt.name
+        assert F.load_manifest(by_script)["files"] == F.load_manifest(ckpt)["files"]
     master_group = "master" if dtype != "fp32" else "model"
     ours = read_all(ckpt)
     # DeepSpeed's partitions stay the slices of the ranks that held them (nothing reassembled)

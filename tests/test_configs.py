@@ -4,13 +4,14 @@ valid (sizes, batch arithmetic, schedule), though the recipe cannot run here."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from wsd_pretrain import ConfigError, split_ds_config
 from wsd_pretrain.config import load_config
-from wsd_pretrain.train import JobConfig, resolve_job
+from wsd_pretrain.train import JobConfig, _ds_config, resolve_job
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -45,10 +46,62 @@ def test_the_1b_recipe_for_two_nodes_of_eight_gpus():
     assert job.model.hf_config()["num_hidden_layers"] == 22
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu_deepspeed.yaml", "tiny_cpu_branching.yaml"])
-def test_other_configs_resolve(name):
-    job = resolve_job(load_config(CONFIGS / name))
-    assert job.schedule.total > 0
+def test_the_deepspeed_config_is_the_tiny_default_under_zero2():
+    job = resolve_job(load_config(CONFIGS / "tiny_cpu_deepspeed.yaml"))
+    default = JobConfig()
+    assert (job.train.engine, job.train.ds_config, job.train.micro_batch_size, job.train.dtype) == (
+        "deepspeed",
+        "ds_zero2.json",
+        8,
+        "fp32",
+    )
+    # everything else is the tiny default's
+    assert replace(job.train, engine="ddp", ds_config=None, micro_batch_size=16) == default.train
+    assert (job.model, job.data, job.optimizer, job.schedule, job.checkpoint) == (
+        default.model,
+        default.data,
+        default.optimizer,
+        default.schedule,
+        default.checkpoint,
+    )
+    # what DeepSpeed is given (the ds_config is relative to the config file): ZeRO-2, the train section's batch
+    # size, no scheduler section (the job's schedule drives the LR), fp32
+    ds = _ds_config(replace(job, train=replace(job.train, ds_config=str(CONFIGS / job.train.ds_config))))
+    assert ds["zero_optimization"]["stage"] == 2 and "scheduler" not in ds and "optimizer" not in ds
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 1)
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"]["enabled"] is False and ds["gradient_clipping"] == 1.0
+    # the ds_config's own WSD section (for deepspeed_initialize users) is the same schedule
+    _, factory = split_ds_config(CONFIGS / job.train.ds_config)
+    assert factory.keywords["schedule"] == job.schedule
+
+
+def test_the_branching_config_places_two_branches_and_the_final_decay():
+    job = resolve_job(load_config(CONFIGS / "tiny_cpu_branching.yaml"))
+    s = job.schedule
+    assert (s.mode, s.total, s.warmup, s.milestones, s.decay_fraction, s.decay_shape, s.min_lr_ratio) == (
+        "branching",
+        400,
+        30,
+        (100, 200, 400),
+        0.2,
+        "1-sqrt",
+        0.0,
+    )
+    # each branch is 20% of its budget; positions count the branches, so the run does 400 + 20 + 40 updates
+    assert [(m.at, m.decay_length, m.pre_decay, m.post_decay, m.rewind, m.final) for m in s.milestones_info] == [
+        (100, 20, 80, 100, True, False),
+        (200, 40, 180, 220, True, False),
+        (400, 80, 380, 460, False, True),
+    ]
+    assert s.end == 460 and [m.trajectory_pre_decay for m in s.milestones_info] == [80, 160, 320]
+    default = JobConfig()
+    assert (job.model, job.data, job.optimizer, job.checkpoint, job.train) == (
+        default.model,
+        default.data,
+        default.optimizer,
+        default.checkpoint,
+        default.train,
+    )
 
 
 def test_unknown_sections_and_keys_are_refused_with_hints():
@@ -63,7 +116,28 @@ def test_unknown_sections_and_keys_are_refused_with_hints():
     assert len(info.value.problems) == 3  # every problem of every section, at once
 
 
+def test_values_of_the_wrong_type_are_refused_naming_field_value_and_type():
+    with pytest.raises(ConfigError) as info:
+        resolve_job(
+            {
+                "train": {"micro_batch_size": True, "seed": "zero", "dtype": "fp8"},  # yes/no is not a number
+                "optimizer": {"lr": "high"},
+                "data": {"paths": "a.txt"},
+            }
+        )
+    assert info.value.problems == [
+        "data: paths='a.txt': expected a list of str",
+        "optimizer: lr='high': expected float",
+        "train: micro_batch_size=True: expected int",
+        "train: seed='zero': expected int",
+        "train: dtype='fp8': expected one of 'fp32', 'bf16', 'fp16'",
+    ]
+
+
 def test_total_steps_rescales_and_save_every_sets_the_interval():
     job = resolve_job({}, total_steps=60, save_every=7)
     assert job.schedule.total == 60 and job.schedule.warmup == 6 and job.checkpoint.every_steps == 7
+    (ms,) = job.schedule.milestones_info
+    assert (ms.at, ms.decay_length, ms.pre_decay) == (60, 12, 48), "the 20% decay scales with the run"
+    assert job.schedule == JobConfig().schedule.rescaled(60)
     assert json.loads(json.dumps(job.to_dict()))["schedule"]["total"] == 60

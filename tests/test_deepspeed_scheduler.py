@@ -18,6 +18,25 @@ SCHEDULE = dict(total=8, warmup=2, milestones=(4, 8), decay_length=(1, 2), decay
 BASE_LR = 0.01
 
 
+def test_a_ds_config_section_is_split_off_with_the_schedulers_own_arguments():
+    import torch
+
+    from wsd_pretrain import ConfigError, WSDSchedule, split_ds_config
+
+    params = {**SCHEDULE, "milestones": [4, 8], "decay_length": [1, 2], "warmup_start_lr": 1e-3, "tokens_per_step": 64}
+    config = {"train_micro_batch_size_per_gpu": 2, "scheduler": {"type": "wsd", "params": params}}
+    rest, factory = split_ds_config(config)
+    assert rest == {"train_micro_batch_size_per_gpu": 2} and "scheduler" in config, "a copy, the input untouched"
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=BASE_LR)
+    sched = factory(opt)
+    assert sched.schedule == WSDSchedule(**SCHEDULE) and (sched.warmup_start_lr, sched.tokens_per_step) == (1e-3, 64)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 + (BASE_LR - 1e-3) / 2)  # warmup read at the update's end
+    other = {"scheduler": {"type": "WarmupLR", "params": {}}}
+    assert split_ds_config(other) == (other, None), "another type is left to DeepSpeed"
+    with pytest.raises(ConfigError, match="did you mean 'warmup'"):
+        split_ds_config({"scheduler": {"type": "WSD", "params": {**SCHEDULE, "warmpu": 3}}})
+
+
 def _tiny_model():
     import torch
 

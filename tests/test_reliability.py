@@ -56,5 +56,11 @@ def test_torchrun_restarts_a_killed_worker_and_sigterm_leaves_a_preempt_checkpoi
     assert not _failures(trials)
 
 
-def test_a_second_run_on_a_directory_in_use_is_refused(tmp_path):
-    assert not _failures(R.lock_trials(tmp_path, log=lambda s: None))
+def test_a_second_run_on_a_directory_in_use_is_refused(tmp_path, capsys):
+    # through the script's own entry point, its report written to a file of the test's (never docs/)
+    report = tmp_path / "reliability.md"
+    assert R.main(["--only", "lock", "--workdir", str(tmp_path / "work"), "--out", str(report)]) == 0
+    text = report.read_text()
+    assert "| two runs on one directory | 1 | 0 | 0 |" in text
+    assert "- second training run on a run directory in use: ok" in text
+    assert "lock: 1 trials, 0 failures" in capsys.readouterr().out

@@ -74,17 +74,36 @@ def test_inverse_shape_is_the_papers_formula():
         assert s.factor(p) == pytest.approx(1 / (t * (1 / m - 1) + 1), rel=1e-12)
 
 
-@pytest.mark.parametrize(
-    ("shape", "mid"),
-    [("linear", 0.5), ("cosine", 0.5), ("1-sqrt", 1 - math.sqrt(0.5))],
-)
-def test_warmup_shapes(shape, mid):
+WARMUP_WEIGHTS = {
+    "linear": lambda t: t,
+    "cosine": lambda t: (1 - math.cos(math.pi * t)) / 2,
+    "1-sqrt": lambda t: 1 - math.sqrt(1 - t),  # transformers' warmup_type="1-sqrt"
+}
+
+
+@pytest.mark.parametrize("shape", list(WARMUP_WEIGHTS))
+def test_warmup_shapes(shape):
     s = WSDSchedule(
-        total=100, warmup=10, warmup_shape=shape, warmup_start_ratio=0.0, milestones="none", progress="start"
+        total=100, warmup=10, warmup_shape=shape, warmup_start_ratio=0.2, milestones="none", progress="start"
     )
-    assert s.factor(0) == pytest.approx(0.0)
-    assert s.factor(5) == pytest.approx(mid)
+    for p in range(11):  # every update of the warmup: 0.2 + 0.8 w(t)
+        assert s.factor(p) == pytest.approx(0.2 + 0.8 * WARMUP_WEIGHTS[shape](p / 10), rel=1e-12), p
     assert s.factor(10) == 1.0
+
+
+def test_warmup_shapes_where_the_candidate_formulas_differ():
+    # at t=0.5, 1 - sqrt(1 - t) and 1 - sqrt(t) agree; at t=0.1 and 0.9 no two candidates do
+    s = WSDSchedule(total=100, warmup=10, warmup_shape="1-sqrt", milestones="none", progress="start")
+    assert s.factor(1) == pytest.approx(0.05131670194948623, rel=1e-12)  # 1 - sqrt(0.9): slow at first
+    assert s.factor(9) == pytest.approx(0.683772233983162, rel=1e-12)  # 1 - sqrt(0.1): fast near the base LR
+    c = WSDSchedule(total=100, warmup=10, warmup_shape="cosine", milestones="none", progress="start")
+    assert c.factor(1) == pytest.approx(0.024471741852423234, rel=1e-12)  # (1 - cos(0.1 pi)) / 2
+    assert c.factor(9) == pytest.approx(0.9755282581475768, rel=1e-12)
+    lin = WSDSchedule(total=100, warmup=10, milestones="none", progress="start")
+    assert (lin.factor(1), lin.factor(9)) == (pytest.approx(0.1), pytest.approx(0.9))
+    # progress="end": the first update already runs at w(1/10), the warmup's last at the base LR
+    e = WSDSchedule(total=100, warmup=10, warmup_shape="1-sqrt", milestones="none")
+    assert (e.factor(0), e.factor(9)) == (pytest.approx(0.05131670194948623), 1.0)
 
 
 def test_callable_decay_shape():

@@ -142,6 +142,21 @@ def test_step_never_raises_type_error():
     assert sched.position == 0, "a refused step does not advance"
 
 
+def test_a_type_error_inside_step_reaches_deepspeed_as_another_error():
+    def picky(t: float) -> float:  # passes the construction check (t = 0, 0.25, 0.5, 0.75, 1), fails between
+        if t not in (0.0, 0.25, 0.5, 0.75, 1.0):
+            raise TypeError(f"picky about {t}")
+        return 1.0 - t
+
+    _, opt = sgd()
+    sched = WSDScheduler(opt, WSDSchedule(total=20, decay_length=10, decay_shape=picky))
+    for _ in range(9):
+        sched.step()  # stable: the shape is not called
+    with pytest.raises(WSDError, match=r"picky about 0\.1") as info:
+        sched.step()  # the first decay update
+    assert not isinstance(info.value, TypeError), "DeepSpeed would retry step(batch_size): a second advance"
+
+
 def test_token_based_schedule():
     s = WSDSchedule(total=1000, units="tokens", warmup=100, decay_length=200, decay_shape="linear")
     _, opt = sgd()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -139,11 +138,30 @@ def test_deepspeed_launcher_on_one_node(tmp_path):
 
 def _files(run_dir: Path, name: str) -> dict[str, str]:
     manifest = json.loads((run_dir / "checkpoints" / name / "manifest.json").read_text())
-    return {k: v["hash"] for k, v in manifest["files"].items() if k.endswith(".safetensors") and "rng" not in k}
+    return {k: v["hash"] for k, v in manifest["files"].items()}
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process under it. torchrun starts each worker in a session of its own, so
+    killing the launcher's process group would leave the workers running (they would finish the run)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        procs = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
-    args = ["--total-steps", "20", "--save-every", "4", *QUICK]
+    # attention dropout draws from each rank's torch generator at every update: the weights come out the same only
+    # if the resume restored every rank's RNG
+    args = ["--total-steps", "20", "--save-every", "4", "model.attention_dropout=0.1", *QUICK]
     _run(torchrun(2, "--run-dir", str(tmp_path / "straight"), *args))
     victim = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -159,16 +177,21 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
         while not (victim / "checkpoints" / "step-000000008-periodic").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
             time.sleep(0.05)
-        time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+        _kill_tree(proc.pid)  # the launcher and both ranks, mid-run
         proc.wait(30)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert "step-000000020-post-decay+final" not in _checkpoints(victim)
-    _run(torchrun(2, "--run-dir", str(victim), *args))  # the same command resumes
+            _kill_tree(proc.pid)
     final = "step-000000020-post-decay+periodic+final"
-    assert _files(victim, final) == _files(tmp_path / "straight", final), "bitwise equal weights and optimizer state"
+    assert final not in _checkpoints(victim), "the run was killed before its end"
+    res = _run(torchrun(2, "--run-dir", str(victim), *args))  # the same command resumes
+    assert "resumed" in res.stderr
+    resumed, straight = _files(victim, final), _files(tmp_path / "straight", final)
+    assert {"train_state/rng/rank-00000.json", "train_state/rng/rank-00001.json"} < resumed.keys()
+    assert resumed["train_state/rng/rank-00000.json"] != resumed["train_state/rng/rank-00001.json"], "own streams"
+    assert {k for k in resumed if k.endswith(".safetensors")} >= {"model-00001-of-00001.safetensors"}
+    # every file: weights, optimizer state, trainer and engine state, and each rank's RNG streams
+    assert resumed == straight, "bitwise equal weights, optimizer, trainer and RNG state"
 
 
 def test_continuation_cooldown_and_branching_modes(tmp_path):

@@ -21,8 +21,8 @@ DOC = ROOT / "docs" / "benchmarks.md"
 HEADER = """# Benchmarks
 
 Every figure here is measured by a script in `tools/` that anyone can rerun (`python tools/bench_<name>.py`); each
-script rewrites its own section below. Ratios compare things measured side by side in the same run, on the
-machine described in the section; times are medians of several runs.
+script rewrites its own section below (`--out FILE` writes it elsewhere). Ratios compare things measured side by
+side in the same run, on the machine described in the section; times are medians of several runs.
 """
 
 
@@ -105,16 +105,25 @@ def reset_peak():
 """
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or add) the section between ``<!-- bench:name -->`` markers in docs/benchmarks.md."""
-    text = DOC.read_text() if DOC.exists() else HEADER
+def write_section(name: str, body: str, path: Path = DOC) -> None:
+    """Replace (or add) the section between ``<!-- bench:name -->`` markers in ``path`` (docs/benchmarks.md
+    unless a script's ``--out`` says otherwise; a file that does not exist yet starts with the header)."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else HEADER
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{start}\n{body.strip()}\n{end}"
     if start in text:
         text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    path.write_text(text)
+
+
+def add_out_argument(ap: Any) -> None:
+    """``--out FILE``: the markdown file whose section the benchmark rewrites (default docs/benchmarks.md)."""
+    ap.add_argument(
+        "--out", type=Path, default=DOC, help="markdown file to write the section into (default: docs/benchmarks.md)"
+    )
 
 
 def fmt_bytes(n: float) -> str:

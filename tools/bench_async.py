@@ -4,7 +4,7 @@ A training loop (one process, a model plus AdamW state of about 0.5 GB and 2 GB)
 is how long the loop stops for one save: the whole save when synchronous; the snapshot of this rank's tensors
 (then training goes on while writer threads write and commit) when async.
 
-    python tools/bench_async.py [--sizes 0.5 2] [--saves 3]
+    python tools/bench_async.py [--sizes 0.5 2] [--saves 3] [--out docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -20,23 +20,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from _bench import fmt_bytes, machine, table, write_section
+from _bench import add_out_argument, fmt_bytes, machine, table, write_section
 from bench_save import build
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=float, nargs="+", default=[0.5, 2.0])
     ap.add_argument("--saves", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=Path("runs/bench-async"))
-    args = ap.parse_args()
+    ap.add_argument("--width", type=int, default=4096, help="layer width (layers are width x width/2)")
+    add_out_argument(ap)
+    args = ap.parse_args(argv)
     from wsd_pretrain import WSDSchedule, WSDScheduler
     from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 
     rows = [["state", "mode", "stall per save (s)", "stall / synchronous save", "save finished after (s)"]]
     for gb in args.sizes:
-        model, opt, nbytes = build(gb)
-        x = torch.randn(8, 4096)
+        model, opt, nbytes = build(gb, args.width)
+        x = torch.randn(8, args.width)
         sync_stall = None
         for mode in ("sync", "async"):
             run = args.dir / mode
@@ -90,7 +92,7 @@ device-to-host copy), after which the writer threads write, checksum, fsync and 
 On this CPU-only machine the copy runs at memory bandwidth on the same cores that train, which bounds how small the
 stall can be; the goal (10% of a synchronous save) is met where the disk, not memory, is the slower of the two.
 """
-    write_section("async", body)
+    write_section("async", body, args.out)
     print(body)
 
 

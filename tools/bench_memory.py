@@ -5,7 +5,8 @@ Each measurement runs in its own process, which samples its memory every 5 ms: t
 drop at will), minus the same figures just before the operation. The slope between the two sizes says whether
 the extra memory grows with the model.
 
-    python tools/bench_memory.py [--sizes 0.25 1.0]
+    python tools/bench_memory.py [--sizes 0.25 1.0] [--out docs/benchmarks.md]
+    python tools/bench_memory.py --sizes 0.002 --width 256 --out /tmp/m.md      # a smoke run
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _bench import fmt_bytes, machine, run_child, table, write_section
+from _bench import add_out_argument, fmt_bytes, machine, run_child, table, write_section
 
 SAMPLER = """
 import json, sys, threading, time, os
@@ -55,15 +56,17 @@ SAVE_CHILD = (
 import os, sys, shutil, torch
 sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"], "tools"))
 from bench_save import build, flat_tensors
-gb, method, out = float(sys.argv[1]), sys.argv[2], sys.argv[3]
-model, opt, nbytes = build(gb)
+gb, method, out, width = float(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+model, opt, nbytes = build(gb, width)
 shutil.rmtree(out, ignore_errors=True); os.makedirs(out)
 if method == "ours":
-    from wsd_pretrain.checkpoint.adapters import TorchAdapter
-    from wsd_pretrain.checkpoint.save import SaveRequest, save_checkpoint
-    adapter = TorchAdapter(model, opt)
+    from wsd_pretrain import WSDSchedule, WSDScheduler
+    from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
+    config = CheckpointConfig(at_milestones=False, at_end=False, on_preemption=False)
+    mgr = CheckpointManager(out, model, opt, WSDScheduler(opt, WSDSchedule(total=10, decay_length=2)), config=config)
     with Peak() as p:
-        save_checkpoint(adapter, out, SaveRequest(position=1, step=1, tokens=0, kinds=["periodic"]))
+        mgr.save(["periodic"])
+    mgr.close()
 elif method == "torch.save":
     with Peak() as p:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, out + "/state.pt")
@@ -82,11 +85,12 @@ sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"], "tools"))
 from bench_save import build
 import deepspeed
 deepspeed.init_distributed(dist_backend="gloo")
-model, _, nbytes = build(float(sys.argv[1]))
+width = int(sys.argv[3])
+model, _, nbytes = build(float(sys.argv[1]), width)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={"train_micro_batch_size_per_gpu": 1,
     "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9})
-x = torch.randn(2, 4096)
+x = torch.randn(2, width)
 engine.backward(engine(x).pow(2).mean()); engine.step()
 engine.save_checkpoint(sys.argv[2], tag="global_step1")
 print(nbytes)
@@ -112,7 +116,7 @@ print(json.dumps(p.result() | {"written": written}))
 )
 
 
-def make_ds_checkpoint(gb: float, out: Path) -> None:
+def make_ds_checkpoint(gb: float, out: Path, width: int) -> None:
     import os
     import socket
     import subprocess
@@ -125,7 +129,7 @@ def make_ds_checkpoint(gb: float, out: Path) -> None:
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(gb), str(out)],
+            [sys.executable, str(script), str(gb), str(out), str(width)],
             env=env
             | {
                 "RANK": str(r),
@@ -150,11 +154,13 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return (ys[-1] - ys[0]) / (xs[-1] - xs[0]) if len(xs) > 1 and xs[-1] != xs[0] else float("nan")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=float, nargs="+", default=[0.25, 1.0])
     ap.add_argument("--dir", type=Path, default=Path("runs/bench-memory"))
-    args = ap.parse_args()
+    ap.add_argument("--width", type=int, default=4096, help="layer width (layers are width x width/2)")
+    add_out_argument(ap)
+    args = ap.parse_args(argv)
     root = args.dir.resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -163,7 +169,7 @@ def main() -> None:
     nbytes = []
     for method in ("ours", "torch.save", "safetensors.save_file"):
         for gb in args.sizes:
-            res = run_child(SAVE_CHILD, str(gb), method, str(root / "save"))
+            res = run_child(SAVE_CHILD, str(gb), method, str(root / "save"), str(args.width))
             measured.setdefault(method, []).append(res)
             if method == "ours":
                 nbytes.append(res["bytes"])
@@ -177,7 +183,7 @@ def main() -> None:
     ds_bytes = []
     for gb in args.sizes:
         ds_dir = root / f"ds-{gb}"
-        make_ds_checkpoint(gb, ds_dir)
+        make_ds_checkpoint(gb, ds_dir, args.width)
         ds_bytes.append(sum(f.stat().st_size for f in ds_dir.rglob("*.pt")))
         for method in ("ours", "zero_to_fp32"):
             res = run_child(CONVERT_CHILD, method, str(ds_dir), str(root / f"out-{method}"))
@@ -226,7 +232,7 @@ and one parameter (the mapped file pages are cache the kernel can drop); with th
 smaller than that sits whole in the shard buffer. zero_to_fp32 loads every rank's optimizer file into memory and
 writes the fp32 weights only, while from-deepspeed also writes the optimizer state (see "written").
 """
-    write_section("memory", body)
+    write_section("memory", body, args.out)
     print(body)
     _ = json
 

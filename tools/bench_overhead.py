@@ -5,7 +5,8 @@ due in the measured window: it only checks the schedule's events and, every `dec
 the other ranks on time-based and preemption saves: one small all-reduce). Runs alternate, in one process and on
 2 ranks (gloo).
 
-    python tools/bench_overhead.py [--steps 100] [--rounds 3]
+    python tools/bench_overhead.py [--steps 100] [--rounds 3] [--out docs/benchmarks.md]
+    python tools/bench_overhead.py --steps 2 --rounds 1 --batch 2 --seq-len 16 --ranks 2 --out /tmp/o.md  # smoke
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _bench import machine, table, write_section
+from _bench import add_out_argument, machine, table, write_section
 
 CHILD = r"""
-import json, os, sys, tempfile, time, torch
+import json, os, shutil, sys, tempfile, time, torch
 from wsd_pretrain import WSDSchedule, WSDScheduler, distributed as D
 from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 from wsd_pretrain.model import LlamaLM, ModelConfig
-steps, rounds = int(sys.argv[1]), int(sys.argv[2])
+steps, rounds, batch, seq_len = (int(a) for a in sys.argv[1:5])
 D.init_distributed(backend="gloo")
 torch.manual_seed(0)
 torch.set_num_threads(max(1, 2 // D.get_world_size()))
@@ -41,7 +42,7 @@ sched = WSDScheduler(opt, WSDSchedule(total=10**6, warmup=10, milestones="none")
 run = tempfile.mkdtemp() if D.get_rank() == 0 else None
 run = D.broadcast_object(run)
 mgr = CheckpointManager(run, ddp, opt, sched, config=CheckpointConfig(every_minutes=600, at_end=False))
-x = torch.randint(0, 256, (16, 129))
+x = torch.randint(0, 256, (batch, seq_len + 1))
 def step(with_manager):
     ddp(x[:, :-1], x[:, 1:]).backward(); opt.step(); opt.zero_grad(); sched.step()
     if with_manager:
@@ -62,12 +63,13 @@ for _ in range(steps * 10):
 out["maybe_save_alone"] = (time.perf_counter() - t0) / (steps * 10)
 mgr.close()
 if D.get_rank() == 0:
+    shutil.rmtree(run, ignore_errors=True)
     print(json.dumps(out))
 D.teardown()
 """
 
 
-def launch(world: int, steps: int, rounds: int) -> dict:
+def launch(world: int, steps: int, rounds: int, batch: int = 16, seq_len: int = 128) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -83,7 +85,7 @@ def launch(world: int, steps: int, rounds: int) -> dict:
     )
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(steps), str(rounds)],
+            [sys.executable, str(script), str(steps), str(rounds), str(batch), str(seq_len)],
             env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -99,11 +101,15 @@ def launch(world: int, steps: int, rounds: int) -> dict:
     return json.loads(outs[0][0].strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--batch", type=int, default=16, help="sequences per rank per update")
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="world sizes to measure (default 1 2)")
+    add_out_argument(ap)
+    args = ap.parse_args(argv)
     rows = [
         [
             "ranks",
@@ -114,8 +120,8 @@ def main() -> None:
             "maybe_save alone / step",
         ]
     ]
-    for world in (1, 2):
-        res = launch(world, args.steps, args.rounds)
+    for world in args.ranks:
+        res = launch(world, args.steps, args.rounds, args.batch, args.seq_len)
         a, b = statistics.median(res["without"]), statistics.median(res["with"])
         alone = res["maybe_save_alone"]
         rows.append(
@@ -131,8 +137,8 @@ def main() -> None:
         print(rows[-1], file=sys.stderr)
     body = f"""## Checkpoint manager overhead when not saving (`tools/bench_overhead.py`)
 
-Machine: {machine()}. Run on {time.strftime("%Y-%m-%d")}. The tiny default model (0.8M parameters, 16 sequences of
-128 tokens per rank), median of {args.rounds} alternating rounds of {args.steps} updates each way.
+Machine: {machine()}. Run on {time.strftime("%Y-%m-%d")}. The tiny default model (0.8M parameters, {args.batch} sequences of
+{args.seq_len} tokens per rank), median of {args.rounds} alternating rounds of {args.steps} updates each way.
 
 {table(rows)}
 
@@ -141,7 +147,7 @@ events and, on every update by default (`decide_every: 1`), one all-reduce of tw
 agrees on time-based and preemption saves. The "difference" column is within the noise of the step time; the
 manager's own share is the last column.
 """
-    write_section("overhead", body)
+    write_section("overhead", body, args.out)
     print(body)
 
 

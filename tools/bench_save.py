@@ -3,10 +3,12 @@
 For a model plus AdamW state of about 0.5 GB and 2 GB (fp32, one process), each method writes the same tensors
 and makes them durable (fsync, or os.sync for methods that do not fsync) in the same directory:
 (a) the disk's own sequential write, (b) torch.save, (c) DeepSpeed's save_checkpoint, (d) torch.distributed.checkpoint
-with its Hugging Face storage writer, (e) safetensors.save_file, and ours (sharded safetensors, sha256 of every file,
-manifest, atomic commit). Resume: our load (sha256 verified, or sizes only) against torch.load of the .pt file.
+with its Hugging Face storage writer, (e) safetensors.save_file, and ours (``CheckpointManager.save``: sharded
+safetensors, xxh3_128 of every file, manifest, atomic commit). Resume: ``CheckpointManager.load`` (checksums
+verified, or sizes only) against torch.load of the .pt file.
 
-    python tools/bench_save.py [--sizes 0.5 2] [--repeat 3] [--dir runs/bench]
+    python tools/bench_save.py [--sizes 0.5 2] [--repeat 3] [--dir runs/bench] [--out docs/benchmarks.md]
+    python tools/bench_save.py --sizes 0.002 --width 256 --repeat 1 --out /tmp/b.md    # a smoke run
 """
 
 from __future__ import annotations
@@ -22,16 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from _bench import disk_write_speed, fmt_bytes, machine, median_time, table, write_section
+from _bench import add_out_argument, disk_write_speed, fmt_bytes, machine, median_time, table, write_section
 
 
-def build(gb: float) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
-    """Linear layers of 4096x2048 (fp32) with AdamW state after one step: 12 bytes per parameter."""
-    layers = max(1, round(gb * 1e9 / (12 * 4096 * 2048)))
+def build(gb: float, width: int = 4096) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
+    """Linear layers of ``width`` x ``width/2`` (fp32; 4096x2048 by default) with AdamW state after one step: 12
+    bytes per parameter."""
+    half = width // 2
+    layers = max(1, round(gb * 1e9 / (12 * width * half)))
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         *[
-            torch.nn.Linear(4096, 2048, bias=False) if i % 2 == 0 else torch.nn.Linear(2048, 4096, bias=False)
+            torch.nn.Linear(width, half, bias=False) if i % 2 == 0 else torch.nn.Linear(half, width, bias=False)
             for i in range(layers)
         ]
     )
@@ -75,11 +79,17 @@ def drop_caches() -> bool:
 
 def bench_size(gb: float, args: argparse.Namespace, root: Path, cold: bool, rows: list, load_rows: list) -> None:
     from wsd_pretrain import WSDSchedule, WSDScheduler
-    from wsd_pretrain.checkpoint.adapters import TorchAdapter
-    from wsd_pretrain.checkpoint.load import load_checkpoint
-    from wsd_pretrain.checkpoint.save import SaveRequest, save_checkpoint
+    from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 
-    model, opt, nbytes = build(gb)
+    model, opt, nbytes = build(gb, args.width)
+    config = CheckpointConfig(at_milestones=False, at_end=False, on_preemption=False, max_shard_size=2 * 10**9)
+
+    def manager(run: Path) -> CheckpointManager:
+        """The public API, as a training job uses it (the same schedule every time: load accepts its state)."""
+        return CheckpointManager(
+            run, model, opt, WSDScheduler(opt, WSDSchedule(total=10, decay_length=2)), config=config
+        )
+
     tensors = flat_tensors(model, opt)
     counter = iter(range(10**6))
 
@@ -89,13 +99,11 @@ def bench_size(gb: float, args: argparse.Namespace, root: Path, cold: bool, rows
         return path
 
     def ours() -> None:
-        sched = WSDScheduler(opt, WSDSchedule(total=10, decay_length=2))
-        save_checkpoint(
-            TorchAdapter(model, opt),
-            fresh("ours"),
-            SaveRequest(position=1, step=1, tokens=0, kinds=["periodic"], trainer={"scheduler": sched.state_dict()}),
-            max_shard_bytes=2 * 10**9,
-        )
+        mgr = manager(fresh("ours"))
+        try:
+            mgr.save(["periodic"])
+        finally:
+            mgr.close()
 
     def torch_save() -> None:
         path = fresh("torch") / "state.pt"
@@ -185,10 +193,12 @@ def bench_size(gb: float, args: argparse.Namespace, root: Path, cold: bool, rows
     ckpt = [p for p in (sorted(root.glob("ours-*"))[-1] / "checkpoints").iterdir() if p.name.startswith("step")][0]
     pt = sorted(root.glob("torch-*"))[-1] / "state.pt"
 
+    loader = manager(root / "loader")
+
     def our_load(verify: str) -> None:
         if cold:
             drop_caches()
-        load_checkpoint(TorchAdapter(model, opt), ckpt, verify=verify, restore_rng_state=False)
+        loader.load(ckpt, verify=verify)
 
     def torch_load() -> None:
         if cold:
@@ -205,16 +215,24 @@ def bench_size(gb: float, args: argparse.Namespace, root: Path, cold: bool, rows
     ):
         t = t_torch if fn is torch_load else median_time(fn, args.repeat)
         load_rows.append([label, name, f"{t:.2f}", "" if fn is torch_load else f"{t_torch / t:.2f}x"])
+    loader.close()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=float, nargs="+", default=[0.5, 2.0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=Path("runs/bench-save"))
-    args = ap.parse_args()
+    ap.add_argument("--width", type=int, default=4096, help="layer width (layers are width x width/2)")
+    ap.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="do not drop the page cache before each load (dropping needs root and slows every process on the machine)",
+    )
+    add_out_argument(ap)
+    args = ap.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 1000), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
@@ -227,7 +245,7 @@ def main() -> None:
     root.mkdir(parents=True)
     rows = [["state", "method", "time (s)", "throughput", "vs disk", "ours is faster by"]]
     load_rows = [["state", "method", "time (s)", "ours is faster by"]]
-    cold = drop_caches()
+    cold = not args.warm_cache and drop_caches()
     for gb in args.sizes:
         bench_size(gb, args, root, cold, rows, load_rows)
     D.teardown()
@@ -238,7 +256,9 @@ Machine: {machine()}. Run on {time.strftime("%Y-%m-%d")}; median of {args.repeat
 the methods taking turns within each round; one process; model plus AdamW
 state in fp32 (the bytes below), written to the same directory by every method; each method's time includes making
 the files durable (our own fsyncs; `os.fsync` of every file for the others). Page cache {
-        "dropped before every load" if cold else "warm (could not drop it)"
+        "dropped before every load"
+        if cold
+        else ("warm (--warm-cache)" if args.warm_cache else "warm (could not drop it)")
     }.
 
 {table(rows)}
@@ -250,7 +270,7 @@ Resume (load into the live model and optimizer):
 
 {table(load_rows)}
 """
-    write_section("save", body)
+    write_section("save", body, args.out)
     print(body)
 
 

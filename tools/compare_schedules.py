@@ -2,6 +2,8 @@
 
     python tools/compare_schedules.py                    # 3 seeds, 300 updates per run: about 20 minutes on 2 cores
     python tools/compare_schedules.py --seeds 0 1 --steps 200 --jobs 2
+    python tools/compare_schedules.py --in-process --seeds 0 --steps 20 --out /tmp/s.md \
+        --override model.num_layers=1 --override model.hidden_size=32      # a smoke run (images in /tmp/img)
 
 Every run is the default tiny model (`wsd-pretrain train` with no config: byte-level Llama on the standard library's
 sources, held-out validation blocks) with matched compute (the same number of updates, batch and tokens):
@@ -19,18 +21,19 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 DOC = ROOT / "docs" / "schedules.md"
-IMG = ROOT / "docs" / "img"
 
 EVAL_EVERY = 30  # set by main(): a tenth of the run, so every pre-decay point is evaluated
 WARMUP = 30  # set by main(): a tenth of the (base) run, the same in every run
 MIN_LR = 0.01  # every schedule ends at 1% of the peak LR (the inverse-proportional shape needs a floor above 0)
+EXTRA: list[str] = []  # set by main(): --override settings for every run
+IN_PROCESS = False  # set by main(): --in-process
 
 
 def schedules(steps: int) -> dict[str, list[str]]:
@@ -64,14 +67,39 @@ def _train(run_dir: Path, steps: int, seed: int, overrides: list[str], *extra: s
             f"schedule.warmup={WARMUP}",
             f"schedule.min_lr_ratio={MIN_LR}",
             "checkpoint.keep_last=10",
+            *EXTRA,
             *overrides,
         ]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")
+        if IN_PROCESS:
+            from wsd_pretrain.train import main as train_main
+
+            if train_main(cmd[3:]) != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed (its error is printed above)")
+        else:
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+            res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")
         (run_dir / "done.json").write_text("{}")
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.startswith("{")]
+
+
+class _Inline:
+    """An executor that runs each job at once, in this thread (``--in-process``)."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn: Any, *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
 
 
 def _evals(records: list[dict[str, Any]]) -> dict[int, float]:
@@ -93,13 +121,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300, help="updates per run (the continuation goes to 1.5x)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="train in this process, one run after another (no interpreter start per run: for tiny smoke runs)",
+    )
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "compare-schedules")
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=DOC,
+        help="the report to write (default docs/schedules.md; plots go to img/ beside it)",
+    )
+    ap.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a training setting for every run (e.g. model.hidden_size=32), repeatable",
+    )
     args = ap.parse_args(argv)
-    if args.steps < 50 or args.steps % 10:
-        ap.error("--steps: a multiple of 10, at least 50")
-    global EVAL_EVERY, WARMUP
+    if args.steps < 20 or args.steps % 10:
+        ap.error("--steps: a multiple of 10, at least 20")
+    global EVAL_EVERY, WARMUP, EXTRA, IN_PROCESS
     EVAL_EVERY = WARMUP = args.steps // 10
+    EXTRA, IN_PROCESS = list(args.override), args.in_process
     t0 = time.monotonic()
     steps, long = args.steps, args.steps * 3 // 2
     scheds = schedules(steps)
@@ -113,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # stage 1: the matched-compute runs (the 1-sqrt 20% run also saves at half the run, for the cooldown branch)
     jobs: dict[tuple[str, int], Any] = {}
-    with ThreadPoolExecutor(args.jobs) as pool:
+    with _Inline() if IN_PROCESS else ThreadPoolExecutor(args.jobs) as pool:
         for seed in args.seeds:
             for name, ov in scheds.items():
                 extra = ("--save-every", str(half)) if name == base_name else ()
@@ -146,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.monotonic() - t0) / 60
     print(f"all runs done in {minutes:.1f} min")
     if not args.no_doc:
-        write_doc(results, args.seeds, steps, long, half, scheds, minutes)
+        write_doc(results, args.seeds, steps, long, half, scheds, minutes, args.out)
     return 0
 
 
@@ -158,6 +205,7 @@ def write_doc(
     half: int,
     scheds: dict[str, list[str]],
     minutes: float,
+    doc: Path = DOC,
 ) -> None:
     import matplotlib
 
@@ -165,7 +213,8 @@ def write_doc(
     import matplotlib.pyplot as plt
     from _bench import machine
 
-    IMG.mkdir(parents=True, exist_ok=True)
+    img = doc.parent / "img"
+    img.mkdir(parents=True, exist_ok=True)
     final = {name: [_evals(results[(name, s)])[steps] for s in seeds] for name in scheds}
     cos = final["cosine"]
     rows = []
@@ -205,7 +254,7 @@ def write_doc(
     axes[1].set_ylim(lo - 0.05, lo + 0.6)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(IMG / "schedules_compare.png", dpi=110)
+    fig.savefig(img / "schedules_compare.png", dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -228,7 +277,7 @@ def write_doc(
     ax.set_ylim(min(min(cont), min(fresh)) - 0.05, min(min(cont), min(fresh)) + 0.6)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(IMG / "schedules_continuation.png", dpi=110)
+    fig.savefig(img / "schedules_continuation.png", dpi=110)
     plt.close(fig)
 
     def mean(xs: list[float]) -> float:
@@ -270,6 +319,7 @@ def write_doc(
         f"every schedule ending at {MIN_LR:g}x the peak LR. Matched compute: every run of the table makes the same",
         f"{steps} updates on the same data order; seeds change the initialization. Validation loss is the mean",
         f"cross-entropy (nats per byte) on 16 batches of held-out blocks, measured every {steps // 10} updates.",
+        *(["", f"Settings changed for every run (`--override`): `{' '.join(EXTRA)}`."] if EXTRA else []),
         "",
         "## Final validation loss",
         "",
@@ -336,8 +386,8 @@ def write_doc(
         "over as many updates, a visible but not a dramatic knee: the stable phase itself is still improving fast",
         "  at this scale, so the contrast Wen et al. describe (a loss that stays high, then falls sharply) is weaker.",
     ]
-    DOC.write_text("\n".join(lines) + "\n")
-    print(f"wrote {DOC.relative_to(ROOT)}")
+    doc.write_text("\n".join(lines) + "\n")
+    print(f"wrote {doc}")
 
 
 if __name__ == "__main__":

@@ -1293,6 +1293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None, help="scratch directory, kept (default: a temporary one)")
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/reliability.md")
+    ap.add_argument("--out", type=Path, default=DOC, help="the report to write (default docs/reliability.md)")
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in only if s not in SCENARIOS]
@@ -1323,8 +1324,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{s}: {len(got)} trials, {sum(not t.ok for t in got)} failures", flush=True)
     seconds = time.monotonic() - t0
     if not args.no_doc:
-        write_doc(trials, seconds)
-        print(f"wrote {DOC.relative_to(ROOT)}")
+        write_doc(trials, seconds, args.out)
+        print(f"wrote {args.out}")
     failed = [t for t in trials if not t.ok]
     for t in failed:
         print(f"FAILED {t.scenario}: {t.case}: {t.detail}")

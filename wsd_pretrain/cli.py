@@ -136,7 +136,11 @@ def _with_bar(desc: str, run: Callable[[Callable[[int], Any]], Path]) -> Path:
 def _cmd_ckpt(args: argparse.Namespace) -> int:
     from .checkpoint import format as F
     from .checkpoint import tools
-    from .checkpoint.manager import parse_size
+    from .checkpoint.manager import parse_size as _parse_size
+
+    def parse_size(text: str) -> int:
+        # a plain number on the command line is bytes, as the help says (parse_size takes ints, not "20000")
+        return int(text) if text.strip().isdigit() else _parse_size(text)
 
     action = args.action
     if action == "list":

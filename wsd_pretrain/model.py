@@ -39,6 +39,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities while training, in [0, 1) (Hugging Face Llama's
+    ``attention_dropout``); it draws from each rank's torch generator, which checkpoints save and restore."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -63,6 +66,12 @@ class ModelConfig:
                 problems.append(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             problems.append(f"rope_theta={self.rope_theta!r}: must be > 0")
+        if not (
+            isinstance(self.attention_dropout, (int, float))
+            and not isinstance(self.attention_dropout, bool)
+            and 0 <= self.attention_dropout < 1
+        ):
+            problems.append(f"attention_dropout={self.attention_dropout!r}: a probability in [0, 1)")
         if problems:
             raise ConfigError(problems, where="model config")
 
@@ -92,6 +101,7 @@ class ModelConfig:
             "max_position_embeddings": self.max_seq_len,
             "rope_theta": float(self.rope_theta),
             "rms_norm_eps": self.rms_norm_eps,
+            "attention_dropout": float(self.attention_dropout),
             "tie_word_embeddings": self.tie_embeddings,
             "hidden_act": "silu",
             "attention_bias": False,
@@ -142,7 +152,8 @@ class Attention(nn.Module):
             rep = cfg.num_heads // cfg.num_kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        dropout = cfg.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.hidden_size))
 
 

@@ -68,7 +68,8 @@ def warmup_weight(shape: str, t: float) -> float:
         return t
     if shape == "cosine":
         return 0.5 * (1.0 - math.cos(math.pi * t))
-    # "1-sqrt": fast at first, slow near the base LR (the mirror image of the 1-sqrt decay), as in transformers.
+    # "1-sqrt": slow at first, fast near the base LR (the 1-sqrt decay reflected in time and value), as
+    # transformers' warmup_type="1-sqrt".
     return 1.0 - math.sqrt(1.0 - t)
 
 

@@ -535,7 +535,6 @@ def _train(job: JobConfig, args: argparse.Namespace, raw_config: dict[str, Any])
     run_dir = Path(args.run_dir)
     device = _device(job.train)
     schedule, start_from = _schedule_for(job, args)
-    seed_everything(job.train.seed + rank)
     data = TokenData(job.data)
     if data.min_vocab > job.model.vocab_size:
         raise ConfigError(
@@ -544,6 +543,9 @@ def _train(job: JobConfig, args: argparse.Namespace, raw_config: dict[str, Any])
         )
     tokens_per_step = job.train.micro_batch_size * job.train.grad_accum * world * job.data.seq_len
     built = build_engine(job, schedule, device, tokens_per_step)
+    # the same initial weights on every rank (build_engine seeds torch with the job's seed), then every stream of
+    # every rank its own: dropout masks differ across ranks as the data does
+    seed_everything(job.train.seed + rank)
     sampler = ShardedSampler(
         data.num_train, job.train.micro_batch_size, rank, world, seed=job.data.seed, shuffle=job.data.shuffle
     )

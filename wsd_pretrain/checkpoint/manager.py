@@ -410,16 +410,16 @@ class CheckpointManager:
             self._retention = None
 
     def _retain(self, newest: Path) -> None:
-        infos = [i for i in F.list_checkpoints(self.run_dir) if i.state == "complete"]
-        if not infos:
-            return
-        newest_complete = infos[-1].path
-        protected = {"pre-decay", "post-decay", "final", "imported"} if self.config.keep_milestones else {"imported"}
-        rotating = [i for i in infos if not (set(i.kinds) & protected)]
-        doomed = rotating[: max(0, len(rotating) - self.config.keep_last)]
+        from .retention import checkpoints_to_delete  # the rule, as a pure function (retention.py)
+
+        complete = [i for i in F.list_checkpoints(self.run_dir) if i.state == "complete"]
+        doomed = checkpoints_to_delete(
+            complete,
+            keep_last=self.config.keep_last,
+            keep_milestones=self.config.keep_milestones,
+            just_written=newest.name,
+        )
         for info in doomed:
-            if info.path in (newest_complete, newest):
-                continue
             trash = info.path.parent / f".deleting-{info.name}"
             try:
                 os.rename(info.path, trash)  # gone from listings at once; a crash mid-delete leaves only trash

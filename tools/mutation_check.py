@@ -1,0 +1,557 @@
+"""Do the tests catch the bugs they are there for? Each entry of MUTATIONS is one small, plausible bug; it is put into
+a copy of the repository (never the working tree) and the tests that should catch it run against that copy.
+
+    python tools/mutation_check.py                         # every mutation; exit 1 if any is missed
+    python tools/mutation_check.py --only rng-restore-noop,retention-newest-not-kept
+    python tools/mutation_check.py --list                  # the mutations, without running anything
+    python tools/mutation_check.py --markdown docs/testing.md   # also rewrite the table in docs/testing.md
+
+Each mutation replaces an exact piece of text (it must occur exactly once in its file: when the code moves, the
+check stops with the entries to update instead of testing nothing). The copy comes first on ``sys.path`` and on
+``PYTHONPATH``, so the tests, their helpers, spawned ranks, ``torchrun`` workers and the ``wsd-pretrain`` command
+all import the mutated code. Each selection runs with ``pytest -x``; a mutation is *caught* when a test fails, *missed*
+when all pass. Before the mutations, the same selections run on an unmutated copy and must pass (``--no-baseline``
+skips that), so that a failure is the mutation's doing.
+
+Adding a mutation (do it for every bug found): one ``Mutation`` entry, six fields: id, file, the exact old text,
+the new text, the tests that must catch it, and what it breaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COPY_IGNORE = (".git", ".venv", "runs", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", ".hypothesis")
+TABLE_START, TABLE_END = "<!-- mutation-table -->", "<!-- /mutation-table -->"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    id: str
+    file: str
+    """Path relative to the repository root."""
+    old: str
+    """Exact text to replace; it must occur exactly once in the file."""
+    new: str
+    tests: tuple[str, ...]
+    """pytest arguments (files or node ids) that must fail with the mutation in place."""
+    breaks: str
+    """What a user would see go wrong."""
+
+
+M = Mutation
+T_SCHEDULE = "tests/test_schedule.py"
+T_RESUME_DDP = "tests/test_checkpoint_resume.py::test_stop_and_resume_equals_straight[ddp]"
+T_MANAGER = "tests/test_checkpoint_manager.py"
+
+MUTATIONS: list[Mutation] = [
+    # ------------------------------------------------------------------ shapes and the schedule
+    M(
+        "warmup-1sqrt-other-curve",
+        "wsd_pretrain/shapes.py",
+        "return 1.0 - math.sqrt(1.0 - t)",
+        "return t ** (math.log(1 - math.sqrt(0.5)) / math.log(0.5))",
+        (f"{T_SCHEDULE}::test_warmup_shapes", f"{T_SCHEDULE}::test_warmup_shapes_where_the_candidate_formulas_differ"),
+        "the 1-sqrt warmup becomes a power curve that agrees with 1 - sqrt(1 - t) only at t = 0, 0.5 and 1",
+    ),
+    M(
+        "decay-1sqrt-squared",
+        "wsd_pretrain/shapes.py",
+        "return floor + (1.0 - floor) * (1.0 - math.sqrt(t))",
+        "return floor + (1.0 - floor) * (1.0 - t * t)",
+        (f"{T_SCHEDULE}::test_decay_shapes_endpoints_and_midpoint",),
+        "the default 1-sqrt decay becomes 1 - t^2",
+    ),
+    M(
+        "decay-inverse-sign",
+        "wsd_pretrain/shapes.py",
+        "return 1.0 / (t * (1.0 / floor) + (1.0 - t))",
+        "return 1.0 / (t * (1.0 / floor) + (1.0 + t))",
+        (f"{T_SCHEDULE}::test_inverse_shape_is_the_papers_formula",),
+        "the inverse-proportional decay is not Wen et al.'s formula",
+    ),
+    M(
+        "schedule-progress-convention",
+        "wsd_pretrain/schedule.py",
+        't = (position - seg.phase_start + (1 if self.progress == "end" else 0)) / seg.phase_length',
+        't = (position - seg.phase_start + (1 if self.progress == "start" else 0)) / seg.phase_length',
+        (f"{T_SCHEDULE}::test_exact_factors_every_step_end_convention",),
+        "the LR is read at the other end of each update (every warmup and decay value off by one update)",
+    ),
+    M(
+        "schedule-fraction-rounding",
+        "wsd_pretrain/schedule.py",
+        "d = math.floor(period * fraction + _EPS)",
+        "d = math.floor(period * fraction)",
+        (f"{T_SCHEDULE}::test_decay_length_per_milestone_and_fraction_rounding",),
+        "decay_fraction=0.29 of 100 steps gives a 28-step decay (floating-point rounding)",
+    ),
+    M(
+        "schedule-geometric-halved",
+        "wsd_pretrain/schedule.py",
+        "return tuple(self.origin + (span >> (n - 1 - i)) for i in range(n))",
+        "return tuple(self.origin + (span >> (n - i)) for i in range(n))",
+        (f"{T_SCHEDULE}::test_geometric_milestones_end_at_the_total_as_the_seed_documents",),
+        "geometric milestones end at half the run instead of the total",
+    ),
+    M(
+        "schedule-branch-axis",
+        "wsd_pretrain/schedule.py",
+        "            if rewind:\n                shift += d",
+        "            if rewind:\n                shift += 0",
+        (f"{T_SCHEDULE}::test_branching_rewinds_and_positions",),
+        "branching mode does not count the branches' updates: positions repeat, LR no longer a function of them",
+    ),
+    M(
+        "schedule-events-twice",
+        "wsd_pretrain/schedule.py",
+        "lo = bisect_right(self._event_positions, previous)",
+        "lo = bisect_left(self._event_positions, previous)",
+        (f"{T_SCHEDULE}::test_events_between_for_steps_and_for_tokens",),
+        "a pre-decay or post-decay point is reported again on the update after it (saved twice)",
+    ),
+    M(
+        "schedule-trajectory-late",
+        "wsd_pretrain/schedule.py",
+        "if ms.rewind and ms.post_decay <= position:",
+        "if ms.rewind and ms.post_decay < position:",
+        (f"{T_SCHEDULE}::test_branching_rewinds_and_positions",),
+        "right after a branch, the trajectory position still counts the branch (data and continuations off)",
+    ),
+    # ------------------------------------------------------------------ the torch scheduler and DeepSpeed glue
+    M(
+        "scheduler-resume-previous-position",
+        "wsd_pretrain/scheduler.py",
+        'self.position = state["position"]',
+        'self.position = state["previous_position"]',
+        ("tests/test_scheduler.py::test_save_reload_continue_gives_the_identical_sequence",),
+        "a resumed scheduler replays one update's LR",
+    ),
+    M(
+        "scheduler-tokens-as-steps",
+        "wsd_pretrain/scheduler.py",
+        "            self.position += increment\n",
+        "            self.position += 1\n",
+        ("tests/test_scheduler.py::test_token_based_schedule",),
+        "a token-based schedule advances one unit per update whatever the tokens",
+    ),
+    M(
+        "scheduler-typeerror-escapes",
+        "wsd_pretrain/scheduler.py",
+        'raise WSDError(f"WSDScheduler.step failed: {exc}") from exc',
+        "raise",
+        ("tests/test_scheduler.py::test_a_type_error_inside_step_reaches_deepspeed_as_another_error",),
+        "a TypeError inside step() reaches DeepSpeed, which calls step() again: the schedule advances twice",
+    ),
+    M(
+        "scheduler-accepts-changed-schedule",
+        "wsd_pretrain/scheduler.py",
+        "        if saved == mine:\n",
+        "        if True:\n",
+        ("tests/test_scheduler.py::test_resume_under_another_schedule_is_refused_naming_the_change",),
+        "resuming under a changed schedule silently changes the LR curve",
+    ),
+    M(
+        "ds-config-section-kept",
+        "wsd_pretrain/deepspeed_scheduler.py",
+        '    del config["scheduler"]\n',
+        "",
+        ("tests/test_configs.py::test_deepspeed_configs_carry_a_valid_wsd_section",),
+        'split_ds_config hands back the "WSD" scheduler section it should have taken out',
+    ),
+    M(
+        "ds-scheduler-arguments-kept-in-schedule",
+        "wsd_pretrain/deepspeed_scheduler.py",
+        "scheduler_args = {k: params.pop(k) for k in _SCHEDULER_ARGS if k in params}",
+        "scheduler_args = {k: params[k] for k in _SCHEDULER_ARGS if k in params}",
+        ("tests/test_deepspeed_scheduler.py::test_a_ds_config_section_is_split_off_with_the_schedulers_own_arguments",),
+        "warmup_start_lr or tokens_per_step in a ds_config WSD section makes it refused as an unknown setting",
+    ),
+    M(
+        "compat-no-step-counter",
+        "wsd_pretrain/compat.py",
+        '        state["num_updates"] = self._num_updates\n',
+        "",
+        ("tests/test_compat.py::test_resume_continues_instead_of_restarting_warmup",),
+        "the seed's bug back: a resumed compat scheduler restarts its warmup",
+    ),
+    M(
+        "compat-continuation-flag-overwritten",
+        "wsd_pretrain/compat.py",
+        'keys = _SCHEDULE_KEYS if continuation else (*_SCHEDULE_KEYS, "is_continuation_from_checkpoint")',
+        'keys = (*_SCHEDULE_KEYS, "is_continuation_from_checkpoint")',
+        ("tests/test_compat.py::test_continuation_keeps_no_warmup_after_load_state_dict",),
+        "the seed's bug back: load_state_dict turns a continuation into a fresh run (warmup returns)",
+    ),
+    M(
+        "compat-checkpoints-documented-not-seed",
+        "wsd_pretrain/compat.py",
+        "    first = total_steps // 4\n",
+        "    first = total_steps // 2\n",
+        ("tests/test_compat.py::test_estimate_checkpoint_steps_is_the_seeds",),
+        "estimate_checkpoint_steps no longer returns the seed's numbers",
+    ),
+    # ------------------------------------------------------------------ RNG, the manager's policy, retention
+    M(
+        "rng-restore-noop",
+        "wsd_pretrain/checkpoint/rng.py",
+        '    try:\n        py = state["python"]',
+        '    return\n    try:\n        py = state["python"]',
+        (T_RESUME_DDP,),
+        "resume keeps fresh random streams: dropout masks and data augmentation differ from the uninterrupted run",
+    ),
+    M(
+        "rng-python-not-restored",
+        "wsd_pretrain/checkpoint/rng.py",
+        '        random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))\n',
+        "        del py\n",
+        (T_RESUME_DDP,),
+        "python's random module is not restored on resume",
+    ),
+    M(
+        "rng-numpy-not-restored",
+        "wsd_pretrain/checkpoint/rng.py",
+        '        if "numpy" in state:\n',
+        '        if "numpy" in state and False:\n',
+        (T_RESUME_DDP,),
+        "numpy's global generator is not restored on resume",
+    ),
+    M(
+        "rng-torch-not-captured",
+        "wsd_pretrain/checkpoint/rng.py",
+        'state["torch"] = _b64(torch.get_rng_state())',
+        'state["torch"] = _b64(torch.Generator().get_state())',
+        (T_RESUME_DDP,),
+        "the checkpoint holds a fresh torch generator instead of the run's (dropout differs after resume)",
+    ),
+    M(
+        "manager-periodic-off-by-one",
+        "wsd_pretrain/checkpoint/manager.py",
+        "if cfg.every_steps and s.last_epoch % cfg.every_steps == 0:",
+        "if cfg.every_steps and (s.last_epoch + 1) % cfg.every_steps == 0:",
+        (T_RESUME_DDP,),
+        "periodic checkpoints land one update early",
+    ),
+    M(
+        "manager-resumes-oldest",
+        "wsd_pretrain/checkpoint/manager.py",
+        "            for info in reversed(infos):\n",
+        "            for info in infos:\n",
+        (T_RESUME_DDP,),
+        "resume('auto') loads the oldest checkpoint, not the newest",
+    ),
+    M(
+        "manager-no-rewind",
+        "wsd_pretrain/checkpoint/manager.py",
+        'if event.kind == "post-decay" and event.milestone.rewind:',
+        'if event.kind == "post-decay" and event.milestone.rewind and False:',
+        (f"{T_MANAGER}::test_branching_leaves_the_main_trajectory_untouched",),
+        "branching mode trains on from the decayed weights instead of going back to the pre-decay state",
+    ),
+    M(
+        "retention-newest-not-kept",
+        "wsd_pretrain/checkpoint/retention.py",
+        "        kept.add(len(committed) - 1)  # rule 1: the newest complete checkpoint\n",
+        "        pass\n",
+        ("tests/test_retention.py",),
+        "with keep_last=0 retention deletes the newest complete checkpoint, the one a restart resumes from",
+    ),
+    M(
+        "retention-keeps-one-too-many",
+        "wsd_pretrain/checkpoint/retention.py",
+        "rotating[max(0, len(rotating) - keep_last) :]",
+        "rotating[max(0, len(rotating) - keep_last - 1) :]",
+        ("tests/test_retention.py",),
+        "retention keeps keep_last + 1 periodic checkpoints",
+    ),
+    M(
+        "retention-imported-rotates",
+        "wsd_pretrain/checkpoint/retention.py",
+        'ALWAYS_KEPT_KINDS = frozenset({"imported"})',
+        "ALWAYS_KEPT_KINDS = frozenset()",
+        ("tests/test_retention.py",),
+        "an imported checkpoint (the only copy of another framework's state) is deleted by rotation",
+    ),
+    # ------------------------------------------------------------------ data, config, the job, the CLI
+    M(
+        "data-resume-restarts-data",
+        "wsd_pretrain/data.py",
+        'self.samples_seen = int(state["samples_seen"])',
+        "self.samples_seen = 0",
+        ("tests/test_data.py::test_sampler_resumes_exactly_and_on_another_world_size",),
+        "a resumed run reads the data from the start again",
+    ),
+    M(
+        "data-ranks-read-the-same",
+        "wsd_pretrain/data.py",
+        "start = self.samples_seen + self.rank * self.micro",
+        "start = self.samples_seen",
+        ("tests/test_data.py::test_sampler_shards_ranks_and_covers_each_epoch_once",),
+        "every rank reads the same sequences",
+    ),
+    M(
+        "config-overrides-are-strings",
+        "wsd_pretrain/config.py",
+        'value = yaml.safe_load(raw) if raw.strip() else ""',
+        "value = raw",
+        ("tests/test_cli_schedule.py::test_json_output_and_overrides",),
+        "a.b=1 overrides are read as strings and refused",
+    ),
+    M(
+        "config-bool-for-int",
+        "wsd_pretrain/config.py",
+        "        return isinstance(value, int) and not isinstance(value, bool), value\n",
+        "        return isinstance(value, int), value\n",
+        ("tests/test_configs.py",),
+        "true/false are accepted where a number is expected",
+    ),
+    M(
+        "train-no-resume",
+        "wsd_pretrain/train.py",
+        'resumed = manager.resume("auto" if args.resume == "auto" else args.resume)',
+        "resumed = False",
+        ("tests/test_train.py::test_killed_and_resumed_run_ends_with_the_same_weights",),
+        "the same command after a crash starts over instead of resuming",
+    ),
+    M(
+        "train-ranks-share-seed",
+        "wsd_pretrain/train.py",
+        "    seed_everything(job.train.seed + rank)\n",
+        "    seed_everything(job.train.seed)\n",
+        ("tests/test_train.py::test_killed_and_resumed_run_ends_with_the_same_weights",),
+        "every rank draws the same random numbers (the same dropout masks on every rank)",
+    ),
+    M(
+        "cli-lr-last-off-by-one",
+        "wsd_pretrain/cli.py",
+        "        last = ph.start + ph.length - 1\n",
+        "        last = ph.start + ph.length\n",
+        ("tests/test_cli_schedule.py::test_default_config_table",),
+        "`wsd-pretrain schedule` prints the LR of the update after each phase as its last LR",
+    ),
+    M(
+        "cli-total-steps-ignored",
+        "wsd_pretrain/cli.py",
+        "return schedule.rescaled(total_steps) if total_steps is not None else schedule",
+        "return schedule",
+        ("tests/test_cli_schedule.py::test_total_steps_rescales",),
+        "`wsd-pretrain schedule --total-steps N` shows the unscaled schedule",
+    ),
+]
+
+
+class StaleMutation(Exception):
+    """A mutation's old text is not in its file exactly once (the code moved and the list must be updated), or an
+    entry is malformed (a duplicate id, no tests, a mutated file that does not compile)."""
+
+
+@dataclass
+class Result:
+    mutation: Mutation
+    status: str  # caught, MISSED, error
+    seconds: float
+    detail: str = ""
+
+
+def check_list(mutations: Sequence[Mutation], root: Path = ROOT) -> None:
+    """Raise StaleMutation naming every entry whose old text is not found exactly once, and refuse duplicate ids."""
+    problems = []
+    seen: set[str] = set()
+    for m in mutations:
+        if m.id in seen:
+            problems.append(f"{m.id}: the id is used twice")
+        seen.add(m.id)
+        path = root / m.file
+        if not path.is_file():
+            problems.append(f"{m.id}: {m.file} does not exist")
+            continue
+        text = path.read_text()
+        count = text.count(m.old)
+        if count != 1:
+            where = "not found" if count == 0 else f"found {count} times"
+            problems.append(f"{m.id}: the old text is {where} in {m.file}: {m.old[:70]!r}")
+        elif path.suffix == ".py":
+            try:
+                compile(text.replace(m.old, m.new), str(path), "exec")
+            except SyntaxError as exc:  # a mutation is a bug, not a syntax error
+                problems.append(f"{m.id}: the mutated {m.file} does not compile: {exc}")
+        if m.old == m.new:
+            problems.append(f"{m.id}: the new text is the old one")
+        if not m.tests:
+            problems.append(f"{m.id}: no tests to run")
+    if problems:
+        raise StaleMutation(
+            "the mutation list is out of date (the code moved: update these entries in tools/mutation_check.py):\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def make_copy(dest: Path, root: Path = ROOT) -> Path:
+    """The repository's working tree (without .git, .venv, runs and caches) copied to ``dest``."""
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns(*COPY_IGNORE), symlinks=True)
+    return dest
+
+
+def apply(copy: Path, m: Mutation) -> None:
+    path = copy / m.file
+    text = path.read_text()
+    if text.count(m.old) != 1:
+        raise StaleMutation(f"{m.id}: the old text is not in {m.file} exactly once")
+    path.write_text(text.replace(m.old, m.new))
+
+
+def copy_env(copy: Path) -> dict[str, str]:
+    """The copy first on PYTHONPATH (the package and the test helpers), for pytest and every process it starts."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(copy), str(copy / "tests"), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.pop("PYTEST_ADDOPTS", None)
+    return env
+
+
+def check_isolation(copy: Path, python: str = sys.executable) -> None:
+    """Fail unless a process started with the copy's environment imports the copy's package."""
+    code = "import wsd_pretrain, engines; print(wsd_pretrain.__file__); print(engines.__file__)"
+    res = subprocess.run([python, "-c", code], cwd=copy, env=copy_env(copy), capture_output=True, text=True)
+    files = res.stdout.split()
+    if (
+        res.returncode != 0
+        or len(files) != 2
+        or not all(Path(f).resolve().is_relative_to(copy.resolve()) for f in files)
+    ):
+        raise RuntimeError(f"the copy at {copy} is not what gets imported: {res.stdout}{res.stderr[-2000:]}")
+
+
+def run_pytest(copy: Path, tests: Sequence[str], timeout: float, python: str = sys.executable, stop: bool = True):
+    cmd = [python, "-m", "pytest", *(["-x"] if stop else []), "-q", "-p", "no:cacheprovider", *tests]
+    return subprocess.run(cmd, cwd=copy, env=copy_env(copy), capture_output=True, text=True, timeout=timeout)
+
+
+def _first_failure(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line.split(" - ")[0]
+    return output.strip().splitlines()[-1] if output.strip() else ""
+
+
+def run_mutations(
+    mutations: Sequence[Mutation],
+    *,
+    root: Path = ROOT,
+    timeout: float = 1800.0,
+    python: str = sys.executable,
+    baseline: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[Result]:
+    """Run every mutation against its tests (each in a fresh copy of ``root``); the list is checked first."""
+    check_list(mutations, root)
+    with tempfile.TemporaryDirectory(prefix="wsd-mutation-") as tmp:
+        clean = make_copy(Path(tmp) / "clean", root)
+        check_isolation(clean, python)
+        if baseline:
+            selections = sorted({t for m in mutations for t in m.tests})
+            t0 = time.monotonic()
+            res = run_pytest(clean, selections, timeout * 2, python, stop=False)
+            if res.returncode != 0:
+                raise RuntimeError(
+                    "the tests fail without any mutation, so a mutation's failure would prove nothing:\n"
+                    + res.stdout[-4000:]
+                )
+            log(f"baseline: {len(selections)} selections pass unmutated ({time.monotonic() - t0:.0f}s)")
+    results = []
+    for m in mutations:
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix=f"wsd-mutant-{m.id}-") as tmp:
+            copy = make_copy(Path(tmp) / "repo", root)
+            apply(copy, m)
+            try:
+                res = run_pytest(copy, m.tests, timeout, python)
+                code, out = res.returncode, res.stdout + res.stderr
+            except subprocess.TimeoutExpired:
+                code, out = -1, f"timed out after {timeout:.0f}s"
+        seconds = time.monotonic() - t0
+        if code == 1:
+            result = Result(m, "caught", seconds, _first_failure(out))
+        elif code == 0:
+            result = Result(m, "MISSED", seconds, "every selected test passed")
+        else:  # 2-5: interrupted, internal error, usage error (a wrong node id), nothing collected; or a timeout
+            result = Result(m, "error", seconds, f"pytest exit {code}: {_first_failure(out)}")
+        why = next((ln.strip() for ln in out.splitlines() if ln.startswith("E ")), "") if code == 1 else ""
+        log(f"{result.status:7s} {m.id} ({seconds:.0f}s) {result.detail}" + (f"\n        {why[:200]}" if why else ""))
+        results.append(result)
+    return results
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    rows = ["| mutation | file | what it breaks | caught by | result | seconds |", "|---|---|---|---|---|---|"]
+    for r in results:
+        m = r.mutation
+        by = r.detail.removeprefix("FAILED ").removeprefix("ERROR ") if r.status == "caught" else r.detail
+        rows.append(
+            f"| `{m.id}` | `{m.file.removeprefix('wsd_pretrain/')}` | {m.breaks} | `{by}` | {r.status} | "
+            f"{r.seconds:.0f} |"
+        )
+    caught = sum(r.status == "caught" for r in results)
+    return "\n".join(rows) + f"\n\n{caught} of {len(results)} caught."
+
+
+def write_table(path: Path, results: Sequence[Result]) -> None:
+    """Replace the table between the mutation-table markers in ``path``."""
+    text = path.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        raise ValueError(f"{path} has no {TABLE_START} ... {TABLE_END} markers")
+    block = f"{TABLE_START}\n{markdown_table(results)}\n{TABLE_END}"
+    path.write_text(re.sub(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), lambda _: block, text, flags=re.S))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="comma-separated mutation ids (default: all)")
+    ap.add_argument("--list", action="store_true", help="print the mutations and exit")
+    ap.add_argument("--no-baseline", action="store_true", help="do not run the selections unmutated first")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per mutation (default 1800)")
+    ap.add_argument("--markdown", type=Path, default=None, help="rewrite the table in this file (docs/testing.md)")
+    args = ap.parse_args(argv)
+    chosen = MUTATIONS
+    if args.only:
+        wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+        by_id = {m.id: m for m in MUTATIONS}
+        unknown = [w for w in wanted if w not in by_id]
+        if unknown:
+            ap.error(f"--only: unknown mutation(s) {unknown}; see --list")
+        chosen = [by_id[w] for w in wanted]
+    if args.list:
+        for m in chosen:
+            print(f"{m.id:40s} {m.file:40s} {m.breaks}")
+        return 0
+    try:
+        results = run_mutations(chosen, timeout=args.timeout, baseline=not args.no_baseline)
+    except StaleMutation as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(markdown_table(results))
+    if args.markdown is not None:
+        write_table(args.markdown, results)
+        print(f"wrote the table into {args.markdown}")
+    if any(r.status == "error" for r in results):
+        return 2
+    return 1 if any(r.status == "MISSED" for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
