@@ -30,7 +30,15 @@ from .. import distributed as D
 from ..checkpoint.manager import CheckpointConfig, CheckpointManager, Stateful
 from ..checkpoint.rng import capture_rng, restore_rng
 
-__all__ = ["FrameworkCheckpointer", "LoopPosition", "hf_config_of", "inner_model", "inner_optimizer"]
+__all__ = [
+    "FrameworkCheckpointer",
+    "LoopPosition",
+    "hf_config_of",
+    "inner_model",
+    "inner_optimizer",
+    "order_state",
+    "restore_order_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +77,34 @@ def hf_config_of(model: Any) -> dict[str, Any] | None:
 def log_rank0(level: int, msg: str, *args: Any) -> None:
     if D.get_rank() == 0:
         log.log(level, msg, *args)
+
+
+def order_state(loader: Any) -> dict[str, Any] | None:
+    """What decides the order of the epoch a data loader is about to start, when it is random state that a resume
+    does not rebuild: accelerate's generator shared by all processes (``synchronized_generator``, the sampler's on
+    rank 0), or, on a single process, the global torch generator that ``iter(DataLoader)`` draws from. Taken just
+    before ``iter()``; None when the order does not depend on such state (a seeded sampler with ``set_epoch``)."""
+    from ..checkpoint.rng import _b64
+
+    generator = getattr(loader, "synchronized_generator", None)
+    if isinstance(generator, torch.Generator):
+        return {"generator": _b64(generator.get_state())}
+    if D.get_world_size() == 1:
+        return {"torch": _b64(torch.get_rng_state())}
+    return None
+
+
+def restore_order_state(loader: Any, state: dict[str, Any] | None) -> None:
+    """Put back what :func:`order_state` took, so that a resumed epoch is drawn in the same order."""
+    from ..checkpoint.rng import _unb64
+
+    if not state:
+        return
+    generator = getattr(loader, "synchronized_generator", None)
+    if "generator" in state and isinstance(generator, torch.Generator):
+        generator.set_state(_unb64(state["generator"]))
+    elif "torch" in state:
+        torch.set_rng_state(_unb64(state["torch"]))
 
 
 class LoopPosition:
