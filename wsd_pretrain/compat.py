@@ -19,14 +19,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.optim import Optimizer
 
 from .errors import ConfigError
 from .schedule import WSDSchedule
 
-__all__ = ["WSDLrScheduler", "estimate_checkpoint_steps"]
+if TYPE_CHECKING:
+    from .integrations.pytorch_accelerated import WSDCheckpointCallback
+
+__all__ = ["WSDCheckpointCallback", "WSDLrScheduler", "estimate_checkpoint_steps"]
 
 log = logging.getLogger(__name__)
 
@@ -352,3 +355,13 @@ def _trainer_placeholders() -> Any:
     except ImportError:
         return None
     return TrainerPlaceholderValues
+
+
+def __getattr__(name: str) -> Any:
+    # WSDCheckpointCallback subclasses pytorch_accelerated's TrainerCallback: imported on first use only, so that
+    # this module works without pytorch_accelerated installed
+    if name == "WSDCheckpointCallback":
+        from .integrations.pytorch_accelerated import WSDCheckpointCallback
+
+        return WSDCheckpointCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -74,6 +74,20 @@ def hf_config_of(model: Any) -> dict[str, Any] | None:
     return data
 
 
+def check_world(framework_processes: int, framework: str, fix: str) -> None:
+    """Refuse a run where torch.distributed has more processes than the framework trains with: each process would
+    train on its own and the checkpoint would mix their states."""
+    from ..errors import ConfigError
+
+    world = D.get_world_size()
+    if world != framework_processes:
+        raise ConfigError(
+            f"torch.distributed runs {world} processes but {framework} trains with {framework_processes}: each process "
+            f"would train on its own; {fix}",
+            where=framework,
+        )
+
+
 def log_rank0(level: int, msg: str, *args: Any) -> None:
     if D.get_rank() == 0:
         log.log(level, msg, *args)
@@ -166,6 +180,7 @@ class FrameworkCheckpointer:
         self.framework = framework
         self.loop = LoopPosition()
         self.manager: CheckpointManager | None = None
+        self.loader: Any = None  # the framework's training loader, whose order state goes with each checkpoint
         self.resumed_from: Path | None = None
         self._pending_rng: dict[str, Any] | None = None
 
@@ -191,6 +206,13 @@ class FrameworkCheckpointer:
         return self.manager
 
     def _extra_state(self) -> dict[str, Any]:
+        # accelerate's shared generator as it is now: what the next epoch will draw from (a resume at an epoch
+        # boundary starts there)
+        generator = getattr(self.loader, "synchronized_generator", None)
+        if isinstance(generator, torch.Generator):
+            from ..checkpoint.rng import _b64
+
+            self.loop.framework["next_order"] = {"generator": _b64(generator.get_state())}
         user = self.user_extra_state() if self.user_extra_state is not None else None
         return {"loop": self.loop.state_dict(), "user": user}
 
@@ -242,6 +264,20 @@ class FrameworkCheckpointer:
     @property
     def rng_pending(self) -> bool:
         return self._pending_rng is not None
+
+    def before_epoch(self, loader: Any, *, mid_epoch: bool) -> None:
+        """Call just before an epoch's iterator is built. A mid-epoch resume gets the epoch's order state back (its
+        RNG comes back after the skipped iterator is built: call :meth:`apply_rng` at the first batch); otherwise
+        a resume at an epoch boundary gets the checkpoint's RNG and generator now, and the epoch's order state is
+        recorded for a later resume."""
+        self.loader = loader
+        if mid_epoch:
+            restore_order_state(loader, self.loop.framework.get("order"))
+            return
+        if self.rng_pending:
+            restore_order_state(loader, self.loop.framework.get("next_order"))
+            self.apply_rng()
+        self.loop.framework["order"] = order_state(loader)
 
     # ------------------------------------------------------------------ training
 

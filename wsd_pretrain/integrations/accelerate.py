@@ -37,7 +37,7 @@ from accelerate import Accelerator
 from accelerate.scheduler import AcceleratedScheduler
 
 from ..checkpoint.manager import CheckpointConfig, Stateful
-from ._common import FrameworkCheckpointer, log_rank0, order_state, restore_order_state
+from ._common import FrameworkCheckpointer, check_world, log_rank0
 
 __all__ = ["AccelerateCheckpointer"]
 
@@ -76,6 +76,11 @@ class AccelerateCheckpointer(FrameworkCheckpointer):
             framework="accelerate",
         )
         self.accelerator = accelerator
+        check_world(
+            accelerator.num_processes,
+            "accelerate",
+            "on CPU, build Accelerator(cpu=True) or launch with `accelerate launch --cpu`",
+        )
         if (
             isinstance(scheduler, AcceleratedScheduler)
             and scheduler.step_with_optimizer
@@ -114,11 +119,7 @@ class AccelerateCheckpointer(FrameworkCheckpointer):
             self._resuming = False
         if skip and hasattr(loader, "__len__") and skip >= len(loader):
             return  # the checkpoint closed this epoch: the next one starts with the checkpoint's RNG
-        if skip:
-            restore_order_state(loader, self.loop.framework.get("order"))
-        else:
-            self.apply_rng()  # (a resumed epoch boundary: the RNG as the uninterrupted run had it at iter())
-            self.loop.framework["order"] = order_state(loader)
+        self.before_epoch(loader, mid_epoch=skip > 0)
         self.loop.epoch, self.loop.batch = epoch, skip
         source = self.accelerator.skip_first_batches(loader, skip) if skip else loader
         for target in {id(loader): loader, id(source): source}.values():
