@@ -181,6 +181,7 @@ class FrameworkCheckpointer:
         self.loop = LoopPosition()
         self.manager: CheckpointManager | None = None
         self.loader: Any = None  # the framework's training loader, whose order state goes with each checkpoint
+        self.framework_state: Callable[[], dict[str, Any]] | None = None  # the framework's counters, taken at a save
         self.resumed_from: Path | None = None
         self._pending_rng: dict[str, Any] | None = None
 
@@ -213,6 +214,8 @@ class FrameworkCheckpointer:
             from ..checkpoint.rng import _b64
 
             self.loop.framework["next_order"] = {"generator": _b64(generator.get_state())}
+        if self.framework_state is not None:
+            self.loop.framework.update(self.framework_state())
         user = self.user_extra_state() if self.user_extra_state is not None else None
         return {"loop": self.loop.state_dict(), "user": user}
 
