@@ -12,6 +12,10 @@ on purpose (each listed with its reason in ``docs/seed-compatibility.md``):
   and its unfounded 1/3 limit on ``decay_phase_ratio`` is gone (decays never overlap: each lies in its period);
 * ``estimate_checkpoint_steps`` returns the seed's numbers but logs a warning when it places fewer checkpoints
   than asked for.
+
+``WSDCheckpointCallback`` (imported from pytorch_accelerated on first use) takes the seed callback's arguments and
+writes wsd_pretrain checkpoints, saving after the optimizer step; the checkpoint manager accepts
+``WSDLrScheduler`` as it is. See :mod:`wsd_pretrain.integrations.pytorch_accelerated` and docs/integrations.md.
 """
 
 from __future__ import annotations
