@@ -151,8 +151,6 @@ def resolve_scheduler(scheduler: Any) -> Any:
         if problems:
             raise ConfigError(problems, where="Lightning lr_scheduler config")
         return resolve_scheduler(scheduler.scheduler)
-    if module.startswith("deepspeed") and hasattr(scheduler, "lr_scheduler"):
-        return resolve_scheduler(scheduler.lr_scheduler)
     inner = getattr(scheduler, "scheduler", None)
     if isinstance(inner, (WSDScheduler, WSDLrScheduler)):
         raise ConfigError(
