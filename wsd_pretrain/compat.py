@@ -12,6 +12,10 @@ on purpose (each listed with its reason in ``docs/seed-compatibility.md``):
   and its unfounded 1/3 limit on ``decay_phase_ratio`` is gone (decays never overlap: each lies in its period);
 * ``estimate_checkpoint_steps`` returns the seed's numbers but logs a warning when it places fewer checkpoints
   than asked for.
+
+``WSDCheckpointCallback`` (imported from pytorch_accelerated on first use) takes the seed callback's arguments and
+writes wsd_pretrain checkpoints, saving after the optimizer step; the checkpoint manager accepts
+``WSDLrScheduler`` as it is. See :mod:`wsd_pretrain.integrations.pytorch_accelerated` and docs/integrations.md.
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.optim import Optimizer
 
 from .errors import ConfigError
 from .schedule import WSDSchedule
 
-__all__ = ["WSDLrScheduler", "estimate_checkpoint_steps"]
+if TYPE_CHECKING:
+    from .integrations.pytorch_accelerated import WSDCheckpointCallback
+
+__all__ = ["WSDCheckpointCallback", "WSDLrScheduler", "estimate_checkpoint_steps"]
 
 log = logging.getLogger(__name__)
 
@@ -352,3 +359,13 @@ def _trainer_placeholders() -> Any:
     except ImportError:
         return None
     return TrainerPlaceholderValues
+
+
+def __getattr__(name: str) -> Any:
+    # WSDCheckpointCallback subclasses pytorch_accelerated's TrainerCallback: imported on first use only, so that
+    # this module works without pytorch_accelerated installed
+    if name == "WSDCheckpointCallback":
+        from .integrations.pytorch_accelerated import WSDCheckpointCallback
+
+        return WSDCheckpointCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,6 +36,7 @@ from ..errors import CheckpointError, ConfigError
 from ..scheduler import WSDScheduler
 from . import coord
 from . import format as F
+from . import guards as _guards
 from .adapters import EngineAdapter, make_adapter
 from .load import load_checkpoint
 from .save import HostArena, PendingSave, SaveRequest, start_save
@@ -217,7 +218,9 @@ class CheckpointManager:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.config = config or CheckpointConfig()
-        self.scheduler = scheduler
+        # guard rails (guards.py): see through framework wrappers, refuse what cannot be read safely
+        self.scheduler = scheduler = _guards.resolve_scheduler(scheduler)
+        self._step_guard = _guards.StepGuard(scheduler)
         self.adapter = adapter or make_adapter(model, optimizer)
         self.adapter.check_complete()  # state the checkpoint could not carry is refused now, not after hours
         coord.set_timeout(self.config.timeout_minutes * 60)
@@ -301,6 +304,8 @@ class CheckpointManager:
         """Call once after each ``scheduler.step()``. Saves if this step is a decay point, periodic, the end or a
         preemption; in branching mode, after a branch's post-decay save, restores its pre-decay state. Returns the
         checkpoint written (it may still be in flight with async saves), or None."""
+        if not self._step_guard.advanced(self.scheduler):  # guards.py: no update since the last call, or refused
+            return None
         s = self.scheduler
         kinds: list[str] = []
         rewind_to = None
@@ -531,6 +536,9 @@ class CheckpointManager:
         if self.load_extra_state is not None and trainer.get("extra") is not None:
             self.load_extra_state(trainer["extra"])
         log.info("loaded checkpoint %s (position %s)", Path(path).name, trainer.get("position"))
+        self._step_guard.reset(self.scheduler)  # guards.py: the loaded position's saves are done, nothing re-fires
+        if scheduler:
+            _guards.warn_later_checkpoints(self.run_dir, self.scheduler.position)
         return out
 
     def _rewind(self, milestone: Any) -> None:

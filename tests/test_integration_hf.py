@@ -1,0 +1,60 @@
+"""The Hugging Face Trainer integration, with the real Trainer on CPU: docs/examples/hf_trainer.py killed (SIGKILL)
+two updates after its pre-decay checkpoint, resumed with resume_from_checkpoint, ends bit for bit where an
+uninterrupted run ends; every checkpoint loads with from_pretrained."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from integration_helpers import (
+    EXAMPLES,
+    assert_same_checkpoint,
+    checkpoints,
+    final_checkpoint,
+    finish,
+    hang_cmd,
+    start,
+    wait_and_kill,
+)
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.distributed
+
+SCRIPT = EXAMPLES / "hf_trainer.py"
+PRE, POST = "step-000000018-pre-decay", "step-000000024-post-decay+final"
+
+
+def test_trainer_killed_after_pre_decay_resumes_bitwise_and_every_checkpoint_loads(tmp_path):
+    ref, cut, marker = tmp_path / "ref", tmp_path / "cut", tmp_path / "marker"
+    p_ref = start([sys.executable, str(SCRIPT), "--run-dir", str(ref)], tmp_path / "ref.log")
+    p_cut = start(hang_cmd(marker, 2, SCRIPT, ["--run-dir", str(cut)]), tmp_path / "cut.log")
+    wait_and_kill(p_cut, [tmp_path / "marker.0"], tmp_path / "cut.log")
+    finish(p_ref, tmp_path / "ref.log")
+    assert checkpoints(cut) == [PRE], "killed two updates after the pre-decay checkpoint"
+    assert (cut / "checkpoints" / PRE / "trainer_state.json").is_file()
+
+    log = finish(
+        start([sys.executable, str(SCRIPT), "--run-dir", str(cut)], tmp_path / "resume.log"), tmp_path / "resume.log"
+    )
+    assert f"resumed at update 18 from {PRE}" in log  # 5 updates per epoch: 3 into the fourth epoch
+    assert checkpoints(ref) == checkpoints(cut) == [PRE, POST]
+    # weights, optimizer state, LRs, scheduler and RNG: the same bits as the uninterrupted run
+    assert_same_checkpoint(final_checkpoint(ref), final_checkpoint(cut))
+    assert_same_checkpoint(ref / "checkpoints" / PRE, cut / "checkpoints" / PRE)
+    state = json.loads((cut / "checkpoints" / POST / "trainer_state.json").read_text())
+    assert state["global_step"] == 24 and state["max_steps"] == 24
+
+    from safetensors.torch import load_file
+
+    for name in checkpoints(cut):
+        folder = cut / "checkpoints" / name
+        model = transformers.LlamaForCausalLM.from_pretrained(folder)
+        saved = load_file(folder / "model-00001-of-00001.safetensors")
+        assert set(saved) <= set(model.state_dict())
+        for key, value in saved.items():
+            assert torch.equal(model.state_dict()[key], value), key

@@ -1,0 +1,58 @@
+"""pytorch_accelerated (the seed's framework) with wsd_pretrain.compat.WSDCheckpointCallback and the seed-compatible
+WSDLrScheduler, the real Trainer on CPU: docs/examples/pytorch_accelerated_trainer.py killed (SIGKILL) two updates
+after its pre-decay checkpoint (an epoch boundary), resumed, ends bit for bit where an uninterrupted run ends; the
+seed's LRs are kept; the callback takes the seed callback's arguments."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from integration_helpers import (
+    EXAMPLES,
+    assert_same_checkpoint,
+    checkpoints,
+    child_env,
+    finish,
+    hang_cmd,
+    start,
+    torchrun,
+    wait_and_kill,
+)
+
+pytest.importorskip("pytorch_accelerated")
+
+pytestmark = pytest.mark.distributed
+
+SCRIPT = EXAMPLES / "pytorch_accelerated_trainer.py"
+
+
+@pytest.mark.parametrize(
+    ("nproc", "pre", "post", "resumed"),
+    [
+        # 10 batches per epoch, accumulation 2: 5 updates an epoch, 40 in 8 epochs; decay_phase_ratio 0.25
+        pytest.param(0, 30, 40, "loop at epoch 5, batch 10", id="1-process"),
+        # 5 batches per process: 3 updates an epoch, 24 in all
+        pytest.param(2, 18, 24, "loop at epoch 5, batch 5", id="2-processes", marks=pytest.mark.slow),
+    ],
+)
+def test_killed_after_pre_decay_resumes_bitwise(tmp_path, nproc, pre, post, resumed):
+    ref, cut, marker = tmp_path / "ref", tmp_path / "cut", tmp_path / "marker"
+    launcher = torchrun(nproc) if nproc else [sys.executable]
+    env = child_env(ACCELERATE_USE_CPU="true")
+    p_ref = start([*launcher, str(SCRIPT), "--run-dir", str(ref)], tmp_path / "ref.log", env)
+    p_cut = start(hang_cmd(marker, 2, SCRIPT, ["--run-dir", str(cut)], nproc=nproc), tmp_path / "cut.log", env)
+    wait_and_kill(p_cut, [tmp_path / f"marker.{r}" for r in range(max(nproc, 1))], tmp_path / "cut.log")
+    finish(p_ref, tmp_path / "ref.log")
+    names = [f"step-{pre:09d}-pre-decay", f"step-{post:09d}-post-decay+final"]
+    assert checkpoints(ref) == names
+    assert checkpoints(cut) == names[:1]
+
+    resume_log = tmp_path / "resume.log"
+    log = finish(start([*launcher, str(SCRIPT), "--run-dir", str(cut)], resume_log, env), resume_log)
+    # the pre-decay point closed an epoch: the resumed run starts the next one, with the RNG of the checkpoint
+    assert f"resumed at update {pre} from {names[0]} ({resumed})" in log
+    assert checkpoints(cut) == names
+    for name in names:
+        assert_same_checkpoint(ref / "checkpoints" / name, cut / "checkpoints" / name)

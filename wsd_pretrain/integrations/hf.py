@@ -1,0 +1,259 @@
+"""Hugging Face ``transformers.Trainer``: our checkpoints at every milestone, exact resume with
+``resume_from_checkpoint``, a clean stop on preemption.
+
+::
+
+    from wsd_pretrain.integrations.hf import WSDTrainerCallback, last_checkpoint, wsd_scheduler
+
+    args = TrainingArguments(output_dir="runs/x", max_steps=10_000, warmup_steps=500, save_strategy="no", ...)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    scheduler = wsd_scheduler(optimizer, args, decay_fraction=0.2)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(optimizer, scheduler),
+                      callbacks=[WSDTrainerCallback()])
+    trainer.train(resume_from_checkpoint=last_checkpoint("runs/x"))   # None on the first run
+
+Every checkpoint is a Hugging Face model folder (``from_pretrained`` loads it) holding our training state, plus
+the ``trainer_state.json`` that ``resume_from_checkpoint`` reads: the Trainer restores its counters from it and
+skips the batches already seen; the callback restores the optimizer, the scheduler and the RNG from our state
+(no pickled ``optimizer.pt`` or ``rng_state.pth``), the RNG at the moment the Trainer itself would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..checkpoint import format as F
+from ..checkpoint.guards import check_total
+from ..checkpoint.manager import CheckpointConfig, Stateful
+from ..errors import CheckpointError, ConfigError
+from ..schedule import WSDSchedule
+from ..scheduler import WSDScheduler
+from ._common import FrameworkCheckpointer, log_rank0
+
+__all__ = ["TRAINER_STATE_NAME", "WSDTrainerCallback", "last_checkpoint", "wsd_scheduler"]
+
+log = logging.getLogger(__name__)
+
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+def wsd_scheduler(
+    optimizer: torch.optim.Optimizer,
+    args: TrainingArguments,
+    *,
+    num_training_steps: int | None = None,
+    **schedule: Any,
+) -> WSDScheduler:
+    """A :class:`WSDScheduler` built from the ``TrainingArguments``: ``total`` is ``args.max_steps`` (or
+    ``num_training_steps`` when the run is given in epochs), the warmup is ``args.warmup_steps`` / the warmup
+    ratio; any :class:`WSDSchedule` field can be given (``decay_fraction=0.2``, ``milestones=[...]``, ...).
+    Pass it to the Trainer with ``optimizers=(optimizer, scheduler)``."""
+    total = num_training_steps if num_training_steps is not None else args.max_steps
+    if not isinstance(total, int) or total <= 0:
+        raise ConfigError(
+            f"max_steps={args.max_steps}: a WSD schedule needs the run's length in optimizer updates; set "
+            "TrainingArguments(max_steps=...) or pass num_training_steps=",
+            where="wsd_scheduler",
+        )
+    schedule.setdefault("warmup", args.get_warmup_steps(total))
+    return WSDScheduler(optimizer, WSDSchedule(total=total, **schedule))
+
+
+def last_checkpoint(run_dir: str | os.PathLike[str]) -> str | None:
+    """The newest complete checkpoint of ``run_dir``, ready for ``trainer.train(resume_from_checkpoint=...)``, or
+    None when the run has none (a fresh start). Writes its ``trainer_state.json`` from our saved state if a crash
+    right after the commit left it out."""
+    infos = [i for i in F.list_checkpoints(Path(run_dir)) if i.state == "complete"]
+    if not infos:
+        return None
+    path = infos[-1].path
+    sidecar = path / TRAINER_STATE_NAME
+    if not sidecar.is_file():
+        trainer = json.loads((path / F.TRAIN_STATE / "trainer.json").read_text())
+        saved = ((trainer.get("extra") or {}).get("loop") or {}).get("framework", {}).get("trainer_state")
+        if saved is None:
+            raise CheckpointError(
+                f"{path} was not written by WSDTrainerCallback (no Trainer state in it); resume it with a "
+                "CheckpointManager, or start the Trainer from its weights"
+            )
+        _write_text(sidecar, saved)
+    return str(path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomically, durably: a temporary file, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class WSDTrainerCallback(TrainerCallback):
+    """Writes our checkpoints from a ``transformers.Trainer`` run; see the module docstring.
+
+    Args:
+        run_dir: the run directory (default: ``args.output_dir``).
+        config: :class:`CheckpointConfig` (milestones, ``every_steps``, async, retention, preemption signals).
+        data: a resumable data source, when the Trainer's loader is not what holds the data position.
+        check_max_steps: refuse a ``max_steps`` that disagrees with the schedule's end.
+
+    The Trainer must get the WSD scheduler (``optimizers=(optimizer, wsd_scheduler(...))``). Set
+    ``save_strategy="no"``: the Trainer's own checkpoints are pickles and are not needed to resume.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str] | None = None,
+        *,
+        config: CheckpointConfig | None = None,
+        data: Stateful | None = None,
+        check_max_steps: bool = True,
+    ) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.data = data
+        self.check_max_steps = check_max_steps
+        self.ckpt: FrameworkCheckpointer | None = None
+        self._state: TrainerState | None = None
+        self._rng_at_epoch_begin = False
+        self._sidecars: list[tuple[Path, str]] = []
+
+    @property
+    def manager(self) -> Any:
+        return self.ckpt.manager if self.ckpt is not None else None
+
+    # ------------------------------------------------------------------ start
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        scheduler = kwargs.get("lr_scheduler")  # a non-WSD scheduler is refused by the manager, saying what to pass
+        run_dir = Path(self.run_dir if self.run_dir is not None else args.output_dir)
+        self.ckpt = FrameworkCheckpointer(run_dir, config=self.config, data=self.data, framework="transformers.Trainer")
+        self._state = state
+        mgr = self.ckpt.build(kwargs["model"], kwargs["optimizer"], scheduler)
+        if state.global_step > 0:
+            self._resume(run_dir, state, args, kwargs.get("train_dataloader"))
+        elif any(i.state == "complete" for i in F.list_checkpoints(run_dir)):
+            raise CheckpointError(
+                f"{run_dir} has checkpoints but the Trainer starts from step 0: resume with "
+                "trainer.train(resume_from_checkpoint=wsd_pretrain.integrations.hf.last_checkpoint(run_dir)), or "
+                "give this run its own output_dir"
+            )
+        if self.check_max_steps:
+            check_total(mgr.scheduler, state.max_steps, done=state.global_step, framework="transformers.Trainer")
+        if args.save_strategy != "no":
+            log_rank0(
+                logging.INFO,
+                "save_strategy=%s: the Trainer writes its own (pickled) checkpoints too; WSDTrainerCallback's are "
+                "enough to resume (save_strategy='no')",
+                args.save_strategy,
+            )
+
+    def _resume(self, run_dir: Path, state: TrainerState, args: TrainingArguments, loader: Any) -> None:
+        """The Trainer read ``trainer_state.json`` from one of our checkpoints: load the same checkpoint."""
+        assert self.ckpt is not None
+        target = _checkpoint_for_step(run_dir, state.global_step)
+        if target is None:
+            raise CheckpointError(
+                f"the Trainer resumed at step {state.global_step}, but {run_dir} has no WSDTrainerCallback checkpoint "
+                "of that step (a checkpoint the Trainer wrote itself?): resume with "
+                "resume_from_checkpoint=wsd_pretrain.integrations.hf.last_checkpoint(run_dir)"
+            )
+        self.ckpt.resume(target)
+        updates = self.ckpt.scheduler.last_epoch
+        saved_step = int(self.ckpt.loop.framework.get("global_step", updates))
+        if saved_step != state.global_step:
+            raise CheckpointError(
+                f"{target}: its trainer_state.json says step {state.global_step}, its training state step "
+                f"{saved_step}; the folder was modified"
+            )
+        # The Trainer restores its own RNG files before the epoch's iterator when it resumes at an epoch
+        # boundary, and after building the skipped iterator when mid-epoch; ours go back at the same points.
+        per_epoch = None
+        if loader is not None and hasattr(loader, "__len__"):
+            n = len(loader)
+            accum = args.gradient_accumulation_steps
+            per_epoch = max(n // accum + int(n % accum > 0), 1)
+        self._rng_at_epoch_begin = per_epoch is not None and state.global_step % per_epoch == 0
+        if args.ignore_data_skip:
+            log_rank0(logging.WARNING, "ignore_data_skip=True: the resumed run reads its epoch from the start")
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.ckpt is not None and self._rng_at_epoch_begin:
+            self.ckpt.apply_rng()
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.ckpt is not None:
+            self.ckpt.apply_rng()
+
+    # ------------------------------------------------------------------ saving
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """After the optimizer and scheduler steps: the schedule's points, periodic saves, preemption, the end."""
+        assert self.ckpt is not None
+        self.ckpt.loop.framework = {"global_step": state.global_step, "trainer_state": _state_json(state)}
+        path = self.ckpt.maybe_save()
+        if path is not None and self.ckpt.manager is not None and self.ckpt.manager.config.async_save is False:
+            self._write_sidecar(path, self.ckpt.loop.framework["trainer_state"])
+        elif path is not None:
+            self._sidecars.append((path, self.ckpt.loop.framework["trainer_state"]))
+        self._flush_sidecars()
+        if self.ckpt.should_stop:
+            control.should_training_stop = True
+
+    def _write_sidecar(self, path: Path, text: str) -> None:
+        from .. import distributed as D
+
+        if D.get_rank() == 0 and path.is_dir():
+            _write_text(path / TRAINER_STATE_NAME, text)
+
+    def _flush_sidecars(self, wait: bool = False) -> None:
+        """Async saves: a checkpoint's trainer_state.json goes in once the checkpoint is committed."""
+        keep = []
+        for path, text in self._sidecars:
+            if path.is_dir():
+                self._write_sidecar(path, text)
+            elif not wait:
+                keep.append((path, text))
+        self._sidecars = keep
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.ckpt is not None:
+            self.ckpt.close()
+            self._flush_sidecars(wait=True)
+
+
+def _state_json(state: TrainerState) -> str:
+    """The Trainer's own ``save_to_json`` text."""
+    return json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n"
+
+
+def _checkpoint_for_step(run_dir: Path, global_step: int) -> Path | None:
+    """The newest complete checkpoint whose trainer_state.json (ours) is at ``global_step``."""
+    for info in reversed([i for i in F.list_checkpoints(run_dir) if i.state == "complete"]):
+        sidecar = info.path / TRAINER_STATE_NAME
+        if sidecar.is_file():
+            try:
+                step = json.loads(sidecar.read_text()).get("global_step")
+            except ValueError:
+                continue
+            if step == global_step:
+                return info.path
+    return None
