@@ -189,7 +189,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     resumed, straight = _files(victim, final), _files(tmp_path / "straight", final)
     assert {"train_state/rng/rank-00000.json", "train_state/rng/rank-00001.json"} < resumed.keys()
     assert resumed["train_state/rng/rank-00000.json"] != resumed["train_state/rng/rank-00001.json"], "own streams"
-    assert {k for k in resumed if k.endswith(".safetensors")} >= {"model-00001-of-00001.safetensors"}
+    assert any(k.startswith("model-") for k in resumed) and any(k.startswith("train_state/state-") for k in resumed)
     # every file: weights, optimizer state, trainer and engine state, and each rank's RNG streams
     assert resumed == straight, "bitwise equal weights, optimizer, trainer and RNG state"
 

@@ -246,8 +246,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "manager-resumes-oldest",
         "wsd_pretrain/checkpoint/manager.py",
-        "            for info in reversed(infos):\n",
-        "            for info in infos:\n",
+        "            for i, info in enumerate(reversed(infos)):\n",
+        "            for i, info in enumerate(infos):\n",
         (T_RESUME_DDP,),
         "resume('auto') loads the oldest checkpoint, not the newest",
     ),

@@ -261,6 +261,7 @@ def _phase_of(event: str) -> str:
         "save-begin": "staging",
         "staging-created": "staging",
         "fetch-begin": "staging",
+        "fetch": "shard writes",
         "fetch-end": "shard writes",
         "shard-begin": "shard writes",
         "shard-end": "shard writes",
