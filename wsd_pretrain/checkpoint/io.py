@@ -425,6 +425,7 @@ def start_save(
                 fsync,
                 latest=dest is None,
                 with_rng=with_rng,
+                checksum=checksum,
             )
             if after_commit is not None:
                 after_commit(final)
@@ -597,7 +598,10 @@ def verify_checkpoint(ckpt: Path, *, checksums: bool = True) -> dict[str, Any]:
     manifest = F.load_manifest(ckpt)
     rank, world = D.get_rank(), D.get_world_size()
     names = sorted(manifest["files"])
-    mine = {"files": {n: manifest["files"][n] for i, n in enumerate(names) if i % world == rank}}
+    mine = {
+        "checksum": manifest["checksum"],
+        "files": {n: manifest["files"][n] for i, n in enumerate(names) if i % world == rank},
+    }
     problems = F.check_files(ckpt, mine, checksums=checksums)
     problems = [p for ps in D.all_gather_object(problems) for p in ps]
     if problems:
