@@ -27,7 +27,7 @@ def test_deepspeed_configs_carry_a_valid_wsd_section(stage):
 
 
 def test_the_1b_recipe_for_two_nodes_of_eight_gpus():
-    job = resolve_job(load_config(CONFIGS / "llama_1b_2x8.yaml"))
+    job = resolve_job(load_config(CONFIGS / "llama_1b_2x8.yaml"), config_dir=CONFIGS)
     params = job.model.num_parameters()
     assert 1.0e9 < params < 1.2e9, params
     world = 2 * 8
@@ -36,18 +36,18 @@ def test_the_1b_recipe_for_two_nodes_of_eight_gpus():
     assert job.schedule.total * tokens_per_update == 52_428_800_000
     assert [m.at for m in job.schedule.milestones_info] == [12_500, 25_000, 50_000]
     assert job.train.engine == "deepspeed" and job.train.dtype == "bf16"
-    ds, factory = split_ds_config(CONFIGS / job.train.ds_config)
+    ds, factory = split_ds_config(job.train.ds_config)
     assert ds["train_micro_batch_size_per_gpu"] == job.train.micro_batch_size
     assert ds["gradient_accumulation_steps"] == job.train.grad_accum
     assert ds["bf16"]["enabled"] is True
-    # the ds_config's own WSD section (for scripts that call deepspeed_initialize) says the same as the recipe
+    # the ds_config's own WSD section says the same as the recipe's schedule section (both define it: they agree)
     assert factory.keywords["schedule"] == job.schedule
     assert job.model.hf_config()["num_hidden_layers"] == 22
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu_deepspeed.yaml", "tiny_cpu_branching.yaml"])
 def test_other_configs_resolve(name):
-    job = resolve_job(load_config(CONFIGS / name))
+    job = resolve_job(load_config(CONFIGS / name), config_dir=CONFIGS)
     assert job.schedule.total > 0
 
 
