@@ -222,7 +222,10 @@ def _device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "cuda" or (
         cfg.device == "auto" and torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
     ):
-        return torch.device("cuda", D.get_local_rank())
+        # one rule for every launcher: the device init_distributed made current (distributed.choose_cuda_device)
+        index = D.device_index()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
