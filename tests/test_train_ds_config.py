@@ -108,3 +108,15 @@ def test_the_schedule_is_defined_once(tmp_path, capsys):
     # settings that agree are no conflict; the ds_config's schedule is the job's, rescaled by --total-steps
     code, out, _ = _dry_run(capsys, f"train.ds_config={ds}", "schedule.total=8", "--total-steps", "16")
     assert code == 0 and "total: 16" in out and "warmup: 4" in out
+
+
+def test_wsd_pretrain_schedule_shows_what_the_job_runs(tmp_path, capsys):
+    from wsd_pretrain.cli import main as cli
+
+    _ds_config(tmp_path, optimizer=OPTIMIZER, scheduler=WSD)
+    job = tmp_path / "job.yaml"
+    job.write_text("train:\n  engine: deepspeed\n  ds_config: ds.json\n")  # relative to the job file
+    assert cli(["schedule", "--config", str(job), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["schedule"]["total"] == 8
+    assert cli(["schedule", "--config", str(job)]) == 0
+    assert "base LR 0.002" in capsys.readouterr().out, "the ds_config optimizer's LR"
