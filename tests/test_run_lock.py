@@ -125,6 +125,9 @@ def test_a_lock_file_from_another_host_is_refused_with_the_fix(tmp_path, monkeyp
     (tmp_path / LOCKFILE_NAME).write_text("garbage")
     with pytest.raises(CheckpointError, match="cannot be read"):
         RunLock(tmp_path)
+    (tmp_path / LOCKFILE_NAME).write_text("")  # created with O_EXCL, holder not written yet (or never)
+    with pytest.raises(CheckpointError, match=r"taking the run lock .* right now"):
+        RunLock(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -147,6 +147,11 @@ class RunLock:
         if record is None:
             return  # released meanwhile: try to create it again
         here = socket.gethostname()
+        if record.get("unreadable") == "":
+            raise CheckpointError(
+                f"{self.run_dir} is in use by another run that is taking the run lock {self.path} right now, or one "
+                f"that died doing so left it empty: if no run is using this directory, remove it (rm {self.path})"
+            )
         if "unreadable" in record:
             raise CheckpointError(
                 f"{self.run_dir}: the run lock {self.path} exists but cannot be read ({record['unreadable']!r}); if "
