@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wsd_pretrain import ConfigError
-from wsd_pretrain.compat import WSDLrScheduler, estimate_checkpoint_steps
+from wsd_pretrain.compat import SeedConfigError, WSDLrScheduler, estimate_checkpoint_steps
 
 seed_mod = pytest.importorskip("pytorch_accelerated.schedulers.wsd_scheduler")
 SeedScheduler = seed_mod.WSDLrScheduler
@@ -242,8 +242,46 @@ def test_large_decay_ratio_with_several_checkpoints_is_allowed():
     ],
 )
 def test_where_the_seed_asserts_or_crashes_we_refuse_at_construction(kwargs, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:
         WSDLrScheduler(make_optimizer(), **kwargs)
+    # code written against the seed catches AssertionError (its asserts) or ValueError: both still work
+    assert isinstance(info.value, SeedConfigError)
+    assert isinstance(info.value, AssertionError) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(total_steps=0), dict(total_steps=100, decay_phase_ratio=1.5), dict(total_steps=100, lr_min=-0.1)],
+)
+def test_settings_the_seed_asserts_on_raise_an_assertion_error_in_both(kwargs):
+    with pytest.raises(AssertionError):
+        SeedScheduler(make_optimizer(), **kwargs)
+    with pytest.raises(AssertionError):
+        WSDLrScheduler(make_optimizer(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "steps"),
+    [
+        (dict(total_steps=1000, num_checkpoints=3, decay_phase_ratio=0.2), range(0, 1200, 7)),
+        (dict(total_steps=100, num_checkpoints=1), range(0, 130)),
+        (dict(total_steps=200_000, num_checkpoints=4), range(0, 210_000, 997)),
+    ],
+)
+def test_get_checkpoint_info_gives_the_seeds_results(kwargs, steps):
+    ours, seed = WSDLrScheduler(make_optimizer(), **kwargs), SeedScheduler(make_optimizer(), **kwargs)
+    for step in steps:
+        # past the last checkpoint too, where the seed falls back to the first period
+        assert ours._get_checkpoint_info(step) == seed._get_checkpoint_info(step), step
+    ours._get_checkpoint_info.cache_clear()  # the seed's tests call it; there is nothing to clear
+    # a continuation (the seed's own continuation branch) from a state saved in the stable phase
+    state = seed.state_dict()
+    cont_kwargs = {**kwargs, "total_steps": kwargs["total_steps"] // 2, "is_continuation_from_checkpoint": True}
+    ours_c, seed_c = WSDLrScheduler(make_optimizer(), **cont_kwargs), SeedScheduler(make_optimizer(), **cont_kwargs)
+    ours_c.load_state_dict(ours.state_dict())
+    seed_c.load_state_dict(state)
+    for step in steps:
+        assert ours_c._get_checkpoint_info(step) == seed_c._get_checkpoint_info(step), step
 
 
 def test_zero_length_decay_runs_to_the_end_without_crashing():

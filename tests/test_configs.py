@@ -11,7 +11,7 @@ import pytest
 
 from wsd_pretrain import ConfigError, split_ds_config
 from wsd_pretrain.config import load_config
-from wsd_pretrain.train import JobConfig, _ds_config, resolve_job
+from wsd_pretrain.train import JobConfig, deepspeed_plan, resolve_job
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -28,7 +28,7 @@ def test_deepspeed_configs_carry_a_valid_wsd_section(stage):
 
 
 def test_the_1b_recipe_for_two_nodes_of_eight_gpus():
-    job = resolve_job(load_config(CONFIGS / "llama_1b_2x8.yaml"))
+    job = resolve_job(load_config(CONFIGS / "llama_1b_2x8.yaml"), config_dir=CONFIGS)
     params = job.model.num_parameters()
     assert 1.0e9 < params < 1.2e9, params
     world = 2 * 8
@@ -37,11 +37,11 @@ def test_the_1b_recipe_for_two_nodes_of_eight_gpus():
     assert job.schedule.total * tokens_per_update == 52_428_800_000
     assert [m.at for m in job.schedule.milestones_info] == [12_500, 25_000, 50_000]
     assert job.train.engine == "deepspeed" and job.train.dtype == "bf16"
-    ds, factory = split_ds_config(CONFIGS / job.train.ds_config)
+    ds, factory = split_ds_config(job.train.ds_config)
     assert ds["train_micro_batch_size_per_gpu"] == job.train.micro_batch_size
     assert ds["gradient_accumulation_steps"] == job.train.grad_accum
     assert ds["bf16"]["enabled"] is True
-    # the ds_config's own WSD section (for scripts that call deepspeed_initialize) says the same as the recipe
+    # the ds_config's own WSD section says the same as the recipe's schedule section (both define it: they agree)
     assert factory.keywords["schedule"] == job.schedule
     assert job.model.hf_config()["num_hidden_layers"] == 22
 
@@ -66,7 +66,7 @@ def test_the_deepspeed_config_is_the_tiny_default_under_zero2():
     )
     # what DeepSpeed is given (the ds_config is relative to the config file): ZeRO-2, the train section's batch
     # size, no scheduler section (the job's schedule drives the LR), fp32
-    ds = _ds_config(replace(job, train=replace(job.train, ds_config=str(CONFIGS / job.train.ds_config))))
+    ds = deepspeed_plan(replace(job, train=replace(job.train, ds_config=str(CONFIGS / job.train.ds_config))), {}).config
     assert ds["zero_optimization"]["stage"] == 2 and "scheduler" not in ds and "optimizer" not in ds
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 1)
     assert ds["bf16"] == {"enabled": False} and ds["fp16"]["enabled"] is False and ds["gradient_clipping"] == 1.0

@@ -92,8 +92,20 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     config_path = args.config if args.config is not None else _default_config_path()
     config = load_config(config_path, [])
     config = apply_overrides(config, args.overrides)
-    schedule = schedule_from_config(config, args.total_steps)
     base_lr = args.lr if args.lr is not None else (config.get("optimizer") or {}).get("lr")
+    train = config.get("train")
+    if isinstance(train, dict) and train.get("engine") == "deepspeed" and train.get("ds_config"):
+        # what the job runs: the ds_config's WSD section and optimizer LR where it has them (docs/training.md)
+        from .train import deepspeed_plan, resolve_job
+
+        job = resolve_job(
+            config, total_steps=args.total_steps, config_dir=config_path.parent if config_path is not None else None
+        )
+        schedule, plan = job.schedule, deepspeed_plan(job, config)
+        if args.lr is None and plan.optimizer is not None:
+            base_lr = (plan.optimizer.get("params") or {}).get("lr")
+    else:
+        schedule = schedule_from_config(config, args.total_steps)
     if args.json:
         payload = {
             "schedule": schedule.to_dict(),

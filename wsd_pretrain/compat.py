@@ -16,6 +16,9 @@ on purpose (each listed with its reason in ``docs/seed-compatibility.md``):
 ``WSDCheckpointCallback`` (imported from pytorch_accelerated on first use) takes the seed callback's arguments and
 writes wsd_pretrain checkpoints, saving after the optimizer step; the checkpoint manager accepts
 ``WSDLrScheduler`` as it is. See :mod:`wsd_pretrain.integrations.pytorch_accelerated` and docs/integrations.md.
+
+Invalid settings raise :class:`SeedConfigError`, a :class:`~wsd_pretrain.errors.ConfigError` (so a
+``ValueError``) that is also an ``AssertionError``: code written against the seed, which asserts, still catches it.
 """
 
 from __future__ import annotations
@@ -33,9 +36,31 @@ from .schedule import WSDSchedule
 if TYPE_CHECKING:
     from .integrations.pytorch_accelerated import WSDCheckpointCallback
 
-__all__ = ["WSDCheckpointCallback", "WSDLrScheduler", "estimate_checkpoint_steps"]
+__all__ = ["SeedConfigError", "WSDCheckpointCallback", "WSDLrScheduler", "estimate_checkpoint_steps"]
 
 log = logging.getLogger(__name__)
+
+
+class SeedConfigError(ConfigError, AssertionError):
+    """An invalid compat setting: a :class:`ConfigError` (a ``ValueError``) and also an ``AssertionError``, which is
+    what the seed raises for most of them (``assert total_steps > 0``), so ``except AssertionError`` keeps working."""
+
+
+class _SeedCachedMethod:
+    """The seed's ``@lru_cache`` method without the cache: callable, with a ``cache_clear()`` that has nothing to
+    clear (the seed's own tests call it). The seed's cache is keyed on ``self`` and keeps it alive."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._fn = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        bound = partial(self._fn, obj)
+        bound.cache_clear = lambda: None  # type: ignore[attr-defined]
+        return bound
+
 
 # The attributes the seed's state_dict() carries (all public attributes but the optimizer).
 _SEED_STATE_KEYS = (
@@ -74,9 +99,9 @@ def estimate_checkpoint_steps(total_steps: int, num_checkpoints: int = 3) -> lis
     Our own API's geometric spacing (``WSDSchedule(milestones="geometric")``) ends at the total instead.
     """
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
-        raise ConfigError(f"total_steps={total_steps!r}: must be a whole number > 0", where="checkpoint estimate")
+        raise SeedConfigError(f"total_steps={total_steps!r}: must be a whole number > 0", where="checkpoint estimate")
     if isinstance(num_checkpoints, bool) or not isinstance(num_checkpoints, int) or num_checkpoints <= 0:
-        raise ConfigError(
+        raise SeedConfigError(
             f"num_checkpoints={num_checkpoints!r}: must be a whole number > 0", where="checkpoint estimate"
         )
     if num_checkpoints == 1:
@@ -121,11 +146,11 @@ class WSDLrScheduler:
         is_continuation_from_checkpoint: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
-            raise ConfigError(
+            raise SeedConfigError(
                 f"optimizer={type(optimizer).__name__}: pass a torch.optim.Optimizer", where="WSDLrScheduler"
             )
         if num_epochs is not None and num_update_steps_per_epoch is not None and total_steps is not None:
-            raise ConfigError(
+            raise SeedConfigError(
                 "Only num_epochs and num_update_steps_per_epoch, or total_steps should be provided",
                 where="WSDLrScheduler",
             )
@@ -175,13 +200,13 @@ class WSDLrScheduler:
         elif self.warmup_starting_lr > max(self.base_lr_values):
             problems.append("warmup_starting_lr should not exceed maximum base learning rate")
         if problems:
-            raise ConfigError(problems, where="WSDLrScheduler")
+            raise SeedConfigError(problems, where="WSDLrScheduler")
         assert isinstance(total, int)
         if self.num_warmup_steps is None:
             self.num_warmup_steps = int(0.01 * total)
         checkpoints = estimate_checkpoint_steps(total, self.num_checkpoints)
         if checkpoints[0] <= 0 or any(b <= a for a, b in zip(checkpoints, checkpoints[1:])):
-            raise ConfigError(
+            raise SeedConfigError(
                 f"total_steps={total} is too short for num_checkpoints={self.num_checkpoints}: the checkpoints "
                 f"would be {checkpoints} (the seed divides by zero on them); use num_checkpoints=1 or >= 4 steps "
                 "per checkpoint",
@@ -198,7 +223,14 @@ class WSDLrScheduler:
         # The seed holds the floor from its last checkpoint on, past total_steps too (its own tests read the LR at
         # step total_steps), and lets a long warmup override whatever falls under it: both said in the schedule.
         # A zero-length decay is no decay (the seed divides by it after its last checkpoint).
-        self._schedule = WSDSchedule(
+        try:
+            self._schedule = self._build_schedule(total, warmup, checkpoints, lengths)
+        except ConfigError as exc:  # the seed's error type for whatever the schedule itself refuses
+            raise SeedConfigError(exc.problems, where="WSDLrScheduler") from None
+        self._start_ratios = [self.warmup_starting_lr / base if base > 0 else 0.0 for base in self.base_lr_values]
+
+    def _build_schedule(self, total: int, warmup: int, checkpoints: list[int], lengths: tuple[int, ...]) -> WSDSchedule:
+        return WSDSchedule(
             total=max(total, warmup) + 1,
             warmup=warmup,
             warmup_shape="linear",
@@ -210,7 +242,6 @@ class WSDLrScheduler:
             after_last="floor",
             progress="start",
         )
-        self._start_ratios = [self.warmup_starting_lr / base if base > 0 else 0.0 for base in self.base_lr_values]
 
     @property
     def schedule(self) -> WSDSchedule:
@@ -264,6 +295,23 @@ class WSDLrScheduler:
                 return info
         return self.checkpoint_decay_info[-1]
 
+    @_SeedCachedMethod
+    def _get_checkpoint_info(self, num_updates: int) -> tuple[int, int]:
+        """``(period length, steps into the period)`` for ``num_updates``, with the seed's results everywhere.
+
+        The seed's own (private) helper, kept because its tests and code built on it call it. As in the seed, a
+        step at or past the last checkpoint falls back to the first period (its loop finds no later checkpoint),
+        so there the second number exceeds the first; nothing in compat's LR arithmetic uses it.
+        """
+        checkpoints = self.checkpoint_steps  # the continuation's own, recomputed from its total, as the seed does
+        current = 0
+        for i, checkpoint in enumerate(checkpoints):
+            if num_updates < checkpoint:
+                current = i
+                break
+        period_start = 0 if current == 0 else checkpoints[current - 1]
+        return checkpoints[current] - period_start, num_updates - period_start
+
     def get_current_step(self) -> int:
         """Optimizer updates completed so far, minus one (-1 before the first ``step()``), as in the seed."""
         return self._num_updates
@@ -287,10 +335,12 @@ class WSDLrScheduler:
         ``total_steps`` and ``is_continuation_from_checkpoint`` (both this run's); the counter starts afresh.
         """
         if not isinstance(state_dict, dict):
-            raise ConfigError(f"expected a state dict, got {type(state_dict).__name__}", where="WSDLrScheduler state")
+            raise SeedConfigError(
+                f"expected a state dict, got {type(state_dict).__name__}", where="WSDLrScheduler state"
+            )
         unknown = sorted(set(state_dict) - set(_SEED_STATE_KEYS) - {"num_updates", "_step_count"})
         if unknown:
-            raise ConfigError(f"unknown keys {unknown}", where="WSDLrScheduler state")
+            raise SeedConfigError(f"unknown keys {unknown}", where="WSDLrScheduler state")
         continuation = self.is_continuation_from_checkpoint
         new_total = self.total_steps
         keys = _SCHEDULE_KEYS if continuation else (*_SCHEDULE_KEYS, "is_continuation_from_checkpoint")

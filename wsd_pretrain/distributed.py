@@ -1,7 +1,7 @@
 """The one place that starts and stops torch.distributed, and the rank helpers everything else uses.
 
 :func:`init_distributed` reads the launcher's environment (torchrun, the DeepSpeed launcher, SLURM's srun),
-checks it, and is safe to call twice; :func:`teardown` pairs with it. Every helper answers for a single
+checks it, exports the resolved RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE, and is safe to call twice; :func:`teardown` pairs with it. Every helper answers for a single
 process too (rank 0 of 1), so library code never asks "am I distributed?".
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,12 +21,16 @@ from .errors import ConfigError
 
 __all__ = [
     "DistInfo",
+    "LaunchEnv",
     "all_gather_object",
     "all_reduce_max",
     "barrier",
     "broadcast_object",
+    "choose_cuda_device",
+    "device_index",
     "gather_object",
     "get_local_rank",
+    "get_local_world_size",
     "get_rank",
     "get_world_size",
     "init_distributed",
@@ -45,6 +50,33 @@ class DistInfo:
     world_size: int
     local_rank: int
     backend: str | None
+    local_world_size: int = 1
+    """Processes on this node."""
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher says about this process, resolved once (:func:`_launcher_env`)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launcher: str
+    """"torchrun" (RANK/WORLD_SIZE: torchrun, the deepspeed launcher, anything torch-style), "slurm" (srun's
+    SLURM_* variables) or "none" (one plain process)."""
+
+    def exported(self) -> dict[str, str]:
+        """The torch-style variables every later reader expects (DeepSpeed reads LOCAL_RANK)."""
+        return {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.local_rank),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+        }
+
+
+_LAUNCH: LaunchEnv | None = None  # set by init_distributed
 
 
 def _env_int(name: str, env: dict[str, str], problems: list[str]) -> int | None:
@@ -58,20 +90,64 @@ def _env_int(name: str, env: dict[str, str], problems: list[str]) -> int | None:
         return None
 
 
-def _launcher_env(env: dict[str, str]) -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun/deepspeed variables, or SLURM's when those are absent."""
+def _slurm_tasks_on_node(spec: str, node: int) -> int | None:
+    """Tasks on node ``node`` from SLURM's compressed per-node counts (``"8(x2)"``, ``"2(x3),1"``)."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if m is None:
+            return None
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[node] if 0 <= node < len(counts) else None
+
+
+def _slurm_env(env: dict[str, str], problems: list[str]) -> tuple[int | None, int | None, int | None, int | None]:
+    """(rank, world, local rank, local world) from the variables srun sets for each task."""
+    rank = _env_int("SLURM_PROCID", env, problems)
+    world = _env_int("SLURM_NTASKS", env, problems)
+    local = _env_int("SLURM_LOCALID", env, problems)
+    if local is None and not problems:
+        problems.append("SLURM_PROCID is set but SLURM_LOCALID is not: start the tasks with srun")
+    node = _env_int("SLURM_NODEID", env, problems) or 0
+    local_world = None
+    for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if env.get(name):
+            local_world = _slurm_tasks_on_node(env[name], node)
+            if local_world is None:
+                problems.append(f"{name}={env[name]!r}: cannot read the tasks on node {node} from it")
+            break
+    else:
+        local_world = _env_int("SLURM_NTASKS_PER_NODE", env, problems)
+        if local_world is None and world is not None and _env_int("SLURM_NNODES", env, problems) == 1:
+            local_world = world
+    if local_world is None and not problems:
+        problems.append(
+            "cannot tell how many tasks run on this node: srun sets SLURM_STEP_TASKS_PER_NODE (or set "
+            "--ntasks-per-node)"
+        )
+    return rank, world, local, local_world
+
+
+def _launcher_env(env: dict[str, str]) -> LaunchEnv:
+    """Rank, world size, local rank and local world size, resolved once from the launcher's variables.
+
+    torch-style variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE: torchrun, the deepspeed launcher) win;
+    without them, srun's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, and the tasks on this node from
+    SLURM_STEP_TASKS_PER_NODE); without either, one plain process. Every problem is reported at once.
+    """
     problems: list[str] = []
     rank = _env_int("RANK", env, problems)
     world = _env_int("WORLD_SIZE", env, problems)
     local = _env_int("LOCAL_RANK", env, problems)
+    local_world = _env_int("LOCAL_WORLD_SIZE", env, problems)
+    launcher = "torchrun"
     if rank is None and world is None and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank = _env_int("SLURM_PROCID", env, problems)
-        world = _env_int("SLURM_NTASKS", env, problems)
-        local = _env_int("SLURM_LOCALID", env, problems)
+        launcher = "slurm"
+        rank, world, local, local_world = _slurm_env(env, problems)
     if problems:
         raise ConfigError(problems, where="launcher environment")
     if rank is None and world is None:
-        return 0, 1, 0
+        return LaunchEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="none")
     if rank is None or world is None:
         raise ConfigError(
             "RANK and WORLD_SIZE must be set together (launch with torchrun, deepspeed or srun)",
@@ -79,13 +155,52 @@ def _launcher_env(env: dict[str, str]) -> tuple[int, int, int]:
         )
     if world < 1 or not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE", where="launcher environment")
-    if world > 1 and (not env.get("MASTER_ADDR") or not env.get("MASTER_PORT")):
+    if not env.get("MASTER_PORT") or (world > 1 and not env.get("MASTER_ADDR")):
         raise ConfigError(
-            "MASTER_ADDR and MASTER_PORT must be set for a multi-process run (torchrun sets them; under srun "
-            "export them in the batch script, see launch/slurm.sbatch)",
+            "MASTER_ADDR and MASTER_PORT must be set for a process group (torchrun sets them; under srun export "
+            "them in the batch script, see launch/slurm.sbatch; MASTER_ADDR defaults to 127.0.0.1 for one process)",
             where="launcher environment",
         )
-    return rank, world, local if local is not None else rank
+    if local is None:  # a launcher that gives no local rank: one node
+        local = rank
+    if local_world is None:
+        local_world = world
+    if not 0 <= local < local_world <= world:
+        raise ConfigError(
+            f"local rank {local} of {local_world} process(es) on this node (world {world}): need "
+            "0 <= local rank < local world size <= world size",
+            where="launcher environment",
+        )
+    return LaunchEnv(rank=rank, world_size=world, local_rank=local, local_world_size=local_world, launcher=launcher)
+
+
+def choose_cuda_device(
+    local_rank: int, local_world_size: int, device_count: int, visible_devices: str | None = None
+) -> int:
+    """The CUDA device index this process uses, from what it can see.
+
+    * one visible device (``srun --gpus-per-task=1``, or any binding that gives each task its own GPU through
+      CUDA_VISIBLE_DEVICES): index 0, whatever the local rank;
+    * at least one device per process on the node (torchrun, the deepspeed launcher, srun with every GPU visible
+      to every task): the local rank;
+    * anything else (fewer visible devices than processes on the node, but more than one) is ambiguous: an error
+      saying how to launch.
+
+    ``visible_devices`` (CUDA_VISIBLE_DEVICES) is only quoted in the error.
+    """
+    shown = f" (CUDA_VISIBLE_DEVICES={visible_devices})" if visible_devices is not None else ""
+    if device_count < 1:
+        raise ConfigError(f"no CUDA device is visible to this process{shown}", where="device")
+    if device_count == 1:
+        return 0
+    if local_world_size <= device_count and 0 <= local_rank < device_count:
+        return local_rank
+    raise ConfigError(
+        f"this process (local rank {local_rank} of {local_world_size} on its node) sees {device_count} GPUs"
+        f"{shown}: give each task one GPU (srun --gpus-per-task=1) or let every process see all of the node's "
+        "GPUs, at least one per process",
+        where="device",
+    )
 
 
 def default_backend() -> str:
@@ -98,18 +213,25 @@ def default_backend() -> str:
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
     """Start the process group described by the launcher's environment; a plain process stays single.
 
+    The launcher's variables are resolved once (:func:`_launcher_env`: torchrun's, or srun's SLURM_* ones) and
+    exported as RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE, so DeepSpeed and every helper here read the same
+    values. With nccl the current CUDA device is set by :func:`choose_cuda_device`.
+
     Safe to call twice (the second call returns the running group's info). ``timeout_s`` bounds every collective:
     a rank that never arrives fails the job instead of hanging it.
     """
-    global _STARTED_HERE
+    global _STARTED_HERE, _LAUNCH
     if dist.is_available() and dist.is_initialized():
         return _info()
-    rank, world, local = _launcher_env(dict(os.environ))
-    if world == 1 and "RANK" not in os.environ:
+    launch = _launcher_env(dict(os.environ))
+    if launch.launcher == "none":
         return DistInfo(rank=0, world_size=1, local_rank=0, backend=None)
+    os.environ.update(launch.exported())
+    _LAUNCH = launch
+    rank, world = launch.rank, launch.world_size
     backend = backend or default_backend()
     if backend == "nccl" and torch.cuda.is_available():
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(device_index())
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     timeout = datetime.timedelta(seconds=timeout_s)
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
@@ -130,7 +252,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
 def teardown(barrier: bool = True) -> None:
     """Destroy the process group if :func:`init_distributed` started it (after a last barrier, unless leaving on
     an error, when another rank may never arrive)."""
-    global _STARTED_HERE
+    global _STARTED_HERE, _LAUNCH
     if _STARTED_HERE and dist.is_initialized():
         try:
             if barrier:
@@ -138,14 +260,16 @@ def teardown(barrier: bool = True) -> None:
         finally:
             dist.destroy_process_group()
     _STARTED_HERE = False
+    _LAUNCH = None
 
 
 def _info() -> DistInfo:
     return DistInfo(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+        local_rank=get_local_rank(),
         backend=str(dist.get_backend()),
+        local_world_size=get_local_world_size(),
     )
 
 
@@ -165,8 +289,24 @@ def get_world_size() -> int:
 
 
 def get_local_rank() -> int:
-    """Rank on this node (0 for a single process)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0
+    """Rank on this node (0 for a single process): the value :func:`init_distributed` resolved and exported."""
+    if _LAUNCH is not None:
+        return _LAUNCH.local_rank
+    return int(os.environ.get("LOCAL_RANK", dist.get_rank())) if is_distributed() else 0
+
+
+def get_local_world_size() -> int:
+    """Processes on this node (1 for a single process)."""
+    if _LAUNCH is not None:
+        return _LAUNCH.local_world_size
+    return int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())) if is_distributed() else 1
+
+
+def device_index() -> int:
+    """The CUDA device of this process (:func:`choose_cuda_device` over the resolved local rank)."""
+    return choose_cuda_device(
+        get_local_rank(), get_local_world_size(), torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
+    )
 
 
 def barrier() -> None:

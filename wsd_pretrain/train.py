@@ -29,12 +29,13 @@ from .checkpoint.manager import CheckpointConfig, CheckpointManager
 from .checkpoint.rng import seed_everything
 from .config import apply_overrides, build, dump_config, load_config
 from .data import DataConfig, ShardedSampler, TokenData
+from .deepspeed_scheduler import SCHEDULER_TYPE
 from .errors import ConfigError, WSDError
 from .model import LlamaLM, ModelConfig
 from .schedule import WSDSchedule
 from .scheduler import WSDScheduler
 
-__all__ = ["JobConfig", "OptimizerConfig", "TrainConfig", "main", "resolve_job"]
+__all__ = ["DeepSpeedPlan", "JobConfig", "OptimizerConfig", "TrainConfig", "deepspeed_plan", "main", "resolve_job"]
 
 log = logging.getLogger("wsd_pretrain")
 
@@ -77,8 +78,9 @@ class TrainConfig:
     engine: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"
     """ddp (also a single plain process), fsdp2 (fully_shard), or deepspeed (ZeRO from ds_config)."""
     ds_config: str | None = None
-    """DeepSpeed config JSON (engine: deepspeed), relative to the job config file; batch sizes, precision and
-    clipping come from this section, the LR schedule from the schedule section."""
+    """DeepSpeed config JSON (engine: deepspeed), relative to the job config file. Its optimizer section runs as
+    written (DeepSpeed builds the optimizer) and its ``"type": "WSD"`` scheduler section is the schedule; batch
+    sizes, precision and clipping come from this section (docs/training.md)."""
     zero_stage: int | None = None
     """Override the ds_config's ZeRO stage (0-3)."""
     micro_batch_size: int = 16
@@ -157,21 +159,47 @@ def _with_schedule_defaults(section: Any) -> Any:
     return {**base, **section}
 
 
-def resolve_job(config: dict[str, Any], *, total_steps: int | None = None, save_every: int | None = None) -> JobConfig:
-    """Turn a config mapping (file + overrides) into a validated :class:`JobConfig`."""
+def resolve_job(
+    config: dict[str, Any],
+    *,
+    total_steps: int | None = None,
+    save_every: int | None = None,
+    config_dir: str | os.PathLike[str] | None = None,
+) -> JobConfig:
+    """Turn a config mapping (file + overrides) into a validated :class:`JobConfig`.
+
+    ``config_dir``: the config file's folder, against which a relative ``train.ds_config`` is read. With
+    ``engine: deepspeed`` and a ds_config whose scheduler section is ``"type": "WSD"``, that section is the
+    schedule (the job's own ``schedule:`` settings must agree with it); ``total_steps`` rescales whichever it is.
+    """
     unknown = sorted(set(config) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; sections: {sorted(SECTIONS)}", where="config")
     problems: list[str] = []
     parts: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
-        section = config.get(name)
         if name == "schedule":
-            section = _with_schedule_defaults(section)
+            continue  # after the train section, which may name a ds_config that defines it
         try:
-            parts[name] = build(cls, section, where=f"{name} section")
+            parts[name] = build(cls, config.get(name), where=f"{name} section")
         except ConfigError as exc:
             problems += [f"{name}: {p}" for p in exc.problems]
+    train = parts.get("train")
+    if train is not None and train.ds_config and config_dir is not None and not Path(train.ds_config).is_absolute():
+        # a ds_config named in a config file is relative to that file
+        parts["train"] = train = replace(train, ds_config=str(Path(config_dir) / train.ds_config))
+    try:
+        if train is not None and train.engine == "deepspeed" and train.ds_config:
+            path = Path(train.ds_config)
+            ds_schedule, _ = _ds_schedule(_read_ds_config(path).get("scheduler"), config.get("schedule"), path)
+            if ds_schedule is not None:
+                parts["schedule"] = ds_schedule
+        if "schedule" not in parts:
+            parts["schedule"] = build(
+                WSDSchedule, _with_schedule_defaults(config.get("schedule")), where="schedule section"
+            )
+    except ConfigError as exc:
+        problems += [f"schedule: {p}" for p in exc.problems]
     if problems:
         raise ConfigError(problems, where="job config")
     job = JobConfig(**parts)
@@ -194,40 +222,150 @@ def _device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "cuda" or (
         cfg.device == "auto" and torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
     ):
-        return torch.device("cuda", D.get_local_rank())
+        # one rule for every launcher: the device init_distributed made current (distributed.choose_cuda_device)
+        index = D.device_index()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (not on norms, biases): two param groups, each with its own base LR."""
+def _param_groups(model: torch.nn.Module, weight_decay: float | None) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not on norms, biases): two param groups, each with its own base LR.
+    ``weight_decay=None``: the matrices take the optimizer's own (a ds_config optimizer section's)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    first: dict[str, Any] = (
+        {"params": decay} if weight_decay is None else {"params": decay, "weight_decay": weight_decay}
+    )
+    return [first, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _ds_config(job: JobConfig) -> dict[str, Any]:
-    path = Path(job.train.ds_config or "")
+@dataclass(frozen=True)
+class DeepSpeedPlan:
+    """What the job takes from its ds_config: the config DeepSpeed gets, and the sections that run as written."""
+
+    config: dict[str, Any]
+    """The ds_config for ``deepspeed.initialize``: the user's, with its scheduler section taken out (the job builds
+    the WSD scheduler) and batch sizes, clipping and precision from the ``train:`` section."""
+    optimizer: dict[str, Any] | None
+    """The ds_config's optimizer section, or None (then the job's ``optimizer:`` section: a torch AdamW)."""
+    schedule: WSDSchedule | None
+    """The ds_config's ``"type": "WSD"`` scheduler section, or None (then the job's ``schedule:`` section)."""
+    scheduler_args: dict[str, Any]
+    """``warmup_start_lr`` / ``tokens_per_step`` from that section."""
+
+
+def _read_ds_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"train.ds_config={str(path)!r} does not exist", where="train config")
+        raise ConfigError(
+            f"train.ds_config={str(path)!r} does not exist (a relative path is read against the job config file's "
+            "folder)",
+            where="train config",
+        )
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc}", where="train config") from None
-    if "scheduler" in cfg:
-        log.info("the job's schedule section drives the LR; the ds_config's scheduler section is not used here")
-        del cfg["scheduler"]
-    cfg.pop("optimizer", None)  # the client optimizer, built from the optimizer section
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not {type(cfg).__name__}", where="train config")
+    return cfg
+
+
+def _ds_schedule(section: Any, explicit: Any, path: Path) -> tuple[WSDSchedule | None, dict[str, Any]]:
+    """The ds_config's scheduler section as a WSD schedule (None without one), checked against the keys the job's
+    own ``schedule:`` section sets explicitly (the job's defaults do not count)."""
+    if section is None:
+        return None, {}
+    where = f"{path} scheduler section"
+    if not isinstance(section, dict) or not isinstance(section.get("type"), str):
+        raise ConfigError('expected {"type": "WSD", "params": {...}}', where=where)
+    if section["type"].upper() != SCHEDULER_TYPE:
+        raise ConfigError(
+            f"type {section['type']!r} is not a WSD schedule. This job's learning rate and its checkpoints (at each "
+            "pre-decay and post-decay point) follow a WSD schedule: remove the section (the job's schedule: "
+            'section then drives the LR) or write it as "type": "WSD" with WSDSchedule\'s fields (docs/training.md)',
+            where=where,
+        )
+    params = section.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"params must be an object, got {type(params).__name__}", where=where)
+    params = dict(params)
+    scheduler_args = {k: params.pop(k) for k in ("warmup_start_lr", "tokens_per_step") if k in params}
+    schedule = build(WSDSchedule, params, where=where)
+    if explicit:
+        theirs = schedule.to_dict()
+        try:
+            merged = build(WSDSchedule, {**params, **explicit}, where="schedule").to_dict()
+            differ = [k for k in explicit if merged.get(k) != theirs.get(k)]
+        except ConfigError:
+            differ = list(explicit)
+        if differ:
+            both = ", ".join(f"{k} ({explicit[k]!r} in the job, {theirs.get(k)!r} in the ds_config)" for k in differ)
+            raise ConfigError(
+                f"the job's schedule section and the ds_config's WSD scheduler section disagree: {both}. Define the "
+                "schedule in one place: drop those schedule settings from the job, or the scheduler section from "
+                "the ds_config",
+                where="job config",
+            )
+    return schedule, scheduler_args
+
+
+def deepspeed_plan(job: JobConfig, raw_config: dict[str, Any]) -> DeepSpeedPlan:
+    """Read ``train.ds_config`` once and decide which of its sections run (see docs/training.md).
+
+    * ``optimizer``: DeepSpeed builds it as written (FusedAdam, DeepSpeedCPUAdam under ZeRO-Offload, ...); a job
+      config that also has an ``optimizer:`` section is refused (two definitions of one optimizer).
+    * ``scheduler``: ``"type": "WSD"`` defines the schedule (a job ``schedule:`` setting that disagrees with it is
+      refused); any other type is refused, because the job's checkpoints follow the WSD schedule's decay points.
+    * batch sizes, gradient clipping and precision come from the ``train:`` section, as before.
+
+    ``raw_config`` is the job config as given (file and overrides), to tell explicit settings from defaults.
+    """
+    path = Path(job.train.ds_config or "")
+    cfg = _read_ds_config(path)
+    schedule, scheduler_args = _ds_schedule(cfg.pop("scheduler", None), raw_config.get("schedule"), path)
+    optimizer = cfg.get("optimizer")
+    if optimizer is not None:
+        if not isinstance(optimizer, dict) or not isinstance(optimizer.get("type"), str):
+            raise ConfigError(
+                'the optimizer section must be {"type": "AdamW", "params": {...}}', where=f"{path} optimizer section"
+            )
+        if raw_config.get("optimizer") is not None:
+            raise ConfigError(
+                f"the ds_config {path} has an optimizer section (type {optimizer['type']!r}) and the job config an "
+                "optimizer: section: remove one (with the ds_config's, DeepSpeed builds its own optimizer; with the "
+                "job's, a torch AdamW is the client optimizer)",
+                where="job config",
+            )
+    else:
+        cfg["zero_allow_untested_optimizer"] = True  # the client torch AdamW
     cfg.pop("train_batch_size", None)
     cfg["train_micro_batch_size_per_gpu"] = job.train.micro_batch_size
     cfg["gradient_accumulation_steps"] = job.train.grad_accum
     cfg["gradient_clipping"] = job.train.grad_clip
-    cfg["zero_allow_untested_optimizer"] = True
     cfg.setdefault("steps_per_print", 10**9)
-    cfg["bf16"] = {"enabled": job.train.dtype == "bf16"}
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": job.train.dtype == "bf16"}
     cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": job.train.dtype == "fp16"}
     if job.train.zero_stage is not None:
         cfg.setdefault("zero_optimization", {})["stage"] = job.train.zero_stage
-    return cfg
+    return DeepSpeedPlan(config=cfg, optimizer=optimizer, schedule=schedule, scheduler_args=scheduler_args)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's class and each param group's hyperparameters (plain JSON), for the run log."""
+    groups = []
+    for g in optimizer.param_groups:
+        groups.append(
+            {
+                k: (list(v) if isinstance(v, (tuple, list)) else v)
+                for k, v in sorted(g.items())
+                if k != "params" and isinstance(v, (int, float, bool, str, tuple, list, type(None)))
+            }
+        )
+    out: dict[str, Any] = {"class": type(optimizer).__name__, "param_groups": groups}
+    if isinstance(getattr(optimizer, "adam_w_mode", None), (bool, int)):  # DeepSpeed's Adams: AdamW or Adam+L2
+        out["adam_w_mode"] = bool(optimizer.adam_w_mode)
+    return out
 
 
 @dataclass
@@ -239,27 +377,32 @@ class Built:
     engine: Any = None
 
 
-def build_engine(job: JobConfig, schedule: WSDSchedule, device: torch.device, tokens_per_step: int) -> Built:
+def build_engine(
+    job: JobConfig,
+    schedule: WSDSchedule,
+    device: torch.device,
+    tokens_per_step: int,
+    ds_plan: DeepSpeedPlan | None = None,
+) -> Built:
     torch.manual_seed(job.train.seed)
     module = LlamaLM(job.model).to(device)
     opt_cfg = job.optimizer
+    engine = job.train.engine
+    if engine == "deepspeed":
+        ds_plan = ds_plan or deepspeed_plan(job, {})
+        scheduler_args = dict(ds_plan.scheduler_args)
+        given = scheduler_args.pop("tokens_per_step", None)
+        if given is not None and given != tokens_per_step:
+            raise ConfigError(
+                f"the ds_config's scheduler section says tokens_per_step={given!r}, but an update of this job is "
+                f"{tokens_per_step} tokens (micro batch x accumulation x ranks x sequence length): remove it",
+                where="job config",
+            )
+        return _build_deepspeed(job, module, schedule, device, tokens_per_step, ds_plan, scheduler_args)
     optimizer = torch.optim.AdamW(
         _param_groups(module, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps
     )
     scheduler = WSDScheduler(optimizer, schedule, tokens_per_step=tokens_per_step)
-    engine = job.train.engine
-    if engine == "deepspeed":
-        from .deepspeed_scheduler import deepspeed_initialize
-
-        if job.train.dtype == "fp16":
-            from deepspeed.accelerator import get_accelerator
-
-            if device.type == "cpu":
-                get_accelerator().is_fp16_supported = lambda: True  # torch runs fp16 on any CPU (docs/decisions.md)
-        ds_engine, *_ = deepspeed_initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=_ds_config(job)
-        )
-        return Built(ds_engine, module, optimizer, scheduler, engine=ds_engine)
     model: Any = module
     if engine == "fsdp2":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -273,6 +416,50 @@ def build_engine(job: JobConfig, schedule: WSDSchedule, device: torch.device, to
             module, device_ids=[device.index] if device.type == "cuda" else None
         )
     return Built(model, module, optimizer, scheduler)
+
+
+def _build_deepspeed(
+    job: JobConfig,
+    module: LlamaLM,
+    schedule: WSDSchedule,
+    device: torch.device,
+    tokens_per_step: int,
+    plan: DeepSpeedPlan,
+    scheduler_args: dict[str, Any],
+) -> Built:
+    from .deepspeed_scheduler import deepspeed_initialize
+
+    if job.train.dtype == "fp16" and device.type == "cpu":
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().is_fp16_supported = lambda: True  # torch runs fp16 on any CPU (docs/decisions.md)
+    kwargs: dict[str, Any] = {}
+    if device.type == "cuda":
+        # DeepSpeed would pick cuda:<LOCAL_RANK>; with one GPU per task (srun --gpus-per-task=1) that is cuda:0
+        kwargs["args"] = argparse.Namespace(device_rank=device.index)
+    factory = WSDScheduler.factory(schedule, tokens_per_step=tokens_per_step, **scheduler_args)
+    if plan.optimizer is not None:
+        # DeepSpeed builds the ds_config's optimizer on these groups: the matrices take its weight_decay, norms
+        # and biases none (as with the job's own AdamW); the scheduler is built on the optimizer DeepSpeed steps
+        kwargs.update(model_parameters=_param_groups(module, None))
+    else:
+        opt_cfg = job.optimizer
+        client = torch.optim.AdamW(
+            _param_groups(module, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps
+        )
+        kwargs.update(optimizer=client)
+    try:
+        ds_engine, _, _, scheduler = deepspeed_initialize(
+            model=module, lr_scheduler=factory, config=plan.config, **kwargs
+        )
+    except WSDError:
+        raise
+    except (ValueError, AssertionError, NotImplementedError) as exc:
+        what = f"its optimizer section (type {plan.optimizer['type']!r})" if plan.optimizer else "it"
+        raise ConfigError(
+            f"DeepSpeed refused {what}: {type(exc).__name__}: {exc}", where=f"ds_config {job.train.ds_config}"
+        ) from exc
+    return Built(ds_engine, module, scheduler.optimizer, scheduler, engine=ds_engine)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -509,12 +696,15 @@ def _schedule_for(job: JobConfig, args: argparse.Namespace) -> tuple[WSDSchedule
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     config = apply_overrides(load_config(args.config, []), args.overrides)
-    job = resolve_job(config, total_steps=args.total_steps, save_every=args.save_every)
-    if job.train.ds_config and args.config is not None and not Path(job.train.ds_config).is_absolute():
-        # a ds_config named in a config file is relative to that file
-        job = replace(job, train=replace(job.train, ds_config=str(args.config.parent / job.train.ds_config)))
+    job = resolve_job(
+        config,
+        total_steps=args.total_steps,
+        save_every=args.save_every,
+        config_dir=args.config.parent if args.config is not None else None,
+    )
+    plan = deepspeed_plan(job, config) if job.train.engine == "deepspeed" else None
     if args.dry_run:
-        print(dump_config(job.to_dict()))
+        print(_dump_job(job, plan))
         return {}
     info = D.init_distributed()
     logging.basicConfig(
@@ -522,7 +712,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        result = _train(job, args, config)
+        result = _train(job, args, plan)
     except BaseException:
         D.teardown(barrier=False)  # another rank may never reach a barrier
         raise
@@ -530,7 +720,19 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def _train(job: JobConfig, args: argparse.Namespace, raw_config: dict[str, Any]) -> dict[str, Any]:
+def _dump_job(job: JobConfig, plan: DeepSpeedPlan | None) -> str:
+    """The resolved config as YAML; with a ds_config optimizer the job's optimizer section is not used: say so."""
+    if plan is None or plan.optimizer is None:
+        return dump_config(job.to_dict())
+    data = job.to_dict()
+    del data["optimizer"]
+    return (
+        f"# optimizer: the ds_config's optimizer section, built by DeepSpeed: {json.dumps(plan.optimizer)}\n"
+        + dump_config(data)
+    )
+
+
+def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None) -> dict[str, Any]:
     rank, world = D.get_rank(), D.get_world_size()
     run_dir = Path(args.run_dir)
     device = _device(job.train)
@@ -542,7 +744,14 @@ def _train(job: JobConfig, args: argparse.Namespace, raw_config: dict[str, Any])
             where="job config",
         )
     tokens_per_step = job.train.micro_batch_size * job.train.grad_accum * world * job.data.seq_len
-    built = build_engine(job, schedule, device, tokens_per_step)
+    built = build_engine(job, schedule, device, tokens_per_step, plan)
+    log.info(
+        "optimizer: %s",
+        json.dumps(
+            describe_optimizer(built.optimizer)
+            | {"from": "ds_config" if plan is not None and plan.optimizer is not None else "job optimizer section"}
+        ),
+    )
     # the same initial weights on every rank (build_engine seeds torch with the job's seed), then every stream of
     # every rank its own: dropout masks differ across ranks as the data does
     seed_everything(job.train.seed + rank)
@@ -570,7 +779,7 @@ def _train(job: JobConfig, args: argparse.Namespace, raw_config: dict[str, Any])
             manager.load(start_from)  # the scheduler accepts the state: the schedule was built at its position
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(dump_config(job.to_dict()))
+            (run_dir / "config.yaml").write_text(_dump_job(job, plan))
             log.info(
                 "run %s: %d rank(s), engine %s, %s; schedule %d %s (%s), %.2fM parameters, %d tokens/update",
                 run_dir,
@@ -589,7 +798,7 @@ def _train(job: JobConfig, args: argparse.Namespace, raw_config: dict[str, Any])
         manager.close()
     if rank == 0:
         result["checkpoints"] = [i.name for i in F.list_checkpoints(run_dir) if i.state == "complete"]
-        _plot(run_dir, built.scheduler.schedule, job.optimizer.lr)
+        _plot(run_dir, built.scheduler.schedule, float(built.scheduler.base_lrs[0]))
         log.info("done: %s", json.dumps(result))
     return result
 

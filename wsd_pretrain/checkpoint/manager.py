@@ -40,6 +40,7 @@ from . import guards as _guards
 from .adapters import EngineAdapter, make_adapter
 from .load import load_checkpoint
 from .save import HostArena, PendingSave, SaveRequest, start_save
+from .lock import RunLock
 
 __all__ = ["CheckpointConfig", "CheckpointManager", "Stateful", "parse_size"]
 
@@ -160,33 +161,6 @@ class CheckpointConfig:
             raise ConfigError(problems, where="checkpoint config")
 
 
-class _RunLock:
-    """An exclusive lock on the run directory, held by rank 0: a second run pointed at it refuses to start."""
-
-    def __init__(self, run_dir: Path) -> None:
-        import fcntl
-
-        self.path = run_dir / ".wsd_pretrain.lock"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(self._fd, 256, 0).decode(errors="replace").strip()
-            os.close(self._fd)
-            raise CheckpointError(
-                f"{run_dir} is in use by another run ({holder or 'unknown process'}); give this run its own "
-                "--run-dir, or stop the other one"
-            ) from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
-
-    def release(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
 class CheckpointManager:
     """Saves at the schedule's decay points, periodically, at the end and on preemption; resumes; rewinds.
 
@@ -234,7 +208,18 @@ class CheckpointManager:
                 "a branching schedule rewinds to its pre-decay checkpoints: keep checkpoint.at_milestones=true",
                 where="checkpoint config",
             )
-        self._lock = _RunLock(self.run_dir) if D.get_rank() == 0 else None
+        # rank 0 takes the run lock; every rank learns the outcome, so all raise together instead of ranks 1..N
+        # going on into a collective that rank 0 never reaches
+        self._lock: RunLock | None = None
+        lock_error = None
+        if D.get_rank() == 0:
+            try:
+                self._lock = RunLock(self.run_dir)
+            except CheckpointError as exc:
+                lock_error = str(exc)
+        lock_error = coord.broadcast(lock_error)
+        if lock_error is not None:
+            raise CheckpointError(lock_error)  # the same error on every rank
         if self._lock is not None:
             self._remove_leftovers()
         self._pending: PendingSave | None = None

@@ -476,7 +476,7 @@ class _Fetch:
             self._fail(f"{rel} {key}", exc)
 
     def model(self, shards: list[ModelShard], writer_of: Callable[[int], int]) -> None:
-        gathers = getattr(self.adapter, "gathers", True) and self.procs > 1
+        gathers = getattr(self.adapter, "gathers", True)  # a running job (on one process too) vs a converter
         for shard in shards:
             writes = writer_of(shard.owner) == self.rank
             for item in shard.items:
@@ -507,7 +507,7 @@ class _Fetch:
         mine = [p for p in parts if p[2] == self.rank]
         if self.rank != dst and not mine:
             return None
-        device = D._comm_device(None)
+        device = D._comm_device(None) if D.is_distributed() else torch.device(self.adapter.device)
         if self.rank != dst:
             start, n, _ = mine[0]
             try:
