@@ -39,8 +39,8 @@ from . import format as F
 from . import guards as _guards
 from .adapters import EngineAdapter, make_adapter
 from .load import load_checkpoint
-from .save import HostArena, PendingSave, SaveRequest, start_save
 from .lock import RunLock
+from .save import HostArena, PendingSave, SaveRequest, start_save
 
 __all__ = ["CheckpointConfig", "CheckpointManager", "Stateful", "parse_size"]
 
