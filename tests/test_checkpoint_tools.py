@@ -67,6 +67,42 @@ def test_list_inspect_verify(trained, tmp_path, capsys):
     assert cli(["ckpt", "verify", str(ckpt), "--sizes-only"]) == 0
 
 
+def test_verify_finds_a_slice_its_file_misplaces(trained, tmp_path):
+    """A state file whose own metadata puts a slice at another start than the state index (its checksums resealed,
+    so only the structural check can see it) is named by verify and refused by the reader."""
+    import struct
+
+    import xxhash
+
+    from wsd_pretrain.checkpoint.store import CheckpointStore
+
+    ckpt = tmp_path / "copy"
+    shutil.copytree(_final(trained), ckpt)
+    state = sorted(ckpt.glob("train_state/state-r*.safetensors"))[0]
+    raw = state.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    meta = json.loads(header["__metadata__"]["wsd_pretrain"])
+    key = sorted(meta["starts"])[0]
+    meta["starts"][key] += 1
+    header["__metadata__"]["wsd_pretrain"] = json.dumps(meta, separators=(",", ":"))
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    data = struct.pack("<Q", len(head)) + head + raw[8 + n :]
+    state.write_bytes(data)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    rel = str(state.relative_to(ckpt))
+    manifest["files"][rel].update(size=len(data), hash=xxhash.xxh3_128_hexdigest(data))
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    digest = xxhash.xxh3_128_hexdigest((ckpt / "manifest.json").read_bytes())
+    (ckpt / "manifest.hash").write_text(f"xxh3_128 {digest}\n")
+    problems = tools.verify_checkpoint_files(ckpt)
+    assert len(problems) == 1 and key in problems[0] and "is not a slice the state index gives this rank" in problems[0]
+    with CheckpointStore(ckpt, F.load_manifest(ckpt)) as store, pytest.raises(CheckpointError, match=state.name):
+        group, _, name = key.partition("/")
+        store.read(group, name)
+
+
 def test_export_hf_loads_with_transformers_and_casts(trained, tmp_path):
     transformers = pytest.importorskip("transformers")
     out = tools.export_hf(_final(trained), tmp_path / "hf", max_shard_size=50_000)

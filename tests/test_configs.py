@@ -47,11 +47,11 @@ def test_the_1b_recipe_for_two_nodes_of_eight_gpus():
 
 
 def test_the_deepspeed_config_is_the_tiny_default_under_zero2():
-    job = resolve_job(load_config(CONFIGS / "tiny_cpu_deepspeed.yaml"))
+    job = resolve_job(load_config(CONFIGS / "tiny_cpu_deepspeed.yaml"), config_dir=CONFIGS)
     default = JobConfig()
     assert (job.train.engine, job.train.ds_config, job.train.micro_batch_size, job.train.dtype) == (
         "deepspeed",
-        "ds_zero2.json",
+        str(CONFIGS / "ds_zero2.json"),  # read against the config file's folder
         8,
         "fp32",
     )
@@ -66,12 +66,12 @@ def test_the_deepspeed_config_is_the_tiny_default_under_zero2():
     )
     # what DeepSpeed is given (the ds_config is relative to the config file): ZeRO-2, the train section's batch
     # size, no scheduler section (the job's schedule drives the LR), fp32
-    ds = deepspeed_plan(replace(job, train=replace(job.train, ds_config=str(CONFIGS / job.train.ds_config))), {}).config
+    ds = deepspeed_plan(job, {}).config
     assert ds["zero_optimization"]["stage"] == 2 and "scheduler" not in ds and "optimizer" not in ds
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 1)
     assert ds["bf16"] == {"enabled": False} and ds["fp16"]["enabled"] is False and ds["gradient_clipping"] == 1.0
     # the ds_config's own WSD section (for deepspeed_initialize users) is the same schedule
-    _, factory = split_ds_config(CONFIGS / job.train.ds_config)
+    _, factory = split_ds_config(job.train.ds_config)
     assert factory.keywords["schedule"] == job.schedule
 
 

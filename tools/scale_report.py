@@ -143,6 +143,22 @@ group; only the ranks holding a part take part), and six small messages go over 
 save.
 
 {body}
+## What limits it
+
+- **The busiest writer writes the largest tensor whole**, on top of its own slices: a Hugging Face shard holds whole
+  tensors, and the embedding and output layers of these models (128,256 x hidden) are the largest. That is the
+  max/mean column, and the save time is that rank's: the other ranks' writes are nearly equal (model shards are cut
+  at the model's bytes divided by the ranks, each given to the rank with the fewest bytes so far).
+- **ZeRO-2 resumes read the whole bf16 model on every rank**: every rank holds it whole. The ranks of a node
+  share it through the page cache (8 GPUs per node: the filesystem serves it once per node); reading fragments and
+  all-gathering them would move the model once per rank through the network instead. DeepSpeed's own
+  `load_checkpoint` reads its model file on every rank too. FSDP2 and ZeRO-3 ranks read only their own rows.
+- **Checksum verification** reads each file once in the whole job, each rank the files its own rank number wrote,
+  so a same-layout resume reads its own files twice (the second time from the page cache); `verify: size` skips it.
+- **Collectives**: a partitioned weight is sent only by the ranks that hold a part of it, at its exact size (a
+  padded gather would make every rank of a 16,384-rank job send a chunk of every small tensor); the protocol's
+  own messages are the staging name, one agreement per phase, the per-rank file records gathered to rank 0 (about
+  160 bytes per file) and rank 0's outcome: six collectives per save, on the checkpoint's gloo groups.
 """
     args.out.write_text(text)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from .. import distributed as D
 from ..errors import CheckpointError
 
-__all__ = ["Groups", "agree", "groups", "set_timeout"]
+__all__ = ["Groups", "acquire", "agree", "groups", "release", "set_timeout"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Groups:
 
 _groups: Groups | None = None
 _for_world: Any = None
+_users = 0
 
 
 def set_timeout(seconds: float) -> None:
@@ -71,6 +72,30 @@ def groups() -> Groups:
         )
         _for_world = world
     return _groups
+
+
+def acquire() -> Groups:
+    """A checkpoint manager's hold on the groups (made here if needed); pair with :func:`release`."""
+    global _users
+    made = groups()
+    _users += 1
+    return made
+
+
+def release() -> None:
+    """Drop a hold; the last one destroys the groups (every rank calls this at the same point, like
+    ``CheckpointManager.close``), so their gloo threads end before the interpreter's shutdown, not during it."""
+    global _users, _groups, _for_world
+    _users = max(0, _users - 1)
+    if _users or _groups is None:
+        return
+    if D.is_distributed() and _for_world is dist.group.WORLD:
+        for group in (_groups.coord, _groups.commit):
+            try:
+                dist.destroy_process_group(group)
+            except Exception as exc:  # already destroyed with the default group
+                log.debug("checkpoint group not destroyed: %s", exc)
+    _groups, _for_world = None, None
 
 
 def agree(error: str | None, what: str, group: Any = None) -> None:

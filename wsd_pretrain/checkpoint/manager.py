@@ -198,7 +198,6 @@ class CheckpointManager:
         self.adapter = adapter or make_adapter(model, optimizer)
         self.adapter.check_complete()  # state the checkpoint could not carry is refused now, not after hours
         coord.set_timeout(self.config.timeout_minutes * 60)
-        coord.groups()  # every rank makes the checkpoint's gloo groups here, at the same point
         self.data = data
         self.extra_state = extra_state
         self.load_extra_state = load_extra_state
@@ -210,6 +209,7 @@ class CheckpointManager:
             )
         # rank 0 takes the run lock; every rank learns the outcome, so all raise together instead of ranks 1..N
         # going on into a collective that rank 0 never reaches
+        coord.acquire()  # every rank makes the checkpoint's gloo groups here, at the same point
         self._lock: RunLock | None = None
         lock_error = None
         if D.get_rank() == 0:
@@ -219,9 +219,11 @@ class CheckpointManager:
                 lock_error = str(exc)
         lock_error = coord.broadcast(lock_error)
         if lock_error is not None:
+            coord.release()
             raise CheckpointError(lock_error)  # the same error on every rank
         if self._lock is not None:
             self._remove_leftovers()
+        self._closed = False
         self._pending: PendingSave | None = None
         self._arena = HostArena() if self.config.async_save else None  # async saves reuse one host buffer
         self._retention: Any = None  # rank 0's retention thread (off the critical path of a save)
@@ -563,6 +565,9 @@ class CheckpointManager:
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
+            if not self._closed:
+                self._closed = True
+                coord.release()
 
     def __enter__(self) -> CheckpointManager:
         return self
