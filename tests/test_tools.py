@@ -92,6 +92,8 @@ def smoke(tmp_path_factory):
         ),
         "bench_async": (["--sizes", "0.002", "--width", "256", "--saves", "1", "--dir", str(tmp / "a")], tmp / "a.md"),
         "bench_scheduler": (["--steps", "200"], tmp / "scheduler.md"),
+        "bench_scale": (["--worlds", "2", "--width", "64", "--layers", "2", "--engines", "fsdp2"], tmp / "scale.md"),
+        "scale_report": (["--small"], tmp / "scale_report.md"),
         "mutation_check": (["--only", "retention-imported-rotates", "--no-baseline"], tmp / "unused"),
         "ckpt": (["verify", str(ckpt)], tmp / "unused"),
         "export_hf": ([str(ckpt), str(tmp / "hf"), "--max-shard-size", "20000"], tmp / "hf"),
@@ -101,7 +103,7 @@ def smoke(tmp_path_factory):
 
     def run(name: str) -> subprocess.CompletedProcess:
         args, out = jobs[name]
-        if name.startswith(("bench_", "compare_")):
+        if name.startswith(("bench_", "compare_", "scale_")):
             args = [*args, "--out", str(out)]
         cmd = [sys.executable, str(TOOLS / f"{name}.py"), *args]
         return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
@@ -189,6 +191,26 @@ def test_bench_async(smoke):
     (table,) = _tables(_section(_ok(smoke, "bench_async"), "async"))
     assert [r[1] for r in table[1:]] == ["sync", "async"]
     assert table[1][3] == "100%" and all(_number(r[2]) > 0 and _number(r[4]) > 0 for r in table[1:])
+
+
+def test_bench_scale(smoke):
+    (table,) = _tables(_section(_ok(smoke, "bench_scale"), "scale"))
+    assert table[0][:4] == ["engine", "ranks", "state", "save: moved (x model)"]
+    ((engine, ranks, _, moved, resumed, balance, read, *_),) = table[1:]
+    assert (engine, ranks) == ("FSDP2 fp32", "2")
+    # a save moves at most the model (each partitioned weight once, to its writer), a resume only small messages
+    ratio, predicted = (float(x) for x in re.findall(r"([\d.]+)x", moved))
+    assert 0 < ratio <= 1.0 and abs(ratio - predicted) < 0.1
+    assert _number(balance) <= 1.5 and "/" in read
+
+
+def test_scale_report(smoke):
+    text = _ok(smoke, "scale_report").read_text()
+    (table, tools) = _tables(text)
+    assert [r[0] for r in table[1:]] == ["fsdp2", "zero3", "zero2"]
+    moved = {r[0]: float(re.search(r"\(([\d.]+)x the model\)", r[2]).group(1)) for r in table[1:]}
+    assert moved["zero2"] < 0.05 and 0.5 < moved["fsdp2"] <= 1.0 and 0.5 < moved["zero3"] <= 1.0
+    assert "torch.distributed.checkpoint (`dcp.save`)" in {r[0] for r in tools}
 
 
 def test_bench_memory(smoke):

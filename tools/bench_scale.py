@@ -51,17 +51,20 @@ def counted(name, received):
         moved["n"] += received(*a, **k)
         return real(*a, **k)
     setattr(dist, name, wrapper)
-nb = lambda t: t.numel() * t.element_size()
-def _gather(tensor, gather_list=None, dst=0, group=None, **k):
-    return nb(tensor) * (dist.get_world_size(group) - 1) if dist.get_rank() == dst else 0
-counted("recv", lambda tensor, *a, **k: nb(tensor))
-counted("irecv", lambda tensor, *a, **k: nb(tensor))
+nb = lambda t: t.numel() * t.element_size() if t is not None else 0
+def arg(a, k, i, name, default=None):
+    return a[i] if len(a) > i else k.get(name, default)
+def _gather(*a, **k):
+    dst, group = arg(a, k, 2, "dst", 0), arg(a, k, 3, "group")
+    return nb(arg(a, k, 0, "tensor")) * (dist.get_world_size(group) - 1) if dist.get_rank() == dst else 0
+counted("recv", lambda *a, **k: nb(arg(a, k, 0, "tensor")))
+counted("irecv", lambda *a, **k: nb(arg(a, k, 0, "tensor")))
 counted("gather", _gather)
-counted("broadcast", lambda tensor, src=0, *a, **k: 0 if dist.get_rank() == src else nb(tensor))
-counted("all_reduce", lambda tensor, *a, **k: 2 * nb(tensor) * (world - 1) // world)
-counted("all_gather", lambda out, tensor, *a, **k: nb(tensor) * (len(out) - 1))
-counted("all_gather_into_tensor", lambda out, tensor, *a, **k: nb(out) - nb(tensor))
-counted("reduce_scatter_tensor", lambda out, tensor, *a, **k: nb(tensor) - nb(out))
+counted("broadcast", lambda *a, **k: 0 if dist.get_rank() == arg(a, k, 1, "src", 0) else nb(arg(a, k, 0, "tensor")))
+counted("all_reduce", lambda *a, **k: 2 * nb(arg(a, k, 0, "tensor")) * (world - 1) // world)
+counted("all_gather", lambda *a, **k: nb(arg(a, k, 1, "tensor")) * (len(arg(a, k, 0, "tensor_list")) - 1))
+counted("all_gather_into_tensor", lambda *a, **k: nb(arg(a, k, 0, "output_tensor")) - nb(arg(a, k, 1, "input_tensor")))
+counted("reduce_scatter_tensor", lambda *a, **k: nb(arg(a, k, 1, "input")) - nb(arg(a, k, 0, "output")))
 
 # ------------------------------------------------------------------ the engine
 schedule = WSDSchedule(total=100, decay_length=10)
@@ -303,10 +306,7 @@ resumes the same checkpoint on half as many ranks. DCP (`dcp.save`/`dcp.load` of
 `get_state_dict`, or ZeRO-2's bf16 weights and each rank's flat fp32 partitions) writes no Hugging Face folder and
 keeps no checksums; ours does both.
 """
-    if args.out is not None:
-        args.out.write_text(f"<!-- bench:scale -->\n{body}<!-- /bench:scale -->\n")
-    else:
-        write_section("scale", body)
+    write_section("scale", body, args.out or DOC)
     return 0
 
 
