@@ -197,6 +197,7 @@ def test_bench_scale(smoke):
     (table,) = _tables(_section(_ok(smoke, "bench_scale"), "scale"))
     assert table[0][:4] == ["engine", "ranks", "state", "save: moved (x model)"]
     ((engine, ranks, _, moved, resumed, balance, read, *_),) = table[1:]
+    assert float(re.search(r"\(([\d.]+)x\)", resumed).group(1)) < 0.5  # the tiny model: messages only
     assert (engine, ranks) == ("FSDP2 fp32", "2")
     # a save moves at most the model (each partitioned weight once, to its writer), a resume only small messages
     ratio, predicted = (float(x) for x in re.findall(r"([\d.]+)x", moved))
