@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _bench import ROOT, fmt_bytes, machine, table, write_section
+from _bench import DOC, ROOT, fmt_bytes, machine, table, write_section
 
 CHILD = r"""
 import json, os, sys, tempfile, time, torch
