@@ -10,10 +10,11 @@ any rank raises the same :class:`CheckpointError` on every rank and none is left
    checking the files that rank ``r mod world`` wrote: on the same layout, the files it is about to read;
 3. **plan**: each rank opens the indexes, compares the checkpoint's tensors with this job's (names, shapes,
    dtypes; nothing has changed yet) and works out what it needs: its own slices on the same layout, the
-   overlapping parts of other ranks' slices on another;
+   overlapping parts of other ranks' slices on another (steps 2 and 3 end with one agreement);
 4. **read and restore**: each rank reads exactly those bytes and puts them back, with no collective (a
    low-precision weight that every rank holds whole, as under ZeRO-1/2, is read whole by every rank);
-5. the optimizer's hyperparameters and counters, each rank's RNG streams, then the caller's scheduler and data.
+5. the optimizer's hyperparameters and counters and each rank's RNG streams (steps 4 and 5 end with one
+   agreement), then the caller's scheduler and data.
 
 ``rank0_only`` (``write_mode: rank0``, no shared filesystem): rank 0 reads every tensor and broadcasts it on the
 checkpoint's gloo group; each rank keeps its part.
@@ -54,20 +55,24 @@ def _open(ckpt: Path) -> dict[str, Any]:
 def verify_checkpoint(ckpt: Path, manifest: dict[str, Any], mode: str, *, everything: bool = False) -> None:
     """Check the files against the manifest (``mode``: checksum, size, none), this rank's share of them (the files
     rank ``r mod world`` wrote) or ``everything``; raise on every rank naming each bad file."""
-    rank, world = D.get_rank(), D.get_world_size()
-    problems: list[str] = []
-    if mode != "none":
-        mine = {
-            rel: rec
-            for i, (rel, rec) in enumerate(sorted(manifest["files"].items()))
-            if everything or int(rec.get("rank", i)) % world == rank
-        }
-        try:
-            point("load-verify")
-            problems = F.check_files(ckpt, {**manifest, "files": mine}, checksums=mode == "checksum")
-        except Exception as exc:
-            problems = [str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"]
+    problems = _verify_problems(ckpt, manifest, mode, everything)
     coord.agree("; ".join(problems) or None, f"{ckpt} failed verification")
+
+
+def _verify_problems(ckpt: Path, manifest: dict[str, Any], mode: str, everything: bool = False) -> list[str]:
+    rank, world = D.get_rank(), D.get_world_size()
+    if mode == "none":
+        return []
+    mine = {
+        rel: rec
+        for i, (rel, rec) in enumerate(sorted(manifest["files"].items()))
+        if everything or int(rec.get("rank", i)) % world == rank
+    }
+    try:
+        point("load-verify")
+        return F.check_files(ckpt, {**manifest, "files": mine}, checksums=mode == "checksum")
+    except Exception as exc:
+        return [str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"]
 
 
 def load_checkpoint(
@@ -102,43 +107,39 @@ def load_checkpoint(
         raise CheckpointError(opened["error"])
     manifest, trainer, engine_meta = opened["manifest"], opened["trainer"], opened["engine"]
 
-    # 2. verify
-    if rank0_only:
-        error = None
-        if rank == 0:
-            try:
-                verify_checkpoint_local(ckpt, manifest, verify)
-            except CheckpointError as exc:
-                error = str(exc)
-        coord.agree(error, "cannot resume")
-    else:
-        verify_checkpoint(ckpt, manifest, verify)
-
-    # 3. plan: what this rank needs, checked against this job
+    # 2-3. verify this rank's share of the files and plan what it needs, checked against this job: local work,
+    # then one agreement (a bad file or a mismatch anywhere stops every rank before anything changes)
     reads = rank == 0 or not rank0_only
     store: CheckpointStore | None = None
     described: Any = None
-    error = None
+    problems: list[str] = []
     if reads:
-        try:
-            store = CheckpointStore(ckpt, manifest)
-            described = _describe(store)
-        except Exception as exc:
-            error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-    _agree_or_close(error, store)
-    if rank0_only:
-        described = coord.broadcast(described)
-    plan: dict[str, list[Want]] = {}
-    with_optim = load_optimizer and bool(described["optimizer"])
-    try:
-        problems = _check_compatible(adapter, described)
+        problems = _verify_problems(ckpt, manifest, verify, everything=rank0_only)
         if problems:
-            raise CheckpointError(f"{ckpt} does not match this model: " + "; ".join(problems))
-        saved = {p: {k: tuple(s) for k, s in keys.items()} for p, keys in described["optimizer"].items()}
-        plan = adapter.wants(saved if with_optim else {})
-    except Exception as exc:  # an engine that cannot describe what it needs: every rank must hear of it
-        error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-    _agree_or_close(error, store)
+            problems = [f"{ckpt} failed verification: " + "; ".join(problems)]
+        else:
+            try:
+                store = CheckpointStore(ckpt, manifest)
+                described = _describe(store)
+            except Exception as exc:
+                problems = [str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"]
+    if rank0_only:  # the other ranks learn what the checkpoint holds (or rank 0's problem) from rank 0
+        described = coord.broadcast(described if not problems else {"error": problems[0]})
+        if "error" in described:
+            problems = problems or ["rank 0 could not read the checkpoint"]
+            described = None
+    plan: dict[str, list[Want]] = {}
+    with_optim = load_optimizer and described is not None and bool(described["optimizer"])
+    if described is not None and not problems:
+        try:
+            mismatches = _check_compatible(adapter, described)
+            if mismatches:
+                raise CheckpointError(f"{ckpt} does not match this model: " + "; ".join(mismatches))
+            saved = {p: {k: tuple(s) for k, s in keys.items()} for p, keys in described["optimizer"].items()}
+            plan = adapter.wants(saved if with_optim else {})
+        except Exception as exc:  # an engine that cannot describe what it needs: every rank must hear of it
+            problems = [str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"]
+    _agree_or_close("; ".join(problems) or None, store)
 
     # 4. read and restore, parameter by parameter (no collective, except in rank0 mode)
     error = None
@@ -180,9 +181,10 @@ def load_checkpoint(
     stats = {"bytes_read": store.bytes_read if store is not None else 0}
     if store is not None:
         store.close()
-    coord.agree(error, f"resuming from {ckpt} failed (the engine may be partly restored: restart the job)")
     if restore_rng_state:
-        _restore_rng(ckpt, manifest, rank0_only)
+        rng_error = _restore_rng(ckpt, manifest, rank0_only)
+        error = error or rng_error
+    coord.agree(error, f"resuming from {ckpt} failed (the engine may be partly restored: restart the job)")
     return {"manifest": manifest, "trainer": trainer, "stats": stats}
 
 
@@ -358,7 +360,8 @@ def _validated_trainer(ckpt: Path, trainer: Any, engine: Any) -> None:
         raise CheckpointError(f"{where / 'engine.json'}: optimizer.scalars must map parameters to objects")
 
 
-def _restore_rng(ckpt: Path, manifest: dict[str, Any], rank0_only: bool) -> None:
+def _restore_rng(ckpt: Path, manifest: dict[str, Any], rank0_only: bool) -> str | None:
+    """This rank's RNG streams back; returns this rank's error (the caller's agreement raises it everywhere)."""
     rank, world = D.get_rank(), D.get_world_size()
     error, state = None, None
     try:
@@ -393,5 +396,5 @@ def _restore_rng(ckpt: Path, manifest: dict[str, Any], rank0_only: bool) -> None
         else:
             restore_rng(state)
     except CheckpointError as exc:
-        error = str(exc)
-    coord.agree(error, "restoring the RNG state failed")
+        error = f"restoring the RNG state: {exc}"
+    return error

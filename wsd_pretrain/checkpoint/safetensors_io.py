@@ -358,13 +358,18 @@ class SafetensorsReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.header = read_header(self.path)
-        from safetensors import safe_open
-
-        try:
-            self._handle = safe_open(str(self.path), framework="pt")
-        except Exception as exc:  # the Rust reader's own checks
-            raise CheckpointError(f"{self.path}: safetensors refused the file: {exc}") from None
+        self._handle: Any = None  # safetensors' own reader, opened when a whole tensor or rows are asked for
         self._fd: int | None = None
+
+    def _safe(self) -> Any:
+        if self._handle is None:
+            from safetensors import safe_open
+
+            try:
+                self._handle = safe_open(str(self.path), framework="pt")
+            except Exception as exc:  # the Rust reader's own checks
+                raise CheckpointError(f"{self.path}: safetensors refused the file: {exc}") from None
+        return self._handle
 
     def keys(self) -> list[str]:
         return list(self.header.tensors)
@@ -372,7 +377,7 @@ class SafetensorsReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.header.tensors:
             raise CheckpointError(f"{self.path}: has no tensor {name!r}")
-        return self._handle.get_tensor(name)
+        return self._safe().get_tensor(name)
 
     def read_range(self, name: str, start: int, numel: int) -> torch.Tensor:
         """Elements ``[start, start + numel)`` of the flattened tensor, as a 1-D tensor: only those bytes are read."""
@@ -402,7 +407,7 @@ class SafetensorsReader:
         """Rows ``start:stop`` along dim 0 (what one rank of a dim-0 sharded engine needs)."""
         if name not in self.header.tensors:
             raise CheckpointError(f"{self.path}: has no tensor {name!r}")
-        return self._handle.get_slice(name)[start:stop]
+        return self._safe().get_slice(name)[start:stop]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.header.tensors)
