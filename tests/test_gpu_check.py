@@ -40,7 +40,7 @@ def test_without_a_gpu_every_check_is_skipped_and_nothing_is_written(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
-    assert [r["name"] for r in report["results"]] == CHECKS and len(CHECKS) == 6
+    assert [r["name"] for r in report["results"]] == CHECKS and len(CHECKS) == 7
     for r in report["results"]:
         assert r["status"] == "skipped" and r["detail"].startswith("no CUDA device"), r
     assert not out.exists() and "left as is" in res.stderr

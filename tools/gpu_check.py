@@ -38,6 +38,7 @@ CHECKS: dict[str, str] = {
     "nccl-one-rank": "NCCL process group with one rank: DDP, per-step agreement, parallel and rank0 writes",
     "fsdp2-cuda": "FSDP2 (fully_shard) on CUDA under NCCL, saved and resumed",
     "deepspeed-zero2-bf16-fusedadam": "DeepSpeed ZeRO-2, bf16, FusedAdam from the ds_config, saved and resumed",
+    "fused-adamw": "torch's fused AdamW: its restored 0-d step on the device, as Optimizer.load_state_dict puts it",
 }
 STEPS = 4  # updates before the save, and again after it
 
@@ -108,7 +109,13 @@ def _on_device(model: Any, optimizer: Any, device: str) -> None:
 
 
 def _torch_run(
-    work: Path, device: str, *, async_save: bool = False, dtype: Any = None, wrap: Callable[[Any], Any] | None = None
+    work: Path,
+    device: str,
+    *,
+    async_save: bool = False,
+    dtype: Any = None,
+    wrap: Callable[[Any], Any] | None = None,
+    fused: bool = False,
 ) -> str:
     """Train, save, train on; resume a fresh model from the save and train the same updates: same state twice."""
     import torch
@@ -119,7 +126,7 @@ def _torch_run(
     def build(seed: int) -> tuple[Any, Any, Any, Any]:
         module = _model(device, seed, dtype)
         model = wrap(module) if wrap is not None else module
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **({"fused": True} if fused else {}))
         return module, model, opt, WSDScheduler(opt, WSDSchedule(total=2 * STEPS, warmup=1, decay_length=2))
 
     def train(model: Any, opt: Any, sched: Any, start: int) -> None:
@@ -144,6 +151,10 @@ def _torch_run(
     if not mgr2.resume("latest"):
         raise AssertionError("no checkpoint to resume from")
     _on_device(model2, opt2, device)
+    if fused:  # the fused kernel reads step on the parameter's device, in fp32 (a CPU step would assert)
+        steps = [st["step"] for st in opt2.state.values()]
+        if any(s.device.type != device or s.dtype != torch.float32 for s in steps):
+            raise AssertionError(f"fused AdamW's step restored on {steps[0].device} as {steps[0].dtype}")
     _same(_snapshot(model2, opt2), saved, "resumed vs saved")
     train(model2, opt2, sched2, STEPS)
     mgr2.close()
@@ -154,6 +165,10 @@ def _torch_run(
 
 def check_save_resume_sync(work: Path, device: str) -> str:
     return _torch_run(work, device)
+
+
+def check_fused_adamw(work: Path, device: str) -> str:
+    return _torch_run(work, device, fused=True)
 
 
 def check_save_resume_async_pinned(work: Path, device: str) -> str:
