@@ -409,8 +409,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "load-verify-nothing",
         "wsd_pretrain/checkpoint/load.py",
-        '            problems = F.check_files(ckpt, {**manifest, "files": mine}, checksums=mode == "checksum")',
-        "            problems = []",
+        '        return F.check_files(ckpt, {**manifest, "files": mine}, checksums=mode == "checksum")',
+        "        return []",
         ("tests/test_checkpoint_manager.py::test_corruption_is_named_and_sizes_only_catch_truncation",),
         "resume loads a checkpoint whose files were corrupted",
     ),
