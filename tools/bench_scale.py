@@ -117,7 +117,7 @@ if mode == "save":
     train_step()
     # warm-up of both paths (first-use costs: imports, process groups), then the measured rounds, alternating
     import torch.distributed.checkpoint as dcp
-    for r in range(3):
+    for r in range(4):
         if r:
             train_step()
         t, m, path = timed(lambda: mgr.save(["periodic"]))
@@ -201,8 +201,9 @@ def written_by_rank(ckpt: Path, world: int) -> list[int]:
 
 
 def med(values: list[float]) -> float:
-    values = sorted(values)
-    return values[len(values) // 2]
+    import statistics
+
+    return statistics.median(values)
 
 
 def measure(engine: str, world: int, width: int, layers: int) -> dict:
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             "written max/mean",
             "read per rank: same layout / half the ranks",
             "save s (DCP)",
-            "resume s (DCP)",
+            "resume s: checksums / sizes (DCP)",
         ]
     ]
     results = []
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 Machine: {machine()}. Run on {time.strftime("%Y-%m-%d")}; gloo ranks on this one machine (all of them share its
 {os.cpu_count()} cores and one disk, so times grow with the rank count here where on a cluster each rank has its own
 GPU, NIC and share of the filesystem); {args.layers} linear layers of {args.width}x{args.width} with AdamW;
-median of 2 rounds after a warm-up round, our save/resume and DCP's taking turns in the same processes.
+median of 3 rounds after a warm-up round, our save/resume and DCP's taking turns in the same processes.
 
 {table(rows)}
 

@@ -339,7 +339,6 @@ class CheckpointManager:
             extra_manifest={"trajectory_position": s.schedule.trajectory_position(s.position)},
         )
         t0 = time.monotonic()
-        self._join_retention()
         pending = start_save(
             self.adapter,
             self.run_dir,
@@ -375,10 +374,12 @@ class CheckpointManager:
             log.error("%s; training carries on (checkpoint.on_save_error=continue)", exc)
 
     def wait(self) -> None:
-        """Wait for an async save in flight (every rank calls it); raises if it failed on any rank."""
+        """Wait for an async save in flight, and the retention after it (every rank calls it); raises if the save
+        failed on any rank."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._finish(pending)
+        self._join_retention()
 
     # ------------------------------------------------------------------ retention
 
@@ -557,7 +558,6 @@ class CheckpointManager:
         """Wait for any save in flight, restore signal handlers, release the run lock (every rank calls it)."""
         try:
             self.wait()
-            self._join_retention()
         finally:
             for signum, handler in self._old_handlers.items():
                 signal.signal(signum, handler)

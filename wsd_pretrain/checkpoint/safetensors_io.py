@@ -379,15 +379,19 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.path}: has no tensor {name!r}")
         return self._safe().get_tensor(name)
 
-    def read_range(self, name: str, start: int, numel: int) -> torch.Tensor:
-        """Elements ``[start, start + numel)`` of the flattened tensor, as a 1-D tensor: only those bytes are read."""
+    def read_range(self, name: str, start: int, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` of the flattened tensor, as a 1-D tensor (``out``: read straight into
+        this contiguous CPU tensor of ``numel`` elements): only those bytes are read, with no copy."""
         info = self.header.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.path}: has no tensor {name!r}")
         total = math.prod(info.shape)
         if start < 0 or numel < 0 or start + numel > total:
             raise CheckpointError(f"{self.path}: {name!r} has {total} elements; [{start}, {start + numel}) refused")
-        out = torch.empty(numel, dtype=info.dtype)
+        if out is None:
+            out = torch.empty(numel, dtype=info.dtype)
+        elif out.dtype != info.dtype or out.numel() != numel or not out.is_contiguous() or out.device.type != "cpu":
+            raise CheckpointError(f"internal: cannot read {name!r} into a {out.dtype} tensor of {out.numel()} elements")
         if numel == 0:
             return out
         size = itemsize(info.dtype)
@@ -395,6 +399,8 @@ class SafetensorsReader:
         offset = self.header.data_start + info.start + start * size
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):  # slices are read front to back: let the kernel read ahead
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         done = 0
         while done < len(view):
             n = os.preadv(self._fd, [view[done:]], offset + done)

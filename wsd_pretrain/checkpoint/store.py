@@ -223,7 +223,9 @@ class CheckpointStore:
                 path = self._holder(rank).get(f"{group}/{name}")
                 if path is None:
                     raise CheckpointError(f"{self.ckpt}: rank {rank}'s state files lack {group}/{name}")
-                out[lo - start : hi - start] = self._reader(path).read_range(f"{group}/{name}", lo - p_start, hi - lo)
+                self._reader(path).read_range(
+                    f"{group}/{name}", lo - p_start, hi - lo, out=out[lo - start : hi - start]
+                )
         self.bytes_read += out.numel() * out.element_size()
         return out.view(entry.shape) if whole else out
 
