@@ -11,12 +11,16 @@ pytestmark = [pytest.mark.distributed, pytest.mark.fault]
 
 # (operation, rank that fails, the protocol step where it fails: wsd_pretrain.checkpoint.faults)
 CASES = [
+    ("save", 1, "save-begin"),  # plan: one rank cannot describe its state (the others go on to the staging name)
     ("save", 0, "staging-created"),  # open: rank 0 cannot make the staging directory
     ("save", 1, "fetch:"),  # fetch: one rank cannot hand over a tensor (the others are in gathers)
+    ("save", 1, "fetch-end"),  # fetch: one rank fails after its tensors (capturing its RNG state, say)
     ("save", 1, "shard-begin:"),  # write: one rank's file fails (a full disk)
+    ("save", 1, "report"),  # report: one rank fails in the background thread, rank 0 waits for its report
     ("save", 0, "manifest-written"),  # commit: rank 0 fails after writing the manifest, before the rename
     ("load", 0, "load-open"),  # open: rank 0 cannot read the manifest
     ("load", 1, "load-verify"),  # verify: one rank's share of the files
+    ("load", 1, "load-plan"),  # plan: one rank cannot match the checkpoint to its engine
     ("load", 1, "load-read:"),  # read: one rank's slice
     ("load", 0, "load-restore:"),  # restore: one rank cannot put a tensor back
 ]
@@ -73,6 +77,8 @@ def test_a_failure_on_one_rank_in_any_phase_raises_on_every_rank(tmp_path):
         for rank, res in enumerate(results):
             outcome = res["outcomes"][i]
             assert f"injected failure {i}" in outcome["error"], f"rank {rank}, {op} failing at {where}: {outcome}"
+            # every rank hears of it at once: nobody waits out the checkpoint groups' timeout (5 minutes here)
+            assert outcome["seconds"] < 30, f"rank {rank}, {op} failing at {where}: {outcome['seconds']:.0f} s"
             assert f"rank {victim}" in outcome["error"] or (op, where) in (
                 ("save", "staging-created"),
                 ("load", "load-open"),

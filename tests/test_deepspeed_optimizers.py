@@ -62,7 +62,40 @@ def _straight_and_resumed(rank, world, specs, root):
             "keys": sorted(straight),
             "differ": differ + sorted(set(resumed) - set(straight)),
         }
+    out["late-state"] = _state_created_after_the_manager(rank, root)
     return out
+
+
+def _state_created_after_the_manager(rank, root):
+    """Adafactor (a client optimizer at ZeRO-0) creates factored second moments at its first step: row and column
+    vectors, neither per-element state nor a number. The manager is built before that step, so only the save can
+    see them; it must refuse on every rank, naming the state, and leave nothing on disk."""
+    from pathlib import Path
+
+    import torch
+    from engines import TinyLM, batch, ds_config, param_groups
+    from wsd_pretrain import CheckpointError, WSDSchedule, WSDScheduler, deepspeed_initialize
+    from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.Adafactor(param_groups(model), lr=1e-2)
+    sched = WSDScheduler(opt, WSDSchedule(total=8, warmup=2, decay_length=2))
+    engine, *_ = deepspeed_initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config(0, "fp32"))
+    cfg = CheckpointConfig(at_milestones=False, at_end=False, on_preemption=False)
+    run = Path(root, "late-state")
+    mgr = CheckpointManager(run, engine, opt, sched, config=cfg)  # no optimizer state yet: nothing to refuse
+    loss = engine(batch(0, rank))
+    engine.backward(loss)
+    engine.step()
+    try:
+        mgr.save(["periodic"])
+        refused = ""
+    except CheckpointError as exc:
+        refused = str(exc)
+    mgr.close()
+    ckpts = run / "checkpoints"
+    return {"refused": refused, "left": sorted(p.name for p in ckpts.iterdir()) if ckpts.exists() else []}
 
 
 def _refusals(engine) -> dict[str, str]:
@@ -101,6 +134,10 @@ def test_every_deepspeed_optimizer_resumes_bitwise(tmp_path):
             assert any(k.endswith(":optimizer/exp_avg") for k in r["keys"]), f"{spec}: no optimizer state compared"
             assert r["differ"] == [], f"rank {rank}, {spec}: differs after resume: {r['differ'][:5]}"
             assert r["losses_equal"], f"rank {rank}, {spec}: losses differ after resume"
+        late = res["late-state"]
+        assert "cannot save checkpoint step-000000001-periodic" in late["refused"], late
+        assert "row_var" in late["refused"] or "col_var" in late["refused"], late
+        assert late["left"] == [], f"a refused save left {late['left']}"
         refused = res["ds2+cpuadam"]["refusals"]
         assert "zero_optimization.offload_optimizer.device is nvme" in refused["nvme"]
         assert "zero_hpz_partition_size" in refused["hpz"]

@@ -407,6 +407,22 @@ MUTATIONS: list[Mutation] = [
         "a sha256 checkpoint's manifest names xxh3_128: it can never be verified or resumed",
     ),
     M(
+        "save-late-optimizer-state-unchecked",
+        "wsd_pretrain/checkpoint/save.py",
+        "        if check is not None:\n            check()\n",
+        "        if check is not None:\n            pass\n",
+        ("tests/test_deepspeed_optimizers.py",),
+        "optimizer state created after the manager was built (Adafactor's factored moments) is silently left out",
+    ),
+    M(
+        "save-report-error-dropped",
+        "wsd_pretrain/checkpoint/save.py",
+        '        report = {"records": records, "error": writer.error or local_error}',
+        '        report = {"records": records, "error": writer.error}',
+        ("tests/test_checkpoint_faults.py",),
+        "a rank that fails before its report is not named: the save fails later with another error, or not at all",
+    ),
+    M(
         "load-verify-nothing",
         "wsd_pretrain/checkpoint/load.py",
         '        return F.check_files(ckpt, {**manifest, "files": mine}, checksums=mode == "checksum")',

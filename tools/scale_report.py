@@ -157,8 +157,10 @@ save.
   so a same-layout resume reads its own files twice (the second time from the page cache); `verify: size` skips it.
 - **Collectives**: a partitioned weight is sent only by the ranks that hold a part of it, at its exact size (a
   padded gather would make every rank of a 16,384-rank job send a chunk of every small tensor); the protocol's
-  own messages are the staging name, one agreement per phase, the per-rank file records gathered to rank 0 (about
-  160 bytes per file) and rank 0's outcome: six collectives per save, on the checkpoint's gloo groups.
+  own messages are an agreement on the plan, the staging name, an agreement on the fetch, the per-rank file records
+  gathered to rank 0 (about 160 bytes per file), rank 0's outcome and a visibility check: six collectives per save;
+  a resume has three (the manifest, an agreement after verification and planning, one after the restore), all on
+  the checkpoint's gloo groups.
 """
     args.out.write_text(text)
     print(f"wrote {args.out}", file=sys.stderr)

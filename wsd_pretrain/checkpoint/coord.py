@@ -110,8 +110,27 @@ def agree(error: str | None, what: str, group: Any = None) -> None:
     if not failed:
         return
     errors = D.all_gather_object(error, group=group)
-    text = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
-    raise CheckpointError(f"{what}: {text}")
+    raise CheckpointError(f"{what}: {describe_errors(errors)}")
+
+
+def describe_errors(errors: list[str | None]) -> str:
+    """Per-rank errors as one text, each distinct error once with the ranks that hit it ("ranks 0-1023: ..."): a
+    thousand ranks failing alike make one line, not a thousand."""
+    by_text: dict[str, list[int]] = {}
+    for r, e in enumerate(errors):
+        if e:
+            by_text.setdefault(e, []).append(r)
+    parts = []
+    for text, ranks in by_text.items():
+        spans: list[str] = []
+        start = ranks[0]
+        for prev, cur in zip(ranks, [*ranks[1:], -1]):
+            if cur != prev + 1:  # a run of consecutive ranks ends at prev
+                spans.append(str(start) if start == prev else f"{start}-{prev}")
+                start = cur
+        label = "rank" if len(ranks) == 1 else "ranks"
+        parts.append(f"{label} {', '.join(spans)}: {text}")
+    return "; ".join(parts)
 
 
 def broadcast(obj: Any, src: int = 0) -> Any:

@@ -71,8 +71,8 @@ def save_costs(items: Sequence[Item], world: int, max_shard_bytes: int) -> SaveC
             by_rank[shard.owner] = 0  # the writer's own part does not travel
             sent += by_rank
             received[shard.owner] += int(by_rank.sum())
-    # the protocol: staging name (broadcast), fetch agreement (all-reduce), reports (gather to rank 0), outcome
-    # (broadcast), visibility (all-gather of a null each)
+    # the protocol: plan agreement (all-reduce), staging name (broadcast), fetch agreement (all-reduce), reports
+    # (gather to rank 0), outcome (broadcast), visibility (all-gather of a null each)
     reports = files * REPORT_BYTES
     sent += 8 * 4 + reports
     received[0] += int(reports.sum())
@@ -116,7 +116,8 @@ def load_costs(
         for r, nbytes in files_written.items():
             verified[r % world] += nbytes
     sent = np.full(world, 64, dtype=np.int64)
-    return LoadCost(world, read, verified, sent, coordination=6)
+    # the manifest and JSON state (broadcast), verification and planning (all-reduce), restore and RNG (all-reduce)
+    return LoadCost(world, read, verified, sent, coordination=3)
 
 
 def engine_items(engine: str, shapes: Sequence[tuple[str, tuple[int, ...]]], world: int) -> list[Item]:

@@ -269,7 +269,9 @@ class DeepSpeedAdapter(EngineAdapter):
                     )
                     raise CheckpointError(
                         f"optimizer state {name}/{key} is {what}: neither per-element state of the parameter, a 0-d "
-                        f"tensor nor a number, so {type(self.optimizer).__name__}'s state cannot be saved exactly"
+                        f"tensor nor a number, so {type(self.optimizer).__name__}'s state cannot be saved exactly; "
+                        "use an optimizer whose state is per-element tensors and numbers (Adam, AdamW, SGD, Lion: "
+                        "DeepSpeed's own or torch's)"
                     )
 
     # ------------------------------------------------------------------ the items

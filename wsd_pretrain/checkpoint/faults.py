@@ -6,10 +6,10 @@ function that receives the name of each step as a rank reaches it and may kill t
 save: ``save-begin``, ``staging-created``, ``fetch-begin``, ``fetch:<tensor>``, ``fetch-end``,
 ``shard-begin:<file>``, ``shard-end:<file>``, ``report``, ``commit-begin``, ``manifest-begin``, ``manifest-written``,
 ``manifest-hash-written``, ``renamed:<name>``, ``latest-written:<name>``;
-load: ``load-open`` (rank 0), ``load-verify``, ``load-read:<param>``, ``load-restore:<param>``.
+load: ``load-open`` (rank 0), ``load-verify``, ``load-plan``, ``load-read:<param>``, ``load-restore:<param>``.
 
-An exception raised by the hook at a point inside a phase is handled as a real failure there would be: every
-rank raises it (tests/test_checkpoint_faults.py).
+An exception raised by the hook at any of these points is handled as a real failure there would be: every rank
+raises it within seconds, and nothing committed is lost (tests/test_checkpoint_faults.py tries each phase).
 """
 
 from __future__ import annotations

@@ -132,6 +132,7 @@ def load_checkpoint(
     with_optim = load_optimizer and described is not None and bool(described["optimizer"])
     if described is not None and not problems:
         try:
+            point("load-plan")
             mismatches = _check_compatible(adapter, described)
             if mismatches:
                 raise CheckpointError(f"{ckpt} does not match this model: " + "; ".join(mismatches))

@@ -281,14 +281,24 @@ def start_save(
     files; ``rng_states`` gives them (a converter copies the source's).
     """
     rank, procs = D.get_rank(), D.get_world_size()
-    point("save-begin")
     run_dir = Path(run_dir)
     root = F.checkpoints_dir(run_dir) if dest is None else Path(dest).parent
     name = F.checkpoint_name(request.position, request.kinds)
     final = root / name if dest is None else Path(dest)
-    items = adapter.items()
-    holders = getattr(adapter, "world", procs)
-    plan = plan_save(items, holders, max_shard_bytes)
+    # 1. plan, after checking that the checkpoint can carry every optimizer state the engine holds now (state an
+    # optimizer creates at its first step is not there when the manager is built); every rank learns of a failure
+    problem: str | None = None
+    try:
+        point("save-begin")
+        check = getattr(adapter, "check_complete", None)  # a converter's source holds no live optimizer
+        if check is not None:
+            check()
+        items = adapter.items()
+        holders = getattr(adapter, "world", procs)
+        plan = plan_save(items, holders, max_shard_bytes)
+    except Exception as exc:
+        problem = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+    coord.agree(problem, f"cannot save checkpoint {name}")
     t_plan = time.monotonic()
 
     # 2. rank 0 opens the staging directory and tells everyone its name
@@ -322,8 +332,8 @@ def start_save(
     error: str | None = None
     if rank != 0:
         error = _wait_visible(staging)
-    point("fetch-begin")
     try:
+        point("fetch-begin")
         for shard in my_shards:
             writer.expect(shard.relpath, [(i.name, i.dtype, i.shape) for i in shard.items], {})
         for f in my_files:
@@ -341,7 +351,16 @@ def start_save(
     if arena is not None:
         with contextlib.suppress(Exception):
             arena.end()
-    rng = capture_rng() if with_rng else None
+    rng: Any = None
+    meta: dict[str, Any] = {}
+    layout: dict[str, Any] = {}
+    try:  # local work: a failure joins the fetch's error, so that the agreement below tells every rank
+        rng = capture_rng() if with_rng else None
+        if rank == 0:
+            meta, layout = adapter.meta(), adapter.layout()
+        point("fetch-end")
+    except Exception as exc:
+        fetch.error = fetch.error or f"{type(exc).__name__}: {exc}"
     if rank0_only and procs > 1:
         gathered = D.gather_object(rng, dst=0, group=coord.groups().coord)
         rng_by_rank = dict(enumerate(gathered)) if gathered is not None else {}
@@ -349,9 +368,6 @@ def start_save(
         rng_by_rank = {rank: rng} if with_rng else {}
     if rng_states is not None:
         rng_by_rank = dict(rng_states)
-    meta = adapter.meta() if rank == 0 else {}
-    layout = adapter.layout() if rank == 0 else {}
-    point("fetch-end")
     try:
         coord.agree(fetch.error, f"checkpoint {name}: fetching the state failed (nothing was committed)")
     except CheckpointError:
@@ -366,15 +382,24 @@ def start_save(
     def finish() -> None:
         from .commit import commit
 
-        for r, state in rng_by_rank.items():
-            if state is not None:
-                writer.write_json(f"{F.TRAIN_STATE}/rng/rank-{int(r):05d}.json", state)
+        # local work; whatever fails here goes into this rank's report, so rank 0 (waiting for every report) learns
+        # of it and every rank hears the outcome
+        local_error = None
+        try:
+            for r, state in rng_by_rank.items():
+                if state is not None:
+                    writer.write_json(f"{F.TRAIN_STATE}/rng/rank-{int(r):05d}.json", state)
+        except Exception as exc:
+            local_error = f"writing the RNG state: {type(exc).__name__}: {exc}"
         writer.close()
-        if writer.error:
+        try:
+            point("report")
+        except Exception as exc:
+            local_error = local_error or f"{type(exc).__name__}: {exc}"
+        if writer.error or local_error:
             writer.discard()
-        point("report")
         records = {rel: rec | {"rank": rank} for rel, rec in writer.records.items()}
-        report = {"records": records, "error": writer.error}
+        report = {"records": records, "error": writer.error or local_error}
         group = coord.groups().commit
         reports = D.gather_object(report, dst=0, group=group) if procs > 1 else [report]
         outcome: Any = None
