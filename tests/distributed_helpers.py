@@ -56,11 +56,14 @@ def _child(
 
     result: dict[str, Any]
     try:
-        distributed.init_distributed(backend="gloo", timeout_s=120)
+        # WSD_TEST_BACKEND: another backend string for the training group, e.g. "cuda:gloo", a device-only map that
+        # refuses CPU tensors on this CPU machine as "cuda:nccl" does on a cluster
+        backend = os.environ.get("WSD_TEST_BACKEND", "gloo")
+        distributed.init_distributed(backend=backend, timeout_s=120)
         try:
             result = {"ok": True, "value": fn(rank, world_size, *args)}
         finally:
-            distributed.teardown()
+            distributed.teardown(barrier=backend == "gloo")
     except BaseException:
         result = {"ok": False, "error": traceback.format_exc()}
     Path(out).write_text(json.dumps(result, default=repr))

@@ -325,13 +325,26 @@ def all_reduce_max(values: list[int], group: Any = None) -> list[int]:
     return [int(v) for v in t.tolist()]
 
 
+def backend_device_type(backend: str) -> str:
+    """The device type whose tensors a backend string takes: "cpu" for gloo (and for a map with a CPU entry,
+    "cpu:gloo,cuda:nccl": the host path costs no device synchronisation), "cuda" for nccl and for a map with only a
+    device entry ("cuda:nccl", which refuses CPU tensors)."""
+    backend = backend.strip().lower()
+    if ":" not in backend:
+        return "cuda" if backend == "nccl" else "cpu"
+    devices = [entry.split(":", 1)[0].strip() for entry in backend.split(",") if entry.strip()]
+    if "cpu" in devices:
+        return "cpu"
+    return devices[0] if devices else "cpu"
+
+
 def _comm_device(group: Any = None) -> torch.device:
-    """Where a group's tensors must live: the current CUDA device for NCCL, the CPU for gloo (a group with a backend
-    per device, "cpu:gloo,cuda:nccl", takes CPU tensors)."""
-    backend = str(dist.get_backend(group))
-    if backend == "nccl":
+    """Where a group's tensors must live (:func:`backend_device_type`): the current CUDA device for NCCL, the CPU
+    for gloo."""
+    kind = backend_device_type(str(dist.get_backend(group)))
+    if kind == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return torch.device(kind)
 
 
 def broadcast_object(obj: T, src: int = 0, group: Any = None) -> T:
