@@ -124,6 +124,8 @@ def build(
             config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.1}}
         if "cpuadam" in flags:
             config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if "paramoffload" in flags:  # ZeRO-3 keeps each rank's parameter partition in host memory
+            config["zero_optimization"]["offload_param"] = {"device": "cpu"}
         if "bf16opt" in flags:  # ZeRO-1 bf16 with fp32 gradient accumulation: DeepSpeed's BF16_Optimizer
             config["data_types"] = {"grad_accum_dtype": "fp32"}
         if "optimizer" in config:

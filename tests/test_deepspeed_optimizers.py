@@ -20,7 +20,9 @@ VARIANTS = {
     "ds2+fused": ("DeepSpeedZeroOptimizer", "FusedAdam"),
     "ds3+fused": ("DeepSpeedZeroOptimizer_Stage3", "FusedAdam"),
     "ds2+cpuadam": ("DeepSpeedZeroOptimizer", "DeepSpeedCPUAdam"),  # ZeRO-Offload of the optimizer to the CPU
+    "ds1+cpuadam": ("DeepSpeedZeroOptimizer", "DeepSpeedCPUAdam"),
     "ds3+cpuadam": ("DeepSpeedZeroOptimizer_Stage3", "DeepSpeedCPUAdam"),
+    "ds3+cpuadam+paramoffload": ("DeepSpeedZeroOptimizer_Stage3", "DeepSpeedCPUAdam"),  # parameters offloaded too
     "ds1-bf16+bf16opt": ("BF16_Optimizer", "AdamW"),
     "ds0-bf16+fused": ("FP16_Optimizer", "FusedAdam"),  # bf16 at ZeRO-0: fused, one flat fp32 copy per group
     "ds0-fp16": ("FP16_UnfusedOptimizer", "AdamW"),
@@ -105,6 +107,7 @@ def _refusals(engine) -> dict[str, str]:
     from wsd_pretrain.checkpoint.deepspeed_adapter import DeepSpeedAdapter
 
     zc = engine._config.zero_config
+    wrapper = engine.optimizer
     out = {}
     for what, apply, undo in (
         (
@@ -113,6 +116,10 @@ def _refusals(engine) -> dict[str, str]:
             lambda: setattr(zc.offload_optimizer, "device", "cpu"),
         ),
         ("hpz", lambda: setattr(zc, "zero_hpz_partition_size", 2), lambda: setattr(zc, "zero_hpz_partition_size", 1)),
+        ("mics", lambda: setattr(engine._config, "mics_shard_size", 2), lambda: setattr(engine._config, "mics_shard_size", -1)),
+        ("moe", lambda: setattr(engine, "has_moe_layers", True), lambda: setattr(engine, "has_moe_layers", False)),
+        ("dp", lambda: setattr(engine, "dp_world_size", 1), lambda: setattr(engine, "dp_world_size", 2)),
+        ("wrapper", lambda: setattr(engine, "optimizer", _OtherWrapper(wrapper)), lambda: setattr(engine, "optimizer", wrapper)),
     ):
         apply()
         try:
@@ -123,6 +130,13 @@ def _refusals(engine) -> dict[str, str]:
         finally:
             undo()
     return out
+
+
+class _OtherWrapper:
+    """A DeepSpeed optimizer wrapper the adapter does not know (a future DeepSpeed's, or a plugin's)."""
+
+    def __init__(self, inner):
+        self.optimizer = inner.optimizer
 
 
 def test_every_deepspeed_optimizer_resumes_bitwise(tmp_path):
@@ -141,3 +155,7 @@ def test_every_deepspeed_optimizer_resumes_bitwise(tmp_path):
         refused = res["ds2+cpuadam"]["refusals"]
         assert "zero_optimization.offload_optimizer.device is nvme" in refused["nvme"]
         assert "zero_hpz_partition_size" in refused["hpz"]
+        assert "mics_shard_size is set (MiCS)" in refused["mics"]
+        assert "MoE layers" in refused["moe"]
+        assert "the data-parallel group has 1 ranks of 2" in refused["dp"]
+        assert "wrapper _OtherWrapper" in refused["wrapper"] and "not supported" in refused["wrapper"]
