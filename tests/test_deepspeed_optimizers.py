@@ -75,6 +75,7 @@ def _state_created_after_the_manager(rank, root):
     from pathlib import Path
 
     import torch
+
     from engines import TinyLM, batch, ds_config, param_groups
     from wsd_pretrain import CheckpointError, WSDSchedule, WSDScheduler, deepspeed_initialize
     from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
@@ -116,10 +117,18 @@ def _refusals(engine) -> dict[str, str]:
             lambda: setattr(zc.offload_optimizer, "device", "cpu"),
         ),
         ("hpz", lambda: setattr(zc, "zero_hpz_partition_size", 2), lambda: setattr(zc, "zero_hpz_partition_size", 1)),
-        ("mics", lambda: setattr(engine._config, "mics_shard_size", 2), lambda: setattr(engine._config, "mics_shard_size", -1)),
+        (
+            "mics",
+            lambda: setattr(engine._config, "mics_shard_size", 2),
+            lambda: setattr(engine._config, "mics_shard_size", -1),
+        ),
         ("moe", lambda: setattr(engine, "has_moe_layers", True), lambda: setattr(engine, "has_moe_layers", False)),
         ("dp", lambda: setattr(engine, "dp_world_size", 1), lambda: setattr(engine, "dp_world_size", 2)),
-        ("wrapper", lambda: setattr(engine, "optimizer", _OtherWrapper(wrapper)), lambda: setattr(engine, "optimizer", wrapper)),
+        (
+            "wrapper",
+            lambda: setattr(engine, "optimizer", _OtherWrapper(wrapper)),
+            lambda: setattr(engine, "optimizer", wrapper),
+        ),
     ):
         apply()
         try:

@@ -131,3 +131,37 @@ def test_wsd_pretrain_schedule_shows_what_the_job_runs(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["schedule"]["total"] == 8
     assert cli(["schedule", "--config", str(job)]) == 0
     assert "base LR 0.002" in capsys.readouterr().out, "the ds_config optimizer's LR"
+
+
+def test_batch_clipping_and_precision_that_disagree_with_the_job_are_refused(tmp_path, capsys):
+    # the loop and the data sampler use train:, so a ds_config saying otherwise would train another job than it says
+    ds = tmp_path / "ds.json"
+    ds.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 2},
+                "train_micro_batch_size_per_gpu": 4,
+                "gradient_clipping": 0.5,
+                "bf16": {"enabled": True},
+            }
+        )
+    )
+    code, _, err = _dry_run(capsys, f"train.ds_config={ds}", "train.micro_batch_size=8")
+    assert code == 2
+    assert "train_micro_batch_size_per_gpu is 4 in the ds_config, 8 from train.micro_batch_size" in err
+    assert "gradient_clipping is 0.5 in the ds_config, 1.0 from train.grad_clip" in err
+    assert "bf16.enabled is True in the ds_config, False from train.dtype ('fp32')" in err
+    assert "gradient_accumulation_steps" not in err, "a key the ds_config leaves out is no disagreement"
+    # the same values in both places, or "auto", run
+    ds.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 2},
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_clipping": 0.5,
+                "bf16": {"enabled": True},
+            }
+        )
+    )
+    code, out, _ = _dry_run(capsys, f"train.ds_config={ds}", "train.grad_clip=0.5", "train.dtype=bf16")
+    assert code == 0, out

@@ -339,7 +339,7 @@ def deepspeed_plan(job: JobConfig, raw_config: dict[str, Any]) -> DeepSpeedPlan:
             )
     else:
         cfg["zero_allow_untested_optimizer"] = True  # the client torch AdamW
-    cfg.pop("train_batch_size", None)
+    _check_ds_train_settings(cfg, job, path)
     cfg["train_micro_batch_size_per_gpu"] = job.train.micro_batch_size
     cfg["gradient_accumulation_steps"] = job.train.grad_accum
     cfg["gradient_clipping"] = job.train.grad_clip
@@ -349,6 +349,47 @@ def deepspeed_plan(job: JobConfig, raw_config: dict[str, Any]) -> DeepSpeedPlan:
     if job.train.zero_stage is not None:
         cfg.setdefault("zero_optimization", {})["stage"] = job.train.zero_stage
     return DeepSpeedPlan(config=cfg, optimizer=optimizer, schedule=schedule, scheduler_args=scheduler_args)
+
+
+def _check_ds_train_settings(cfg: dict[str, Any], job: JobConfig, path: Path) -> None:
+    """The loop and the data sampler run on the ``train:`` section's batch sizes, clipping and precision, so a
+    ds_config that says otherwise is refused, naming both values ("auto" agrees with anything). Silently replacing
+    the ds_config's value would train another job than the file describes. ``train_batch_size`` stays in the
+    config: DeepSpeed checks it against micro batch x accumulation x world size itself."""
+    precision = {"bf16": "bf16", "fp16": "fp16"}
+    pairs: list[tuple[str, Any, Any, str]] = [
+        (
+            "train_micro_batch_size_per_gpu",
+            cfg.get("train_micro_batch_size_per_gpu"),
+            job.train.micro_batch_size,
+            "train.micro_batch_size",
+        ),
+        (
+            "gradient_accumulation_steps",
+            cfg.get("gradient_accumulation_steps"),
+            job.train.grad_accum,
+            "train.grad_accum",
+        ),
+        ("gradient_clipping", cfg.get("gradient_clipping"), job.train.grad_clip, "train.grad_clip"),
+    ]
+    for section, dtype in precision.items():
+        enabled = (cfg.get(section) or {}).get("enabled") if isinstance(cfg.get(section), dict) else None
+        if enabled is not None and enabled != "auto":
+            pairs.append(
+                (f"{section}.enabled", bool(enabled), job.train.dtype == dtype, f"train.dtype ({job.train.dtype!r})")
+            )
+    differ = [
+        f"{key} is {theirs!r} in the ds_config, {ours!r} from {where}"
+        for key, theirs, ours, where in pairs
+        if theirs is not None and theirs != "auto" and theirs != ours
+    ]
+    if differ:
+        raise ConfigError(
+            f"the ds_config {path} and the job's train: section disagree: " + "; ".join(differ) + ". The training "
+            "loop and the data sampler use the train: section: make the two agree, or drop the keys from the "
+            "ds_config (the job fills them in)",
+            where="job config",
+        )
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
