@@ -44,3 +44,18 @@ def test_deepspeed_engine_on_two_ranks(tmp_path):
     assert checkpoints(run) == ["step-000000009-pre-decay", "step-000000012-post-decay+final"]
     manifest = json.loads((run / "checkpoints" / "step-000000012-post-decay+final" / "manifest.json").read_text())
     assert manifest["layout"]["engine"] == "deepspeed" and manifest["layout"]["zero_stage"] == 2
+
+
+def test_importing_the_package_and_its_integrations_imports_no_framework():
+    # the frameworks are optional extras: `import wsd_pretrain` (and the integrations package, and compat) must work
+    # without them and must not pay for them
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, wsd_pretrain, wsd_pretrain.integrations, wsd_pretrain.compat, wsd_pretrain.checkpoint\n"
+        "heavy = ('transformers', 'accelerate', 'lightning', 'pytorch_lightning', 'pytorch_accelerated', 'deepspeed')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

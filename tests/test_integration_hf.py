@@ -1,6 +1,7 @@
 """The Hugging Face Trainer integration, with the real Trainer on CPU: docs/examples/hf_trainer.py killed (SIGKILL)
 two updates after its pre-decay checkpoint, resumed with resume_from_checkpoint, ends bit for bit where an
-uninterrupted run ends; every checkpoint loads with from_pretrained."""
+uninterrupted run ends, on one process and on two (DDP under torchrun, gloo); every checkpoint loads with
+from_pretrained."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from integration_helpers import (
     finish,
     hang_cmd,
     start,
+    torchrun,
     wait_and_kill,
 )
 
@@ -29,19 +31,24 @@ SCRIPT = EXAMPLES / "hf_trainer.py"
 PRE, POST = "step-000000018-pre-decay", "step-000000024-post-decay+final"
 
 
-def test_trainer_killed_after_pre_decay_resumes_bitwise_and_every_checkpoint_loads(tmp_path):
+@pytest.mark.parametrize("nproc", [pytest.param(0, id="1-process"), pytest.param(2, id="2-processes-ddp")])
+def test_trainer_killed_after_pre_decay_resumes_bitwise_and_every_checkpoint_loads(tmp_path, nproc):
     ref, cut, marker = tmp_path / "ref", tmp_path / "cut", tmp_path / "marker"
-    p_ref = start([sys.executable, str(SCRIPT), "--run-dir", str(ref)], tmp_path / "ref.log")
-    p_cut = start(hang_cmd(marker, 2, SCRIPT, ["--run-dir", str(cut)]), tmp_path / "cut.log")
-    wait_and_kill(p_cut, [tmp_path / "marker.0"], tmp_path / "cut.log")
+    launcher = torchrun(nproc) if nproc else [sys.executable]
+    p_ref = start([*launcher, str(SCRIPT), "--run-dir", str(ref)], tmp_path / "ref.log")
+    p_cut = start(hang_cmd(marker, 2, SCRIPT, ["--run-dir", str(cut)], nproc=nproc), tmp_path / "cut.log")
+    wait_and_kill(p_cut, [tmp_path / f"marker.{r}" for r in range(max(nproc, 1))], tmp_path / "cut.log")
     finish(p_ref, tmp_path / "ref.log")
     assert checkpoints(cut) == [PRE], "killed two updates after the pre-decay checkpoint"
     assert (cut / "checkpoints" / PRE / "trainer_state.json").is_file()
 
     log = finish(
-        start([sys.executable, str(SCRIPT), "--run-dir", str(cut)], tmp_path / "resume.log"), tmp_path / "resume.log"
+        start([*launcher, str(SCRIPT), "--run-dir", str(cut)], tmp_path / "resume.log"), tmp_path / "resume.log"
     )
-    assert f"resumed at update 18 from {PRE}" in log  # 5 updates per epoch: 3 into the fourth epoch
+    # one process: 5 updates an epoch, 3 into the fourth; two: 40 sequences split in two, 3 updates an epoch
+    assert f"resumed at update 18 from {PRE}" in log
+    if nproc:
+        assert len(list((cut / "checkpoints" / PRE / "train_state" / "rng").glob("rank-*.json"))) == nproc
     assert checkpoints(ref) == checkpoints(cut) == [PRE, POST]
     # weights, optimizer state, LRs, scheduler and RNG: the same bits as the uninterrupted run
     assert_same_checkpoint(final_checkpoint(ref), final_checkpoint(cut))

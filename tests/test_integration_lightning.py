@@ -71,9 +71,9 @@ def test_guard_rails(tmp_path):
     from wsd_pretrain.integrations.lightning import ResumableDataLoader, WSDCheckpoint
 
     class Module(pl.LightningModule):
-        def __init__(self, interval: str) -> None:
+        def __init__(self, interval: str, frequency: int = 1) -> None:
             super().__init__()
-            self.interval = interval
+            self.interval, self.frequency = interval, frequency
             self.net = torch.nn.Linear(4, 1)
 
         def training_step(self, batch, batch_idx):
@@ -82,11 +82,12 @@ def test_guard_rails(tmp_path):
         def configure_optimizers(self):
             opt = torch.optim.SGD(self.parameters(), lr=0.1)
             sched = WSDScheduler(opt, WSDSchedule(total=8, decay_length=2))
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.interval}}
+            config = {"scheduler": sched, "interval": self.interval, "frequency": self.frequency}
+            return {"optimizer": opt, "lr_scheduler": config}
 
     loader = ResumableDataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=2)
 
-    def fit(interval: str, max_steps: int, run: str):
+    def fit(interval: str, max_steps: int, run: str, frequency: int = 1):
         trainer = pl.Trainer(
             max_steps=max_steps,
             accelerator="cpu",
@@ -96,11 +97,13 @@ def test_guard_rails(tmp_path):
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        trainer.fit(Module(interval), loader)
+        trainer.fit(Module(interval, frequency), loader)
         return trainer
 
     with pytest.raises(ConfigError, match=r'interval="epoch": Lightning would step the schedule once per epoch'):
         fit("epoch", 8, "a")
+    with pytest.raises(ConfigError, match=r"frequency=2: Lightning would step the schedule every 2 updates"):
+        fit("step", 8, "f", frequency=2)
     with pytest.raises(ConfigError, match=r"max_steps=10 runs 2 updates past the schedule's end.*set max_steps=8"):
         fit("step", 10, "b")
     trainer = fit("step", 8, "c")  # 8 batches, one epoch: the schedule and the run end together

@@ -56,3 +56,31 @@ def test_killed_after_pre_decay_resumes_bitwise(tmp_path, nproc, pre, post, resu
     assert checkpoints(cut) == names
     for name in names:
         assert_same_checkpoint(ref / "checkpoints" / name, cut / "checkpoints" / name)
+
+
+def test_the_seed_callbacks_arguments(tmp_path):
+    env = child_env(ACCELERATE_USE_CPU="true")
+    # initial_checkpoint that is not one of our checkpoints (the seed's Accelerate folders are pickles): refused
+    seed_folder = tmp_path / "seed_pre_decay"
+    seed_folder.mkdir()
+    (seed_folder / "pytorch_model.bin").write_bytes(b"not read")
+    log = tmp_path / "bad.log"
+    proc = start(
+        [sys.executable, str(SCRIPT), "--run-dir", str(tmp_path / "a"), "--initial-checkpoint", str(seed_folder)],
+        log,
+        env,
+    )
+    assert proc.wait(240) != 0
+    assert f"initial_checkpoint={seed_folder}: not a wsd_pretrain checkpoint folder" in log.read_text()
+    assert not (tmp_path / "a" / "checkpoints").exists() or checkpoints(tmp_path / "a") == []
+    # save_optimizer/save_scheduler=False are accepted and said to be kept anyway; the run writes its checkpoints
+    out = finish(
+        start(
+            [sys.executable, str(SCRIPT), "--run-dir", str(tmp_path / "b"), "--epochs", "2", "--weights-only"],
+            tmp_path / "b.log",
+            env,
+        ),
+        tmp_path / "b.log",
+    )
+    assert "save_optimizer/save_scheduler=False: wsd_pretrain checkpoints keep both" in out
+    assert checkpoints(tmp_path / "b") == ["step-000000008-pre-decay", "step-000000010-post-decay+final"]

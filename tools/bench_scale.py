@@ -58,7 +58,9 @@ def _gather(*a, **k):
     dst, group = arg(a, k, 2, "dst", 0), arg(a, k, 3, "group")
     return nb(arg(a, k, 0, "tensor")) * (dist.get_world_size(group) - 1) if dist.get_rank() == dst else 0
 counted("recv", lambda *a, **k: nb(arg(a, k, 0, "tensor")))
-counted("irecv", lambda *a, **k: nb(arg(a, k, 0, "tensor")))
+# the model's weights travel in batches of point-to-point ops (torch checks that each op is its own irecv or isend,
+# so the batch is counted, not the ops): a receive's bytes
+counted("batch_isend_irecv", lambda ops: sum(nb(op.tensor) for op in ops if op.op is dist.irecv))
 counted("gather", _gather)
 counted("broadcast", lambda *a, **k: 0 if dist.get_rank() == arg(a, k, 1, "src", 0) else nb(arg(a, k, 0, "tensor")))
 counted("all_reduce", lambda *a, **k: 2 * nb(arg(a, k, 0, "tensor")) * (world - 1) // world)

@@ -139,8 +139,9 @@ shard (FSDP2 and ZeRO-3; ZeRO-2's bf16 weights are whole on every rank and move 
 weights and optimizer state are written by the rank that holds them. A resume on the same layout reads each rank's
 own slices (plus, for ZeRO-2, the whole bf16 model, which every rank holds); on half the ranks each reads twice as
 much. Collectives: each partitioned model weight's parts are sent point to point to its writer (on the training
-group; only the ranks holding a part take part), and six small messages go over the checkpoint's gloo groups per
-save.
+group; only the ranks holding a part take part), in windows that feed every writer at once (up to 512 MB per
+writer and window, one batch of sends and receives each), and six small messages go over the checkpoint's gloo
+groups per save.
 
 {body}
 ## What limits it

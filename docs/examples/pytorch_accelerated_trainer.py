@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-dir", default="runs/pa_example")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--every-steps", type=int, default=None, help="also save every N updates")
+    p.add_argument("--initial-checkpoint", default=None, help="start a new run from this checkpoint folder")
+    p.add_argument("--weights-only", action="store_true", help="the seed's save_optimizer/save_scheduler=False")
     cli = p.parse_args(argv)
     if os.environ.get("RANK", "0") == "0":
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -40,7 +42,13 @@ def main(argv: list[str] | None = None) -> None:
         callbacks=(
             MoveModulesToDeviceCallback(),
             # the seed's callback arguments; our checkpoints, written after the optimizer step
-            WSDCheckpointCallback(cli.run_dir, config=CheckpointConfig(every_steps=cli.every_steps)),
+            WSDCheckpointCallback(
+                cli.run_dir,
+                save_optimizer=not cli.weights_only,
+                save_scheduler=not cli.weights_only,
+                initial_checkpoint=cli.initial_checkpoint,
+                config=CheckpointConfig(every_steps=cli.every_steps),
+            ),
         ),
     )
     trainer.train(

@@ -458,6 +458,46 @@ def start_save(
     return result
 
 
+GATHER_WINDOW_BYTES = 512 * 1024**2
+"""Received weights per writer in one window of the model's gathers (a larger weight makes a window of its own)."""
+
+_P2P_READY = False
+
+
+def _p2p_ready() -> None:
+    """Once per process, before the first batch of point-to-point sends: one barrier on the training group. NCCL
+    leaves a batch of sends and receives that is a group's first collective undefined unless every rank joins it,
+    and a save may come before any training step (every rank of a save reaches this point)."""
+    global _P2P_READY
+    if not _P2P_READY:
+        D.barrier()
+        _P2P_READY = True
+
+
+def _windows(
+    queues: dict[int, list[tuple[ModelShard, Item]]], gathers: bool
+) -> list[list[tuple[int, ModelShard, Item]]]:
+    """The same list of windows on every rank: each takes, from every writer's queue in turn, its next items up to
+    :data:`GATHER_WINDOW_BYTES` of weights that travel (at least one item); items that do not travel (replicated,
+    or a converter's) cost nothing."""
+    pos = dict.fromkeys(queues, 0)
+    out: list[list[tuple[int, ModelShard, Item]]] = []
+    while any(pos[w] < len(q) for w, q in queues.items()):
+        window: list[tuple[int, ModelShard, Item]] = []
+        for w in sorted(queues):
+            q, taken = queues[w], 0
+            while pos[w] < len(q):
+                shard, item = q[pos[w]]
+                cost = 0 if (item.partition.replicated or not gathers) else item.nbytes
+                if taken and taken + cost > GATHER_WINDOW_BYTES:
+                    break
+                window.append((w, shard, item))
+                taken += cost
+                pos[w] += 1
+        out.append(window)
+    return out
+
+
 def _on_gpu(adapter: Any) -> bool:
     device = getattr(adapter, "device", torch.device("cpu"))
     return torch.device(device).type == "cuda"
@@ -501,63 +541,83 @@ class _Fetch:
             self._fail(f"{rel} {key}", exc)
 
     def model(self, shards: list[ModelShard], writer_of: Callable[[int], int]) -> None:
+        """Hand this rank's model shards to its writer; send its parts of partitioned weights to their writers.
+
+        The weights travel in windows that take from every writer's queue at once (each writer's own items in
+        their file order, at most :data:`GATHER_WINDOW_BYTES` of received weights per writer and window), as one
+        batch of point-to-point sends and receives on the training group: the writers receive in parallel, each
+        from the ranks that hold parts of its weights, each part at its exact size (no padding, no all-gather).
+        On NCCL a batch is one group call on the group's own communicator, not a communicator per pair of ranks."""
         gathers = getattr(self.adapter, "gathers", True)  # a running job (on one process too) vs a converter
+        queues: dict[int, list[tuple[ModelShard, Item]]] = {}
         for shard in shards:
-            writes = writer_of(shard.owner) == self.rank
-            for item in shard.items:
-                if item.partition.replicated or not gathers:
-                    if writes:
-                        try:
-                            t = self._whole(item)
-                        except Exception as exc:
-                            self._fail(f"fetch {item.name}", exc)
-                            continue
-                        self._hand(shard.relpath, item.name, t, made=not item.partition.replicated)
+            queues.setdefault(writer_of(shard.owner), []).extend((shard, item) for item in shard.items)
+        windows = _windows(queues, gathers)
+        if D.is_distributed() and any(
+            gathers and not item.partition.replicated for window in windows for _, _, item in window
+        ):
+            _p2p_ready()
+        for window in windows:
+            received = self._exchange(window, gathers)
+            for w, shard, item in window:
+                if w != self.rank:
                     continue
-                full = self._gather(item, writer_of(shard.owner))
-                if writes and full is not None:
-                    self._hand(shard.relpath, item.name, full, made=True)
+                if item.partition.replicated or not gathers:
+                    try:
+                        t = self._whole(item)
+                    except Exception as exc:
+                        self._fail(f"fetch {item.name}", exc)
+                        continue
+                    self._hand(shard.relpath, item.name, t, made=not item.partition.replicated)
+                else:
+                    self._hand(shard.relpath, item.name, received.pop(item.name).view(item.shape), made=True)
 
     def _whole(self, item: Item) -> torch.Tensor:
         if item.partition.replicated:
             return self.adapter.local(item)
         return self.adapter.full(item)  # a converter's source holds every part
 
-    def _gather(self, item: Item, dst: int) -> torch.Tensor | None:
-        """``item``'s parts from the ranks that hold them to ``dst`` only (point to point on the training group, each
-        part at its exact size: no padding, no all-gather; ranks holding nothing of it do nothing)."""
+    def _exchange(self, window: list[tuple[int, ModelShard, Item]], gathers: bool) -> dict[str, torch.Tensor]:
+        """One window's sends and receives; returns the weights this rank writes, assembled (flat)."""
         import torch.distributed as dist
 
-        parts = list(item.partition.iter_parts(item.numel, self.plan.world))
-        mine = [p for p in parts if p[2] == self.rank]
-        if self.rank != dst and not mine:
-            return None
+        ops: list[Any] = []
+        received: dict[str, torch.Tensor] = {}
+        travel = [(dst, item) for dst, _, item in window if gathers and not item.partition.replicated]
+        if not travel:
+            return received
         device = D._comm_device(None) if D.is_distributed() else torch.device(self.adapter.device)
-        if self.rank != dst:
-            start, n, _ = mine[0]
+        for dst, item in travel:
+            parts = list(item.partition.iter_parts(item.numel, self.plan.world))
+            if self.rank == dst:
+                out = torch.empty(item.numel, dtype=item.dtype, device=device)
+                for start, n, holder in parts:
+                    if holder == dst:
+                        try:
+                            out[start : start + n] = self.adapter.local(item).reshape(-1).to(device)
+                        except Exception as exc:
+                            self._fail(f"fetch {item.name}", exc)
+                    else:
+                        ops.append(dist.P2POp(dist.irecv, out[start : start + n], holder))
+                received[item.name] = out
+                continue
+            mine = [part for part in parts if part[2] == self.rank]
+            if not mine:
+                continue
+            _, n, _ = mine[0]
             try:
                 local = self.adapter.local(item).reshape(-1)
                 if local.numel() != n:
                     raise CheckpointError(f"holds {local.numel()} elements, the plan says {n}")
-            except Exception as exc:
+            except Exception as exc:  # keep taking part: the receiver is waiting for these bytes
                 self._fail(f"fetch {item.name}", exc)
                 local = torch.zeros(n, dtype=item.dtype)
-            dist.send(local.to(device).contiguous(), dst=dst)
+            ops.append(dist.P2POp(dist.isend, local.to(device).contiguous(), dst))
             self.sent += n * local.element_size()
-            return None
-        out = torch.empty(item.numel, dtype=item.dtype, device=device)
-        works = []
-        for start, n, holder in parts:
-            if holder == dst:
-                try:
-                    out[start : start + n] = self.adapter.local(item).reshape(-1).to(device)
-                except Exception as exc:
-                    self._fail(f"fetch {item.name}", exc)
-            else:
-                works.append(dist.irecv(out[start : start + n], src=holder))
-        for work in works:
-            work.wait()
-        return out.view(item.shape)
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        return received
 
     def state(self, files: list[StateFile], plan: SavePlan, writer_of: Callable[[int], int], rank0_only: bool) -> None:
         if rank0_only and self.procs > 1:
