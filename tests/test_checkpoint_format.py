@@ -153,6 +153,30 @@ def test_plan_caps_model_shards_and_balances_writers():
     assert [(s.relpath, s.owner) for s in again.model_shards] == [(s.relpath, s.owner) for s in plan.model_shards]
 
 
+def test_weights_travel_in_windows_that_feed_every_writer_at_once(monkeypatch):
+    from wsd_pretrain.checkpoint import save
+
+    monkeypatch.setattr(save, "GATHER_WINDOW_BYTES", 1000)
+    # FSDP2-like weights (sharded: they travel) of 400 bytes, one of 4000, and a replicated bias (does not travel)
+    items = [Item("model", f"w{i}", (4, 25), torch.float32, fsdp_rows((4, 25), 4)) for i in range(12)]
+    items += [Item("model", "huge", (40, 25), torch.float32, fsdp_rows((40, 25), 4))]
+    items += [Item("model", "bias", (25,), torch.float32)]
+    plan = plan_save(items, world=4, max_shard_bytes=1200)
+    queues = {}
+    for shard in plan.model_shards:
+        queues.setdefault(shard.owner, []).extend((shard, item) for item in shard.items)
+    windows = save._windows(queues, gathers=True)
+    assert len({w for w, _, _ in windows[0]}) == len(queues) > 1, "the first window feeds every writer"
+    for window in windows:
+        for writer in queues:
+            travelling = [i.nbytes for w, _, i in window if w == writer and not i.partition.replicated]
+            assert sum(travelling) <= 1000 or len(travelling) == 1, "a window is capped per writer (one huge alone)"
+    for writer, queue in queues.items():  # each writer gets its items once, in its files' order
+        assert [i.name for window in windows for w, _, i in window if w == writer] == [i.name for _, i in queue]
+    # a converter's items (nothing travels) all go in one window
+    assert len(save._windows(queues, gathers=False)) == 1
+
+
 def test_each_rank_writes_the_slices_it_holds():
     # ZeRO-3: 10 elements over 4 ranks -> 3, 3, 3, 1; FSDP2 rows: 5 rows of 2 over 4 ranks -> 2, 2, 1, 0 rows
     z3 = Item("optimizer", "w/exp_avg", (10,), torch.float32, zero3_chunks(10, 4))
