@@ -149,7 +149,10 @@ groups per save.
 - **The busiest writer writes the largest tensor whole**, on top of its own slices: a Hugging Face shard holds whole
   tensors, and the embedding and output layers of these models (128,256 x hidden) are the largest. That is the
   max/mean column, and the save time is that rank's: the other ranks' writes are nearly equal (model shards are cut
-  at the model's bytes divided by the ranks, each given to the rank with the fewest bytes so far).
+  at the model's bytes divided by the ranks, each given to the rank with the fewest bytes so far). At these sizes
+  it is 3-29 times the mean, where the 2-8 rank benchmark (equal layers) shows 1.00: the one way down is several
+  writers per large tensor, each writing a byte range of the same shard file, with per-range checksums in the
+  manifest (not built yet: a format change).
 - **ZeRO-2 resumes read the whole bf16 model on every rank**: every rank holds it whole. The ranks of a node
   share it through the page cache (8 GPUs per node: the filesystem serves it once per node); reading fragments and
   all-gathering them would move the model once per rank through the network instead. DeepSpeed's own
