@@ -146,3 +146,11 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
         else:
             assert va == vb, f"{key} differs:\n{va}\n{vb}"
     assert tensors > 0
+
+
+PREEMPT = Path(__file__).resolve().parent / "preempt_at.py"
+
+
+def preempt_cmd(updates: int, script: Path, args: list[str]) -> list[str]:
+    """The script run in one process that sends itself SIGUSR1 after ``updates`` updates (tests/preempt_at.py)."""
+    return [sys.executable, str(PREEMPT), str(updates), str(script), *args]

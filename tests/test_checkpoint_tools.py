@@ -252,7 +252,9 @@ def _continue(rank, world, stage, dtype, ds_dir, ours_dir):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("stage", "dtype"), [(1, "bf16"), (2, "fp32"), (3, "bf16"), (0, "fp32")])
+@pytest.mark.parametrize(
+    ("stage", "dtype"), [pytest.param(1, "bf16", marks=pytest.mark.slow), (2, "fp32"), (3, "bf16"), (0, "fp32")]
+)
 def test_from_deepspeed_matches_zero_to_fp32_and_resumes_like_deepspeed(tmp_path, stage, dtype):
     pytest.importorskip("deepspeed")
     ds_dir = tmp_path / "ds"

@@ -157,7 +157,7 @@ def _fp16_overflow(rank: int, world: int, stage: int) -> dict:
     }
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
 def test_a_step_skipped_for_fp16_overflow_does_not_advance_the_schedule(stage):
     for res in run_distributed(_fp16_overflow, args=(stage,), timeout=400):
         assert res["skipped"] > 0, "the test needs overflows"
@@ -200,7 +200,7 @@ def _checkpoint_round_trip(rank: int, world: int, stage: int, ckpt_dir: str) -> 
     }
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), 2, 3])
 def test_deepspeed_checkpoints_carry_the_scheduler_state(stage, tmp_path):
     for res in run_distributed(_checkpoint_round_trip, args=(stage, str(tmp_path)), timeout=400):
         assert res["after_load"] == 5 * res["per_step"]

@@ -18,6 +18,7 @@ from integration_helpers import (
     final_checkpoint,
     finish,
     hang_cmd,
+    preempt_cmd,
     start,
     torchrun,
     wait_and_kill,
@@ -65,3 +66,12 @@ def test_trainer_killed_after_pre_decay_resumes_bitwise_and_every_checkpoint_loa
         assert set(saved) <= set(model.state_dict())
         for key, value in saved.items():
             assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_a_preempted_trainer_saves_and_stops_cleanly(tmp_path):
+    run = tmp_path / "run"
+    log = finish(start(preempt_cmd(5, SCRIPT, ["--run-dir", str(run)]), tmp_path / "run.log"), tmp_path / "run.log")
+    # SIGUSR1 after update 5: the next update's agreement saves a preempt checkpoint, the Trainer stops there
+    assert checkpoints(run) == ["step-000000006-preempt"], log[-2000:]
+    state = json.loads((run / "checkpoints" / "step-000000006-preempt" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6

@@ -16,6 +16,7 @@ from integration_helpers import (
     checkpoints,
     finish,
     hang_cmd,
+    preempt_cmd,
     start,
     torchrun,
     wait_and_kill,
@@ -109,3 +110,9 @@ def test_guard_rails(tmp_path):
     trainer = fit("step", 8, "c")  # 8 batches, one epoch: the schedule and the run end together
     assert trainer.global_step == 8
     assert checkpoints(tmp_path / "c") == ["step-000000006-pre-decay", "step-000000008-post-decay+final"]
+
+
+def test_a_preempted_run_saves_and_stops_cleanly(tmp_path):
+    run = tmp_path / "run"
+    log = finish(start(preempt_cmd(5, SCRIPT, ["--run-dir", str(run)]), tmp_path / "run.log"), tmp_path / "run.log")
+    assert checkpoints(run) == ["step-000000006-preempt"], log[-2000:]

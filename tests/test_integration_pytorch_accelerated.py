@@ -16,6 +16,7 @@ from integration_helpers import (
     child_env,
     finish,
     hang_cmd,
+    preempt_cmd,
     start,
     torchrun,
     wait_and_kill,
@@ -84,3 +85,12 @@ def test_the_seed_callbacks_arguments(tmp_path):
     )
     assert "save_optimizer/save_scheduler=False: wsd_pretrain checkpoints keep both" in out
     assert checkpoints(tmp_path / "b") == ["step-000000008-pre-decay", "step-000000010-post-decay+final"]
+
+
+def test_a_preempted_run_saves_and_stops_cleanly(tmp_path):
+    run = tmp_path / "run"
+    env = child_env(ACCELERATE_USE_CPU="true")
+    log = finish(
+        start(preempt_cmd(5, SCRIPT, ["--run-dir", str(run)]), tmp_path / "run.log", env), tmp_path / "run.log"
+    )
+    assert checkpoints(run) == ["step-000000006-preempt"], log[-2000:]
