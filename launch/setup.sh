@@ -17,3 +17,20 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   "${PIP[@]}" install "$TORCH_SPEC"
 fi
 "${PIP[@]}" install -e ".[${EXTRAS}]"
+# On a machine without CUDA, build DeepSpeed's CPU ops now (CPU Adam, FusedAdam's CPU kernel, the shared-memory
+# communication op: about a minute each on 2 cores), once per environment, instead of inside the first job or test
+# that needs each. They go where tests/conftest.py points DeepSpeed: a directory per environment.
+if .venv/bin/python -c "import deepspeed" >/dev/null 2>&1; then
+  DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} .venv/bin/python - <<'PY' || echo "setup: DeepSpeed's CPU ops were not prebuilt; they build on first use" >&2
+import os, sys
+from pathlib import Path
+import torch
+if not torch.cuda.is_available():
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    from deepspeed.accelerator import get_accelerator
+    for name in ("CPUAdamBuilder", "FusedAdamBuilder", "ShareMemCommBuilder"):
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None and builder.is_compatible():
+            builder.load(verbose=False)
+PY
+fi
