@@ -356,7 +356,6 @@ def _check_ds_train_settings(cfg: dict[str, Any], job: JobConfig, path: Path) ->
     ds_config that says otherwise is refused, naming both values ("auto" agrees with anything). Silently replacing
     the ds_config's value would train another job than the file describes. ``train_batch_size`` stays in the
     config: DeepSpeed checks it against micro batch x accumulation x world size itself."""
-    precision = {"bf16": "bf16", "fp16": "fp16"}
     pairs: list[tuple[str, Any, Any, str]] = [
         (
             "train_micro_batch_size_per_gpu",
@@ -372,11 +371,12 @@ def _check_ds_train_settings(cfg: dict[str, Any], job: JobConfig, path: Path) ->
         ),
         ("gradient_clipping", cfg.get("gradient_clipping"), job.train.grad_clip, "train.grad_clip"),
     ]
-    for section, dtype in precision.items():
-        enabled = (cfg.get(section) or {}).get("enabled") if isinstance(cfg.get(section), dict) else None
+    for dtype in ("bf16", "fp16"):
+        section = cfg.get(dtype)
+        enabled = section.get("enabled") if isinstance(section, dict) else None
         if enabled is not None and enabled != "auto":
             pairs.append(
-                (f"{section}.enabled", bool(enabled), job.train.dtype == dtype, f"train.dtype ({job.train.dtype!r})")
+                (f"{dtype}.enabled", bool(enabled), job.train.dtype == dtype, f"train.dtype ({job.train.dtype!r})")
             )
     differ = [
         f"{key} is {theirs!r} in the ds_config, {ours!r} from {where}"

@@ -360,7 +360,7 @@ def start_save(
             meta, layout = adapter.meta(), adapter.layout()
         point("fetch-end")
     except Exception as exc:
-        fetch.error = fetch.error or f"{type(exc).__name__}: {exc}"
+        fetch._fail("capturing the RNG state and the engine's metadata", exc)
     if rank0_only and procs > 1:
         gathered = D.gather_object(rng, dst=0, group=coord.groups().coord)
         rng_by_rank = dict(enumerate(gathered)) if gathered is not None else {}
@@ -474,6 +474,12 @@ def _p2p_ready() -> None:
         _P2P_READY = True
 
 
+def _travels(item: Item, gathers: bool) -> bool:
+    """Whether ``item`` crosses between ranks in a save: a partitioned weight of a running job (a replicated one is
+    written by a rank that holds it whole; a converter's source holds every part)."""
+    return gathers and not item.partition.replicated
+
+
 def _windows(
     queues: dict[int, list[tuple[ModelShard, Item]]], gathers: bool
 ) -> list[list[tuple[int, ModelShard, Item]]]:
@@ -488,7 +494,7 @@ def _windows(
             q, taken = queues[w], 0
             while pos[w] < len(q):
                 shard, item = q[pos[w]]
-                cost = 0 if (item.partition.replicated or not gathers) else item.nbytes
+                cost = item.nbytes if _travels(item, gathers) else 0
                 if taken and taken + cost > GATHER_WINDOW_BYTES:
                     break
                 window.append((w, shard, item))
@@ -553,16 +559,14 @@ class _Fetch:
         for shard in shards:
             queues.setdefault(writer_of(shard.owner), []).extend((shard, item) for item in shard.items)
         windows = _windows(queues, gathers)
-        if D.is_distributed() and any(
-            gathers and not item.partition.replicated for window in windows for _, _, item in window
-        ):
+        if D.is_distributed() and any(_travels(item, gathers) for window in windows for _, _, item in window):
             _p2p_ready()
         for window in windows:
             received = self._exchange(window, gathers)
             for w, shard, item in window:
                 if w != self.rank:
                     continue
-                if item.partition.replicated or not gathers:
+                if not _travels(item, gathers):
                     try:
                         t = self._whole(item)
                     except Exception as exc:
@@ -583,7 +587,7 @@ class _Fetch:
 
         ops: list[Any] = []
         received: dict[str, torch.Tensor] = {}
-        travel = [(dst, item) for dst, _, item in window if gathers and not item.partition.replicated]
+        travel = [(dst, item) for dst, _, item in window if _travels(item, gathers)]
         if not travel:
             return received
         device = D._comm_device(None) if D.is_distributed() else torch.device(self.adapter.device)
