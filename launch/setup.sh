@@ -17,10 +17,11 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   "${PIP[@]}" install "$TORCH_SPEC"
 fi
 "${PIP[@]}" install -e ".[${EXTRAS}]"
-# On a machine without CUDA, build DeepSpeed's CPU ops now (CPU Adam, FusedAdam's CPU kernel, the shared-memory
-# communication op: about a minute each on 2 cores), once per environment, instead of inside the first job or test
-# that needs each. They go where tests/conftest.py points DeepSpeed: a directory per environment.
-if .venv/bin/python -c "import deepspeed" >/dev/null 2>&1; then
+# With the test extras (dev) on a machine without CUDA, build DeepSpeed's CPU ops now (CPU Adam, FusedAdam's CPU
+# kernel, the shared-memory communication op: about a minute each on 2 cores), once per environment, instead of
+# inside the first tests that need each. They go where tests/conftest.py points DeepSpeed: a directory per
+# environment. The tiny main job (launch/run_tiny.sh) runs DDP and needs none of them.
+if [[ ",${EXTRAS}," == *",dev,"* ]] && .venv/bin/python -c "import deepspeed" >/dev/null 2>&1; then
   DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} .venv/bin/python - <<'PY' || echo "setup: DeepSpeed's CPU ops were not prebuilt; they build on first use" >&2
 import os, sys
 from pathlib import Path
