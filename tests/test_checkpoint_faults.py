@@ -18,6 +18,7 @@ CASES = [
     ("save", 1, "shard-begin:"),  # write: one rank's file fails (a full disk)
     ("save", 1, "report"),  # report: one rank fails in the background thread, rank 0 waits for its report
     ("save", 0, "manifest-written"),  # commit: rank 0 fails after writing the manifest, before the rename
+    ("async", 1, "snapshot:"),  # an async save's copy, while training goes on: raised at the next wait
     ("load", 0, "load-open"),  # open: rank 0 cannot read the manifest
     ("load", 1, "load-verify"),  # verify: one rank's share of the files
     ("load", 1, "load-plan"),  # plan: one rank cannot match the checkpoint to its engine
@@ -27,6 +28,7 @@ CASES = [
 
 
 def _scenarios(rank, world, run_dir):
+    import dataclasses
     import time
 
     from engines import build, full_state
@@ -55,6 +57,15 @@ def _scenarios(rank, world, run_dir):
             if op == "save":
                 step(2 + i)  # a new position: a new name for every attempt
                 mgr.save(["periodic"])
+            elif op == "async":
+                mgr.config = dataclasses.replace(cfg, async_save=True)
+                step(2 + i)
+                try:
+                    mgr.save(["periodic"])
+                    step(100 + i)  # training goes on; its optimizer step waits for the copies
+                    mgr.wait()
+                finally:
+                    mgr.config = cfg
             else:
                 mgr.load(good)
             outcome = "no error"

@@ -385,7 +385,7 @@ MUTATIONS: list[Mutation] = [
     M(
         "save-drops-a-slice",
         "wsd_pretrain/checkpoint/save.py",
-        "                    continue\n                self._hand(f.relpath, item.key, t, made=False)",
+        "                    continue\n                self._hand(f.relpath, item.key, t, made=False, later=live)",
         "                    continue",
         (T_RESUME_DDP,),
         "a rank never hands its slices to the writer: its state file is never finished",
@@ -445,6 +445,22 @@ MUTATIONS: list[Mutation] = [
         '    if group.get("fused") or group.get("capturable"):\n        return value.to("cpu").clone()',
         ("tests/test_optimizer_state_placement.py",),
         "a fused or capturable Adam's restored step stays on the CPU: its first CUDA step fails",
+    ),
+    M(
+        "async-snapshot-unfenced",
+        "wsd_pretrain/checkpoint/save.py",
+        "        _FENCE_HOOK = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: fence_snapshots())",
+        "        _FENCE_HOOK = True",
+        ("tests/test_async_snapshot.py::test_an_async_save_holds_the_state_at_the_save_while_training_goes_on",),
+        "an async save's copies race the next optimizer step: the checkpoint mixes two steps' state",
+    ),
+    M(
+        "async-snapshot-buffers-later",
+        "wsd_pretrain/checkpoint/save.py",
+        "                    later = item.partition.replicated and item.name not in self._buffers",
+        "                    later = item.partition.replicated",
+        ("tests/test_async_snapshot.py::test_buffers_are_copied_before_the_save_returns",),
+        "buffers wait for the optimizer step, but a forward pass changes them first (running statistics)",
     ),
     M(
         "load-verify-nothing",

@@ -263,6 +263,7 @@ def _phase_of(event: str) -> str:
         "fetch-begin": "staging",
         "fetch": "shard writes",
         "fetch-end": "shard writes",
+        "snapshot": "shard writes",  # an async save's copy, while training goes on
         "shard-begin": "shard writes",
         "shard-end": "shard writes",
         "report": "shard writes",

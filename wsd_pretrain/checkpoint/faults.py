@@ -3,8 +3,8 @@
 ``fault_hook`` is None in normal use. The reliability suite (tools/reliability.py) and the fault tests set it to a
 function that receives the name of each step as a rank reaches it and may kill the process or raise there:
 
-save: ``save-begin``, ``staging-created``, ``fetch-begin``, ``fetch:<tensor>``, ``fetch-end``,
-``shard-begin:<file>``, ``shard-end:<file>``, ``report``, ``commit-begin``, ``manifest-begin``, ``manifest-written``,
+save: ``save-begin``, ``staging-created``, ``fetch-begin``, ``fetch:<tensor>``, ``fetch-end``, ``snapshot:<tensor>``
+(an async save's copy of a tensor, on its own thread while training goes on), ``shard-begin:<file>``, ``shard-end:<file>``, ``report``, ``commit-begin``, ``manifest-begin``, ``manifest-written``,
 ``manifest-hash-written``, ``renamed:<name>``, ``latest-written:<name>``;
 load: ``load-open`` (rank 0), ``load-verify``, ``load-plan``, ``load-read:<param>``, ``load-restore:<param>``.
 

@@ -93,6 +93,9 @@ def load_checkpoint(
     if verify not in ("checksum", "size", "none"):
         raise CheckpointError(f"verify={verify!r}: use 'checksum', 'size' or 'none'")
     rank = D.get_rank()
+    from .save import fence_snapshots
+
+    fence_snapshots()  # an async save still copying this engine's tensors finishes before they are overwritten
     # 1. open: rank 0 reads the manifest and the JSON state for everyone
     opened: Any = None
     if rank == 0:

@@ -105,6 +105,11 @@ class CheckpointConfig:
     """Keep every pre-decay, post-decay and final checkpoint (False: they count as periodic)."""
     async_save: bool = False
     """Write in the background while training goes on; the next save waits for the previous one."""
+    async_snapshot: Literal["overlap", "blocking"] = "overlap"
+    """How an async save copies the state into host memory: "overlap" copies the parameters, master weights and
+    optimizer state while the next forward and backward pass run, and the next optimizer step waits for the copy
+    (buffers are copied at once); "blocking" copies everything before the save returns. Use "blocking" only when
+    the loop changes parameters outside an optimizer step (docs/decisions.md)."""
     write_mode: Literal["parallel", "rank0"] = "parallel"
     """parallel: every rank writes its shards (shared filesystem); rank0: everything goes through rank 0."""
     max_shard_size: int | str = "2GB"
@@ -139,6 +144,8 @@ class CheckpointConfig:
             problems.append(f"every_minutes={self.every_minutes!r}: a number > 0, or null")
         if not isinstance(self.keep_last, int) or self.keep_last < 1:
             problems.append(f"keep_last={self.keep_last!r}: keep at least 1")
+        if self.async_snapshot not in ("overlap", "blocking"):
+            problems.append(f"async_snapshot={self.async_snapshot!r}: 'overlap' or 'blocking'")
         if self.write_mode not in ("parallel", "rank0"):
             problems.append(f"write_mode={self.write_mode!r}: 'parallel' or 'rank0'")
         if self.checksum not in ("xxh3_128", "sha256"):
@@ -225,7 +232,7 @@ class CheckpointManager:
             self._remove_leftovers()
         self._closed = False
         self._pending: PendingSave | None = None
-        self._arena = HostArena() if self.config.async_save else None  # async saves reuse one host buffer
+        self._arena: HostArena | None = None  # async saves reuse one host buffer (made by the first)
         self._retention: Any = None  # rank 0's retention thread (off the critical path of a save)
         self._last_save_time = time.monotonic()
         self._preempt_flag = 0
@@ -338,6 +345,8 @@ class CheckpointManager:
             hf_config=self.hf_config,
             extra_manifest={"trajectory_position": s.schedule.trajectory_position(s.position)},
         )
+        if self.config.async_save and self._arena is None:
+            self._arena = HostArena()
         t0 = time.monotonic()
         pending = start_save(
             self.adapter,
@@ -346,7 +355,8 @@ class CheckpointManager:
             max_shard_bytes=parse_size(self.config.max_shard_size),
             rank0_only=self.config.write_mode == "rank0",
             fsync=self.config.fsync,
-            arena=self._arena,
+            arena=self._arena if self.config.async_save else None,
+            overlap=self.config.async_snapshot == "overlap",
             after_commit=self._retain_in_background if D.get_rank() == 0 else None,
             checksum=self.config.checksum,
         )
@@ -363,9 +373,22 @@ class CheckpointManager:
             log.info("checkpoint %s written in %.2fs", pending.name, time.monotonic() - t0)
         return pending.final
 
+    @property
+    def pending(self) -> PendingSave | None:
+        """The async save in flight, if any: its ``snapshot`` tells how long the copy took (``copy_s``) and how long
+        training waited for it at the next optimizer step (``fence_wait_s``)."""
+        return self._pending
+
     def _finish(self, pending: PendingSave) -> None:
         try:
             pending.wait()
+            if pending.snapshot is not None:
+                log.info(
+                    "checkpoint %s: state copied in %.2fs while training went on; training waited %.3fs for it",
+                    pending.name,
+                    pending.snapshot.copy_s,
+                    pending.snapshot.fence_wait_s,
+                )
         except CheckpointError as exc:
             if pending.final in self.saves:
                 self.saves.remove(pending.final)

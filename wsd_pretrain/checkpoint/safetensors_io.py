@@ -224,16 +224,31 @@ class StreamingWriter:
     def close(self) -> tuple[int, str]:
         """Finish the file (every tensor must have been added), fsync it; return ``(size, checksum hex)``."""
         try:
-            if self._next != len(self._specs):
-                raise CheckpointError(f"{self.path}: {len(self._specs) - self._next} tensors never written")
-            if self._pending is not None:
-                self._pending.result()
-            self._f.flush()
+            result = self.finish()
+        except BaseException:
+            self._f.close()
+            raise
+        self.sync()
+        return result
+
+    def finish(self) -> tuple[int, str]:
+        """Write out the last bytes (every tensor must have been added); return ``(size, checksum hex)``. The file
+        stays open for :meth:`sync`, which another thread may run while the next file is written."""
+        if self._next != len(self._specs):
+            raise CheckpointError(f"{self.path}: {len(self._specs) - self._next} tensors never written")
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+        self._f.flush()
+        return self.size, self._digest.hexdigest()
+
+    def sync(self) -> None:
+        """fsync (when asked for) and close the file."""
+        try:
             if self.fsync:
                 os.fsync(self._f.fileno())
         finally:
             self._f.close()
-        return self.size, self._digest.hexdigest()
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):

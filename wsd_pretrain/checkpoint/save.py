@@ -97,21 +97,147 @@ class HostArena:
             self._pinned = pin
         self._off = 0
 
-    def copy(self, t: torch.Tensor) -> torch.Tensor:
-        """A host copy of ``t`` inside the buffer (asynchronous from a device into pinned memory: see :meth:`end`)."""
-        assert self._buf is not None
+    def reserve(self, t: torch.Tensor) -> torch.Tensor:
+        """The place of a host copy of ``t`` inside the buffer, not yet filled (:class:`_Snapshot` fills it)."""
+        if self._buf is None:
+            raise CheckpointError("internal: the snapshot buffer was not prepared (HostArena.begin)")
         n = t.numel() * t.element_size()
         off = -(-self._off // self._ALIGN) * self._ALIGN
         if off + n > self._buf.numel():
             raise CheckpointError(f"internal: the snapshot buffer of {self._buf.numel()} bytes is too small")
-        view = self._buf[off : off + n].view(t.dtype).view(t.shape)
-        view.copy_(t.detach(), non_blocking=self._pinned and t.device.type == "cuda")
         self._off = off + n
+        return self._buf[off : off + n].view(t.dtype).view(t.shape)
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of ``t`` inside the buffer (asynchronous from a device into pinned memory: see :meth:`end`)."""
+        view = self.reserve(t)
+        view.copy_(t.detach(), non_blocking=self._pinned and t.device.type == "cuda")
         return view
+
+    @property
+    def pinned(self) -> bool:
+        return self._pinned
 
     def end(self) -> None:
         if self._pinned and torch.cuda.is_available():
             torch.cuda.synchronize()  # the copies must be done before training changes the tensors
+
+
+class _Snapshot:
+    """The copies of an async save into its host buffer, made by a thread of its own while training goes on.
+
+    Training does not change the parameters, master weights or optimizer state between two optimizer steps (the
+    forward and backward passes only read them), so these copies run during the next forward and backward pass
+    instead of stalling the loop, and the next optimizer step waits for them: :func:`fence_snapshots`, an optimizer
+    step pre-hook on every torch optimizer of the process (DeepSpeed's and the frameworks' optimizers step through
+    one), and at every restore and save. Buffers (which a forward pass may change: running statistics, DDP's
+    broadcast) and weights received from other ranks are copied before the save returns. On a GPU the copies run
+    on a side stream that waits for the work queued so far, into pinned memory. The writer thread writes each tensor
+    once it is copied (:meth:`ready`). ``checkpoint.async_snapshot: blocking`` copies everything before returning."""
+
+    def __init__(self, device: torch.device, pinned: bool) -> None:
+        self._copies: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+        self._done = 0
+        self._cancelled = False
+        self.error: str | None = None
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._device, self._pinned = device, pinned
+        self._event: Any = None
+        self.copy_s = 0.0  # how long the copies took (in the thread)
+        self.fence_wait_s = 0.0  # how long training waited for them (the stall they cost)
+        self.nbytes = 0
+
+    def add(self, dst: torch.Tensor, src: torch.Tensor, key: str) -> Callable[[], None]:
+        """Queue one copy; returns what the writer calls before it reads ``dst``."""
+        index = len(self._copies)
+        self._copies.append((dst, src.detach(), key))
+        self.nbytes += dst.numel() * dst.element_size()
+        return lambda: self.ready(index)
+
+    def start(self) -> None:
+        if not self._copies:
+            return
+        if self._device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(self._device))  # the work that made the tensors
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(self)
+        _install_fence()
+        self._thread = threading.Thread(target=self._run, name="wsd-ckpt-snapshot", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        try:
+            stream = None
+            if self._event is not None:
+                stream = torch.cuda.Stream(device=self._device)
+                stream.wait_event(self._event)
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for dst, src, key in self._copies:
+                    if self._cancelled:
+                        raise CheckpointError("the save was abandoned")
+                    point(f"snapshot:{key}")
+                    dst.copy_(src, non_blocking=stream is not None and self._pinned)
+                    if stream is not None:
+                        stream.synchronize()
+                    with self._cond:
+                        self._done += 1
+                        self._cond.notify_all()
+        except Exception as exc:  # the writer reports it: the save fails on every rank, training goes on
+            with self._cond:
+                self.error = f"copying the state for the async save: {type(exc).__name__}: {exc}"
+                self._cond.notify_all()
+        finally:
+            self.copy_s = time.monotonic() - t0
+            self._copies = []  # the engine's tensors are not held past the copy
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(self)
+
+    def ready(self, index: int) -> None:
+        """Wait until copy ``index`` is done (the writer thread); raises if the copies failed."""
+        with self._cond:
+            while self._done <= index and self.error is None:
+                self._cond.wait(1.0)
+            if self._done <= index:
+                raise CheckpointError(self.error or "internal: snapshot copy missing")
+
+    def fence(self) -> None:
+        """Wait until every copy is done (training, before it changes the state again)."""
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            t0 = time.monotonic()
+            thread.join()
+            self.fence_wait_s += time.monotonic() - t0
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self.fence()
+
+
+_ACTIVE: set[_Snapshot] = set()
+_ACTIVE_LOCK = threading.Lock()
+_FENCE_HOOK: Any = None
+
+
+def fence_snapshots() -> None:
+    """Wait for every async snapshot of this process still copying (before anything changes the training state)."""
+    if not _ACTIVE:
+        return
+    with _ACTIVE_LOCK:
+        active = list(_ACTIVE)
+    for snap in active:
+        snap.fence()
+
+
+def _install_fence() -> None:
+    """Once per process: every torch optimizer's step first waits for the snapshots in flight."""
+    global _FENCE_HOOK
+    if _FENCE_HOOK is None:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        _FENCE_HOOK = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: fence_snapshots())
 
 
 # ---------------------------------------------------------------------------------------------- the writer thread
@@ -129,10 +255,12 @@ class _Writer:
         self._files: dict[str, tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], dict[str, str]]] = {}
         self._open: dict[str, StreamingWriter] = {}
         self._left: dict[str, int] = {}
-        self._queue: queue.Queue[tuple[str, str, torch.Tensor, int] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, str, torch.Tensor, int, Callable[[], None] | None] | None] = queue.Queue()
         self._held = 0  # bytes of tensors queued that exist only for this save (gathered weights)
         self._budget = budget
         self._cond = threading.Condition()
+        self._syncs: list[tuple[str, Any]] = []  # each finished file's fsync, run while the next file is written
+        self._syncer: Any = None
         self._thread = threading.Thread(target=self._run, name="wsd-ckpt-writer", daemon=True)
         self._thread.start()
 
@@ -140,20 +268,25 @@ class _Writer:
         self._files[rel] = (specs, metadata)
         self._left[rel] = len(specs)
 
-    def submit(self, rel: str, key: str, tensor: torch.Tensor, held: int = 0) -> None:
+    def submit(
+        self, rel: str, key: str, tensor: torch.Tensor, held: int = 0, ready: Callable[[], None] | None = None
+    ) -> None:
         """Queue one tensor of ``rel``; ``held`` bytes (a tensor made for this save) count against the budget, and
-        the caller waits while the writer is that far behind."""
+        the caller waits while the writer is that far behind. ``ready`` (an async snapshot's copy) is called before
+        the tensor is read."""
         with self._cond:
             while held and self._held > 0 and self._held + held > self._budget and self.error is None:
                 self._cond.wait(1.0)
             self._held += held
-        self._queue.put((rel, key, tensor, held))
+        self._queue.put((rel, key, tensor, held, ready))
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            rel, key, tensor, held = item
+            rel, key, tensor, held, ready = item
             try:
                 if self.error is None:
+                    if ready is not None:
+                        ready()
                     self._write(rel, key, tensor)
             except Exception as exc:  # reported to every rank, then raised
                 self.error = f"{rel}: {type(exc).__name__}: {exc}"
@@ -177,7 +310,19 @@ class _Writer:
         w.add(key, tensor)
         self._left[rel] -= 1
         if self._left[rel] == 0:
-            size, digest = self._open.pop(rel).close()
+            w = self._open.pop(rel)
+            try:
+                size, digest = w.finish()
+            except BaseException:
+                w.abort()
+                raise
+            # the fsync waits for the disk: it runs on another thread while this one writes the next file, so the
+            # disk is never idle between two files of a rank
+            if self._syncer is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsd-ckpt-fsync")
+            self._syncs.append((rel, self._syncer.submit(w.sync)))
             self.records[rel] = {"size": size, "hash": digest}
             point(f"shard-end:{rel}")
 
@@ -196,6 +341,15 @@ class _Writer:
         """Wait until every queued tensor is written; a file left unfinished is an error."""
         self._queue.put(None)
         self._thread.join()
+        for rel, done in self._syncs:  # every file is durable before this rank reports it
+            try:
+                done.result()
+            except Exception as exc:
+                self.error = self.error or f"{rel}: {type(exc).__name__}: {exc}"
+        self._syncs = []
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
         if self.error is None and any(self._left.values()):
             missing = sorted(rel for rel, n in self._left.items() if n)
             self.error = f"internal: files {missing[:3]} never received all their tensors"
@@ -239,11 +393,15 @@ class PendingSave:
         self._thread: threading.Thread | None = None
         self.error: str | None = None
         self.stats: dict[str, Any] = {}
+        self.snapshot: _Snapshot | None = None
+        """An async save's copies still running while training goes on (see :class:`_Snapshot`)."""
 
     def done(self) -> bool:
         return self._thread is None or not self._thread.is_alive()
 
     def wait(self) -> Path:
+        if self.snapshot is not None:
+            self.snapshot.fence()
         if self._thread is not None:
             self._thread.join()
         if self.error:
@@ -265,6 +423,7 @@ def start_save(
     rank0_only: bool = False,
     fsync: bool = True,
     arena: HostArena | None = None,
+    overlap: bool = False,
     after_commit: Callable[[Path], None] | None = None,
     dest: str | os.PathLike[str] | None = None,
     with_rng: bool = True,
@@ -275,7 +434,8 @@ def start_save(
     state has been handed to the writer threads (see the module docstring).
 
     ``arena``: copy every tensor into this reused host buffer first (async saves: training may change the tensors
-    as soon as this returns). ``rank0_only``: rank 0 writes every file; the other ranks send it their slices (jobs
+    as soon as this returns); with ``overlap`` the parameters, master weights and optimizer state are copied by a
+    thread of their own while training goes on, and the next optimizer step waits for them (:class:`_Snapshot`). ``rank0_only``: rank 0 writes every file; the other ranks send it their slices (jobs
     without a shared filesystem). ``after_commit`` runs on rank 0 once the checkpoint is committed. ``dest`` writes
     the checkpoint at exactly that path (converters) and leaves ``latest`` alone. ``with_rng=False`` writes no RNG
     files; ``rng_states`` gives them (a converter copies the source's).
@@ -345,12 +505,21 @@ def start_save(
     except Exception as exc:
         error = error or f"preparing the save: {type(exc).__name__}: {exc}"
         arena = None
-    fetch = _Fetch(adapter, writer, arena, rank, procs, plan, error)
+    snapshot = None
+    if arena is not None and overlap and not (rank0_only and procs > 1):
+        snapshot = _Snapshot(torch.device(getattr(adapter, "device", "cpu")), arena.pinned)
+    fetch = _Fetch(adapter, writer, arena, rank, procs, plan, error, snapshot)
     fetch.model(plan.model_shards, writer_of)
     fetch.state(my_files, plan, writer_of, rank0_only)
     if arena is not None:
         with contextlib.suppress(Exception):
             arena.end()
+    if snapshot is not None and fetch.error is None:
+        try:
+            snapshot.start()
+            result.snapshot = snapshot
+        except Exception as exc:
+            fetch._fail("starting the async snapshot", exc)
     rng: Any = None
     meta: dict[str, Any] = {}
     layout: dict[str, Any] = {}
@@ -371,6 +540,8 @@ def start_save(
     try:
         coord.agree(fetch.error, f"checkpoint {name}: fetching the state failed (nothing was committed)")
     except CheckpointError:
+        if snapshot is not None:
+            snapshot.cancel()
         writer.close()
         writer.discard()
         coord.agree(None, "abandoning the save")  # every rank has stopped writing before rank 0 removes the folder
@@ -437,6 +608,7 @@ def start_save(
         if "error" in outcome:
             result.error = outcome["error"]
             return
+        result.stats["committed_s"] = time.monotonic()
         seen = _wait_visible(final) if rank != 0 else None
         if procs > 1:
             coord_error = D.all_gather_object(seen, group=group)
@@ -523,8 +695,10 @@ class _Fetch:
         procs: int,
         plan: SavePlan,
         error: str | None,
+        snapshot: _Snapshot | None = None,
     ) -> None:
-        self.adapter, self.writer, self.arena = adapter, writer, arena
+        self.adapter, self.writer, self.arena, self.snapshot = adapter, writer, arena, snapshot
+        self._buffers = set(getattr(adapter, "buffer_names", ()))
         self.rank, self.procs, self.plan = rank, procs, plan
         self.error = error
         self.bytes = 0  # bytes handed to the writer
@@ -534,15 +708,24 @@ class _Fetch:
         if self.error is None:
             self.error = f"{what}: {type(exc).__name__}: {exc}"
 
-    def _hand(self, rel: str, key: str, tensor: torch.Tensor, made: bool) -> None:
+    def _hand(self, rel: str, key: str, tensor: torch.Tensor, made: bool, later: bool = False) -> None:
+        """Give one tensor to the writer; ``later``: the engine's own parameter or optimizer tensor, which an async
+        save's snapshot may copy while training goes on (until the next optimizer step)."""
         if self.error is not None:
             return
         try:
             point(f"fetch:{key}")
+            ready = None
             if self.arena is not None:
-                tensor, made = self.arena.copy(tensor), False
+                if later and self.snapshot is not None:
+                    view = self.arena.reserve(tensor)
+                    ready = self.snapshot.add(view, tensor, key)
+                    tensor = view
+                else:
+                    tensor = self.arena.copy(tensor)
+                made = False
             self.bytes += tensor.numel() * tensor.element_size()
-            self.writer.submit(rel, key, tensor, tensor.numel() * tensor.element_size() if made else 0)
+            self.writer.submit(rel, key, tensor, tensor.numel() * tensor.element_size() if made else 0, ready)
         except Exception as exc:
             self._fail(f"{rel} {key}", exc)
 
@@ -572,7 +755,8 @@ class _Fetch:
                     except Exception as exc:
                         self._fail(f"fetch {item.name}", exc)
                         continue
-                    self._hand(shard.relpath, item.name, t, made=not item.partition.replicated)
+                    later = item.partition.replicated and item.name not in self._buffers
+                    self._hand(shard.relpath, item.name, t, made=not item.partition.replicated, later=later)
                 else:
                     self._hand(shard.relpath, item.name, received.pop(item.name).view(item.shape), made=True)
 
@@ -638,7 +822,7 @@ class _Fetch:
                 except Exception as exc:
                     self._fail(f"fetch {item.key}", exc)
                     continue
-                self._hand(f.relpath, item.key, t, made=False)
+                self._hand(f.relpath, item.key, t, made=False, later=live)
 
     def _state_to_rank0(self, plan: SavePlan) -> None:
         """``write_mode: rank0``: each rank sends its slices to rank 0 (gloo, CPU tensors: works under NCCL too),
