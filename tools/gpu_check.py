@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 CHECKS: dict[str, str] = {
     "save-resume-sync": "save and resume from CUDA tensors (synchronous save)",
-    "save-resume-async-pinned": "async save through pinned host buffers while training goes on, then resume",
+    "save-resume-async-pinned": "async save: the copy into pinned host memory on a side stream while the next steps run (their optimizer step waits for it), then resume",
     "bf16-on-device": "bf16 parameters and AdamW state on the device, saved and resumed",
     "nccl-one-rank": "NCCL process group with one rank: DDP, per-step agreement, parallel and rank0 writes",
     "fsdp2-cuda": "FSDP2 (fully_shard) on CUDA under NCCL, saved and resumed",
