@@ -146,9 +146,11 @@ waited for an overlapped copy. With `checkpoint.async_snapshot: overlap` (the de
 copying only the buffers, the parameters, master weights and optimizer state are copied into the reused host
 buffer by a thread of their own while the next forward and backward pass run (they only read that state), and the
 next optimizer step waits for the copy ("optimizer step waited"): the stall is what the copy takes beyond one
-forward and backward pass. "blocking" copies everything inside `save()`, which on this machine costs 10-20% of a
-synchronous save: the copy runs at memory bandwidth and this VM's disk takes writes at about 2 GB/s into its page
-cache, only 3-6 times slower. On a GPU node the copy is a device-to-host copy into pinned memory on a side stream,
+forward and backward pass. "blocking" copies everything inside `save()`, which on this machine costs 8-20% of a
+synchronous save (the share moves with the disk's speed at the time, which varies 2-4x on this VM: a synchronous
+save of 0.5 GB took 0.27 s in the save benchmark and up to 1 s here): the copy runs at memory bandwidth, and the
+disk takes writes into its page cache only 3-10 times slower. The overlapped copy's stall is a few milliseconds
+whatever the disk does. On a GPU node the copy is a device-to-host copy into pinned memory on a side stream,
 and a step's forward and backward pass of a real model take far longer than copying the rank's share. The writer
 threads (writing, hashing, fsyncing) share this machine's 2 cores with training after the save returns: that
 slows the steps that follow here, and is not counted as stall (on a GPU node training does not run on those cores).

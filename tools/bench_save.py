@@ -273,7 +273,10 @@ the files durable (our own fsyncs; `os.fsync` of every file for the others). Pag
 
 "vs disk" is the method's throughput as a share of the disk's sequential write speed measured in the same run;
 "ours is faster by" is the method's time divided by ours. Ours also hashes every byte (xxh3_128) and writes a
-Hugging Face folder, a manifest and an index; the others write their files only.
+Hugging Face folder, a manifest and an index; the others write their files only. The disk row is one file written,
+then fsynced; ours can beat it because it fsyncs each finished file while it writes the next (docs/decisions.md,
+72), so the copy into the page cache and the flush to the device overlap, where the probe and the other methods do
+one after the other. The VM's disk varies by 20-30% from minute to minute, which the probe's row shares.
 
 Resume (load into the live model and optimizer):
 
