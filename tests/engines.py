@@ -124,6 +124,10 @@ def build(
             config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.1}}
         if "cpuadam" in flags:
             config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if "muon" in flags:  # DeepSpeed's Muon (matrices) with its own Adam (the rest), from the ds_config
+            config["optimizer"] = {"type": "Muon", "params": {"lr": lr, "weight_decay": 0.1}}
+            for p in model.parameters():
+                p.use_muon = p.ndim == 2
         if "paramoffload" in flags:  # ZeRO-3 keeps each rank's parameter partition in host memory
             config["zero_optimization"]["offload_param"] = {"device": "cpu"}
         if "bf16opt" in flags:  # ZeRO-1 bf16 with fp32 gradient accumulation: DeepSpeed's BF16_Optimizer
@@ -231,7 +235,8 @@ def full_state(model: Any, optimizer: Any) -> dict[str, torch.Tensor]:
                 continue
             if low:
                 out[f"{name}:master"] = fp32.detach().float().cpu().clone()
-            for key in ("exp_avg", "exp_avg_sq"):
+            # DeepSpeed's Muon keeps a momentum per matrix, its Adam half the two moments (every rank asks alike)
+            for key in ("momentum_buffer",) if getattr(p, "use_muon", False) else ("exp_avg", "exp_avg_sq"):
                 if steps:
                     out[f"{name}:optimizer/{key}"] = (
                         safe_get_full_optimizer_state(p, key).detach().float().cpu().clone()

@@ -136,3 +136,44 @@ def test_buffers_are_copied_before_the_save_returns(tmp_path):
     assert set(at_save) <= set(saved)
     for key, value in at_save.items():
         assert torch.equal(saved[key], value), key
+
+
+def test_an_async_save_of_many_small_tensors_fits_its_buffer(tmp_path):
+    """Every tensor in the host buffer starts at an aligned offset: the buffer makes room for each one's padding.
+    A torch AdamW on a model of many small tensors (each 0-d step pads 60 bytes) used to overflow the buffer, and
+    the save then waited forever for copies that were never made."""
+    import threading
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import load_file
+
+    from wsd_pretrain import WSDSchedule, WSDScheduler
+    from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(7, 7) for _ in range(100)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = WSDScheduler(opt, WSDSchedule(total=10, milestones="none"))
+    model(torch.randn(2, 7)).sum().backward()
+    opt.step()
+    sched.step()
+    config = CheckpointConfig(async_save=True, at_milestones=False, at_end=False, on_preemption=False)
+    for mode in ("overlap", "blocking"):
+        mgr = CheckpointManager(tmp_path / mode, model, opt, sched, config=replace(config, async_snapshot=mode))
+        saved: list = []
+        worker = threading.Thread(
+            target=lambda mgr=mgr, saved=saved: saved.append((mgr.save(["periodic"]), mgr.wait()))
+        )
+        worker.start()
+        worker.join(120)
+        assert not worker.is_alive(), f"{mode}: the save hangs"
+        assert saved, f"{mode}: the save failed (see the log)"
+        mgr.close()
+        path = saved[0][0]
+        weights = {}
+        for f in sorted(path.glob("model*.safetensors")):
+            weights.update(load_file(f))
+        assert weights.keys() == dict(model.named_parameters()).keys()
+        for name, p in model.named_parameters():
+            assert torch.equal(weights[name], p.detach()), f"{mode}: {name}"

@@ -19,6 +19,9 @@ CASES = [
     ("save", 1, "report"),  # report: one rank fails in the background thread, rank 0 waits for its report
     ("save", 0, "manifest-written"),  # commit: rank 0 fails after writing the manifest, before the rename
     ("async", 1, "snapshot:"),  # an async save's copy, while training goes on: raised at the next wait
+    # an async save's fetch fails after some of its copies were queued for the snapshot thread, which never starts:
+    # the writer waiting for them is released and the save fails at once (it used to wait forever)
+    ("async", 1, "fetch:optimizer/#2"),
     ("load", 0, "load-open"),  # open: rank 0 cannot read the manifest
     ("load", 1, "load-verify"),  # verify: one rank's share of the files
     ("load", 1, "load-plan"),  # plan: one rank cannot match the checkpoint to its engine
@@ -47,9 +50,12 @@ def _scenarios(rank, world, run_dir):
     outcomes = []
     for i, (op, victim, where) in enumerate(CASES):
 
-        def hook(point: str, victim=victim, where=where, tag=f"injected failure {i}") -> None:
-            if rank == victim and point.startswith(where):
-                raise RuntimeError(tag)
+        def hook(point: str, victim=victim, where=where, tag=f"injected failure {i}", seen=[0]) -> None:  # noqa: B006
+            prefix, _, nth = where.partition("#")  # "#n": at the n-th point of that kind
+            if rank == victim and point.startswith(prefix):
+                seen[0] += 1
+                if seen[0] >= int(nth or 1):
+                    raise RuntimeError(tag)
 
         faults.fault_hook = hook
         t0 = time.monotonic()

@@ -124,6 +124,7 @@ def _refusals(engine) -> dict[str, str]:
         ),
         ("moe", lambda: setattr(engine, "has_moe_layers", True), lambda: setattr(engine, "has_moe_layers", False)),
         ("dp", lambda: setattr(engine, "dp_world_size", 1), lambda: setattr(engine, "dp_world_size", 2)),
+        ("zenflow", lambda: setattr(wrapper, "zenflow", True), lambda: setattr(wrapper, "zenflow", False)),
         (
             "wrapper",
             lambda: setattr(engine, "optimizer", _OtherWrapper(wrapper)),
@@ -167,4 +168,26 @@ def test_every_deepspeed_optimizer_resumes_bitwise(tmp_path):
         assert "mics_shard_size is set (MiCS)" in refused["mics"]
         assert "MoE layers" in refused["moe"]
         assert "the data-parallel group has 1 ranks of 2" in refused["dp"]
+        assert "ZenFlow is on" in refused["zenflow"]
         assert "wrapper _OtherWrapper" in refused["wrapper"] and "not supported" in refused["wrapper"]
+
+
+def _muon(rank, world, root):
+    from engines import build
+    from wsd_pretrain import CheckpointError, WSDSchedule
+    from wsd_pretrain.checkpoint.manager import CheckpointManager
+
+    engine, opt, sched, step = build("ds2-bf16+muon", WSDSchedule(total=10, milestones="none"), rank)
+    step(0)
+    try:
+        CheckpointManager(root, engine, opt, sched)
+    except CheckpointError as exc:
+        return str(exc)
+    return "accepted"
+
+
+def test_deepspeed_muon_is_refused_when_the_manager_is_built(tmp_path):
+    """DeepSpeed's Muon keeps its momentum where the checkpoint does not read ZeRO state (a resume would fail, or
+    an async save copy a momentum Muon updates before its inner step): refused on every rank, with the fix."""
+    for refused in run_distributed(_muon, 2, args=(str(tmp_path),), timeout=600):
+        assert "DeepSpeed's Muon (MuonWithAuxAdam)" in refused and "use AdamW" in refused, refused

@@ -95,6 +95,17 @@ class DeepSpeedAdapter(EngineAdapter):
             problems.append("zero_optimization.zero_hpz_partition_size > 1 (ZeRO++ hierarchical partitions)")
         if getattr(cfg, "mics_shard_size", -1) not in (None, -1, 0):
             problems.append("mics_shard_size is set (MiCS)")
+        if "Muon" in type(self.optimizer).__name__:
+            problems.append(
+                f"the optimizer is DeepSpeed's Muon ({type(self.optimizer).__name__}): its momentum is kept outside "
+                "the flat ZeRO state the checkpoint reads and writes; use AdamW (or FusedAdam, CPU Adam) from the "
+                "ds_config"
+            )
+        if getattr(self.wrapper, "zenflow", False) is True:
+            problems.append(
+                "ZenFlow is on (zero_optimization.zenflow): it transposes the parameters and steps the optimizer in a "
+                "process of its own"
+            )
         if getattr(self.ds, "has_moe_layers", False):
             problems.append("the model has MoE layers (expert-parallel groups)")
         dp = int(getattr(self.ds, "dp_world_size", self.world))

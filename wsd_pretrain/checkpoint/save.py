@@ -88,9 +88,10 @@ class HostArena:
     def nbytes(self) -> int:
         return 0 if self._buf is None else self._buf.numel()
 
-    def begin(self, nbytes: int, pin: bool) -> None:
-        """Make room for ``nbytes`` (allocating only when the buffer is too small or not pinned as asked)."""
-        need = nbytes + self._ALIGN * 64
+    def begin(self, nbytes: int, pin: bool, count: int) -> None:
+        """Make room for ``count`` tensors of ``nbytes`` in all, each aligned (allocating only when the buffer is too
+        small or not pinned as asked)."""
+        need = nbytes + self._ALIGN * (count + 1)
         if self._buf is None or self._buf.numel() < need or (pin and not self._pinned):
             self._buf = None
             self._buf = torch.empty(need, dtype=torch.uint8, pin_memory=pin)
@@ -108,11 +109,17 @@ class HostArena:
         self._off = off + n
         return self._buf[off : off + n].view(t.dtype).view(t.shape)
 
-    def copy(self, t: torch.Tensor) -> torch.Tensor:
-        """A host copy of ``t`` inside the buffer (asynchronous from a device into pinned memory: see :meth:`end`)."""
+    def copy(self, t: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None] | None]:
+        """A host copy of ``t`` inside the buffer, and what to call before reading it: a copy from a GPU into pinned
+        memory is asynchronous, and the writer thread must not read (and hash) the bytes before they have landed."""
         view = self.reserve(t)
-        view.copy_(t.detach(), non_blocking=self._pinned and t.device.type == "cuda")
-        return view
+        if self._pinned and t.device.type == "cuda":
+            view.copy_(t.detach(), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(t.device))
+            return view, done.synchronize
+        view.copy_(t.detach())
+        return view, None
 
     @property
     def pinned(self) -> bool:
@@ -161,11 +168,17 @@ class _Snapshot:
         if self._device.type == "cuda":
             self._event = torch.cuda.Event()
             self._event.record(torch.cuda.current_stream(self._device))  # the work that made the tensors
+        _install_fence()
+        thread = threading.Thread(target=self._run, name="wsd-ckpt-snapshot", daemon=True)
         with _ACTIVE_LOCK:
             _ACTIVE.add(self)
-        _install_fence()
-        self._thread = threading.Thread(target=self._run, name="wsd-ckpt-snapshot", daemon=True)
-        self._thread.start()
+        try:
+            thread.start()
+        except BaseException:
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(self)
+            raise
+        self._thread = thread
 
     def _run(self) -> None:
         t0 = time.monotonic()
@@ -185,21 +198,28 @@ class _Snapshot:
                     with self._cond:
                         self._done += 1
                         self._cond.notify_all()
-        except Exception as exc:  # the writer reports it: the save fails on every rank, training goes on
-            with self._cond:
-                self.error = f"copying the state for the async save: {type(exc).__name__}: {exc}"
-                self._cond.notify_all()
+        except BaseException as exc:  # the writer reports it: the save fails on every rank, training goes on
+            self._stop(f"copying the state for the async save: {type(exc).__name__}: {exc}")
         finally:
             self.copy_s = time.monotonic() - t0
             self._copies = []  # the engine's tensors are not held past the copy
             with _ACTIVE_LOCK:
                 _ACTIVE.discard(self)
 
+    def _stop(self, error: str) -> None:
+        """No more copies will be made: the writer, waiting in :meth:`ready`, raises ``error`` instead of waiting."""
+        with self._cond:
+            self.error = self.error or error
+            self._cond.notify_all()
+
     def ready(self, index: int) -> None:
         """Wait until copy ``index`` is done (the writer thread); raises if the copies failed."""
         with self._cond:
             while self._done <= index and self.error is None:
                 self._cond.wait(1.0)
+                thread = self._thread
+                if thread is not None and not thread.is_alive() and self._done <= index and self.error is None:
+                    self.error = "internal: the snapshot thread ended before copying everything"
             if self._done <= index:
                 raise CheckpointError(self.error or "internal: snapshot copy missing")
 
@@ -212,8 +232,12 @@ class _Snapshot:
             self.fence_wait_s += time.monotonic() - t0
 
     def cancel(self) -> None:
+        """The save is abandoned (its fetch failed on some rank): stop copying, and release the writer, which may be
+        waiting for copies that were queued but will never be made (the snapshot never started)."""
         self._cancelled = True
         self.fence()
+        if self._done < len(self._copies) or self._thread is None:
+            self._stop("the save was abandoned before its state was copied")
 
 
 _ACTIVE: set[_Snapshot] = set()
@@ -501,7 +525,11 @@ def start_save(
             meta = {"wsd_pretrain": json.dumps({"rank": f.holder, "starts": starts}, separators=(",", ":"))}
             writer.expect(f.relpath, [(item.key, item.dtype, (n,)) for item, _, n in f.entries], meta)
         if arena is not None:
-            arena.begin(sum(s.nbytes for s in my_shards) + sum(f.nbytes for f in my_files), pin=_on_gpu(adapter))
+            arena.begin(
+                sum(s.nbytes for s in my_shards) + sum(f.nbytes for f in my_files),
+                pin=_on_gpu(adapter),
+                count=sum(len(s.items) for s in my_shards) + sum(len(f.entries) for f in my_files),
+            )
     except Exception as exc:
         error = error or f"preparing the save: {type(exc).__name__}: {exc}"
         arena = None
@@ -722,7 +750,7 @@ class _Fetch:
                     ready = self.snapshot.add(view, tensor, key)
                     tensor = view
                 else:
-                    tensor = self.arena.copy(tensor)
+                    tensor, ready = self.arena.copy(tensor)
                 made = False
             self.bytes += tensor.numel() * tensor.element_size()
             self.writer.submit(rel, key, tensor, tensor.numel() * tensor.element_size() if made else 0, ready)
