@@ -158,7 +158,9 @@ def _hf_run(rank, world, run_dir):
     return None
 
 
-@pytest.mark.parametrize("mode", ["async", "rank0"])
+# rank-0 writing saves and resumes in the default suite in tests/test_device_only_backend.py (DDP: every rank's
+# slices sent to rank 0); its ZeRO-2 run here is `slow`, for the suite's time
+@pytest.mark.parametrize("mode", ["async", pytest.param("rank0", marks=pytest.mark.slow)])
 def test_async_and_rank0_saves_resume_exactly(tmp_path, mode):
     config = {"async_save": True} if mode == "async" else {"write_mode": "rank0"}
     config["every_steps"] = 3

@@ -42,12 +42,12 @@ def _run(rank: int, world: int, engine: str, run_dir: str, stop: int | None, res
     }
 
 
-# Marked slow for the default suite's time, each covered there by another test: ZeRO-0 bf16, ZeRO-3 fp32 and CPU Adam
-# resume bitwise in tests/test_deepspeed_optimizers.py (one pair of ranks for all), and ZeRO-3 bf16 stays here
+# Marked slow for the default suite's time, each covered there by another test: ZeRO-0 (fp32, bf16), ZeRO-3 fp32 and
+# CPU Adam resume bitwise in tests/test_deepspeed_optimizers.py (one pair of ranks for all), and ZeRO-3 bf16 stays here
 ENGINES = [
     "ddp",
     "fsdp2",
-    "ds0",
+    pytest.param("ds0", marks=pytest.mark.slow),
     pytest.param("ds0-bf16", marks=pytest.mark.slow),
     "ds1-bf16",
     "ds2",
