@@ -235,8 +235,7 @@ def full_state(model: Any, optimizer: Any) -> dict[str, torch.Tensor]:
                 continue
             if low:
                 out[f"{name}:master"] = fp32.detach().float().cpu().clone()
-            # DeepSpeed's Muon keeps a momentum per matrix, its Adam half the two moments (every rank asks alike)
-            for key in ("momentum_buffer",) if getattr(p, "use_muon", False) else ("exp_avg", "exp_avg_sq"):
+            for key in ("exp_avg", "exp_avg_sq"):
                 if steps:
                     out[f"{name}:optimizer/{key}"] = (
                         safe_get_full_optimizer_state(p, key).detach().float().cpu().clone()

@@ -4,8 +4,9 @@
 function that receives the name of each step as a rank reaches it and may kill the process or raise there:
 
 save: ``save-begin``, ``staging-created``, ``fetch-begin``, ``fetch:<tensor>``, ``fetch-end``, ``snapshot:<tensor>``
-(an async save's copy of a tensor, on its own thread while training goes on), ``shard-begin:<file>``, ``shard-end:<file>``, ``report``, ``commit-begin``, ``manifest-begin``, ``manifest-written``,
-``manifest-hash-written``, ``renamed:<name>``, ``latest-written:<name>``;
+(an async save's copy of a tensor, on its own thread while training goes on), ``shard-begin:<file>``,
+``shard-end:<file>``, ``report``, ``commit-begin``, ``manifest-begin``, ``manifest-written``, ``manifest-hash-written``,
+``renamed:<name>``, ``latest-written:<name>``;
 load: ``load-open`` (rank 0), ``load-verify``, ``load-plan``, ``load-read:<param>``, ``load-restore:<param>``.
 
 An exception raised by the hook at any of these points is handled as a real failure there would be: every rank

@@ -74,7 +74,8 @@ class SaveRequest:
 
 class HostArena:
     """One host buffer that every async save of a manager reuses: a rank's share of the state is copied into it
-    (the only stall of an async save), then written from it while training goes on. Pinned when the state is on a
+    (before ``save()`` returns, or by a :class:`_Snapshot` until the next optimizer step), then written from it while
+    training goes on. Pinned when the state is on a
     GPU (fast device-to-host copies); it grows when a save needs more, and is never one buffer per tensor."""
 
     _ALIGN = 64
@@ -459,8 +460,9 @@ def start_save(
 
     ``arena``: copy every tensor into this reused host buffer first (async saves: training may change the tensors
     as soon as this returns); with ``overlap`` the parameters, master weights and optimizer state are copied by a
-    thread of their own while training goes on, and the next optimizer step waits for them (:class:`_Snapshot`). ``rank0_only``: rank 0 writes every file; the other ranks send it their slices (jobs
-    without a shared filesystem). ``after_commit`` runs on rank 0 once the checkpoint is committed. ``dest`` writes
+    thread of their own while training goes on, and the next optimizer step waits for them (:class:`_Snapshot`).
+    ``rank0_only``: rank 0 writes every file; the other ranks send it their slices (jobs without a shared
+    filesystem). ``after_commit`` runs on rank 0 once the checkpoint is committed. ``dest`` writes
     the checkpoint at exactly that path (converters) and leaves ``latest`` alone. ``with_rng=False`` writes no RNG
     files; ``rng_states`` gives them (a converter copies the source's).
     """
