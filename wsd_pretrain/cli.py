@@ -1,7 +1,7 @@
 """The ``wsd-pretrain`` command: thin argument parsing over library functions.
 
 Subcommands:
-  ckpt       list, inspect, verify, export-hf, from-deepspeed, reshard, to-dcp, from-dcp
+  ckpt       list, inspect, verify, export-hf, merge, from-deepspeed, reshard, to-dcp, from-dcp
   train      train (see ``wsd-pretrain train --help``; also ``python -m wsd_pretrain.train``)
   schedule   print a schedule's phases and milestones (``--plot out.png`` draws it)
 """
@@ -157,6 +157,7 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
     action = args.action
     if action == "list":
         infos = F.list_checkpoints(args.run_dir, checksums=args.checksums)
+        infos += F.list_snapshots(args.run_dir, checksums=args.checksums)  # model-only, listed after
         if args.json:
             print(
                 json.dumps(
@@ -192,7 +193,10 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
                 )
             )
         print("\n".join(_table(rows)))
-        print("  * = latest")
+        print(
+            "  * = latest"
+            + ("; snapshots (model only) are in snapshots/" if any("snapshot" in i.kinds for i in infos) else "")
+        )
         return 0
     if action == "inspect":
         info = tools.inspect_checkpoint(args.ckpt)
@@ -245,6 +249,34 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
             ),
         )
         print(f"Hugging Face folder written to {out}")
+        return 0
+    if action == "merge":
+        from .checkpoint.merge import merge_checkpoints, snapshot_window
+
+        ckpts = list(args.ckpts)
+        if args.last is not None:
+            if len(ckpts) != 1:
+                raise WSDError("--last K goes with one run directory: its newest K snapshots are merged")
+            ckpts = snapshot_window(ckpts[0], args.last)
+        out = _with_bar(
+            "merge",
+            lambda tick: merge_checkpoints(
+                ckpts,
+                args.out,
+                coefficients=args.coefficients,
+                shape=args.shape,
+                min_lr_ratio=args.min_lr_ratio,
+                ema_decay=args.ema_decay,
+                source=args.source,
+                dtype=args.dtype,
+                max_shard_size=parse_size(args.max_shard_size),
+                progress=tick,
+            ),
+        )
+        info = json.loads((out / "wsd_pretrain_merge.json").read_text())
+        for rec in info["inputs"]:
+            print(f"  {rec['coefficient']:+.6f}  {rec['name']} (position {rec['position']})")
+        print(f"merged Hugging Face folder written to {out}")
         return 0
     if action == "from-deepspeed":
         hf = json.loads(Path(args.hf_config).read_text()) if args.hf_config else None
@@ -310,6 +342,36 @@ def _add_ckpt(sub: Any) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--source", choices=["auto", "model", "master"], default="auto")
+    p = acts.add_parser(
+        "merge",
+        help="average checkpoints' weights (WSM: a decay emulated by merging) into a Hugging Face folder",
+        description="Average the model weights of checkpoints or snapshots (any format and layout), one tensor at a "
+        "time in fp32, ordered by position: uniform, EMA, or coefficients that emulate a decay of a given shape over "
+        "the window (docs/schedules.md).",
+    )
+    p.add_argument(
+        "ckpts",
+        type=Path,
+        nargs="+",
+        metavar="CKPT",
+        help="checkpoint or snapshot folders (or one run dir with --last)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the new Hugging Face folder")
+    p.add_argument("--last", type=int, default=None, metavar="K", help="merge the run directory's newest K snapshots")
+    p.add_argument("--coefficients", choices=["uniform", "ema", "decay"], default="decay")
+    p.add_argument(
+        "--shape", default="1-sqrt", help="decay shape to emulate: 1-sqrt, linear, cosine, inverse, exponential"
+    )
+    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="the emulated decay's floor (inverse needs > 0)")
+    p.add_argument("--ema-decay", type=float, default=0.9, help="EMA factor a: m <- a m + (1 - a) theta")
+    p.add_argument(
+        "--source",
+        choices=["model", "master"],
+        default="model",
+        help="master: fp32 master weights where a checkpoint has them",
+    )
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p.add_argument("--max-shard-size", default="5GB")
     p = acts.add_parser("from-deepspeed", help="DeepSpeed's checkpoints (ZeRO 0-3) into a new run directory")
     p.add_argument("ds_ckpt", type=Path, help="the folder with DeepSpeed's 'latest' file, or a global_stepN folder")
     p.add_argument("out", type=Path, help="a new run directory")

@@ -19,6 +19,10 @@ reader that validates them. Everything that opens a checkpoint (resume, tools, t
                 rng/rank-00000.json          every rank's RNG streams
         .staging-step-000000300-post-decay-<nonce>/   in progress: never read by resume
         latest                               {"name": ...}: the newest committed checkpoint (a convenience)
+    <run dir>/snapshots/
+        step-000000120-snapshot/             a model-only snapshot (``checkpoint.snapshot_every``): the same files
+                                             without master weights, optimizer state and RNG; never resumed from,
+                                             read by ``ckpt merge`` (and inspect, verify, export-hf)
 """
 
 from __future__ import annotations
@@ -54,11 +58,13 @@ MANIFEST = "manifest.json"
 MANIFEST_HASH = "manifest.hash"
 STAGING_PREFIX = ".staging-"
 TRAIN_STATE = "train_state"
-KINDS = ("pre-decay", "post-decay", "preempt", "periodic", "final", "imported")
+KINDS = ("pre-decay", "post-decay", "preempt", "periodic", "final", "imported", "snapshot")
+SNAPSHOTS = "snapshots"
+SNAPSHOT_KIND = "snapshot"
 GROUP_NAMES = ("model", "master", "optimizer")
 GROUP_PREFIX = {"model": "model", "master": f"{TRAIN_STATE}/master", "optimizer": f"{TRAIN_STATE}/optimizer"}
 STATE_INDEX = f"{TRAIN_STATE}/state.index.json"
-_KIND_RE = "(?:pre-decay|post-decay|preempt|periodic|final|imported)"
+_KIND_RE = "(?:pre-decay|post-decay|preempt|periodic|final|imported|snapshot)"
 _NAME_RE = re.compile(rf"^step-(\d{{9,}})-({_KIND_RE}(?:\+{_KIND_RE})*)$")
 SHARD_RE = re.compile(r"^(model|master|optimizer)-(\d{5})-of-(\d{5})\.safetensors$")
 
@@ -254,13 +260,25 @@ def read_latest(run_dir: Path) -> str | None:
     return name if isinstance(name, str) and parse_name(name) else None
 
 
+def snapshots_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / SNAPSHOTS
+
+
+def list_snapshots(run_dir: Path, *, checksums: bool = False) -> list[CheckpointInfo]:
+    """Every model-only snapshot of the run (``<run>/snapshots/``), oldest first, checked as
+    :func:`list_checkpoints` checks checkpoints."""
+    return _list(snapshots_dir(run_dir), None, checksums)
+
+
 def list_checkpoints(run_dir: Path, *, checksums: bool = False) -> list[CheckpointInfo]:
     """Every checkpoint directory in the run, oldest first; complete ones have their manifest checked (and sizes,
-    and with ``checksums`` the checksum of every file)."""
-    root = checkpoints_dir(run_dir)
+    and with ``checksums`` the checksum of every file). Snapshots are apart (:func:`list_snapshots`)."""
+    return _list(checkpoints_dir(run_dir), read_latest(run_dir), checksums)
+
+
+def _list(root: Path, latest: str | None, checksums: bool) -> list[CheckpointInfo]:
     if not root.is_dir():
         return []
-    latest = read_latest(run_dir)
     out = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if not entry.is_dir(follow_symlinks=False):

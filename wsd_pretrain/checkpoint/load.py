@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 
 def _open(ckpt: Path) -> dict[str, Any]:
     manifest = F.load_manifest(ckpt)
+    if F.SNAPSHOT_KIND in manifest["kinds"]:
+        raise CheckpointError(
+            f"{ckpt} is a model-only snapshot (no optimizer, data or RNG state): it cannot be resumed; resume from a "
+            "checkpoint under checkpoints/, or merge snapshots with `wsd-pretrain ckpt merge`"
+        )
     trainer = read_json(F.safe_path(ckpt, f"{F.TRAIN_STATE}/trainer.json", "trainer state"))
     engine = read_json(F.safe_path(ckpt, f"{F.TRAIN_STATE}/engine.json", "engine state"))
     _validated_trainer(ckpt, trainer, engine)

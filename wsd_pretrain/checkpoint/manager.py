@@ -133,6 +133,13 @@ class CheckpointConfig:
     training carries on ("continue"; the next save tries again). Older checkpoints are untouched either way."""
     fallback: bool = False
     """When resuming the newest checkpoint fails (a corrupt file), try the next older complete one instead."""
+    snapshot_every: int | None = None
+    """Also write a model-only snapshot (the Hugging Face folder, no optimizer state) every N updates of the stable
+    phase, into ``<run>/snapshots/``: the window ``wsd-pretrain ckpt merge`` averages (WSM, docs/schedules.md).
+    Async like the checkpoints when ``async_save`` is on; never resumed from."""
+    snapshot_keep: int = 8
+    """Snapshots to keep (the newest K); older ones are deleted after each snapshot. Full checkpoints' retention is
+    apart (``keep_last``)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -144,6 +151,12 @@ class CheckpointConfig:
             problems.append(f"every_minutes={self.every_minutes!r}: a number > 0, or null")
         if not isinstance(self.keep_last, int) or self.keep_last < 1:
             problems.append(f"keep_last={self.keep_last!r}: keep at least 1")
+        if self.snapshot_every is not None and (
+            isinstance(self.snapshot_every, bool) or not isinstance(self.snapshot_every, int) or self.snapshot_every < 1
+        ):
+            problems.append(f"snapshot_every={self.snapshot_every!r}: a whole number > 0, or null")
+        if isinstance(self.snapshot_keep, bool) or not isinstance(self.snapshot_keep, int) or self.snapshot_keep < 1:
+            problems.append(f"snapshot_keep={self.snapshot_keep!r}: keep at least 1 (the merge window)")
         if self.async_snapshot not in ("overlap", "blocking"):
             problems.append(f"async_snapshot={self.async_snapshot!r}: 'overlap' or 'blocking'")
         if self.write_mode not in ("parallel", "rank0"):
@@ -241,15 +254,18 @@ class CheckpointManager:
         self._final_done = False
         self.last_saved: Path | None = None
         self.saves: list[Path] = []
+        self.snapshots: list[Path] = []
         if self.config.on_preemption:
             self._install_signal_handlers()
 
     def _remove_leftovers(self) -> None:
-        """Staging directories and half-deleted checkpoints of a run that crashed (we hold the run lock, so no
-        other run is writing them)."""
-        root = F.checkpoints_dir(self.run_dir)
-        if not root.is_dir():
-            return
+        """Staging directories and half-deleted checkpoints (and snapshots) of a run that crashed (we hold the run
+        lock, so no other run is writing them)."""
+        for root in (F.checkpoints_dir(self.run_dir), F.snapshots_dir(self.run_dir)):
+            if root.is_dir():
+                self._remove_leftovers_in(root)
+
+    def _remove_leftovers_in(self, root: Path) -> None:
         for entry in root.iterdir():
             if entry.name.startswith((F.STAGING_PREFIX, ".deleting-", ".latest-")):
                 log.info("removing %s, left by an interrupted run", entry.name)
@@ -324,12 +340,69 @@ class CheckpointManager:
             if preempt:
                 kinds.append("preempt")
                 self.should_stop = True
+        snap = self._snapshot_due()
         if not kinds:
+            if snap:
+                self.snapshot()
             return None
         path = self.save(sorted(set(kinds), key=F.KINDS.index))
+        if snap:
+            self.snapshot()
         if rewind_to is not None:
             self._rewind(rewind_to)
         return path
+
+    def _snapshot_due(self) -> bool:
+        """A model-only snapshot is due: every ``snapshot_every`` updates, when the update just done was in the
+        stable phase (the same answer on every rank: a pure function of the scheduler's position)."""
+        every, s = self.config.snapshot_every, self.scheduler
+        if not every or s.last_epoch % every != 0 or s.position <= s.schedule.origin:
+            return False
+        return s.schedule.phase_at(s.position - 1).name == "stable"
+
+    def snapshot(self) -> Path:
+        """Write a model-only snapshot of the current weights now (every rank calls it): ``<run>/snapshots/
+        step-<position>-snapshot``, the Hugging Face folder with a manifest, no optimizer state or RNG. Async when
+        ``async_save`` is on; waits for the previous save first. Keeps the newest ``snapshot_keep``."""
+        self.wait()
+        s = self.scheduler
+        position = s.position
+        trajectory = s.schedule.trajectory_position(position)
+        request = SaveRequest(
+            position=position,
+            step=s.last_epoch,
+            tokens=s.tokens,
+            kinds=[F.SNAPSHOT_KIND],
+            trainer={"position": position, "trajectory_position": trajectory, "step": s.last_epoch, "snapshot": True},
+            schedule=s.schedule.to_dict(),
+            hf_config=self.hf_config,
+            extra_manifest={"trajectory_position": trajectory},
+        )
+        dest = F.snapshots_dir(self.run_dir) / F.checkpoint_name(position, [F.SNAPSHOT_KIND])
+        if self.config.async_save and self._arena is None:
+            self._arena = HostArena()
+        t0 = time.monotonic()
+        pending = start_save(
+            _ModelOnly(self.adapter),
+            self.run_dir,
+            request,
+            max_shard_bytes=parse_size(self.config.max_shard_size),
+            rank0_only=self.config.write_mode == "rank0",
+            fsync=self.config.fsync,
+            arena=self._arena if self.config.async_save else None,
+            overlap=self.config.async_snapshot == "overlap",
+            after_commit=self._retain_snapshots_in_background if D.get_rank() == 0 else None,
+            dest=dest,
+            with_rng=False,
+            checksum=self.config.checksum,
+        )
+        self.snapshots.append(pending.final)
+        if self.config.async_save:
+            self._pending = pending
+        else:
+            self._finish(pending)
+            log.info("snapshot %s written in %.2fs", pending.name, time.monotonic() - t0)
+        return pending.final
 
     def save(self, kinds: list[str]) -> Path:
         """Save now with these kinds (every rank calls it). Waits for the previous async save first."""
@@ -406,14 +479,17 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ retention
 
-    def _retain_in_background(self, newest: Path) -> None:
+    def _retain_snapshots_in_background(self, newest: Path) -> None:
+        self._retain_in_background(newest, snapshots=True)
+
+    def _retain_in_background(self, newest: Path, snapshots: bool = False) -> None:
         """Rank 0, after a commit: apply retention in a thread of its own, so a synchronous save returns as soon as
         its checkpoint is committed (the next save, listing or close waits for it)."""
         import threading
 
         def run() -> None:
             try:
-                self._retain(newest)
+                self._retain_snapshots(newest) if snapshots else self._retain(newest)
             except Exception as exc:  # retention never fails a save
                 log.warning("retention after %s failed: %s", newest.name, exc)
 
@@ -435,6 +511,20 @@ class CheckpointManager:
             keep_milestones=self.config.keep_milestones,
             just_written=newest.name,
         )
+        self._delete(doomed)
+
+    def _retain_snapshots(self, newest: Path) -> None:
+        from .retention import checkpoints_to_delete
+
+        complete = [i for i in F.list_snapshots(self.run_dir) if i.state == "complete"]
+        # snapshots are all of one kind: the rule keeps the newest snapshot_keep (and the one just written)
+        self._delete(
+            checkpoints_to_delete(
+                complete, keep_last=self.config.snapshot_keep, keep_milestones=False, just_written=newest.name
+            )
+        )
+
+    def _delete(self, doomed: list[Any]) -> None:
         for info in doomed:
             trash = info.path.parent / f".deleting-{info.name}"
             try:
@@ -597,3 +687,16 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _ModelOnly:
+    """An adapter seen through for a snapshot: only its model items (the Hugging Face folder) are saved."""
+
+    def __init__(self, adapter: EngineAdapter) -> None:
+        self._adapter = adapter
+
+    def items(self) -> list[Any]:
+        return [item for item in self._adapter.items() if item.group == "model"]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._adapter, name)
