@@ -265,3 +265,86 @@ def test_merge_cli_and_its_refusals(snapshot_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "other models" in err and "blocks.0.0.bias" in err
     assert not (tmp_path / "z").exists()
+
+
+def test_a_snapshot_replayed_after_a_resume_replaces_the_old_one(tmp_path):
+    """A run killed after a snapshot resumes from an older checkpoint: the replayed snapshots are written again
+    (replacing the ones the killed run wrote), and nothing else is touched."""
+    from engines import build
+    from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
+
+    config = CheckpointConfig(snapshot_every=1, snapshot_keep=10, every_steps=4, at_end=False)
+    model, opt, sched, step = build("torch", WSDSchedule(total=10, decay_length=2))
+    mgr = CheckpointManager(tmp_path, model, opt, sched, config=config)
+    for i in range(6):
+        step(i)
+        mgr.maybe_save()
+    mgr.close()  # as if killed after the snapshot at 6: the newest full checkpoint is at 4
+    before = {s.position: s.manifest["created"] for s in F.list_snapshots(tmp_path)}
+    assert sorted(before) == [1, 2, 3, 4, 5, 6]
+    model, opt, sched, step = build("torch", WSDSchedule(total=10, decay_length=2))
+    mgr = CheckpointManager(tmp_path, model, opt, sched, config=config)
+    try:
+        assert mgr.resume("auto") and sched.position == 4
+        for i in range(4, 7):
+            step(i)
+            mgr.maybe_save()
+    finally:
+        mgr.close()
+    snaps = F.list_snapshots(tmp_path)
+    assert [s.position for s in snaps] == [1, 2, 3, 4, 5, 6, 7] and all(s.state == "complete" for s in snaps)
+    assert [c.name for c in F.list_checkpoints(tmp_path)] == ["step-000000004-periodic"]
+    assert not [p for p in (tmp_path / "snapshots").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.distributed
+def test_the_main_job_merges_at_each_milestone_instead_of_decaying(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    args = [
+        "wsm.enabled=true",
+        "wsm.window=4",
+        "checkpoint.snapshot_every=2",
+        "checkpoint.snapshot_keep=3",
+        "schedule.total=20",
+        "schedule.warmup=2",
+        "schedule.milestones=[10,20]",
+        "train.progress=false",
+        "train.eval_every=10",
+        "train.eval_batches=1",
+        "data.max_bytes=1000000",
+    ]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "wsd_pretrain.train", "--run-dir", str(run)]
+    # a wsm job without snapshots, or whose window retention would delete, is refused when the config is read
+    from wsd_pretrain.config import apply_overrides
+    from wsd_pretrain.errors import ConfigError
+    from wsd_pretrain.train import resolve_job
+
+    with pytest.raises(ConfigError, match=r"needs checkpoint\.snapshot_every"):
+        resolve_job(apply_overrides({}, args[:1]))
+    with pytest.raises(ConfigError, match="set snapshot_keep >= 3"):
+        resolve_job(apply_overrides({}, [*args[:3], "checkpoint.snapshot_keep=2", *args[4:7]]))
+    res = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = [m["lr"] for m in metrics if "lr" in m]
+    assert len(lrs) == 20 and set(lrs[2:]) == {3e-3}, "training stays at the stable LR"
+    assert [m["merged"] for m in metrics if "merged" in m] == ["merged/step-000000010-wsm", "merged/step-000000020-wsm"]
+    assert [c.name for c in F.list_checkpoints(run)] == ["step-000000020-final"]
+    assert [s.position for s in F.list_snapshots(run)] == [16, 18, 20]
+    first = json.loads((run / "merged/step-000000010-wsm/wsd_pretrain_merge.json").read_text())
+    assert [r["position"] for r in first["inputs"]] == [6, 8, 10]
+    assert [r["coefficient"] for r in first["inputs"]] == merge_coefficients([6, 8, 10], "decay", shape="1-sqrt")
+    # the last merge is the average of the snapshots on disk, to the last bit, and loads with transformers
+    out = run / "merged/step-000000020-wsm"
+    coeffs = merge_coefficients([16, 18, 20], "decay", shape="1-sqrt")
+    snaps = [_read(s.path) for s in F.list_snapshots(run)]
+    got = _read(out)
+    want = _average(snaps, coeffs, snaps[-1])
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.state_dict()["model.norm.weight"], got["model.norm.weight"])

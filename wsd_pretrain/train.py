@@ -34,6 +34,7 @@ from .errors import ConfigError, WSDError
 from .model import LlamaLM, ModelConfig
 from .schedule import WSDSchedule
 from .scheduler import WSDScheduler
+from .wsm import WSMConfig, WSMPlan
 
 __all__ = ["DeepSpeedPlan", "JobConfig", "OptimizerConfig", "TrainConfig", "deepspeed_plan", "main", "resolve_job"]
 
@@ -130,9 +131,11 @@ class JobConfig:
     schedule: WSDSchedule = field(default_factory=lambda: WSDSchedule(**DEFAULT_SCHEDULE))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    wsm: WSMConfig = field(default_factory=WSMConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {name: asdict(getattr(self, name)) for name in ("model", "data", "optimizer", "checkpoint", "train")}
+        names = ("model", "data", "optimizer", "checkpoint", "train", "wsm")
+        out = {name: asdict(getattr(self, name)) for name in names}
         out["schedule"] = self.schedule.to_dict()
         return out
 
@@ -144,6 +147,7 @@ SECTIONS = {
     "schedule": WSDSchedule,
     "checkpoint": CheckpointConfig,
     "train": TrainConfig,
+    "wsm": WSMConfig,
 }
 
 
@@ -212,6 +216,8 @@ def resolve_job(
             f"data.seq_len={job.data.seq_len} is longer than model.max_seq_len={job.model.max_seq_len}",
             where="job config",
         )
+    if job.wsm.enabled:
+        WSMPlan.build(job.wsm, job.schedule, job.checkpoint)  # refused now (and by --dry-run), naming each fix
     return job
 
 
@@ -521,6 +527,7 @@ class Trainer:
     ) -> None:
         self.job, self.run_dir, self.b, self.data, self.sampler = job, run_dir, built, data, sampler
         self.manager, self.device = manager, device
+        self.wsm: WSMPlan | None = None  # the decay-free mode: a merged model at each milestone (wsm.py)
         self.rank, self.world = D.get_rank(), D.get_world_size()
         self.metrics_path = run_dir / "metrics.jsonl"
         self.autocast = (
@@ -648,6 +655,9 @@ class Trainer:
             saved = self.manager.maybe_save()
             if saved is not None:
                 self._log({"position": sched.position, "checkpoint": saved.name})
+            merged = self.wsm.after_step(self.manager, sched.position) if self.wsm is not None else None
+            if merged is not None:
+                self._log({"position": sched.position, "merged": str(merged.relative_to(self.run_dir))})
         if bar is not None:
             bar.close()
         final_eval = eval_loss if eval_at == sched.position else self.evaluate()
@@ -778,6 +788,12 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
     run_dir = Path(args.run_dir)
     device = _device(job.train)
     schedule, start_from = _schedule_for(job, args)
+    wsm = None
+    if job.wsm.enabled:  # decay-free: train at the stable LR, merge snapshots at the milestones (wsm.py)
+        if args.cooldown_from:
+            raise ConfigError("--cooldown-from runs a decay: leave wsm.enabled off for it", where="arguments")
+        wsm = WSMPlan.build(job.wsm, schedule, job.checkpoint)
+        schedule = wsm.schedule
     data = TokenData(job.data)
     if data.min_vocab > job.model.vocab_size:
         raise ConfigError(
@@ -834,6 +850,7 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
                 tokens_per_step,
             )
         trainer = Trainer(job, run_dir, built, data, sampler, manager, device)
+        trainer.wsm = wsm
         result = trainer.run()
     finally:
         manager.close()

@@ -379,6 +379,12 @@ class CheckpointManager:
             extra_manifest={"trajectory_position": trajectory},
         )
         dest = F.snapshots_dir(self.run_dir) / F.checkpoint_name(position, [F.SNAPSHOT_KIND])
+        if D.get_rank() == 0 and dest.is_dir() and not dest.is_symlink():
+            # left by this run before a resume went back past it: the replayed weights replace it
+            log.info("replacing snapshot %s, written before the run resumed from an earlier checkpoint", dest.name)
+            trash = dest.parent / f".deleting-{dest.name}"
+            os.rename(dest, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         if self.config.async_save and self._arena is None:
             self._arena = HostArena()
         t0 = time.monotonic()

@@ -1,0 +1,173 @@
+"""The main job's decay-free mode (WSM, Tian et al., arXiv 2507.17634): the ``wsm:`` section of a job config.
+
+With ``wsm.enabled``, the job trains at the stable LR to the end (warmup, then no decay: the schedule's milestones
+are kept only as the points where a finished model comes out) and, at each milestone ``m``, writes the merge of
+the model-only snapshots in the window ``[m - window, m]`` to ``<run>/merged/step-<m>-wsm/`` (a Hugging Face
+folder), with coefficients that emulate the schedule's decay (or uniform / EMA ones). ``window`` defaults to the
+milestone's decay length: the merge stands in for the decay the schedule would have run there. Snapshots come from
+``checkpoint.snapshot_every`` (required); one is also taken at each milestone. The merge runs on rank 0 while the
+other ranks wait (as in a synchronous save), and its outcome is agreed by every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from . import distributed as D
+from .errors import CheckpointError, ConfigError
+from .schedule import WSDSchedule
+
+__all__ = ["MERGED", "WSMConfig", "WSMPlan"]
+
+log = logging.getLogger(__name__)
+MERGED = "merged"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WSMConfig:
+    """The ``wsm:`` section: merge snapshots at each milestone instead of decaying (docs/training.md)."""
+
+    enabled: bool = False
+    """Train at the stable LR to the end and write a merged model at each milestone of the schedule."""
+    coefficients: Literal["decay", "uniform", "ema"] = "decay"
+    """decay: emulate the schedule's decay shape over the window; uniform; ema (``ema_decay``)."""
+    window: int | None = None
+    """Units before each milestone whose snapshots are merged (default: that milestone's decay length)."""
+    shape: str | None = None
+    """The decay shape to emulate (default: the schedule's ``decay_shape``)."""
+    min_lr_ratio: float | None = None
+    """The emulated decay's floor (default: the schedule's ``min_lr_ratio``)."""
+    ema_decay: float = 0.9
+    """EMA factor for ``coefficients: ema``."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.coefficients not in ("decay", "uniform", "ema"):
+            problems.append(f"coefficients={self.coefficients!r}: 'decay', 'uniform' or 'ema'")
+        if self.window is not None and (
+            isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1
+        ):
+            problems.append(f"window={self.window!r}: a whole number of units > 0, or null (each decay's length)")
+        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+            problems.append(f"ema_decay={self.ema_decay!r}: in [0, 1)")
+        if problems:
+            raise ConfigError(problems, where="wsm section")
+
+
+@dataclass(frozen=True)
+class WSMPlan:
+    """The merge points of a schedule and the decay-free schedule the job trains with."""
+
+    config: WSMConfig
+    schedule: WSDSchedule
+    """The schedule the job trains with: the given one's warmup and stable LR, no decay."""
+    points: tuple[tuple[int, int], ...]
+    """``(milestone, window start)`` for each merge, in positions."""
+    shape: str
+    min_lr_ratio: float
+
+    @classmethod
+    def build(cls, config: WSMConfig, schedule: WSDSchedule, checkpoint: Any) -> WSMPlan:
+        """Check the configuration against the schedule and the checkpoint section; every problem names its fix."""
+        from .checkpoint.merge import merge_coefficients
+
+        problems = []
+        every, keep = checkpoint.snapshot_every, checkpoint.snapshot_keep
+        if not every:
+            problems.append("wsm.enabled needs checkpoint.snapshot_every (the snapshots it merges), e.g. 10")
+        if schedule.units != "steps":
+            problems.append("wsm.enabled needs schedule.units: steps (snapshots are taken every N updates)")
+        if not isinstance(schedule.decay_shape, str):
+            problems.append("wsm.enabled needs a named decay shape (set wsm.shape)")
+        points = []
+        for ms in schedule.milestones_info:
+            window = config.window or ms.decay_length
+            if window == 0:
+                problems.append(f"the milestone at {ms.at} has no decay: set wsm.window (units to merge over)")
+                continue
+            start = max(ms.at - window, schedule.origin)
+            if start < schedule.warmup:
+                problems.append(
+                    f"the merge window of the milestone at {ms.at} ({start} to {ms.at}) reaches into the warmup "
+                    f"(to {schedule.warmup}): set a shorter wsm.window"
+                )
+            if every and window < every:
+                problems.append(
+                    f"wsm window {window} (milestone {ms.at}) holds one snapshot at checkpoint.snapshot_every={every}: "
+                    "snapshot more often or set a longer wsm.window"
+                )
+            held = len({p for p in range(start, ms.at + 1) if every and p % every == 0} | {ms.at})
+            if every and held > keep:
+                problems.append(
+                    f"the merge window of the milestone at {ms.at} holds {held} snapshots, "
+                    f"checkpoint.snapshot_keep={keep} keeps fewer: set snapshot_keep >= {held}"
+                )
+            points.append((ms.at, start))
+        if not points and not problems:
+            problems.append("wsm.enabled, but the schedule has no milestone to merge at (schedule.milestones)")
+        shape = config.shape or (schedule.decay_shape if isinstance(schedule.decay_shape, str) else "1-sqrt")
+        floor = schedule.min_lr_ratio if config.min_lr_ratio is None else config.min_lr_ratio
+        if config.coefficients == "decay":
+            try:
+                merge_coefficients([0, 1], "decay", shape=shape, min_lr_ratio=floor)
+            except CheckpointError as exc:
+                problems.append(str(exc).replace("--min-lr-ratio", "wsm.min_lr_ratio"))
+        if problems:
+            raise ConfigError(problems, where="wsm section")
+        train = replace(
+            schedule,
+            milestones="none",
+            num_milestones=None,
+            decay_fraction=None,
+            decay_length=None,
+            mode="wsd-s",
+            after_last=None,
+        )
+        return cls(config, train, tuple(points), shape, floor)
+
+    def after_step(self, manager: Any, position: int) -> Path | None:
+        """Call after ``manager.maybe_save()`` (every rank): at a milestone, snapshot if none was taken here, then
+        rank 0 merges the window into ``<run>/merged/``; a failure raises on every rank."""
+        from .checkpoint import coord
+        from .checkpoint import format as F
+        from .checkpoint.merge import merge_checkpoints
+
+        point = next((p for p in self.points if p[0] == position), None)
+        if point is None:
+            return None
+        at, start = point
+        if not manager.snapshots or manager.snapshots[-1].name != F.checkpoint_name(at, [F.SNAPSHOT_KIND]):
+            manager.snapshot()
+        manager.wait()
+        out = Path(manager.run_dir) / MERGED / f"step-{at:09d}-wsm"
+        problem = None
+        if D.get_rank() == 0:
+            try:
+                window = [
+                    i.path
+                    for i in F.list_snapshots(manager.run_dir)
+                    if i.state == "complete" and start <= int(i.position or 0) <= at
+                ]
+                if out.exists():  # written before a resume replayed this position: replaced
+                    trash = out.parent / f".deleting-{out.name}"
+                    os.rename(out, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                merge_checkpoints(
+                    window,
+                    out,
+                    coefficients=self.config.coefficients,
+                    shape=self.shape,
+                    min_lr_ratio=self.min_lr_ratio,
+                    ema_decay=self.config.ema_decay,
+                )
+                log.info("WSM: merged %d snapshots (%d to %d) into %s", len(window), start, at, out)
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+        coord.agree(problem, f"WSM merge at position {at} failed")
+        return out
