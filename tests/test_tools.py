@@ -238,11 +238,16 @@ def test_bench_overhead(smoke):
 def test_compare_schedules(smoke):
     report = _ok(smoke, "compare_schedules")
     text = report.read_text()
-    (table,) = _tables(text)
+    table, wsm = _tables(text)
     assert [r[0] for r in table[1:]] == ["cosine"] + [
         f"WSD {shape} {pct}%" for shape in ("linear", "1-sqrt", "inverse") for pct in (10, 20)
     ]
     assert all(_number(r[1]) > 0 for r in table[1:])
+    # WSM beside WSD and cosine: several windows of merged snapshots, each evaluated
+    assert [r[0] for r in wsm[1:4]] == ["cosine", "WSD 1-sqrt 20%", "stable (no decay, no merge)"]
+    assert {r[0] for r in wsm[4:]} >= {"WSM 1-sqrt 10%", "WSM 1-sqrt 20%", "WSM 1-sqrt 40%", "WSM uniform 20%"}
+    assert all(_number(r[1]) > 0 for r in wsm[1:])
+    assert "c_j = W_j - W_(j+1)" in text and "byte for byte" in text
     assert "## Continuation and cooldown branch" in text and "model.hidden_size=32" in text
     for png in ("schedules_compare.png", "schedules_continuation.png"):
         assert (report.parent / "img" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

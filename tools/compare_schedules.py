@@ -4,12 +4,17 @@
     python tools/compare_schedules.py --seeds 0 1 --steps 200 --jobs 2
     python tools/compare_schedules.py --in-process --seeds 0 --steps 20 --out /tmp/s.md \
         --override model.num_layers=1 --override model.hidden_size=32      # a smoke run (images in /tmp/img)
+    python tools/compare_schedules.py --only-wsm         # cosine, WSD 1-sqrt 20% and WSM only: rewrites the report's
+                                                         # WSM section, keeps the rest
 
 Every run is the default tiny model (`wsd-pretrain train` with no config: byte-level Llama on the standard library's
 sources, held-out validation blocks) with matched compute (the same number of updates, batch and tokens):
 cosine decay over the whole run after the warmup, and WSD with linear, 1-sqrt and inverse-proportional decays over
 the last 10% and 20%. Plus, from the WSD 1-sqrt 20% run: a continuation (WSD) from its pre-decay checkpoint to 1.5x
 the length, against a fresh run of that length, and a cooldown branch from a stable checkpoint at half the run.
+And WSM (decay-free WSD by checkpoint merging): one run per seed at the stable LR to the end (the job's ``wsm`` mode,
+snapshots every 1/60 of the run), whose snapshots are merged over several windows (``ckpt merge``'s coefficients)
+and evaluated on the same held-out blocks as the training runs.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ WARMUP = 30  # set by main(): a tenth of the (base) run, the same in every run
 MIN_LR = 0.01  # every schedule ends at 1% of the peak LR (the inverse-proportional shape needs a floor above 0)
 EXTRA: list[str] = []  # set by main(): --override settings for every run
 IN_PROCESS = False  # set by main(): --in-process
+WSM_SECTION = "## Decay-free WSD by merging (WSM)"
 
 
 def schedules(steps: int) -> dict[str, list[str]]:
@@ -48,6 +54,114 @@ def schedules(steps: int) -> dict[str, list[str]]:
     return out
 
 
+def wsm_overrides(steps: int) -> list[str]:
+    """The WSM run: the WSD 1-sqrt 20% schedule's settings, trained without its decay (the job's ``wsm`` mode, which
+    also merges the last 20% at the end), snapshots every 1/60 of the run, enough kept for a 40% window."""
+    every = max(1, steps // 60)
+    return [
+        "schedule.decay_fraction=0.2",
+        "schedule.decay_shape=1-sqrt",
+        "wsm.enabled=true",
+        f"checkpoint.snapshot_every={every}",
+        f"checkpoint.snapshot_keep={(steps * 4 // 10) // every + 1}",
+    ]
+
+
+def wsm_variants(steps: int) -> dict[str, dict[str, Any]]:
+    """The merges compared: decay-emulating coefficients (1-sqrt, the WSD run's shape and floor) over 10%, 20% and
+    40% of the run, uniform and EMA over 20% and 40%."""
+    out: dict[str, dict[str, Any]] = {}
+    for pct in (10, 20, 40):
+        out[f"WSM 1-sqrt {pct}%"] = {"window": steps * pct // 100, "coefficients": "decay"}
+    for pct in (20, 40):
+        out[f"WSM uniform {pct}%"] = {"window": steps * pct // 100, "coefficients": "uniform"}
+    out["WSM EMA 0.9 40%"] = {"window": steps * 40 // 100, "coefficients": "ema"}
+    return out
+
+
+def _job(seed: int, steps: int, overrides: list[str]) -> Any:
+    from wsd_pretrain.config import apply_overrides, load_config
+    from wsd_pretrain.train import resolve_job
+
+    return resolve_job(apply_overrides(load_config(None, []), _settings(seed, steps, overrides)))
+
+
+def _settings(seed: int, steps: int, overrides: list[str]) -> list[str]:
+    """Every run's settings (the training runs' and the evaluation of merged models alike)."""
+    return [
+        f"train.seed={seed}",
+        "train.progress=false",
+        f"train.eval_every={EVAL_EVERY}",
+        "train.eval_batches=16",
+        f"schedule.total={steps}",
+        f"schedule.warmup={WARMUP}",
+        f"schedule.min_lr_ratio={MIN_LR}",
+        "checkpoint.keep_last=10",
+        *EXTRA,
+        *overrides,
+    ]
+
+
+def evaluate_folder(folder: Path, job: Any, data: Any) -> float:
+    """The validation loss of a Hugging Face folder's weights, computed as the training loop's ``evaluate`` does
+    (one rank, ``train.eval_batches`` batches of held-out blocks)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from wsd_pretrain.model import LlamaLM
+
+    torch.manual_seed(0)
+    model = LlamaLM(job.model)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    state: dict[str, Any] = {}
+    for fname in sorted(set(index["weight_map"].values())):
+        state.update(load_file(str(folder / fname)))
+    model.load_state_dict(state)
+    model.eval()
+    micro, n, total, batches = job.train.micro_batch_size, data.num_valid, 0.0, job.train.eval_batches
+    with torch.no_grad():
+        for b in range(batches):
+            inputs, targets = data.valid_batch([(b * micro + j) % n for j in range(micro)])
+            total += float(model(inputs, targets))
+    return total / batches
+
+
+def wsm_results(work: Path, seeds: list[int], steps: int, base_dir: Any) -> dict[str, Any]:
+    """Merge each WSM run's snapshots over every window of :func:`wsm_variants` and evaluate the merged models; also
+    evaluate the WSD 1-sqrt 20% run's final checkpoint the same way (it must agree with its logged loss)."""
+    from wsd_pretrain.checkpoint import format as F
+    from wsd_pretrain.checkpoint.merge import merge_checkpoints
+    from wsd_pretrain.data import TokenData
+
+    out: dict[str, Any] = {"final": {}, "check": [], "in_run_equal": []}
+    for seed in seeds:
+        run = work / f"wsm-s{seed}"
+        job = _job(seed, steps, wsm_overrides(steps))
+        data = TokenData(job.data)
+        snaps = [i for i in F.list_snapshots(run) if i.state == "complete"]
+        for name, v in wsm_variants(steps).items():
+            folder = run / "merges" / name.replace(" ", "-").replace("%", "pct")
+            if not folder.exists():
+                window = [i.path for i in snaps if steps - v["window"] <= int(i.position or 0) <= steps]
+                folder.parent.mkdir(exist_ok=True)
+                merge_checkpoints(window, folder, coefficients=v["coefficients"], shape="1-sqrt", min_lr_ratio=MIN_LR)
+            out["final"][(name, seed)] = evaluate_folder(folder, job, data)
+        # the job's own merge at its milestone (the last 20%) is the same file as the offline one
+        in_run = run / "merged" / f"step-{steps:09d}-wsm"
+        offline = run / "merges" / "WSM-1-sqrt-20pct"
+        out["in_run_equal"].append(
+            any(offline.glob("*.safetensors"))
+            and all((in_run / f.name).read_bytes() == f.read_bytes() for f in offline.glob("*.safetensors"))
+        )
+        wsd_final = F.resolve_checkpoint(base_dir(seed))
+        logged = _evals(
+            [json.loads(x) for x in (base_dir(seed) / "metrics.jsonl").read_text().splitlines() if x.startswith("{")]
+        )[steps]
+        wsd_job = _job(seed, steps, schedules(steps)["WSD 1-sqrt 20%"])
+        out["check"].append(abs(evaluate_folder(wsd_final, wsd_job, data) - logged))
+    return out
+
+
 def _train(run_dir: Path, steps: int, seed: int, overrides: list[str], *extra: str) -> list[dict[str, Any]]:
     if not (run_dir / "done.json").exists():
         cmd = [
@@ -59,16 +173,7 @@ def _train(run_dir: Path, steps: int, seed: int, overrides: list[str], *extra: s
             "--resume",
             "auto",
             *extra,
-            f"train.seed={seed}",
-            "train.progress=false",
-            f"train.eval_every={EVAL_EVERY}",
-            "train.eval_batches=16",
-            f"schedule.total={steps}",
-            f"schedule.warmup={WARMUP}",
-            f"schedule.min_lr_ratio={MIN_LR}",
-            "checkpoint.keep_last=10",
-            *EXTRA,
-            *overrides,
+            *_settings(seed, steps, overrides),
         ]
         if IN_PROCESS:
             from wsd_pretrain.train import main as train_main
@@ -129,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "compare-schedules")
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument(
+        "--only-wsm",
+        action="store_true",
+        help="run only cosine, WSD 1-sqrt 20%% and WSM, and rewrite only the report's WSM section",
+    )
+    ap.add_argument(
         "--out",
         type=Path,
         default=DOC,
@@ -160,14 +270,26 @@ def main(argv: list[str] | None = None) -> int:
 
     # stage 1: the matched-compute runs (the 1-sqrt 20% run also saves at half the run, for the cooldown branch)
     jobs: dict[tuple[str, int], Any] = {}
+    if args.only_wsm:
+        scheds = {n: scheds[n] for n in ("cosine", base_name)}
     with _Inline() if IN_PROCESS else ThreadPoolExecutor(args.jobs) as pool:
         for seed in args.seeds:
+            jobs[("WSM", seed)] = pool.submit(_train, work / f"wsm-s{seed}", steps, seed, wsm_overrides(steps))
             for name, ov in scheds.items():
                 extra = ("--save-every", str(half)) if name == base_name else ()
                 jobs[(name, seed)] = pool.submit(_train, work / f"{slug(name)}-s{seed}", steps, seed, ov, *extra)
+            if args.only_wsm:
+                continue
             long_ov = [f"schedule.decay_length={(long * 2) // 10}", "schedule.decay_shape=1-sqrt"]
             jobs[("fresh long", seed)] = pool.submit(_train, work / f"fresh-long-s{seed}", long, seed, long_ov)
         results = {k: f.result() for k, f in jobs.items()}
+        wsm = wsm_results(work, args.seeds, steps, lambda seed: work / f"{slug(base_name)}-s{seed}")
+        if args.only_wsm:
+            minutes = (time.monotonic() - t0) / 60
+            print(f"all runs done in {minutes:.1f} min")
+            if not args.no_doc:
+                write_wsm_section(results, wsm, args.seeds, steps, minutes, args.out, only=True)
+            return 0
         # stage 2: continuation from the pre-decay checkpoint, cooldown branch from the stable checkpoint
         more = {}
         for seed in args.seeds:
@@ -194,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"all runs done in {minutes:.1f} min")
     if not args.no_doc:
         write_doc(results, args.seeds, steps, long, half, scheds, minutes, args.out)
+        write_wsm_section(results, wsm, args.seeds, steps, minutes, args.out)
     return 0
 
 
@@ -388,6 +511,130 @@ def write_doc(
     ]
     doc.write_text("\n".join(lines) + "\n")
     print(f"wrote {doc}")
+
+
+WSM_DERIVATION = """\
+WSM (Tian et al., "WSM: Decay-Free Learning Rate Schedule via Checkpoint Merging for LLM Pre-training", arXiv
+2507.17634) trains at the stable LR to the end and replaces the decay by a weighted average of the last
+checkpoints of the stable phase. What `wsd-pretrain ckpt merge` and the job's `wsm` mode compute, exactly
+(`wsd_pretrain/checkpoint/merge.py`):
+
+Take checkpoints at trajectory positions `p_0 < p_1 < ... < p_k` (updates trained into the model), weights
+`theta_0 .. theta_k`, and write `U_j = theta_j - theta_(j-1)`: the sum of the updates made between `p_(j-1)` and
+`p_j`, at the stable LR. A merge with coefficients `c_0 + ... + c_k = 1` is
+
+    sum_j c_j theta_j = theta_0 + sum_(j=1..k) W_j U_j,    W_j = c_j + c_(j+1) + ... + c_k,
+
+so the merge takes the updates of segment `j` with weight `W_j` instead of 1. A decay of shape `f` over the
+`D = p_k - p_0` units of the window would have made update `i` (1-based, from `p_0`) at `f(i / D)` times the
+stable LR (`f` from `wsd_pretrain.shapes.decay_factor`, read at the end of each update as the schedule's
+default `progress="end"`: the last update at the floor). To first order (an update proportional to its LR,
+the gradients those of the stable trajectory) that run ends at `theta_0 + sum_i f(i / D) u_i`. A merge can give
+each segment one weight, so the decay-emulating coefficients take `W_j` = the mean of `f(i / D)` over the
+updates of segment `j`, that is
+
+    c_k = W_k,    c_j = W_j - W_(j+1)  (1 <= j < k),    c_0 = 1 - W_1,
+
+all non-negative for a decreasing `f`, summing to 1. With a snapshot after every update this is the decay
+itself, to first order; at a coarser cadence each segment's updates share their mean LR. Positions in tokens
+(more than 1,000,000 units in the window) use the mean over 1,000,000 evenly spaced points. `uniform` is
+`c_j = 1 / (k + 1)`; `ema` the moving average `m <- a m + (1 - a) theta_j` started at `theta_0`:
+`c_0 = a^k`, `c_j = (1 - a) a^(k - j)`. The sum is accumulated in fp32 from the oldest checkpoint to the newest,
+one tensor at a time, and cast to the output dtype at the end.
+"""
+
+
+def write_wsm_section(
+    results: dict[tuple[str, int], list[dict[str, Any]]],
+    wsm: dict[str, Any],
+    seeds: list[int],
+    steps: int,
+    minutes: float,
+    doc: Path = DOC,
+    only: bool = False,
+) -> None:
+    """The WSM section of the report, replacing the one there (or appended)."""
+    from _bench import machine
+
+    def final_of(name: str) -> list[float]:
+        if name in ("cosine", "WSD 1-sqrt 20%"):
+            return [_evals(results[(name, s)])[steps] for s in seeds]
+        if name == "stable (no decay, no merge)":
+            return [_evals(results[("WSM", s)])[steps] for s in seeds]
+        return [wsm["final"][(name, s)] for s in seeds]
+
+    names = ["cosine", "WSD 1-sqrt 20%", "stable (no decay, no merge)", *wsm_variants(steps)]
+    finals = {n: final_of(n) for n in names}
+    wsd, cos = finals["WSD 1-sqrt 20%"], finals["cosine"]
+    rows = []
+    for n in names:
+        vs_wsd = [a - b for a, b in zip(finals[n], wsd, strict=True)]
+        vs_cos = [a - b for a, b in zip(finals[n], cos, strict=True)]
+        rows.append(
+            f"| {n} | {_stat(finals[n])} | {'' if n == 'WSD 1-sqrt 20%' else _stat(vs_wsd)} | "
+            f"{'' if n == 'WSD 1-sqrt 20%' else sum(d < 0 for d in vs_wsd)} | "
+            f"{'' if n == 'cosine' else _stat(vs_cos)} |"
+        )
+    merges = [n for n in names if n.startswith("WSM")]
+    mean = statistics.mean
+    best_merge = min(merges, key=lambda n: mean(finals[n]))
+    best = min(names, key=lambda n: mean(finals[n]))
+    gap = mean(finals[best_merge]) - mean(wsd)
+    stable_gain = mean(finals["stable (no decay, no merge)"]) - mean(finals[best_merge])
+    decay_gain = mean(finals["stable (no decay, no merge)"]) - mean(wsd)
+    windows = {n: mean(finals[n]) for n in merges if "1-sqrt" in n}
+    every = max(1, steps // 60)
+    verdict = (
+        f"WSM does not match the decay here: its best merge ({best_merge}) ends {gap:.4f} above WSD 1-sqrt 20%, "
+        f"recovering {stable_gain:.4f} of the {decay_gain:.4f} that the decay gains over the undecayed final weights"
+        if gap > 0
+        else f"WSM matches or beats the decay here: {best_merge} ends {-gap:.4f} below WSD 1-sqrt 20%"
+    )
+    lines = [
+        WSM_SECTION,
+        "",
+        f"Written by `python tools/compare_schedules.py{' --only-wsm' if only else ''}` ({len(seeds)} seeds, "
+        f"{steps} updates per run, {minutes:.0f} minutes on {machine()}).",
+        *(["", f"Settings changed for every run (`--override`): `{' '.join(EXTRA)}`."] if EXTRA else []),
+        "",
+        WSM_DERIVATION,
+        "Setup: the same tiny model, data order, warmup and token count as the table above. The WSM run is the WSD",
+        "1-sqrt 20% job with `wsm.enabled=true`: it trains at the stable LR to the last update and writes a",
+        f"model-only snapshot every {every} updates; its merges use the snapshots of the last 10%, 20% or 40% of the run",
+        f"(decay-emulating coefficients for the WSD run's 1-sqrt shape and floor {MIN_LR:g}, uniform, or an EMA with",
+        "a = 0.9), so every row saw the same tokens. Merged models are evaluated on the same held-out batches as",
+        "the training runs' own evaluation (the same code path applied to the WSD run's final checkpoint reproduces",
+        f"its logged loss within {max(wsm['check']):.1e}). The job's own merge at its milestone (the last 20%) is",
+        f"{'byte for byte' if all(wsm['in_run_equal']) else 'NOT'} the offline `WSM 1-sqrt 20%` merge.",
+        "",
+        "| model | final validation loss | vs WSD 1-sqrt 20% | seeds better than WSD | vs cosine |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"- {verdict}. The lowest mean of the table is {best}.",
+        f"- Against the stable run's own final weights (no decay, no merge), the best merge is "
+        f"{abs(stable_gain):.4f} {'lower' if stable_gain > 0 else 'higher'}; the WSD decay is "
+        f"{abs(decay_gain):.4f} {'lower' if decay_gain > 0 else 'higher'}.",
+        "- The window matters: decay-emulating merges over "
+        + ", ".join(f"{n.split()[-1]} end at {v:.4f}" for n, v in windows.items())
+        + f" (best: {min(windows, key=lambda n: windows[n])}).",
+        *(
+            [
+                "- Tian et al. report WSM ahead of WSD decays at 1B-10B scale. At this scale the model is far from",
+                "  convergence and the stable-phase loss is still falling fast, so a merge's older snapshots are much",
+                "  worse models, and a real decay also changes the gradients its later updates see, which the",
+                "  first-order equivalence above leaves out: the merge can only replay the stable run's updates.",
+            ]
+            if gap > 0
+            else ["- This agrees with Tian et al., who report WSM matching or ahead of WSD decays at 1B-10B scale."]
+        ),
+        "",
+    ]
+    text = doc.read_text() if doc.exists() else ""
+    if WSM_SECTION in text:
+        text = text[: text.index(WSM_SECTION)].rstrip("\n") + "\n"
+    doc.write_text((text + "\n" if text else "") + "\n".join(lines))
+    print(f"wrote the WSM section of {doc}")
 
 
 if __name__ == "__main__":
