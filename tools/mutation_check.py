@@ -550,6 +550,39 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_checkpoint_tools.py::test_reshard_to_bf16_and_back_loses_nothing_that_matters",),
         "resharding an fp32 checkpoint to bf16 throws the exact fp32 weights away",
     ),
+    # ------------------------------------------------------------------ snapshots and merging (WSM)
+    M(
+        "merge-inputs-unordered",
+        "wsd_pretrain/checkpoint/merge.py",
+        "    paths, manifests = [paths[i] for i in order], [manifests[i] for i in order]\n",
+        "",
+        ("tests/test_merge.py::test_merge_is_the_in_memory_average_on_every_format",),
+        "checkpoints given newest first get the oldest one's coefficient: the merge emulates the decay backwards",
+    ),
+    M(
+        "merge-decay-point-weights",
+        "wsd_pretrain/checkpoint/merge.py",
+        "    coeffs = [1.0 - means[0]]",
+        "    means = [decay_factor(name, bounds[j] / n, min_lr_ratio) for j in range(1, k + 1)]\n    coeffs = [1.0 - means[0]]",
+        ("tests/test_merge.py::test_decay_coefficients_reproduce_the_schedules_decay",),
+        "each segment weighed by the LR at its end instead of the mean over its updates: not the decay it emulates",
+    ),
+    M(
+        "snapshot-retention-uses-keep-last",
+        "wsd_pretrain/checkpoint/manager.py",
+        "complete, keep_last=self.config.snapshot_keep,",
+        "complete, keep_last=self.config.keep_last,",
+        ("tests/test_merge.py::test_snapshots_cadence_retention_and_resume",),
+        "snapshots rotate with the checkpoints' keep_last: the merge window is deleted",
+    ),
+    M(
+        "snapshot-resumable",
+        "wsd_pretrain/checkpoint/load.py",
+        '    if F.SNAPSHOT_KIND in manifest["kinds"]:',
+        "    if False:",
+        ("tests/test_merge.py::test_snapshots_cadence_retention_and_resume",),
+        "a model-only snapshot is loaded as a checkpoint (no optimizer state: a silent reset)",
+    ),
 ]
 
 
