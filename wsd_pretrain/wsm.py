@@ -153,6 +153,10 @@ class WSMPlan:
                     for i in F.list_snapshots(manager.run_dir)
                     if i.state == "complete" and start <= int(i.position or 0) <= at
                 ]
+                if out.parent.is_dir():  # a merge's staging folder left by a killed run (we hold the run lock)
+                    for entry in out.parent.iterdir():
+                        if entry.name.startswith(".") and entry.is_dir() and not entry.is_symlink():
+                            shutil.rmtree(entry, ignore_errors=True)
                 if out.exists():  # written before a resume replayed this position: replaced
                     trash = out.parent / f".deleting-{out.name}"
                     os.rename(out, trash)
