@@ -186,15 +186,17 @@ def test_merge_is_the_in_memory_average_on_every_format(snapshot_run, tmp_path):
     shapes = {k: t.shape for k, t in v1.items()}
     mem = {p: {k: v.view(shapes[k]) for k, v in s.items()} for p, s in mem.items()}
 
-    # fp32, to the last bit: format 1 + format-2 snapshots written by two ranks, decay coefficients
-    inputs = [DATA / "v1-ddp", snaps[5], snaps[6], snaps[7], snaps[8]]
+    # fp32, to the last bit: format 1, a full format-2 checkpoint and format-2 snapshots written by two FSDP2 ranks
+    # in several shards, decay coefficients
+    full = run / "checkpoints" / "step-000000004-periodic"
+    inputs = [DATA / "v1-ddp", full, snaps[5], snaps[6], snaps[7], snaps[8]]
     out = merge_checkpoints(list(reversed(inputs)), tmp_path / "fp32", coefficients="decay", shape="1-sqrt")
-    coeffs = merge_coefficients([3, 5, 6, 7, 8], "decay", shape="1-sqrt")
+    coeffs = merge_coefficients([3, 4, 5, 6, 7, 8], "decay", shape="1-sqrt")
     info = json.loads((out / "wsd_pretrain_merge.json").read_text())
-    assert [r["position"] for r in info["inputs"]] == [3, 5, 6, 7, 8]  # ordered by position, whatever the order given
+    assert [r["position"] for r in info["inputs"]] == [3, 4, 5, 6, 7, 8]  # by position, whatever the order given
     assert [r["coefficient"] for r in info["inputs"]] == coeffs
     got = _read(out)
-    want = _average([v1, mem[5], mem[6], mem[7], mem[8]], coeffs, v1)
+    want = _average([v1, mem[4], mem[5], mem[6], mem[7], mem[8]], coeffs, v1)
     assert set(got) == set(v1)
     for name in v1:
         assert got[name].dtype == torch.float32 and torch.equal(got[name], want[name]), name
