@@ -316,7 +316,12 @@ def test_the_main_job_merges_at_each_milestone_instead_of_decaying(tmp_path):
         "train.progress=false",
         "train.eval_every=10",
         "train.eval_batches=1",
-        "data.max_bytes=1000000",
+        "train.micro_batch_size=4",
+        "data.max_bytes=200000",
+        "data.seq_len=32",
+        "model.num_layers=1",
+        "model.hidden_size=32",
+        "model.intermediate_size=64",
     ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "wsd_pretrain.train", "--run-dir", str(run)]
