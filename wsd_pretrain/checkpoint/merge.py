@@ -64,8 +64,9 @@ def merge_coefficients(
         raise CheckpointError(f"merge coefficients {method!r}: one of {', '.join(COEFFICIENTS)}")
     if method != "uniform" and any(b <= a for a, b in zip(positions, positions[1:])):
         raise CheckpointError(
-            f"merge: {method} coefficients need checkpoints at increasing positions, got {list(positions)} (two "
-            "checkpoints of the same position: use --coefficients uniform, or leave one out)"
+            f"merge: {method} coefficients need checkpoints at increasing positions, oldest first, got "
+            f"{list(positions)} (merge_checkpoints sorts them; for two checkpoints of the same position use "
+            "--coefficients uniform, or leave one out)"
         )
     if method == "uniform":
         return [1.0 / (k + 1)] * (k + 1)
