@@ -230,7 +230,8 @@ def _describe(store: CheckpointStore | None) -> dict[str, Any]:
 
 def _check_compatible(adapter: EngineAdapter, described: dict[str, Any]) -> list[str]:
     """Problems that make the checkpoint unfit for this model: names, shapes, dtypes (a floating tensor for a
-    floating one, others exactly), master weights and optimizer state of the wrong shape."""
+    floating one, others exactly), master weights of the wrong shape. Optimizer state of any shape is accepted: the
+    adapter reads per-element state as its parameter and any other whole, and refuses what it cannot place."""
     problems: list[str] = []
     model, master = described["model"], described["master"]
     wanted = {i.name: (i.shape, i.dtype) for i in adapter.items() if i.group == "model"}
@@ -258,12 +259,10 @@ def _check_compatible(adapter: EngineAdapter, described: dict[str, Any]) -> list
             return problems
     dtypes = described.get("optimizer_dtypes", {})
     for pname, keys in described["optimizer"].items():
-        for key, shape in keys.items():
+        for key in keys:
             full = f"{pname}/{key}"
             if pname not in wanted:
                 problems.append(f"optimizer state {full} belongs to no parameter of this model")
-            elif shape and tuple(shape) != tuple(wanted[pname][0]):
-                problems.append(f"optimizer state {full}: shape {shape}, the parameter's is {list(wanted[pname][0])}")
             elif not STR_TO_DTYPE[dtypes[full]].is_floating_point:
                 problems.append(f"optimizer state {full}: dtype {dtypes[full]}, expected a floating type")
             if len(problems) > 8:
@@ -351,7 +350,7 @@ def _validated_trainer(ckpt: Path, trainer: Any, engine: Any) -> None:
     for key in ("position", "step", "tokens"):
         if not isinstance(trainer.get(key), int) or isinstance(trainer.get(key), bool) or trainer[key] < 0:
             raise CheckpointError(f"{where / 'trainer.json'}: {key!r} must be a whole number >= 0")
-    for key in ("scheduler", "data", "extra"):
+    for key in ("scheduler", "data", "extra", "scaler"):
         if trainer.get(key) is not None and not isinstance(trainer[key], dict):
             raise CheckpointError(f"{where / 'trainer.json'}: {key!r} must be an object or null")
     if not isinstance(engine, dict) or not isinstance(engine.get("optimizer", {}) or {}, dict):
