@@ -404,14 +404,13 @@ class TorchAdapter(EngineAdapter):
         p = self._by_name[name]
         with torch.no_grad():
             _local_of(p).copy_(tensors["hp"].to(p.dtype).view(_local_of(p).shape))
-        if self.optimizer is None:
-            return
+        optim = {slot.split("/", 1)[1]: v for slot, v in tensors.items() if slot.startswith("optimizer/")}
+        if self.optimizer is None or not optim:
+            return  # a parameter the optimizer does not hold (frozen) gets no state entry: state_dict() would fail
         state = self.optimizer.state[p]
         group = self._group_of(p)
-        for slot, value in tensors.items():
-            if slot.startswith("optimizer/"):
-                key = slot.split("/", 1)[1]
-                state[key] = self._state_value(p, key, value, group)
+        for key, value in optim.items():
+            state[key] = self._state_value(p, key, value, group)
 
     def _state_value(self, p: torch.Tensor, key: str, value: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         if value.dim() == 0:

@@ -37,6 +37,7 @@ from ..scheduler import WSDScheduler
 from . import coord
 from . import format as F
 from . import guards as _guards
+from . import lora as _lora
 from . import scaler as _scaler
 from .adapters import EngineAdapter, make_adapter
 from .load import load_checkpoint
@@ -213,7 +214,8 @@ class CheckpointManager:
         self.data = data
         self.extra_state = extra_state
         self.load_extra_state = load_extra_state
-        self.hf_config = hf_config
+        # a PEFT model's folder holds PEFT's names: its base's config.json would load it wrong (lora.py)
+        self.hf_config, self._extra_json = _lora.peft_files(model, hf_config)
         self.scaler = _scaler.check_scaler(scaler)
         if scheduler.schedule.mode == "branching" and not self.config.at_milestones:
             raise ConfigError(
@@ -350,6 +352,7 @@ class CheckpointManager:
             trainer=self._trainer_state(),
             schedule=s.schedule.to_dict(),
             hf_config=self.hf_config,
+            extra_json=self._extra_json,
             extra_manifest={"trajectory_position": s.schedule.trajectory_position(s.position)},
         )
         if self.config.async_save and self._arena is None:
