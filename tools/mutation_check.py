@@ -550,6 +550,58 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_checkpoint_tools.py::test_reshard_to_bf16_and_back_loses_nothing_that_matters",),
         "resharding an fp32 checkpoint to bf16 throws the exact fp32 weights away",
     ),
+    M(
+        "names-wrapper-segment-kept",
+        "wsd_pretrain/checkpoint/names.py",
+        "            if atom == attr:\n                consumed = True\n                break",
+        '            if atom == attr and attr == "module":\n                consumed = True\n                break',
+        (
+            "tests/test_model_wrappers.py::test_canonical_names_follow_torch_distributed_checkpoint",
+            "tests/test_model_wrappers.py::test_toggled_wrappers_resume_exactly",
+        ),
+        "a compiled or activation-checkpointed model's names keep _orig_mod. / _checkpoint_wrapped_module.: "
+        "from_pretrained loads none of them and the run cannot resume with the wrappers toggled",
+    ),
+    M(
+        "names-state-dict-unchecked",
+        "wsd_pretrain/checkpoint/adapters.py",
+        "    check_state_dict(module, params, tied, buffers)\n",
+        "",
+        ("tests/test_model_wrappers.py::test_state_dict_that_is_not_the_parameters_is_refused_when_built",),
+        "a model whose state_dict is not its parameters is accepted: its names are written as nothing loads them",
+    ),
+    M(
+        "optimizer-state-reshaped-to-param",
+        "wsd_pretrain/checkpoint/adapters.py",
+        "        return value.to(p.device)\n",
+        "        return value.to(p.device).view(p.shape)\n",
+        ("tests/test_model_wrappers.py::test_adafactor_resumes_exactly_on_one_process",),
+        "Adafactor's factored row/column variances are forced into the parameter's shape: its checkpoint cannot resume",
+    ),
+    M(
+        "optimizer-state-fsdp2-unshaped-accepted",
+        "wsd_pretrain/checkpoint/adapters.py",
+        "                if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(p.shape):",
+        "                if False:",
+        ("tests/test_model_wrappers.py::test_wrapped_models_on_two_ranks",),
+        "under FSDP2 a factored optimizer state is written with the parameter's sharding: the save or resume fails",
+    ),
+    M(
+        "scaler-not-restored",
+        "wsd_pretrain/checkpoint/scaler.py",
+        "    if scaler is not None and saved is not None:\n        scaler.load_state_dict(saved)",
+        "    if scaler is not None and saved is not None:\n        pass",
+        ("tests/test_model_wrappers.py::test_grad_scaler_is_saved_and_restored",),
+        "a GradScaler's scale and growth tracker are lost on resume",
+    ),
+    M(
+        "lora-config-json-written",
+        "wsd_pretrain/checkpoint/lora.py",
+        "    return None, files\n",
+        "    return hf_config, files\n",
+        ("tests/test_lora.py",),
+        "a PEFT model's folder gets its base's config.json: from_pretrained loads it with random weights",
+    ),
 ]
 
 
