@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,9 +61,33 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return inner_module(model)  # type: ignore[no-any-return]
 
 
+class _Buffers(Mapping[str, torch.Tensor]):
+    """Persistent buffers by canonical name, each looked up in its module when asked (``model.to()`` after the
+    manager was built replaces buffer tensors; the module's current one is what is saved and restored)."""
+
+    def __init__(self) -> None:
+        self._where: dict[str, tuple[torch.nn.Module, str]] = {}
+
+    def add(self, name: str, module: torch.nn.Module, attr: str) -> None:
+        self._where.setdefault(name, (module, attr))
+
+    def pop(self, name: str) -> None:
+        self._where.pop(name, None)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        module, attr = self._where[name]
+        return module._buffers[attr]  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
 def _named_tensors(
     module: torch.nn.Module,
-) -> tuple[list[tuple[str, torch.nn.Parameter]], dict[str, torch.Tensor], dict[str, str]]:
+) -> tuple[list[tuple[str, torch.nn.Parameter]], _Buffers, dict[str, str]]:
     """Unique parameters in order, persistent buffers, and tied aliases (alias -> the name saved), all under their
     canonical names (:func:`.names.canonical_name`: no wrapper's segment), each checked against ``state_dict``."""
     seen: dict[int, str] = {}
@@ -78,13 +102,13 @@ def _named_tensors(
             continue
         seen[key] = name
         params.append((name, p))
-    buffers: dict[str, torch.Tensor] = {}
+    buffers = _Buffers()
     for prefix, sub in module.named_modules(remove_duplicate=False):
         for attr, b in sub._buffers.items():
             if b is not None and attr not in sub._non_persistent_buffers_set:
-                buffers.setdefault(canonical_name(module, f"{prefix}.{attr}" if prefix else attr), b)
+                buffers.add(canonical_name(module, f"{prefix}.{attr}" if prefix else attr), sub, attr)
     for name in [n for n, _ in params] + list(tied):
-        buffers.pop(name, None)
+        buffers.pop(name)
     check_state_dict(module, params, tied, buffers)
     return params, buffers, tied
 
@@ -93,7 +117,7 @@ def check_state_dict(
     module: torch.nn.Module,
     params: list[tuple[str, torch.nn.Parameter]],
     tied: dict[str, str],
-    buffers: dict[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
 ) -> None:
     """Refuse, when the manager is built, a model whose ``state_dict`` does not hold exactly its parameters and
     persistent buffers under their canonical names (an overridden ``state_dict``, hooks that rename, add or replace
