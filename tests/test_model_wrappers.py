@@ -449,3 +449,12 @@ def test_integrations_find_the_frameworks_scaler():
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)  # on a GPU, precision="16-mixed" makes this plugin
     trainer = pl.Trainer(accelerator="cpu", plugins=[plugin], logger=False, enable_checkpointing=False)
     assert getattr(trainer.precision_plugin, "scaler", None) is scaler  # where lightning.py looks
+
+
+def test_names_without_their_module_drop_only_the_wrappers_own_segments():
+    """from-deepspeed reads names with no module to walk: the segments only torch's wrappers use go, ``module``
+    stays (a user's submodule may be called that)."""
+    from wsd_pretrain.checkpoint.names import canonical_text
+
+    assert canonical_text("_orig_mod.blocks.0._checkpoint_wrapped_module.1.weight") == "blocks.0.1.weight"
+    assert canonical_text("_fsdp_wrapped_module.module.weight") == "module.weight"

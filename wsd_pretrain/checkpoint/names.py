@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["WRAPPER_ATTRS", "canonical_name", "inner_module", "wrapper_attr"]
+__all__ = ["WRAPPER_ATTRS", "canonical_name", "canonical_text", "inner_module", "wrapper_attr"]
 
 WRAPPER_ATTRS = ("_orig_mod", "_checkpoint_wrapped_module", "module", "_fsdp_wrapped_module")
 """The attributes under which torch's wrappers hold the module they wrap (docs/manager.md lists the wrappers)."""
@@ -72,3 +72,12 @@ def canonical_name(root: torch.nn.Module, name: str) -> str:
         modules = getattr(current, "_modules", None)
         current = modules.get(atom) if isinstance(modules, dict) else None
     return ".".join(out)
+
+
+_UNAMBIGUOUS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+
+
+def canonical_text(name: str) -> str:
+    """The same rule for a name without its module (another framework's files: ``from-deepspeed``): the segments
+    only torch's wrappers use are dropped; ``module.`` is kept (a user's submodule may be called that)."""
+    return ".".join(a for a in name.split(".") if a not in _UNAMBIGUOUS)
