@@ -458,3 +458,25 @@ def test_names_without_their_module_drop_only_the_wrappers_own_segments():
 
     assert canonical_text("_orig_mod.blocks.0._checkpoint_wrapped_module.1.weight") == "blocks.0.1.weight"
     assert canonical_text("_fsdp_wrapped_module.module.weight") == "module.weight"
+
+
+def test_a_compiled_run_saved_before_the_name_rule_resumes_bare_or_compiled(tmp_path):
+    """tests/data/v2-compiled/: a checkpoint the release before issue 24 wrote from a compiled TinyLM (its names
+    all ``_orig_mod.…``; expected.safetensors holds its tensors under the bare names). It resumes into the bare model
+    and into a compiled one, exactly: the reader maps the stored names to the bare ones."""
+    from safetensors.torch import load_file
+
+    data = Path(__file__).parent / "data" / "v2-compiled"
+    expected = load_file(data / "expected.safetensors")
+    for kw in ({}, {"compile": "model", "ac": True}):
+        model, opt, sched = build(1, **kw)
+        mgr = manager(tmp_path / f"run-{len(kw)}", model, opt, sched)
+        mgr.load(data / "step-000000003-periodic")
+        mgr.close()
+        state = canonical_state(model, opt)
+        got = {f"model/{k[: -len(':model')]}": v for k, v in state.items() if k.endswith(":model")}
+        got |= {f"optimizer/{k.replace(':optimizer/', '/')}": v for k, v in state.items() if ":optimizer/" in k}
+        got.pop("model/head.weight")
+        assert sorted(got) == sorted(expected)
+        assert [k for k in expected if not torch.equal(got[k], expected[k])] == []
+        assert sched.position == 3

@@ -587,6 +587,14 @@ MUTATIONS: list[Mutation] = [
         "under FSDP2 a factored optimizer state is written with the parameter's sharding: the save or resume fails",
     ),
     M(
+        "names-legacy-aliases-dropped",
+        "wsd_pretrain/checkpoint/load.py",
+        '    return group, described.get("aliases", {}).get(f"{group}/{name}", name), cast',
+        "    return group, name, cast",
+        ("tests/test_model_wrappers.py::test_a_compiled_run_saved_before_the_name_rule_resumes_bare_or_compiled",),
+        "a compiled run's checkpoint from before the name rule (_orig_mod. names) can no longer be resumed",
+    ),
+    M(
         "scaler-not-restored",
         "wsd_pretrain/checkpoint/scaler.py",
         "    if scaler is not None and saved is not None:\n        scaler.load_state_dict(saved)",
