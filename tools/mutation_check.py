@@ -505,8 +505,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "torch-adapter-optimizer-not-restored",
         "wsd_pretrain/checkpoint/adapters.py",
-        "                state[key] = self._state_value(p, key, value, group)",
-        "                pass",
+        "            state[key] = self._state_value(p, key, value, group)",
+        "            pass",
         (T_RESUME_DDP,),
         "DDP and plain torch resume with fresh Adam moments",
     ),
