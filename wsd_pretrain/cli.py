@@ -242,6 +242,7 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
                 source=args.source,
                 max_shard_size=parse_size(args.max_shard_size),
                 progress=tick,
+                merge_lora=args.merge_lora,
             ),
         )
         print(f"Hugging Face folder written to {out}")
@@ -310,6 +311,11 @@ def _add_ckpt(sub: Any) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--source", choices=["auto", "model", "master"], default="auto")
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="a PEFT LoRA checkpoint: merge the adapters into the base (the base's names and config.json)",
+    )
     p = acts.add_parser("from-deepspeed", help="DeepSpeed's checkpoints (ZeRO 0-3) into a new run directory")
     p.add_argument("ds_ckpt", type=Path, help="the folder with DeepSpeed's 'latest' file, or a global_stepN folder")
     p.add_argument("out", type=Path, help="a new run directory")

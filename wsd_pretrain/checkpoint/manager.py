@@ -37,6 +37,8 @@ from ..scheduler import WSDScheduler
 from . import coord
 from . import format as F
 from . import guards as _guards
+from . import lora as _lora
+from . import scaler as _scaler
 from .adapters import EngineAdapter, make_adapter
 from .load import load_checkpoint
 from .lock import RunLock
@@ -181,6 +183,9 @@ class CheckpointManager:
         extra_state: returns plain-JSON user state to save; ``load_extra_state`` receives it back.
         hf_config: a Hugging Face ``config.json`` dict, written beside the model so the folder loads with
             ``from_pretrained``.
+        scaler: the loss scaler of an fp16 run (``torch.amp.GradScaler``, FSDP2's ``ShardedGradScaler``, anything
+            with a plain-JSON ``state_dict``/``load_state_dict``): its scale and growth tracker are saved and restored
+            (DeepSpeed's own fp16 scaler is saved with its engine).
     """
 
     def __init__(
@@ -196,6 +201,7 @@ class CheckpointManager:
         load_extra_state: Callable[[dict[str, Any]], None] | None = None,
         hf_config: dict[str, Any] | None = None,
         adapter: EngineAdapter | None = None,
+        scaler: Any = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.config = config or CheckpointConfig()
@@ -208,7 +214,9 @@ class CheckpointManager:
         self.data = data
         self.extra_state = extra_state
         self.load_extra_state = load_extra_state
-        self.hf_config = hf_config
+        # a PEFT model's folder holds PEFT's names: its base's config.json would load it wrong (lora.py)
+        self.hf_config, self._extra_json = _lora.peft_files(model, hf_config)
+        self.scaler = _scaler.check_scaler(scaler)
         if scheduler.schedule.mode == "branching" and not self.config.at_milestones:
             raise ConfigError(
                 "a branching schedule rewinds to its pre-decay checkpoints: keep checkpoint.at_milestones=true",
@@ -292,6 +300,7 @@ class CheckpointManager:
             "scheduler": s.state_dict(),
             "data": self.data.state_dict() if self.data is not None else None,
             "extra": self.extra_state() if self.extra_state is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def maybe_save(self) -> Path | None:
@@ -343,6 +352,7 @@ class CheckpointManager:
             trainer=self._trainer_state(),
             schedule=s.schedule.to_dict(),
             hf_config=self.hf_config,
+            extra_json=self._extra_json,
             extra_manifest={"trajectory_position": s.schedule.trajectory_position(s.position)},
         )
         if self.config.async_save and self._arena is None:
@@ -544,6 +554,7 @@ class CheckpointManager:
             self.scheduler.refresh()  # the optimizer state brought back its saved LRs; the position decides
         if self.data is not None and trainer.get("data") is not None:
             self.data.load_state_dict(trainer["data"])
+        _scaler.restore_scaler(self.scaler, trainer.get("scaler"), Path(path).name)
         if self.load_extra_state is not None and trainer.get("extra") is not None:
             self.load_extra_state(trainer["extra"])
         log.info("loaded checkpoint %s (position %s)", Path(path).name, trainer.get("position"))

@@ -24,6 +24,7 @@ from ..schedule import WSDSchedule
 from . import format as F
 from .commit import write_latest
 from .layout import Item, Partition, plan_save
+from .lora import ADAPTER_CONFIG, BASE_CONFIG, MergedLoRA
 from .safetensors_io import (
     fsync_dir,
     read_header,
@@ -326,10 +327,12 @@ def export_hf(
     max_shard_size: int = 5 * 10**9,
     source: str = "auto",
     progress: Progress = None,
+    merge_lora: bool = False,
 ) -> Path:
     """Export the model to a Hugging Face folder. ``source``: "model" (the model's weights), "master" (the fp32
     master weights) or "auto" (master when the checkpoint has them and ``dtype`` is fp32 or unset, else model);
-    ``dtype`` casts (default: the source's)."""
+    ``dtype`` casts (default: the source's). ``merge_lora``: a PEFT LoRA checkpoint's adapters merged into the base,
+    under the base's names and config (checkpoint/lora.py); a LoRA checkpoint is refused without it."""
     path, out = F.resolve_checkpoint(ckpt), Path(out)
     m = F.load_manifest(path)
     target = _dtype(dtype)
@@ -344,17 +347,34 @@ def export_hf(
         def group_of(name: str) -> str:
             return "master" if use_master and store.has("master", name) else "model"
 
+        def read(name: str) -> torch.Tensor:
+            return store.read(group_of(name), name)  # a master assembled from its slices, one tensor at a time
+
+        names = store.names("model")
+        lora_cfg = (
+            read_json(F.safe_path(path, ADAPTER_CONFIG, "adapter config")) if (path / ADAPTER_CONFIG).exists() else None
+        )
+        if lora_cfg is not None and not merge_lora:
+            raise CheckpointError(
+                f"{path} holds a PEFT model (adapter_config.json; names like {names[0]!r}): export it with "
+                "--merge-lora, a Hugging Face folder of the base model with the adapters merged in"
+            )
+        if lora_cfg is None and merge_lora:
+            raise CheckpointError(
+                f"{path}: --merge-lora, but the checkpoint holds no PEFT model (no adapter_config.json)"
+            )
+        merged = MergedLoRA(names, lora_cfg, lambda n: store.entry(group_of(n), n)) if lora_cfg is not None else None
         specs = []
-        for name in store.names("model"):
-            e = store.entry(group_of(name), name)
+        for name in merged.names if merged is not None else names:
+            source_name = merged.sources[name][0] if merged is not None else name
+            e = store.entry(group_of(source_name), source_name)
             specs.append(Item("model", name, e.shape, target or e.dtype))
 
         def fetch(name: str) -> torch.Tensor:
-            return store.read(group_of(name), name)  # a master assembled from its slices, one tensor at a time
+            return merged.tensor(name, read) if merged is not None else read(name)
 
-        config = (
-            read_json(F.safe_path(path, "config.json", "model config")) if (path / "config.json").exists() else None
-        )
+        config_file = BASE_CONFIG if merged is not None else "config.json"
+        config = read_json(F.safe_path(path, config_file, "model config")) if (path / config_file).exists() else None
         if config is not None and not isinstance(config, dict):
             raise CheckpointError(f"{path / 'config.json'}: not a JSON object (a Hugging Face config is one)")
         if config is not None and target is not None:

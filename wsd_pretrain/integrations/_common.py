@@ -28,6 +28,7 @@ import torch
 
 from .. import distributed as D
 from ..checkpoint.manager import CheckpointConfig, CheckpointManager, Stateful
+from ..checkpoint.names import wrapper_attr
 from ..checkpoint.rng import capture_rng, restore_rng
 
 __all__ = [
@@ -44,9 +45,11 @@ log = logging.getLogger(__name__)
 
 
 def inner_model(model: Any) -> Any:
-    """The user's module under ``torch.compile`` (``_orig_mod.`` names); DDP is unwrapped by the adapter."""
-    while isinstance(model, torch.nn.Module) and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-        model = model._orig_mod
+    """The user's module under ``torch.compile`` and activation checkpointing at its top, by the checkpoint's one
+    rule (checkpoint/names.py; the names inside drop every wrapper's segment there too); DDP stays, for the adapter
+    to see the data-parallel job."""
+    while (attr := wrapper_attr(model)) not in (None, "module"):
+        model = getattr(model, attr)
     return model
 
 
@@ -60,6 +63,13 @@ def inner_optimizer(optimizer: Any) -> Any:
             return optimizer
         optimizer = inner
     return optimizer
+
+
+def scaler_of(optimizer: Any) -> Any:
+    """The loss scaler a framework's optimizer wrapper steps through (accelerate's ``AcceleratedOptimizer.scaler``,
+    a ``torch.amp.GradScaler`` when the run is fp16 without DeepSpeed), or None."""
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler if callable(getattr(scaler, "state_dict", None)) else None
 
 
 def hf_config_of(model: Any) -> dict[str, Any] | None:
@@ -187,9 +197,18 @@ class FrameworkCheckpointer:
 
     # ------------------------------------------------------------------ building
 
-    def build(self, model: Any, optimizer: Any, scheduler: Any, *, hf_config: dict[str, Any] | None = None) -> Any:
+    def build(
+        self,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        *,
+        hf_config: dict[str, Any] | None = None,
+        scaler: Any = None,
+    ) -> Any:
         """Make the manager (every rank, once): unwrapped model and optimizer, the WSD scheduler behind the
-        framework's wrapper, the Hugging Face config when the model has one."""
+        framework's wrapper, the Hugging Face config when the model has one, the framework's loss scaler
+        (``scaler``, or the one accelerate's prepared optimizer holds: HF Trainer, accelerate, pytorch_accelerated)."""
         if self.manager is not None:
             return self.manager
         module = inner_model(model)
@@ -203,6 +222,7 @@ class FrameworkCheckpointer:
             extra_state=self._extra_state,
             load_extra_state=self._load_extra_state,
             hf_config=hf_config if hf_config is not None else hf_config_of(module),
+            scaler=scaler if scaler is not None else scaler_of(optimizer),
         )
         return self.manager
 
