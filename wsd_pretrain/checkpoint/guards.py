@@ -271,3 +271,61 @@ def warn_later_checkpoints(run_dir: Path, position: int) -> list[str]:
             ", ".join(later[:4]) + (" ..." if len(later) > 4 else ""),
         )
     return later
+
+
+# ---------------------------------------------------------------------------------------------- what the manager is given
+
+
+def _is_meta(t: Any) -> bool:
+    return getattr(t, "is_meta", False) or getattr(getattr(t, "device", None), "type", None) == "meta"
+
+
+def model_problems(adapter: Any, optimizer: Any) -> list[str]:
+    """This rank's problems with the model and optimizer the manager was given, each with its fix (empty: none):
+
+    * parameters or buffers on the meta device: they hold no values, so a save would write nothing real and a
+      resume would "load" into tensors that stay on meta;
+    * an optimizer holding parameters the model does not have (built over another module, or before FSDP2's
+      ``fully_shard`` replaced the parameters): their optimizer state would never be saved or restored.
+    """
+    problems = []
+    module = adapter.module
+    meta = [n for n, p in module.named_parameters() if _is_meta(p)]
+    meta += [n for n, b in module.named_buffers() if _is_meta(b)]
+    if meta:
+        shown = ", ".join(meta[:3]) + (f" and {len(meta) - 3} more" if len(meta) > 3 else "")
+        problems.append(
+            f"the model has {len(meta)} parameters or buffers on the meta device ({shown}): they hold no values, so "
+            "a save would write nothing real and a resume would leave them on meta. Materialize the model before "
+            "building the CheckpointManager: model.to_empty(device=...) then initialize it (reset_parameters(), "
+            "model.apply(init_fn), or load its weights), or build it on a real device (not under "
+            "torch.device('meta') or init_empty_weights())"
+        )
+    if optimizer is not None and adapter.engine != "deepspeed":
+        own = {id(p) for p in module.parameters()}
+        foreign = [p for g in getattr(optimizer, "param_groups", []) for p in g["params"] if id(p) not in own]
+        if foreign:
+            shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+            problems.append(
+                f"the optimizer holds {len(foreign)} parameters that the model does not have (shapes {shapes}): "
+                "their optimizer state would never be saved or restored. Build the optimizer over the model you "
+                "pass to the manager: torch.optim.AdamW(model.parameters(), ...) (with FSDP2, after fully_shard; "
+                "with DDP or torch.compile, the same module's parameters)"
+            )
+    return problems
+
+
+def refuse_unusable_model(adapter: Any, optimizer: Any) -> None:
+    """Raise :class:`ConfigError` on every rank when any rank's :func:`model_problems` found one (one small
+    all-reduce on the checkpoint's group; on a single process, locally)."""
+    from . import coord
+
+    problems = model_problems(adapter, optimizer)
+    if D.is_distributed():
+        (failed,) = D.all_reduce_max([1 if problems else 0], group=coord.groups().coord)
+        if failed:
+            everyone = D.all_gather_object("; ".join(problems) or None, group=coord.groups().coord)
+            raise ConfigError(coord.describe_errors(everyone), where="model or optimizer for the checkpoint manager")
+        return
+    if problems:
+        raise ConfigError(problems, where="model or optimizer for the checkpoint manager")
