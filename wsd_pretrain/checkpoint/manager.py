@@ -201,7 +201,14 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.config = config or CheckpointConfig()
         # guard rails (guards.py): see through framework wrappers, refuse what cannot be read safely
-        self.scheduler = scheduler = _guards.resolve_scheduler(scheduler)
+        self.scheduler = scheduler = _guards.resolve_scheduler(scheduler, how_to_build=_guards.how_to_build_for(model))
+        if isinstance(scheduler, WSDScheduler):  # (the seed-compatible scheduler warns when it is built)
+            _guards.warn_floor_tail(
+                scheduler.schedule,
+                scheduler.schedule.end,
+                what="the WSD schedule",
+                fix="End the run with a milestone at total, or use after_last='stable' (cool down later)",
+            )
         self._step_guard = _guards.StepGuard(scheduler)
         self.adapter = adapter or make_adapter(model, optimizer)
         self.adapter.check_complete()  # state the checkpoint could not carry is refused now, not after hours
@@ -367,7 +374,10 @@ class CheckpointManager:
             trainer=self._trainer_state(),
             schedule=s.schedule.to_dict(),
             hf_config=self.hf_config,
-            extra_manifest={"trajectory_position": s.schedule.trajectory_position(s.position)},
+            extra_manifest={
+                "trajectory_position": s.schedule.trajectory_position(s.position),
+                "run_end": _guards.schedule_end(s),  # where the run ends (the seed's total_steps for its scheduler)
+            },
         )
         if self.config.async_save and self._arena is None:
             self._arena = HostArena()
