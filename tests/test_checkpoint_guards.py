@@ -251,3 +251,52 @@ def test_after_close_every_method_refuses_and_the_lock_is_freed_by_with_and_by_g
     _update(model, opt, sched)
     assert third.maybe_save().name == "step-000000008-post-decay+final"  # it saves
     third.close()
+
+
+def _two_ranks_guard_and_log(rank: int, world: int, run_dir: str) -> dict:
+    import logging
+
+    from wsd_pretrain import CheckpointManager, ConfigError, WSDSchedule, WSDScheduler
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("wsd_pretrain")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(Collect())
+    out: dict = {}
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    # only rank 1's optimizer holds a parameter of another module: every rank raises, naming rank 1
+    params = [*model.parameters(), *(torch.nn.Linear(3, 3).parameters() if rank == 1 else [])]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    try:
+        CheckpointManager(run_dir, model, opt, WSDScheduler(opt, WSDSchedule(total=4, decay_length=1)))
+        out["built"] = True
+    except ConfigError as exc:
+        out["error"] = str(exc)
+    # a good manager: one save and one load; the per-checkpoint lines come from rank 0 only
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = WSDScheduler(opt, WSDSchedule(total=4, decay_length=1))
+    with CheckpointManager(run_dir, model, opt, sched) as mgr:
+        _update(model, opt, sched)
+        path = mgr.save(["periodic"])
+        mgr.load(path)
+    out["written"] = [line for line in lines if "written in" in line]
+    out["loaded"] = [line for line in lines if line.startswith("loaded checkpoint")]
+    return out
+
+
+@pytest.mark.distributed
+def test_a_problem_on_one_rank_is_refused_on_every_rank_and_only_rank_0_logs_checkpoints(tmp_path):
+    results = run_distributed(_two_ranks_guard_and_log, 2, args=(str(tmp_path),), timeout=240)
+    for res in results:
+        assert "built" not in res
+        assert res["error"].startswith("invalid model or optimizer for the checkpoint manager: rank 1: the optimizer")
+    assert len(results[0]["written"]) == 1
+    assert results[0]["written"][0].startswith("checkpoint step-000000001-periodic written in ")
+    assert len(results[0]["loaded"]) == 1 and "step-000000001-periodic" in results[0]["loaded"][0]
+    assert results[1]["written"] == [] and results[1]["loaded"] == [], "rank 1 logs no checkpoint lines"
