@@ -6,7 +6,7 @@ The seed's ``WSDCheckpointCallback`` with the same arguments, writing our checkp
 
     trainer = Trainer(model, loss_func, optimizer, callbacks=[*DEFAULT_CALLBACKS, WSDCheckpointCallback("runs/x")])
     trainer.train(train_dataset=ds, num_epochs=8, per_device_batch_size=4,
-                  create_scheduler_fn=WSDLrScheduler.create_scheduler_fn(num_checkpoints=2))
+                  create_scheduler_fn=WSDLrScheduler.create_scheduler_fn(num_checkpoints=3))
 
 What differs from the seed's callback, on purpose:
 
@@ -25,6 +25,11 @@ What differs from the seed's callback, on purpose:
   ignored it).
 * The run stops cleanly at the end of the schedule and on preemption (SIGTERM/SIGUSR1: a checkpoint, then
   ``StopTrainingError``).
+* ``num_checkpoints=3`` decays at a quarter, a half and the end of the run; the seed's series stops early for
+  ``num_checkpoints=2`` (decays at a quarter and a half, then the second half at ``lr_min``), which the scheduler
+  warns about. ``create_scheduler_fn(num_warmup_steps=N)`` gives the warmup in updates.
+* Several CPU processes: ``ACCELERATE_USE_CPU=true torchrun --nproc-per-node N script.py``
+  (``accelerate launch --cpu --num_processes N`` starts one process, refused).
 """
 
 from __future__ import annotations
