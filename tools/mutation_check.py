@@ -610,6 +610,49 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_lora.py",),
         "a PEFT model's folder gets its base's config.json: from_pretrained loads it with random weights",
     ),
+    # ------------------------------------------------------------------ the run lock and the manager's guard rails
+    M(
+        "lock-held-by-forked-children",
+        "wsd_pretrain/checkpoint/lock.py",
+        "os.register_at_fork(after_in_child=_after_fork_in_child)",
+        "pass",
+        ("tests/test_run_lock.py::test_a_restart_right_after_sigkill_is_not_refused_by_the_trainers_children",),
+        "a trainer's DataLoader workers keep the run lock after it is SIGKILLed: the requeued job is refused",
+    ),
+    M(
+        "lock-same-process-not-told",
+        "wsd_pretrain/checkpoint/lock.py",
+        "        if other is not None and other.held:",
+        "        if False:",
+        ("tests/test_run_lock.py::test_a_second_lock_in_the_same_process_is_told_so",),
+        "a second manager in the same process is told another process (its own pid) holds the directory",
+    ),
+    M(
+        "manager-closed-still-saves",
+        "wsd_pretrain/checkpoint/manager.py",
+        "        if self._closed:\n            raise CheckpointError(",
+        "        if False:\n            raise CheckpointError(",
+        (
+            "tests/test_checkpoint_guards.py::test_after_close_every_method_refuses_and_the_lock_is_freed_by_with_and_by_garbage_collection",
+        ),
+        "maybe_save() after close() writes a checkpoint while another manager holds the run lock",
+    ),
+    M(
+        "guard-meta-model-accepted",
+        "wsd_pretrain/checkpoint/guards.py",
+        "    if meta:\n        shown",
+        "    if False:\n        shown",
+        ("tests/test_checkpoint_guards.py::test_a_model_on_the_meta_device_is_refused_when_the_manager_is_built",),
+        "a model on the meta device 'saves' and 'resumes' and stays on meta",
+    ),
+    M(
+        "guard-foreign-optimizer-accepted",
+        "wsd_pretrain/checkpoint/guards.py",
+        "        if foreign:\n",
+        "        if False:\n",
+        ("tests/test_checkpoint_guards.py::test_an_optimizer_over_parameters_the_model_does_not_have_is_refused",),
+        "an optimizer over another module's parameters is accepted and its state is never saved",
+    ),
 ]
 
 

@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,7 +207,14 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.config = config or CheckpointConfig()
         # guard rails (guards.py): see through framework wrappers, refuse what cannot be read safely
-        self.scheduler = scheduler = _guards.resolve_scheduler(scheduler)
+        self.scheduler = scheduler = _guards.resolve_scheduler(scheduler, how_to_build=_guards.how_to_build_for(model))
+        if isinstance(scheduler, WSDScheduler):  # (the seed-compatible scheduler warns when it is built)
+            _guards.warn_floor_tail(
+                scheduler.schedule,
+                scheduler.schedule.end,
+                what="the WSD schedule",
+                fix="End the run with a milestone at total, or use after_last='stable' (cool down later)",
+            )
         self._step_guard = _guards.StepGuard(scheduler)
         self.adapter = adapter or make_adapter(model, optimizer)
         self.adapter.check_complete()  # state the checkpoint could not carry is refused now, not after hours
@@ -226,6 +234,12 @@ class CheckpointManager:
         # going on into a collective that rank 0 never reaches
         coord.acquire()  # every rank makes the checkpoint's gloo groups here, at the same point
         self._lock: RunLock | None = None
+        self._closed = True  # until built: a half-built manager refuses everything
+        try:
+            _guards.refuse_unusable_model(self.adapter, self.adapter.optimizer)  # every rank raises together
+        except ConfigError:
+            coord.release()
+            raise
         lock_error = None
         if D.get_rank() == 0:
             try:
@@ -276,7 +290,11 @@ class CheckpointManager:
             return
         for name in self.config.signals:
             signum = getattr(signal, name)
-            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+            old = signal.getsignal(signum)
+            self._old_handlers[signum] = old
+            # the handler holds the manager weakly, so a manager dropped without close() is garbage collected (and
+            # its run lock released); a signal arriving after that goes to the handler that was there before
+            signal.signal(signum, _SignalRelay(weakref.ref(self), old))
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._preempt_flag = 1
@@ -286,7 +304,18 @@ class CheckpointManager:
 
     def request_preemption(self) -> None:
         """What a caught signal does: save at the next :meth:`maybe_save` and set :attr:`should_stop`."""
+        self._check_open("request_preemption")
         self._preempt_flag = 1
+
+    def _check_open(self, method: str) -> None:
+        """Every method but :meth:`close` refuses once the manager is closed: its run lock is released, so another
+        run (or another manager in this process) may be writing to the directory now."""
+        if self._closed:
+            raise CheckpointError(
+                f"CheckpointManager.{method}() after close(): this manager of {self.run_dir} has released its run "
+                "lock (another manager or run may use the directory now); build a new CheckpointManager to save or "
+                "resume"
+            )
 
     # ------------------------------------------------------------------ saving
 
@@ -307,6 +336,7 @@ class CheckpointManager:
         """Call once after each ``scheduler.step()``. Saves if this step is a decay point, periodic, the end or a
         preemption; in branching mode, after a branch's post-decay save, restores its pre-decay state. Returns the
         checkpoint written (it may still be in flight with async saves), or None."""
+        self._check_open("maybe_save")
         if not self._step_guard.advanced(self.scheduler):  # guards.py: no update since the last call, or refused
             return None
         s = self.scheduler
@@ -342,6 +372,7 @@ class CheckpointManager:
 
     def save(self, kinds: list[str]) -> Path:
         """Save now with these kinds (every rank calls it). Waits for the previous async save first."""
+        self._check_open("save")
         self.wait()
         s = self.scheduler
         request = SaveRequest(
@@ -353,7 +384,10 @@ class CheckpointManager:
             schedule=s.schedule.to_dict(),
             hf_config=self.hf_config,
             extra_json=self._extra_json,
-            extra_manifest={"trajectory_position": s.schedule.trajectory_position(s.position)},
+            extra_manifest={
+                "trajectory_position": s.schedule.trajectory_position(s.position),
+                "run_end": _guards.schedule_end(s),  # where the run ends (the seed's total_steps for its scheduler)
+            },
         )
         if self.config.async_save and self._arena is None:
             self._arena = HostArena()
@@ -375,12 +409,12 @@ class CheckpointManager:
         self.saves.append(pending.final)
         if self.config.async_save:
             self._pending = pending
-            log.info(
+            _log_rank0(
                 "checkpoint %s: state fetched in %.2fs, writing in the background", pending.name, time.monotonic() - t0
             )
         else:
             self._finish(pending)
-            log.info("checkpoint %s written in %.2fs", pending.name, time.monotonic() - t0)
+            _log_rank0("checkpoint %s written in %.2fs", pending.name, time.monotonic() - t0)
         return pending.final
 
     @property
@@ -393,7 +427,7 @@ class CheckpointManager:
         try:
             pending.wait()
             if pending.snapshot is not None:
-                log.info(
+                _log_rank0(
                     "checkpoint %s: state copied in %.2fs while training went on; training waited %.3fs for it",
                     pending.name,
                     pending.snapshot.copy_s,
@@ -409,6 +443,7 @@ class CheckpointManager:
     def wait(self) -> None:
         """Wait for an async save in flight, and the retention after it (every rank calls it); raises if the save
         failed on any rank."""
+        self._check_open("wait")
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._finish(pending)
@@ -460,6 +495,7 @@ class CheckpointManager:
         """Restore everything from a checkpoint: ``"auto"`` (the newest complete one in the run, or a fresh start
         when there is none: returns False), ``"latest"`` (the same, but none is an error), a checkpoint name or a
         path. Returns True when a checkpoint was loaded."""
+        self._check_open("resume")
         target = str(which)
         self.wait()
         if target in ("auto", "latest"):
@@ -530,6 +566,7 @@ class CheckpointManager:
         self, path: str | os.PathLike[str], *, verify: str | None = None, scheduler: bool = True
     ) -> dict[str, Any]:
         """Load one checkpoint into the engine, optimizer, RNG, data sampler and (with ``scheduler``) scheduler."""
+        self._check_open("load")
         self.wait()
         out = load_checkpoint(
             self.adapter,
@@ -557,7 +594,7 @@ class CheckpointManager:
         _scaler.restore_scaler(self.scaler, trainer.get("scaler"), Path(path).name)
         if self.load_extra_state is not None and trainer.get("extra") is not None:
             self.load_extra_state(trainer["extra"])
-        log.info("loaded checkpoint %s (position %s)", Path(path).name, trainer.get("position"))
+        _log_rank0("loaded checkpoint %s (position %s)", Path(path).name, trainer.get("position"))
         self._step_guard.reset(self.scheduler)  # guards.py: the loaded position's saves are done, nothing re-fires
         if scheduler:
             _guards.warn_later_checkpoints(self.run_dir, self.scheduler.position)
@@ -580,7 +617,7 @@ class CheckpointManager:
                 f"branching: the pre-decay checkpoint at position {milestone.pre_decay} is missing, cannot rewind"
             )
         self.load(candidates[-1]["path"], scheduler=False, verify="size")
-        log.info(
+        _log_rank0(
             "branch %d done: rewound to its pre-decay state (%d trained)",
             milestone.index,
             milestone.trajectory_pre_decay,
@@ -589,9 +626,17 @@ class CheckpointManager:
     # ------------------------------------------------------------------ closing
 
     def close(self) -> None:
-        """Wait for any save in flight, restore signal handlers, release the run lock (every rank calls it)."""
+        """Wait for any save in flight, restore signal handlers, release the run lock (every rank calls it). A
+        second call does nothing; every other method refuses after it. A manager dropped without ``close()``
+        releases its run lock when it is garbage collected (``with CheckpointManager(...) as manager:`` closes it
+        at the end of the block)."""
+        if self._closed:
+            return
         try:
-            self.wait()
+            if self._pending is not None:
+                pending, self._pending = self._pending, None
+                self._finish(pending)
+            self._join_retention()
         finally:
             for signum, handler in self._old_handlers.items():
                 signal.signal(signum, handler)
@@ -608,3 +653,29 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _log_rank0(msg: str, *args: Any) -> None:
+    """The per-checkpoint lines ("written", "loaded"): one per job, from rank 0, not one per rank."""
+    if D.get_rank() == 0:
+        log.info(msg, *args)
+
+
+class _SignalRelay:
+    """A preemption signal handler that holds its manager weakly (see ``_install_signal_handlers``)."""
+
+    def __init__(self, manager: weakref.ReferenceType[CheckpointManager], previous: Any) -> None:
+        self.manager = manager
+        self.previous = previous
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        manager = self.manager()
+        if manager is not None and not manager._closed:
+            manager._on_signal(signum, frame)
+            return
+        previous = self.previous
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:  # what the signal would have done without us (SIGTERM: end the process)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)

@@ -118,7 +118,7 @@ def inspect_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
                 "phase": phase.name,
                 "period": phase.period,
                 "progress": round(phase.progress, 4),
-                "end": schedule.end,
+                "end": int(m.get("run_end", schedule.end)),
                 "units": schedule.units,
                 "mode": schedule.mode,
                 "milestones": [[ms.pre_decay, ms.post_decay] for ms in schedule.milestones_info],
@@ -267,6 +267,7 @@ def reshard(
         extra_manifest={
             "trajectory_position": m.get("trajectory_position", m["position"]),
             "resharded_from": str(src_path),
+            **({"run_end": m["run_end"]} if "run_end" in m else {}),
         },
     )
     try:
