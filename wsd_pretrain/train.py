@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from . import distributed as D
+from .checkpoint import coord
 from .checkpoint import format as F
 from .checkpoint.manager import CheckpointConfig, CheckpointManager
 from .checkpoint.rng import seed_everything
@@ -599,6 +600,7 @@ class Trainer:
         return float(value[0] / value[1])
 
     def run(self) -> dict[str, Any]:
+        """Train to the schedule's end (or a preemption); ``loss`` in the result is None when no update ran."""
         sched, job = self.b.scheduler, self.job
         bar = None
         if self.rank == 0 and job.train.progress:
@@ -613,7 +615,9 @@ class Trainer:
                 file=sys.stderr,
             )
         tokens_per_step = sched.tokens_per_step or 0
-        t_last, last_loss, eval_loss = time.perf_counter(), float("nan"), None
+        t_last, last_loss, eval_loss = time.perf_counter(), None, None
+        if sched.finished:
+            log.info("the run is already finished at position %d: nothing to train", sched.position)
         steps_since, tok_s, eval_at = 0, 0.0, None
         while not sched.finished and not self.manager.should_stop:
             phase = sched.phase.name
@@ -773,9 +777,74 @@ def _dump_job(job: JobConfig, plan: DeepSpeedPlan | None) -> str:
     )
 
 
+def _check_run_dir(run_dir: Path) -> None:
+    """Refuse a run directory that cannot hold checkpoints before any work is done (not at the first save)."""
+    for path, what in ((run_dir, "the run directory"), (F.checkpoints_dir(run_dir), "its checkpoints folder")):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(
+                f"{path} ({what}) is a file, not a folder: move it away or give another --run-dir", where="arguments"
+            )
+
+
+def _resume_problem(run_dir: Path, schedule: WSDSchedule, start_from: Path | None, total_flag: bool) -> str | None:
+    """Rank 0, before ``resume("auto")``: why the run directory's newest checkpoint cannot be resumed under this
+    schedule, with the command-line fix, or None (no checkpoint, or the same schedule)."""
+    try:
+        infos = [i for i in F.list_checkpoints(run_dir) if i.state == "complete"]
+    except (OSError, WSDError):
+        return None  # resume reports it
+    if not infos or infos[-1].manifest is None or not infos[-1].manifest.get("schedule"):
+        return None
+    newest, saved = infos[-1], infos[-1].manifest["schedule"]
+    mine = schedule.to_dict()
+    if saved == mine:
+        return None
+    changed = ", ".join(
+        f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}"
+        for k in sorted(set(saved) | set(mine))
+        if saved.get(k) != mine.get(k)
+    )
+    if start_from is not None:
+        return (
+            f"{run_dir} already holds checkpoints of another run (newest: {newest.name}, a schedule of total "
+            f"{saved.get('total')}); --continue-from and --cooldown-from start a new run: give it a new --run-dir "
+            f"(e.g. --run-dir {run_dir}-{start_from.name})"
+        )
+    return (
+        f"{run_dir}'s newest checkpoint {newest.name} ran under another schedule ({changed}). To resume it, run "
+        f"with its settings{' (drop --total-steps or give its total)' if total_flag else ''}. To train it to a new "
+        f"total, continue it into a new run directory: --continue-from {newest.path} --total-steps N --run-dir "
+        f"NEW_DIR; for a cooldown branch: --cooldown-from {newest.path} --cooldown-steps N --run-dir NEW_DIR"
+    )
+
+
+def _drop_replayed_metrics(path: Path, position: int) -> None:
+    """Rank 0 after a resume at ``position``: records past it were written by the run that died and will be
+    written again by the replay; keep each step once."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1  # a line cut short by the kill
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("position"), int) and rec["position"] > position:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, path)
+        log.info("metrics.jsonl: dropped %d record(s) after position %d (they are trained again)", dropped, position)
+
+
 def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None) -> dict[str, Any]:
     rank, world = D.get_rank(), D.get_world_size()
     run_dir = Path(args.run_dir)
+    _check_run_dir(run_dir)
     device = _device(job.train)
     schedule, start_from = _schedule_for(job, args)
     data = TokenData(job.data)
@@ -810,6 +879,13 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
     )
     try:
         resumed = False
+        if args.resume == "auto":
+            problem = (
+                _resume_problem(run_dir, schedule, start_from, args.total_steps is not None) if rank == 0 else None
+            )
+            problem = coord.broadcast(problem)  # every rank raises the same error
+            if problem is not None:
+                raise ConfigError(problem, where="arguments")
         if args.resume != "none":
             resumed = manager.resume("auto" if args.resume == "auto" else args.resume)
         elif any(i.state == "complete" for i in F.list_checkpoints(run_dir)):
@@ -820,6 +896,8 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
             manager.load(start_from)  # the scheduler accepts the state: the schedule was built at its position
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
+            if resumed:
+                _drop_replayed_metrics(run_dir / "metrics.jsonl", built.scheduler.position)
             (run_dir / "config.yaml").write_text(_dump_job(job, plan))
             log.info(
                 "run %s: %d rank(s), engine %s, %s; schedule %d %s (%s), %.2fM parameters, %d tokens/update",

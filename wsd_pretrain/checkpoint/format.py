@@ -317,6 +317,13 @@ def resolve_checkpoint(target: str | os.PathLike[str], which: str = "latest") ->
                     raise CheckpointError(f"checkpoint {which!r} is {info.state}: {info.problem or ''}")
                 return info.path
         raise CheckpointError(f"{path}: no checkpoint named {which!r}")
+    committed = [i for i in infos if i.state in ("complete", "corrupt")]
+    if committed and committed[-1].state == "corrupt":
+        # the newest is damaged: say which and why (as when it is named), never fall back to older state silently
+        bad = committed[-1]
+        older = [i.name for i in committed if i.state == "complete"]
+        hint = f"name an older one ({older[-1]}) or remove it" if older else "remove it"
+        raise CheckpointError(f"{path}: the newest checkpoint {bad.name} is damaged: {bad.problem}; {hint}")
     complete = [i for i in infos if i.state == "complete"]
     if not complete:
         raise CheckpointError(f"{path}: no complete checkpoint to resume from")

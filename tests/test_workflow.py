@@ -1,0 +1,137 @@
+"""The WSD workflow as users run it with the main job (issue 22): cooldown and continuation from every pre-decay
+checkpoint, decay data, changed settings on resume, and the errors a new user meets. The runs are single-process
+and in this process (``wsd_pretrain.train.main``), on a very small model, so each takes about a second."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from wsd_pretrain import train
+
+SMALL = [
+    "train.progress=false",
+    "train.eval_every=null",
+    "train.eval_batches=1",
+    "train.micro_batch_size=2",
+    "train.log_every=1",
+    "data.max_bytes=200000",
+    "data.seq_len=32",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.max_seq_len=32",
+]
+MULTI = ["schedule.milestones=geometric", "schedule.num_milestones=3", "schedule.mode=wsd-s"]
+
+
+@pytest.fixture
+def out(capsys, caplog):
+    """What a user sees of a run: its stderr and its log."""
+    caplog.set_level(logging.INFO, logger="wsd_pretrain")
+
+    def read() -> str:
+        text = capsys.readouterr().err + caplog.text
+        caplog.clear()
+        return text
+
+    return read
+
+
+def run(out, run_dir: Path, *args: str, rc: int = 0, overrides: tuple[str, ...] = ()) -> str:
+    code = train.main(["--run-dir", str(run_dir), *args, *overrides, *SMALL])
+    text = out()
+    assert code == rc, text[-3000:]
+    return text
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(glob.glob(str(ckpt / "model*.safetensors"))):
+        out.update(load_file(f))
+    return out
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def ckpts(run_dir: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted((run_dir / "checkpoints").glob("step-*"))}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A 24-update WSD-S run with three milestones (a decay before each): its pre- and post-decay checkpoints."""
+    run_dir = tmp_path_factory.mktemp("wf") / "base"
+    code = train.main(["--run-dir", str(run_dir), "--total-steps", "24", *MULTI, *SMALL])
+    assert code == 0
+    return run_dir
+
+
+def test_cooldown_and_continuation_from_every_pre_decay_checkpoint(base, tmp_path, out):
+    found = ckpts(base)
+    pre = sorted(n for n in found if "pre-decay" in n)
+    post = sorted(n for n in found if "post-decay" in n)
+    assert len(pre) == 3 and len(post) == 3, sorted(found)
+    for pre_name, post_name in zip(pre, post):
+        at = json.loads((found[pre_name] / "manifest.json").read_text())["position"]
+        end = json.loads((found[post_name] / "manifest.json").read_text())["position"]
+        # a cooldown from the pre-decay checkpoint, as long as the run's own decay, is that decay: bit for bit
+        cool = tmp_path / f"cool-{at}"
+        run(out, cool, "--cooldown-from", str(found[pre_name]), "--cooldown-steps", str(end - at))
+        (final,) = [p for n, p in ckpts(cool).items() if "final" in n]
+        assert final.name.startswith(f"step-{end:09d}")
+        assert same_weights(final, found[post_name]), f"cooldown from {pre_name} differs from the run's own decay"
+        steps = [m for m in metrics(cool) if "loss" in m]
+        assert [m["position"] for m in steps] == list(range(at + 1, end + 1))
+        assert {m["phase"] for m in steps} == {"decay"}
+        # a continuation from it: the stable LR again (no re-warmup, no decay yet), a new decay at the new end
+        cont = tmp_path / f"cont-{at}"
+        run(out, cont, "--total-steps", str(at + 10), "--continue-from", str(found[pre_name]))
+        steps = [m for m in metrics(cont) if "loss" in m]
+        assert steps[0]["position"] == at + 1 and steps[0]["phase"] == "stable"
+        assert steps[-1]["position"] == at + 10 and steps[-1]["phase"] == "decay"
+        assert any("final" in n for n in ckpts(cont))
+
+
+def test_continue_in_the_finished_runs_own_directory_names_run_dir(base, tmp_path, out):
+    run_dir = tmp_path / "own"
+    shutil.copytree(base, run_dir)
+    pre = sorted(p for n, p in ckpts(run_dir).items() if "pre-decay" in n)[-1]
+    err = run(out, run_dir, "--total-steps", "60", "--continue-from", str(pre), rc=2, overrides=MULTI)
+    assert "--run-dir" in err and "new run" in err
+    err = run(out, run_dir, "--total-steps", "30", rc=2, overrides=MULTI)  # a plain resume to a longer total
+    assert "--continue-from" in err and "--total-steps N --run-dir" in err and "schedule.continued" not in err
+    # rerunning the finished run: nothing to train, and no NaN in the done line
+    err = run(out, run_dir, "--total-steps", "24", overrides=MULTI)
+    assert "already finished" in err and "NaN" not in err and '"loss": null' in err
+
+
+def test_replayed_steps_are_logged_once(base, tmp_path, out):
+    """A run killed after step 24 but before its final save resumes from its last checkpoint (the pre-decay one at
+    step 20-something) and trains the rest again: metrics.jsonl holds each step once."""
+    run_dir = tmp_path / "killed"
+    shutil.copytree(base, run_dir)
+    names = sorted(ckpts(run_dir))
+    shutil.rmtree(run_dir / "checkpoints" / names[-1])  # the final checkpoint was never written
+    (run_dir / "checkpoints" / "latest").unlink(missing_ok=True)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"position": 24, "lo')  # the kill cut a line short
+    run(out, run_dir, "--total-steps", "24", overrides=MULTI)
+    steps = [m["position"] for m in metrics(run_dir) if "loss" in m]
+    assert steps == list(range(1, 25))
