@@ -135,3 +135,36 @@ def test_replayed_steps_are_logged_once(base, tmp_path, out):
     run(out, run_dir, "--total-steps", "24", overrides=MULTI)
     steps = [m["position"] for m in metrics(run_dir) if "loss" in m]
     assert steps == list(range(1, 25))
+
+
+def test_changed_optimizer_settings_on_resume(base, tmp_path, out):
+    run_dir = tmp_path / "changed"
+    shutil.copytree(base, run_dir)
+    err = run(out, run_dir, "--total-steps", "24", rc=2, overrides=(*MULTI, "optimizer.lr=0.03"))
+    assert "lr (param group 0): 0.003 -> 0.03" in err and "--allow-optimizer-change" in err
+    err = run(out, run_dir, "--total-steps", "24", rc=2, overrides=(*MULTI, "optimizer.betas=[0.8,0.9]"))
+    assert "betas (param group 0): [0.9, 0.95] -> [0.8, 0.9]" in err
+    err = run(
+        out,
+        run_dir,
+        "--total-steps",
+        "24",
+        "--allow-optimizer-change",
+        overrides=(*MULTI, "optimizer.lr=0.03", "optimizer.eps=1.0e-6", "train.grad_clip=0.5"),
+    )
+    assert "lr (param group 0): 0.003 -> 0.03 (checkpoint -> this job) applied" in err
+    assert "eps (param group 0): 1e-08 -> 1e-06 (checkpoint -> this job) applied" in err
+    assert "grad_clip: 1.0 -> 0.5 (checkpoint -> this job) applied" in err
+
+
+def test_new_user_errors_name_the_fix(tmp_path, out):
+    err = run(out, tmp_path / "r", rc=2, overrides=("optimizer.lr=3e-4",))
+    assert "lr='3e-4': expected float (YAML reads 3e-4 as a string: write 3.0e-4" in err
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "checkpoints").write_text("")
+    err = run(out, tmp_path / "f", rc=2)
+    assert "checkpoints (its checkpoints folder) is a file, not a folder" in err and "--run-dir" in err
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    err = run(out, tmp_path / "e", rc=2, overrides=("data.source=tokens", f"data.paths=[{empty}]"))
+    assert f"{empty} is empty" in err and "cannot mmap" not in err

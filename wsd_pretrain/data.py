@@ -110,6 +110,11 @@ def load_tokens(cfg: DataConfig) -> tuple[np.ndarray, int]:
     arrays = []
     for path in _expand(cfg.paths):
         size = path.stat().st_size
+        if size == 0:
+            raise ConfigError(
+                f"{path} is empty (0 bytes): no tokens to read; remove it from data.paths or write the tokens again",
+                where="data config",
+            )
         if size % dtype.itemsize:
             raise ConfigError(
                 f"{path}: {size} bytes is not a whole number of {cfg.token_dtype} tokens", where="data config"

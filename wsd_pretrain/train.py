@@ -689,6 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cooldown-from", type=Path, default=None, help="branch a cooldown from this stable checkpoint")
     p.add_argument("--cooldown-steps", type=int, default=None, help="length of the cooldown branch")
+    p.add_argument(
+        "--allow-optimizer-change",
+        action="store_true",
+        help="on resume, apply optimizer settings that differ from the checkpoint's (lr, betas, weight_decay); "
+        "without it they are refused (eps and train.grad_clip are always applied, and logged)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return p
@@ -775,6 +781,13 @@ def _dump_job(job: JobConfig, plan: DeepSpeedPlan | None) -> str:
         f"# optimizer: the ds_config's optimizer section, built by DeepSpeed: {json.dumps(plan.optimizer)}\n"
         + dump_config(data)
     )
+
+
+def _note_grad_clip(saved: dict[str, Any], now: float) -> None:
+    """A resume applies the job's ``train.grad_clip`` (docs/training.md): say so when it differs."""
+    old = saved.get("grad_clip") if isinstance(saved, dict) else None
+    if old is not None and float(old) != float(now):
+        log.info("resume: grad_clip: %r -> %r (checkpoint -> this job) applied", old, now)
 
 
 def _check_run_dir(run_dir: Path) -> None:
@@ -876,6 +889,8 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
         config=job.checkpoint,
         data=sampler,
         hf_config=job.model.hf_config(),
+        extra_state=lambda: {"grad_clip": job.train.grad_clip},
+        load_extra_state=lambda saved: _note_grad_clip(saved, job.train.grad_clip),
     )
     try:
         resumed = False
@@ -887,13 +902,16 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
             if problem is not None:
                 raise ConfigError(problem, where="arguments")
         if args.resume != "none":
-            resumed = manager.resume("auto" if args.resume == "auto" else args.resume)
+            resumed = manager.resume(
+                "auto" if args.resume == "auto" else args.resume, allow_changes=args.allow_optimizer_change
+            )
         elif any(i.state == "complete" for i in F.list_checkpoints(run_dir)):
             raise ConfigError(
                 f"{run_dir} has checkpoints and --resume none was given: use another --run-dir", where="arguments"
             )
         if not resumed and start_from is not None:
-            manager.load(start_from)  # the scheduler accepts the state: the schedule was built at its position
+            # the scheduler accepts the state: the schedule was built at its position
+            manager.load(start_from, allow_changes=args.allow_optimizer_change)
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             if resumed:
