@@ -168,3 +168,71 @@ def test_new_user_errors_name_the_fix(tmp_path, out):
     empty.write_bytes(b"")
     err = run(out, tmp_path / "e", rc=2, overrides=("data.source=tokens", f"data.paths=[{empty}]"))
     assert f"{empty} is empty" in err and "cannot mmap" not in err
+
+
+@pytest.fixture(scope="module")
+def annealing_text(tmp_path_factory) -> Path:
+    """Other data for the decays: text unlike the standard library's Python."""
+    path = tmp_path_factory.mktemp("anneal") / "anneal.txt"
+    words = ["warmup", "stable", "decay", "cooldown", "checkpoint", "anneal", "mixture", "quality"]
+    path.write_text("\n".join(" ".join(words[(i * 7 + j) % 8] for j in range(i % 11 + 3)) for i in range(4000)))
+    return path
+
+
+def _decay_data(text: Path) -> tuple[str, ...]:
+    return ("decay_data.source=text", f"decay_data.paths=[{text}]", "decay_data.seed=7")
+
+
+def test_decay_data_switch_resumed_mid_decay_bitwise(tmp_path, annealing_text, out):
+    """The run's own decays read decay_data (switched at each pre-decay point); a run stopped inside a decay resumes
+    to the same final weights, bit for bit, and its checkpoints record which data each phase read."""
+    full = tmp_path / "full"
+    run(out, full, "--total-steps", "24", "--save-every", "22", overrides=(*MULTI, *_decay_data(annealing_text)))
+    steps = [m for m in metrics(full) if "loss" in m]
+    assert [m["data"] for m in steps] == ["decay" if m["phase"] == "decay" else "main" for m in steps]
+    assert {m["data"] for m in steps} == {"main", "decay"}
+    found = ckpts(full)
+    (mid,) = [p for n, p in found.items() if "periodic" in n]
+    state = json.loads((mid / "train_state" / "trainer.json").read_text())["data"]
+    decay_updates = sum(1 for m in steps if m["data"] == "decay" and m["position"] <= 22)
+    assert state["decay"]["samples_seen"] == decay_updates * 2  # micro batch 2, one rank
+    assert state["decay"]["data"]["source"] == "text" and state["decay"]["data"]["paths"] == [str(annealing_text)]
+    assert state["data"]["source"] == "stdlib" and state["samples_seen"] == (22 - decay_updates) * 2
+    # stopped inside the last decay (after its checkpoint at 22): the resumed run ends on the same weights
+    stopped = tmp_path / "stopped"
+    shutil.copytree(full, stopped)
+    (final,) = [n for n in found if "final" in n]
+    shutil.rmtree(stopped / "checkpoints" / final)
+    run(out, stopped, "--total-steps", "24", overrides=(*MULTI, *_decay_data(annealing_text)))
+    assert same_weights(ckpts(stopped)[final], found[final])
+    # another decay_data on a plain resume: refused, naming the flag; with the flag it starts at its beginning
+    shutil.rmtree(stopped / "checkpoints" / final)
+    other = ("decay_data.source=text", f"decay_data.paths=[{annealing_text}]", "decay_data.seed=8")
+    err = run(out, stopped, "--total-steps", "24", rc=2, overrides=(*MULTI, *other))
+    assert "decay_data: is text" in err and "--allow-data-change" in err
+    run(out, stopped, "--total-steps", "24", "--allow-data-change", overrides=(*MULTI, *other))
+
+
+def test_cooldown_on_new_data(base, tmp_path, annealing_text, out):
+    pre = sorted(p for n, p in ckpts(base).items() if "pre-decay" in n)[1]
+    # the cooldown's data in data: is a change of the training data: refused, naming both ways to do it on purpose
+    err = run(
+        out,
+        tmp_path / "c0",
+        "--cooldown-from",
+        str(pre),
+        "--cooldown-steps",
+        "3",
+        rc=2,
+        overrides=("data.source=text", f"data.paths=[{annealing_text}]"),
+    )
+    assert "decay_data: section" in err and "--allow-data-change" in err
+    cool = tmp_path / "c1"
+    run(out, cool, "--cooldown-from", str(pre), "--cooldown-steps", "3", overrides=_decay_data(annealing_text))
+    steps = [m for m in metrics(cool) if "loss" in m]
+    assert [m["data"] for m in steps] == ["decay"] * 3
+    (final,) = [p for n, p in ckpts(cool).items() if "final" in n]
+    state = json.loads((final / "train_state" / "trainer.json").read_text())["data"]
+    assert state["decay"]["samples_seen"] == 3 * 2, "the new data from its beginning"
+    before = json.loads((pre / "train_state" / "trainer.json").read_text())["data"]
+    assert state["samples_seen"] == before["samples_seen"], "the main data did not move"

@@ -29,7 +29,7 @@ from .checkpoint import format as F
 from .checkpoint.manager import CheckpointConfig, CheckpointManager
 from .checkpoint.rng import seed_everything
 from .config import apply_overrides, build, dump_config, load_config
-from .data import DataConfig, ShardedSampler, TokenData
+from .data import DataConfig, PhasedSampler, ShardedSampler, TokenData, describe
 from .deepspeed_scheduler import SCHEDULER_TYPE
 from .errors import ConfigError, WSDError
 from .model import LlamaLM, ModelConfig
@@ -127,6 +127,8 @@ class JobConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    decay_data: DataConfig | None = None
+    """The ``decay_data:`` section: the data the decays read (its keys over the ``data:`` section's), or None."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: WSDSchedule = field(default_factory=lambda: WSDSchedule(**DEFAULT_SCHEDULE))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -135,12 +137,15 @@ class JobConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {name: asdict(getattr(self, name)) for name in ("model", "data", "optimizer", "checkpoint", "train")}
         out["schedule"] = self.schedule.to_dict()
+        if self.decay_data is not None:
+            out["decay_data"] = asdict(self.decay_data)
         return out
 
 
 SECTIONS = {
     "model": ModelConfig,
     "data": DataConfig,
+    "decay_data": DataConfig,
     "optimizer": OptimizerConfig,
     "schedule": WSDSchedule,
     "checkpoint": CheckpointConfig,
@@ -181,6 +186,19 @@ def resolve_job(
     for name, cls in SECTIONS.items():
         if name == "schedule":
             continue  # after the train section, which may name a ds_config that defines it
+        if name == "decay_data":
+            section = config.get(name)
+            if section is None:
+                continue
+            if not isinstance(section, dict):
+                problems.append(f"decay_data: expected a mapping of data settings, got {type(section).__name__}")
+                continue
+            base = config.get("data") if isinstance(config.get("data"), dict) else {}
+            try:
+                parts[name] = build(cls, {**base, **section}, where="decay_data section (over the data section)")
+            except ConfigError as exc:
+                problems += [f"decay_data: {p}" for p in exc.problems]
+            continue
         try:
             parts[name] = build(cls, config.get(name), where=f"{name} section")
         except ConfigError as exc:
@@ -208,11 +226,13 @@ def resolve_job(
         job = replace(job, schedule=job.schedule.rescaled(total_steps))
     if save_every is not None:
         job = replace(job, checkpoint=replace(job.checkpoint, every_steps=save_every))
-    if job.model.max_seq_len < job.data.seq_len:
-        raise ConfigError(
-            f"data.seq_len={job.data.seq_len} is longer than model.max_seq_len={job.model.max_seq_len}",
-            where="job config",
-        )
+    for name in ("data", "decay_data"):
+        section = getattr(job, name)
+        if section is not None and job.model.max_seq_len < section.seq_len:
+            raise ConfigError(
+                f"{name}.seq_len={section.seq_len} is longer than model.max_seq_len={job.model.max_seq_len}",
+                where="job config",
+            )
     return job
 
 
@@ -516,11 +536,14 @@ class Trainer:
         run_dir: Path,
         built: Built,
         data: TokenData,
-        sampler: ShardedSampler,
+        sampler: PhasedSampler,
         manager: CheckpointManager,
         device: torch.device,
+        *,
+        decay_data: TokenData | None = None,
     ) -> None:
         self.job, self.run_dir, self.b, self.data, self.sampler = job, run_dir, built, data, sampler
+        self.decay_data = decay_data
         self.manager, self.device = manager, device
         self.rank, self.world = D.get_rank(), D.get_world_size()
         self.metrics_path = run_dir / "metrics.jsonl"
@@ -536,7 +559,8 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def _micro_step(self) -> float:
-        inputs, targets = self.data.train_batch(self.sampler.next_indices())
+        data = self.decay_data if self.sampler.active == "decay" and self.decay_data is not None else self.data
+        inputs, targets = data.train_batch(self.sampler.next_indices())
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         if self.b.engine is not None:
             loss = self.b.engine(inputs, targets)
@@ -621,6 +645,7 @@ class Trainer:
         steps_since, tok_s, eval_at = 0, 0.0, None
         while not sched.finished and not self.manager.should_stop:
             phase = sched.phase.name
+            source = self.sampler.use("decay" if phase == "decay" else "main")
             lr = self.b.optimizer.param_groups[0]["lr"]
             last_loss = self._update()
             steps_since += 1
@@ -633,6 +658,8 @@ class Trainer:
                 "phase": phase,
                 "tokens": sched.tokens,
             }
+            if self.decay_data is not None:
+                record["data"] = source  # which data this update read: "main" or "decay"
             if sched.last_epoch % job.train.log_every == 0 or sched.finished:
                 now = time.perf_counter()
                 tok_s = record["tokens_per_s"] = tokens_per_step * steps_since / max(now - t_last, 1e-9)
@@ -694,6 +721,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on resume, apply optimizer settings that differ from the checkpoint's (lr, betas, weight_decay); "
         "without it they are refused (eps and train.grad_clip are always applied, and logged)",
+    )
+    p.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="on resume, read data other than the checkpoint's (data: or decay_data:); each changed source starts "
+        "at its beginning. Without it a change is refused",
     )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
@@ -861,11 +894,14 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
     device = _device(job.train)
     schedule, start_from = _schedule_for(job, args)
     data = TokenData(job.data)
-    if data.min_vocab > job.model.vocab_size:
-        raise ConfigError(
-            f"the data has token ids up to {data.min_vocab - 1}; model.vocab_size={job.model.vocab_size} is too small",
-            where="job config",
-        )
+    decay_data = TokenData(job.decay_data) if job.decay_data is not None else None
+    for name, d in (("data", data), ("decay_data", decay_data)):
+        if d is not None and d.min_vocab > job.model.vocab_size:
+            raise ConfigError(
+                f"the {name} has token ids up to {d.min_vocab - 1}; model.vocab_size={job.model.vocab_size} is too "
+                "small",
+                where="job config",
+            )
     tokens_per_step = job.train.micro_batch_size * job.train.grad_accum * world * job.data.seq_len
     built = build_engine(job, schedule, device, tokens_per_step, plan)
     log.info(
@@ -878,9 +914,16 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
     # the same initial weights on every rank (build_engine seeds torch with the job's seed), then every stream of
     # every rank its own: dropout masks differ across ranks as the data does
     seed_everything(job.train.seed + rank)
-    sampler = ShardedSampler(
-        data.num_train, job.train.micro_batch_size, rank, world, seed=job.data.seed, shuffle=job.data.shuffle
+    micro = job.train.micro_batch_size
+    sampler = PhasedSampler(
+        ShardedSampler(data.num_train, micro, rank, world, seed=job.data.seed, shuffle=job.data.shuffle),
+        describe(job.data, data.num_train),
     )
+    if decay_data is not None and job.decay_data is not None:
+        cfg = job.decay_data
+        sampler.decay = ShardedSampler(decay_data.num_train, micro, rank, world, seed=cfg.seed, shuffle=cfg.shuffle)
+        sampler.decay_data = describe(cfg, decay_data.num_train)
+    sampler.allow_data_change = args.allow_data_change
     manager = CheckpointManager(
         run_dir,
         built.engine or built.model,
@@ -910,6 +953,7 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
                 f"{run_dir} has checkpoints and --resume none was given: use another --run-dir", where="arguments"
             )
         if not resumed and start_from is not None:
+            sampler.new_decay_data = True  # a new run: its decay data may differ from the checkpoint's
             # the scheduler accepts the state: the schedule was built at its position
             manager.load(start_from, allow_changes=args.allow_optimizer_change)
         if rank == 0:
@@ -929,7 +973,7 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
                 job.model.num_parameters() / 1e6,
                 tokens_per_step,
             )
-        trainer = Trainer(job, run_dir, built, data, sampler, manager, device)
+        trainer = Trainer(job, run_dir, built, data, sampler, manager, device, decay_data=decay_data)
         result = trainer.run()
     finally:
         manager.close()

@@ -30,8 +30,11 @@ APPLIED_ON_RESUME = frozenset({"eps", "grad_clip"})
 """Settings whose new value a resume applies (and logs): numerical-stability knobs a user turns after a loss spike.
 Every other changed hyperparameter (lr, betas, weight_decay, momentum, ...) is refused unless allowed on purpose."""
 
-IMPLEMENTATION_KEYS = frozenset({"params", "lr", "initial_lr", "foreach", "fused", "capturable", "differentiable"})
-"""Group keys that are not hyperparameters of the update (``lr`` is the scheduler's: its base LR is compared)."""
+IMPLEMENTATION_KEYS = frozenset(
+    {"params", "lr", "initial_lr", "step", "foreach", "fused", "capturable", "differentiable"}
+)
+"""Group keys that are not hyperparameters of the update: counters (FusedAdam keeps ``step`` in its groups),
+implementation switches, and ``lr`` (the scheduler's: its base LR is compared)."""
 
 # DeepSpeed's Adam kernels (GPU FusedAdam, ZeRO-Offload's CPU Adam) keep torch Adam's state (exp_avg, exp_avg_sq,
 # step) and say with ``adam_w_mode`` whether they decay like AdamW: a checkpoint moves between them and torch's
