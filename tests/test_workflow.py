@@ -36,11 +36,12 @@ MULTI = ["schedule.milestones=geometric", "schedule.num_milestones=3", "schedule
 
 @pytest.fixture
 def out(capsys, caplog):
-    """What a user sees of a run: its stderr and its log."""
+    """What a user sees of a command: its output and its log."""
     caplog.set_level(logging.INFO, logger="wsd_pretrain")
 
     def read() -> str:
-        text = capsys.readouterr().err + caplog.text
+        captured = capsys.readouterr()
+        text = captured.out + captured.err + caplog.text
         caplog.clear()
         return text
 
@@ -236,3 +237,37 @@ def test_cooldown_on_new_data(base, tmp_path, annealing_text, out):
     assert state["decay"]["samples_seen"] == 3 * 2, "the new data from its beginning"
     before = json.loads((pre / "train_state" / "trainer.json").read_text())["data"]
     assert state["samples_seen"] == before["samples_seen"], "the main data did not move"
+
+
+def _ckpt_cli(out, *args: str) -> tuple[int, str]:
+    from wsd_pretrain.cli import main as cli
+
+    code = cli(["ckpt", *args])
+    return code, out()
+
+
+def test_ckpt_tools_as_a_new_user_meets_them(base, tmp_path, out):
+    code, err = _ckpt_cli(out, "list", str(tmp_path / "no-such-run"))
+    assert code == 2 and "no-such-run does not exist" in err
+    # the newest checkpoint of a run damaged: every tool names it, the file and the reason
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(base, run_dir)
+    newest = sorted(ckpts(run_dir).values(), key=lambda p: p.name)[-1]
+    shard = sorted(newest.glob("model*.safetensors"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 8)
+    for tool in (["inspect", str(run_dir)], ["export-hf", str(run_dir), str(tmp_path / "hf")]):
+        code, err = _ckpt_cli(out, *tool)
+        assert code == 2 and f"the newest checkpoint {newest.name} is damaged" in err and shard.name in err, err
+        assert "name an older one" in err
+    code, text = _ckpt_cli(out, "verify", str(run_dir))
+    assert code == 1 and shard.name in text and newest.name in text
+    # outputs: inside the input checkpoint, or where nothing can be written (sysfs refuses new folders)
+    good = sorted(ckpts(base).values(), key=lambda p: p.name)[-1]
+    code, err = _ckpt_cli(out, "export-hf", str(good), str(good / "hf"))
+    assert code == 2 and "is inside the input" in err and not (good / "hf").exists()
+    if Path("/sys/kernel").is_dir():
+        for tool in ("export-hf", "to-dcp"):
+            code, err = _ckpt_cli(out, tool, str(good), "/sys/wsd-pretrain-out")
+            assert code == 2 and "cannot write the output /sys/wsd-pretrain-out" in err, err
+            assert "Traceback" not in err and "writable filesystem" in err

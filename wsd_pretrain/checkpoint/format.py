@@ -299,9 +299,10 @@ def _du(path: Path) -> int:
     return total
 
 
-def resolve_checkpoint(target: str | os.PathLike[str], which: str = "latest") -> Path:
+def resolve_checkpoint(target: str | os.PathLike[str], which: str = "latest", *, damaged: bool = False) -> Path:
     """A checkpoint directory from a run directory (``which``: "latest" = the newest complete one, or a name) or
-    from a checkpoint directory itself."""
+    from a checkpoint directory itself. A damaged newest checkpoint is an error naming it, its file and the reason
+    (``damaged=True``: it is returned, for a verifier to report)."""
     path = Path(target)
     if (path / MANIFEST).exists():
         return path
@@ -318,6 +319,8 @@ def resolve_checkpoint(target: str | os.PathLike[str], which: str = "latest") ->
                 return info.path
         raise CheckpointError(f"{path}: no checkpoint named {which!r}")
     committed = [i for i in infos if i.state in ("complete", "corrupt")]
+    if committed and committed[-1].state == "corrupt" and damaged:
+        return committed[-1].path
     if committed and committed[-1].state == "corrupt":
         # the newest is damaged: say which and why (as when it is named), never fall back to older state silently
         bad = committed[-1]
