@@ -237,6 +237,13 @@ def test_cooldown_on_new_data(base, tmp_path, annealing_text, out):
     assert state["decay"]["samples_seen"] == 3 * 2, "the new data from its beginning"
     before = json.loads((pre / "train_state" / "trainer.json").read_text())["data"]
     assert state["samples_seen"] == before["samples_seen"], "the main data did not move"
+    # a continuation on new decay data: its stable phase goes on in data:, its decay reads decay_data:
+    at = json.loads((pre / "manifest.json").read_text())["position"]
+    cont = tmp_path / "c2"
+    run(out, cont, "--continue-from", str(pre), "--total-steps", str(at + 10), overrides=_decay_data(annealing_text))
+    steps = [m for m in metrics(cont) if "loss" in m]
+    assert [m["data"] for m in steps] == ["decay" if m["phase"] == "decay" else "main" for m in steps]
+    assert steps[0]["data"] == "main" and steps[-1]["data"] == "decay"
 
 
 def _ckpt_cli(out, *args: str) -> tuple[int, str]:
