@@ -110,7 +110,7 @@ def test_cooldown_and_continuation_from_every_pre_decay_checkpoint(base, tmp_pat
         assert any("final" in n for n in ckpts(cont))
 
 
-def test_continue_in_the_finished_runs_own_directory_names_run_dir(base, tmp_path, out):
+def test_continue_in_the_finished_runs_own_directory_names_run_dir(base, tmp_path, out, annealing_text):
     run_dir = tmp_path / "own"
     shutil.copytree(base, run_dir)
     pre = sorted(p for n, p in ckpts(run_dir).items() if "pre-decay" in n)[-1]
@@ -118,6 +118,12 @@ def test_continue_in_the_finished_runs_own_directory_names_run_dir(base, tmp_pat
     assert "--run-dir" in err and "new run" in err
     err = run(out, run_dir, "--total-steps", "30", rc=2, overrides=MULTI)  # a plain resume to a longer total
     assert "--continue-from" in err and "--total-steps N --run-dir" in err and "schedule.continued" not in err
+    # other data on a plain resume: refused, naming the flag (in data:, or a decay_data: the run did not have)
+    text = ("data.source=text", f"data.paths=[{annealing_text}]")
+    err = run(out, run_dir, "--total-steps", "24", rc=2, overrides=(*MULTI, *text))
+    assert "resume with the same data: section" in err and "--allow-data-change" in err
+    err = run(out, run_dir, "--total-steps", "24", rc=2, overrides=(*MULTI, *_decay_data(annealing_text)))
+    assert "had no decay_data: section" in err and "--allow-data-change" in err
     # rerunning the finished run: nothing to train, and no NaN in the done line
     err = run(out, run_dir, "--total-steps", "24", overrides=MULTI)
     assert "already finished" in err and "NaN" not in err and '"loss": null' in err

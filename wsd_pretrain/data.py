@@ -312,7 +312,15 @@ class PhasedSampler:
                 )
             return
         if saved_decay is None:
-            self.decay.samples_seen = 0  # the decay data starts at its beginning, at the first decay
+            # the checkpoint's run had no decay data: a new run (cooldown, continuation) starts it at its beginning;
+            # a plain resume that adds it changes the data the rest of the run reads
+            if not (self.allow_data_change or self.new_decay_data):
+                raise ConfigError(
+                    f"the checkpoint's run had no decay_data: section, this run's is {_short(self.decay_data, None)}: "
+                    f"resume without it, or run with {flag}",
+                    where="data",
+                )
+            self.decay.samples_seen = 0
             return
         if _same_data(saved_decay.get("data") or {}, self.decay_data or {}):
             self.decay.load_state_dict(saved_decay)
