@@ -226,7 +226,7 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
         )
         return 0
     if action == "verify":
-        path = F.resolve_checkpoint(args.ckpt, damaged=True)  # a run directory: its newest, damaged or not
+        path = F.resolve_checkpoint(args.ckpt, damaged="return")  # a run directory: its newest, damaged or not
         problems = tools.verify_checkpoint_files(path, checksums=not args.sizes_only)
         for p in problems:
             print(f"BAD  {p}")

@@ -742,7 +742,7 @@ def _schedule_for(job: JobConfig, args: argparse.Namespace) -> tuple[WSDSchedule
         if args.cooldown_steps is not None:
             raise ConfigError("--cooldown-steps goes with --cooldown-from", where="arguments")
         return job.schedule, None
-    ckpt = F.resolve_checkpoint(source)
+    ckpt = F.resolve_checkpoint(source, damaged="error")
     manifest = F.load_manifest(ckpt)
     at = int(manifest.get("trajectory_position", manifest["position"]))
     saved = WSDSchedule.from_dict(manifest["schedule"]) if manifest.get("schedule") else job.schedule

@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import CheckpointError
 from .safetensors_io import CHECKSUMS, hex_length, read_json
@@ -299,10 +299,13 @@ def _du(path: Path) -> int:
     return total
 
 
-def resolve_checkpoint(target: str | os.PathLike[str], which: str = "latest", *, damaged: bool = False) -> Path:
+def resolve_checkpoint(
+    target: str | os.PathLike[str], which: str = "latest", *, damaged: Literal["skip", "error", "return"] = "skip"
+) -> Path:
     """A checkpoint directory from a run directory (``which``: "latest" = the newest complete one, or a name) or
-    from a checkpoint directory itself. A damaged newest checkpoint is an error naming it, its file and the reason
-    (``damaged=True``: it is returned, for a verifier to report)."""
+    from a checkpoint directory itself. ``damaged`` says what a damaged newest checkpoint does: "skip" (the newest
+    complete one is returned), "error" (a CheckpointError naming it, its file and the reason: the tools), "return"
+    (it is returned, for a verifier to report)."""
     path = Path(target)
     if (path / MANIFEST).exists():
         return path
@@ -319,9 +322,9 @@ def resolve_checkpoint(target: str | os.PathLike[str], which: str = "latest", *,
                 return info.path
         raise CheckpointError(f"{path}: no checkpoint named {which!r}")
     committed = [i for i in infos if i.state in ("complete", "corrupt")]
-    if committed and committed[-1].state == "corrupt" and damaged:
+    if committed and committed[-1].state == "corrupt" and damaged == "return":
         return committed[-1].path
-    if committed and committed[-1].state == "corrupt":
+    if committed and committed[-1].state == "corrupt" and damaged == "error":
         # the newest is damaged: say which and why (as when it is named), never fall back to older state silently
         bad = committed[-1]
         older = [i.name for i in committed if i.state == "complete"]

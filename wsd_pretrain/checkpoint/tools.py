@@ -126,7 +126,7 @@ def _fresh_output(out: Path, *inputs: Path) -> None:
 def inspect_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
     """What a checkpoint holds: position and phase in its schedule, tokens, the job's layout, tensors and bytes by
     dtype per group (from the headers; no tensor is read)."""
-    path = F.resolve_checkpoint(ckpt)
+    path = F.resolve_checkpoint(ckpt, damaged="error")
     m = F.load_manifest(path)
     out: dict[str, Any] = {
         "name": m["name"],
@@ -284,7 +284,7 @@ def reshard(
 ) -> Path:
     """Rewrite a checkpoint with another shard size and/or model dtype (the fp32 master and optimizer state stay
     exact), checksummed anew (same algorithm); ``out`` is the new checkpoint folder."""
-    src_path, out = F.resolve_checkpoint(ckpt), Path(out)
+    src_path, out = F.resolve_checkpoint(ckpt, damaged="error"), Path(out)
     _fresh_output(out, src_path)
     source = CheckpointSource(src_path, _dtype(dtype), progress)
     m = source.manifest
@@ -363,7 +363,7 @@ def export_hf(
     """Export the model to a Hugging Face folder. ``source``: "model" (the model's weights), "master" (the fp32
     master weights) or "auto" (master when the checkpoint has them and ``dtype`` is fp32 or unset, else model);
     ``dtype`` casts (default: the source's)."""
-    path, out = F.resolve_checkpoint(ckpt), Path(out)
+    path, out = F.resolve_checkpoint(ckpt, damaged="error"), Path(out)
     _fresh_output(out, path)
     m = F.load_manifest(path)
     target = _dtype(dtype)
@@ -454,7 +454,7 @@ def to_dcp(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-    path, out = F.resolve_checkpoint(ckpt), Path(out)
+    path, out = F.resolve_checkpoint(ckpt, damaged="error"), Path(out)
     _fresh_output(out, path)
     m = F.load_manifest(path)
     groups = ("model", "master", "optimizer") if include_optimizer else ("model",)
