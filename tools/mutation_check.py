@@ -543,6 +543,31 @@ MUTATIONS: list[Mutation] = [
         "DeepSpeed's CPU Adam kernels start from pow(beta, t): resumed updates differ in the last bit",
     ),
     M(
+        "resume-optimizer-class-unchecked",
+        "wsd_pretrain/checkpoint/resume_checks.py",
+        "    if not saved or not live or saved == live:\n        return None",
+        "    if True:\n        return None",
+        ("tests/test_resume_changes.py::test_another_optimizer_class_is_refused_before_anything_is_restored",),
+        "an AdamW checkpoint resumes into SGD (Adam's moments left in SGD's state) and an SGD one into AdamW (a "
+        "KeyError at the first step)",
+    ),
+    M(
+        "resume-hyperparameters-unchecked",
+        "wsd_pretrain/checkpoint/resume_checks.py",
+        "            if old != new:\n                changes.append(Change(key, i, old, new))",
+        "            if False:\n                changes.append(Change(key, i, old, new))",
+        ("tests/test_resume_changes.py::test_changed_hyperparameters_are_refused_or_applied_per_field",),
+        "a resume with other betas, eps or weight decay in the config keeps the checkpoint's without a word",
+    ),
+    M(
+        "resume-lr-change-ignored",
+        "wsd_pretrain/checkpoint/resume_checks.py",
+        "            if float(old) != float(new):",
+        "            if False:",
+        ("tests/test_resume_changes.py::test_changed_hyperparameters_are_refused_or_applied_per_field",),
+        "a resume with optimizer.lr changed trains on at the checkpoint's LR while config.yaml records the new one",
+    ),
+    M(
         "tools-reshard-master-dropped",
         "wsd_pretrain/checkpoint/tools.py",
         '            if not store.has("master", name) and self._keeps_master(e.dtype):',

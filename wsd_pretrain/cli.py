@@ -149,6 +149,7 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
     from .checkpoint import format as F
     from .checkpoint import tools
     from .checkpoint.manager import parse_size as _parse_size
+    from .errors import CheckpointError
 
     def parse_size(text: str) -> int:
         # a plain number on the command line is bytes, as the help says (parse_size takes ints, not "20000")
@@ -156,6 +157,10 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
 
     action = args.action
     if action == "list":
+        if not args.run_dir.exists():
+            raise CheckpointError(f"{args.run_dir} does not exist: give a run directory (the one passed to --run-dir)")
+        if not args.run_dir.is_dir():
+            raise CheckpointError(f"{args.run_dir} is a file, not a run directory")
         infos = F.list_checkpoints(args.run_dir, checksums=args.checksums)
         if args.json:
             print(
@@ -221,7 +226,7 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
         )
         return 0
     if action == "verify":
-        path = F.resolve_checkpoint(args.ckpt)
+        path = F.resolve_checkpoint(args.ckpt, damaged="return")  # a run directory: its newest, damaged or not
         problems = tools.verify_checkpoint_files(path, checksums=not args.sizes_only)
         for p in problems:
             print(f"BAD  {p}")

@@ -218,6 +218,11 @@ class EngineAdapter(ABC):
     def check_complete(self) -> None:
         """Raise when the engine holds optimizer state that neither :meth:`items` nor :meth:`meta` carries."""
 
+    def optimizer_state_keys(self) -> dict[str, list[str]]:
+        """The optimizer state keys this engine holds now, per parameter name (empty before the first step): what a
+        checkpoint's state must fit on resume."""
+        return {}
+
     # ------------------------------------------------------------------ restoring
 
     @abstractmethod
@@ -399,6 +404,9 @@ class TorchAdapter(EngineAdapter):
                         f"optimizer state {name}/{key} is a {type(value).__name__}: neither a tensor nor a JSON value, "
                         "so it cannot be checkpointed without pickling; use an optimizer whose state is tensors and numbers"
                     )
+
+    def optimizer_state_keys(self) -> dict[str, list[str]]:
+        return {name: sorted(self._state(p)) for name, p in self._params if self._state(p)}
 
     def _group_names(self, group: dict[str, Any]) -> list[str]:
         return [self._name_of.get(id(p), "?") for p in group["params"]]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 
 from .. import distributed as D
 from ..errors import CheckpointError
-from . import coord
+from . import coord, resume_checks
 from . import format as F
 from .adapters import EngineAdapter, Want
 from .faults import point
@@ -84,11 +85,15 @@ def load_checkpoint(
     rank0_only: bool = False,
     load_optimizer: bool = True,
     restore_rng_state: bool = True,
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Restore the engine from ``ckpt`` (every rank calls this); return ``{"manifest", "trainer", "stats"}``.
 
     ``verify``: "checksum" (every file's checksum), "size" (sizes only, for speed) or "none". A mismatched model
-    (names, shapes) or a corrupt file raises CheckpointError naming it on every rank, before anything is changed.
+    (names, shapes), another optimizer class, optimizer state that does not fit this optimizer, or a corrupt file
+    raises CheckpointError naming it on every rank, before anything is changed. ``check`` is called on every rank
+    with ``{"manifest", "trainer", "engine"}`` (the same plain JSON everywhere) before anything is read: it may
+    raise to refuse the checkpoint.
     """
     ckpt = Path(ckpt)
     if verify not in ("checksum", "size", "none"):
@@ -110,6 +115,14 @@ def load_checkpoint(
     if "error" in opened:
         raise CheckpointError(opened["error"])
     manifest, trainer, engine_meta = opened["manifest"], opened["trainer"], _canonical_meta(opened["engine"])
+    live_optimizer = getattr(adapter, "optimizer", None)
+    saved_optimizer = engine_meta.get("optimizer") or {}
+    if load_optimizer and live_optimizer is not None:
+        problem = resume_checks.class_problem(saved_optimizer.get("class"), type(live_optimizer).__name__)
+        if problem is not None:
+            raise CheckpointError(f"{ckpt}: {problem}")  # every rank, from the same broadcast data
+    if check is not None:
+        check(opened)
 
     # 2-3. verify this rank's share of the files and plan what it needs, checked against this job: local work,
     # then one agreement (a bad file or a mismatch anywhere stops every rank before anything changes)
@@ -140,6 +153,16 @@ def load_checkpoint(
             mismatches = _check_compatible(adapter, described)
             if mismatches:
                 raise CheckpointError(f"{ckpt} does not match this model: " + "; ".join(mismatches))
+            if with_optim and live_optimizer is not None and adapter.engine != "deepspeed":
+                # DeepSpeed's flat state has its own keys; its class check above is the guard there
+                keys_problem = resume_checks.state_keys_problem(
+                    saved_optimizer.get("class"),
+                    type(live_optimizer).__name__,
+                    described["optimizer"],
+                    adapter.optimizer_state_keys(),
+                )
+                if keys_problem is not None:
+                    raise CheckpointError(f"{ckpt}: {keys_problem}")
             saved = {p: {k: tuple(s) for k, s in keys.items()} for p, keys in described["optimizer"].items()}
             plan = adapter.wants(saved if with_optim else {})
         except Exception as exc:  # an engine that cannot describe what it needs: every rank must hear of it

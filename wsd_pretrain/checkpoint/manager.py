@@ -25,7 +25,7 @@ import shutil
 import signal
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -43,6 +43,7 @@ from . import scaler as _scaler
 from .adapters import EngineAdapter, make_adapter
 from .load import load_checkpoint
 from .lock import RunLock
+from .resume_checks import Change, decide, hyperparameter_changes
 from .save import HostArena, PendingSave, SaveRequest, start_save
 
 __all__ = ["CheckpointConfig", "CheckpointManager", "Stateful", "parse_size"]
@@ -491,10 +492,16 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ resuming
 
-    def resume(self, which: str | os.PathLike[str] = "auto", *, verify: str | None = None) -> bool:
+    def resume(
+        self,
+        which: str | os.PathLike[str] = "auto",
+        *,
+        verify: str | None = None,
+        allow_changes: bool | Sequence[str] = False,
+    ) -> bool:
         """Restore everything from a checkpoint: ``"auto"`` (the newest complete one in the run, or a fresh start
         when there is none: returns False), ``"latest"`` (the same, but none is an error), a checkpoint name or a
-        path. Returns True when a checkpoint was loaded."""
+        path. Returns True when a checkpoint was loaded. ``allow_changes``: see :meth:`load`."""
         self._check_open("resume")
         target = str(which)
         self.wait()
@@ -517,7 +524,7 @@ class CheckpointManager:
                             f"{info['path']} is damaged: {info['problem']} (set checkpoint.fallback=true to resume from "
                             "the previous checkpoint instead, or remove this one)"
                         )
-                    self.load(info["path"], verify=verify)
+                    self.load(info["path"], verify=verify, allow_changes=allow_changes)
                     return True
                 except CheckpointError as exc:
                     if not self.config.fallback or i == len(infos) - 1:
@@ -540,7 +547,7 @@ class CheckpointManager:
         found = coord.broadcast(found)
         if isinstance(found, dict):
             raise CheckpointError(found["error"])
-        self.load(found, verify=verify)
+        self.load(found, verify=verify, allow_changes=allow_changes)
         return True
 
     def _listing(self) -> Any:
@@ -563,16 +570,40 @@ class CheckpointManager:
             return {"error": f"{self.run_dir}: cannot list checkpoints: {exc}"}
 
     def load(
-        self, path: str | os.PathLike[str], *, verify: str | None = None, scheduler: bool = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        verify: str | None = None,
+        scheduler: bool = True,
+        allow_changes: bool | Sequence[str] = False,
     ) -> dict[str, Any]:
-        """Load one checkpoint into the engine, optimizer, RNG, data sampler and (with ``scheduler``) scheduler."""
+        """Load one checkpoint into the engine, optimizer, RNG, data sampler and (with ``scheduler``) scheduler.
+
+        The optimizer's class and state keys must fit the checkpoint's, and its hyperparameters (each group's
+        betas, eps, weight_decay, ... and the scheduler's base LRs) are compared with the checkpoint's before
+        anything is restored: a changed ``eps`` is applied and logged (old -> new); any other change is refused,
+        naming both values, unless ``allow_changes`` is True (apply every change) or names the fields to apply."""
         self._check_open("load")
         self.wait()
+        optimizer = self.adapter.optimizer
+        live_groups = [dict(g) for g in optimizer.param_groups] if optimizer is not None else []
+        live_base_lrs = [float(b) for b in self.scheduler.base_lrs]
+        applied: list[Change] = []
+
+        def check(opened: dict[str, Any]) -> None:
+            saved_groups = (opened["engine"].get("optimizer") or {}).get("param_groups") or []
+            saved_lrs = (opened["trainer"].get("scheduler") or {}).get("base_lrs")
+            if optimizer is None:
+                saved_groups = []
+            changes = hyperparameter_changes(saved_groups, saved_lrs, live_groups, live_base_lrs)
+            applied.extend(decide(changes, allow_changes))
+
         out = load_checkpoint(
             self.adapter,
             path,
             verify=verify or self.config.verify,
             rank0_only=self.config.write_mode == "rank0",
+            check=check if scheduler else None,  # a branching rewind reloads this run's own state
         )
         trainer = out["trainer"]
         if scheduler and trainer.get("scheduler") is not None:
@@ -589,6 +620,14 @@ class CheckpointManager:
             )
         else:
             self.scheduler.refresh()  # the optimizer state brought back its saved LRs; the position decides
+        for change in applied:
+            if change.field == "lr":
+                self.scheduler.base_lrs[change.group] = change.new
+            elif optimizer is not None and change.group is not None:
+                optimizer.param_groups[change.group][change.field] = live_groups[change.group][change.field]
+            log.info("resume: %s (checkpoint -> this job) applied", change.describe())
+        if applied:
+            self.scheduler.refresh()
         if self.data is not None and trainer.get("data") is not None:
             self.data.load_state_dict(trainer["data"])
         _scaler.restore_scaler(self.scaler, trainer.get("scaler"), Path(path).name)
