@@ -320,8 +320,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "train-no-resume",
         "wsd_pretrain/train.py",
-        'resumed = manager.resume("auto" if args.resume == "auto" else args.resume)',
-        "resumed = False",
+        "            resumed = manager.resume(\n",
+        "            resumed = False and manager.resume(\n",
         ("tests/test_train.py::test_killed_and_resumed_run_ends_with_the_same_weights",),
         "the same command after a crash starts over instead of resuming",
     ),
