@@ -172,3 +172,131 @@ def test_a_prepared_scheduler_stepping_once_per_process_is_refused_by_the_bare_m
         assert n == 2
         assert "steps this scheduler 2 times per optimizer update" in refused
         assert "AccelerateCheckpointer" in refused
+
+
+def test_a_model_on_the_meta_device_is_refused_when_the_manager_is_built(tmp_path):
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = WSDScheduler(opt, WSDSchedule(total=8, decay_length=2))
+    with pytest.raises(
+        ConfigError, match=r"2 parameters or buffers on the meta device \(weight, bias\).*model\.to_empty"
+    ):
+        CheckpointManager(tmp_path, model, opt, sched)
+    # nothing is held: materialized, the same model is accepted in the same directory, with an optimizer built
+    # over its new parameters (to_empty replaces them: the old optimizer's are refused)
+    model.to_empty(device="cpu")
+    model.reset_parameters()
+    with pytest.raises(ConfigError, match="the optimizer holds 2 parameters that the model does not have"):
+        CheckpointManager(tmp_path, model, opt, sched)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    CheckpointManager(tmp_path, model, opt, WSDScheduler(opt, WSDSchedule(total=8, decay_length=2))).close()
+
+
+def test_an_optimizer_over_parameters_the_model_does_not_have_is_refused(tmp_path):
+    model, _ = _model_opt()
+    other = torch.nn.Linear(3, 3)
+    opt = torch.optim.AdamW([*model.parameters(), *other.parameters()], lr=1e-2)
+    sched = WSDScheduler(opt, WSDSchedule(total=8, decay_length=2))
+    with pytest.raises(
+        ConfigError,
+        match=r"the optimizer holds 2 parameters that the model does not have \(shapes \(3, 3\), \(3,\)\).*model\.parameters\(\)",
+    ):
+        CheckpointManager(tmp_path, model, opt, sched)
+    # frozen model parameters outside the optimizer are fine
+    frozen = torch.optim.AdamW([model.weight], lr=1e-2)
+    CheckpointManager(tmp_path, model, frozen, WSDScheduler(frozen, WSDSchedule(total=8))).close()
+
+
+def test_after_close_every_method_refuses_and_the_lock_is_freed_by_with_and_by_garbage_collection(tmp_path):
+    import gc
+
+    from wsd_pretrain import CheckpointError
+
+    model, opt = _model_opt()
+    sched = WSDScheduler(opt, WSDSchedule(total=8, decay_length=2))
+    with CheckpointManager(tmp_path, model, opt, sched) as first:
+        _update(model, opt, sched)
+        first.maybe_save()
+    # the lock is free: a second manager on the directory is built; the closed one writes nothing any more
+    second = CheckpointManager(tmp_path, model, opt, sched)
+    for _ in range(5):
+        _update(model, opt, sched)
+    calls = {
+        "maybe_save": first.maybe_save,
+        "save": lambda: first.save(["periodic"]),
+        "resume": first.resume,
+        "load": lambda: first.load(tmp_path / "checkpoints" / "x"),
+        "wait": first.wait,
+        "request_preemption": first.request_preemption,
+    }
+    for name, call in calls.items():
+        with pytest.raises(
+            CheckpointError, match=rf"CheckpointManager\.{name}\(\) after close\(\).*build a new CheckpointManager"
+        ):
+            call()
+    first.close()  # a second close does nothing
+    assert not (tmp_path / "checkpoints").exists(), "nothing was written by the closed manager"
+
+    # a second manager on the same directory in this process is told so, and how to close the first
+    with pytest.raises(
+        CheckpointError, match=r"in this same process \(pid \d+\): close the first one \(manager\.close\(\)"
+    ):
+        CheckpointManager(tmp_path, model, opt, sched)
+    del second  # dropped without close() (a notebook cell run again)
+    gc.collect()
+    third = CheckpointManager(tmp_path, model, opt, sched)
+    _update(model, opt, sched)
+    assert third.maybe_save() is None
+    _update(model, opt, sched)
+    assert third.maybe_save().name == "step-000000008-post-decay+final"  # it saves
+    third.close()
+
+
+def _two_ranks_guard_and_log(rank: int, world: int, run_dir: str) -> dict:
+    import logging
+
+    from wsd_pretrain import CheckpointManager, ConfigError, WSDSchedule, WSDScheduler
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("wsd_pretrain")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(Collect())
+    out: dict = {}
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    # only rank 1's optimizer holds a parameter of another module: every rank raises, naming rank 1
+    params = [*model.parameters(), *(torch.nn.Linear(3, 3).parameters() if rank == 1 else [])]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    try:
+        CheckpointManager(run_dir, model, opt, WSDScheduler(opt, WSDSchedule(total=4, decay_length=1)))
+        out["built"] = True
+    except ConfigError as exc:
+        out["error"] = str(exc)
+    # a good manager: one save and one load; the per-checkpoint lines come from rank 0 only
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = WSDScheduler(opt, WSDSchedule(total=4, decay_length=1))
+    with CheckpointManager(run_dir, model, opt, sched) as mgr:
+        _update(model, opt, sched)
+        path = mgr.save(["periodic"])
+        mgr.load(path)
+    out["written"] = [line for line in lines if "written in" in line]
+    out["loaded"] = [line for line in lines if line.startswith("loaded checkpoint")]
+    return out
+
+
+@pytest.mark.distributed
+def test_a_problem_on_one_rank_is_refused_on_every_rank_and_only_rank_0_logs_checkpoints(tmp_path):
+    results = run_distributed(_two_ranks_guard_and_log, 2, args=(str(tmp_path),), timeout=240)
+    for res in results:
+        assert "built" not in res
+        assert res["error"].startswith("invalid model or optimizer for the checkpoint manager: rank 1: the optimizer")
+    assert len(results[0]["written"]) == 1
+    assert results[0]["written"][0].startswith("checkpoint step-000000001-periodic written in ")
+    assert len(results[0]["loaded"]) == 1 and "step-000000001-periodic" in results[0]["loaded"][0]
+    assert results[1]["written"] == [] and results[1]["loaded"] == [], "rank 1 logs no checkpoint lines"

@@ -235,7 +235,8 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     schedule = WSDSchedule(total=4, decay_length=1)
     first = CheckpointManager(tmp_path, model, opt, WSDScheduler(opt, schedule))
-    with pytest.raises(CheckpointError, match="in use by another run"):
+    # in this same process: said so, with how to close the first (another process: tests/test_run_lock.py)
+    with pytest.raises(CheckpointError, match="locked by another CheckpointManager in this same process"):
         CheckpointManager(tmp_path, model, opt, WSDScheduler(opt, schedule))
     first.close()
     CheckpointManager(tmp_path, model, opt, WSDScheduler(opt, schedule)).close()

@@ -76,5 +76,16 @@ def test_stop_and_resume_equals_straight(engine, tmp_path):
         assert second[rank]["rng"].keys() == {str(p) for p in range(5, 13)}
         for position, streams in second[rank]["rng"].items():
             assert streams == straight[rank]["rng"][position], f"rank {rank}: RNG differs at position {position}"
+    # the invariant over every engine (tests/test_model_wrappers.py adds the wrapped models): each committed
+    # checkpoint verifies, and its model folder holds each parameter and buffer exactly once, under its own name
+    from pathlib import Path
+
+    from test_model_wrappers import check_invariant
+
+    ckpts = sorted(p for p in Path(tmp_path / "straight" / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert ckpts
+    for ckpt in ckpts:
+        inv = check_invariant(ckpt)
+        assert inv["verify"] == [] and inv["names_once"] and inv["index"], (ckpt.name, inv)
     ends = [straight[r]["rng"]["12"] for r in range(2)]
     assert all(ends[0][k] != ends[1][k] for k in ("python", "numpy", "torch")), "each rank has its own streams"

@@ -112,6 +112,21 @@ def _three_ways(rank: int, world: int, stage: int, dtype: str) -> dict:
         "position": ds_sched.position,
         "type": type(ds_sched).__name__,
     }
+    if stage == 0:  # 4. DeepSpeed's own scheduler given to the manager: the fix names the ds_config section
+        import tempfile
+
+        from wsd_pretrain import CheckpointManager, ConfigError
+
+        cfg = _ds_config(stage, dtype)
+        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 2}}
+        model = _tiny_model()
+        engine, _, _, ds_sched = deepspeed_initialize(
+            model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=BASE_LR), config=cfg
+        )
+        try:
+            CheckpointManager(tempfile.mkdtemp(), engine, None, ds_sched)
+        except ConfigError as exc:
+            out["wrong_scheduler"] = str(exc)
     return out
 
 
@@ -129,6 +144,9 @@ def test_three_ways_to_give_deepspeed_the_scheduler(stage, dtype):
         assert res["callable"]["lrs"] == pytest.approx(expected) and res["callable"]["position"] == schedule.total
         assert res["ds_config"]["type"] == "WSDScheduler"
         assert res["ds_config"]["lrs"] == pytest.approx(expected) and res["ds_config"]["position"] == schedule.total
+        if stage == 0:
+            assert 'got WarmupLR; give the ds_config a "scheduler": {"type": "WSD", "params"' in res["wrong_scheduler"]
+            assert "deepspeed_initialize" in res["wrong_scheduler"] and "WSDScheduler(" not in res["wrong_scheduler"]
 
 
 def _fp16_overflow(rank: int, world: int, stage: int) -> dict:

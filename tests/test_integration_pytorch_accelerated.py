@@ -5,9 +5,11 @@ seed's LRs are kept; the callback takes the seed callback's arguments."""
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import pytest
+import torch
 
 from integration_helpers import (
     EXAMPLES,
@@ -94,3 +96,74 @@ def test_a_preempted_run_saves_and_stops_cleanly(tmp_path):
         start(preempt_cmd(5, SCRIPT, ["--run-dir", str(run)]), tmp_path / "run.log", env), tmp_path / "run.log"
     )
     assert checkpoints(run) == ["step-000000006-preempt"], log[-2000:]
+
+
+def test_accelerate_launch_cpu_with_two_processes_starting_one_is_refused_with_the_command_that_works(tmp_path):
+    # accelerate 1.x's launcher starts several CPU processes only through MPI: this runs the script once
+    log = tmp_path / "launch.log"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    proc = start([*cmd, str(SCRIPT), "--run-dir", str(tmp_path / "run")], log, child_env())
+    assert proc.wait(240) != 0
+    text = log.read_text()
+    assert "`accelerate launch --cpu --num_processes N` started this one process only" in text, text[-3000:]
+    assert "ACCELERATE_USE_CPU=true torchrun --nproc-per-node N" in text
+    assert not (tmp_path / "run" / "checkpoints").exists(), "refused before training"
+
+
+def _in_process_trainer(tmp_path, create_scheduler_fn, epochs=4):
+    """The real pytorch_accelerated Trainer in this process: 40 samples, batches of 4, 10 updates an epoch."""
+    from pytorch_accelerated import Trainer
+    from torch.utils.data import TensorDataset
+
+    from wsd_pretrain.compat import WSDCheckpointCallback
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    trainer = Trainer(
+        model=model,
+        loss_func=torch.nn.MSELoss(),
+        optimizer=torch.optim.AdamW(model.parameters(), lr=0.01),
+        callbacks=[WSDCheckpointCallback(tmp_path)],
+    )
+    trainer.train(
+        train_dataset=TensorDataset(torch.randn(40, 4), torch.randn(40, 1)),
+        num_epochs=epochs,
+        per_device_batch_size=4,
+        create_scheduler_fn=create_scheduler_fn,
+    )
+    return trainer
+
+
+def test_the_seeds_placement_warns_warmup_in_steps_inspect_says_where_the_run_ends(tmp_path, caplog, monkeypatch):
+    from pytorch_accelerated.schedulers import CosineLrScheduler
+
+    from wsd_pretrain import ConfigError
+    from wsd_pretrain.checkpoint.tools import inspect_checkpoint
+    from wsd_pretrain.compat import WSDLrScheduler
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    # a scheduler the manager cannot read: the fix is named in pytorch_accelerated's terms
+    with pytest.raises(ConfigError, match=r"got CosineLrScheduler; pass trainer\.train\(\.\.\., create_scheduler_fn="):
+        _in_process_trainer(tmp_path / "cosine", CosineLrScheduler.create_scheduler_fn())
+
+    # the old integrations.md snippet: num_checkpoints=2 on a 40-update run decays at 10 and 20, then 20 at the floor
+    run = tmp_path / "two"
+    with caplog.at_level(logging.WARNING):
+        trainer = _in_process_trainer(run, WSDLrScheduler.create_scheduler_fn(num_checkpoints=2, num_warmup_steps=4))
+    assert trainer.scheduler.num_warmup_steps == 4 and trainer.scheduler.schedule.warmup == 4
+    assert "the last decay ends at 20 of 40 steps: the remaining 20 (50% of the run) train at the minimum LR" in (
+        caplog.text
+    )
+    assert "use num_checkpoints=1" in caplog.text
+    final = checkpoints(run)[-1]
+    assert final == "step-000000040-final"
+    info = inspect_checkpoint(run / "checkpoints" / final)
+    assert info["position"] == 40 and info["schedule"]["end"] == 40, "the run ended at 40 updates, not 41"
+
+    # the corrected snippet: num_checkpoints=3 (a quarter, a half, the end): no warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        WSDLrScheduler(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1), total_steps=40, num_checkpoints=3)
+    assert "minimum LR" not in caplog.text
+    with pytest.raises(ConfigError, match="num_warmup_epochs=1 and num_warmup_steps=4: give one of them"):
+        WSDLrScheduler.create_scheduler_fn(num_warmup_epochs=1, num_warmup_steps=4)

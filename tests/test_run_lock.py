@@ -179,3 +179,119 @@ def test_every_rank_raises_when_rank_0_finds_the_lock_held(tmp_path):
         held.release()
     assert results[0] == results[1], "the same error on every rank"
     assert results[0].startswith("CheckpointError: ") and f"in use by another run (pid {os.getpid()} on" in results[0]
+
+
+# A trainer holding the lock with the children a trainer has: DataLoader workers (forked by multiprocessing) and a
+# plain os.fork() child; it prints their pids and waits to be killed.
+TRAINER_WITH_WORKERS = r"""
+import os, sys, time
+import torch
+from wsd_pretrain.checkpoint.lock import RunLock
+lock = RunLock(sys.argv[1])
+loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2, persistent_workers=True)
+it = iter(loader)
+next(it)
+child = os.fork()
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print("locked", child, *[w.pid for w in it._workers], flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_restart_right_after_sigkill_is_not_refused_by_the_trainers_children(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TRAINER_WITH_WORKERS, str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line.startswith("locked"):
+        proc.kill()
+        pytest.fail(f"the trainer did not start: {line!r} {proc.communicate()[1][-2000:]}")
+    children = [int(p) for p in line.split()[1:]]
+    try:
+        proc.send_signal(signal.SIGKILL)  # a node failure, the OOM killer, scancel --signal=KILL
+        proc.wait(timeout=60)  # (not communicate(): the children keep its pipes open)
+        alive = [p for p in children if _alive(p)]
+        lock = RunLock(tmp_path)  # the requeued job, at once: the trainer's children must not hold its lock
+        assert alive, "the children outlived the trainer (else this test proves nothing)"
+        assert lock.mode == "flock"
+        assert (tmp_path / FLOCK_NAME).read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+        lock.release()
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_lock_whose_recorded_holder_is_dead_says_so_and_is_taken_once_let_go(tmp_path, monkeypatch, caplog):
+    import threading
+
+    from wsd_pretrain.checkpoint import lock as lock_module
+
+    # a killed run's leftover child holds the flock (started by something other than Python's os.fork, or by an
+    # older wsd_pretrain): the pid written in the file is dead
+    holder = _holder(tmp_path, "flock")
+    dead = _dead_pid()
+    (tmp_path / FLOCK_NAME).write_text(f"pid {dead} on {socket.gethostname()}\n")
+    monkeypatch.setattr(lock_module, "DEAD_HOLDER_WAIT_S", 0.5)
+    try:
+        with pytest.raises(CheckpointError) as info:
+            RunLock(tmp_path)
+        text = str(info.value)
+        assert f"the run that took the lock (pid {dead} on {socket.gethostname()}) is no longer running" in text
+        assert f"process {holder.pid} still holds it" in text and f"`kill {holder.pid}`" in text, text
+        # the leftover exits while a new run waits for it: the new run takes the lock
+        monkeypatch.setattr(lock_module, "DEAD_HOLDER_WAIT_S", 60.0)
+        threading.Timer(0.5, holder.stdin.close).start()  # the holder releases and exits
+        with caplog.at_level(logging.WARNING):
+            lock = RunLock(tmp_path)
+    finally:
+        try:
+            holder.wait(timeout=60)
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+    assert "is no longer running: waiting up to 60s" in caplog.text and "let go; taking it" in caplog.text
+    lock.release()
+
+
+@pytest.mark.parametrize("flock", [True, False])
+def test_a_second_lock_in_the_same_process_is_told_so(tmp_path, monkeypatch, flock):
+    if not flock:
+        _no_flock(monkeypatch)
+    first = RunLock(tmp_path)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"locked by another CheckpointManager in this same process \(pid {os.getpid()}\): close the first one",
+    ):
+        RunLock(tmp_path)
+    assert first.held, "the refused attempt leaves the first lock alone"
+    holder_file = tmp_path / (FLOCK_NAME if flock else LOCKFILE_NAME)
+    assert str(os.getpid()) in holder_file.read_text()
+    del first  # dropped without release(): garbage collection gives the lock back
+    again = RunLock(tmp_path)
+    again.release()
+    assert flock or not holder_file.exists()

@@ -257,8 +257,23 @@ def test_cooldown_branch_from_a_stable_step():
     assert (c.origin, c.total, c.end) == (500, 550, 550)
     assert c.factor(500) == pytest.approx(1 - 1 / 50) and c.factor(549) == 0.0
     for bad in (50, 950):  # warmup, decay
-        with pytest.raises(ConfigError, match="stable-phase"):
+        with pytest.raises(ConfigError, match="stable-phase checkpoint or a pre-decay one"):
             s.cooldown(at=bad, length=10)
+
+
+def test_cooldown_from_a_pre_decay_point_repeats_the_runs_own_decay():
+    for mode in ("wsd-s", "branching"):
+        s = WSDSchedule(total=1000, warmup=100, milestones=(400, 1000), decay_fraction=0.1, mode=mode)
+        for ms in s.milestones_info:
+            at = ms.trajectory_pre_decay
+            assert s.is_pre_decay(at) and not s.is_pre_decay(at + 1)
+            c = s.cooldown(at=at, length=ms.decay_length)
+            assert [c.factor(at + i) for i in range(ms.decay_length)] == [
+                s.factor(ms.pre_decay + i) for i in range(ms.decay_length)
+            ]
+        points = [ms.trajectory_pre_decay for ms in s.milestones_info]
+        with pytest.raises(ConfigError, match=rf"pre-decay points: \[{points[0]}, {points[1]}\]"):
+            s.cooldown(at=points[-1] + 1, length=10)
 
 
 def test_rescaled_keeps_every_phase():

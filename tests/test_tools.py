@@ -308,3 +308,44 @@ def test_mutation_check_refuses_a_stale_list_before_running_anything():
     assert "moved: the id is used twice" in text
     MC.check_list(MC.MUTATIONS)  # the shipped list matches the code
     assert len(MC.MUTATIONS) >= 20
+
+
+def test_suite_table_rewrites_docs_tables_from_a_real_junit_report(tmp_path):
+    """tools/suite_table.py (docs/testing.md's per-file tables): counts and seconds from a real pytest junit report,
+    the prose column kept, a new file marked, the totals line rewritten, a missing marker refused."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_alpha.py").write_text(
+        "import pytest\n\ndef test_a():\n    pass\n\ndef test_b():\n    pass\n\n"
+        "@pytest.mark.skip(reason='x')\ndef test_c():\n    pass\n"
+    )
+    (tmp_path / "tests" / "test_beta.py").write_text("import time\n\ndef test_slowish():\n    time.sleep(1.2)\n")
+    report = tmp_path / "junit.xml"
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", "tests"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    doc = tmp_path / "testing.md"
+    doc.write_text(
+        "intro\n<!-- default-total -->old totals\n\n<!-- default-table -->\n"
+        "| file | tests | seconds | what it checks |\n|---|---|---|---|\n"
+        "| `test_alpha.py` | 9 | 99 | alpha's own prose |\n| `test_gone.py` | 1 | 5 | removed |\n"
+        "<!-- /default-table -->\nafter\n"
+    )
+    cmd = [sys.executable, str(TOOLS / "suite_table.py"), "--junit", f"default={report}", "--markdown", str(doc)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = {r[0]: r for r in _tables(doc.read_text())[0][1:]}
+    assert set(rows) == {"`test_alpha.py`", "`test_beta.py`"}  # a file no longer in the report is dropped
+    assert rows["`test_alpha.py`"][1:] == ["3", "<1", "alpha's own prose"]
+    assert rows["`test_beta.py`"][1] == "1" and _number(rows["`test_beta.py`"][2]) >= 1
+    assert "say what it checks" in rows["`test_beta.py`"][3]
+    text = doc.read_text()
+    assert "<!-- default-total -->3 passed, 0 failed, 1 skipped;" in text and "old totals" not in text
+    assert text.startswith("intro\n") and text.endswith("<!-- /default-table -->\nafter\n")
+    # the slowest file first
+    assert list(rows) == ["`test_beta.py`", "`test_alpha.py`"]
+    bad = subprocess.run([*cmd[:3], f"slow={report}", *cmd[4:]], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "<!-- slow-table -->" in bad.stderr

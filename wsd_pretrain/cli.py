@@ -149,6 +149,7 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
     from .checkpoint import format as F
     from .checkpoint import tools
     from .checkpoint.manager import parse_size as _parse_size
+    from .errors import CheckpointError
 
     def parse_size(text: str) -> int:
         # a plain number on the command line is bytes, as the help says (parse_size takes ints, not "20000")
@@ -156,6 +157,10 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
 
     action = args.action
     if action == "list":
+        if not args.run_dir.exists():
+            raise CheckpointError(f"{args.run_dir} does not exist: give a run directory (the one passed to --run-dir)")
+        if not args.run_dir.is_dir():
+            raise CheckpointError(f"{args.run_dir} is a file, not a run directory")
         infos = F.list_checkpoints(args.run_dir, checksums=args.checksums)
         infos += F.list_snapshots(args.run_dir, checksums=args.checksums)  # model-only, listed after
         if args.json:
@@ -225,7 +230,7 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
         )
         return 0
     if action == "verify":
-        path = F.resolve_checkpoint(args.ckpt)
+        path = F.resolve_checkpoint(args.ckpt, damaged="return")  # a run directory: its newest, damaged or not
         problems = tools.verify_checkpoint_files(path, checksums=not args.sizes_only)
         for p in problems:
             print(f"BAD  {p}")
@@ -246,6 +251,7 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
                 source=args.source,
                 max_shard_size=parse_size(args.max_shard_size),
                 progress=tick,
+                merge_lora=args.merge_lora,
             ),
         )
         print(f"Hugging Face folder written to {out}")
@@ -342,6 +348,11 @@ def _add_ckpt(sub: Any) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--source", choices=["auto", "model", "master"], default="auto")
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="a PEFT LoRA checkpoint: merge the adapters into the base (the base's names and config.json)",
+    )
     p = acts.add_parser(
         "merge",
         help="average checkpoints' weights (WSM: a decay emulated by merging) into a Hugging Face folder",

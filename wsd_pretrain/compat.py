@@ -172,6 +172,7 @@ class WSDLrScheduler:
         self.previous_checkpoint_step: int | None = None
         self._num_updates = -1
         self._rebuild()
+        self._warn_floor_tail()
         # The seed leaves the peak LR in place until the first step(); we start at the schedule's first value.
         self._set_lrs(0)
 
@@ -228,6 +229,23 @@ class WSDLrScheduler:
         except ConfigError as exc:  # the seed's error type for whatever the schedule itself refuses
             raise SeedConfigError(exc.problems, where="WSDLrScheduler") from None
         self._start_ratios = [self.warmup_starting_lr / base if base > 0 else 0.0 for base in self.base_lr_values]
+
+    def _warn_floor_tail(self) -> None:
+        """The seed's placement can end the last decay long before ``total_steps`` (``num_checkpoints=2`` decays at
+        a quarter and a half of the run, then trains the second half at ``lr_min``): say so, with the fix."""
+        from .checkpoint.guards import warn_floor_tail
+
+        warn_floor_tail(
+            self._schedule,
+            int(self.total_steps),  # type: ignore[arg-type]
+            what=f"WSDLrScheduler(num_checkpoints={self.num_checkpoints}, total_steps={self.total_steps})",
+            fix=(
+                f"The seed places its decays at total_steps // 4 x 1, 2, 4, ... (here {self.checkpoint_steps}); to "
+                "end the run with a decay, use num_checkpoints=1 (one decay, at the end) or a count whose series "
+                "reaches total_steps (num_checkpoints=3 when total_steps is a multiple of 4: a quarter, a half, "
+                "the end)"
+            ),
+        )
 
     def _build_schedule(self, total: int, warmup: int, checkpoints: list[int], lengths: tuple[int, ...]) -> WSDSchedule:
         return WSDSchedule(
@@ -375,25 +393,41 @@ class WSDLrScheduler:
         use_inverse_sqrt_decay: bool = True,
         num_checkpoints: int = 1,
         is_continuation_from_checkpoint: bool = False,
+        *,
+        num_warmup_steps: int | None = None,
     ) -> Callable[..., WSDLrScheduler]:
         """A function ``optimizer -> WSDLrScheduler`` for pytorch_accelerated's ``Trainer``.
 
         As in the seed, the epoch counts default to the Trainer's placeholders (when pytorch_accelerated is
-        installed), which it replaces with the run's values; ``num_warmup_epochs=None`` means 1% of the steps.
+        installed), which it replaces with the run's values. The warmup is ``num_warmup_epochs`` epochs or
+        ``num_warmup_steps`` optimizer updates (not both; an addition to the seed's arguments); neither means 1% of
+        the steps.
         """
+        if num_warmup_epochs is not None and num_warmup_steps is not None:
+            raise SeedConfigError(
+                f"num_warmup_epochs={num_warmup_epochs} and num_warmup_steps={num_warmup_steps}: give one of them",
+                where="WSDLrScheduler.create_scheduler_fn",
+            )
+        if num_warmup_steps is not None and (
+            isinstance(num_warmup_steps, bool) or not isinstance(num_warmup_steps, int) or num_warmup_steps < 0
+        ):
+            raise SeedConfigError(
+                f"num_warmup_steps={num_warmup_steps!r}: a whole number of optimizer updates >= 0",
+                where="WSDLrScheduler.create_scheduler_fn",
+            )
         placeholders = _trainer_placeholders()
         if total_num_epochs is None and placeholders is not None:
             total_num_epochs = placeholders.NUM_EPOCHS
         if num_update_steps_per_epoch is None and placeholders is not None:
             num_update_steps_per_epoch = placeholders.PER_PROCESS_NUM_UPDATE_STEPS_PER_EPOCH
-        num_warmup_steps: Any = None
+        warmup: Any = num_warmup_steps
         if num_warmup_epochs is not None:
-            num_warmup_steps = num_update_steps_per_epoch * num_warmup_epochs
+            warmup = num_update_steps_per_epoch * num_warmup_epochs
         return partial(
             cls,
             num_epochs=total_num_epochs,
             num_update_steps_per_epoch=num_update_steps_per_epoch,
-            num_warmup_steps=num_warmup_steps,
+            num_warmup_steps=warmup,
             decay_phase_ratio=decay_phase_ratio,
             lr_min=lr_min,
             warmup_starting_lr=warmup_starting_lr,

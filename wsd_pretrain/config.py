@@ -11,6 +11,7 @@ import collections.abc
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -98,7 +99,7 @@ def build(cls: type[T], section: Any, where: str) -> T:
             continue
         ok, coerced = _coerce(value, hints[key])
         if not ok:
-            problems.append(f"{key}={value!r}: expected {_type_name(hints[key])}")
+            problems.append(f"{key}={value!r}: expected {_type_name(hints[key])}{_number_hint(value)}")
             continue
         kwargs[key] = coerced
     if problems:
@@ -107,6 +108,26 @@ def build(cls: type[T], section: Any, where: str) -> T:
         return cls(**kwargs)
     except ConfigError as exc:
         raise ConfigError(exc.problems, where=where) from None
+
+
+def _number_hint(value: Any) -> str:
+    """YAML (1.1, as PyYAML reads it) takes ``3e-4`` for a string: a number needs a dot and a signed exponent."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    if not math.isfinite(number):
+        return ""
+    return f" (YAML reads {value} as a string: write {_yaml_float(number)}, with a dot and a signed exponent)"
+
+
+def _yaml_float(number: float) -> str:
+    mantissa, _, exponent = f"{number:e}".partition("e")
+    mantissa = mantissa.rstrip("0")
+    mantissa = mantissa + "0" if mantissa.endswith(".") else mantissa
+    return f"{mantissa}e{int(exponent):+d}" if int(exponent) != 0 else mantissa
 
 
 def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:

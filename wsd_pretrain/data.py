@@ -14,6 +14,7 @@ samples, so a checkpoint written on 4 ranks resumes on 2 at the same place in th
 from __future__ import annotations
 
 import glob
+import logging
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,9 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["DataConfig", "ShardedSampler", "TokenData", "load_tokens"]
+log = logging.getLogger("wsd_pretrain")
+
+__all__ = ["DataConfig", "PhasedSampler", "ShardedSampler", "TokenData", "load_tokens"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +66,21 @@ class DataConfig:
             problems.append(f"max_bytes={self.max_bytes!r}: a whole number > 0, or null")
         if problems:
             raise ConfigError(problems, where="data config")
+
+
+def describe(cfg: DataConfig, num_sequences: int) -> dict[str, Any]:
+    """What a checkpoint records of the data a phase read (plain JSON)."""
+    return {
+        "source": cfg.source,
+        "paths": list(cfg.paths),
+        "token_dtype": cfg.token_dtype if cfg.source == "tokens" else None,
+        "seq_len": cfg.seq_len,
+        "max_bytes": cfg.max_bytes if cfg.source != "tokens" else None,
+        "valid_fraction": cfg.valid_fraction,
+        "seed": cfg.seed,
+        "shuffle": cfg.shuffle,
+        "num_sequences": num_sequences,
+    }
 
 
 def _expand(patterns: tuple[str, ...]) -> list[Path]:
@@ -110,6 +128,11 @@ def load_tokens(cfg: DataConfig) -> tuple[np.ndarray, int]:
     arrays = []
     for path in _expand(cfg.paths):
         size = path.stat().st_size
+        if size == 0:
+            raise ConfigError(
+                f"{path} is empty (0 bytes): no tokens to read; remove it from data.paths or write the tokens again",
+                where="data config",
+            )
         if size % dtype.itemsize:
             raise ConfigError(
                 f"{path}: {size} bytes is not a whole number of {cfg.token_dtype} tokens", where="data config"
@@ -215,3 +238,115 @@ class ShardedSampler:
                 where="data",
             )
         self.samples_seen = int(state["samples_seen"])
+
+
+class PhasedSampler:
+    """The main job's data position: the ``data:`` sampler, and the ``decay_data:`` one when the decays read other
+    data (docs/training.md, "Data for the decay").
+
+    The trainer calls :meth:`use` before each update ("decay" inside a decay, else "main"). The decay data is read
+    from its own sampler, which starts at the beginning of that data (its own seeded order) at the first decay and
+    goes on from where the previous decay left it; the main sampler does not move during a decay. The state holds
+    both positions and a description of the data each phase read; loading it back refuses other data unless that
+    is allowed: ``allow_data_change`` (the user's flag: every changed source starts at its beginning) or
+    ``new_decay_data`` (a cooldown or continuation: a decay source other than the checkpoint's starts at its
+    beginning).
+    """
+
+    def __init__(
+        self,
+        main: ShardedSampler,
+        main_data: dict[str, Any],
+        decay: ShardedSampler | None = None,
+        decay_data: dict[str, Any] | None = None,
+    ) -> None:
+        self.main, self.main_data = main, main_data
+        self.decay, self.decay_data = decay, decay_data
+        self.active = "main"
+        self.allow_data_change = False
+        self.new_decay_data = False
+
+    def use(self, which: str) -> str:
+        """Read the next batches from ``which`` ("decay" or "main"; "decay" without decay data is "main")."""
+        self.active = "decay" if which == "decay" and self.decay is not None else "main"
+        return self.active
+
+    def next_indices(self) -> list[int]:
+        return (self.decay if self.active == "decay" and self.decay is not None else self.main).next_indices()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {**self.main.state_dict(), "data": self.main_data}  # the main position at the top: older readers
+        state["decay"] = None if self.decay is None else {**self.decay.state_dict(), "data": self.decay_data}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        flag = "--allow-data-change (the changed data starts at its beginning)"
+        saved_main = state.get("data")
+        same_main = state.get("num_sequences") == self.main.n and state.get("seed") == self.main.seed
+        if saved_main is not None:
+            same_main = same_main and _same_data(saved_main, self.main_data)
+        if same_main:
+            self.main.load_state_dict(state)
+        elif self.allow_data_change:
+            self.main.samples_seen = 0
+            log.warning(
+                "data: the checkpoint read %s, this run reads %s: starting it at its beginning (--allow-data-change)",
+                _short(saved_main, state),
+                _short(self.main_data, None),
+            )
+        else:
+            raise ConfigError(
+                f"the checkpoint's data was {_short(saved_main, state)}, this run's is {_short(self.main_data, None)}:"
+                " resume with the same data: section. To read other data in the decays (a cooldown's, a "
+                "continuation's, this run's own), put it in a decay_data: section; to change the training data on "
+                f"purpose, run with {flag}",
+                where="data",
+            )
+        saved_decay = state.get("decay")
+        if self.decay is None:
+            if saved_decay is not None and not (self.allow_data_change or self.new_decay_data):
+                raise ConfigError(
+                    f"the checkpoint's decays read {_short(saved_decay.get('data'), saved_decay)} (a decay_data: "
+                    f"section) and this run has none: resume with the same decay_data: section, or run with {flag}",
+                    where="data",
+                )
+            return
+        if saved_decay is None:
+            # the checkpoint's run had no decay data: a new run (cooldown, continuation) starts it at its beginning;
+            # a plain resume that adds it changes the data the rest of the run reads
+            if not (self.allow_data_change or self.new_decay_data):
+                raise ConfigError(
+                    f"the checkpoint's run had no decay_data: section, this run's is {_short(self.decay_data, None)}: "
+                    f"resume without it, or run with {flag}",
+                    where="data",
+                )
+            self.decay.samples_seen = 0
+            return
+        if _same_data(saved_decay.get("data") or {}, self.decay_data or {}):
+            self.decay.load_state_dict(saved_decay)
+        elif self.allow_data_change or self.new_decay_data:
+            self.decay.samples_seen = 0
+            log.info(
+                "decay data: %s (the checkpoint's decays read %s), starting at its beginning",
+                _short(self.decay_data, None),
+                _short(saved_decay.get("data"), saved_decay),
+            )
+        else:
+            raise ConfigError(
+                f"the checkpoint's decays read {_short(saved_decay.get('data'), saved_decay)}, this run's "
+                f"decay_data: is {_short(self.decay_data, None)}: resume with the same decay_data: section, or run "
+                f"with {flag}",
+                where="data",
+            )
+
+
+def _same_data(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a == b
+
+
+def _short(desc: dict[str, Any] | None, state: dict[str, Any] | None) -> str:
+    if desc is None:
+        state = state or {}
+        return f"{state.get('num_sequences')} sequences (seed {state.get('seed')})"
+    where = f" {desc['paths']}" if desc.get("paths") else ""
+    return f"{desc.get('source')}{where}: {desc.get('num_sequences')} sequences (seed {desc.get('seed')})"

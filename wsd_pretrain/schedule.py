@@ -571,12 +571,19 @@ class WSDSchedule:
         return WSDSchedule(**params)
 
     def cooldown(self, at: int, length: int, **changes: Any) -> WSDSchedule:
-        """A cooldown branch: decay now, from the stable-phase checkpoint at trajectory position ``at``, for
-        ``length`` units (shape and floor as in this schedule unless ``changes`` say otherwise)."""
+        """A cooldown branch: decay now, from the checkpoint at trajectory position ``at``, for ``length`` units
+        (shape and floor as in this schedule unless ``changes`` say otherwise).
+
+        ``at`` is a stable-phase position or a pre-decay point (the state just before a decay: the schedule's own
+        decay starts there too). The branch's first update starts at ``at`` and runs at the decay's first LR (as in
+        any decay: progress 1/``length``), its last ends at ``at + length`` and runs at the floor. From a pre-decay
+        checkpoint with the run's own decay length and shape, the branch repeats the run's own decay exactly."""
         phase = self._trajectory_phase(at)
-        if phase != _STABLE:
+        if phase != _STABLE and not self.is_pre_decay(at):
             raise ConfigError(
-                f"at={at} is in the {phase} phase; a cooldown branches from a stable-phase checkpoint",
+                f"at={at} is in the {phase} phase; a cooldown branches from a stable-phase checkpoint or a "
+                "pre-decay one (pre-decay points: "
+                f"{[ms.trajectory_pre_decay for ms in self._milestones if ms.decay_length > 0]})",
                 where="cooldown",
             )
         if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
@@ -620,6 +627,10 @@ class WSDSchedule:
         elif isinstance(self.decay_length, int):
             params["decay_length"] = scale(self.decay_length)
         return WSDSchedule(**params)
+
+    def is_pre_decay(self, at: int) -> bool:
+        """True when trajectory position ``at`` is a pre-decay point: the state just before one of the decays."""
+        return any(ms.decay_length > 0 and ms.trajectory_pre_decay == at for ms in self._milestones)
 
     def _trajectory_phase(self, at: int) -> str:
         if at < self.origin or at >= self.total:

@@ -24,11 +24,12 @@ from typing import Any, Literal
 import torch
 
 from . import distributed as D
+from .checkpoint import coord
 from .checkpoint import format as F
 from .checkpoint.manager import CheckpointConfig, CheckpointManager
 from .checkpoint.rng import seed_everything
 from .config import apply_overrides, build, dump_config, load_config
-from .data import DataConfig, ShardedSampler, TokenData
+from .data import DataConfig, PhasedSampler, ShardedSampler, TokenData, describe
 from .deepspeed_scheduler import SCHEDULER_TYPE
 from .errors import ConfigError, WSDError
 from .model import LlamaLM, ModelConfig
@@ -127,6 +128,8 @@ class JobConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    decay_data: DataConfig | None = None
+    """The ``decay_data:`` section: the data the decays read (its keys over the ``data:`` section's), or None."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: WSDSchedule = field(default_factory=lambda: WSDSchedule(**DEFAULT_SCHEDULE))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -137,12 +140,15 @@ class JobConfig:
         names = ("model", "data", "optimizer", "checkpoint", "train", "wsm")
         out = {name: asdict(getattr(self, name)) for name in names}
         out["schedule"] = self.schedule.to_dict()
+        if self.decay_data is not None:
+            out["decay_data"] = asdict(self.decay_data)
         return out
 
 
 SECTIONS = {
     "model": ModelConfig,
     "data": DataConfig,
+    "decay_data": DataConfig,
     "optimizer": OptimizerConfig,
     "schedule": WSDSchedule,
     "checkpoint": CheckpointConfig,
@@ -184,6 +190,19 @@ def resolve_job(
     for name, cls in SECTIONS.items():
         if name == "schedule":
             continue  # after the train section, which may name a ds_config that defines it
+        if name == "decay_data":
+            section = config.get(name)
+            if section is None:
+                continue
+            if not isinstance(section, dict):
+                problems.append(f"decay_data: expected a mapping of data settings, got {type(section).__name__}")
+                continue
+            base = config.get("data") if isinstance(config.get("data"), dict) else {}
+            try:
+                parts[name] = build(cls, {**base, **section}, where="decay_data section (over the data section)")
+            except ConfigError as exc:
+                problems += [f"decay_data: {p}" for p in exc.problems]
+            continue
         try:
             parts[name] = build(cls, config.get(name), where=f"{name} section")
         except ConfigError as exc:
@@ -211,12 +230,19 @@ def resolve_job(
         job = replace(job, schedule=job.schedule.rescaled(total_steps))
     if save_every is not None:
         job = replace(job, checkpoint=replace(job.checkpoint, every_steps=save_every))
-    if job.model.max_seq_len < job.data.seq_len:
-        raise ConfigError(
-            f"data.seq_len={job.data.seq_len} is longer than model.max_seq_len={job.model.max_seq_len}",
-            where="job config",
-        )
+    for name in ("data", "decay_data"):
+        section = getattr(job, name)
+        if section is not None and job.model.max_seq_len < section.seq_len:
+            raise ConfigError(
+                f"{name}.seq_len={section.seq_len} is longer than model.max_seq_len={job.model.max_seq_len}",
+                where="job config",
+            )
     if job.wsm.enabled:
+        if job.decay_data is not None:
+            raise ConfigError(
+                "decay_data is what the decays read, and wsm.enabled trains without decays: drop one of them",
+                where="job config",
+            )
         WSMPlan.build(job.wsm, job.schedule, job.checkpoint)  # refused now (and by --dry-run), naming each fix
     return job
 
@@ -521,11 +547,14 @@ class Trainer:
         run_dir: Path,
         built: Built,
         data: TokenData,
-        sampler: ShardedSampler,
+        sampler: PhasedSampler,
         manager: CheckpointManager,
         device: torch.device,
+        *,
+        decay_data: TokenData | None = None,
     ) -> None:
         self.job, self.run_dir, self.b, self.data, self.sampler = job, run_dir, built, data, sampler
+        self.decay_data = decay_data
         self.manager, self.device = manager, device
         self.wsm: WSMPlan | None = None  # the decay-free mode: a merged model at each milestone (wsm.py)
         self.rank, self.world = D.get_rank(), D.get_world_size()
@@ -542,7 +571,8 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def _micro_step(self) -> float:
-        inputs, targets = self.data.train_batch(self.sampler.next_indices())
+        data = self.decay_data if self.sampler.active == "decay" and self.decay_data is not None else self.data
+        inputs, targets = data.train_batch(self.sampler.next_indices())
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         if self.b.engine is not None:
             loss = self.b.engine(inputs, targets)
@@ -606,6 +636,7 @@ class Trainer:
         return float(value[0] / value[1])
 
     def run(self) -> dict[str, Any]:
+        """Train to the schedule's end (or a preemption); ``loss`` in the result is None when no update ran."""
         sched, job = self.b.scheduler, self.job
         bar = None
         if self.rank == 0 and job.train.progress:
@@ -620,10 +651,13 @@ class Trainer:
                 file=sys.stderr,
             )
         tokens_per_step = sched.tokens_per_step or 0
-        t_last, last_loss, eval_loss = time.perf_counter(), float("nan"), None
+        t_last, last_loss, eval_loss = time.perf_counter(), None, None
+        if sched.finished:
+            log.info("the run is already finished at position %d: nothing to train", sched.position)
         steps_since, tok_s, eval_at = 0, 0.0, None
         while not sched.finished and not self.manager.should_stop:
             phase = sched.phase.name
+            source = self.sampler.use("decay" if phase == "decay" else "main")
             lr = self.b.optimizer.param_groups[0]["lr"]
             last_loss = self._update()
             steps_since += 1
@@ -636,6 +670,8 @@ class Trainer:
                 "phase": phase,
                 "tokens": sched.tokens,
             }
+            if self.decay_data is not None:
+                record["data"] = source  # which data this update read: "main" or "decay"
             if sched.last_epoch % job.train.log_every == 0 or sched.finished:
                 now = time.perf_counter()
                 tok_s = record["tokens_per_s"] = tokens_per_step * steps_since / max(now - t_last, 1e-9)
@@ -695,6 +731,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cooldown-from", type=Path, default=None, help="branch a cooldown from this stable checkpoint")
     p.add_argument("--cooldown-steps", type=int, default=None, help="length of the cooldown branch")
+    p.add_argument(
+        "--allow-optimizer-change",
+        action="store_true",
+        help="on resume, apply optimizer settings that differ from the checkpoint's (lr, betas, weight_decay); "
+        "without it they are refused (eps and train.grad_clip are always applied, and logged)",
+    )
+    p.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="on resume, read data other than the checkpoint's (data: or decay_data:); each changed source starts "
+        "at its beginning. Without it a change is refused",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return p
@@ -709,7 +757,7 @@ def _schedule_for(job: JobConfig, args: argparse.Namespace) -> tuple[WSDSchedule
         if args.cooldown_steps is not None:
             raise ConfigError("--cooldown-steps goes with --cooldown-from", where="arguments")
         return job.schedule, None
-    ckpt = F.resolve_checkpoint(source)
+    ckpt = F.resolve_checkpoint(source, damaged="error")
     manifest = F.load_manifest(ckpt)
     at = int(manifest.get("trajectory_position", manifest["position"]))
     saved = WSDSchedule.from_dict(manifest["schedule"]) if manifest.get("schedule") else job.schedule
@@ -783,9 +831,81 @@ def _dump_job(job: JobConfig, plan: DeepSpeedPlan | None) -> str:
     )
 
 
+def _note_grad_clip(saved: dict[str, Any], now: float) -> None:
+    """A resume applies the job's ``train.grad_clip`` (docs/training.md): say so when it differs."""
+    old = saved.get("grad_clip") if isinstance(saved, dict) else None
+    if old is not None and float(old) != float(now):
+        log.info("resume: grad_clip: %r -> %r (checkpoint -> this job) applied", old, now)
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """Refuse a run directory that cannot hold checkpoints before any work is done (not at the first save)."""
+    for path, what in ((run_dir, "the run directory"), (F.checkpoints_dir(run_dir), "its checkpoints folder")):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(
+                f"{path} ({what}) is a file, not a folder: move it away or give another --run-dir", where="arguments"
+            )
+
+
+def _resume_problem(run_dir: Path, schedule: WSDSchedule, start_from: Path | None, total_flag: bool) -> str | None:
+    """Rank 0, before ``resume("auto")``: why the run directory's newest checkpoint cannot be resumed under this
+    schedule, with the command-line fix, or None (no checkpoint, or the same schedule)."""
+    try:
+        infos = [i for i in F.list_checkpoints(run_dir) if i.state == "complete"]
+    except (OSError, WSDError):
+        return None  # resume reports it
+    if not infos or infos[-1].manifest is None or not infos[-1].manifest.get("schedule"):
+        return None
+    newest, saved = infos[-1], infos[-1].manifest["schedule"]
+    mine = schedule.to_dict()
+    if saved == mine:
+        return None
+    changed = ", ".join(
+        f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}"
+        for k in sorted(set(saved) | set(mine))
+        if saved.get(k) != mine.get(k)
+    )
+    if start_from is not None:
+        return (
+            f"{run_dir} already holds checkpoints of another run (newest: {newest.name}, a schedule of total "
+            f"{saved.get('total')}); --continue-from and --cooldown-from start a new run: give it a new --run-dir "
+            f"(e.g. --run-dir {run_dir}-{start_from.name})"
+        )
+    return (
+        f"{run_dir}'s newest checkpoint {newest.name} ran under another schedule ({changed}). To resume it, run "
+        f"with its settings{' (drop --total-steps or give its total)' if total_flag else ''}. To train it to a new "
+        f"total, continue it into a new run directory: --continue-from {newest.path} --total-steps N --run-dir "
+        f"NEW_DIR; for a cooldown branch: --cooldown-from {newest.path} --cooldown-steps N --run-dir NEW_DIR"
+    )
+
+
+def _drop_replayed_metrics(path: Path, position: int) -> None:
+    """Rank 0 after a resume at ``position``: records past it were written by the run that died and will be
+    written again by the replay; keep each step once."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1  # a line cut short by the kill
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("position"), int) and rec["position"] > position:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, path)
+        log.info("metrics.jsonl: dropped %d record(s) after position %d (they are trained again)", dropped, position)
+
+
 def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None) -> dict[str, Any]:
     rank, world = D.get_rank(), D.get_world_size()
     run_dir = Path(args.run_dir)
+    _check_run_dir(run_dir)
     device = _device(job.train)
     schedule, start_from = _schedule_for(job, args)
     wsm = None
@@ -795,11 +915,14 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
         wsm = WSMPlan.build(job.wsm, schedule, job.checkpoint)
         schedule = wsm.schedule
     data = TokenData(job.data)
-    if data.min_vocab > job.model.vocab_size:
-        raise ConfigError(
-            f"the data has token ids up to {data.min_vocab - 1}; model.vocab_size={job.model.vocab_size} is too small",
-            where="job config",
-        )
+    decay_data = TokenData(job.decay_data) if job.decay_data is not None else None
+    for name, d in (("data", data), ("decay_data", decay_data)):
+        if d is not None and d.min_vocab > job.model.vocab_size:
+            raise ConfigError(
+                f"the {name} has token ids up to {d.min_vocab - 1}; model.vocab_size={job.model.vocab_size} is too "
+                "small",
+                where="job config",
+            )
     tokens_per_step = job.train.micro_batch_size * job.train.grad_accum * world * job.data.seq_len
     built = build_engine(job, schedule, device, tokens_per_step, plan)
     log.info(
@@ -812,9 +935,16 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
     # the same initial weights on every rank (build_engine seeds torch with the job's seed), then every stream of
     # every rank its own: dropout masks differ across ranks as the data does
     seed_everything(job.train.seed + rank)
-    sampler = ShardedSampler(
-        data.num_train, job.train.micro_batch_size, rank, world, seed=job.data.seed, shuffle=job.data.shuffle
+    micro = job.train.micro_batch_size
+    sampler = PhasedSampler(
+        ShardedSampler(data.num_train, micro, rank, world, seed=job.data.seed, shuffle=job.data.shuffle),
+        describe(job.data, data.num_train),
     )
+    if decay_data is not None and job.decay_data is not None:
+        cfg = job.decay_data
+        sampler.decay = ShardedSampler(decay_data.num_train, micro, rank, world, seed=cfg.seed, shuffle=cfg.shuffle)
+        sampler.decay_data = describe(cfg, decay_data.num_train)
+    sampler.allow_data_change = args.allow_data_change
     manager = CheckpointManager(
         run_dir,
         built.engine or built.model,
@@ -823,19 +953,34 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
         config=job.checkpoint,
         data=sampler,
         hf_config=job.model.hf_config(),
+        extra_state=lambda: {"grad_clip": job.train.grad_clip},
+        load_extra_state=lambda saved: _note_grad_clip(saved, job.train.grad_clip),
     )
     try:
         resumed = False
+        if args.resume == "auto":
+            problem = (
+                _resume_problem(run_dir, schedule, start_from, args.total_steps is not None) if rank == 0 else None
+            )
+            problem = coord.broadcast(problem)  # every rank raises the same error
+            if problem is not None:
+                raise ConfigError(problem, where="arguments")
         if args.resume != "none":
-            resumed = manager.resume("auto" if args.resume == "auto" else args.resume)
+            resumed = manager.resume(
+                "auto" if args.resume == "auto" else args.resume, allow_changes=args.allow_optimizer_change
+            )
         elif any(i.state == "complete" for i in F.list_checkpoints(run_dir)):
             raise ConfigError(
                 f"{run_dir} has checkpoints and --resume none was given: use another --run-dir", where="arguments"
             )
         if not resumed and start_from is not None:
-            manager.load(start_from)  # the scheduler accepts the state: the schedule was built at its position
+            sampler.new_decay_data = True  # a new run: its decay data may differ from the checkpoint's
+            # the scheduler accepts the state: the schedule was built at its position
+            manager.load(start_from, allow_changes=args.allow_optimizer_change)
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
+            if resumed:
+                _drop_replayed_metrics(run_dir / "metrics.jsonl", built.scheduler.position)
             (run_dir / "config.yaml").write_text(_dump_job(job, plan))
             log.info(
                 "run %s: %d rank(s), engine %s, %s; schedule %d %s (%s), %.2fM parameters, %d tokens/update",
@@ -849,7 +994,7 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
                 job.model.num_parameters() / 1e6,
                 tokens_per_step,
             )
-        trainer = Trainer(job, run_dir, built, data, sampler, manager, device)
+        trainer = Trainer(job, run_dir, built, data, sampler, manager, device, decay_data=decay_data)
         trainer.wsm = wsm
         result = trainer.run()
     finally:

@@ -2,7 +2,7 @@
 
 python docs/examples/accelerate_loop.py --run-dir runs/accelerate_example           # run again: it resumes
 torchrun --nproc-per-node 2 docs/examples/accelerate_loop.py --run-dir runs/acc2     # 2 processes (gloo)
-accelerate launch --cpu --num_processes 2 docs/examples/accelerate_loop.py --run-dir runs/acc2
+(not `accelerate launch --cpu --num_processes 2`: on CPU it starts one process, which the checkpointer refuses)
 """
 
 from __future__ import annotations

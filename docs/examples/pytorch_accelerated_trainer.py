@@ -1,8 +1,8 @@
 """pytorch_accelerated's Trainer with the seed-compatible scheduler and WSD checkpoints: a tiny MLP, on CPU.
 
 python docs/examples/pytorch_accelerated_trainer.py --run-dir runs/pa_example    # run again: it resumes
-accelerate launch --cpu --num_processes 2 docs/examples/pytorch_accelerated_trainer.py --run-dir runs/pa2
 ACCELERATE_USE_CPU=true torchrun --nproc-per-node 2 docs/examples/pytorch_accelerated_trainer.py --run-dir runs/pa2
+(not `accelerate launch --cpu --num_processes 2`: on CPU it starts one process, which the callback refuses)
 """
 
 from __future__ import annotations

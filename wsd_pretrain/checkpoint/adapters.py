@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 
 from ..errors import CheckpointError
 from .layout import Item, Partition, fsdp_rows
+from .names import canonical_name, inner_module, wrapper_attr
 
 __all__ = ["EngineAdapter", "FSDP2Adapter", "TorchAdapter", "Want", "make_adapter"]
 
@@ -55,27 +56,103 @@ class Want:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module under DDP / DataParallel wrappers (whose names carry a ``module.`` prefix)."""
-    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        model = model.module
-    return model
+    """The user's module under the wrappers around its top (DDP, DataParallel, ``torch.compile``, activation
+    checkpointing, FSDP1): :func:`.names.inner_module`."""
+    return inner_module(model)  # type: ignore[no-any-return]
 
 
-def _named_tensors(module: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Parameter]], list[str], dict[str, str]]:
-    """Unique parameters in order, persistent buffer names, and tied aliases (alias -> the name saved)."""
+class _Buffers(Mapping[str, torch.Tensor]):
+    """Persistent buffers by canonical name, each looked up in its module when asked (``model.to()`` after the
+    manager was built replaces buffer tensors; the module's current one is what is saved and restored)."""
+
+    def __init__(self) -> None:
+        self._where: dict[str, tuple[torch.nn.Module, str]] = {}
+
+    def add(self, name: str, module: torch.nn.Module, attr: str) -> None:
+        self._where.setdefault(name, (module, attr))
+
+    def pop(self, name: str) -> None:
+        self._where.pop(name, None)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        module, attr = self._where[name]
+        return module._buffers[attr]  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _named_tensors(
+    module: torch.nn.Module,
+) -> tuple[list[tuple[str, torch.nn.Parameter]], _Buffers, dict[str, str]]:
+    """Unique parameters in order, persistent buffers, and tied aliases (alias -> the name saved), all under their
+    canonical names (:func:`.names.canonical_name`: no wrapper's segment), each checked against ``state_dict``."""
     seen: dict[int, str] = {}
     params: list[tuple[str, torch.nn.Parameter]] = []
     tied: dict[str, str] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
+    for raw, p in module.named_parameters(remove_duplicate=False):
+        name = canonical_name(module, raw)
         key = id(p)
         if key in seen:
-            tied[name] = seen[key]
+            if name != seen[key]:
+                tied[name] = seen[key]
             continue
         seen[key] = name
         params.append((name, p))
-    param_names = {n for n, _ in params} | set(tied)
-    buffers = [k for k in module.state_dict(keep_vars=True) if k not in param_names]
+    buffers = _Buffers()
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for attr, b in sub._buffers.items():
+            if b is not None and attr not in sub._non_persistent_buffers_set:
+                buffers.add(canonical_name(module, f"{prefix}.{attr}" if prefix else attr), sub, attr)
+    for name in [n for n, _ in params] + list(tied):
+        buffers.pop(name)
+    check_state_dict(module, params, tied, buffers)
     return params, buffers, tied
+
+
+def check_state_dict(
+    module: torch.nn.Module,
+    params: list[tuple[str, torch.nn.Parameter]],
+    tied: dict[str, str],
+    buffers: Mapping[str, torch.Tensor],
+) -> None:
+    """Refuse, when the manager is built, a model whose ``state_dict`` does not hold exactly its parameters and
+    persistent buffers under their canonical names (an overridden ``state_dict``, hooks that rename, add or replace
+    entries, ``get_extra_state``): the checkpoint writes the tensors the optimizer trains, under the names resume
+    and ``from_pretrained`` look for, and a state_dict that says otherwise would be written twice, under names
+    nothing loads, or not at all. Names the keys."""
+    by_name: dict[str, torch.Tensor] = {**dict(params), **buffers}
+    by_name.update({alias: by_name[target] for alias, target in tied.items()})
+    try:
+        state = module.state_dict(keep_vars=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{type(module).__name__}.state_dict() raised {type(exc).__name__}: {exc}: the checkpoint checks the "
+            "model's state_dict against its parameters when the manager is built"
+        ) from exc
+    keys: dict[str, Any] = {}
+    for key, value in state.items():
+        keys.setdefault(canonical_name(module, key), value)
+    extra = [k for k in keys if k not in by_name]
+    missing = [k for k in by_name if k not in keys]
+    other = [k for k, v in keys.items() if k in by_name and v is not by_name[k]]
+    problems = []
+    if extra:
+        problems.append(f"it has {len(extra)} entries that are no parameter or buffer: {_short(extra)}")
+    if missing:
+        problems.append(f"it lacks {len(missing)} parameters or buffers: {_short(missing)}")
+    if other:
+        problems.append(f"{len(other)} entries are not the module's own tensor: {_short(other)}")
+    if problems:
+        raise CheckpointError(
+            f"{type(module).__name__}.state_dict() does not match its parameters and buffers ("
+            + "; ".join(problems)
+            + "): the checkpoint saves the module's parameters and persistent buffers under their own names, once "
+            "each; remove the state_dict override or hooks (or extra state), or checkpoint the module they wrap"
+        )
 
 
 def world_and_rank() -> tuple[int, int]:
@@ -121,11 +198,7 @@ class EngineAdapter(ABC):
         rank."""
 
     def buffer_items(self) -> list[Item]:
-        out = []
-        for b in self._buffers:
-            t = self.module.state_dict(keep_vars=True)[b]
-            out.append(Item("model", b, tuple(t.shape), t.dtype))
-        return out
+        return [Item("model", b, tuple(t.shape), t.dtype) for b, t in self._buffers.items()]
 
     @abstractmethod
     def local(self, item: Item) -> torch.Tensor:
@@ -145,6 +218,11 @@ class EngineAdapter(ABC):
     def check_complete(self) -> None:
         """Raise when the engine holds optimizer state that neither :meth:`items` nor :meth:`meta` carries."""
 
+    def optimizer_state_keys(self) -> dict[str, list[str]]:
+        """The optimizer state keys this engine holds now, per parameter name (empty before the first step): what a
+        checkpoint's state must fit on resume."""
+        return {}
+
     # ------------------------------------------------------------------ restoring
 
     @abstractmethod
@@ -160,7 +238,7 @@ class EngineAdapter(ABC):
         """Put parameter ``name``'s tensors back (keys: the wants' :attr:`Want.slot`)."""
 
     def restore_buffer(self, name: str, tensor: torch.Tensor) -> None:
-        target = self.module.state_dict(keep_vars=True)[name]
+        target = self._buffers[name]
         with torch.no_grad():
             target.copy_(tensor.to(target.dtype))
 
@@ -268,7 +346,7 @@ class TorchAdapter(EngineAdapter):
     engine = "torch"
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-        self.ddp = isinstance(module, torch.nn.parallel.DistributedDataParallel)
+        self.ddp = _has_ddp(module)
         super().__init__(module, optimizer)
         self._name_of = {id(p): n for n, p in self._params}
 
@@ -296,11 +374,7 @@ class TorchAdapter(EngineAdapter):
 
     def local(self, item: Item) -> torch.Tensor:
         if item.group == "model":
-            t = (
-                self._by_name[item.name]
-                if item.name in self._by_name
-                else self.module.state_dict(keep_vars=True)[item.name]
-            )
+            t = self._by_name[item.name] if item.name in self._by_name else self._buffers[item.name]
         else:
             pname, _, key = item.name.rpartition("/")
             t = self._state(self._by_name[pname])[key]
@@ -331,6 +405,9 @@ class TorchAdapter(EngineAdapter):
                         "so it cannot be checkpointed without pickling; use an optimizer whose state is tensors and numbers"
                     )
 
+    def optimizer_state_keys(self) -> dict[str, list[str]]:
+        return {name: sorted(self._state(p)) for name, p in self._params if self._state(p)}
+
     def _group_names(self, group: dict[str, Any]) -> list[str]:
         return [self._name_of.get(id(p), "?") for p in group["params"]]
 
@@ -359,19 +436,20 @@ class TorchAdapter(EngineAdapter):
         p = self._by_name[name]
         with torch.no_grad():
             _local_of(p).copy_(tensors["hp"].to(p.dtype).view(_local_of(p).shape))
-        if self.optimizer is None:
-            return
+        optim = {slot.split("/", 1)[1]: v for slot, v in tensors.items() if slot.startswith("optimizer/")}
+        if self.optimizer is None or not optim:
+            return  # a parameter the optimizer does not hold (frozen) gets no state entry: state_dict() would fail
         state = self.optimizer.state[p]
         group = self._group_of(p)
-        for slot, value in tensors.items():
-            if slot.startswith("optimizer/"):
-                key = slot.split("/", 1)[1]
-                state[key] = self._state_value(p, key, value, group)
+        for key, value in optim.items():
+            state[key] = self._state_value(p, key, value, group)
 
     def _state_value(self, p: torch.Tensor, key: str, value: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         if value.dim() == 0:
             return step_tensor(value, p, group)
-        return value.to(p.device).view(p.shape)
+        # read whole, in its saved shape: the parameter's for per-element state, its own for any other (Adafactor's
+        # factored row and column variances)
+        return value.to(p.device)
 
     def restore_meta(self, meta: dict[str, Any]) -> None:
         saved = meta.get("optimizer")
@@ -390,6 +468,14 @@ class TorchAdapter(EngineAdapter):
                     return None
 
                 restore_scalars(self.optimizer.state[p], leaves, name, as_tensor)
+
+
+def _has_ddp(module: Any) -> bool:
+    while (attr := wrapper_attr(module)) is not None:
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            return True
+        module = getattr(module, attr)
+    return False
 
 
 def _local_of(t: torch.Tensor) -> torch.Tensor:
@@ -451,6 +537,31 @@ class FSDP2Adapter(TorchAdapter):
     def local(self, item: Item) -> torch.Tensor:
         t = super().local(item)
         return t if item.shape == () or item.group == "model" else t.reshape(-1)
+
+    def check_complete(self) -> None:
+        super().check_complete()
+        for name, p in self._params:
+            if self._mesh_info(p) is None:
+                continue
+            for key, value in self._state(p).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(p.shape):
+                    raise CheckpointError(
+                        f"optimizer state {name}/{key} has shape {list(value.shape)}, its sharded parameter "
+                        f"{list(p.shape)}: under FSDP2 the checkpoint saves per-element optimizer state (sharded as "
+                        "the parameter) and 0-d values; state of another shape (factored moments) has no layout it "
+                        "can restore. Use an optimizer with per-element state (AdamW, SGD, Lion) under FSDP2"
+                    )
+
+    def wants(self, saved: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, list[Want]]:
+        for name, p in self._params:
+            for key, shape in saved.get(name, {}).items() if self._mesh_info(p) is not None else ():
+                if len(shape) > 0 and tuple(shape) != tuple(p.shape):
+                    raise CheckpointError(
+                        f"optimizer state {name}/{key} has shape {list(shape)} in the checkpoint, the parameter "
+                        f"{list(p.shape)}: state of another shape (factored moments) cannot be placed on an FSDP2 "
+                        "shard; resume it with one process or DDP"
+                    )
+        return super().wants(saved)
 
     def _state_value(self, p: torch.Tensor, key: str, value: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         from torch.distributed.tensor import DTensor

@@ -105,6 +105,8 @@ def commit(
         add_json(F.STATE_INDEX, state_index(plan))
     if request.hf_config is not None:
         add_json("config.json", request.hf_config)
+    for rel, data in request.extra_json.items():
+        add_json(rel, data)
     add_json(f"{F.TRAIN_STATE}/engine.json", meta)
     add_json(f"{F.TRAIN_STATE}/trainer.json", request.trainer)
     manifest = {

@@ -30,6 +30,7 @@ import torch
 from ..errors import CheckpointError
 from .adapters import _jsonable, is_json_scalar
 from .layout import Item, Partition, zero3_chunks
+from .names import canonical_text
 
 __all__ = ["DeepSpeedCheckpointSource", "find_deepspeed_step_dir"]
 
@@ -100,6 +101,7 @@ class DeepSpeedCheckpointSource:
         ms = self.model_states
         if not isinstance(ms, dict) or "module" not in ms:
             raise CheckpointError(f"{model_files[0]}: no 'module' entry; not a DeepSpeed model states file")
+        _canonical_names(ms)
         if ms.get("frozen_param_shapes"):
             raise CheckpointError(f"{self.step_dir}: frozen parameters are not supported by the converter")
         optim_files = sorted((int(m.group(1)), f) for f in self.step_dir.iterdir() if (m := _OPTIM_RE.match(f.name)))
@@ -384,6 +386,24 @@ class DeepSpeedCheckpointSource:
                 "ds_version": str(ms.get("ds_version", "")),
             },
         }
+
+
+def _canonical_names(ms: dict[str, Any]) -> None:
+    """The names of DeepSpeed's files without torch's wrapper segments (a model compiled or activation-checkpointed
+    before ``deepspeed.initialize``: ``_orig_mod.``, ``_checkpoint_wrapped_module.``), in place, by the checkpoint's
+    one rule (names.py): the ``module`` state_dict (whose checkpoint_wrapper hook already dropped its segment) and
+    the named-parameter lists then agree."""
+    if isinstance(ms.get("module"), dict):
+        ms["module"] = {canonical_text(k): v for k, v in ms["module"].items()}
+    if isinstance(ms.get("buffer_names"), list):
+        ms["buffer_names"] = [canonical_text(n) for n in ms["buffer_names"]]
+    if isinstance(ms.get("shared_params"), dict):
+        ms["shared_params"] = {canonical_text(k): canonical_text(v) for k, v in ms["shared_params"].items()}
+    if isinstance(ms.get("param_shapes"), list):
+        ms["param_shapes"] = [
+            type(group)((canonical_text(n), s) for n, s in group.items()) if isinstance(group, dict) else group
+            for group in ms["param_shapes"]
+        ]
 
 
 def _match_groups(params: list[tuple[str, tuple[int, ...]]], groups: list[list[Any]]) -> dict[str, tuple[int, int]]:

@@ -327,7 +327,7 @@ class DeepSpeedAdapter(EngineAdapter):
 
     def local(self, item: Item) -> torch.Tensor:
         if item.group == "model" and item.name not in self._by_name:
-            return self.module.state_dict(keep_vars=True)[item.name].detach()
+            return self._buffers[item.name].detach()
         name, key = (item.name, None) if item.group != "optimizer" else item.name.rsplit("/", 1)
         p = self._by_name[name]
         if key is not None and item.shape == ():  # a 0-d state tensor (written whole by one rank)

@@ -31,7 +31,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import CheckpointError
 from .safetensors_io import CHECKSUMS, hex_length, read_json
@@ -317,9 +317,13 @@ def _du(path: Path) -> int:
     return total
 
 
-def resolve_checkpoint(target: str | os.PathLike[str], which: str = "latest") -> Path:
+def resolve_checkpoint(
+    target: str | os.PathLike[str], which: str = "latest", *, damaged: Literal["skip", "error", "return"] = "skip"
+) -> Path:
     """A checkpoint directory from a run directory (``which``: "latest" = the newest complete one, or a name) or
-    from a checkpoint directory itself."""
+    from a checkpoint directory itself. ``damaged`` says what a damaged newest checkpoint does: "skip" (the newest
+    complete one is returned), "error" (a CheckpointError naming it, its file and the reason: the tools), "return"
+    (it is returned, for a verifier to report)."""
     path = Path(target)
     if (path / MANIFEST).exists():
         return path
@@ -335,6 +339,15 @@ def resolve_checkpoint(target: str | os.PathLike[str], which: str = "latest") ->
                     raise CheckpointError(f"checkpoint {which!r} is {info.state}: {info.problem or ''}")
                 return info.path
         raise CheckpointError(f"{path}: no checkpoint named {which!r}")
+    committed = [i for i in infos if i.state in ("complete", "corrupt")]
+    if committed and committed[-1].state == "corrupt" and damaged == "return":
+        return committed[-1].path
+    if committed and committed[-1].state == "corrupt" and damaged == "error":
+        # the newest is damaged: say which and why (as when it is named), never fall back to older state silently
+        bad = committed[-1]
+        older = [i.name for i in committed if i.state == "complete"]
+        hint = f"name an older one ({older[-1]}) or remove it" if older else "remove it"
+        raise CheckpointError(f"{path}: the newest checkpoint {bad.name} is damaged: {bad.problem}; {hint}")
     complete = [i for i in infos if i.state == "complete"]
     if not complete:
         raise CheckpointError(f"{path}: no complete checkpoint to resume from")

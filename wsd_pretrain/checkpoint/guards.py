@@ -41,6 +41,23 @@ _HOW_TO_BUILD = (
     "build one with wsd_pretrain.WSDScheduler(optimizer, wsd_pretrain.WSDSchedule(total=..., ...)); with the "
     "Hugging Face Trainer, wsd_pretrain.integrations.hf.wsd_scheduler(optimizer, training_args)"
 )
+_HOW_TO_BUILD_DEEPSPEED = (
+    'give the ds_config a "scheduler": {"type": "WSD", "params": {"total": ..., "warmup": ..., '
+    '"decay_fraction": ...}} section and build the engine with wsd_pretrain.deepspeed_scheduler.'
+    "deepspeed_initialize(model=..., config=ds_config, ...) (DeepSpeed itself refuses that type), then pass "
+    "engine.lr_scheduler"
+)
+
+
+def how_to_build_for(model: Any) -> str | None:
+    """The fix a wrong-scheduler error names for this engine (None: the generic one)."""
+    import sys
+
+    ds = sys.modules.get("deepspeed")
+    engine = getattr(ds, "DeepSpeedEngine", None) if ds is not None else None
+    if engine is not None and isinstance(model, engine):
+        return _HOW_TO_BUILD_DEEPSPEED
+    return None
 
 
 class CompatSchedulerView:
@@ -118,12 +135,14 @@ def _module_of(obj: Any) -> str:
     return type(obj).__module__ or ""
 
 
-def resolve_scheduler(scheduler: Any) -> Any:
+def resolve_scheduler(scheduler: Any, *, how_to_build: str | None = None) -> Any:
     """The scheduler the manager reads, from what a framework hands out; refuses what it cannot read safely.
 
     Accepts a :class:`WSDScheduler`, accelerate's ``AcceleratedScheduler`` around one (unless it steps it several
     times per update), Lightning's ``LRSchedulerConfig`` (``interval="step"``, ``frequency=1`` only) and
-    :class:`wsd_pretrain.compat.WSDLrScheduler` (read through a :class:`CompatSchedulerView`).
+    :class:`wsd_pretrain.compat.WSDLrScheduler` (read through a :class:`CompatSchedulerView`). ``how_to_build``:
+    the fix the error names when the scheduler is not one of these (the framework's own way to give a WSD
+    scheduler: ``create_scheduler_fn`` in pytorch_accelerated, the ds_config section in DeepSpeed).
     """
     if isinstance(scheduler, (WSDScheduler, CompatSchedulerView)):
         return scheduler
@@ -135,7 +154,7 @@ def resolve_scheduler(scheduler: Any) -> Any:
     name = type(scheduler).__name__
     if module.startswith("accelerate") and name == "AcceleratedScheduler":
         _check_accelerated(scheduler)
-        return resolve_scheduler(scheduler.scheduler)
+        return resolve_scheduler(scheduler.scheduler, how_to_build=how_to_build)
     if module.startswith(("lightning", "pytorch_lightning")) and name == "LRSchedulerConfig":
         problems = []
         if scheduler.interval != "step":
@@ -150,7 +169,7 @@ def resolve_scheduler(scheduler: Any) -> Any:
             )
         if problems:
             raise ConfigError(problems, where="Lightning lr_scheduler config")
-        return resolve_scheduler(scheduler.scheduler)
+        return resolve_scheduler(scheduler.scheduler, how_to_build=how_to_build)
     inner = getattr(scheduler, "scheduler", None)
     if isinstance(inner, (WSDScheduler, WSDLrScheduler)):
         raise ConfigError(
@@ -160,7 +179,7 @@ def resolve_scheduler(scheduler: Any) -> Any:
         )
     raise ConfigError(
         f"the checkpoint manager needs a WSDScheduler (it reads the schedule's pre-decay and post-decay points), got "
-        f"{name}; {_HOW_TO_BUILD}",
+        f"{name}; {how_to_build or _HOW_TO_BUILD}",
         where="checkpoint manager scheduler",
     )
 
@@ -271,3 +290,96 @@ def warn_later_checkpoints(run_dir: Path, position: int) -> list[str]:
             ", ".join(later[:4]) + (" ..." if len(later) > 4 else ""),
         )
     return later
+
+
+# ---------------------------------------------------------------------------------------------- what the manager is given
+
+
+def _is_meta(t: Any) -> bool:
+    return getattr(t, "is_meta", False) or getattr(getattr(t, "device", None), "type", None) == "meta"
+
+
+def model_problems(adapter: Any, optimizer: Any) -> list[str]:
+    """This rank's problems with the model and optimizer the manager was given, each with its fix (empty: none):
+
+    * parameters or buffers on the meta device: they hold no values, so a save would write nothing real and a
+      resume would "load" into tensors that stay on meta;
+    * an optimizer holding parameters the model does not have (built over another module, or before FSDP2's
+      ``fully_shard`` replaced the parameters): their optimizer state would never be saved or restored.
+    """
+    problems = []
+    module = adapter.module
+    meta = [n for n, p in module.named_parameters() if _is_meta(p)]
+    meta += [n for n, b in module.named_buffers() if _is_meta(b)]
+    if meta:
+        shown = ", ".join(meta[:3]) + (f" and {len(meta) - 3} more" if len(meta) > 3 else "")
+        problems.append(
+            f"the model has {len(meta)} parameters or buffers on the meta device ({shown}): they hold no values, so "
+            "a save would write nothing real and a resume would leave them on meta. Materialize the model before "
+            "building the CheckpointManager: model.to_empty(device=...) then initialize it (reset_parameters(), "
+            "model.apply(init_fn), or load its weights), or build it on a real device (not under "
+            "torch.device('meta') or init_empty_weights())"
+        )
+    if optimizer is not None and adapter.engine != "deepspeed":
+        own = {id(p) for p in module.parameters()}
+        foreign = [p for g in getattr(optimizer, "param_groups", []) for p in g["params"] if id(p) not in own]
+        if foreign:
+            shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+            problems.append(
+                f"the optimizer holds {len(foreign)} parameters that the model does not have (shapes {shapes}): "
+                "their optimizer state would never be saved or restored. Build the optimizer over the model you "
+                "pass to the manager: torch.optim.AdamW(model.parameters(), ...) (with FSDP2, after fully_shard; "
+                "with DDP or torch.compile, the same module's parameters)"
+            )
+    return problems
+
+
+def refuse_unusable_model(adapter: Any, optimizer: Any) -> None:
+    """Raise :class:`ConfigError` on every rank when any rank's :func:`model_problems` found one (one small
+    all-reduce on the checkpoint's group; on a single process, locally)."""
+    from . import coord
+
+    problems = model_problems(adapter, optimizer)
+    if D.is_distributed():
+        (failed,) = D.all_reduce_max([1 if problems else 0], group=coord.groups().coord)
+        if failed:
+            everyone = D.all_gather_object("; ".join(problems) or None, group=coord.groups().coord)
+            raise ConfigError(coord.describe_errors(everyone), where="model or optimizer for the checkpoint manager")
+        return
+    if problems:
+        raise ConfigError(problems, where="model or optimizer for the checkpoint manager")
+
+
+def floor_tail(schedule: Any, end: int) -> tuple[int, int, int] | None:
+    """``(last decay's end, updates after it at the floor, run length)`` when a schedule holding the floor after its
+    last milestone (``after_last="floor"``) spends more than a fifth of the run there; None otherwise."""
+    milestones = schedule.milestones_info
+    if getattr(schedule, "after_last", None) != "floor" or not milestones:
+        return None
+    last = int(milestones[-1].post_decay)
+    run = int(end) - int(getattr(schedule, "origin", 0) or 0)
+    tail = int(end) - last
+    if run > 0 and tail * 5 > run:
+        return last, tail, run
+    return None
+
+
+def warn_floor_tail(schedule: Any, end: int, *, what: str, fix: str) -> bool:
+    """Warn (rank 0) when :func:`floor_tail` finds a long floor: a run that trains a large part of its budget at
+    the minimum LR, usually by mistake (the seed's checkpoint placement does it for ``num_checkpoints=2``)."""
+    found = floor_tail(schedule, end)
+    if found is None:
+        return False
+    last, tail, run = found
+    if D.get_rank() == 0:
+        log.warning(
+            "%s: the last decay ends at %d of %d %s: the remaining %d (%.0f%% of the run) train at the minimum LR. %s",
+            what,
+            last,
+            int(end),
+            schedule.units,
+            tail,
+            100.0 * tail / run,
+            fix,
+        )
+    return True

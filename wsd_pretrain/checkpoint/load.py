@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,11 @@ import torch
 
 from .. import distributed as D
 from ..errors import CheckpointError
-from . import coord
+from . import coord, resume_checks
 from . import format as F
 from .adapters import EngineAdapter, Want
 from .faults import point
+from .names import canonical_text
 from .rng import restore_rng
 from .safetensors_io import DTYPE_TO_STR, STR_TO_DTYPE, read_json
 from .store import CheckpointStore
@@ -88,11 +90,15 @@ def load_checkpoint(
     rank0_only: bool = False,
     load_optimizer: bool = True,
     restore_rng_state: bool = True,
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Restore the engine from ``ckpt`` (every rank calls this); return ``{"manifest", "trainer", "stats"}``.
 
     ``verify``: "checksum" (every file's checksum), "size" (sizes only, for speed) or "none". A mismatched model
-    (names, shapes) or a corrupt file raises CheckpointError naming it on every rank, before anything is changed.
+    (names, shapes), another optimizer class, optimizer state that does not fit this optimizer, or a corrupt file
+    raises CheckpointError naming it on every rank, before anything is changed. ``check`` is called on every rank
+    with ``{"manifest", "trainer", "engine"}`` (the same plain JSON everywhere) before anything is read: it may
+    raise to refuse the checkpoint.
     """
     ckpt = Path(ckpt)
     if verify not in ("checksum", "size", "none"):
@@ -113,7 +119,15 @@ def load_checkpoint(
     opened = coord.broadcast(opened)
     if "error" in opened:
         raise CheckpointError(opened["error"])
-    manifest, trainer, engine_meta = opened["manifest"], opened["trainer"], opened["engine"]
+    manifest, trainer, engine_meta = opened["manifest"], opened["trainer"], _canonical_meta(opened["engine"])
+    live_optimizer = getattr(adapter, "optimizer", None)
+    saved_optimizer = engine_meta.get("optimizer") or {}
+    if load_optimizer and live_optimizer is not None:
+        problem = resume_checks.class_problem(saved_optimizer.get("class"), type(live_optimizer).__name__)
+        if problem is not None:
+            raise CheckpointError(f"{ckpt}: {problem}")  # every rank, from the same broadcast data
+    if check is not None:
+        check(opened)
 
     # 2-3. verify this rank's share of the files and plan what it needs, checked against this job: local work,
     # then one agreement (a bad file or a mismatch anywhere stops every rank before anything changes)
@@ -144,6 +158,16 @@ def load_checkpoint(
             mismatches = _check_compatible(adapter, described)
             if mismatches:
                 raise CheckpointError(f"{ckpt} does not match this model: " + "; ".join(mismatches))
+            if with_optim and live_optimizer is not None and adapter.engine != "deepspeed":
+                # DeepSpeed's flat state has its own keys; its class check above is the guard there
+                keys_problem = resume_checks.state_keys_problem(
+                    saved_optimizer.get("class"),
+                    type(live_optimizer).__name__,
+                    described["optimizer"],
+                    adapter.optimizer_state_keys(),
+                )
+                if keys_problem is not None:
+                    raise CheckpointError(f"{ckpt}: {keys_problem}")
             saved = {p: {k: tuple(s) for k, s in keys.items()} for p, keys in described["optimizer"].items()}
             plan = adapter.wants(saved if with_optim else {})
         except Exception as exc:  # an engine that cannot describe what it needs: every rank must hear of it
@@ -217,25 +241,55 @@ def verify_checkpoint_local(ckpt: Path, manifest: dict[str, Any], verify: str) -
 
 
 def _describe(store: CheckpointStore | None) -> dict[str, Any]:
-    """What the checkpoint holds, as plain JSON (in rank0 mode the other ranks learn it from rank 0)."""
+    """What the checkpoint holds, as plain JSON (in rank0 mode the other ranks learn it from rank 0), under the
+    bare model's names: a checkpoint written before names dropped torch's wrapper segments (a compiled model's
+    ``_orig_mod.``) is described by its canonical names, and ``aliases`` maps them back to the stored ones."""
     assert store is not None
-    out: dict[str, Any] = {"model": {}, "master": {}, "optimizer": {}}
+    out: dict[str, Any] = {"model": {}, "master": {}, "optimizer": {}, "aliases": {}}
     for group in ("model", "master"):
         for name in store.names(group):
             e = store.entry(group, name)
-            out[group][name] = [list(e.shape), DTYPE_TO_STR[e.dtype]]
+            bare = canonical_text(name)
+            if bare != name:
+                out["aliases"][f"{group}/{bare}"] = name
+            out[group][bare] = [list(e.shape), DTYPE_TO_STR[e.dtype]]
     for pname, keys in store.optimizer_keys().items():
-        out["optimizer"][pname] = {}
+        bare = canonical_text(pname)
+        out["optimizer"][bare] = {}
         for key in keys:
             e = store.entry("optimizer", f"{pname}/{key}")
-            out["optimizer"][pname][key] = list(e.shape)
-            out.setdefault("optimizer_dtypes", {})[f"{pname}/{key}"] = DTYPE_TO_STR[e.dtype]
+            if bare != pname:
+                out["aliases"][f"optimizer/{bare}/{key}"] = f"{pname}/{key}"
+            out["optimizer"][bare][key] = list(e.shape)
+            out.setdefault("optimizer_dtypes", {})[f"{bare}/{key}"] = DTYPE_TO_STR[e.dtype]
     return out
+
+
+def _canonical_meta(engine: Any) -> Any:
+    """engine.json's parameter names (param groups, non-tensor state) by the same rule as :func:`_describe`."""
+    optimizer = engine.get("optimizer") if isinstance(engine, dict) else None
+    if not isinstance(optimizer, dict):
+        return engine
+    optimizer = dict(optimizer)
+    groups = optimizer.get("param_groups")
+    if isinstance(groups, list):
+        optimizer["param_groups"] = [
+            {**g, "params": [canonical_text(n) for n in g["params"]]}
+            if isinstance(g, dict)
+            and isinstance(g.get("params"), list)
+            and all(isinstance(n, str) for n in g["params"])
+            else g
+            for g in groups
+        ]
+    if isinstance(optimizer.get("scalars"), dict):
+        optimizer["scalars"] = {canonical_text(k): v for k, v in optimizer["scalars"].items()}
+    return {**engine, "optimizer": optimizer}
 
 
 def _check_compatible(adapter: EngineAdapter, described: dict[str, Any]) -> list[str]:
     """Problems that make the checkpoint unfit for this model: names, shapes, dtypes (a floating tensor for a
-    floating one, others exactly), master weights and optimizer state of the wrong shape."""
+    floating one, others exactly), master weights of the wrong shape. Optimizer state of any shape is accepted: the
+    adapter reads per-element state as its parameter and any other whole, and refuses what it cannot place."""
     problems: list[str] = []
     model, master = described["model"], described["master"]
     wanted = {i.name: (i.shape, i.dtype) for i in adapter.items() if i.group == "model"}
@@ -263,12 +317,10 @@ def _check_compatible(adapter: EngineAdapter, described: dict[str, Any]) -> list
             return problems
     dtypes = described.get("optimizer_dtypes", {})
     for pname, keys in described["optimizer"].items():
-        for key, shape in keys.items():
+        for key in keys:
             full = f"{pname}/{key}"
             if pname not in wanted:
                 problems.append(f"optimizer state {full} belongs to no parameter of this model")
-            elif shape and tuple(shape) != tuple(wanted[pname][0]):
-                problems.append(f"optimizer state {full}: shape {shape}, the parameter's is {list(wanted[pname][0])}")
             elif not STR_TO_DTYPE[dtypes[full]].is_floating_point:
                 problems.append(f"optimizer state {full}: dtype {dtypes[full]}, expected a floating type")
             if len(problems) > 8:
@@ -277,7 +329,12 @@ def _check_compatible(adapter: EngineAdapter, described: dict[str, Any]) -> list
 
 
 def _source(want: Want, described: dict[str, Any]) -> tuple[str, str, torch.dtype | None]:
-    """Where a want is read from: (group, tensor name, dtype to cast to or None)."""
+    """Where a want is read from: (group, tensor name as stored, dtype to cast to or None)."""
+    group, name, cast = _source_bare(want, described)
+    return group, described.get("aliases", {}).get(f"{group}/{name}", name), cast
+
+
+def _source_bare(want: Want, described: dict[str, Any]) -> tuple[str, str, torch.dtype | None]:
     if want.kind == "optimizer":
         return "optimizer", f"{want.name}/{want.key}", None
     if want.kind == "buffer":
@@ -356,7 +413,7 @@ def _validated_trainer(ckpt: Path, trainer: Any, engine: Any) -> None:
     for key in ("position", "step", "tokens"):
         if not isinstance(trainer.get(key), int) or isinstance(trainer.get(key), bool) or trainer[key] < 0:
             raise CheckpointError(f"{where / 'trainer.json'}: {key!r} must be a whole number >= 0")
-    for key in ("scheduler", "data", "extra"):
+    for key in ("scheduler", "data", "extra", "scaler"):
         if trainer.get(key) is not None and not isinstance(trainer[key], dict):
             raise CheckpointError(f"{where / 'trainer.json'}: {key!r} must be an object or null")
     if not isinstance(engine, dict) or not isinstance(engine.get("optimizer", {}) or {}, dict):

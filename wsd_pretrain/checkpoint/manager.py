@@ -24,7 +24,8 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -37,9 +38,12 @@ from ..scheduler import WSDScheduler
 from . import coord
 from . import format as F
 from . import guards as _guards
+from . import lora as _lora
+from . import scaler as _scaler
 from .adapters import EngineAdapter, make_adapter
 from .load import load_checkpoint
 from .lock import RunLock
+from .resume_checks import Change, decide, hyperparameter_changes
 from .save import HostArena, PendingSave, SaveRequest, start_save
 
 __all__ = ["CheckpointConfig", "CheckpointManager", "Stateful", "parse_size"]
@@ -194,6 +198,9 @@ class CheckpointManager:
         extra_state: returns plain-JSON user state to save; ``load_extra_state`` receives it back.
         hf_config: a Hugging Face ``config.json`` dict, written beside the model so the folder loads with
             ``from_pretrained``.
+        scaler: the loss scaler of an fp16 run (``torch.amp.GradScaler``, FSDP2's ``ShardedGradScaler``, anything
+            with a plain-JSON ``state_dict``/``load_state_dict``): its scale and growth tracker are saved and restored
+            (DeepSpeed's own fp16 scaler is saved with its engine).
     """
 
     def __init__(
@@ -209,11 +216,19 @@ class CheckpointManager:
         load_extra_state: Callable[[dict[str, Any]], None] | None = None,
         hf_config: dict[str, Any] | None = None,
         adapter: EngineAdapter | None = None,
+        scaler: Any = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.config = config or CheckpointConfig()
         # guard rails (guards.py): see through framework wrappers, refuse what cannot be read safely
-        self.scheduler = scheduler = _guards.resolve_scheduler(scheduler)
+        self.scheduler = scheduler = _guards.resolve_scheduler(scheduler, how_to_build=_guards.how_to_build_for(model))
+        if isinstance(scheduler, WSDScheduler):  # (the seed-compatible scheduler warns when it is built)
+            _guards.warn_floor_tail(
+                scheduler.schedule,
+                scheduler.schedule.end,
+                what="the WSD schedule",
+                fix="End the run with a milestone at total, or use after_last='stable' (cool down later)",
+            )
         self._step_guard = _guards.StepGuard(scheduler)
         self.adapter = adapter or make_adapter(model, optimizer)
         self.adapter.check_complete()  # state the checkpoint could not carry is refused now, not after hours
@@ -221,7 +236,9 @@ class CheckpointManager:
         self.data = data
         self.extra_state = extra_state
         self.load_extra_state = load_extra_state
-        self.hf_config = hf_config
+        # a PEFT model's folder holds PEFT's names: its base's config.json would load it wrong (lora.py)
+        self.hf_config, self._extra_json = _lora.peft_files(model, hf_config)
+        self.scaler = _scaler.check_scaler(scaler)
         if scheduler.schedule.mode == "branching" and not self.config.at_milestones:
             raise ConfigError(
                 "a branching schedule rewinds to its pre-decay checkpoints: keep checkpoint.at_milestones=true",
@@ -231,6 +248,12 @@ class CheckpointManager:
         # going on into a collective that rank 0 never reaches
         coord.acquire()  # every rank makes the checkpoint's gloo groups here, at the same point
         self._lock: RunLock | None = None
+        self._closed = True  # until built: a half-built manager refuses everything
+        try:
+            _guards.refuse_unusable_model(self.adapter, self.adapter.optimizer)  # every rank raises together
+        except ConfigError:
+            coord.release()
+            raise
         lock_error = None
         if D.get_rank() == 0:
             try:
@@ -284,7 +307,11 @@ class CheckpointManager:
             return
         for name in self.config.signals:
             signum = getattr(signal, name)
-            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+            old = signal.getsignal(signum)
+            self._old_handlers[signum] = old
+            # the handler holds the manager weakly, so a manager dropped without close() is garbage collected (and
+            # its run lock released); a signal arriving after that goes to the handler that was there before
+            signal.signal(signum, _SignalRelay(weakref.ref(self), old))
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._preempt_flag = 1
@@ -294,7 +321,18 @@ class CheckpointManager:
 
     def request_preemption(self) -> None:
         """What a caught signal does: save at the next :meth:`maybe_save` and set :attr:`should_stop`."""
+        self._check_open("request_preemption")
         self._preempt_flag = 1
+
+    def _check_open(self, method: str) -> None:
+        """Every method but :meth:`close` refuses once the manager is closed: its run lock is released, so another
+        run (or another manager in this process) may be writing to the directory now."""
+        if self._closed:
+            raise CheckpointError(
+                f"CheckpointManager.{method}() after close(): this manager of {self.run_dir} has released its run "
+                "lock (another manager or run may use the directory now); build a new CheckpointManager to save or "
+                "resume"
+            )
 
     # ------------------------------------------------------------------ saving
 
@@ -308,12 +346,14 @@ class CheckpointManager:
             "scheduler": s.state_dict(),
             "data": self.data.state_dict() if self.data is not None else None,
             "extra": self.extra_state() if self.extra_state is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def maybe_save(self) -> Path | None:
         """Call once after each ``scheduler.step()``. Saves if this step is a decay point, periodic, the end or a
         preemption; in branching mode, after a branch's post-decay save, restores its pre-decay state. Returns the
         checkpoint written (it may still be in flight with async saves), or None."""
+        self._check_open("maybe_save")
         if not self._step_guard.advanced(self.scheduler):  # guards.py: no update since the last call, or refused
             return None
         s = self.scheduler
@@ -412,6 +452,7 @@ class CheckpointManager:
 
     def save(self, kinds: list[str]) -> Path:
         """Save now with these kinds (every rank calls it). Waits for the previous async save first."""
+        self._check_open("save")
         self.wait()
         s = self.scheduler
         request = SaveRequest(
@@ -422,7 +463,11 @@ class CheckpointManager:
             trainer=self._trainer_state(),
             schedule=s.schedule.to_dict(),
             hf_config=self.hf_config,
-            extra_manifest={"trajectory_position": s.schedule.trajectory_position(s.position)},
+            extra_json=self._extra_json,
+            extra_manifest={
+                "trajectory_position": s.schedule.trajectory_position(s.position),
+                "run_end": _guards.schedule_end(s),  # where the run ends (the seed's total_steps for its scheduler)
+            },
         )
         if self.config.async_save and self._arena is None:
             self._arena = HostArena()
@@ -444,12 +489,12 @@ class CheckpointManager:
         self.saves.append(pending.final)
         if self.config.async_save:
             self._pending = pending
-            log.info(
+            _log_rank0(
                 "checkpoint %s: state fetched in %.2fs, writing in the background", pending.name, time.monotonic() - t0
             )
         else:
             self._finish(pending)
-            log.info("checkpoint %s written in %.2fs", pending.name, time.monotonic() - t0)
+            _log_rank0("checkpoint %s written in %.2fs", pending.name, time.monotonic() - t0)
         return pending.final
 
     @property
@@ -462,7 +507,7 @@ class CheckpointManager:
         try:
             pending.wait()
             if pending.snapshot is not None:
-                log.info(
+                _log_rank0(
                     "checkpoint %s: state copied in %.2fs while training went on; training waited %.3fs for it",
                     pending.name,
                     pending.snapshot.copy_s,
@@ -478,6 +523,7 @@ class CheckpointManager:
     def wait(self) -> None:
         """Wait for an async save in flight, and the retention after it (every rank calls it); raises if the save
         failed on any rank."""
+        self._check_open("wait")
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._finish(pending)
@@ -542,10 +588,17 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ resuming
 
-    def resume(self, which: str | os.PathLike[str] = "auto", *, verify: str | None = None) -> bool:
+    def resume(
+        self,
+        which: str | os.PathLike[str] = "auto",
+        *,
+        verify: str | None = None,
+        allow_changes: bool | Sequence[str] = False,
+    ) -> bool:
         """Restore everything from a checkpoint: ``"auto"`` (the newest complete one in the run, or a fresh start
         when there is none: returns False), ``"latest"`` (the same, but none is an error), a checkpoint name or a
-        path. Returns True when a checkpoint was loaded."""
+        path. Returns True when a checkpoint was loaded. ``allow_changes``: see :meth:`load`."""
+        self._check_open("resume")
         target = str(which)
         self.wait()
         if target in ("auto", "latest"):
@@ -567,7 +620,7 @@ class CheckpointManager:
                             f"{info['path']} is damaged: {info['problem']} (set checkpoint.fallback=true to resume from "
                             "the previous checkpoint instead, or remove this one)"
                         )
-                    self.load(info["path"], verify=verify)
+                    self.load(info["path"], verify=verify, allow_changes=allow_changes)
                     return True
                 except CheckpointError as exc:
                     if not self.config.fallback or i == len(infos) - 1:
@@ -590,7 +643,7 @@ class CheckpointManager:
         found = coord.broadcast(found)
         if isinstance(found, dict):
             raise CheckpointError(found["error"])
-        self.load(found, verify=verify)
+        self.load(found, verify=verify, allow_changes=allow_changes)
         return True
 
     def _listing(self) -> Any:
@@ -613,15 +666,40 @@ class CheckpointManager:
             return {"error": f"{self.run_dir}: cannot list checkpoints: {exc}"}
 
     def load(
-        self, path: str | os.PathLike[str], *, verify: str | None = None, scheduler: bool = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        verify: str | None = None,
+        scheduler: bool = True,
+        allow_changes: bool | Sequence[str] = False,
     ) -> dict[str, Any]:
-        """Load one checkpoint into the engine, optimizer, RNG, data sampler and (with ``scheduler``) scheduler."""
+        """Load one checkpoint into the engine, optimizer, RNG, data sampler and (with ``scheduler``) scheduler.
+
+        The optimizer's class and state keys must fit the checkpoint's, and its hyperparameters (each group's
+        betas, eps, weight_decay, ... and the scheduler's base LRs) are compared with the checkpoint's before
+        anything is restored: a changed ``eps`` is applied and logged (old -> new); any other change is refused,
+        naming both values, unless ``allow_changes`` is True (apply every change) or names the fields to apply."""
+        self._check_open("load")
         self.wait()
+        optimizer = self.adapter.optimizer
+        live_groups = [dict(g) for g in optimizer.param_groups] if optimizer is not None else []
+        live_base_lrs = [float(b) for b in self.scheduler.base_lrs]
+        applied: list[Change] = []
+
+        def check(opened: dict[str, Any]) -> None:
+            saved_groups = (opened["engine"].get("optimizer") or {}).get("param_groups") or []
+            saved_lrs = (opened["trainer"].get("scheduler") or {}).get("base_lrs")
+            if optimizer is None:
+                saved_groups = []
+            changes = hyperparameter_changes(saved_groups, saved_lrs, live_groups, live_base_lrs)
+            applied.extend(decide(changes, allow_changes))
+
         out = load_checkpoint(
             self.adapter,
             path,
             verify=verify or self.config.verify,
             rank0_only=self.config.write_mode == "rank0",
+            check=check if scheduler else None,  # a branching rewind reloads this run's own state
         )
         trainer = out["trainer"]
         if scheduler and trainer.get("scheduler") is not None:
@@ -638,11 +716,20 @@ class CheckpointManager:
             )
         else:
             self.scheduler.refresh()  # the optimizer state brought back its saved LRs; the position decides
+        for change in applied:
+            if change.field == "lr":
+                self.scheduler.base_lrs[change.group] = change.new
+            elif optimizer is not None and change.group is not None:
+                optimizer.param_groups[change.group][change.field] = live_groups[change.group][change.field]
+            log.info("resume: %s (checkpoint -> this job) applied", change.describe())
+        if applied:
+            self.scheduler.refresh()
         if self.data is not None and trainer.get("data") is not None:
             self.data.load_state_dict(trainer["data"])
+        _scaler.restore_scaler(self.scaler, trainer.get("scaler"), Path(path).name)
         if self.load_extra_state is not None and trainer.get("extra") is not None:
             self.load_extra_state(trainer["extra"])
-        log.info("loaded checkpoint %s (position %s)", Path(path).name, trainer.get("position"))
+        _log_rank0("loaded checkpoint %s (position %s)", Path(path).name, trainer.get("position"))
         self._step_guard.reset(self.scheduler)  # guards.py: the loaded position's saves are done, nothing re-fires
         if scheduler:
             _guards.warn_later_checkpoints(self.run_dir, self.scheduler.position)
@@ -665,7 +752,7 @@ class CheckpointManager:
                 f"branching: the pre-decay checkpoint at position {milestone.pre_decay} is missing, cannot rewind"
             )
         self.load(candidates[-1]["path"], scheduler=False, verify="size")
-        log.info(
+        _log_rank0(
             "branch %d done: rewound to its pre-decay state (%d trained)",
             milestone.index,
             milestone.trajectory_pre_decay,
@@ -674,9 +761,17 @@ class CheckpointManager:
     # ------------------------------------------------------------------ closing
 
     def close(self) -> None:
-        """Wait for any save in flight, restore signal handlers, release the run lock (every rank calls it)."""
+        """Wait for any save in flight, restore signal handlers, release the run lock (every rank calls it). A
+        second call does nothing; every other method refuses after it. A manager dropped without ``close()``
+        releases its run lock when it is garbage collected (``with CheckpointManager(...) as manager:`` closes it
+        at the end of the block)."""
+        if self._closed:
+            return
         try:
-            self.wait()
+            if self._pending is not None:
+                pending, self._pending = self._pending, None
+                self._finish(pending)
+            self._join_retention()
         finally:
             for signum, handler in self._old_handlers.items():
                 signal.signal(signum, handler)
@@ -693,6 +788,32 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _log_rank0(msg: str, *args: Any) -> None:
+    """The per-checkpoint lines ("written", "loaded"): one per job, from rank 0, not one per rank."""
+    if D.get_rank() == 0:
+        log.info(msg, *args)
+
+
+class _SignalRelay:
+    """A preemption signal handler that holds its manager weakly (see ``_install_signal_handlers``)."""
+
+    def __init__(self, manager: weakref.ReferenceType[CheckpointManager], previous: Any) -> None:
+        self.manager = manager
+        self.previous = previous
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        manager = self.manager()
+        if manager is not None and not manager._closed:
+            manager._on_signal(signum, frame)
+            return
+        previous = self.previous
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:  # what the signal would have done without us (SIGTERM: end the process)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
 
 class _ModelOnly:

@@ -67,6 +67,8 @@ class SaveRequest:
     schedule: dict[str, Any] | None = None
     hf_config: dict[str, Any] | None = None
     extra_manifest: dict[str, Any] = field(default_factory=dict)
+    extra_json: dict[str, Any] = field(default_factory=dict)
+    """Other JSON files beside the model (a PEFT model's ``adapter_config.json`` and ``base_config.json``)."""
 
 
 # ---------------------------------------------------------------------------------------------- host buffers

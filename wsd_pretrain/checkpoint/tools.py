@@ -24,6 +24,7 @@ from ..schedule import WSDSchedule
 from . import format as F
 from .commit import write_latest
 from .layout import Item, Partition, plan_save
+from .lora import ADAPTER_CONFIG, BASE_CONFIG, MergedLoRA
 from .safetensors_io import (
     fsync_dir,
     read_header,
@@ -69,7 +70,10 @@ def _atomic_output(out: Path) -> Iterator[Path]:
     """A staging folder beside ``out`` to write into: renamed to ``out`` (and fsynced) when the block ends, removed
     on any error, so ``out`` is either complete or absent."""
     staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:
+        raise _unwritable(out, exc) from None
     try:
         yield staging
         fsync_dir(staging)
@@ -77,12 +81,42 @@ def _atomic_output(out: Path) -> Iterator[Path]:
             out.rmdir()
         os.rename(staging, out)
         fsync_dir(out.parent)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _unwritable(out, exc) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _fresh_output(out: Path) -> None:
+def _unwritable(out: Path, exc: OSError) -> CheckpointError:
+    why = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return CheckpointError(
+        f"cannot write the output {out}: {why}{where}; nothing was written. Give an output folder on a writable "
+        "filesystem with room for it"
+    )
+
+
+def _fresh_output_run(out: Path, src: Path) -> None:
+    real_out, real_src = Path(os.path.realpath(out)), Path(os.path.realpath(src))
+    if real_out == real_src or real_src in real_out.parents:
+        raise CheckpointError(
+            f"the output {out} is inside the input {src}: import into a run directory outside the DeepSpeed checkpoint"
+        )
+
+
+def _fresh_output(out: Path, *inputs: Path) -> None:
+    """Refuse an output that would be written into one of the inputs (a committed checkpoint is never changed) or
+    over something that exists."""
+    real_out = Path(os.path.realpath(out))
+    for src in inputs:
+        real_src = Path(os.path.realpath(src))
+        if real_out == real_src or real_src in real_out.parents:
+            raise CheckpointError(
+                f"the output {out} is inside the input {src}: a checkpoint is never written into; give an output "
+                "folder outside it"
+            )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} exists and is not empty: give a new output folder")
 
@@ -93,7 +127,7 @@ def _fresh_output(out: Path) -> None:
 def inspect_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
     """What a checkpoint holds: position and phase in its schedule, tokens, the job's layout, tensors and bytes by
     dtype per group (from the headers; no tensor is read)."""
-    path = F.resolve_checkpoint(ckpt)
+    path = F.resolve_checkpoint(ckpt, damaged="error")
     m = F.load_manifest(path)
     out: dict[str, Any] = {
         "name": m["name"],
@@ -117,7 +151,7 @@ def inspect_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
                 "phase": phase.name,
                 "period": phase.period,
                 "progress": round(phase.progress, 4),
-                "end": schedule.end,
+                "end": int(m.get("run_end", schedule.end)),
                 "units": schedule.units,
                 "mode": schedule.mode,
                 "milestones": [[ms.pre_decay, ms.post_decay] for ms in schedule.milestones_info],
@@ -251,8 +285,8 @@ def reshard(
 ) -> Path:
     """Rewrite a checkpoint with another shard size and/or model dtype (the fp32 master and optimizer state stay
     exact), checksummed anew (same algorithm); ``out`` is the new checkpoint folder."""
-    src_path, out = F.resolve_checkpoint(ckpt), Path(out)
-    _fresh_output(out)
+    src_path, out = F.resolve_checkpoint(ckpt, damaged="error"), Path(out)
+    _fresh_output(out, src_path)
     source = CheckpointSource(src_path, _dtype(dtype), progress)
     m = source.manifest
     request = SaveRequest(
@@ -266,6 +300,7 @@ def reshard(
         extra_manifest={
             "trajectory_position": m.get("trajectory_position", m["position"]),
             "resharded_from": str(src_path),
+            **({"run_end": m["run_end"]} if "run_end" in m else {}),
         },
     )
     try:
@@ -326,11 +361,14 @@ def export_hf(
     max_shard_size: int = 5 * 10**9,
     source: str = "auto",
     progress: Progress = None,
+    merge_lora: bool = False,
 ) -> Path:
     """Export the model to a Hugging Face folder. ``source``: "model" (the model's weights), "master" (the fp32
     master weights) or "auto" (master when the checkpoint has them and ``dtype`` is fp32 or unset, else model);
-    ``dtype`` casts (default: the source's)."""
-    path, out = F.resolve_checkpoint(ckpt), Path(out)
+    ``dtype`` casts (default: the source's). ``merge_lora``: a PEFT LoRA checkpoint's adapters merged into the base,
+    under the base's names and config (checkpoint/lora.py); a LoRA checkpoint is refused without it."""
+    path, out = F.resolve_checkpoint(ckpt, damaged="error"), Path(out)
+    _fresh_output(out, path)
     m = F.load_manifest(path)
     target = _dtype(dtype)
     if source not in ("auto", "model", "master"):
@@ -344,17 +382,34 @@ def export_hf(
         def group_of(name: str) -> str:
             return "master" if use_master and store.has("master", name) else "model"
 
+        def read(name: str) -> torch.Tensor:
+            return store.read(group_of(name), name)  # a master assembled from its slices, one tensor at a time
+
+        names = store.names("model")
+        lora_cfg = (
+            read_json(F.safe_path(path, ADAPTER_CONFIG, "adapter config")) if (path / ADAPTER_CONFIG).exists() else None
+        )
+        if lora_cfg is not None and not merge_lora:
+            raise CheckpointError(
+                f"{path} holds a PEFT model (adapter_config.json; names like {names[0]!r}): export it with "
+                "--merge-lora, a Hugging Face folder of the base model with the adapters merged in"
+            )
+        if lora_cfg is None and merge_lora:
+            raise CheckpointError(
+                f"{path}: --merge-lora, but the checkpoint holds no PEFT model (no adapter_config.json)"
+            )
+        merged = MergedLoRA(names, lora_cfg, lambda n: store.entry(group_of(n), n)) if lora_cfg is not None else None
         specs = []
-        for name in store.names("model"):
-            e = store.entry(group_of(name), name)
+        for name in merged.names if merged is not None else names:
+            source_name = merged.sources[name][0] if merged is not None else name
+            e = store.entry(group_of(source_name), source_name)
             specs.append(Item("model", name, e.shape, target or e.dtype))
 
         def fetch(name: str) -> torch.Tensor:
-            return store.read(group_of(name), name)  # a master assembled from its slices, one tensor at a time
+            return merged.tensor(name, read) if merged is not None else read(name)
 
-        config = (
-            read_json(F.safe_path(path, "config.json", "model config")) if (path / "config.json").exists() else None
-        )
+        config_file = BASE_CONFIG if merged is not None else "config.json"
+        config = read_json(F.safe_path(path, config_file, "model config")) if (path / config_file).exists() else None
         if config is not None and not isinstance(config, dict):
             raise CheckpointError(f"{path / 'config.json'}: not a JSON object (a Hugging Face config is one)")
         if config is not None and target is not None:
@@ -378,6 +433,7 @@ def from_deepspeed(
     from .convert_deepspeed import DeepSpeedCheckpointSource
 
     out = Path(out)
+    _fresh_output_run(out, Path(ds_ckpt))
     if F.checkpoints_dir(out).is_dir() and any(F.checkpoints_dir(out).iterdir()):
         raise CheckpointError(f"{out} already has checkpoints: import into a new run directory")
     source = DeepSpeedCheckpointSource(ds_ckpt)
@@ -395,7 +451,10 @@ def from_deepspeed(
         extra_manifest={"trajectory_position": trainer["trajectory_position"]},
     )
     dest = F.checkpoints_dir(out) / F.checkpoint_name(trainer["position"], ["imported"])
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unwritable(out, exc) from None
     path = start_save(source, out, request, max_shard_bytes=max_shard_size, dest=dest, with_rng=False).wait()
     write_latest(dest.parent, dest.name)
     return path
@@ -416,8 +475,8 @@ def to_dcp(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-    path, out = F.resolve_checkpoint(ckpt), Path(out)
-    _fresh_output(out)
+    path, out = F.resolve_checkpoint(ckpt, damaged="error"), Path(out)
+    _fresh_output(out, path)
     m = F.load_manifest(path)
     groups = ("model", "master", "optimizer") if include_optimizer else ("model",)
     with CheckpointStore(path, m) as store:
@@ -463,6 +522,7 @@ def from_dcp(
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     src, out = Path(dcp_dir), Path(out)
+    _fresh_output(out, src)
     try:
         metadata = FileSystemReader(str(src)).read_metadata()
     except Exception as exc:

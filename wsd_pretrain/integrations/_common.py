@@ -28,6 +28,7 @@ import torch
 
 from .. import distributed as D
 from ..checkpoint.manager import CheckpointConfig, CheckpointManager, Stateful
+from ..checkpoint.names import wrapper_attr
 from ..checkpoint.rng import capture_rng, restore_rng
 
 __all__ = [
@@ -44,9 +45,11 @@ log = logging.getLogger(__name__)
 
 
 def inner_model(model: Any) -> Any:
-    """The user's module under ``torch.compile`` (``_orig_mod.`` names); DDP is unwrapped by the adapter."""
-    while isinstance(model, torch.nn.Module) and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-        model = model._orig_mod
+    """The user's module under ``torch.compile`` and activation checkpointing at its top, by the checkpoint's one
+    rule (checkpoint/names.py; the names inside drop every wrapper's segment there too); DDP stays, for the adapter
+    to see the data-parallel job."""
+    while (attr := wrapper_attr(model)) not in (None, "module"):
+        model = getattr(model, attr)
     return model
 
 
@@ -60,6 +63,13 @@ def inner_optimizer(optimizer: Any) -> Any:
             return optimizer
         optimizer = inner
     return optimizer
+
+
+def scaler_of(optimizer: Any) -> Any:
+    """The loss scaler a framework's optimizer wrapper steps through (accelerate's ``AcceleratedOptimizer.scaler``,
+    a ``torch.amp.GradScaler`` when the run is fp16 without DeepSpeed), or None."""
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler if callable(getattr(scaler, "state_dict", None)) else None
 
 
 def hf_config_of(model: Any) -> dict[str, Any] | None:
@@ -84,6 +94,46 @@ def check_world(framework_processes: int, framework: str, fix: str) -> None:
         raise ConfigError(
             f"torch.distributed runs {world} processes but {framework} trains with {framework_processes}: each process "
             f"would train on its own; {fix}",
+            where=framework,
+        )
+
+
+# what `accelerate launch` puts in the environment of the processes it starts (every launcher of accelerate 1.x)
+_ACCELERATE_LAUNCH_ENV = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND")
+_LAUNCHED_WORLD_ENV = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+
+
+def check_launch(framework_processes: int, framework: str) -> None:
+    """Refuse a run whose launcher asked for another number of processes than the framework trains with.
+
+    * ``accelerate launch --cpu --num_processes N`` (N > 1) starts one process: accelerate's launcher starts
+      several CPU processes only through MPI (``--mpirun_hostfile``); without it, it runs the script once, with
+      ``MASTER_ADDR``/``MASTER_PORT`` set (for N > 1 only) and no ``WORLD_SIZE``. That one process would train
+      alone, on 1/N of the batch the run was planned with.
+    * A launcher's world size (``WORLD_SIZE``, MPI's) that differs from the framework's process count.
+    """
+    from ..errors import ConfigError
+
+    env = os.environ
+    for key in _LAUNCHED_WORLD_ENV:
+        value = env.get(key, "")
+        if value.isdigit() and int(value) != framework_processes:
+            raise ConfigError(
+                f"the launcher started {value} processes ({key}={value}) but {framework} trains with "
+                f"{framework_processes}: each process would train on its own; on CPU, build Accelerator(cpu=True) "
+                "or set ACCELERATE_USE_CPU=true",
+                where=framework,
+            )
+    if framework_processes != 1 or any(k in env for k in _LAUNCHED_WORLD_ENV) or "RANK" in env:
+        return
+    by_accelerate = all(k in env for k in _ACCELERATE_LAUNCH_ENV)
+    cpu = env.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "y", "on")
+    if by_accelerate and cpu and "MASTER_ADDR" in env and "MASTER_PORT" in env:
+        raise ConfigError(
+            "`accelerate launch --cpu --num_processes N` started this one process only (accelerate starts several "
+            "CPU processes only through MPI, with --mpirun_hostfile): it would train alone, on 1/N of the planned "
+            "batch. Start N CPU processes with torchrun: `ACCELERATE_USE_CPU=true torchrun --nproc-per-node N "
+            "script.py ...`; to train on one process, launch without --num_processes",
             where=framework,
         )
 
@@ -160,6 +210,8 @@ class FrameworkCheckpointer:
             framework's loader is not the data position's keeper.
         extra_state / load_extra_state: plain-JSON user state saved with every checkpoint and given back.
         framework: a name for messages.
+        scheduler_fix: what an error about a scheduler the manager cannot read tells the user to do, in this
+            framework's terms (default: build a ``WSDScheduler``).
     """
 
     def __init__(
@@ -171,8 +223,10 @@ class FrameworkCheckpointer:
         extra_state: Callable[[], dict[str, Any]] | None = None,
         load_extra_state: Callable[[dict[str, Any]], None] | None = None,
         framework: str = "framework",
+        scheduler_fix: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.scheduler_fix = scheduler_fix
         self.config = config or CheckpointConfig()
         self.data = data
         self.user_extra_state = extra_state
@@ -187,12 +241,25 @@ class FrameworkCheckpointer:
 
     # ------------------------------------------------------------------ building
 
-    def build(self, model: Any, optimizer: Any, scheduler: Any, *, hf_config: dict[str, Any] | None = None) -> Any:
+    def build(
+        self,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        *,
+        hf_config: dict[str, Any] | None = None,
+        scaler: Any = None,
+    ) -> Any:
         """Make the manager (every rank, once): unwrapped model and optimizer, the WSD scheduler behind the
-        framework's wrapper, the Hugging Face config when the model has one."""
+        framework's wrapper, the Hugging Face config when the model has one, the framework's loss scaler
+        (``scaler``, or the one accelerate's prepared optimizer holds: HF Trainer, accelerate, pytorch_accelerated)."""
         if self.manager is not None:
             return self.manager
         module = inner_model(model)
+        if self.scheduler_fix is not None:  # a wrong scheduler is refused in the framework's terms
+            from ..checkpoint.guards import resolve_scheduler
+
+            resolve_scheduler(scheduler, how_to_build=self.scheduler_fix)
         self.manager = CheckpointManager(
             self.run_dir,
             module,
@@ -203,6 +270,7 @@ class FrameworkCheckpointer:
             extra_state=self._extra_state,
             load_extra_state=self._load_extra_state,
             hf_config=hf_config if hf_config is not None else hf_config_of(module),
+            scaler=scaler if scaler is not None else scaler_of(optimizer),
         )
         return self.manager
 
@@ -237,9 +305,10 @@ class FrameworkCheckpointer:
 
     # ------------------------------------------------------------------ resuming
 
-    def resume(self, which: str | os.PathLike[str] = "auto") -> bool:
+    def resume(self, which: str | os.PathLike[str] = "auto", *, log_loop: bool = True) -> bool:
         """Load a checkpoint (``manager.resume(which)``); the checkpoint's RNG is held back until
-        :meth:`apply_rng`. Returns True when one was loaded."""
+        :meth:`apply_rng`. Returns True when one was loaded. ``log_loop=False``: the integration logs where its loop
+        resumes itself (the Hugging Face Trainer keeps its own counters)."""
         before = capture_rng()
         loaded = self._manager.resume(which)
         if loaded:
@@ -247,6 +316,8 @@ class FrameworkCheckpointer:
             restore_rng(before)
             last = self._manager.scheduler
             self.resumed_from = _newest_at(self.run_dir, int(last.position))
+            if not log_loop:
+                return loaded
             log_rank0(
                 logging.INFO,
                 "%s: resumed at update %d from %s (loop at epoch %d, batch %d)",

@@ -37,7 +37,7 @@ from accelerate import Accelerator
 from accelerate.scheduler import AcceleratedScheduler
 
 from ..checkpoint.manager import CheckpointConfig, Stateful
-from ._common import FrameworkCheckpointer, check_world, log_rank0
+from ._common import FrameworkCheckpointer, check_launch, check_world, log_rank0
 
 __all__ = ["AccelerateCheckpointer"]
 
@@ -76,10 +76,11 @@ class AccelerateCheckpointer(FrameworkCheckpointer):
             framework="accelerate",
         )
         self.accelerator = accelerator
+        check_launch(accelerator.num_processes, "accelerate")
         check_world(
             accelerator.num_processes,
             "accelerate",
-            "on CPU, build Accelerator(cpu=True) or launch with `accelerate launch --cpu`",
+            "on CPU, build Accelerator(cpu=True) or set ACCELERATE_USE_CPU=true",
         )
         if (
             isinstance(scheduler, AcceleratedScheduler)

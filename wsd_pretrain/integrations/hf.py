@@ -170,7 +170,7 @@ class WSDTrainerCallback(TrainerCallback):
                 "of that step (a checkpoint the Trainer wrote itself?): resume with "
                 "resume_from_checkpoint=wsd_pretrain.integrations.hf.last_checkpoint(run_dir)"
             )
-        self.ckpt.resume(target)
+        self.ckpt.resume(target, log_loop=False)  # the Trainer's counters say where its loop resumes (below)
         updates = self.ckpt.scheduler.last_epoch
         saved_step = int(self.ckpt.loop.framework.get("global_step", updates))
         if saved_step != state.global_step:
@@ -186,6 +186,18 @@ class WSDTrainerCallback(TrainerCallback):
             accum = args.gradient_accumulation_steps
             per_epoch = max(n // accum + int(n % accum > 0), 1)
         self._rng_at_epoch_begin = per_epoch is not None and state.global_step % per_epoch == 0
+        if per_epoch is not None:
+            epoch, done = divmod(state.global_step, per_epoch)
+            where = f"epoch {epoch}, batch {min(done * args.gradient_accumulation_steps, len(loader))}"
+        else:
+            where = f"epoch {state.epoch:g}"
+        log_rank0(
+            logging.INFO,
+            "transformers.Trainer: resumed at update %d from %s (the Trainer goes on at %s)",
+            updates,
+            Path(target).name,
+            where,
+        )
         if args.ignore_data_skip:
             log_rank0(logging.WARNING, "ignore_data_skip=True: the resumed run reads its epoch from the start")
 

@@ -169,7 +169,9 @@ class WSDCheckpoint(pl.Callback):
         inner = _inner_module(pl_module, self.module)
         self.ckpt = FrameworkCheckpointer(self.run_dir, config=self.config, data=self.data, framework="lightning")
         self.ckpt.framework_state = lambda: {"fit_loop": trainer.fit_loop.state_dict()}
-        self.ckpt.build(inner, scheduler.optimizer, config)
+        # the precision plugin's torch.amp.GradScaler under 16-mixed (FSDP's ShardedGradScaler under FSDP)
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        self.ckpt.build(inner, scheduler.optimizer, config, scaler=scaler)
         if inner is not pl_module:
             log_rank0(logging.INFO, "lightning: checkpoints hold %s's names", type(inner).__name__)
         if self.ckpt.resume():

@@ -6,7 +6,7 @@ The seed's ``WSDCheckpointCallback`` with the same arguments, writing our checkp
 
     trainer = Trainer(model, loss_func, optimizer, callbacks=[*DEFAULT_CALLBACKS, WSDCheckpointCallback("runs/x")])
     trainer.train(train_dataset=ds, num_epochs=8, per_device_batch_size=4,
-                  create_scheduler_fn=WSDLrScheduler.create_scheduler_fn(num_checkpoints=2))
+                  create_scheduler_fn=WSDLrScheduler.create_scheduler_fn(num_checkpoints=3))
 
 What differs from the seed's callback, on purpose:
 
@@ -25,6 +25,11 @@ What differs from the seed's callback, on purpose:
   ignored it).
 * The run stops cleanly at the end of the schedule and on preemption (SIGTERM/SIGUSR1: a checkpoint, then
   ``StopTrainingError``).
+* ``num_checkpoints=3`` decays at a quarter, a half and the end of the run; the seed's series stops early for
+  ``num_checkpoints=2`` (decays at a quarter and a half, then the second half at ``lr_min``), which the scheduler
+  warns about. ``create_scheduler_fn(num_warmup_steps=N)`` gives the warmup in updates.
+* Several CPU processes: ``ACCELERATE_USE_CPU=true torchrun --nproc-per-node N script.py``
+  (``accelerate launch --cpu --num_processes N`` starts one process, refused).
 """
 
 from __future__ import annotations
@@ -41,11 +46,16 @@ from ..checkpoint import format as F
 from ..checkpoint.guards import check_total
 from ..checkpoint.manager import CheckpointConfig
 from ..errors import CheckpointError
-from ._common import FrameworkCheckpointer, check_world, log_rank0
+from ._common import FrameworkCheckpointer, check_launch, check_world, log_rank0
 
 __all__ = ["WSDCheckpointCallback"]
 
 log = logging.getLogger(__name__)
+
+_SCHEDULER_FIX = (
+    "pass trainer.train(..., create_scheduler_fn=wsd_pretrain.compat.WSDLrScheduler.create_scheduler_fn("
+    "num_checkpoints=..., num_warmup_steps=...)) (pytorch_accelerated builds the scheduler from that function)"
+)
 
 
 class WSDCheckpointCallback(TrainerCallback):
@@ -90,22 +100,22 @@ class WSDCheckpointCallback(TrainerCallback):
 
     def on_training_run_start(self, trainer: Any, **kwargs: Any) -> None:
         if trainer.scheduler is None:
-            raise CheckpointError(
-                "WSDCheckpointCallback needs the WSD scheduler: trainer.train(..., "
-                "create_scheduler_fn=wsd_pretrain.compat.WSDLrScheduler.create_scheduler_fn(...))"
-            )
+            raise CheckpointError(f"WSDCheckpointCallback needs the WSD scheduler: {_SCHEDULER_FIX}")
         if not (self.save_optimizer and self.save_scheduler):
             log_rank0(
                 logging.INFO,
                 "save_optimizer/save_scheduler=False: wsd_pretrain checkpoints keep both (a continuation needs them); "
                 "export the weights alone with `wsd-pretrain ckpt export-hf`",
             )
+        check_launch(trainer._accelerator.num_processes, "pytorch_accelerated")
         check_world(
             trainer._accelerator.num_processes,
             "pytorch_accelerated",
-            "on CPU, launch with `accelerate launch --cpu` or set ACCELERATE_USE_CPU=true",
+            "on CPU, set ACCELERATE_USE_CPU=true (pytorch_accelerated builds Accelerator() itself)",
         )
-        self.ckpt = FrameworkCheckpointer(self.save_dir, config=self.config, framework="pytorch_accelerated")
+        self.ckpt = FrameworkCheckpointer(
+            self.save_dir, config=self.config, framework="pytorch_accelerated", scheduler_fix=_SCHEDULER_FIX
+        )
         mgr = self.ckpt.build(trainer.model, trainer.optimizer, trainer.scheduler)
         has_own = any(i.state == "complete" for i in F.list_checkpoints(self.save_dir))
         if has_own:
