@@ -404,6 +404,7 @@ class CheckpointManager:
         """Write a model-only snapshot of the current weights now (every rank calls it): ``<run>/snapshots/
         step-<position>-snapshot``, the Hugging Face folder with a manifest, no optimizer state or RNG. Async when
         ``async_save`` is on; waits for the previous save first. Keeps the newest ``snapshot_keep``."""
+        self._check_open("snapshot")
         self.wait()
         s = self.scheduler
         position = s.position
@@ -447,7 +448,7 @@ class CheckpointManager:
             self._pending = pending
         else:
             self._finish(pending)
-            log.info("snapshot %s written in %.2fs", pending.name, time.monotonic() - t0)
+            _log_rank0("snapshot %s written in %.2fs", pending.name, time.monotonic() - t0)
         return pending.final
 
     def save(self, kinds: list[str]) -> Path:
