@@ -684,7 +684,9 @@ class CheckpointManager:
         self.wait()
         optimizer = self.adapter.optimizer
         live_groups = [dict(g) for g in optimizer.param_groups] if optimizer is not None else []
-        live_base_lrs = [float(b) for b in self.scheduler.base_lrs]
+        # a compat view (pytorch_accelerated's scheduler) has no base LRs of its own: its LR check is skipped
+        base_lrs = getattr(self.scheduler, "base_lrs", None)
+        live_base_lrs = [float(b) for b in base_lrs] if base_lrs is not None else None
         applied: list[Change] = []
 
         def check(opened: dict[str, Any]) -> None:
@@ -718,8 +720,8 @@ class CheckpointManager:
         else:
             self.scheduler.refresh()  # the optimizer state brought back its saved LRs; the position decides
         for change in applied:
-            if change.field == "lr":
-                self.scheduler.base_lrs[change.group] = change.new
+            if change.field == "lr" and base_lrs is not None:
+                self.scheduler.base_lrs[change.group] = change.new  # the list the scheduler's state load made
             elif optimizer is not None and change.group is not None:
                 optimizer.param_groups[change.group][change.field] = live_groups[change.group][change.field]
             log.info("resume: %s (checkpoint -> this job) applied", change.describe())
