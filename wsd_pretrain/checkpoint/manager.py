@@ -38,6 +38,7 @@ from . import coord
 from . import format as F
 from . import guards as _guards
 from .adapters import EngineAdapter, make_adapter
+from .agreement import agree_on_plan
 from .load import load_checkpoint
 from .lock import RunLock
 from .save import HostArena, PendingSave, SaveRequest, start_save
@@ -217,6 +218,11 @@ class CheckpointManager:
         # rank 0 takes the run lock; every rank learns the outcome, so all raise together instead of ranks 1..N
         # going on into a collective that rank 0 never reaches
         coord.acquire()  # every rank makes the checkpoint's gloo groups here, at the same point
+        try:  # every rank describes what it holds and all agree on one plan, or all raise (agreement.py)
+            agree_on_plan(self.adapter, "this job cannot be checkpointed")
+        except CheckpointError:
+            coord.release()
+            raise
         self._lock: RunLock | None = None
         lock_error = None
         if D.get_rank() == 0:
