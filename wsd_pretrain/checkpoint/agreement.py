@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,15 +158,19 @@ def _weighted_sum(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- agreeing
 
 
-def agree_on_plan(adapter: Any, what: str) -> None:
-    """Every rank describes what it holds (structure and replicated values) and all agree, or every rank raises
-    the same error naming what differs and the fix (the manager calls this when it is built)."""
-    desc, error = None, None
+def agree_on_plan(build: Callable[[], Any], what: str) -> Any:
+    """``build()`` makes this rank's adapter (and may refuse the engine); every rank then describes what it holds
+    (structure and replicated values) and all agree, or every rank raises the same error naming what differs and
+    the fix. Returns the adapter. The manager calls this when it is built: a rank that fails alone, in ``build`` or
+    in describing, makes every rank raise instead of leaving the others waiting in a later collective."""
+    adapter, desc, error = None, None, None
     try:
+        adapter = build()
         desc = describe(adapter)
     except Exception as exc:
         error = _message(exc)
     _agree(desc, error, what)
+    return adapter
 
 
 def agree_on_items(items: list[Item] | None, error: str | None, what: str) -> None:

@@ -169,6 +169,11 @@ class CheckpointConfig:
             raise ConfigError(problems, where="checkpoint config")
 
 
+def _checked(adapter: EngineAdapter) -> EngineAdapter:
+    adapter.check_complete()
+    return adapter
+
+
 class CheckpointManager:
     """Saves at the schedule's decay points, periodically, at the end and on preemption; resumes; rewinds.
 
@@ -203,8 +208,6 @@ class CheckpointManager:
         # guard rails (guards.py): see through framework wrappers, refuse what cannot be read safely
         self.scheduler = scheduler = _guards.resolve_scheduler(scheduler)
         self._step_guard = _guards.StepGuard(scheduler)
-        self.adapter = adapter or make_adapter(model, optimizer)
-        self.adapter.check_complete()  # state the checkpoint could not carry is refused now, not after hours
         coord.set_timeout(self.config.timeout_minutes * 60)
         self.data = data
         self.extra_state = extra_state
@@ -218,8 +221,12 @@ class CheckpointManager:
         # rank 0 takes the run lock; every rank learns the outcome, so all raise together instead of ranks 1..N
         # going on into a collective that rank 0 never reaches
         coord.acquire()  # every rank makes the checkpoint's gloo groups here, at the same point
-        try:  # every rank describes what it holds and all agree on one plan, or all raise (agreement.py)
-            agree_on_plan(self.adapter, "this job cannot be checkpointed")
+        try:
+            # the engine's adapter, refusing state the checkpoint could not carry now, not after hours; then every
+            # rank describes what it holds and all agree on one plan, or all raise the same error (agreement.py)
+            self.adapter = agree_on_plan(
+                lambda: _checked(adapter or make_adapter(model, optimizer)), "this job cannot be checkpointed"
+            )
         except CheckpointError:
             coord.release()
             raise
