@@ -207,12 +207,13 @@ def _explain(desc: Description | None, error: str | None, s: list[int], v: list[
         return coord.describe_errors([r["error"] for r in reports])
     key = "s" if len({tuple(r["s"]) for r in reports}) > 1 else "v"
     kinds: dict[tuple[int, ...], list[int]] = {}
-    for rank, r in enumerate(reports):
-        kinds.setdefault(tuple(r[key]), []).append(rank)
+    for i, r in enumerate(reports):
+        kinds.setdefault(tuple(r[key]), []).append(i)
     shown = list(kinds.values())[:SHOWN]
     details = []
-    for ranks in shown:  # one description per distinct kind, from its first rank
-        mine = json.loads(json.dumps(desc.items if key == "s" else desc.values)) if desc is not None else None
+    rank = D.get_rank()
+    for ranks in shown:  # one description per distinct kind, from its first rank (JSON both ways: the same values)
+        mine = json.loads(json.dumps(desc.items if key == "s" else desc.values)) if rank == ranks[0] else None
         details.append(coord.broadcast(mine, src=ranks[0]))
     more = f" ({len(kinds) - SHOWN} more kinds of rank not shown)" if len(kinds) > SHOWN else ""
     if key == "s":
