@@ -1,7 +1,8 @@
 """The ranks agree on one plan when the manager is built (checkpoint/agreement.py): layouts the checkpoint cannot
 hold (tensor parallelism with or without FSDP2, pipeline stages, stages renumbered from 0, a rank failing alone) are
 refused on every rank with the same error naming the fix, before anything is written; nothing legitimate is (DDP
-over replicas that started different, FSDP2 with uneven shards, bf16 compute, CPU offload and a frozen parameter)."""
+over replicas that started different; FSDP2 and HSDP with uneven shards, bf16 compute, CPU offload and a frozen
+parameter)."""
 
 from __future__ import annotations
 
@@ -109,31 +110,36 @@ def _refusals(rank, world, root):
 
 
 def _fsdp2_builds_and_verifies(rank, run, config):
-    """FSDP2 with uneven shards (6 rows on 4 ranks: rank 3 holds none), bf16 compute, CPU offload and a frozen
-    parameter: built, stepped and saved, the checkpoint verifies."""
+    """FSDP2 on 4 ranks and HSDP (2 replicas x 2 shards), each with uneven shards (5 rows: 2, 2, 1, 0 on 4 ranks; 3,
+    2 on 2), bf16 compute, CPU offload and a frozen parameter: built, stepped and saved, each checkpoint verifies."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     from engines import assert_verified
     from wsd_pretrain import WSDSchedule, WSDScheduler
     from wsd_pretrain.checkpoint import CheckpointManager
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 6), torch.nn.ReLU(), torch.nn.Linear(6, 16))
-    model[0].bias.requires_grad_(False)
-    policies = dict(
-        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16), offload_policy=CPUOffloadPolicy(pin_memory=False)
-    )
-    fully_shard(model[0], **policies)
-    fully_shard(model, **policies)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    sched = WSDScheduler(opt, WSDSchedule(total=8))
-    mgr = CheckpointManager(run, model, opt, sched, config=config)
-    model(torch.randn(4, 16)).float().pow(2).mean().backward()
-    opt.step()
-    sched.step()
-    path = mgr.save(["periodic"])
-    mgr.close()
-    return assert_verified([path]) if rank == 0 else 1
+    paths = []
+    for mesh in (None, init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 5), torch.nn.ReLU(), torch.nn.Linear(5, 16))
+        model[0].bias.requires_grad_(False)
+        policies = dict(
+            mesh=mesh,
+            mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16),
+            offload_policy=CPUOffloadPolicy(pin_memory=False),
+        )
+        fully_shard(model[0], **policies)
+        fully_shard(model, **policies)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        sched = WSDScheduler(opt, WSDSchedule(total=8))
+        mgr = CheckpointManager(run / ("hsdp" if mesh is not None else "fsdp2"), model, opt, sched, config=config)
+        model(torch.randn(4, 16)).float().pow(2).mean().backward()
+        opt.step()
+        sched.step()
+        paths.append(mgr.save(["periodic"]))
+        mgr.close()
+    return assert_verified(paths) if rank == 0 else 2
 
 
 @pytest.mark.distributed
@@ -163,7 +169,7 @@ def test_layouts_the_plan_cannot_hold_are_refused_at_build_on_every_rank(tmp_pat
     assert "wrap the model in DDP" in renumbered and "name map for stages" in renumbered
     alone = results[0]["alone"]["refused"]
     assert alone.startswith("this job cannot be checkpointed: rank 3: optimizer state w1.weight/note is a object")
-    assert [r["fsdp2"] for r in results] == [1, 1, 1, 1], "FSDP2 (uneven, bf16, CPU offload, frozen) refused"
+    assert [r["fsdp2"] for r in results] == [2, 2, 2, 2], "FSDP2 or HSDP (uneven, bf16, CPU offload, frozen) refused"
     differs = results[0]["save-differs"]["refused"]
     assert differs.startswith("cannot save checkpoint step-000000001-periodic: the ranks hold different")
     assert "rank 0 holds optimizer tensors that ranks 1-3 do not: w1.weight/exp_avg" in differs
