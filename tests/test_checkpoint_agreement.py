@@ -196,6 +196,8 @@ def test_value_fingerprints_are_exact_and_see_every_element():
     swapped = tensors["fp32"].clone().reshape(-1)
     swapped[[0, 1]] = swapped[[1, 0]]  # the same values in another order
     assert agreement.fingerprints({"fp32": swapped.view(40, 3)})["fp32"] != base["fp32"]
+    rows = torch.randn(8, 1024, generator=g)  # two rows swapped: the weights have no period of a row's length
+    assert agreement.fingerprints({"r": rows})["r"] != agreement.fingerprints({"r": rows[[1, 0, *range(2, 8)]]})["r"]
     # a meta tensor (a model not materialised yet) has nothing to compare
     assert agreement.fingerprints({"meta": torch.empty(3, device="meta")}) == {}
 
