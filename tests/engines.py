@@ -265,3 +265,21 @@ def _unique_params(module: torch.nn.Module) -> list[tuple[str, torch.nn.Paramete
             seen.add(id(p))
             out.append((name, p))
     return out
+
+
+def assert_verified(paths: Any) -> int:
+    """The invariant every engine's saves keep: each committed checkpoint passes ``ckpt verify`` (the library's
+    verify: manifest, sizes, checksums, headers, every index against its shards). Paths retention has deleted since
+    are skipped; at least one must remain. Called on rank 0 inside the multi-engine tests' own processes."""
+    from pathlib import Path
+
+    from wsd_pretrain.checkpoint.tools import verify_checkpoint_files
+
+    checked = 0
+    for p in paths:
+        if Path(p).exists():
+            problems = verify_checkpoint_files(p)
+            assert problems == [], f"a committed checkpoint fails verify: {p}: {problems}"
+            checked += 1
+    assert checked, "no committed checkpoint left to verify"
+    return checked

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.distributed
 def _save_then_train(rank, world, engine, run_dir, mode):
     import time
 
-    from engines import build, full_state
+    from engines import assert_verified, build, full_state
     from wsd_pretrain import WSDSchedule
     from wsd_pretrain.checkpoint import faults
     from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
@@ -51,6 +51,8 @@ def _save_then_train(rank, world, engine, run_dir, mode):
         faults.fault_hook = None
     after = tolist(full_state(model, opt))
     mgr.close()
+    if rank == 0:  # the invariant: a committed checkpoint always passes verify (an async save too)
+        assert_verified([path])
     model2, opt2, sched2, _ = build(engine, schedule, rank)
     mgr2 = CheckpointManager(run_dir, model2, opt2, sched2, config=config)
     mgr2.load(path)

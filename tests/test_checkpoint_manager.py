@@ -19,7 +19,7 @@ SCHEDULE = dict(total=10, warmup=2, milestones=(5, 10), decay_length=(2, 2))
 def _train(rank, world, engine, run_dir, stop=None, resume=None, config=None, schedule=None, preempt_at=None):
     """Training that draws from every random stream (engines.build(stochastic=True)): an exact resume or rewind
     needs the model, optimizer, data position and every rank's RNG back."""
-    from engines import build, full_state, rng_digests
+    from engines import assert_verified, build, full_state, rng_digests
     from wsd_pretrain import WSDSchedule
     from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 
@@ -39,6 +39,8 @@ def _train(rank, world, engine, run_dir, stop=None, resume=None, config=None, sc
         if stop is not None and sched.position == stop:
             break
     mgr.close()
+    if rank == 0 and mgr.saves:  # the invariant: a committed checkpoint always passes verify, on every engine
+        assert_verified(mgr.saves)
     state = full_state(model, opt)
     return {
         "loaded": loaded,

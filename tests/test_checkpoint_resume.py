@@ -15,7 +15,7 @@ SCHEDULE = dict(total=12, warmup=2, milestones=(6, 12), decay_length=(2, 3), dec
 
 
 def _run(rank: int, world: int, engine: str, run_dir: str, stop: int | None, resume: bool) -> dict:
-    from engines import build, full_state, rng_digests
+    from engines import assert_verified, build, full_state, rng_digests
     from wsd_pretrain import WSDSchedule
     from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 
@@ -33,6 +33,8 @@ def _run(rank: int, world: int, engine: str, run_dir: str, stop: int | None, res
         if stop is not None and sched.position == stop:
             break
     mgr.close()
+    if rank == 0:  # the invariant: a committed checkpoint always passes verify, on every engine
+        assert_verified(mgr.saves)
     state = full_state(model, opt)
     return {
         "losses": losses,

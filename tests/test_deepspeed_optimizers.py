@@ -32,7 +32,7 @@ VARIANTS = {
 
 
 def _straight_and_resumed(rank, world, specs, root):
-    from engines import build, full_state
+    from engines import assert_verified, build, full_state
     from wsd_pretrain import WSDSchedule
     from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 
@@ -46,6 +46,8 @@ def _straight_and_resumed(rank, world, specs, root):
         for i in range(4):
             step(i)
         path = mgr.save(["periodic"])
+        if rank == 0:  # the invariant: a committed checkpoint always passes verify, on every engine
+            assert_verified([path])
         straight_losses = [step(i) for i in range(4, 8)]
         straight = full_state(engine, opt)
         mgr.close()

@@ -55,6 +55,7 @@ T_SCHEDULE = "tests/test_schedule.py"
 T_RESUME_DDP = "tests/test_checkpoint_resume.py::test_stop_and_resume_equals_straight[ddp]"
 T_MANAGER = "tests/test_checkpoint_manager.py"
 T_FAULTS = "tests/test_checkpoint_faults.py"
+T_AGREEMENT = "tests/test_checkpoint_agreement.py"
 
 MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ shapes and the schedule
@@ -710,6 +711,31 @@ MUTATIONS: list[Mutation] = [
         "        if False:\n",
         ("tests/test_checkpoint_guards.py::test_an_optimizer_over_parameters_the_model_does_not_have_is_refused",),
         "an optimizer over another module's parameters is accepted and its state is never saved",
+    ),
+    # ------------------------------------------------------------------ the ranks agree on one plan at build
+    M(
+        "agreement-digests-ignored",
+        "wsd_pretrain/checkpoint/agreement.py",
+        "    if not got[0] and hi_s == lo_s and hi_v == lo_v:",
+        "    if not got[0]:",
+        (T_AGREEMENT,),
+        "a pipeline-stage job builds its manager and commits a checkpoint of stage 0's weights alone",
+    ),
+    M(
+        "agreement-values-not-compared",
+        "wsd_pretrain/checkpoint/agreement.py",
+        "        prints = fingerprints({it.name: adapter.local(it) for it in replicated})",
+        "        prints = {}",
+        (T_AGREEMENT,),
+        "stages renumbered from 0 on every rank are written as one replica: the stages' weights and state are mixed",
+    ),
+    M(
+        "torch-adapter-tp-as-replica",
+        "wsd_pretrain/checkpoint/adapters.py",
+        "        if isinstance(p, DTensor) and not all(isinstance(pl, Replicate) for pl in p.placements):",
+        "        if False:",
+        (T_AGREEMENT,),
+        "a tensor-parallel model builds its manager; its first save fails (a DTensor's local part taken as the whole)",
     ),
 ]
 

@@ -357,6 +357,15 @@ class TorchAdapter(EngineAdapter):
         return self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
 
     def _partition(self, p: torch.Tensor) -> Partition:
+        from torch.distributed.tensor import DTensor, Replicate
+
+        if isinstance(p, DTensor) and not all(isinstance(pl, Replicate) for pl in p.placements):
+            # a DTensor sharded by a tensor-parallel plan (parallelize_module) without fully_shard: its local part
+            # is not the whole tensor, so writing it as a replica would be wrong
+            raise CheckpointError(
+                f"parameter {self._name_of.get(id(p), '?')} is a DTensor with placements {tuple(p.placements)} on "
+                f"{_mesh_text(p)}: {TP_FIX}"
+            )
         return Partition(replicated=True)
 
     def items(self) -> list[Item]:
@@ -478,6 +487,18 @@ def _has_ddp(module: Any) -> bool:
     return False
 
 
+TP_FIX = (
+    "tensor parallelism is not supported by the checkpoint yet (issue 19 adds it): until then checkpoint this job "
+    "with torch.distributed.checkpoint, or train with FSDP2 (fully_shard, HSDP) or DDP alone"
+)
+
+
+def _mesh_text(p: Any) -> str:
+    mesh = p.device_mesh
+    names = f" {tuple(mesh.mesh_dim_names)}" if mesh.mesh_dim_names else ""
+    return f"a {mesh.ndim}-D mesh{names} of shape {tuple(mesh.mesh.shape)}"
+
+
 def _local_of(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
@@ -513,9 +534,8 @@ class FSDP2Adapter(TorchAdapter):
         if all(isinstance(pl, Replicate) for pl in placements):
             return None
         raise CheckpointError(
-            f"a parameter has placements {placements} on a {mesh.ndim}-D mesh: the checkpoint supports FSDP2's "
-            "Shard(0) on one mesh dimension and HSDP (Replicate, Shard(0)); tensor-parallel placements are not "
-            "supported yet"
+            f"parameter {self._name_of.get(id(p), '?')} has placements {tuple(placements)} on {_mesh_text(p)}: the "
+            f"checkpoint supports FSDP2's Shard(0) on one mesh dimension and HSDP (Replicate, Shard(0)); {TP_FIX}"
         )
 
     def _partition(self, p: torch.Tensor) -> Partition:

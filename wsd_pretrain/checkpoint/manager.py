@@ -41,6 +41,7 @@ from . import guards as _guards
 from . import lora as _lora
 from . import scaler as _scaler
 from .adapters import EngineAdapter, make_adapter
+from .agreement import agree_on_plan
 from .load import load_checkpoint
 from .lock import RunLock
 from .resume_checks import Change, decide, hyperparameter_changes
@@ -185,6 +186,11 @@ class CheckpointConfig:
             raise ConfigError(problems, where="checkpoint config")
 
 
+def _checked(adapter: EngineAdapter) -> EngineAdapter:
+    adapter.check_complete()
+    return adapter
+
+
 class CheckpointManager:
     """Saves at the schedule's decay points, periodically, at the end and on preemption; resumes; rewinds.
 
@@ -230,8 +236,6 @@ class CheckpointManager:
                 fix="End the run with a milestone at total, or use after_last='stable' (cool down later)",
             )
         self._step_guard = _guards.StepGuard(scheduler)
-        self.adapter = adapter or make_adapter(model, optimizer)
-        self.adapter.check_complete()  # state the checkpoint could not carry is refused now, not after hours
         coord.set_timeout(self.config.timeout_minutes * 60)
         self.data = data
         self.extra_state = extra_state
@@ -246,9 +250,18 @@ class CheckpointManager:
             )
         # rank 0 takes the run lock; every rank learns the outcome, so all raise together instead of ranks 1..N
         # going on into a collective that rank 0 never reaches
-        coord.acquire()  # every rank makes the checkpoint's gloo groups here, at the same point
         self._lock: RunLock | None = None
         self._closed = True  # until built: a half-built manager refuses everything
+        coord.acquire()  # every rank makes the checkpoint's gloo groups here, at the same point
+        try:
+            # the engine's adapter, refusing state the checkpoint could not carry now, not after hours; then every
+            # rank describes what it holds and all agree on one plan, or all raise the same error (agreement.py)
+            self.adapter = agree_on_plan(
+                lambda: _checked(adapter or make_adapter(model, optimizer)), "this job cannot be checkpointed"
+            )
+        except CheckpointError:
+            coord.release()
+            raise
         try:
             _guards.refuse_unusable_model(self.adapter, self.adapter.optimizer)  # every rank raises together
         except ConfigError:

@@ -43,6 +43,7 @@ from ..errors import CheckpointError
 from . import coord
 from . import format as F
 from .adapters import EngineAdapter
+from .agreement import agree_on_items
 from .faults import point
 from .layout import Item, ModelShard, SavePlan, StateFile, plan_save
 from .rng import capture_rng
@@ -476,6 +477,7 @@ def start_save(
     # 1. plan, after checking that the checkpoint can carry every optimizer state the engine holds now (state an
     # optimizer creates at its first step is not there when the manager is built); every rank learns of a failure
     problem: str | None = None
+    items: list[Item] | None = None
     try:
         point("save-begin")
         check = getattr(adapter, "check_complete", None)  # a converter's source holds no live optimizer
@@ -486,7 +488,7 @@ def start_save(
         plan = plan_save(items, holders, max_shard_bytes)
     except Exception as exc:
         problem = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-    coord.agree(problem, f"cannot save checkpoint {name}")
+    agree_on_items(items, problem, f"cannot save checkpoint {name}")  # and every rank planned from the same items
     t_plan = time.monotonic()
 
     # 2. rank 0 opens the staging directory and tells everyone its name
