@@ -31,6 +31,7 @@ from ..errors import CheckpointError
 from .adapters import _jsonable, is_json_scalar
 from .layout import Item, Partition, zero3_chunks
 from .names import canonical_text
+from .resume_checks import UNKNOWN_CLASS
 
 __all__ = ["DeepSpeedCheckpointSource", "find_deepspeed_step_dir"]
 
@@ -350,7 +351,7 @@ class DeepSpeedCheckpointSource:
             if leaves:
                 scalars[name] = leaves
         return {
-            "optimizer": {"class": "unknown (DeepSpeed import)", "param_groups": groups, "scalars": scalars},
+            "optimizer": {"class": UNKNOWN_CLASS, "param_groups": groups, "scalars": scalars},
             "engine": engine,
         }
 

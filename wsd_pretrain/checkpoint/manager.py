@@ -439,22 +439,9 @@ class CheckpointManager:
             trash = dest.parent / f".deleting-{dest.name}"
             os.rename(dest, trash)
             shutil.rmtree(trash, ignore_errors=True)
-        if self.config.async_save and self._arena is None:
-            self._arena = HostArena()
         t0 = time.monotonic()
-        pending = start_save(
-            _ModelOnly(self.adapter),
-            self.run_dir,
-            request,
-            max_shard_bytes=parse_size(self.config.max_shard_size),
-            rank0_only=self.config.write_mode == "rank0",
-            fsync=self.config.fsync,
-            arena=self._arena if self.config.async_save else None,
-            overlap=self.config.async_snapshot == "overlap",
-            after_commit=self._retain_snapshots_in_background if D.get_rank() == 0 else None,
-            dest=dest,
-            with_rng=False,
-            checksum=self.config.checksum,
+        pending = self._start_save(
+            _ModelOnly(self.adapter), request, self._retain_snapshots_in_background, dest=dest, with_rng=False
         )
         self.snapshots.append(pending.final)
         if self.config.async_save:
@@ -483,21 +470,8 @@ class CheckpointManager:
                 "run_end": _guards.schedule_end(s),  # where the run ends (the seed's total_steps for its scheduler)
             },
         )
-        if self.config.async_save and self._arena is None:
-            self._arena = HostArena()
         t0 = time.monotonic()
-        pending = start_save(
-            self.adapter,
-            self.run_dir,
-            request,
-            max_shard_bytes=parse_size(self.config.max_shard_size),
-            rank0_only=self.config.write_mode == "rank0",
-            fsync=self.config.fsync,
-            arena=self._arena if self.config.async_save else None,
-            overlap=self.config.async_snapshot == "overlap",
-            after_commit=self._retain_in_background if D.get_rank() == 0 else None,
-            checksum=self.config.checksum,
-        )
+        pending = self._start_save(self.adapter, request, self._retain_in_background)
         self._last_save_time = time.monotonic()
         self.last_saved = pending.final
         self.saves.append(pending.final)
@@ -510,6 +484,26 @@ class CheckpointManager:
             self._finish(pending)
             _log_rank0("checkpoint %s written in %.2fs", pending.name, time.monotonic() - t0)
         return pending.final
+
+    def _start_save(
+        self, adapter: Any, request: SaveRequest, retain: Callable[[Path], None], **kwargs: Any
+    ) -> PendingSave:
+        """start_save with this manager's settings; ``retain`` runs on rank 0 after the commit."""
+        if self.config.async_save and self._arena is None:
+            self._arena = HostArena()
+        return start_save(
+            adapter,
+            self.run_dir,
+            request,
+            max_shard_bytes=parse_size(self.config.max_shard_size),
+            rank0_only=self.config.write_mode == "rank0",
+            fsync=self.config.fsync,
+            arena=self._arena if self.config.async_save else None,
+            overlap=self.config.async_snapshot == "overlap",
+            after_commit=retain if D.get_rank() == 0 else None,
+            checksum=self.config.checksum,
+            **kwargs,
+        )
 
     @property
     def pending(self) -> PendingSave | None:

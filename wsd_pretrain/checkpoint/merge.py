@@ -156,7 +156,7 @@ def merge_checkpoints(
     model weights elsewhere). ``dtype``: the output's (default: the newest checkpoint's model dtype per tensor).
     Returns ``out``.
     """
-    from .tools import _atomic_output, _dtype
+    from .tools import _atomic_output, _dtype, write_hf_index
 
     if source not in ("model", "master"):
         raise CheckpointError(f"merge: source={source!r}: 'model' or 'master'")
@@ -246,13 +246,7 @@ def merge_checkpoints(
                 except BaseException:
                     writer.sync()
                     raise
-            weight_map = {item.name: shard.relpath for shard in shards for item in shard.items}
-            write_json(
-                staging / "model.safetensors.index.json",
-                {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": weight_map},
-            )
-            if config is not None:
-                write_json(staging / "config.json", config)
+            write_hf_index(staging, shards, config)
             write_json(
                 staging / MERGE_INFO,
                 {

@@ -53,9 +53,14 @@ _STATE_KEYS = {
 }
 
 
+# what an imported checkpoint records where its optimizer's class is not known (DeepSpeed's files do not say)
+UNKNOWN_CLASS = "unknown (DeepSpeed import)"
+
+
 def class_problem(saved: str | None, live: str | None) -> str | None:
-    """Why a checkpoint of optimizer class ``saved`` cannot resume into ``live``, or None."""
-    if not saved or not live or saved == live:
+    """Why a checkpoint of optimizer class ``saved`` cannot resume into ``live``, or None (also when the checkpoint
+    does not know its class: an import; its state keys are still checked)."""
+    if not saved or not live or saved == live or saved == UNKNOWN_CLASS:
         return None
     if saved in _ADAMS and live in _ADAMS and (saved in _DEEPSPEED_ADAMS or live in _DEEPSPEED_ADAMS):
         return None

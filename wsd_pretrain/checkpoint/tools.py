@@ -343,14 +343,20 @@ def write_hf_folder(
                     progress(1)
             write_safetensors(staging / shard.relpath, batch)
             del batch
-        weight_map = {spec.name: shard.relpath for shard in shards for spec in shard.items}
-        write_json(
-            staging / "model.safetensors.index.json",
-            {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": weight_map},
-        )
-        if config is not None:
-            write_json(staging / "config.json", config)
+        write_hf_index(staging, shards, config)
     return out
+
+
+def write_hf_index(folder: Path, shards: list[Any], config: dict[str, Any] | None) -> None:
+    """A Hugging Face folder's ``model.safetensors.index.json`` for these shards (the plan's ``model_shards``),
+    and its ``config.json`` when there is one."""
+    weight_map = {spec.name: shard.relpath for shard in shards for spec in shard.items}
+    write_json(
+        folder / "model.safetensors.index.json",
+        {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": weight_map},
+    )
+    if config is not None:
+        write_json(folder / "config.json", config)
 
 
 def export_hf(
@@ -522,11 +528,11 @@ def from_dcp(
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     src, out = Path(dcp_dir), Path(out)
-    _fresh_output(out, src)
     try:
         metadata = FileSystemReader(str(src)).read_metadata()
     except Exception as exc:
         raise CheckpointError(f"{src}: not a torch.distributed.checkpoint directory ({exc})") from None
+    _fresh_output(out, src)  # after the input is known to be one: a wrong input is named first
     target = _dtype(dtype)
     specs, names = [], {}
     for fqn, item in metadata.state_dict_metadata.items():
