@@ -57,6 +57,8 @@ def class_problem(saved: str | None, live: str | None) -> str | None:
     """Why a checkpoint of optimizer class ``saved`` cannot resume into ``live``, or None."""
     if not saved or not live or saved == live:
         return None
+    if not saved.isidentifier():  # not a class name: an import that could not tell ("unknown (DeepSpeed import)")
+        return None
     if saved in _ADAMS and live in _ADAMS and (saved in _DEEPSPEED_ADAMS or live in _DEEPSPEED_ADAMS):
         return None
     return (

@@ -412,10 +412,10 @@ def from_deepspeed(
     from .convert_deepspeed import DeepSpeedCheckpointSource
 
     out = Path(out)
-    _fresh_output_run(out, Path(ds_ckpt))
     if F.checkpoints_dir(out).is_dir() and any(F.checkpoints_dir(out).iterdir()):
         raise CheckpointError(f"{out} already has checkpoints: import into a new run directory")
     source = DeepSpeedCheckpointSource(ds_ckpt)
+    _fresh_output_run(out, Path(ds_ckpt))
     source.progress = progress
     trainer = source.trainer_state()
     schedule = trainer["scheduler"]["schedule"] if trainer["scheduler"] else None
@@ -501,11 +501,11 @@ def from_dcp(
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     src, out = Path(dcp_dir), Path(out)
-    _fresh_output(out, src)
     try:
         metadata = FileSystemReader(str(src)).read_metadata()
     except Exception as exc:
         raise CheckpointError(f"{src}: not a torch.distributed.checkpoint directory ({exc})") from None
+    _fresh_output(out, src)
     target = _dtype(dtype)
     specs, names = [], {}
     for fqn, item in metadata.state_dict_metadata.items():
