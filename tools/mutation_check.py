@@ -320,7 +320,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "train-no-resume",
         "wsd_pretrain/train.py",
-        'resumed = manager.resume("auto" if args.resume == "auto" else args.resume)',
+        'resumed = manager.resume(\n                "auto" if args.resume == "auto" else args.resume, allow_changes=args.allow_optimizer_change\n'
+        "            )",
         "resumed = False",
         ("tests/test_train.py::test_killed_and_resumed_run_ends_with_the_same_weights",),
         "the same command after a crash starts over instead of resuming",
