@@ -439,10 +439,10 @@ def from_deepspeed(
     from .convert_deepspeed import DeepSpeedCheckpointSource
 
     out = Path(out)
-    _fresh_output_run(out, Path(ds_ckpt))
     if F.checkpoints_dir(out).is_dir() and any(F.checkpoints_dir(out).iterdir()):
         raise CheckpointError(f"{out} already has checkpoints: import into a new run directory")
     source = DeepSpeedCheckpointSource(ds_ckpt)
+    _fresh_output_run(out, Path(ds_ckpt))
     source.progress = progress
     trainer = source.trainer_state()
     schedule = trainer["scheduler"]["schedule"] if trainer["scheduler"] else None
