@@ -546,7 +546,7 @@ MUTATIONS: list[Mutation] = [
     M(
         "resume-optimizer-class-unchecked",
         "wsd_pretrain/checkpoint/resume_checks.py",
-        "    if not saved or not live or saved == live:\n        return None",
+        "    if not saved or not live or saved == live or saved == UNKNOWN_CLASS:\n        return None",
         "    if True:\n        return None",
         ("tests/test_resume_changes.py::test_another_optimizer_class_is_refused_before_anything_is_restored",),
         "an AdamW checkpoint resumes into SGD (Adam's moments left in SGD's state) and an SGD one into AdamW (a "
