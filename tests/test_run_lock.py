@@ -160,6 +160,7 @@ def _build_manager_on_locked_dir(rank: int, world: int, run_dir: str) -> str:
     from wsd_pretrain import WSDSchedule, WSDScheduler
     from wsd_pretrain.checkpoint.manager import CheckpointManager
 
+    torch.manual_seed(0)  # replicas with equal values: the plan agreement passes and the lock is what is refused
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = WSDScheduler(opt, WSDSchedule(total=4, decay_length=1))
