@@ -44,14 +44,15 @@ def _run(rank: int, world: int, engine: str, run_dir: str, stop: int | None, res
     }
 
 
-# Marked slow for the default suite's time, each covered there by another test: ZeRO-0 (fp32, bf16), ZeRO-3 fp32 and
-# CPU Adam resume bitwise in tests/test_deepspeed_optimizers.py (one pair of ranks for all), and ZeRO-3 bf16 stays here
+# Marked slow for the default suite's time, each covered there by another test: ZeRO-0 (fp32, bf16), ZeRO-1 bf16,
+# ZeRO-3 fp32 and CPU Adam resume bitwise in tests/test_deepspeed_optimizers.py (one pair of ranks for all; ZeRO-1
+# shares ZeRO-2's optimizer, which ds2 and ds2-fp16 run here), and ZeRO-3 bf16 stays here
 ENGINES = [
     "ddp",
     "fsdp2",
     pytest.param("ds0", marks=pytest.mark.slow),
     pytest.param("ds0-bf16", marks=pytest.mark.slow),
-    "ds1-bf16",
+    pytest.param("ds1-bf16", marks=pytest.mark.slow),
     "ds2",
     pytest.param("ds3", marks=pytest.mark.slow),
     "ds3-bf16",

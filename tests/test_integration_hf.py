@@ -32,7 +32,11 @@ SCRIPT = EXAMPLES / "hf_trainer.py"
 PRE, POST = "step-000000018-pre-decay", "step-000000024-post-decay+final"
 
 
-@pytest.mark.parametrize("nproc", [pytest.param(0, id="1-process"), pytest.param(2, id="2-processes-ddp")])
+# 2 processes under -m slow: the 1-process run takes the Trainer's path, and accelerate's 2-process DDP resume runs in
+# tests/test_integration_accelerate.py
+@pytest.mark.parametrize(
+    "nproc", [pytest.param(0, id="1-process"), pytest.param(2, id="2-processes-ddp", marks=pytest.mark.slow)]
+)
 def test_trainer_killed_after_pre_decay_resumes_bitwise_and_every_checkpoint_loads(tmp_path, nproc):
     ref, cut, marker = tmp_path / "ref", tmp_path / "cut", tmp_path / "marker"
     launcher = torchrun(nproc) if nproc else [sys.executable]

@@ -194,6 +194,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     assert resumed == straight, "bitwise equal weights, optimizer, trainer and RNG state"
 
 
+@pytest.mark.slow  # the default suite runs continuation and cooldown in tests/test_workflow.py (every pre-decay point)
 def test_continuation_cooldown_and_branching_modes(tmp_path):
     base = tmp_path / "base"
     _run(torchrun(1, "--run-dir", str(base), "--total-steps", "20", "--save-every", "10", *QUICK))
