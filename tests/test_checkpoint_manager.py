@@ -161,8 +161,9 @@ def _hf_run(rank, world, run_dir):
 
 
 # rank-0 writing saves and resumes in the default suite in tests/test_device_only_backend.py (DDP: every rank's
-# slices sent to rank 0); its ZeRO-2 run here is `slow`, for the suite's time
-@pytest.mark.parametrize("mode", ["async", pytest.param("rank0", marks=pytest.mark.slow)])
+# slices sent to rank 0), async saves of ZeRO-2 in tests/test_async_snapshot.py; both ZeRO-2 runs here are `slow`,
+# for the suite's time
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=pytest.mark.slow) for m in ("async", "rank0")])
 def test_async_and_rank0_saves_resume_exactly(tmp_path, mode):
     config = {"async_save": True} if mode == "async" else {"write_mode": "rank0"}
     config["every_steps"] = 3
