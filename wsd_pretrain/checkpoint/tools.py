@@ -98,25 +98,18 @@ def _unwritable(out: Path, exc: OSError) -> CheckpointError:
     )
 
 
-def _fresh_output_run(out: Path, src: Path) -> None:
-    real_out, real_src = Path(os.path.realpath(out)), Path(os.path.realpath(src))
-    if real_out == real_src or real_src in real_out.parents:
-        raise CheckpointError(
-            f"the output {out} is inside the input {src}: import into a run directory outside the DeepSpeed checkpoint"
-        )
-
-
-def _fresh_output(out: Path, *inputs: Path) -> None:
-    """Refuse an output that would be written into one of the inputs (a committed checkpoint is never changed) or
-    over something that exists."""
+def _refuse_inside(out: Path, inputs: tuple[Path, ...], fix: str) -> None:
+    """Refuse an output that would be written into one of the inputs (a committed checkpoint is never changed)."""
     real_out = Path(os.path.realpath(out))
     for src in inputs:
         real_src = Path(os.path.realpath(src))
         if real_out == real_src or real_src in real_out.parents:
-            raise CheckpointError(
-                f"the output {out} is inside the input {src}: a checkpoint is never written into; give an output "
-                "folder outside it"
-            )
+            raise CheckpointError(f"the output {out} is inside the input {src}: {fix}")
+
+
+def _fresh_output(out: Path, *inputs: Path) -> None:
+    """Refuse an output inside one of the inputs or over something that exists."""
+    _refuse_inside(out, inputs, "a checkpoint is never written into; give an output folder outside it")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} exists and is not empty: give a new output folder")
 
@@ -442,7 +435,7 @@ def from_deepspeed(
     if F.checkpoints_dir(out).is_dir() and any(F.checkpoints_dir(out).iterdir()):
         raise CheckpointError(f"{out} already has checkpoints: import into a new run directory")
     source = DeepSpeedCheckpointSource(ds_ckpt)
-    _fresh_output_run(out, Path(ds_ckpt))
+    _refuse_inside(out, (Path(ds_ckpt),), "import into a run directory outside the DeepSpeed checkpoint")
     source.progress = progress
     trainer = source.trainer_state()
     schedule = trainer["scheduler"]["schedule"] if trainer["scheduler"] else None
