@@ -10,7 +10,8 @@ then, in this process, DeepSpeed's own checkpoint of that job (``engine.save_che
 ``from-deepspeed``: it verifies; its master weights and Adam moments equal DeepSpeed's own consolidation of an AutoTP
 checkpoint, the universal-checkpoint conversion (``ds_to_universal``; ``zero_to_fp32`` does not understand AutoTP);
 its model folder loads with ``from_pretrained`` and computes the TP engine's loss; a one-process job without TP
-resumes it with those values. The slow test runs the same on 4 ranks (TP 2 x DP 2) at ZeRO-2."""
+resumes it with those values. The slow test runs the same on 4 ranks (TP 2 x DP 2) at ZeRO-2 in bf16 (fp32 masters
+beside the bf16 weights)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def _batch(i: int, dp_rank: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(100 * i + dp_rank))
 
 
-def _autotp_job(rank, world, root, tp, stage):
+def _autotp_job(rank, world, root, tp, stage, dtype):
     from pathlib import Path
 
     from wsd_pretrain import CheckpointError, WSDSchedule, WSDScheduler, deepspeed_initialize
@@ -66,6 +67,8 @@ def _autotp_job(rank, world, root, tp, stage):
         "steps_per_print": 10**9,
         "tensor_parallel": {"autotp_size": tp},
     }
+    if dtype == "bf16":
+        config["bf16"] = {"enabled": True}
     engine, *_ = deepspeed_initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
     for i in range(3):
         x = _batch(i, rank // tp)
@@ -91,12 +94,12 @@ def _autotp_job(rank, world, root, tp, stage):
         parts[name] = {
             "dim": None if part is None else part.dim,
             "box": None if part is None else [list(x) for x in part.boxes[tp_rank]],
-            "shard": p.detach().flatten().tolist(),
+            "shard": p.detach().float().flatten().tolist(),
         }
     return {"refused": refused, "loss": loss, "parts": parts, "sched": sched.position}
 
 
-def _check(tmp_path, results, tp, dp):
+def _check(tmp_path, results, tp, dp, dtype):
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     from wsd_pretrain import WSDSchedule, WSDScheduler
@@ -134,7 +137,7 @@ def _check(tmp_path, results, tp, dp):
                 if part["box"]
                 else tuple(slice(None) for _ in full.shape)
             )
-            assert full[index].flatten().tolist() == part["shard"], (rank, name)
+            assert full[index].float().flatten().tolist() == part["shard"], (rank, name)
             dims[name] = part["dim"]
     assert dims["model.layers.0.mlp.gate_proj.weight"] == 0 and dims["lm_head.weight"] == 0
     assert dims["model.layers.1.mlp.down_proj.weight"] == 1 and dims["model.norm.weight"] is None
@@ -148,9 +151,13 @@ def _check(tmp_path, results, tp, dp):
     )
     names = list(ours["model"])
     assert len(names) == 21
+    master = ours["master"] if dtype == "bf16" else ours["model"]  # fp32 master weights
+    assert len(master) == 21
     for name in names:
+        if dtype == "bf16":  # the model's own bf16 weights are the masters rounded, as DeepSpeed keeps them
+            assert torch.equal(ours["model"][name], master[name].to(torch.bfloat16)), name
         for state, mine in (
-            ("fp32", ours["model"][name]),
+            ("fp32", master[name]),
             ("exp_avg", ours["optimizer"][f"{name}/exp_avg"]),
             ("exp_avg_sq", ours["optimizer"][f"{name}/exp_avg_sq"]),
         ):
@@ -158,12 +165,14 @@ def _check(tmp_path, results, tp, dp):
             assert mine.shape == ref.shape and torch.equal(mine, ref), (name, state)
         assert ours["optimizer"][f"{name}/step"].item() == 3
 
-    # the model folder loads with from_pretrained and computes what the TP engine computed
+    # the model folder loads with from_pretrained and computes what the TP engine computed (fp32: to rounding)
     hf = transformers.LlamaForCausalLM.from_pretrained(ckpt).eval()
-    x = _batch(3, 0)
-    with torch.no_grad():
-        loss = float(hf(input_ids=x, labels=x).loss)
-    assert math.isclose(loss, results[0]["loss"], rel_tol=1e-5), (loss, results[0]["loss"])
+    assert all(torch.equal(p.detach().float(), ours["model"][n].float()) for n, p in hf.named_parameters())
+    if dtype == "fp32":
+        x = _batch(3, 0)
+        with torch.no_grad():
+            loss = float(hf(input_ids=x, labels=x).loss)
+        assert math.isclose(loss, results[0]["loss"], rel_tol=1e-5), (loss, results[0]["loss"])
 
     # a job without tensor parallelism resumes it: the weights and Adam moments, whole
     torch.manual_seed(1)
@@ -175,17 +184,17 @@ def _check(tmp_path, results, tp, dp):
     mgr.close()
     assert sched.position == results[0]["sched"] == 3
     for name, p in model.named_parameters():
-        assert torch.equal(p.detach(), ours["model"][name]), name
+        assert torch.equal(p.detach(), master[name]), name
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt.state[p][key], ours["optimizer"][f"{name}/{key}"]), (name, key)
 
 
 def test_autotp_is_refused_at_build_and_its_deepspeed_checkpoint_imports_as_deepspeed_merges_it(tmp_path):
-    results = run_distributed(_autotp_job, world_size=2, args=(str(tmp_path), 2, 1), timeout=600)
-    _check(tmp_path, results, tp=2, dp=1)
+    results = run_distributed(_autotp_job, world_size=2, args=(str(tmp_path), 2, 1, "fp32"), timeout=600)
+    _check(tmp_path, results, tp=2, dp=1, dtype="fp32")
 
 
 @pytest.mark.slow
-def test_autotp_with_data_parallel_zero2_on_four_ranks(tmp_path):
-    results = run_distributed(_autotp_job, world_size=4, args=(str(tmp_path), 2, 2), timeout=900)
-    _check(tmp_path, results, tp=2, dp=2)
+def test_autotp_with_data_parallel_zero2_bf16_on_four_ranks(tmp_path):
+    results = run_distributed(_autotp_job, world_size=4, args=(str(tmp_path), 2, 2, "bf16"), timeout=900)
+    _check(tmp_path, results, tp=2, dp=2, dtype="bf16")
