@@ -56,6 +56,9 @@ T_RESUME_DDP = "tests/test_checkpoint_resume.py::test_stop_and_resume_equals_str
 T_MANAGER = "tests/test_checkpoint_manager.py"
 T_FAULTS = "tests/test_checkpoint_faults.py"
 T_AGREEMENT = "tests/test_checkpoint_agreement.py"
+T_AUTOTP = (
+    "tests/test_autotp.py::test_autotp_is_refused_at_build_and_its_deepspeed_checkpoint_imports_as_deepspeed_merges_it"
+)
 
 MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ shapes and the schedule
@@ -736,6 +739,32 @@ MUTATIONS: list[Mutation] = [
         "        if False:",
         (T_AGREEMENT,),
         "a tensor-parallel model builds its manager; its first save fails (a DTensor's local part taken as the whole)",
+    ),
+    # ------------------------------------------------------------------ DeepSpeed AutoTP
+    M(
+        "autotp-refused-as-plain-data-parallel",
+        "wsd_pretrain/checkpoint/deepspeed_adapter.py",
+        "        if tp > 1:\n            problems.append(self._autotp_problem(tp))\n        elif dp != self.world:",
+        "        if dp != self.world:",
+        (T_AUTOTP,),
+        "an AutoTP job is refused as 'only pure data parallelism', without naming AutoTP or the from-deepspeed way out",
+    ),
+    M(
+        "autotp-module-slice-as-replica",
+        "wsd_pretrain/checkpoint/adapters.py",
+        '        if getattr(p, "ds_is_replaced_module", False):',
+        "        if False:",
+        (T_AUTOTP,),
+        "an AutoTP engine's module is taken as replicas: refused as ranks holding different values, with the wrong fix",
+    ),
+    M(
+        "autotp-import-concatenates-slices",
+        "wsd_pretrain/checkpoint/convert_deepspeed.py",
+        "        for t, piece in enumerate(slices):\n            full[part.index(t)] = piece.reshape(part.boxes[t][1])\n"
+        "        return full.reshape(-1)",
+        "        return torch.cat([piece.reshape(-1) for piece in slices])",
+        (T_AUTOTP,),
+        "from-deepspeed lays the TP slices of a row-parallel weight (o_proj, down_proj: cut on dim 1) end to end",
     ),
 ]
 

@@ -383,7 +383,9 @@ def _add_ckpt(sub: Any) -> None:
     )
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--max-shard-size", default="5GB")
-    p = acts.add_parser("from-deepspeed", help="DeepSpeed's checkpoints (ZeRO 0-3) into a new run directory")
+    p = acts.add_parser(
+        "from-deepspeed", help="DeepSpeed's checkpoints (ZeRO 0-3; AutoTP at ZeRO 1/2) into a new run directory"
+    )
     p.add_argument("ds_ckpt", type=Path, help="the folder with DeepSpeed's 'latest' file, or a global_stepN folder")
     p.add_argument("out", type=Path, help="a new run directory")
     p.add_argument("--max-shard-size", default="2GB")

@@ -366,6 +366,14 @@ class TorchAdapter(EngineAdapter):
                 f"parameter {self._name_of.get(id(p), '?')} is a DTensor with placements {tuple(p.placements)} on "
                 f"{_mesh_text(p)}: {TP_FIX}"
             )
+        if getattr(p, "ds_is_replaced_module", False):
+            # DeepSpeed AutoTP's slice of a tensor (a module taken out of its engine): not a replica either
+            from .deepspeed_adapter import AUTOTP_FIX
+
+            raise CheckpointError(
+                f"parameter {self._name_of.get(id(p), '?')} of shape {list(p.shape)} is DeepSpeed AutoTP's slice of "
+                f"a tensor-parallel weight: {AUTOTP_FIX}"
+            )
         return Partition(replicated=True)
 
     def items(self) -> list[Item]:

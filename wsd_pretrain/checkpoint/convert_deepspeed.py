@@ -15,6 +15,16 @@ time, never the whole model or optimizer state (see docs/benchmarks.md for the m
 * ZeRO-0: one ``mp_rank_00_model_states.pt`` with the torch optimizer's state (and, for bf16/fp16, its fp32 copies)
   indexed by position in the param groups; positions are matched to names by the parameters' shapes, in module
   order within each group, and an ambiguous match is refused.
+* DeepSpeed AutoTP (``tensor_parallel.autotp_size`` N > 1) at ZeRO 1/2: one ``mp_rank_XX_model_states.pt`` per TP
+  rank (its slice of each weight) and ``zero_pp_rank_D_mp_rank_XX_optim_states.pt`` per (data-parallel rank D, TP
+  rank XX), each holding the ZeRO partition of that TP rank's slices. Each TP rank's slice is put together from its
+  DP fragments as above, then the slices are placed in the full tensor by the affine map DeepSpeed records for
+  every parameter (``universal_checkpoint_info["affine_map"]``, DeepSpeed 0.19+; read by
+  :func:`~.deepspeed_adapter.autotp_partition`): a box per TP rank on the dimension AutoTP cut, or one copy of a
+  tensor every TP rank holds whole (checked equal on every TP rank, as DeepSpeed's ``ds_to_universal`` does). The
+  result is full tensors, written whole by one holder: the values of DeepSpeed's own universal-checkpoint
+  conversion (``zero_to_fp32`` does not understand AutoTP). Refused with the reason: AutoTP at ZeRO 0 or 3,
+  pipeline stages, and a split that is not one box per rank (fused sub-parameters).
 """
 
 from __future__ import annotations
@@ -35,7 +45,8 @@ from .resume_checks import UNKNOWN_CLASS
 
 __all__ = ["DeepSpeedCheckpointSource", "find_deepspeed_step_dir"]
 
-_OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+_OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_MP_RANK_RE = re.compile(r"mp_rank_(\d+)_(?:model|optim)_states\.pt$")
 
 
 def find_deepspeed_step_dir(path: str | Path) -> Path:
@@ -105,10 +116,23 @@ class DeepSpeedCheckpointSource:
         _canonical_names(ms)
         if ms.get("frozen_param_shapes"):
             raise CheckpointError(f"{self.step_dir}: frozen parameters are not supported by the converter")
-        optim_files = sorted((int(m.group(1)), f) for f in self.step_dir.iterdir() if (m := _OPTIM_RE.match(f.name)))
+        # one set of files per tensor-parallel rank (mp_rank_XX): more than one is DeepSpeed AutoTP
+        mp_ranks = sorted({int(m.group(1)) for f in self.step_dir.iterdir() if (m := _MP_RANK_RE.search(f.name))})
+        self.tp = len(mp_ranks)
+        if mp_ranks != list(range(self.tp)):
+            raise CheckpointError(f"{self.step_dir}: files for tensor-parallel (mp) ranks {mp_ranks}")
+        optim_by_tp: dict[int, list[tuple[int, Path]]] = {}
+        for f in self.step_dir.iterdir():
+            if m := _OPTIM_RE.match(f.name):
+                optim_by_tp.setdefault(int(m.group(2)), []).append((int(m.group(1)), f))
+        optim_files = sorted(optim_by_tp.get(0, []))
         self.world = len(optim_files)
-        if optim_files and [r for r, _ in optim_files] != list(range(self.world)):
-            raise CheckpointError(f"{self.step_dir}: optimizer files for ranks {[r for r, _ in optim_files]}")
+        for t, files in sorted(optim_by_tp.items()):
+            if sorted(r for r, _ in files) != list(range(self.world)):
+                raise CheckpointError(
+                    f"{self.step_dir}: optimizer files of tensor-parallel rank {t} for data-parallel ranks "
+                    f"{sorted(r for r, _ in files)}, expected 0-{self.world - 1}"
+                )
         self.optim = [_load(f)["optimizer_state_dict"] for _, f in optim_files]
         self.stage = (
             int(getattr(self.optim[0]["zero_stage"], "value", self.optim[0]["zero_stage"])) if self.optim else 0
@@ -135,7 +159,9 @@ class DeepSpeedCheckpointSource:
         self.param_names = list(self.shapes)
         self.lp_dtype = {n: module[n].dtype for n in self.param_names if n in module}
         self.low_precision = any(d != torch.float32 for d in self.lp_dtype.values())
-        if self.stage == 0:
+        if self.tp > 1:
+            self._init_autotp(optim_by_tp)
+        elif self.stage == 0:
             self._init_zero0()
         elif self.stage in (1, 2):
             self._init_zero12()
@@ -155,6 +181,115 @@ class DeepSpeedCheckpointSource:
                     self._frag[name].append((rank, int(frag.start), int(frag.numel)))
         self._state = [opt["base_optimizer_state"]["state"] for opt in self.optim]
         self._groups = self.optim[0]["base_optimizer_state"]["param_groups"]
+
+    def _init_autotp(self, optim_by_tp: dict[int, list[tuple[int, Path]]]) -> None:
+        """DeepSpeed AutoTP: every TP rank's model states and ZeRO-1/2 fragments; each parameter's split."""
+        from .deepspeed_adapter import autotp_partition
+
+        ms, where = self.model_states, self.step_dir
+        what = f"{where}: a DeepSpeed AutoTP checkpoint (tensor-parallel degree {self.tp})"
+        if self.stage not in (1, 2):
+            raise CheckpointError(
+                f"{what} at ZeRO stage {self.stage}: from-deepspeed imports AutoTP checkpoints of ZeRO stages 1 and 2; "
+                "convert this one with DeepSpeed's own ds_to_universal.py"
+            )
+        dims = ms.get("checkpoint_parallel_dimensions") or {}
+        if int(dims.get("pp_degree", 1)) > 1:
+            raise CheckpointError(f"{what} with {dims['pp_degree']} pipeline stages: pipeline stages are not supported")
+        if int(ms.get("mp_world_size", self.tp)) != self.tp:
+            raise CheckpointError(f"{what}: its model states say mp_world_size {ms.get('mp_world_size')}")
+        uc = ms.get("universal_checkpoint_info") or {}
+        unsupported = uc.get("autotp_unsupported_parameter_patterns") or {}
+        if unsupported:
+            raise CheckpointError(
+                f"{what}: DeepSpeed records parameters whose split it cannot describe: "
+                + "; ".join(f"{k}: {v}" for k, v in sorted(unsupported.items()))
+            )
+        amap = uc.get("affine_map") or {}
+        if not amap.get("params"):
+            raise CheckpointError(
+                f"{what} without DeepSpeed's affine map of each parameter's split (written by DeepSpeed 0.19 and "
+                "later): resave it with a newer DeepSpeed, or convert it with DeepSpeed's ds_to_universal.py"
+            )
+        if int(amap.get("version", 1)) != 1:
+            raise CheckpointError(f"{what}: affine map format version {amap.get('version')}, this reader knows 1")
+        patterns = [(re.compile(p), entry) for p, entry in amap["params"].items()]
+        self._tp_states = [ms]
+        for t in range(1, self.tp):
+            other = _load(where / f"mp_rank_{t:02d}_model_states.pt")
+            if not isinstance(other, dict) or "module" not in other:
+                raise CheckpointError(f"{where}/mp_rank_{t:02d}_model_states.pt: not a DeepSpeed model states file")
+            _canonical_names(other)
+            self._tp_states.append(other)
+        self._autotp = {}
+        for name in self.param_names:
+            found = [entry for p, entry in patterns if p.match(name)]
+            if len(found) != 1:
+                raise CheckpointError(f"{what}: {len(found)} descriptions of the split of {name}, expected one")
+            try:
+                part = autotp_partition(found[0], name, self.tp)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{what}: {exc}; convert it with DeepSpeed's ds_to_universal.py") from None
+            for t, st in enumerate(self._tp_states):
+                local = st["module"].get(name)
+                if local is None or tuple(local.shape) != part.boxes[t][1]:
+                    got = None if local is None else list(local.shape)
+                    raise CheckpointError(
+                        f"{what}: TP rank {t} holds {name} as {got}, its split says {part.boxes[t][1]}"
+                    )
+            self._autotp[name] = part
+            self.shapes[name] = part.shape
+        # per TP rank: its DP ranks' files and each parameter's fragments in them, as at ZeRO-1/2 without TP
+        self._optim_tp = [self.optim] + [
+            [_load(f)["optimizer_state_dict"] for _, f in sorted(optim_by_tp[t])] for t in range(1, self.tp)
+        ]
+        self._frag_tp: list[dict[str, list[tuple[int, int, int]]]] = [{}] * self.tp
+        for t in reversed(range(self.tp)):  # TP rank 0's last: its groups and 0-d state stay the source's own
+            self.optim = self._optim_tp[t]
+            self._init_zero12()
+            self._frag_tp[t] = self._frag
+        self.dp = self.world
+        self.world = 1  # the import holds full tensors, each written whole by one holder
+
+    def _tp_slice(self, t: int, name: str, key: str) -> torch.Tensor:
+        """TP rank ``t``'s slice of a master weight (``key="master"``) or an optimizer moment, flat: its DP ranks'
+        fragments in order."""
+        out = []
+        for dp, start, numel in sorted(self._frag_tp[t][name]):
+            opt = self._optim_tp[t][dp]
+            g = self.group_of[name]
+            flat = (
+                opt["single_partition_of_fp32_groups"][g]
+                if key == "master"
+                else opt["base_optimizer_state"]["state"][g][key]
+            )
+            out.append(flat.reshape(-1)[start : start + numel])
+        piece = torch.cat(out) if len(out) != 1 else out[0] if out else torch.empty(0)
+        if piece.numel() != math.prod(self._autotp[name].boxes[t][1]):
+            raise CheckpointError(
+                f"{self.step_dir}: TP rank {t}'s fragments of {name} hold {piece.numel()} elements, its slice "
+                f"{list(self._autotp[name].boxes[t][1])}"
+            )
+        return piece
+
+    def _tp_merged(self, name: str, slice_of: Any) -> torch.Tensor:
+        """The full tensor from the TP ranks' slices (``slice_of(t)``), flat: each slice into its rank's box; a
+        tensor every TP rank holds whole is taken once, after checking that every TP rank holds the same values."""
+        part = self._autotp[name]
+        if part.dim is None:
+            first = slice_of(0)
+            for t in range(1, self.tp):
+                if not torch.equal(slice_of(t).reshape(-1), first.reshape(-1)):
+                    raise CheckpointError(
+                        f"{self.step_dir}: tensor-parallel ranks 0 and {t} hold different values of {name}, which "
+                        "AutoTP replicates: the checkpoint is inconsistent (DeepSpeed's own conversion refuses it too)"
+                    )
+            return first.reshape(-1)
+        slices = [slice_of(t) for t in range(self.tp)]
+        full = torch.empty(part.shape, dtype=slices[0].dtype)
+        for t, piece in enumerate(slices):
+            full[part.index(t)] = piece.reshape(part.boxes[t][1])
+        return full.reshape(-1)
 
     def _init_zero3(self) -> None:
         inner = [opt["optimizer_state_dict"] for opt in self.optim]
@@ -210,12 +345,14 @@ class DeepSpeedCheckpointSource:
 
     def layout(self) -> dict[str, Any]:
         dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(iter(self.lp_dtype.values()), None), "fp32")
+        dp = self.dp if self.tp > 1 else self.world
         return {
             "engine": "deepspeed",
             "zero_stage": self.stage,
             "dtype": dtype,
-            "world_size": self.world,
-            "data_parallel": self.world,
+            "world_size": dp * self.tp,
+            "data_parallel": dp,
+            **({"tensor_parallel": self.tp} if self.tp > 1 else {}),
             "imported_from": str(self.step_dir),
         }
 
@@ -236,6 +373,8 @@ class DeepSpeedCheckpointSource:
 
     def _partition(self, name: str) -> Partition:
         numel = math.prod(self.shapes[name])
+        if self.tp > 1:
+            return Partition.whole(0, numel)
         if self.stage == 3:
             return zero3_chunks(numel, self.world)
         if self.stage in (1, 2):
@@ -284,6 +423,8 @@ class DeepSpeedCheckpointSource:
             return module[item.name]
         if self.progress is not None:
             self.progress(1)
+        if self.tp > 1:
+            return self._tp_merged(item.name, lambda t: self._tp_states[t]["module"][item.name]).view(item.shape)
         if self.stage in (1, 2) and item.name in module:
             return module[item.name]
         if self.stage == 0:
@@ -301,6 +442,8 @@ class DeepSpeedCheckpointSource:
         name, key = (item.name, "master") if item.group == "master" else item.name.rsplit("/", 1)
         if item.shape == ():  # a 0-d state (step): whole, written by the rank the plan chose
             return self.local(item).reshape(-1)
+        if self.tp > 1:
+            return self._tp_merged(name, lambda t: self._tp_slice(t, name, key))
         if self.stage == 0:
             idx = self._zero0_index[name]
             if key == "master":

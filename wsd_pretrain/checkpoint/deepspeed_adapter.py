@@ -17,8 +17,10 @@ Each rank writes the master weights and optimizer state it holds, straight from 
 The optimizer's own state is taken as it is: tensors as slices (``exp_avg``...), 0-d tensors whole, numbers (the
 ``step`` of FusedAdam and DeepSpeedCPUAdam is a Python int) in ``engine.json``; anything else is refused when the
 manager is built (:meth:`DeepSpeedAdapter.check_complete`), so a checkpoint is never silently missing state.
-Refused: NVMe offload (state swapped out to disk), ZeRO++ hierarchical partitions / MiCS, data-parallel groups
-smaller than the world (tensor or pipeline parallelism), MoE.
+Refused: NVMe offload (state swapped out to disk), ZeRO++ hierarchical partitions / MiCS, DeepSpeed AutoTP
+(``tensor_parallel.autotp_size`` > 1: each rank holds a slice of most weights; :func:`autotp_partition` says which,
+and ``wsd-pretrain ckpt from-deepspeed`` imports DeepSpeed's own checkpoint of such a job), other data-parallel groups
+smaller than the world (pipeline parallelism, a Megatron ``mpu``), MoE.
 
 A fresh engine has no optimizer state until its first step, and restoring needs the buffers: ``begin_restore`` runs
 one optimizer step at LR 0 on zero gradients (weights unchanged bit for bit), whose state is then overwritten.
@@ -27,6 +29,7 @@ one optimizer step at LR 0 on zero gradients (weights unchanged bit for bit), wh
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,7 +44,7 @@ from .adapters import (
 )
 from .layout import Item, Partition, zero3_chunks, zero12_fragments
 
-__all__ = ["DeepSpeedAdapter"]
+__all__ = ["AUTOTP_FIX", "AutoTPPartition", "DeepSpeedAdapter", "autotp_partition"]
 
 _SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis", "scale_factor", "scale_window")
 
@@ -109,7 +112,10 @@ class DeepSpeedAdapter(EngineAdapter):
         if getattr(self.ds, "has_moe_layers", False):
             problems.append("the model has MoE layers (expert-parallel groups)")
         dp = int(getattr(self.ds, "dp_world_size", self.world))
-        if dp != self.world:
+        tp = int(self.ds.autotp_size() or 0) if hasattr(self.ds, "autotp_size") else 0
+        if tp > 1:
+            problems.append(self._autotp_problem(tp))
+        elif dp != self.world:
             problems.append(
                 f"the data-parallel group has {dp} ranks of {self.world} (tensor or pipeline parallelism): only pure "
                 "data parallelism is supported"
@@ -118,6 +124,29 @@ class DeepSpeedAdapter(EngineAdapter):
             raise CheckpointError(
                 "this DeepSpeed configuration is not supported by the checkpoint manager: " + "; ".join(problems)
             )
+
+    def _autotp_problem(self, tp: int) -> str:
+        """What AutoTP did to this model, from DeepSpeed's own description of each parameter's split."""
+        by_dim: dict[str, list[str]] = {}
+        for name, p in self._params:
+            try:
+                entry = _live_autotp_map(p)
+                part = autotp_partition(entry, name) if entry is not None else None
+            except CheckpointError:
+                by_dim.setdefault("other layouts", []).append(name)
+                continue
+            if part is not None and part.dim is not None:
+                by_dim.setdefault(f"dim {part.dim}", []).append(name)
+        shown = "; ".join(
+            f"{k}: {', '.join(v[:3])}{f' (+{len(v) - 3} more)' if len(v) > 3 else ''}"
+            for k, v in sorted(by_dim.items())
+        )
+        count = sum(len(v) for v in by_dim.values())
+        return (
+            f"DeepSpeed AutoTP is on (tensor_parallel.autotp_size = {tp}): it splits {count} of the model's "
+            f"{len(self._params)} parameters over the tensor-parallel group ({shown}), so each rank holds a slice of "
+            f"them, not the tensor; {AUTOTP_FIX}"
+        )
 
     def _dtype_name(self) -> str:
         if self.ds.bfloat16_enabled():
@@ -597,3 +626,125 @@ class DeepSpeedAdapter(EngineAdapter):
             return state
         target = self._zero0_master(name)
         return self.optimizer.state[target] if target is not None else state
+
+
+# ---------------------------------------------------------------------------------------------- AutoTP
+
+AUTOTP_FIX = (
+    "the checkpoint cannot record tensor-parallel slices yet (issue 19's format 3 adds them). Until then save this "
+    "job with DeepSpeed's own engine.save_checkpoint(dir) and import that with `wsd-pretrain ckpt from-deepspeed dir "
+    "RUN_DIR` (full tensors: a Hugging Face folder and the whole training state, resumable by a job without tensor "
+    "parallelism), or train without tensor_parallel.autotp_size"
+)
+
+
+@dataclass(frozen=True)
+class AutoTPPartition:
+    """How DeepSpeed AutoTP splits one parameter over its tensor-parallel group: the global ``shape``, the ``dim`` it
+    is cut on (None: every TP rank holds the whole tensor) and each TP rank's box of the global tensor,
+    ``boxes[tp_rank] = (offsets, lengths)`` per dimension (a rank that holds none of an uneven split has an empty
+    box). Column-parallel weights (q/k/v, gate/up, the LM head) are cut on dim 0, row-parallel ones (o_proj,
+    down_proj) on dim 1; norms, embeddings and row-parallel biases are whole on every rank."""
+
+    shape: tuple[int, ...]
+    dim: int | None
+    boxes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]]
+
+    def index(self, tp_rank: int) -> tuple[slice, ...]:
+        """``tp_rank``'s box as an index of the global tensor (``full[part.index(r)]`` is rank r's shard)."""
+        offsets, lengths = self.boxes[tp_rank]
+        return tuple(slice(o, o + n) for o, n in zip(offsets, lengths))
+
+
+def _row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= n
+    return tuple(reversed(strides))
+
+
+def _live_autotp_map(p: torch.Tensor) -> dict[str, Any] | None:
+    """The affine map DeepSpeed (0.19+) keeps on a parameter AutoTP replaced; None for one it left whole."""
+    meta = getattr(p, "ds_autotp_universal_checkpoint_meta", None)
+    if not meta:
+        return None
+    conversion = meta.get("conversion") or {}
+    if conversion.get("unsupported_reason"):
+        raise CheckpointError(f"DeepSpeed cannot describe its split: {conversion['unsupported_reason']}")
+    entry = conversion.get("affine_map")
+    if entry is None:
+        raise CheckpointError("DeepSpeed records no affine map for it (a DeepSpeed older than 0.19?)")
+    return entry
+
+
+def autotp_partition(entry: dict[str, Any], name: str, tp: int | None = None) -> AutoTPPartition:
+    """One parameter's AutoTP split from DeepSpeed's affine map of it (``ParamAffineMap.to_dict()``: the live
+    parameter's ``ds_autotp_universal_checkpoint_meta["conversion"]["affine_map"]``, or the checkpoint's
+    ``universal_checkpoint_info["affine_map"]["params"][pattern]``); ``tp``, when given, is the number of TP ranks
+    it must name. Accepted: one piece per rank, unscaled, that is the rank's whole shard and a box of the global
+    tensor (row-major on both sides), either held by every rank and the whole tensor (replicated) or held by its
+    rank alone, the split ranks' boxes tiling one dimension. Anything else (fused sub-parameters cut piece by piece,
+    segmented or block layouts, a scaled replica) raises :class:`CheckpointError` naming it."""
+    shape = tuple(int(d) for d in entry["logical_shape"])
+    strides = _row_major(shape)
+    ranks = {int(r): v for r, v in entry["ranks"].items()}
+    if tp is not None and sorted(ranks) != list(range(tp)):
+        raise CheckpointError(f"{name}: DeepSpeed's AutoTP map names TP ranks {sorted(ranks)}, the job has {tp}")
+    boxes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    shared = 0
+    for r, value in sorted(ranks.items()):
+        pieces = value["pieces"]
+        shard = tuple(int(d) for d in value["shard_shape"])
+        if len(pieces) != 1:
+            raise CheckpointError(
+                f"{name}: AutoTP gives TP rank {r} {len(pieces)} pieces of the tensor (fused sub-parameters or a "
+                "segmented layout), not one slice"
+            )
+        piece = pieces[0]
+        (src, src_strides), (dst, dst_strides) = piece["source"], piece["dest"]
+        lengths = tuple(int(d) for d in piece["shape"])
+        holders = sorted(int(x) for x in piece["locations"])
+        if float(piece.get("scale", 1.0)) != 1.0:
+            raise CheckpointError(f"{name}: AutoTP holds it scaled by {piece['scale']} on TP rank {r}")
+        if lengths != shard or len(shard) != len(shape):
+            raise CheckpointError(f"{name}: TP rank {r}'s piece {list(lengths)} is not its shard {list(shard)}")
+        if math.prod(lengths) == 0:  # a rank that holds none of an uneven split
+            boxes[r] = ((0,) * len(shape), lengths)
+            continue
+        if tuple(src_strides) != strides or int(dst) != 0 or tuple(dst_strides) != _row_major(shard):
+            raise CheckpointError(f"{name}: TP rank {r}'s piece is not a box of the tensor (strided or offset)")
+        offsets, rest = [], int(src)
+        for s in strides:
+            offsets.append(rest // s)
+            rest %= s
+        if any(o + n > d for o, n, d in zip(offsets, lengths, shape)):
+            raise CheckpointError(f"{name}: TP rank {r}'s box {offsets} + {list(lengths)} leaves the shape {shape}")
+        boxes[r] = (tuple(offsets), lengths)
+        if len(ranks) > 1 and holders == sorted(ranks):
+            if lengths != shape:
+                raise CheckpointError(f"{name}: every TP rank holds the same slice of it, not the whole tensor")
+            shared += 1
+        elif holders != [r]:
+            raise CheckpointError(f"{name}: TP rank {r}'s slice is listed as held by TP ranks {holders}")
+    if shared:
+        if shared != len(ranks):
+            raise CheckpointError(f"{name}: some TP ranks hold the whole tensor, others a slice")
+        return AutoTPPartition(shape, None, boxes)
+    cut = set()
+    for off, n in boxes.values():
+        empty = math.prod(n) == 0
+        cut |= {d for d in range(len(shape)) if (n[d] == 0 if empty else (off[d], n[d]) != (0, shape[d]))}
+    if len(cut) != 1:
+        raise CheckpointError(f"{name}: AutoTP cuts it on dimensions {sorted(cut)}, not on one")
+    dim = cut.pop()
+    pos = 0
+    for off, n in sorted((off[dim], n[dim]) for off, n in boxes.values() if math.prod(n)):
+        if off != pos:
+            raise CheckpointError(
+                f"{name}: the TP ranks' slices of dim {dim} do not tile it (a gap or overlap at {pos})"
+            )
+        pos += n
+    if pos != shape[dim]:
+        raise CheckpointError(f"{name}: the TP ranks' slices cover {pos} of dim {dim}'s {shape[dim]}")
+    return AutoTPPartition(shape, dim, boxes)
