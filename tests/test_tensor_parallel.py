@@ -194,10 +194,25 @@ def _four(rank, world, root):
         mgr.resume(path)
         got = _full(model, opt)
         out[layout] = _same(got, oracle)
+        if layout == "hsdp+tp":  # saved from HSDP + TP too: the first replica writes each box once
+            out["hsdp_path"] = str(mgr.save(["periodic"]))
         step(3)  # and it trains on
         mgr.close()
     out["path"] = str(path)
     out["oracle"] = {k: v.tolist() for k, v in oracle.items()} if rank == 0 else None
+    return out
+
+
+def state_of(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every model and optimizer tensor of a checkpoint, read whole (what one process's resume reads)."""
+    from wsd_pretrain.checkpoint import format as F
+    from wsd_pretrain.checkpoint.store import CheckpointStore
+
+    with CheckpointStore(ckpt, F.load_manifest(ckpt)) as store:
+        out = {f"{n}:model": store.read("model", n) for n in store.names("model")}
+        for k in store.names("optimizer"):
+            pname, _, key = k.rpartition("/")
+            out[f"{pname}:optimizer/{key}"] = store.read("optimizer", k)
     return out
 
 
@@ -207,19 +222,9 @@ def _tools_on_boxes(path: Path, oracle: dict[str, torch.Tensor], root: Path) -> 
     from safetensors.torch import load_file
 
     from engines import assert_verified
-    from wsd_pretrain.checkpoint import format as F
     from wsd_pretrain.checkpoint import tools
-    from wsd_pretrain.checkpoint.store import CheckpointStore
 
     assert_verified([path])
-
-    def state_of(ckpt: Path) -> dict[str, torch.Tensor]:
-        with CheckpointStore(ckpt, F.load_manifest(ckpt)) as store:
-            out = {f"{n}:model": store.read("model", n) for n in store.names("model")}
-            for k in store.names("optimizer"):
-                pname, _, key = k.rpartition("/")
-                out[f"{pname}:optimizer/{key}"] = store.read("optimizer", k)
-        return out
 
     assert _same(state_of(path), oracle) == [], "one process reads every tensor whole, as DCP does"
     folder: dict[str, torch.Tensor] = {}
@@ -251,7 +256,7 @@ def _tools_on_boxes(path: Path, oracle: dict[str, torch.Tensor], root: Path) -> 
 
 
 @pytest.mark.distributed
-def test_fsdp2_tp_resumes_bitwise_and_loads_into_every_layout_as_dcp_does(tmp_path):
+def test_fsdp2_tp_resumes_bitwise_and_loads_into_every_layout_as_dcp_does(tmp_path, capsys):
     results = run_distributed(_four, world_size=4, args=(str(tmp_path),), timeout=600)
     for r in results:
         assert r["dcp_equal_live"] == [], "the oracle itself: DCP loads back what the job held"
@@ -260,6 +265,18 @@ def test_fsdp2_tp_resumes_bitwise_and_loads_into_every_layout_as_dcp_does(tmp_pa
             assert r[layout] == [], f"{layout}: differs from DCP's values: {r[layout]}"
     oracle = {k: torch.tensor(v) for k, v in results[0]["oracle"].items()}
     _tools_on_boxes(Path(results[0]["path"]), oracle, tmp_path)
+    from wsd_pretrain.cli import main
+
+    hsdp = Path(results[0]["hsdp_path"])
+    assert _same(state_of(hsdp), oracle) == [], "saved from HSDP + TP"
+    index = json.loads((hsdp / "train_state" / "state.index.json").read_text())
+    assert index["tensors"]["optimizer/w2.weight/exp_avg"]["partition"] == {
+        "grid": {"mesh": [2, 1, 2], "dims": [[1], [2]]}
+    }, "replicas (mesh dim 0) write nothing"
+    capsys.readouterr()
+    assert main(["ckpt", "inspect", results[0]["path"]]) == 0
+    text = capsys.readouterr().out
+    assert "mesh=[2, 2], mesh_dims=['dp', 'tp']" in text and "boxes on mesh [2, 2]" in text
 
 
 def _two(rank, world, root):
@@ -308,3 +325,55 @@ def test_tensor_parallel_alone_resumes_bitwise(tmp_path):
     assert r0["whole"] == []
     assert "parts" in r0["norm"] and len(r0["norm"]["parts"]) == 1, "a TP-replicated tensor is written once"
     assert r0["embed"] == {"grid": {"mesh": [2], "dims": [[0], []]}}
+
+
+def _save_fsdp2_tp(rank, world, root):
+    """The (dp 2, tp 2) state saved with ours and with dcp.save; then loaded into DeepSpeed ZeRO-3 on 4 ranks."""
+    import torch.distributed as dist
+
+    from engines import ds_config
+    from wsd_pretrain import WSDSchedule, WSDScheduler, deepspeed_initialize
+
+    root = Path(root)
+    model, opt, sched, step = _build("fsdp2+tp")
+    mgr = _manager(root / "run", model, opt, sched)
+    for i in range(3):
+        step(i)
+    path = mgr.save(["periodic"])
+    _dcp_save(model, opt, str(root / "dcp"))
+    saved = _full(model, opt)
+    mgr.close()
+    dist.barrier()
+    oracle = _dcp_full(str(root / "dcp"), saved)
+    torch.manual_seed(5)
+    net = Net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = WSDScheduler(opt, WSDSchedule(total=20, warmup=2))
+    engine, *_ = deepspeed_initialize(model=net, optimizer=opt, lr_scheduler=sched, config=ds_config(3, "fp32"))
+    mgr = _manager(root / "run-ds3", engine, opt, sched)
+    mgr.resume(path)
+    got = _full(engine, opt)
+    mgr.close()
+    return {"path": str(path), "ds3": _same(got, oracle)}
+
+
+def _load_tp2(rank, world, path, dcp_dir, root):
+    model, opt, sched, step = _build("tp", seed=4)
+    mgr = _manager(Path(root) / "run-tp2", model, opt, sched)
+    mgr.resume(path)
+    got = _full(model, opt)
+    step(3)
+    mgr.close()
+    return _same(got, _dcp_full(dcp_dir, got))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp2_tp_loads_into_deepspeed_zero3_and_tp_alone(tmp_path):
+    """The other targets of item 3 (their read paths, flat ranges and boxes of grid parts, run in the default test
+    above through FSDP2 on 4 and the same-mesh resume)."""
+    results = run_distributed(_save_fsdp2_tp, world_size=4, args=(str(tmp_path),), timeout=900)
+    assert all(r["ds3"] == [] for r in results), results[0]["ds3"]
+    path = results[0]["path"]
+    loaded = run_distributed(_load_tp2, world_size=2, args=(path, str(tmp_path / "dcp"), str(tmp_path)), timeout=600)
+    assert loaded == [[], []]

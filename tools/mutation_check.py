@@ -56,6 +56,7 @@ T_RESUME_DDP = "tests/test_checkpoint_resume.py::test_stop_and_resume_equals_str
 T_MANAGER = "tests/test_checkpoint_manager.py"
 T_FAULTS = "tests/test_checkpoint_faults.py"
 T_AGREEMENT = "tests/test_checkpoint_agreement.py"
+T_TP_FSDP2 = "tests/test_tensor_parallel.py::test_fsdp2_tp_resumes_bitwise_and_loads_into_every_layout_as_dcp_does"
 
 MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ shapes and the schedule
@@ -374,6 +375,38 @@ MUTATIONS: list[Mutation] = [
         "                out.append((s, min(p.chunk, entry.numel - s), p.ranks[i] if p.ranks else 0))",
         ("tests/test_checkpoint_manager.py::test_a_checkpoint_resumes_on_another_world_size_and_engine",),
         "a ZeRO-3/FSDP2 slice is looked for in rank 0's files whatever rank held it",
+    ),
+    M(
+        "box-runs-ignore-box-offset",
+        "wsd_pretrain/checkpoint/layout.py",
+        "        start = sum((offs[d] - b_offs[d]) * strides[d] for d in range(k, ndim))",
+        "        start = sum(offs[d] * strides[d] for d in range(k, ndim))",
+        ("tests/test_boxes.py", T_TP_FSDP2),
+        "a box read from a stored box starts at the wrong element: tensor-parallel shards are restored shifted",
+    ),
+    M(
+        "box-read-ignores-part-range",
+        "wsd_pretrain/checkpoint/store.py",
+        "            hi = np.minimum(length, np.minimum(start + n - at, p_start + p_numel - src))",
+        "            hi = np.minimum(length, start + n - at)",
+        ("tests/test_checkpoint_manager.py::test_a_checkpoint_resumes_on_another_world_size_and_engine",),
+        "a read runs past the flat range a part holds: a resume on another world size reads other ranks' bytes",
+    ),
+    M(
+        "grid-strided-order-lost",
+        "wsd_pretrain/checkpoint/adapters.py",
+        "        (inner if isinstance(pl, _StridedShard) else outer)[d].append(m)",
+        "        outer[d].append(m)",
+        (T_TP_FSDP2,),
+        "FSDP2 over tensor parallelism is described as dp-then-tp pieces: refused at build, or saved scrambled",
+    ),
+    M(
+        "grid-box-of-any-replica",
+        "wsd_pretrain/checkpoint/layout.py",
+        "        if coord is None or any(coord[m] for m in range(len(coord)) if m not in self.grid.cutting):",
+        "        if coord is None:",
+        (T_TP_FSDP2,),
+        "a tensor replicated over a mesh dimension is written by every replica, not once",
     ),
     M(
         "store-skips-slice-start-check",
