@@ -223,8 +223,8 @@ def test_chunked_fingerprints_see_every_chunk(monkeypatch):
 
 
 def test_a_single_process_describes_and_refuses_locally(tmp_path):
-    """One process: the same description twice gives the same digests; a tensor-parallel layout is refused by the
-    adapter while describing (no collective: a single process answers locally)."""
+    """One process: the same description twice gives the same digests; a layout the adapter does not understand is
+    refused by the adapter while describing (no collective: a single process answers locally)."""
     from wsd_pretrain import CheckpointError
     from wsd_pretrain.checkpoint.adapters import make_adapter
     from wsd_pretrain.checkpoint.agreement import agree_on_plan, describe
