@@ -7,6 +7,7 @@ names (safetensors, ``from_pretrained`` style)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,18 @@ def _tools_on_boxes(path: Path, oracle: dict[str, torch.Tensor], root: Path) -> 
     assert tensors["optimizer/w1.weight/exp_avg"]["partition"] == {"grid": {"mesh": [2, 2], "dims": [[1, 0], []]}}
     assert tensors["optimizer/w2.weight/exp_avg"]["partition"] == {"grid": {"mesh": [2, 2], "dims": [[0], [1]]}}
     assert tensors["optimizer/norm.weight/exp_avg"]["partition"] == {"grid": {"mesh": [2, 2], "dims": [[0]]}}
+    # every element of the training state is stored once: a TP-replicated norm by tp rank 0 of each dp row only
+    from safetensors import safe_open
+
+    stored, holders = 0, set()
+    for f in sorted((path / "train_state").glob("state-r*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for key in h.keys():
+                stored += math.prod(h.get_slice(key).get_shape())
+                if key == "optimizer/norm.weight/exp_avg":
+                    holders.add(f.name[: len("state-r00000")])
+    assert stored == sum(math.prod(t["shape"]) for t in tensors.values()), "a box written more than once"
+    assert holders == {"state-r00000", "state-r00002"}
     info = tools.inspect_checkpoint(path)
     assert info["layout"]["mesh"] == [2, 2] and info["layout"]["mesh_dims"] == ["dp", "tp"]
     assert info["partitions"]["optimizer/w2.weight/exp_avg"].startswith("boxes on mesh [2, 2]")
