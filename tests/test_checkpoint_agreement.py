@@ -1,8 +1,8 @@
 """The ranks agree on one plan when the manager is built (checkpoint/agreement.py): layouts the checkpoint cannot
-hold (tensor parallelism with or without FSDP2, pipeline stages, stages renumbered from 0, a rank failing alone) are
-refused on every rank with the same error naming the fix, before anything is written; nothing legitimate is (DDP
-over replicas that started different; FSDP2 and HSDP with uneven shards, bf16 compute, CPU offload and a frozen
-parameter)."""
+hold (a tensor-parallel placement it does not understand, pipeline stages, stages renumbered from 0, a rank failing
+alone) are refused on every rank with the same error naming the fix, before anything is written; nothing legitimate
+is (tensor parallelism alone and with FSDP2, format 3; DDP over replicas that started different; FSDP2 and HSDP with
+uneven shards, bf16 compute, CPU offload and a frozen parameter)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,13 @@ def _build(rank, world, case):
         fully_shard(model, mesh=mesh["dp"])
     elif case == "tp":  # a 1-D tp mesh, no fully_shard
         model = parallelize_module(MLP(), init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)), plan)
+    elif case == "partial":  # a placement no checkpoint layout describes: a parameter held as a pending sum
+        from torch.distributed.tensor import DTensor, Partial
+
+        model = MLP()
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+        local = model.w1.weight.detach()
+        model.w1.weight = torch.nn.Parameter(DTensor.from_local(local, mesh, [Partial()], run_check=False))
     elif case == "stages":  # ranks 0-1 hold layers 0-1, ranks 2-3 layers 2-3
         stage = rank // 2
         model = Stages(range(2 * stage, 2 * stage + 2))
@@ -73,7 +80,7 @@ def _refusals(rank, world, root):
 
     config = CheckpointConfig(at_milestones=False, at_end=False, on_preemption=False)
     out = {}
-    for case in ("fsdp2+tp", "tp", "stages", "renumbered", "alone"):
+    for case in ("fsdp2+tp", "tp", "partial", "stages", "renumbered", "alone"):
         model, opt = _build(rank, world, case)
         run = Path(root, case)
         try:
@@ -82,7 +89,8 @@ def _refusals(rank, world, root):
         except CheckpointError as exc:
             out[case] = {"refused": str(exc)}
         # nothing written, and the run lock released: a job that fixes its layout starts in the same directory
-        out[case]["left"] = sorted(p.name for p in (run / "checkpoints").iterdir()) if run.exists() else []
+        ckpts = run / "checkpoints"
+        out[case]["left"] = sorted(p.name for p in ckpts.iterdir()) if ckpts.exists() else []
     # nothing legitimate refused: DDP over replicas that started different (it broadcasts rank 0's weights), whose
     # first save commits a checkpoint that verifies; built in a directory a refused job left
     model, opt = _build(rank, world, "ddp")
@@ -145,19 +153,17 @@ def _fsdp2_builds_and_verifies(rank, run, config):
 @pytest.mark.distributed
 def test_layouts_the_plan_cannot_hold_are_refused_at_build_on_every_rank(tmp_path):
     results = run_distributed(_refusals, world_size=4, args=(str(tmp_path),), timeout=600)
-    for case in ("fsdp2+tp", "tp", "stages", "renumbered", "alone", "save-differs"):
+    for case in ("fsdp2+tp", "tp"):  # format 3 holds tensor parallelism: built, nothing written yet
+        assert all(r[case] == {"refused": None, "left": []} for r in results), results[0][case]
+    for case in ("partial", "stages", "renumbered", "alone", "save-differs"):
         texts = {r[case]["refused"] for r in results}
         assert len(texts) == 1 and None not in texts, f"{case}: not refused alike on every rank: {texts}"
         (text,) = texts
         expected_left = ["latest", "step-000000000-periodic"] if case == "save-differs" else []
         assert all(r[case]["left"] == expected_left for r in results), f"{case}: {results[0][case]['left']}"
-        if case in ("fsdp2+tp", "tp"):
-            assert "this job cannot be checkpointed: ranks 0-3: parameter w1.weight" in text
-            assert "tensor parallelism is not supported" in text and "torch.distributed.checkpoint" in text
-        if case == "fsdp2+tp":
-            assert "2-D mesh ('dp', 'tp') of shape (2, 2)" in text
-        if case == "tp":
-            assert "1-D mesh ('tp',) of shape (4,)" in text
+        if case == "partial":
+            assert "this job cannot be checkpointed: ranks 0-3: parameter w1.weight has placements (Partial(" in text
+            assert "1-D mesh ('tp',) of shape (4,)" in text and "torch.distributed.checkpoint" in text
     stages = results[0]["stages"]["refused"]
     assert (
         "ranks 0-1 hold model tensors that ranks 2-3 do not: layers.0.weight, layers.0.bias, layers.1.weight" in stages
@@ -217,8 +223,8 @@ def test_chunked_fingerprints_see_every_chunk(monkeypatch):
 
 
 def test_a_single_process_describes_and_refuses_locally(tmp_path):
-    """One process: the same description twice gives the same digests; a tensor-parallel layout is refused by the
-    adapter while describing (no collective: a single process answers locally)."""
+    """One process: the same description twice gives the same digests; a layout the adapter does not understand is
+    refused by the adapter while describing (no collective: a single process answers locally)."""
     from wsd_pretrain import CheckpointError
     from wsd_pretrain.checkpoint.adapters import make_adapter
     from wsd_pretrain.checkpoint.agreement import agree_on_plan, describe

@@ -63,13 +63,13 @@ def test_a_version_1_checkpoint_resumes_on_another_engine(tmp_path, fixture, eng
             assert values == saved[key].flatten().tolist(), key
 
 
-def test_reshard_rewrites_version_1_as_version_2(tmp_path):
+def test_reshard_rewrites_version_1_as_the_current_version(tmp_path):
     from wsd_pretrain.checkpoint import format as F
     from wsd_pretrain.checkpoint import tools
 
     out = tools.reshard(DATA / "v1-ds2-bf16", tmp_path / "v2", max_shard_size=10_000)
     manifest = F.load_manifest(out)
-    assert manifest["format_version"] == F.FORMAT_VERSION == 2
+    assert manifest["format_version"] == F.FORMAT_VERSION == 3
     assert tools.verify_checkpoint_files(out) == []
     from wsd_pretrain.checkpoint.store import CheckpointStore
 

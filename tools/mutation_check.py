@@ -59,6 +59,7 @@ T_AGREEMENT = "tests/test_checkpoint_agreement.py"
 T_AUTOTP = (
     "tests/test_autotp.py::test_autotp_is_refused_at_build_and_its_deepspeed_checkpoint_imports_as_deepspeed_merges_it"
 )
+T_TP_FSDP2 = "tests/test_tensor_parallel.py::test_fsdp2_tp_resumes_bitwise_and_loads_into_every_layout_as_dcp_does"
 
 MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ shapes and the schedule
@@ -377,6 +378,38 @@ MUTATIONS: list[Mutation] = [
         "                out.append((s, min(p.chunk, entry.numel - s), p.ranks[i] if p.ranks else 0))",
         ("tests/test_checkpoint_manager.py::test_a_checkpoint_resumes_on_another_world_size_and_engine",),
         "a ZeRO-3/FSDP2 slice is looked for in rank 0's files whatever rank held it",
+    ),
+    M(
+        "box-runs-ignore-box-offset",
+        "wsd_pretrain/checkpoint/layout.py",
+        "        start = sum((offs[d] - b_offs[d]) * strides[d] for d in range(k, ndim))",
+        "        start = sum(offs[d] * strides[d] for d in range(k, ndim))",
+        ("tests/test_boxes.py", T_TP_FSDP2),
+        "a box read from a stored box starts at the wrong element: tensor-parallel shards are restored shifted",
+    ),
+    M(
+        "box-read-ignores-part-range",
+        "wsd_pretrain/checkpoint/store.py",
+        "            hi = np.minimum(length, np.minimum(start + n - at, p_start + p_numel - src))",
+        "            hi = np.minimum(length, start + n - at)",
+        ("tests/test_checkpoint_manager.py::test_a_checkpoint_resumes_on_another_world_size_and_engine",),
+        "a read runs past the flat range a part holds: a resume on another world size reads other ranks' bytes",
+    ),
+    M(
+        "grid-strided-order-lost",
+        "wsd_pretrain/checkpoint/adapters.py",
+        "        (inner if isinstance(pl, _StridedShard) else outer)[d].append(m)",
+        "        outer[d].append(m)",
+        (T_TP_FSDP2,),
+        "FSDP2 over tensor parallelism is described as dp-then-tp pieces: refused at build, or saved scrambled",
+    ),
+    M(
+        "grid-box-of-any-replica",
+        "wsd_pretrain/checkpoint/layout.py",
+        "        if coord is None or any(coord[m] for m in range(len(coord)) if m not in self.grid.cutting):",
+        "        if coord is None:",
+        (T_TP_FSDP2,),
+        "a tensor replicated over a mesh dimension is written by every replica, not once",
     ),
     M(
         "store-skips-slice-start-check",
@@ -735,10 +768,10 @@ MUTATIONS: list[Mutation] = [
     M(
         "torch-adapter-tp-as-replica",
         "wsd_pretrain/checkpoint/adapters.py",
-        "        if isinstance(p, DTensor) and not all(isinstance(pl, Replicate) for pl in p.placements):",
-        "        if False:",
-        (T_AGREEMENT,),
-        "a tensor-parallel model builds its manager; its first save fails (a DTensor's local part taken as the whole)",
+        '        grid = dtensor_partition(p, self._name_of.get(id(p), "?"))\n        if grid is not None:\n            return grid',
+        "        grid = None",
+        ("tests/test_tensor_parallel.py::test_tensor_parallel_alone_resumes_bitwise",),
+        "a tensor-parallel model's shards are taken as whole replicas: refused as ranks that differ, or written wrong",
     ),
     # ------------------------------------------------------------------ DeepSpeed AutoTP
     M(

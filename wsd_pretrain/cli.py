@@ -224,6 +224,12 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
         for group, by_dtype in info["tensors"].items():
             parts = ", ".join(f"{d}: {v['tensors']} tensors, {_human(v['bytes'])}" for d, v in by_dtype.items())
             print(f"  {group}: {parts}")
+        kinds: dict[str, int] = {}
+        for text in info.get("partitions", {}).values():  # "boxes on mesh [2, 2]: ...", "chunks of N ...", ...
+            kind = text.split(":")[0] if text.startswith("boxes") else text.split(" of ")[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        if kinds:
+            print("  partitions: " + ", ".join(f"{n} {k}" for k, n in kinds.items()) + " (--json: each tensor's)")
         print(
             f"  {info['files']} files, {_human(info['bytes'])}; versions: "
             + ", ".join(f"{k} {v}" for k, v in info["versions"].items())

@@ -21,6 +21,7 @@ HSDP) and :class:`~.deepspeed_adapter.DeepSpeedAdapter` (ZeRO 0-3; fp32, bf16, f
 
 from __future__ import annotations
 
+import math
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from .layout import Item, Partition, fsdp_rows
+from .layout import Box, Grid, Item, Partition, fsdp_rows
 from .names import canonical_name, inner_module, wrapper_attr
 
 __all__ = ["EngineAdapter", "FSDP2Adapter", "TorchAdapter", "Want", "make_adapter"]
@@ -40,7 +41,8 @@ __all__ = ["EngineAdapter", "FSDP2Adapter", "TorchAdapter", "Want", "make_adapte
 class Want:
     """One tensor a rank needs on resume: ``kind`` is ``hp`` (fp32 master, else the model weight), ``lp`` (the
     model weight in ``dtype``), ``optimizer`` (state ``key`` of parameter ``name``) or ``buffer``; ``numel=None``
-    means the whole tensor in its shape, else elements ``[start, start + numel)`` of its flattened form (1-D)."""
+    means the whole tensor in its shape, else elements ``[start, start + numel)`` of its flattened form (1-D);
+    ``box``: of that box of the tensor instead of the whole."""
 
     kind: str
     name: str
@@ -48,6 +50,9 @@ class Want:
     start: int = 0
     numel: int | None = None
     dtype: torch.dtype | None = None
+    box: Box | None = None
+    """A box of the tensor (format 3; a tensor-parallel shard): the range is then of the box's elements, and
+    ``numel=None`` means the whole box in its shape."""
 
     @property
     def slot(self) -> str:
@@ -351,21 +356,32 @@ class TorchAdapter(EngineAdapter):
         self._name_of = {id(p): n for n, p in self._params}
 
     def layout(self) -> dict[str, Any]:
-        return {"engine": "ddp" if self.ddp else "torch", "world_size": self.world, "data_parallel": self.world}
+        return {"engine": "ddp" if self.ddp else "torch", "world_size": self.world, "data_parallel": self.world} | (
+            self._mesh_layout()
+        )
+
+    def _mesh_layout(self) -> dict[str, Any]:
+        """The device mesh of a tensor-parallel job, for the manifest (``inspect`` shows it): its shape and dimension
+        names, from the first parameter placed on it."""
+        from torch.distributed.tensor import DTensor
+
+        for _, p in self._params:
+            if isinstance(p, DTensor) and self._partition(p).grid is not None:
+                mesh = p.device_mesh
+                return {
+                    "mesh": [int(n) for n in mesh.mesh.shape],
+                    "mesh_dims": list(mesh.mesh_dim_names) if mesh.mesh_dim_names else None,
+                }
+        return {}
 
     def _state(self, p: torch.Tensor) -> dict[str, Any]:
         return self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
 
     def _partition(self, p: torch.Tensor) -> Partition:
-        from torch.distributed.tensor import DTensor, Replicate
-
-        if isinstance(p, DTensor) and not all(isinstance(pl, Replicate) for pl in p.placements):
-            # a DTensor sharded by a tensor-parallel plan (parallelize_module) without fully_shard: its local part
-            # is not the whole tensor, so writing it as a replica would be wrong
-            raise CheckpointError(
-                f"parameter {self._name_of.get(id(p), '?')} is a DTensor with placements {tuple(p.placements)} on "
-                f"{_mesh_text(p)}: {TP_FIX}"
-            )
+        # a DTensor sharded by a tensor-parallel plan (parallelize_module): each rank holds a box of it
+        grid = dtensor_partition(p, self._name_of.get(id(p), "?"))
+        if grid is not None:
+            return grid
         if getattr(p, "ds_is_replaced_module", False):
             # DeepSpeed AutoTP's slice of a tensor (a module taken out of its engine): not a replica either
             from .deepspeed_adapter import AUTOTP_FIX
@@ -375,6 +391,16 @@ class TorchAdapter(EngineAdapter):
                 f"a tensor-parallel weight: {AUTOTP_FIX}"
             )
         return Partition(replicated=True)
+
+    def _box(self, p: torch.Tensor) -> Box | None:
+        """This rank's box of a tensor-parallel parameter (None: not one)."""
+        part = self._partition(p)
+        if part.grid is None:
+            return None
+        from torch.distributed.tensor import DTensor
+
+        assert isinstance(p, DTensor)
+        return part.grid.box(tuple(p.device_mesh.get_coordinate() or ()))
 
     def items(self) -> list[Item]:
         model, optim = [], []
@@ -421,6 +447,18 @@ class TorchAdapter(EngineAdapter):
                         f"optimizer state {name}/{key} is a {type(value).__name__}: neither a tensor nor a JSON value, "
                         "so it cannot be checkpointed without pickling; use an optimizer whose state is tensors and numbers"
                     )
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.dim() > 0
+                    and tuple(value.shape) != tuple(p.shape)
+                    and self._partition(p).grid is not None
+                ):
+                    raise CheckpointError(
+                        f"optimizer state {name}/{key} has shape {list(value.shape)}, its tensor-parallel parameter "
+                        f"{list(p.shape)}: the checkpoint saves per-element optimizer state (sharded as the parameter) "
+                        "and 0-d values; use an optimizer with per-element state (AdamW, SGD, Lion) with tensor "
+                        "parallelism"
+                    )
 
     def optimizer_state_keys(self) -> dict[str, list[str]]:
         return {name: sorted(self._state(p)) for name, p in self._params if self._state(p)}
@@ -441,11 +479,28 @@ class TorchAdapter(EngineAdapter):
         out: dict[str, list[Want]] = {}
         for name, p in self._params:
             start, numel = self._range(p)
-            wants = [Want("hp", name, start=start, numel=numel)]
+            box = self._box(p)
+            if box is not None:
+                for key, shape in saved.get(name, {}).items() if self.optimizer is not None else ():
+                    if len(shape) > 0 and tuple(shape) != tuple(p.shape):
+                        raise CheckpointError(
+                            f"optimizer state {name}/{key} has shape {list(shape)} in the checkpoint, the parameter "
+                            f"{list(p.shape)}: state of another shape (factored moments) cannot be placed on a "
+                            "tensor-parallel shard; resume it with one process or DDP"
+                        )
+            wants = [Want("hp", name, start=start, numel=numel, box=box)]
             if self.optimizer is not None:
                 for key, shape in saved.get(name, {}).items():
                     ranged = len(shape) > 0 and tuple(shape) == tuple(p.shape)
-                    wants.append(Want("optimizer", name, key, *((start, numel) if ranged else (0, None))))
+                    wants.append(
+                        Want(
+                            "optimizer",
+                            name,
+                            key,
+                            *((start, numel) if ranged else (0, None)),
+                            box=box if ranged else None,
+                        )
+                    )
             out[name] = wants
         return out
 
@@ -462,8 +517,20 @@ class TorchAdapter(EngineAdapter):
             state[key] = self._state_value(p, key, value, group)
 
     def _state_value(self, p: torch.Tensor, key: str, value: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
         if value.dim() == 0:
             return step_tensor(value, p, group)
+        if isinstance(p, DTensor):  # per-element state of a sharded parameter: a DTensor placed as the parameter
+            local = _local_of(p)
+            return DTensor.from_local(
+                value.to(local.device).view(local.shape).clone(),
+                p.device_mesh,
+                p.placements,
+                shape=p.shape,
+                stride=p.stride(),
+                run_check=False,
+            )
         # read whole, in its saved shape: the parameter's for per-element state, its own for any other (Adafactor's
         # factored row and column variances)
         return value.to(p.device)
@@ -495,10 +562,61 @@ def _has_ddp(module: Any) -> bool:
     return False
 
 
-TP_FIX = (
-    "tensor parallelism is not supported by the checkpoint yet (issue 19 adds it): until then checkpoint this job "
-    "with torch.distributed.checkpoint, or train with FSDP2 (fully_shard, HSDP) or DDP alone"
+UNDERSTOOD = (
+    "the checkpoint understands DTensor placements Shard, _StridedShard (FSDP2 over tensor parallelism) and Replicate, "
+    "cut as torch.chunk cuts (DTensor's own rule); a layout it cannot describe is refused rather than saved wrong: "
+    "use torchtitan-style plans (ColwiseParallel, RowwiseParallel, SequenceParallel, fully_shard over the dp mesh), "
+    "or checkpoint this job with torch.distributed.checkpoint"
 )
+
+
+def dtensor_partition(p: Any, name: str) -> Partition | None:
+    """The format-3 partition of a DTensor sharded on its mesh (tensor parallelism, FSDP2 + TP, HSDP + TP): a
+    :class:`~.layout.Grid` rule, O(1) whatever the mesh. None for a tensor that is not a DTensor or is replicated on
+    every mesh dimension. The rule is checked against DTensor's own arithmetic
+    (``compute_local_shape_and_global_offset``) and the local tensor for this rank's coordinate, and refused when
+    they differ: every rank checks its own box when the manager is built, so the rule is checked for the whole mesh
+    before anything is written."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if not isinstance(p, DTensor) or all(isinstance(pl, Replicate) for pl in p.placements):
+        return None
+    shape = tuple(p.shape)
+    outer: list[list[int]] = [[] for _ in shape]
+    inner: list[list[int]] = [[] for _ in shape]
+    for m, pl in enumerate(p.placements):
+        if isinstance(pl, Replicate):
+            continue
+        if not isinstance(pl, (Shard, _StridedShard)) or not shape:
+            raise CheckpointError(
+                f"parameter {name} has placements {tuple(p.placements)} on {_mesh_text(p)}: {UNDERSTOOD}"
+            )
+        d = pl.dim % len(shape)
+        # _StridedShard: this mesh dimension cuts the piece that a later one cut first (FSDP2 over TP)
+        (inner if isinstance(pl, _StridedShard) else outer)[d].append(m)
+    mesh = p.device_mesh
+    ranks = tuple(int(r) for r in mesh.mesh.flatten().tolist())
+    grid = Grid(
+        shape,
+        tuple(int(n) for n in mesh.mesh.shape),
+        None if ranks == tuple(range(len(ranks))) else ranks,
+        tuple(tuple(a + b) for a, b in zip(outer, inner)),
+    )
+    coord = mesh.get_coordinate()
+    if coord is not None:
+        offsets, lengths = grid.box(tuple(coord))
+        local = tuple(p.to_local().shape)
+        api_shape, api_offsets = compute_local_shape_and_global_offset(p.shape, mesh, p.placements)
+        if lengths != local or lengths != tuple(api_shape) or (math.prod(local) and offsets != tuple(api_offsets)):
+            raise CheckpointError(
+                f"parameter {name} of shape {list(shape)} has placements {tuple(p.placements)} on {_mesh_text(p)}: "
+                f"this rank holds {list(local)} at {list(api_offsets)}, nested torch.chunk pieces give "
+                f"{list(lengths)} at {list(offsets)} (uneven pieces of a _StridedShard); make the sharded dimension "
+                f"divisible by the mesh dimensions that cut it. {UNDERSTOOD}"
+            )
+    return Partition(grid=grid)
 
 
 def _mesh_text(p: Any) -> str:
@@ -525,11 +643,11 @@ class FSDP2Adapter(TorchAdapter):
     engine = "fsdp2"
 
     def layout(self) -> dict[str, Any]:
-        return {"engine": "fsdp2", "world_size": self.world, "data_parallel": self.world}
+        return {"engine": "fsdp2", "world_size": self.world, "data_parallel": self.world} | self._mesh_layout()
 
     def _mesh_info(self, p: torch.Tensor) -> tuple[list[int], int] | None:
-        """(global ranks holding chunks 0..n-1 in the first replica, this rank's shard index), or None for a tensor
-        that is not sharded."""
+        """(global ranks holding chunks 0..n-1 in the first replica, this rank's shard index) of FSDP2's own layouts
+        (format 2's flat chunks), or None for a tensor that is not sharded or is tensor-parallel as well."""
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
         if not isinstance(p, DTensor):
@@ -539,17 +657,12 @@ class FSDP2Adapter(TorchAdapter):
             return mesh.mesh.flatten().tolist(), mesh.get_local_rank(0)
         if len(placements) == 2 and placements[0] == Replicate() and placements[1] == Shard(0):
             return mesh.mesh[0].tolist(), mesh.get_local_rank(1)
-        if all(isinstance(pl, Replicate) for pl in placements):
-            return None
-        raise CheckpointError(
-            f"parameter {self._name_of.get(id(p), '?')} has placements {tuple(placements)} on {_mesh_text(p)}: the "
-            f"checkpoint supports FSDP2's Shard(0) on one mesh dimension and HSDP (Replicate, Shard(0)); {TP_FIX}"
-        )
+        return None  # replicated everywhere, or a tensor-parallel layout (a grid: TorchAdapter._partition)
 
     def _partition(self, p: torch.Tensor) -> Partition:
         info = self._mesh_info(p)
         if info is None:
-            return Partition(replicated=True)
+            return super()._partition(p)
         ranks = info[0]
         return fsdp_rows(tuple(p.shape), len(ranks), ranks=None if ranks == list(range(len(ranks))) else ranks)
 
@@ -590,23 +703,6 @@ class FSDP2Adapter(TorchAdapter):
                         "shard; resume it with one process or DDP"
                     )
         return super().wants(saved)
-
-    def _state_value(self, p: torch.Tensor, key: str, value: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        from torch.distributed.tensor import DTensor
-
-        if value.dim() == 0:
-            return step_tensor(value, p, group)
-        if isinstance(p, DTensor):
-            local = _local_of(p)
-            return DTensor.from_local(
-                value.to(local.device).view(local.shape).clone(),
-                p.device_mesh,
-                p.placements,
-                shape=p.shape,
-                stride=p.stride(),
-                run_check=False,
-            )
-        return value.to(p.device).view(p.shape)
 
 
 # ---------------------------------------------------------------------------------------------- choosing one

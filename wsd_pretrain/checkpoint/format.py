@@ -50,8 +50,8 @@ __all__ = [
 ]
 
 FORMAT = "wsd_pretrain.checkpoint"
-FORMAT_VERSION = 2
-READS_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READS_VERSIONS = (1, 2, 3)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"

@@ -23,6 +23,7 @@ Everything here is arithmetic on shapes: ``tools/scale_report.py`` runs the same
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from ..errors import CheckpointError
 
 __all__ = [
     "GROUPS",
+    "Grid",
     "Item",
     "ModelShard",
     "Partition",
@@ -42,6 +44,7 @@ __all__ = [
     "chunked",
     "fsdp_rows",
     "plan_save",
+    "runs",
     "zero3_chunks",
     "zero12_fragments",
 ]
@@ -54,6 +57,151 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+Box = tuple[tuple[int, ...], tuple[int, ...]]
+"""A box of a tensor: ``(offsets, lengths)``, one of each per dimension."""
+
+
+def chunk_piece(size: int, count: int, index: int) -> tuple[int, int]:
+    """``(offset, length)`` of piece ``index`` when ``torch.chunk`` cuts ``size`` into ``count`` (``ceil`` pieces;
+    pieces past the end are empty): what DTensor's ``Shard`` and FSDP2 do along one dimension."""
+    piece = -(-size // count) if count else size
+    lo = min(index * piece, size)
+    return lo, min(lo + piece, size) - lo
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Boxes by rule (format 3): a tensor of ``shape`` cut on a device mesh of ``mesh`` shape whose coordinates are
+    the global ranks ``ranks`` (row-major; None: ``0 .. n-1``). ``dims[d]`` lists the mesh dimensions that cut tensor
+    dimension ``d``, outermost first, each by :func:`chunk_piece` inside the piece before it (tensor parallelism,
+    then FSDP2 cutting the TP-local tensor: DTensor's ``_StridedShard``). A mesh dimension that cuts nothing holds
+    replicas: coordinate 0 along it is the holder, so a TP-replicated tensor is written once. The rule is O(1) per
+    tensor whatever the world size (DCP writes one chunk entry per rank and tensor)."""
+
+    shape: tuple[int, ...]
+    mesh: tuple[int, ...]
+    ranks: tuple[int, ...] | None
+    dims: tuple[tuple[int, ...], ...]
+
+    def coord(self, rank: int) -> tuple[int, ...] | None:
+        """This rank's mesh coordinate, or None when the mesh does not hold it."""
+        if self.ranks is None:
+            if not 0 <= rank < math.prod(self.mesh):
+                return None
+            flat = rank
+        else:
+            try:
+                flat = self.ranks.index(rank)
+            except ValueError:
+                return None
+        return tuple(int(c) for c in np.unravel_index(flat, self.mesh)) if self.mesh else ()
+
+    def rank_at(self, coord: Sequence[int]) -> int:
+        flat = int(np.ravel_multi_index(tuple(coord), self.mesh)) if self.mesh else 0
+        return self.ranks[flat] if self.ranks is not None else flat
+
+    @property
+    def cutting(self) -> set[int]:
+        return {m for dims in self.dims for m in dims}
+
+    def box(self, coord: Sequence[int]) -> Box:
+        offsets, lengths = [], []
+        for size, dims in zip(self.shape, self.dims):
+            off, n = 0, size
+            for m in dims:
+                o, n = chunk_piece(n, self.mesh[m], coord[m])
+                off += o
+            offsets.append(off)
+            lengths.append(n)
+        return tuple(offsets), tuple(lengths)
+
+    def holder_coords(self) -> Iterator[tuple[int, ...]]:
+        """Every coordinate that holds (and writes) a box: 0 along the mesh dimensions that cut nothing."""
+        cut = self.cutting
+        ranges = [range(n) if m in cut else range(1) for m, n in enumerate(self.mesh)]
+        yield from itertools.product(*ranges)
+
+    def overlapping(self, target: Box) -> Iterator[tuple[int, ...]]:
+        """The holder coordinates whose boxes meet ``target`` (only those: a read touches its neighbours, not every
+        rank of the mesh)."""
+        per_dim = [
+            self._pieces(self.shape[d], dims, target[0][d], target[0][d] + target[1][d])
+            for d, dims in enumerate(self.dims)
+        ]
+        for combo in itertools.product(*per_dim):
+            coord = [0] * len(self.mesh)
+            for part in combo:
+                for m, i in part.items():
+                    coord[m] = i
+            yield tuple(coord)
+
+    def _pieces(self, size: int, dims: tuple[int, ...], lo: int, hi: int) -> list[dict[int, int]]:
+        """The coordinates (along ``dims``, nested) of the pieces of one tensor dimension that meet ``[lo, hi)``."""
+        level: list[tuple[int, int, dict[int, int]]] = [(0, size, {})]
+        for m in dims:
+            count, nxt = self.mesh[m], []
+            for off, n, chosen in level:
+                piece = -(-n // count)
+                if piece == 0:
+                    continue
+                for i in range(max(0, (lo - off) // piece), min(count - 1, (hi - 1 - off) // piece) + 1):
+                    o, k = chunk_piece(n, count, i)
+                    nxt.append((off + o, k, {**chosen, m: i}))
+            level = nxt
+        return [chosen for off, n, chosen in level if n and off < hi and off + n > lo]
+
+    def to_json(self) -> dict:
+        out: dict = {"mesh": list(self.mesh), "dims": [list(d) for d in self.dims]}
+        if self.ranks is not None:
+            out["ranks"] = list(self.ranks)
+        return out
+
+    @staticmethod
+    def from_json(data: object, shape: tuple[int, ...], where: str) -> Grid:
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{where}: grid must be an object")
+        mesh, dims, ranks = data.get("mesh"), data.get("dims"), data.get("ranks")
+        if not isinstance(mesh, list) or not mesh or not all(type(m) is int and m > 0 for m in mesh):
+            raise CheckpointError(f"{where}: grid mesh must be a list of sizes > 0")
+        if (
+            not isinstance(dims, list)
+            or len(dims) != len(shape)
+            or not all(isinstance(d, list) and all(type(m) is int and 0 <= m < len(mesh) for m in d) for d in dims)
+        ):
+            raise CheckpointError(f"{where}: grid dims must list, for each of the {len(shape)} dimensions, mesh dims")
+        flat = [m for d in dims for m in d]
+        if len(flat) != len(set(flat)):
+            raise CheckpointError(f"{where}: a mesh dimension cuts the tensor twice")
+        if ranks is not None and (
+            not isinstance(ranks, list)
+            or len(ranks) != math.prod(mesh)
+            or not all(type(r) is int and r >= 0 for r in ranks)
+            or len(set(ranks)) != len(ranks)
+        ):
+            raise CheckpointError(f"{where}: grid ranks must list a distinct rank for every mesh coordinate")
+        return Grid(shape, tuple(mesh), tuple(ranks) if ranks is not None else None, tuple(tuple(d) for d in dims))
+
+    def lengths_by_coord(self) -> np.ndarray:
+        """Elements of each holder's box, as an array of the mesh's shape (0 where a coordinate writes nothing):
+        vectorised, so that a plan at 16,384 ranks stays arithmetic."""
+        out = np.ones(self.mesh, dtype=np.int64)
+        for size, dims in zip(self.shape, self.dims):
+            lengths = np.full(self.mesh, size, dtype=np.int64)
+            for m in dims:
+                count = self.mesh[m]
+                piece = -(-lengths // count)
+                idx = np.arange(count).reshape([count if i == m else 1 for i in range(len(self.mesh))])
+                lo = np.minimum(idx * piece, lengths)
+                lengths = np.minimum(lo + piece, lengths) - lo
+            out *= lengths
+        for m, n in enumerate(self.mesh):
+            if m not in self.cutting and n > 1:
+                sel = [slice(None)] * len(self.mesh)
+                sel[m] = slice(1, None)
+                out[tuple(sel)] = 0
+        return out
+
+
 @dataclass(frozen=True)
 class Partition:
     """Which ranks hold which elements of a tensor's flattened form.
@@ -64,20 +212,30 @@ class Partition:
       ``[i * chunk, min((i + 1) * chunk, numel))``, held by ``ranks[i]`` (rank ``i`` when ``ranks`` is None);
       parts past the end are empty.
     * ``parts``: explicit ``(start, numel, rank)`` ranges (ZeRO-1/2 fragments; a whole tensor in one file).
+    * ``grid`` (format 3): each holder a box of the tensor, by rule (:class:`Grid`: tensor parallelism, FSDP2 +
+      TP, HSDP + TP); a holder's part is its whole box, flattened row-major.
+
+    Every part is a box of the tensor with a flat element range inside it: the flat kinds are the whole tensor's
+    box with a range, a grid's parts are boxes with their whole range (:meth:`iter_boxes`).
     """
 
     replicated: bool = False
     chunk: int = 0
     ranks: tuple[int, ...] | None = None
     parts: tuple[tuple[int, int, int], ...] = ()
+    grid: Grid | None = None
 
     @staticmethod
     def whole(rank: int, numel: int) -> Partition:
         return Partition(parts=((0, numel, rank),))
 
     def iter_parts(self, numel: int, world: int) -> Iterator[tuple[int, int, int]]:
-        """Every non-empty ``(start, numel, rank)``, in element order (a replicated tensor has none: see plan)."""
-        if self.chunk:
+        """Every non-empty ``(start, numel, rank)``, in element order (a replicated tensor has none: see plan); a
+        grid's parts as ``(0, box elements, rank)``: their place is :meth:`iter_boxes`'s."""
+        if self.grid is not None:
+            for _, _, start, n, rank in self.iter_boxes(self.grid.shape):
+                yield start, n, rank
+        elif self.chunk:
             count = math.ceil(numel / self.chunk) if numel else 0
             for i in range(count):
                 start = i * self.chunk
@@ -85,10 +243,39 @@ class Partition:
         else:
             yield from (p for p in self.parts if p[1] > 0)
 
+    def iter_boxes(self, shape: Sequence[int]) -> Iterator[tuple[tuple[int, ...], tuple[int, ...], int, int, int]]:
+        """Every non-empty part as ``(offsets, lengths, start, numel, rank)``: a box of the tensor and the flat
+        range ``[start, start + numel)`` of the box's row-major elements that the part holds."""
+        shape = tuple(shape)
+        if self.grid is not None:
+            for coord in self.grid.holder_coords():
+                offsets, lengths = self.grid.box(coord)
+                n = math.prod(lengths)
+                if n:
+                    yield offsets, lengths, 0, n, self.grid.rank_at(coord)
+            return
+        zero = (0,) * len(shape)
+        for start, n, rank in self.iter_parts(math.prod(shape), 0):
+            yield zero, shape, start, n, rank
+
+    def box_of(self, rank: int) -> Box | None:
+        """A grid holder's box (None: not a grid, or ``rank`` holds none)."""
+        if self.grid is None:
+            return None
+        coord = self.grid.coord(rank)
+        if coord is None or any(coord[m] for m in range(len(coord)) if m not in self.grid.cutting):
+            return None
+        box = self.grid.box(coord)
+        return box if math.prod(box[1]) else None
+
     def local(self, rank: int, numel: int) -> tuple[int, int] | None:
-        """``(start, numel)`` of ``rank``'s part, or None when it holds none (a replicated tensor: the whole)."""
+        """``(start, numel)`` of ``rank``'s part, or None when it holds none (a replicated tensor: the whole; a grid
+        holder: its whole box, from 0)."""
         if self.replicated:
             return (0, numel)
+        if self.grid is not None:
+            box = self.box_of(rank)
+            return (0, math.prod(box[1])) if box is not None else None
         if self.chunk:
             if self.ranks is not None and rank not in self.ranks:
                 return None
@@ -106,6 +293,12 @@ class Partition:
         out = np.zeros(world, dtype=np.int64)
         if self.replicated:
             return out
+        if self.grid is not None:
+            counts = self.grid.lengths_by_coord().reshape(-1) * size
+            ranks = np.arange(counts.size) if self.grid.ranks is None else np.asarray(self.grid.ranks)
+            keep = ranks < world
+            np.add.at(out, ranks[keep], counts[keep])
+            return out
         if self.chunk:
             i = np.arange(world if self.ranks is None else len(self.ranks), dtype=np.int64)
             counts = np.clip(numel - i * self.chunk, 0, self.chunk) * size
@@ -121,15 +314,22 @@ class Partition:
     def to_json(self) -> dict:
         if self.replicated:
             raise CheckpointError("internal: a replicated tensor is written as one part; plan it first")
+        if self.grid is not None:
+            return {"grid": self.grid.to_json()}
         if self.chunk:
             return {"chunk": self.chunk} | ({"ranks": list(self.ranks)} if self.ranks is not None else {})
         return {"parts": [list(p) for p in self.parts]}
 
     @staticmethod
-    def from_json(data: object, numel: int, where: str) -> Partition:
-        """A partition read from an index, checked: the parts must tile ``[0, numel)`` exactly."""
+    def from_json(data: object, numel: int, where: str, shape: Sequence[int] | None = None) -> Partition:
+        """A partition read from an index, checked: the parts must tile ``[0, numel)`` exactly (a grid tiles its
+        tensor by construction: its boxes are nested ``torch.chunk`` pieces)."""
         if not isinstance(data, dict):
             raise CheckpointError(f"{where}: partition must be an object")
+        if "grid" in data:
+            if shape is None:
+                raise CheckpointError(f"{where}: a grid partition needs the tensor's shape")
+            return Partition(grid=Grid.from_json(data["grid"], tuple(shape), where))
         if "chunk" in data:
             chunk, ranks = data.get("chunk"), data.get("ranks")
             if type(chunk) is not int or chunk <= 0:
@@ -179,6 +379,45 @@ class Item:
     def key(self) -> str:
         """The tensor's key inside a state file: ``master/<param>`` or ``optimizer/<param>/<key>``."""
         return f"{self.group}/{self.name}"
+
+
+def runs(inner: Box, outer: Box, *others: Box) -> tuple[int, np.ndarray, list[np.ndarray]]:
+    """The sub-box ``inner`` (inside ``outer`` and each of ``others``, all boxes of one tensor) as
+    contiguous runs in every one of those boxes' row-major layouts: ``(run length, starts in outer, [starts in each
+    other])``. A run is as long as the trailing dimensions that ``inner`` spans whole in every box allow: a box read
+    from the same box is one run; a column block of a row block one run per row."""
+    offs, lens = inner
+    boxes = (outer, *others)
+    ndim = len(lens)
+    k = 0  # runs are contiguous over dims k.. (dims after k spanned whole in every box)
+    for d in range(ndim - 1, -1, -1):
+        if any(lens[d] != b[1][d] for b in boxes):
+            k = d
+            break
+    length = math.prod(lens[k:]) if ndim else 1
+    count = math.prod(lens[:k])
+    idx = np.indices(lens[:k], dtype=np.int64).reshape(k, -1) if k else np.zeros((0, 1), dtype=np.int64)
+    out = []
+    for b_offs, b_lens in boxes:
+        strides = [math.prod(b_lens[d + 1 :]) for d in range(ndim)]
+        start = sum((offs[d] - b_offs[d]) * strides[d] for d in range(k, ndim))
+        starts = np.full(count, start, dtype=np.int64)
+        for d in range(k):
+            starts = starts + (idx[d] + offs[d] - b_offs[d]) * strides[d]
+        out.append(starts)
+    return length, out[0], out[1:]
+
+
+def intersect(a: Box, b: Box) -> Box | None:
+    """The common box of two boxes, or None when they do not meet."""
+    offs, lens = [], []
+    for ao, al, bo, bl in zip(a[0], a[1], b[0], b[1]):
+        lo, hi = max(ao, bo), min(ao + al, bo + bl)
+        if hi <= lo:
+            return None
+        offs.append(lo)
+        lens.append(hi - lo)
+    return tuple(offs), tuple(lens)
 
 
 # ---------------------------------------------------------------------------------------------- partitions

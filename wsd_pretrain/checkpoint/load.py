@@ -359,12 +359,12 @@ class _Reader:
 
     def get(self, want: Want, described: dict[str, Any]) -> torch.Tensor:
         group, name, cast = _source(want, described)
-        key = (group, name, want.start, want.numel)
+        key = (group, name, want.start, want.numel, want.box)
         t = self._last.get(key)
         if t is None:
             if len(self._last) > 8:
                 self._last.clear()
-            t = self._last[key] = self.store.read(group, name, want.start, want.numel)
+            t = self._last[key] = self.store.read(group, name, want.start, want.numel, box=want.box)
         return t.to(cast) if cast is not None else t
 
 
@@ -398,7 +398,10 @@ class _Rank0Reader(_Reader):
             if D.is_distributed():
                 dist.broadcast(full, src=0, group=coord.groups().coord)
             self._last = {key: full}
-        t = full if want.numel is None else full.reshape(-1)[want.start : want.start + want.numel]
+        t = full
+        if want.box is not None:  # a tensor-parallel shard's box
+            t = full[tuple(slice(o, o + n) for o, n in zip(*want.box))]
+        t = t if want.numel is None else t.reshape(-1)[want.start : want.start + want.numel]
         return t.to(cast) if cast is not None else t
 
 

@@ -528,7 +528,11 @@ def start_save(
             writer.expect(shard.relpath, [(i.name, i.dtype, i.shape) for i in shard.items], {})
         for f in my_files:
             starts = {item.key: start for item, start, _ in f.entries}
-            meta = {"wsd_pretrain": json.dumps({"rank": f.holder, "starts": starts}, separators=(",", ":"))}
+            described: dict[str, Any] = {"rank": f.holder, "starts": starts}
+            boxes = {item.key: item.partition.box_of(f.holder) for item, _, _ in f.entries if item.partition.grid}
+            if boxes:  # format 3: each grid part's box of its tensor, [offsets, lengths]
+                described["boxes"] = {k: [list(b[0]), list(b[1])] for k, b in boxes.items() if b is not None}
+            meta = {"wsd_pretrain": json.dumps(described, separators=(",", ":"))}
             writer.expect(f.relpath, [(item.key, item.dtype, (n,)) for item, _, n in f.entries], meta)
         if arena is not None:
             arena.begin(
@@ -809,18 +813,25 @@ class _Fetch:
         if not travel:
             return received
         device = D._comm_device(None) if D.is_distributed() else torch.device(self.adapter.device)
+        boxed: list[tuple[torch.Tensor, tuple[slice, ...], torch.Tensor]] = []  # grid parts placed after the wait
         for dst, item in travel:
             parts = list(item.partition.iter_parts(item.numel, self.plan.world))
             if self.rank == dst:
                 out = torch.empty(item.numel, dtype=item.dtype, device=device)
-                for start, n, holder in parts:
+                for offsets, lengths, start, n, holder in item.partition.iter_boxes(item.shape):
+                    # a flat part goes straight into place; a grid part (a box) arrives whole, then is placed
+                    where = tuple(slice(o, o + k) for o, k in zip(offsets, lengths))
+                    flat = item.partition.grid is None
+                    buf = out[start : start + n] if flat else torch.empty(n, dtype=item.dtype, device=device)
                     if holder == dst:
                         try:
-                            out[start : start + n] = self.adapter.local(item).reshape(-1).to(device)
+                            buf.copy_(self.adapter.local(item).reshape(-1).to(device))
                         except Exception as exc:
                             self._fail(f"fetch {item.name}", exc)
                     else:
-                        ops.append(dist.P2POp(dist.irecv, out[start : start + n], holder))
+                        ops.append(dist.P2POp(dist.irecv, buf, holder))
+                    if not flat:
+                        boxed.append((out.view(item.shape), where, buf.view(lengths)))
                 received[item.name] = out
                 continue
             mine = [part for part in parts if part[2] == self.rank]
@@ -839,6 +850,8 @@ class _Fetch:
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
+        for full, where, part in boxed:
+            full[where] = part
         return received
 
     def state(self, files: list[StateFile], plan: SavePlan, writer_of: Callable[[int], int], rank0_only: bool) -> None:

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import CheckpointError
 from . import format as F
-from .layout import Partition
+from .layout import Box, Partition, intersect, runs
 from .safetensors_io import STR_TO_DTYPE, SafetensorsReader, read_json
 
 __all__ = ["CheckpointStore", "Entry"]
@@ -117,7 +118,7 @@ class CheckpointStore:
             if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or dtype is None:
                 raise CheckpointError(f"{where}: {key}: needs a shape (whole numbers) and a safetensors dtype")
             numel = math.prod(shape)
-            part = Partition.from_json(info.get("partition"), numel, f"{where}: {key}")
+            part = Partition.from_json(info.get("partition"), numel, f"{where}: {key}", tuple(shape))
             for _, _, r in part.iter_parts(numel, len(counts)):
                 if r >= len(counts) or counts[r] == 0:
                     raise CheckpointError(f"{where}: {key}: a part is held by rank {r}, which wrote no state file")
@@ -168,7 +169,7 @@ class CheckpointStore:
         for k in range(1, self.files_per_rank[rank] + 1):
             path = F.state_file(rank, k)
             reader = self._reader(path)
-            meta = _state_meta(reader, rank)
+            meta, boxes = _state_meta(reader, rank)
             for key, info in reader.header.tensors.items():
                 group, _, name = key.partition("/")
                 entry = self.groups.get(group, {}).get(name) if group in ("master", "optimizer") else None
@@ -181,6 +182,12 @@ class CheckpointStore:
                     )
                 if info.dtype != entry.dtype:
                     raise CheckpointError(f"{reader.path}: {key!r} is {info.dtype}, the state index says {entry.dtype}")
+                box = entry.partition.box_of(rank)
+                if box is not None and boxes.get(key) != [list(box[0]), list(box[1])]:
+                    raise CheckpointError(
+                        f"{reader.path}: tensor {key!r} is the box {boxes.get(key)} by its own metadata, the state "
+                        f"index gives this rank {[list(box[0]), list(box[1])]}"
+                    )
                 keys[key] = path
         self._holder_keys[rank] = keys
         return keys
@@ -206,28 +213,77 @@ class CheckpointStore:
             out.setdefault(pname, []).append(key)
         return out
 
-    def read(self, group: str, name: str, start: int = 0, numel: int | None = None) -> torch.Tensor:
-        """Elements ``[start, start + numel)`` of the flattened tensor (1-D); ``numel=None``: the whole tensor in
-        its shape."""
+    def read(
+        self, group: str, name: str, start: int = 0, numel: int | None = None, box: Box | None = None
+    ) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` of the row-major elements of ``box`` (``(offsets, lengths)``; None:
+        the whole tensor), as a 1-D tensor; ``numel=None``: the whole box, in its shape.
+
+        Box intersection: each stored part (a box with a flat range inside it; a Hugging Face tensor is its whole
+        box) that meets the target is read as the runs that are contiguous in both, each with one positioned read
+        of exactly its bytes, straight into place."""
         entry = self.entry(group, name)
+        shape = entry.shape
+        if box is None:
+            box = ((0,) * len(shape), shape)
+        elif (
+            len(box[0]) != len(shape)
+            or len(box[1]) != len(shape)
+            or any(o < 0 or n < 0 or o + n > s for o, n, s in zip(box[0], box[1], shape))
+        ):
+            raise CheckpointError(f"{group} tensor {name!r} of shape {list(shape)}: box {box} refused")
+        box_numel = math.prod(box[1])
         whole = numel is None
-        n = entry.numel - start if numel is None else numel
-        if start < 0 or n < 0 or start + n > entry.numel:
-            raise CheckpointError(f"{group} tensor {name!r} has {entry.numel} elements; [{start}, {start + n}) refused")
-        if entry.file is not None:
-            out = self._reader(entry.file).read_range(name, start, n)
-        else:
-            out = torch.empty(n, dtype=entry.dtype)
-            for p_start, p_numel, rank in self._overlapping(entry, start, start + n):
-                lo, hi = max(start, p_start), min(start + n, p_start + p_numel)
-                path = self._holder(rank).get(f"{group}/{name}")
+        n = box_numel - start if numel is None else numel
+        if start < 0 or n < 0 or start + n > box_numel:
+            raise CheckpointError(f"{group} tensor {name!r} has {box_numel} elements; [{start}, {start + n}) refused")
+        out = torch.empty(n, dtype=entry.dtype)
+        key = f"{group}/{name}"
+        for p_offs, p_lens, p_start, p_numel, rank in self._parts(entry, box, start, n):
+            common = intersect(box, (p_offs, p_lens)) if box_numel else None
+            if common is None:
+                continue
+            if entry.file is not None:
+                reader, stored = self._reader(entry.file), name
+            else:
+                path = self._holder(rank).get(key)
                 if path is None:
-                    raise CheckpointError(f"{self.ckpt}: rank {rank}'s state files lack {group}/{name}")
-                self._reader(path).read_range(
-                    f"{group}/{name}", lo - p_start, hi - lo, out=out[lo - start : hi - start]
-                )
+                    raise CheckpointError(f"{self.ckpt}: rank {rank}'s state files lack {key}")
+                reader, stored = self._reader(path), key
+            length, at, (src,) = runs(common, box, (p_offs, p_lens))
+            # each run clipped to the target's flat range and to the part's (both contiguous along a run)
+            lo = np.maximum(0, np.maximum(start - at, p_start - src))
+            hi = np.minimum(length, np.minimum(start + n - at, p_start + p_numel - src))
+            for a, s, k in _coalesced(at + lo - start, src + lo - p_start, hi - lo):
+                reader.read_range(stored, s, k, out=out[a : a + k])
         self.bytes_read += out.numel() * out.element_size()
-        return out.view(entry.shape) if whole else out
+        return out.view(box[1]) if whole else out
+
+    def _parts(
+        self, entry: Entry, box: Box, start: int, n: int
+    ) -> list[tuple[tuple[int, ...], tuple[int, ...], int, int, int]]:
+        """The stored parts that may meet the target (a superset; box intersection decides): a Hugging Face tensor's
+        one box; a grid's neighbouring boxes; flat parts within the target's first and last element."""
+        shape, p = entry.shape, entry.partition
+        if entry.file is not None:
+            return [((0,) * len(shape), shape, 0, entry.numel, 0)]
+        if p.grid is not None:
+            out = []
+            for coord in p.grid.overlapping(box):
+                offsets, lengths = p.grid.box(coord)
+                if math.prod(lengths):
+                    out.append((offsets, lengths, 0, math.prod(lengths), p.grid.rank_at(coord)))
+            return out
+        # flat parts of the whole tensor: the target's elements lie between its first and last one
+        if n == 0:
+            return []
+        strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+        first = np.unravel_index(start, box[1]) if box[1] else ()
+        last = np.unravel_index(start + n - 1, box[1]) if box[1] else ()
+        lo = sum((box[0][d] + int(first[d])) * strides[d] for d in range(len(shape)))
+        hi = sum((box[0][d] + int(last[d])) * strides[d] for d in range(len(shape))) + 1
+        zero = (0,) * len(shape)
+        return [(zero, shape, s, k, r) for s, k, r in self._overlapping(entry, lo, hi)]
 
     @staticmethod
     def _overlapping(entry: Entry, lo: int, hi: int) -> list[tuple[int, int, int]]:
@@ -276,8 +332,22 @@ class CheckpointStore:
         self.close()
 
 
-def _state_meta(reader: SafetensorsReader, rank: int) -> dict[str, int]:
-    """A state file's own description of its slices: ``{key: start}``; its rank must be ``rank``."""
+def _coalesced(dst: np.ndarray, src: np.ndarray, count: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(target offset, stored offset, elements)`` reads, adjacent runs (contiguous in both) merged into one."""
+    keep = count > 0
+    dst, src, count = dst[keep], src[keep], count[keep]
+    if dst.size == 0:
+        return []
+    joins = (dst[1:] == dst[:-1] + count[:-1]) & (src[1:] == src[:-1] + count[:-1])
+    firsts = np.flatnonzero(np.concatenate([[True], ~joins]))
+    ends = np.concatenate([firsts[1:], [dst.size]])
+    totals = np.add.reduceat(count, firsts)
+    return [(int(dst[f]), int(src[f]), int(t)) for f, t in zip(firsts, totals)] if ends.size else []
+
+
+def _state_meta(reader: SafetensorsReader, rank: int) -> tuple[dict[str, int], dict[str, Any]]:
+    """A state file's own description of its slices: ``{key: start}`` and (format 3) ``{key: [offsets, lengths]}``
+    of each grid part; its rank must be ``rank``."""
     raw = reader.header.metadata.get("wsd_pretrain")
     try:
         meta = json.loads(raw) if raw is not None else None
@@ -288,4 +358,7 @@ def _state_meta(reader: SafetensorsReader, rank: int) -> dict[str, int]:
     starts = meta["starts"]
     if not all(isinstance(k, str) and type(v) is int for k, v in starts.items()):
         raise CheckpointError(f"{reader.path}: slice starts must be whole numbers")
-    return starts
+    boxes = meta.get("boxes", {})  # format 3: a grid part's box, [offsets, lengths]
+    if not isinstance(boxes, dict):
+        raise CheckpointError(f"{reader.path}: slice boxes must be an object")
+    return starts, boxes

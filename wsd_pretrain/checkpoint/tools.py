@@ -163,9 +163,30 @@ def inspect_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
             if by_dtype:
                 groups[group] = by_dtype
         out["state_files_per_rank"] = store.files_per_rank or None
+        out["partitions"] = {
+            f"{group}/{name}": _partition_text(store.entry(group, name))
+            for group in ("master", "optimizer")
+            for name in store.names(group)
+        }
     out["tensors"] = groups
     out["format_version"] = m["format_version"]
     return out
+
+
+def _partition_text(entry: Any) -> str:
+    """One tensor's partition in words (``inspect``): the grid's mesh and which mesh dimensions cut which tensor
+    dimensions, even chunks, explicit parts, or one whole slice."""
+    p = entry.partition
+    if entry.file is not None:
+        return "whole"
+    if p.grid is not None:
+        cuts = ", ".join(f"dim {d} by mesh dims {list(m)}" for d, m in enumerate(p.grid.dims) if m) or "none"
+        held = sum(1 for _ in p.iter_boxes(entry.shape))
+        return f"boxes on mesh {list(p.grid.mesh)}: {cuts}; {held} boxes"
+    if p.chunk:
+        return f"chunks of {p.chunk} elements"
+    parts = list(p.iter_parts(entry.numel, 0))
+    return "whole" if len(parts) <= 1 else f"{len(parts)} parts"
 
 
 def verify_checkpoint_files(ckpt: str | os.PathLike[str], *, checksums: bool = True) -> list[str]:
@@ -249,8 +270,11 @@ class CheckpointSource:
         return t.to(item.dtype)
 
     def part(self, item: Item, holder: int) -> torch.Tensor:
-        start, numel = item.partition.local(holder, item.numel) or (0, 0)
         group = item.group if self.store.has(item.group, item.name) else "model"
+        box = item.partition.box_of(holder)
+        if box is not None:  # a grid part: the holder's box, flattened
+            return self.store.read(group, item.name, box=box).reshape(-1)
+        start, numel = item.partition.local(holder, item.numel) or (0, 0)
         return self.store.read(group, item.name, start, numel)
 
     def meta(self) -> dict[str, Any]:
