@@ -69,7 +69,7 @@ def test_reshard_rewrites_version_1_as_version_2(tmp_path):
 
     out = tools.reshard(DATA / "v1-ds2-bf16", tmp_path / "v2", max_shard_size=10_000)
     manifest = F.load_manifest(out)
-    assert manifest["format_version"] == F.FORMAT_VERSION == 2
+    assert manifest["format_version"] == F.FORMAT_VERSION >= 2
     assert tools.verify_checkpoint_files(out) == []
     from wsd_pretrain.checkpoint.store import CheckpointStore
 
