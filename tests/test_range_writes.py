@@ -219,9 +219,7 @@ def _ddp_ranges(rank: int, world: int, run_dir: str) -> dict:
     mgr2.close()
     same = all(torch.equal(v, model2.state_dict()[k]) for k, v in saved.items())
     same_opt = [
-        torch.equal(v, w)
-        for p, q in zip(opt.state.values(), opt2.state.values())
-        for (k, v), w in zip(p.items(), q.values())
+        torch.equal(v, q[k]) for p, q in zip(opt.state.values(), opt2.state.values(), strict=True) for k, v in p.items()
     ]
     return {"ckpt": str(ckpt), "same": same, "same_opt": all(same_opt) and bool(same_opt), "stats": out["stats"]}
 

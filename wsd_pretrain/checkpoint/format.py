@@ -294,8 +294,13 @@ def _hash_whole(path: Path, algo: str, rel: str, keep: Any) -> str:
         if keep is None:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
-        else:
-            data = f.read()
+        else:  # one buffer of the whole file, kept for the restore (writable: tensors are made over it)
+            data = bytearray(os.fstat(f.fileno()).st_size)
+            view, done = memoryview(data), 0
+            while done < len(data) and (n := f.readinto(view[done:])):
+                done += n
+            if done != len(data):
+                raise CheckpointError(f"{path}: changed size while it was read")
             digest.update(data)
             keep(rel, 0, data)
     return digest.hexdigest()
