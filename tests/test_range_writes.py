@@ -127,7 +127,9 @@ def test_zero3_chunks_and_a_tiny_world_plan_alike():
     assert all(not s.ranged for s in solo.model_shards)
 
 
-@pytest.mark.parametrize("label", ["70B", "405B"])
+@pytest.mark.parametrize(
+    "label", ["70B", pytest.param("405B", marks=pytest.mark.slow)]
+)  # 405B: same path, 10x the plan
 def test_scale_report_balances_the_writers_of_tensor_parallel_jobs(label):
     """docs/scale.md's TP 8 x FSDP rows: 70B on 1,024 GPUs and 405B on 16,384, from the plan the ranks run."""
     import sys

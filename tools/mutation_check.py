@@ -56,6 +56,7 @@ T_RESUME_DDP = "tests/test_checkpoint_resume.py::test_stop_and_resume_equals_str
 T_MANAGER = "tests/test_checkpoint_manager.py"
 T_FAULTS = "tests/test_checkpoint_faults.py"
 T_AGREEMENT = "tests/test_checkpoint_agreement.py"
+T_RANGES = "tests/test_range_writes.py::test_ddp_replicated_weights_are_written_a_range_per_rank_and_resumed_reading_each_byte_once"
 
 MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ shapes and the schedule
@@ -736,6 +737,30 @@ MUTATIONS: list[Mutation] = [
         "        if False:",
         (T_AGREEMENT,),
         "a tensor-parallel model builds its manager; its first save fails (a DTensor's local part taken as the whole)",
+    ),
+    M(
+        "range-write-offset-ignored",
+        "wsd_pretrain/checkpoint/save.py",
+        "                at = (offsets[item.name] + start * t.element_size(), size, holder)",
+        "                at = (offsets[item.name], size, holder)",
+        (T_RANGES,),
+        "every holder writes its range at the start of the tensor: the model files hold one rank's rows, the rest zeros",
+    ),
+    M(
+        "range-holders-unverified",
+        "wsd_pretrain/checkpoint/format.py",
+        '        if checksums and ranges.get("holders"):',
+        '        if False and ranges.get("holders"):',
+        (T_RANGES,),
+        "verify and resume never check the ranges the holders wrote: a corrupt model weight is loaded silently",
+    ),
+    M(
+        "read-once-wrong-bytes",
+        "wsd_pretrain/checkpoint/safetensors_io.py",
+        "        return memoryview(data)[offset - base : offset - base + nbytes]",
+        "        return memoryview(data)[:nbytes]",
+        (T_RANGES,),
+        "a checksum-verified resume restores the wrong bytes from what its verification read",
     ),
 ]
 
