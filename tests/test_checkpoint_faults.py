@@ -16,6 +16,7 @@ CASES = [
     ("save", 1, "fetch:"),  # fetch: one rank cannot hand over a tensor (the others are in gathers)
     ("save", 1, "fetch-end"),  # fetch: one rank fails after its tensors (capturing its RNG state, say)
     ("save", 1, "shard-begin:"),  # write: one rank's file fails (a full disk)
+    ("save", 1, "range-write:"),  # write: one rank's range of a model file it shares with the others fails
     ("save", 1, "report"),  # report: one rank fails in the background thread, rank 0 waits for its report
     ("save", 0, "manifest-written"),  # commit: rank 0 fails after writing the manifest, before the rename
     ("async", 1, "snapshot:"),  # an async save's copy, while training goes on: raised at the next wait

@@ -195,10 +195,12 @@ def launch(world: int, *args: str, timeout: float = 3000) -> list[dict]:
 
 
 def written_by_rank(ckpt: Path, world: int) -> list[int]:
+    from wsd_pretrain.checkpoint import format as F
+
     manifest = json.loads((ckpt / "manifest.json").read_text())
     out = [0] * world
-    for rec in manifest["files"].values():
-        out[rec.get("rank", 0)] += rec["size"]
+    for rank, nbytes in F.bytes_written(ckpt, manifest).items():  # a range-written file: each writer its bytes
+        out[rank] += nbytes
     return out
 
 

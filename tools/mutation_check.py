@@ -60,6 +60,7 @@ T_AUTOTP = (
     "tests/test_autotp.py::test_autotp_is_refused_at_build_and_its_deepspeed_checkpoint_imports_as_deepspeed_merges_it"
 )
 T_TP_FSDP2 = "tests/test_tensor_parallel.py::test_fsdp2_tp_resumes_bitwise_and_loads_into_every_layout_as_dcp_does"
+T_RANGES = "tests/test_range_writes.py::test_ddp_replicated_weights_are_written_a_range_per_rank_and_resumed_reading_each_byte_once"
 
 MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ shapes and the schedule
@@ -454,8 +455,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "save-report-error-dropped",
         "wsd_pretrain/checkpoint/save.py",
-        '        report = {"records": records, "error": writer.error or local_error}',
-        '        report = {"records": records, "error": writer.error}',
+        '        report = {"records": records, "ranges": writer.ranges, "error": writer.error or local_error}',
+        '        report = {"records": records, "ranges": writer.ranges, "error": writer.error}',
         ("tests/test_checkpoint_faults.py",),
         "a rank that fails before its report is not named: the save fails later with another error, or not at all",
     ),
@@ -510,7 +511,7 @@ MUTATIONS: list[Mutation] = [
     M(
         "load-verify-nothing",
         "wsd_pretrain/checkpoint/load.py",
-        '        return F.check_files(ckpt, {**manifest, "files": mine}, checksums=mode == "checksum")',
+        '        return F.check_files(ckpt, share, checksums=mode == "checksum", keep=keep)',
         "        return []",
         ("tests/test_checkpoint_manager.py::test_corruption_is_named_and_sizes_only_catch_truncation",),
         "resume loads a checkpoint whose files were corrupted",
@@ -798,6 +799,30 @@ MUTATIONS: list[Mutation] = [
         "        return torch.cat([piece.reshape(-1) for piece in slices])",
         (T_AUTOTP,),
         "from-deepspeed lays the TP slices of a row-parallel weight (o_proj, down_proj: cut on dim 1) end to end",
+    ),
+    M(
+        "range-write-offset-ignored",
+        "wsd_pretrain/checkpoint/save.py",
+        "                at = (offsets[item.name] + start * t.element_size(), size, holder)",
+        "                at = (offsets[item.name], size, holder)",
+        (T_RANGES,),
+        "every holder writes its range at the start of the tensor: the model files hold one rank's rows, the rest zeros",
+    ),
+    M(
+        "range-holders-unverified",
+        "wsd_pretrain/checkpoint/format.py",
+        '        if checksums and ranges.get("holders"):',
+        '        if False and ranges.get("holders"):',
+        (T_RANGES,),
+        "verify and resume never check the ranges the holders wrote: a corrupt model weight is loaded silently",
+    ),
+    M(
+        "read-once-wrong-bytes",
+        "wsd_pretrain/checkpoint/safetensors_io.py",
+        "        return memoryview(data)[offset - base : offset - base + nbytes]",
+        "        return memoryview(data)[:nbytes]",
+        (T_RANGES,),
+        "a checksum-verified resume restores the wrong bytes from what its verification read",
     ),
 ]
 

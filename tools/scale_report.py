@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsd_pretrain.checkpoint.costs import engine_items, load_costs, save_costs  # noqa: E402
+from wsd_pretrain.checkpoint.costs import engine_items, load_costs, save_costs, tp_assembled  # noqa: E402
 
 GB = 1e9
 DISK = 2.0  # GB/s written or read per rank (a node's NVMe RAID or a Lustre client, shared by 8 GPUs)
@@ -71,24 +71,27 @@ def report(models: dict[str, tuple[list[tuple[str, tuple[int, ...]]], int]], sha
             "files | collectives | save time | resume: read per rank (same layout / half the ranks) | resume time |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for engine in ("fsdp2", "zero3", "zero2"):
+        for engine, tp in (("fsdp2", 1), ("zero3", 1), ("zero2", 1), ("fsdp2", 8)):
             t0 = time.monotonic()
-            cost = save_costs(engine_items(engine, shapes, world), world, shard)
+            cost = save_costs(engine_items(engine, shapes, world, tp), world, shard, tp_assembled(shapes, tp))
             written = {r: int(b) for r, b in enumerate(cost.written)}
-            same = load_costs(engine, shapes, world, written)
-            half = load_costs(engine, shapes, world // 2, written, checksum=False)
+            same = load_costs(engine, shapes, world, written, tp=tp)
+            half = load_costs(engine, shapes, world // 2, written, checksum=False, tp=tp) if tp == 1 else None
             gathered = int(cost.sent.sum())
             # the time: the slowest rank's writes at DISK, after the gathers into the busiest writer at NET
             save_s = float(cost.written.max()) / (DISK * GB) + float(cost.received.max()) / (NET * GB)
-            load_s = float((same.read + same.verified).max()) / (DISK * GB)
+            # each byte read once: what a rank verifies (the files and ranges it wrote) is kept for its restore
+            load_s = float(max(same.read.max(), same.verified.max())) / (DISK * GB)
+            label_engine = engine if tp == 1 else f"{engine} + TP {tp} (dp {world // tp})"
+            half_text = fmt(half.read.max()) if half is not None else "(another mesh: format 3 boxes)"
             lines.append(
-                f"| {engine} | {fmt(cost.model_bytes + cost.state_bytes)} | {fmt(gathered)} "
+                f"| {label_engine} | {fmt(cost.model_bytes + cost.state_bytes)} | {fmt(gathered)} "
                 f"({gathered / max(cost.model_bytes, 1):.2f}x the model) | {fmt(cost.written.max())} / "
                 f"{fmt(cost.written.mean())} ({cost.written.max() / cost.written.mean():.2f}) | {cost.total_files:,} | "
-                f"{cost.gathers} weights sent + {cost.coordination} small | {save_s:.0f} s | {fmt(same.read.max())} "
-                f"(+{fmt(same.verified.max())} verified) / {fmt(half.read.max())} | {load_s:.0f} s |"
+                f"{cost.gathers} weights sent + {cost.coordination} small | {save_s:.1f} s | {fmt(same.read.max())} "
+                f"(verified: {fmt(same.verified.max())}) / {half_text} | {load_s:.1f} s |"
             )
-            print(f"{label} {engine}: planned in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+            print(f"{label} {label_engine}: planned in {time.monotonic() - t0:.1f}s", file=sys.stderr)
         fp32 = params * 4
         lines += [
             "",
@@ -96,7 +99,8 @@ def report(models: dict[str, tuple[list[tuple[str, tuple[int, ...]]], int]], sha
             "",
             "| tool | save: bytes through collectives | files | metadata | a Hugging Face folder |",
             "|---|---|---|---|---|",
-            f"| wsd_pretrain v2 (this) | the model once (gathered to its writers) | one or more per rank + model "
+            f"| wsd_pretrain v3 (this) | none for dim-0 shards (written in place by their holders); a dim-1 TP "
+            f"shard's column blocks to one writer per TP group | one or more per rank + model "
             f"shards | O(tensors + ranks): {fmt(save_costs(engine_items('zero3', shapes, world), world, shard).index_bytes)} | "
             "in every checkpoint |",
             f"| wsd_pretrain v1 (before) | every tensor all-gathered to every rank: {fmt(params * 14 * (world - 1))} "
@@ -134,31 +138,42 @@ writes after the gathers into the busiest writer (save), the slowest rank's read
 (resume). `tools/bench_scale.py` measures the same quantities on 2-8 ranks (docs/benchmarks.md, "Scale") and
 checks them against this accounting. Shard size {fmt(args.max_shard_size)}.
 
-Reading the tables: the save moves each partitioned model weight once, to the rank that writes its Hugging Face
-shard (FSDP2 and ZeRO-3; ZeRO-2's bf16 weights are whole on every rank and move nowhere), and nothing else: master
-weights and optimizer state are written by the rank that holds them. A resume on the same layout reads each rank's
-own slices (plus, for ZeRO-2, the whole bf16 model, which every rank holds); on half the ranks each reads twice as
-much. Collectives: each partitioned model weight's parts are sent point to point to its writer (on the training
-group; only the ranks holding a part take part), in windows that feed every writer at once (up to 512 MB per
-writer and window, one batch of sends and receives each), and six small messages go over the checkpoint's gloo
-groups per save.
+Reading the tables: a partitioned model weight does not move: each rank that holds a part of it (an FSDP2 row
+block, a ZeRO-3 chunk, a TP x FSDP row block) writes that contiguous byte range of its Hugging Face shard in place
+(docs/checkpoint-format.md, "Range-written model files"), and a replicated weight larger than one rank's share
+(ZeRO-2's bf16 embedding) is written a chunk per rank; master weights and optimizer state are written by the rank
+that holds them. The `fsdp2 + TP 8` row is torchtitan's Llama plan on a (dp, tp) mesh: dim-0 TP shards (embedding,
+q/k/v, gate/up, output) cut again on dim 0 by FSDP2 are row ranges, written in place; a dim-1 TP shard (o_proj,
+down_proj) is not a byte range of the file, so each TP group puts each of its row blocks together at one writer (a
+rank of the group, rotating with the layer) from the group's column blocks, at exactly the bytes needed: that is
+its collective column ((tp - 1) / tp of those weights). A resume on the same layout reads each byte once: each rank
+verifies the files and ranges it wrote (its own slices and rows) and restores from the bytes it hashed (plus, for
+ZeRO-2, the whole bf16 model, which every rank holds); on half the ranks each reads twice as much. Six small
+messages go over the checkpoint's gloo groups per save.
 
 {body}
 ## What limits it
 
-- **The busiest writer writes the largest tensor whole**, on top of its own slices: a Hugging Face shard holds whole
-  tensors, and the embedding and output layers of these models (128,256 x hidden) are the largest. That is the
-  max/mean column, and the save time is that rank's: the other ranks' writes are nearly equal (model shards are cut
-  at the model's bytes divided by the ranks, each given to the rank with the fewest bytes so far). At these sizes
-  it is 3-29 times the mean, where the 2-8 rank benchmark (equal layers) shows 1.00: the one way down is several
-  writers per large tensor, each writing a byte range of the same shard file, with per-range checksums in the
-  manifest (not built yet: a format change).
+- **The busiest writer writes what it holds.** With every partitioned weight written by its holders and the large
+  replicated ones cut a chunk per rank, each rank writes its own rows and state: max/mean is 1.00-1.12 at 70B on
+  1,024 GPUs and for ZeRO-2/3 at 405B. It was 3-29x when a Hugging Face shard had one writer, which wrote the
+  largest tensors (the 128,256 x hidden embedding and output layers) whole. The one row above 1.25 is FSDP2 at
+  405B on 16,384 ranks (1.28, with or without TP): FSDP2 cuts dim 0 with `torch.chunk`, so a 6,656-row FFN block
+  over 2,048 ranks is 1,664 chunks of 4 rows and the last 384 ranks hold none, and the 128-row K/V blocks sit on
+  the first 128 ranks only: the state each rank holds is itself 1.28x the mean (optimizer state alone: 1.28), and
+  a rank writes what it holds. Going below means moving bytes: writing the model rows of the ranks with K/V rows
+  (about 1 % of the model) from the ranks that hold no FFN rows would bring it to about 1.23 (not built).
+- **Every rank writes into every model file that holds its rows**, so model shards of range-written tensors are
+  cut at `max_shard_size` (not at the model divided by the ranks): a rank opens model bytes / 2 GB files (141 at
+  70B fp32, 812 at 405B), each once, one after the other; rank 0's manifest holds one checksum per rank for all of
+  them (O(ranks), not O(files x ranks)). Verifying a holder's ranges reads every range-written file's header.
 - **ZeRO-2 resumes read the whole bf16 model on every rank**: every rank holds it whole. The ranks of a node
   share it through the page cache (8 GPUs per node: the filesystem serves it once per node); reading fragments and
   all-gathering them would move the model once per rank through the network instead. DeepSpeed's own
   `load_checkpoint` reads its model file on every rank too. FSDP2 and ZeRO-3 ranks read only their own rows.
-- **Checksum verification** reads each file once in the whole job, each rank the files its own rank number wrote,
-  so a same-layout resume reads its own files twice (the second time from the page cache); `verify: size` skips it.
+- **Checksum verification** reads each file and range once in the whole job, each rank the ones its own rank
+  number wrote; on the same layout these are what it restores, and it restores from the bytes it hashed (up to 16 GB
+  a rank), so each byte is read once; `verify: size` skips the hashing.
 - **Collectives**: a partitioned weight is sent only by the ranks that hold a part of it, at its exact size (a
   padded gather would make every rank of a 16,384-rank job send a chunk of every small tensor); the protocol's
   own messages are an agreement on the plan, the staging name, an agreement on the fetch, the per-rank file records

@@ -16,14 +16,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from ..errors import CheckpointError
 from . import format as F
 from .faults import point
-from .layout import SavePlan
+from .layout import SavePlan, itemsize
 from .safetensors_io import DEFAULT_CHECKSUM, DTYPE_TO_STR, fsync_dir, write_json
 
-__all__ = ["commit", "manifest_groups", "state_index", "write_latest"]
+__all__ = ["commit", "manifest_groups", "range_manifest", "state_index", "write_latest"]
 
 
 def state_index(plan: SavePlan) -> dict[str, Any]:
@@ -68,6 +70,44 @@ def manifest_groups(plan: SavePlan) -> dict[str, Any]:
     return groups
 
 
+def range_manifest(
+    plan: SavePlan, files: dict[str, dict[str, Any]], reported: dict[str, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The manifest's ``ranges``: the range-written model files in plan order, each range-written tensor's writers
+    (a partition: which holder wrote which elements) and each holder's record (bytes, checksum of its ranges in
+    plan order). Checked against the plan: every holder reported exactly the bytes the plan gives it, and every
+    range-written file was created by its owner (``ranged`` in its record)."""
+    shards = [s for s in plan.model_shards if s.ranged]
+    if not shards:
+        if reported:
+            raise CheckpointError(f"internal: ranges reported by ranks {sorted(reported)[:3]} of no range-written file")
+        return None
+    expected = np.zeros(plan.world, dtype=np.int64)
+    tensors = {}
+    for shard in shards:
+        rec = files.get(shard.relpath)
+        if rec is None or rec.get("ranged") is not True:
+            raise CheckpointError(f"internal: {shard.relpath} was not written by its owner as a range-written file")
+        for item in shard.items:
+            part = shard.ranged.get(item.name)
+            if part is not None:
+                tensors[item.name] = part.to_json()
+                expected += part.bytes_by_rank(item.numel, plan.world, itemsize(item.dtype))
+    got = {int(h): int(rec["bytes"]) for h, rec in reported.items()}
+    want = {int(h): int(b) for h, b in enumerate(expected) if b}
+    if got != want:
+        bad = sorted(h for h in set(got) | set(want) if got.get(h) != want.get(h))
+        raise CheckpointError(
+            f"internal: ranks {bad[:5]} reported {[got.get(h) for h in bad[:5]]} bytes of ranges, the plan gives "
+            f"{[want.get(h) for h in bad[:5]]}"
+        )
+    return {
+        "files": [s.relpath for s in shards],
+        "tensors": tensors,
+        "holders": {str(h): reported[str(h)] for h in sorted(want)},
+    }
+
+
 def _dtypes(dtypes: Any) -> list[str]:
     return sorted({str(d).removeprefix("torch.") for d in dtypes})
 
@@ -89,10 +129,13 @@ def commit(
     *,
     latest: bool = True,
     with_rng: bool = True,
+    ranges: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    """Write the indexes, the JSON state and the manifest into ``staging`` and rename it to ``final``."""
+    """Write the indexes, the JSON state and the manifest into ``staging`` and rename it to ``final``. ``ranges``:
+    every holder's record of its ranges of the range-written model files (``{rank: {"bytes", "hash"}}``)."""
     point("commit-begin")
     files = dict(files)
+    ranged = range_manifest(plan, files, ranges or {})
 
     def add_json(rel: str, data: Any) -> None:
         size, digest = write_json(staging / rel, data, fsync=fsync, checksum=checksum)
@@ -130,6 +173,7 @@ def commit(
         "tied": tied,
         "checksum": checksum,
         "files": dict(sorted(files.items())),
+        **({"ranges": ranged} if ranged else {}),
         "versions": _versions(),
         **request.extra_manifest,
     }

@@ -20,7 +20,7 @@ import numpy as np
 
 from .layout import Item, Partition, SavePlan, fsdp_rows, itemsize, plan_save, zero3_chunks, zero12_fragments
 
-__all__ = ["LoadCost", "SaveCost", "engine_items", "load_costs", "save_costs"]
+__all__ = ["LoadCost", "SaveCost", "engine_items", "load_costs", "save_costs", "tp_assembled", "tp_dim"]
 
 REPORT_BYTES = 160  # one file's record in a rank's report to rank 0 (name, size, checksum) as JSON
 
@@ -38,6 +38,7 @@ class SaveCost:
     coordination: int  # collectives on the checkpoint's gloo groups
     index_bytes: int  # the state index's size (about)
     plan: SavePlan
+    range_files: np.ndarray  # model files each rank writes ranges into besides its own (opened, not created)
 
     @property
     def total_files(self) -> int:
@@ -53,27 +54,53 @@ class LoadCost:
     coordination: int
 
 
-def save_costs(items: Sequence[Item], world: int, max_shard_bytes: int) -> SaveCost:
-    """Per-rank cost of saving ``items`` held by ``world`` ranks (see the module docstring)."""
-    plan = plan_save(items, world, max_shard_bytes)
+def save_costs(
+    items: Sequence[Item], world: int, max_shard_bytes: int, assembled: dict[str, int] | None = None
+) -> SaveCost:
+    """Per-rank cost of saving ``items`` held by ``world`` ranks (see the module docstring), as a running job saves:
+    model tensors written in place by their holders (range-written). ``assembled``: model tensors whose every write
+    range is put together from ``n`` holders (a tensor-parallel group's column blocks of a row block, a dim-1
+    shard): the range's writer receives ``(n - 1) / n`` of its bytes from the others, at exactly those bytes."""
+    plan = plan_save(items, world, max_shard_bytes, ranged=True)
+    assembled = assembled or {}
     written = plan.bytes_per_rank.astype(np.int64).copy()
     files = plan.files_per_holder.astype(np.int64) + 1  # + the rank's RNG file
+    range_files = np.zeros(world, dtype=np.int64)
     sent = np.zeros(world, dtype=np.int64)
     received = np.zeros(world, dtype=np.int64)
     gathers = 0
     for shard in plan.model_shards:
         files[shard.owner] += 1
+        into = np.zeros(world, dtype=bool)
         for item in shard.items:
+            size = itemsize(item.dtype)
+            part = shard.ranged.get(item.name)
+            if part is not None:
+                by_rank = part.bytes_by_rank(item.numel, world, size)
+                into |= by_rank > 0
+                n = assembled.get(item.name, 1)
+                if n > 1:  # each writer receives the other n - 1 column blocks of its row block from its group
+                    gathers += 1
+                    writers = np.nonzero(by_rank)[0]
+                    share = by_rank[writers] // n
+                    received[writers] += share * (n - 1)
+                    for k in range(n):
+                        member = (writers // n) * n + k
+                        others = member != writers
+                        np.add.at(sent, member[others], share[others])
+                continue
             if item.partition.replicated:
                 continue
             gathers += 1
-            by_rank = item.partition.bytes_by_rank(item.numel, world, itemsize(item.dtype))
+            by_rank = item.partition.bytes_by_rank(item.numel, world, size)
             by_rank[shard.owner] = 0  # the writer's own part does not travel
             sent += by_rank
             received[shard.owner] += int(by_rank.sum())
+        into[shard.owner] = False
+        range_files += into
     # the protocol: plan agreement (all-reduce), staging name (broadcast), fetch agreement (all-reduce), reports
-    # (gather to rank 0), outcome (broadcast), visibility (all-gather of a null each)
-    reports = files * REPORT_BYTES
+    # (gather to rank 0: one record per file, one per rank's ranges), outcome (broadcast), visibility (all-gather)
+    reports = (files + 1) * REPORT_BYTES
     sent += 8 * 4 + reports
     received[0] += int(reports.sum())
     coordination = 6
@@ -90,6 +117,7 @@ def save_costs(items: Sequence[Item], world: int, max_shard_bytes: int) -> SaveC
         coordination,
         index_bytes,
         plan,
+        range_files,
     )
 
 
@@ -99,14 +127,18 @@ def load_costs(
     world: int,
     files_written: dict[int, int] | None = None,
     checksum: bool = True,
+    tp: int = 1,
 ) -> LoadCost:
     """Per-rank bytes read when ``engine`` resumes on ``world`` ranks: each rank's own elements of every tensor
     (as :func:`engine_items` lays them out at this world size), a replicated low-precision weight whole.
     ``files_written``: bytes written per saving rank, for the verification share (rank ``r mod world``)."""
-    items = engine_items(engine, shapes, world)
+    items = engine_items(engine, shapes, world, tp)
+    held = {i.name.rpartition("/")[0]: i.partition for i in items if i.name.endswith("/exp_avg")}
     read = np.zeros(world, dtype=np.int64)
     for item in items:
         size = itemsize(item.dtype)
+        if tp > 1 and item.group == "model":  # each rank reads its own box, as its optimizer state
+            item = Item(item.group, item.name, item.shape, item.dtype, held[item.name])
         if item.partition.replicated or item.numel == 0:
             read += item.nbytes
         else:
@@ -120,15 +152,44 @@ def load_costs(
     return LoadCost(world, read, verified, sent, coordination=3)
 
 
-def engine_items(engine: str, shapes: Sequence[tuple[str, tuple[int, ...]]], world: int) -> list[Item]:
+def engine_items(engine: str, shapes: Sequence[tuple[str, tuple[int, ...]]], world: int, tp: int = 1) -> list[Item]:
     """The items an engine's adapter reports for a model of these parameter shapes at ``world`` ranks, with AdamW
     (``exp_avg``, ``exp_avg_sq`` and a 0-d ``step`` per parameter): ``fsdp2`` (fp32 parameters, sharded on dim 0),
     ``zero3`` / ``zero2`` (bf16 weights, fp32 masters, one param group for ZeRO-2), ``ddp`` (fp32, replicated).
-    The same partition rules as the adapters (:mod:`.layout`)."""
+    The same partition rules as the adapters (:mod:`.layout`).
+
+    ``tp > 1`` (``fsdp2`` only): FSDP2 over ``world / tp`` ranks on a (dp, tp) mesh, tensor parallel inside (rank
+    ``i * tp + j`` is dp index ``i``, tp index ``j``), with torchtitan's Llama plan (:func:`tp_dim`): a weight
+    sharded by TP on dim 0 (embedding, q/k/v, gate/up, the output layer) is ``tp * dp`` row blocks, each held by
+    one rank and written by it; a weight sharded on dim 1 (o_proj, down_proj) is ``dp`` row blocks, each put together
+    by one rank of its TP group (rotating with the layer) from the group's column blocks (:func:`tp_assembled`);
+    a norm (replicated over TP) is ``dp`` chunks, each written by one rank of its group. Optimizer state is counted
+    at each rank's own bytes."""
     import torch
 
     f32, bf16 = torch.float32, torch.bfloat16
     model, master, optim = [], [], []
+    if tp > 1:
+        if engine != "fsdp2" or world % tp:
+            raise ValueError(f"tp={tp}: FSDP2 only, on a world size that tp divides ({world})")
+        dp = world // tp
+        for w, (name, shape) in enumerate(shapes):
+            numel = math.prod(shape)
+            dim = tp_dim(name, shape)
+            if dim == 0:
+                p = held = _tp_rows(shape, tp, dp)
+            elif dim == 1:
+                c = math.ceil(shape[0] / dp)
+                blocks = math.ceil(shape[0] / c)
+                p = Partition(chunk=c * math.prod(shape[1:]), ranks=tuple(i * tp + (w + i) % tp for i in range(blocks)))
+                held = Partition(chunk=math.ceil(numel / world))  # each rank's own bytes (a box, not a range)
+            else:
+                c = math.ceil(numel / dp)
+                p = held = Partition(chunk=c, ranks=tuple(i * tp + (w + i) % tp for i in range(math.ceil(numel / c))))
+            model.append(Item("model", name, shape, f32, p))
+            optim += [Item("optimizer", f"{name}/{k}", shape, f32, held) for k in ("exp_avg", "exp_avg_sq")]
+            optim.append(Item("optimizer", f"{name}/step", (), f32))
+        return model + optim
     if engine == "zero2":
         numels = [math.prod(s) for _, s in shapes]
         offsets = list(np.cumsum([0, *numels[:-1]]))
@@ -153,3 +214,43 @@ def engine_items(engine: str, shapes: Sequence[tuple[str, tuple[int, ...]]], wor
         optim += [Item("optimizer", f"{name}/{k}", shape, f32, p) for k in ("exp_avg", "exp_avg_sq")]
         optim.append(Item("optimizer", f"{name}/step", (), f32))
     return model + master + optim
+
+
+_COLWISE = ("embed_tokens", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+_ROWWISE = ("o_proj", "down_proj")
+
+
+def tp_dim(name: str, shape: tuple[int, ...]) -> int | None:
+    """The dimension torchtitan's Llama plan shards a weight on under tensor parallelism (0: ColwiseParallel, and
+    the embedding's RowwiseParallel, which cuts the vocabulary; 1: RowwiseParallel), None: replicated (norms)."""
+    if len(shape) == 2 and any(k in name for k in _COLWISE):
+        return 0
+    if len(shape) == 2 and any(k in name for k in _ROWWISE):
+        return 1
+    return None
+
+
+def tp_assembled(shapes: Sequence[tuple[str, tuple[int, ...]]], tp: int) -> dict[str, int]:
+    """The weights a TP x FSDP job puts together per TP group before writing (dim-1 shards): ``{name: tp}``."""
+    return {name: tp for name, shape in shapes if tp > 1 and tp_dim(name, shape) == 1}
+
+
+def _tp_rows(shape: tuple[int, ...], tp: int, dp: int) -> Partition:
+    """A dim-0 TP shard cut again on dim 0 by FSDP2: block ``j`` of ``rows / tp`` rows, then ``ceil(block / dp)``
+    rows per dp rank (``_StridedShard``): ``tp * dp`` contiguous row ranges, rank ``i * tp + j`` holding the
+    ``i``-th of block ``j``."""
+    rows, row = shape[0], math.prod(shape[1:])
+    block = rows // tp
+    if block * tp != rows:
+        raise ValueError(f"{shape}: tensor parallel needs dim 0 divisible by tp={tp}")
+    c = max(1, math.ceil(block / dp))
+    if block % c == 0:  # the same chunk everywhere: a rule, not a list of parts
+        per = block // c
+        return Partition(chunk=c * row, ranks=tuple(i * tp + j for j in range(tp) for i in range(per)))
+    parts = []
+    for j in range(tp):
+        for i in range(dp):
+            lo, hi = min(i * c, block), min((i + 1) * c, block)
+            if hi > lo:
+                parts.append(((j * block + lo) * row, (hi - lo) * row, i * tp + j))
+    return Partition(parts=tuple(parts))

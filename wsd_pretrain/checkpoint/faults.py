@@ -5,6 +5,7 @@ function that receives the name of each step as a rank reaches it and may kill t
 
 save: ``save-begin``, ``staging-created``, ``fetch-begin``, ``fetch:<tensor>``, ``fetch-end``, ``snapshot:<tensor>``
 (an async save's copy of a tensor, on its own thread while training goes on), ``shard-begin:<file>``,
+``range-write:<file>`` (a byte range written in place: a shard owner's header or own tensor, a holder's range),
 ``shard-end:<file>``, ``report``, ``commit-begin``, ``manifest-begin``, ``manifest-written``, ``manifest-hash-written``,
 ``renamed:<name>``, ``latest-written:<name>``;
 load: ``load-open`` (rank 0), ``load-verify``, ``load-plan``, ``load-read:<param>``, ``load-restore:<param>``.

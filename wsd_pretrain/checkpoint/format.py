@@ -172,10 +172,50 @@ def load_manifest(ckpt: Path) -> dict[str, Any]:
             path,
             f"file record for {rel!r} needs size (int) and hash ({digits} hex digits of {algo})",
         )
+    ranged = sorted(rel for rel, rec in m["files"].items() if rec.get("ranged") is not None)
+    _expect(
+        all(m["files"][rel]["ranged"] is True for rel in ranged) and (not ranged or version >= 3),
+        path,
+        "a file record's 'ranged' must be true, in format version 3 or later",
+    )
+    if ranged or m.get("ranges") is not None:
+        _check_ranges(m, ranged, path, digits)
     if version >= 2 and m.get("state") is not None:
         st = m["state"]
         _expect(isinstance(st, dict) and st.get("index") == STATE_INDEX, path, f"state must name {STATE_INDEX}")
     return m
+
+
+def _check_ranges(m: dict[str, Any], ranged: list[str], path: Path, digits: int) -> None:
+    """``ranges``: the range-written model files (each with a ``ranged`` record), their shared tensors' writers and
+    each holder's record (bytes and checksum of its ranges)."""
+    r = m.get("ranges")
+    _expect(isinstance(r, dict), path, "range-written files need a 'ranges' object")
+    _expect(
+        isinstance(r.get("files"), list) and sorted(r["files"]) == ranged and len(set(r["files"])) == len(ranged),
+        path,
+        "ranges.files must list exactly the files whose records say 'ranged'",
+    )
+    _expect(
+        isinstance(r.get("tensors"), dict) and all(isinstance(v, dict) for v in r["tensors"].values()),
+        path,
+        "ranges.tensors must map tensor names to partitions",
+    )
+    holders = r.get("holders")
+    _expect(
+        isinstance(holders, dict)
+        and all(
+            re.fullmatch(r"\d+", h) is not None
+            and isinstance(rec, dict)
+            and type(rec.get("bytes")) is int
+            and rec["bytes"] >= 0
+            and isinstance(rec.get("hash"), str)
+            and re.fullmatch(rf"[0-9a-f]{{{digits}}}", rec["hash"]) is not None
+            for h, rec in holders.items()
+        ),
+        path,
+        f"ranges.holders must map ranks to {{bytes, hash ({digits} hex digits)}}",
+    )
 
 
 def _check_manifest_hash(ckpt: Path) -> None:
@@ -198,14 +238,16 @@ def _check_manifest_hash(ckpt: Path) -> None:
         )
 
 
-def check_files(ckpt: Path, manifest: dict[str, Any], *, checksums: bool) -> list[str]:
-    """Problems with the files the manifest lists (missing, wrong size, wrong checksum, symlink), one per file."""
+def check_files(ckpt: Path, manifest: dict[str, Any], *, checksums: bool, keep: Any = None) -> list[str]:
+    """Problems with the files the manifest lists (missing, wrong size, wrong checksum, symlink), one per file, and
+    with the ranges of the range-written model files its ``ranges`` lists holders for (each holder's ranges hashed
+    as one stream, in the plan's order). ``keep(rel, offset, data)`` is given every byte range read for a checksum
+    (a resume keeps the ones it is about to restore: each byte is read once)."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from .safetensors_io import hash_file
 
     problems = []
     to_hash = []
+    ranges = manifest.get("ranges") or {}
     for rel, rec in sorted(manifest["files"].items()):
         path = safe_path(ckpt, rel, "manifest")
         if not path.is_file():
@@ -219,11 +261,174 @@ def check_files(ckpt: Path, manifest: dict[str, Any], *, checksums: bool) -> lis
             to_hash.append((rel, rec, path))
     # files are hashed on several threads (hashlib releases the GIL): verification runs at disk speed
     algo = manifest.get("checksum", "xxh3_128")
+
+    def one(item: tuple[str, dict[str, Any], Path]) -> str:
+        rel, rec, path = item
+        if rec.get("ranged"):
+            try:
+                pieces = _owner_pieces(path, ranges.get("tensors", {}))
+            except CheckpointError as exc:  # a damaged header: the owner's bytes
+                return f"error: {exc}"
+            return _hash_pieces(path, pieces, algo, rel, keep)
+        return _hash_whole(path, algo, rel, keep)
+
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for (rel, rec, _), (_, digest) in zip(to_hash, pool.map(lambda item: hash_file(item[2], algo), to_hash)):
-            if digest != rec["hash"]:
-                problems.append(f"{rel}: {algo} {digest[:12]}… does not match the manifest's {rec['hash'][:12]}…")
+        for (rel, rec, _), digest in zip(to_hash, pool.map(one, to_hash)):
+            if digest.startswith("error: "):
+                problems.append(f"{rel}: its owner's bytes: {digest[7:]}")
+            elif digest != rec["hash"]:
+                what = "its owner's bytes (header and own tensors)" if rec.get("ranged") else algo
+                problems.append(
+                    f"{rel}: {what}: {algo} {digest[:12]}… does not match the manifest's {rec['hash'][:12]}…"
+                )
+        if checksums and ranges.get("holders"):
+            problems += _check_holders(ckpt, manifest, algo, keep, pool)
     return sorted(problems)
+
+
+def _hash_whole(path: Path, algo: str, rel: str, keep: Any) -> str:
+    from .safetensors_io import _CHUNK, new_hasher
+
+    digest = new_hasher(algo)
+    with open(path, "rb") as f:
+        if keep is None:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+        else:  # one buffer of the whole file, kept for the restore (writable: tensors are made over it)
+            data = bytearray(os.fstat(f.fileno()).st_size)
+            view, done = memoryview(data), 0
+            while done < len(data) and (n := f.readinto(view[done:])):
+                done += n
+            if done != len(data):
+                raise CheckpointError(f"{path}: changed size while it was read")
+            digest.update(data)
+            keep(rel, 0, data)
+    return digest.hexdigest()
+
+
+def _hash_pieces(path: Path, pieces: list[tuple[int, int]], algo: str, rel: str, keep: Any) -> str:
+    """The checksum of ``(offset, length)`` byte ranges of a file, in order."""
+    from .safetensors_io import new_hasher
+
+    digest = new_hasher(algo)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, length in pieces:
+            _read_piece(fd, path, offset, length, digest, rel, keep)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def _read_piece(fd: int, path: Path, offset: int, length: int, digest: Any, rel: str, keep: Any) -> None:
+    """Read ``length`` bytes at ``offset`` into ``digest``; with ``keep``, in one buffer given to it afterwards."""
+    from .safetensors_io import _CHUNK
+
+    buf = bytearray(length if keep is not None else min(length, _CHUNK))
+    done = 0
+    while done < length:
+        view = memoryview(buf)[done:] if keep is not None else memoryview(buf)[: min(len(buf), length - done)]
+        n = os.preadv(fd, [view], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"{path}: ended at byte {offset + done} (truncated?)")
+        digest.update(view[:n])
+        done += n
+    if keep is not None:
+        keep(rel, offset, buf)
+
+
+def _owner_pieces(path: Path, tensors: dict[str, Any]) -> list[tuple[int, int]]:
+    """A range-written file's bytes its owner wrote: the header and every tensor not written by its holders."""
+    from .safetensors_io import read_header
+
+    header = read_header(path)
+    pieces = [(0, header.data_start)]
+    for info in sorted(header.tensors.values(), key=lambda i: i.start):
+        if info.name in tensors or info.end == info.start:
+            continue
+        lo, n = header.data_start + info.start, info.end - info.start
+        if pieces[-1][0] + pieces[-1][1] == lo:
+            pieces[-1] = (pieces[-1][0], pieces[-1][1] + n)
+        else:
+            pieces.append((lo, n))
+    return pieces
+
+
+def bytes_written(ckpt: Path, manifest: dict[str, Any]) -> dict[int, int]:
+    """``{rank: bytes}`` each saving rank wrote: its files, and of a range-written file the owner's bytes (header and
+    own tensors) and each holder's ranges (docs/checkpoint-format.md, "Range-written model files")."""
+    out: dict[int, int] = {}
+    ranges = manifest.get("ranges") or {}
+    for rel, rec in manifest["files"].items():
+        rank = int(rec.get("rank", 0))
+        if rec.get("ranged"):
+            pieces = _owner_pieces(safe_path(ckpt, rel, "manifest"), ranges.get("tensors", {}))
+            out[rank] = out.get(rank, 0) + sum(n for _, n in pieces)
+        else:
+            out[rank] = out.get(rank, 0) + rec["size"]
+    for h, rec in (ranges.get("holders") or {}).items():
+        out[int(h)] = out.get(int(h), 0) + rec["bytes"]
+    return out
+
+
+def holder_pieces(ckpt: Path, manifest: dict[str, Any], holders: list[int]) -> dict[int, list[tuple[str, int, int]]]:
+    """``{holder: [(file, byte offset, length)]}``: each holder's ranges of the range-written model files, in the
+    plan's order (file by file, tensor by tensor), from the files' headers and the manifest's partitions."""
+    from .layout import Partition
+    from .safetensors_io import itemsize, read_header
+
+    ranges = manifest["ranges"]
+    out: dict[int, list[tuple[str, int, int]]] = {h: [] for h in holders}
+    for rel in ranges["files"]:
+        path = safe_path(ckpt, rel, "manifest ranges")
+        header = read_header(path)
+        for info in sorted(header.tensors.values(), key=lambda i: i.start):
+            spec = ranges["tensors"].get(info.name)
+            if spec is None:
+                continue
+            numel = (info.end - info.start) // itemsize(info.dtype)
+            part = Partition.from_json(spec, numel, f"{ckpt / MANIFEST}: ranges.tensors.{info.name}")
+            for h in holders:
+                local = part.local(h, numel)
+                if local is not None and local[1] > 0:
+                    size = itemsize(info.dtype)
+                    out[h].append((rel, header.data_start + info.start + local[0] * size, local[1] * size))
+    return out
+
+
+def _check_holders(ckpt: Path, manifest: dict[str, Any], algo: str, keep: Any, pool: Any) -> list[str]:
+    from .safetensors_io import new_hasher
+
+    holders = manifest["ranges"]["holders"]
+    try:
+        pieces = holder_pieces(ckpt, manifest, [int(h) for h in holders])
+    except CheckpointError as exc:
+        return [str(exc)]
+
+    def one(h: int) -> tuple[int, int, str, set[str]]:
+        digest, total, fds = new_hasher(algo), 0, {}
+        try:
+            for rel, offset, length in pieces[h]:
+                fd = fds.get(rel)
+                if fd is None:
+                    fd = fds[rel] = os.open(safe_path(ckpt, rel, "manifest ranges"), os.O_RDONLY)
+                _read_piece(fd, ckpt / rel, offset, length, digest, rel, keep)
+                total += length
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return h, total, digest.hexdigest(), {rel for rel, _, _ in pieces[h]}
+
+    problems = []
+    for h, total, digest, rels in pool.map(one, [int(h) for h in holders]):
+        rec = holders[str(h)]
+        if total != rec["bytes"] or digest != rec["hash"]:
+            where = ", ".join(sorted(rels)[:3]) + (f" and {len(rels) - 3} more" if len(rels) > 3 else "")
+            problems.append(
+                f"the ranges rank {h} wrote ({where}): {total} bytes, {algo} {digest[:12]}… do not match the "
+                f"manifest's {rec['bytes']} bytes, {rec['hash'][:12]}…"
+            )
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------- listing

@@ -9,9 +9,14 @@ rows per rank): each is a set of contiguous element ranges. Learnt from Megatron
 
 :func:`plan_save` turns the items into files, identically on every rank and without communication:
 
-* the model group becomes a Hugging Face folder of full tensors, cut into shards in parameter order at
-  ``min(max_shard_bytes, model bytes / world)`` (about one shard per rank); each shard has one writer rank (balanced
-  by bytes), and a partitioned model tensor travels only to that rank (a gather);
+* the model group becomes a Hugging Face folder of full tensors, cut into shards in parameter order; each shard has
+  one owner rank (balanced by bytes), which writes its header and the tensors it does not share. With ``ranged``
+  (a running job's save) a partitioned model tensor is not moved at all: each holder writes its own contiguous
+  byte range of the shard file in place (``pwrite``), and a replicated tensor larger than one rank's share is cut
+  into ``world`` ranges written by every rank (docs/checkpoint-format.md, "Range-written model files"); the shards
+  are then cut at ``max_shard_bytes``, or sooner where their owner's own bytes reach ``model bytes / world``.
+  Without it (converters, ``write_mode: rank0``) a shard is cut at ``min(max_shard_bytes, model bytes / world)``
+  (about one shard per rank) and a partitioned tensor travels to its owner (a gather);
 * master weights and optimizer state are written by the rank that holds them, as 1-D slices in that rank's own
   files (``train_state/state-r<rank>-<k>.safetensors``, cut at the shard size); a replicated tensor (DDP, a 0-d Adam
   step) is written once, by the rank with the fewest bytes so far.
@@ -45,6 +50,7 @@ __all__ = [
     "fsdp_rows",
     "plan_save",
     "runs",
+    "range_partition",
     "zero3_chunks",
     "zero12_fragments",
 ]
@@ -465,12 +471,20 @@ def zero12_fragments(numels: Sequence[int], offsets: Sequence[int], partition_si
 
 @dataclass
 class ModelShard:
-    """One file of the Hugging Face folder: full tensors, written by ``owner``."""
+    """One file of the Hugging Face folder: full tensors. ``owner`` writes its header and every tensor not in
+    ``ranged``; a tensor in ``ranged`` is written in place by its holders, each its own element ranges (the
+    partition given there: the tensor's own, or even chunks of a replicated one)."""
 
     index: int  # 1-based
     count: int
     items: list[Item]
     owner: int
+    ranged: dict[str, Partition] = field(default_factory=dict)
+
+    @property
+    def owner_bytes(self) -> int:
+        """The bytes of tensors the owner writes (besides the header)."""
+        return sum(i.nbytes for i in self.items if i.name not in self.ranged)
 
     @property
     def relpath(self) -> str:
@@ -538,8 +552,39 @@ class SavePlan:
         return sum(i.nbytes for i in self.state_items)
 
 
-def plan_save(items: Sequence[Item], world: int, max_shard_bytes: int) -> SavePlan:
-    """Plan one save of ``items`` held by ``world`` ranks (see the module docstring); deterministic."""
+def range_partition(item: Item, world: int, split_bytes: int) -> Partition | None:
+    """Who writes which elements of a model tensor in place (a range-written tensor), or None when its shard's owner
+    writes it whole: a partitioned tensor is written by its holders (every part a contiguous element range, so a
+    contiguous byte range of the file); a replicated one larger than ``split_bytes`` in ``world`` even chunks, one
+    per rank (every rank holds it whole)."""
+    if item.numel == 0:
+        return None
+    if item.partition.replicated:
+        return chunked(item.numel, world) if world > 1 and item.nbytes > split_bytes else None
+    if item.partition.grid is not None:
+        return _contiguous_boxes(item)
+    return item.partition
+
+
+def _contiguous_boxes(item: Item) -> Partition | None:
+    """A grid partition as flat element ranges when every holder's box is one contiguous run of the tensor's
+    row-major elements (tensor parallelism on dim 0 and FSDP2's rows of it: ColwiseParallel weights, the
+    embedding's vocabulary cut), else None: a box that is not (a RowwiseParallel weight's column block) is put
+    together by its shard's owner, at exactly its bytes."""
+    shape = item.shape
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    parts = []
+    for offsets, lengths, start, n, rank in item.partition.iter_boxes(shape):
+        first = next((d for d, size in enumerate(lengths) if size != 1), len(lengths))
+        if any(lengths[d] != shape[d] for d in range(first + 1, len(shape))):
+            return None
+        parts.append((sum(o * s for o, s in zip(offsets, strides)) + start, n, rank))
+    return Partition(parts=tuple(sorted(parts)))
+
+
+def plan_save(items: Sequence[Item], world: int, max_shard_bytes: int, *, ranged: bool = False) -> SavePlan:
+    """Plan one save of ``items`` held by ``world`` ranks (see the module docstring); deterministic. ``ranged``: model
+    tensors are written in place by their holders (a running job's save)."""
     if max_shard_bytes < 1:
         raise CheckpointError(f"max_shard_bytes={max_shard_bytes}: must be positive")
     model = [i for i in items if i.group == "model"]
@@ -563,21 +608,37 @@ def plan_save(items: Sequence[Item], world: int, max_shard_bytes: int) -> SavePl
         if item.partition.replicated or item.numel == 0:  # an empty tensor: one (empty) part, like a replicated one
             item = Item(item.group, item.name, item.shape, item.dtype, Partition.whole(take(item.nbytes), item.numel))
         resolved.append(item)
-    # model shards of about one rank's share, so that every rank writes about as much (a tensor larger than that
-    # still gets a shard of its own: a Hugging Face shard holds whole tensors)
+    # model shards of about one rank's share of the bytes their owners write, so that every rank writes about as
+    # much (a tensor larger than that still gets a shard of its own: a Hugging Face shard holds whole tensors);
+    # range-written tensors count for their holders, and only the file size caps a shard of them
     shard_bytes = min(max_shard_bytes, max(MIN_MODEL_SHARD, -(-sum(i.nbytes for i in model) // world)))
+    writers: dict[str, Partition] = {}
+    if ranged:
+        for item in model:
+            part = range_partition(item, world, shard_bytes)
+            if part is not None:
+                writers[item.name] = part
+                load += part.bytes_by_rank(item.numel, world, itemsize(item.dtype))
+    owned_total = sum(i.nbytes for i in model if i.name not in writers)
+    owner_cap = min(max_shard_bytes, max(MIN_MODEL_SHARD, -(-owned_total // world)))
     chunks: list[list[Item]] = []
-    size = 0
+    size = owned = 0
     for item in model:
-        if chunks and size + item.nbytes <= shard_bytes:
+        mine = 0 if item.name in writers else item.nbytes
+        if chunks and size + item.nbytes <= max_shard_bytes and owned + mine <= owner_cap:
             chunks[-1].append(item)
-            size += item.nbytes
         else:
             chunks.append([item])
-            size = item.nbytes
-    shards = [ModelShard(i + 1, len(chunks), chunk, 0) for i, chunk in enumerate(chunks)]
-    for shard in sorted(shards, key=lambda s: (-s.nbytes, s.index)):  # largest first: a tighter balance
-        shard.owner = take(shard.nbytes)
+            size = owned = 0
+        size += item.nbytes
+        owned += mine
+    shards = [
+        ModelShard(i + 1, len(chunks), chunk, 0, {it.name: writers[it.name] for it in chunk if it.name in writers})
+        for i, chunk in enumerate(chunks)
+    ]
+    header = 128  # about a header's bytes per tensor: a shard of range-written tensors still costs its owner that
+    for shard in sorted(shards, key=lambda s: (-s.owner_bytes, s.index)):  # largest first: a tighter balance
+        shard.owner = take(shard.owner_bytes + (header * len(shard.items) if shard.ranged else 0))
     files = _files_per_holder(resolved, world, max_shard_bytes)
     return SavePlan(world, max_shard_bytes, model, resolved, shards, files, load)
 

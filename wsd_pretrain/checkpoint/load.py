@@ -66,7 +66,35 @@ def verify_checkpoint(ckpt: Path, manifest: dict[str, Any], mode: str, *, everyt
     coord.agree("; ".join(problems) or None, f"{ckpt} failed verification")
 
 
-def _verify_problems(ckpt: Path, manifest: dict[str, Any], mode: str, everything: bool = False) -> list[str]:
+READ_ONCE_BYTES = 16 * 1024**3
+"""The most bytes of its share of the files a resuming rank keeps from the verification for the restore (each
+byte read once); past it, the rest is read again from the disk after its checksum (docs/checkpoint-format.md)."""
+
+
+class _Kept:
+    """The byte ranges of safetensors files a rank's verification read and hashed, kept for its restore (up to
+    ``budget`` bytes): ``{file: [(offset, bytes)]}``. Filled by the verification's threads."""
+
+    def __init__(self, budget: int) -> None:
+        import threading
+
+        self.budget, self.nbytes = budget, 0
+        self.ranges: dict[str, list[tuple[int, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, rel: str, offset: int, data: Any) -> None:
+        if not rel.endswith(".safetensors"):
+            return
+        with self._lock:
+            if self.nbytes + len(data) > self.budget:
+                return
+            self.nbytes += len(data)
+            self.ranges.setdefault(rel, []).append((offset, data))
+
+
+def _verify_problems(
+    ckpt: Path, manifest: dict[str, Any], mode: str, everything: bool = False, keep: Any = None
+) -> list[str]:
     rank, world = D.get_rank(), D.get_world_size()
     if mode == "none":
         return []
@@ -75,9 +103,14 @@ def _verify_problems(ckpt: Path, manifest: dict[str, Any], mode: str, everything
         for i, (rel, rec) in enumerate(sorted(manifest["files"].items()))
         if everything or int(rec.get("rank", i)) % world == rank
     }
+    share = {**manifest, "files": mine}
+    if manifest.get("ranges"):  # and the ranges holder r wrote (r mod world): on the same layout, this rank's own
+        ranges = manifest["ranges"]
+        holders = {h: rec for h, rec in ranges["holders"].items() if everything or int(h) % world == rank}
+        share["ranges"] = {**ranges, "holders": holders}
     try:
         point("load-verify")
-        return F.check_files(ckpt, {**manifest, "files": mine}, checksums=mode == "checksum")
+        return F.check_files(ckpt, share, checksums=mode == "checksum", keep=keep)
     except Exception as exc:
         return [str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"]
 
@@ -135,13 +168,20 @@ def load_checkpoint(
     store: CheckpointStore | None = None
     described: Any = None
     problems: list[str] = []
+    # on the same world size each rank verifies the files and ranges it wrote, which are what it restores: it keeps
+    # the bytes it hashed and restores from them (each byte read once), after every rank's checks have passed
+    kept = (
+        _Kept(READ_ONCE_BYTES)
+        if verify == "checksum" and not rank0_only and manifest.get("world_size") == D.get_world_size()
+        else None
+    )
     if reads:
-        problems = _verify_problems(ckpt, manifest, verify, everything=rank0_only)
+        problems = _verify_problems(ckpt, manifest, verify, everything=rank0_only, keep=kept)
         if problems:
             problems = [f"{ckpt} failed verification: " + "; ".join(problems)]
         else:
             try:
-                store = CheckpointStore(ckpt, manifest)
+                store = CheckpointStore(ckpt, manifest, kept.ranges if kept is not None else None)
                 described = _describe(store)
             except Exception as exc:
                 problems = [str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"]
@@ -211,9 +251,14 @@ def load_checkpoint(
         step(bname, buf)
     step("optimizer hyperparameters", lambda ok: adapter.restore_meta(engine_meta) if ok and load_optimizer else None)
     step("finishing the restore", lambda ok: adapter.end_restore() if ok else None)
-    stats = {"bytes_read": store.bytes_read if store is not None else 0}
     if store is not None:
         store.close()
+    stats = {
+        "bytes_read": store.bytes_read if store is not None else 0,
+        "bytes_kept": kept.nbytes if kept is not None else 0,  # read once: by the verification, for the restore
+        "kept_hits": store.kept_hits if store is not None else 0,
+    }
+    kept = None
     if restore_rng_state:
         rng_error = _restore_rng(ckpt, manifest, rank0_only)
         error = error or rng_error

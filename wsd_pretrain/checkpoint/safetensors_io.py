@@ -31,6 +31,7 @@ from ..errors import CheckpointError
 __all__ = [
     "DTYPE_TO_STR",
     "STR_TO_DTYPE",
+    "RangeWriter",
     "SafetensorsHeader",
     "StreamingWriter",
     "TensorInfo",
@@ -257,6 +258,77 @@ class StreamingWriter:
         self._f.close()
 
 
+class RangeWriter:
+    """Byte ranges of one safetensors file written in place (``pwrite`` at their offsets) by one rank, while other
+    ranks write theirs: the file is created at its final size by whichever writer comes first (``O_CREAT``, then
+    extended to ``size``; never shrunk, so a later writer keeps an earlier one's bytes). The writer hashes what it
+    writes, in the order written, into ``digest`` (a shard owner's: its header and own tensors; a holder's: its
+    ranges of every file, in the plan's order). :meth:`sync` fsyncs (each writer its own bytes) and closes."""
+
+    def __init__(self, path: str | os.PathLike[str], size: int, *, fsync: bool = True) -> None:
+        self.path, self.fsync = Path(path), fsync
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            if os.fstat(self._fd).st_size < size:
+                os.ftruncate(self._fd, size)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.size = size
+
+    def put(self, offset: int, data: memoryview, digest: Any) -> None:
+        """Write ``data`` at ``offset`` (inside the file's size) and add it to ``digest``."""
+        if offset < 0 or offset + len(data) > self.size:
+            raise CheckpointError(
+                f"{self.path}: a range [{offset}, {offset + len(data)}) outside its {self.size} bytes"
+            )
+        from .faults import point
+
+        point(f"range-write:{self.path.name}")
+        done = 0
+        while done < len(data):
+            chunk = data[done : done + _CHUNK]
+            n = os.pwrite(self._fd, chunk, offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.path}: wrote nothing at byte {offset + done}")
+            digest.update(chunk[:n])
+            done += n
+
+    def put_tensor(self, offset: int, tensor: torch.Tensor, digest: Any) -> int:
+        cpu = tensor.detach()
+        if cpu.device.type != "cpu":
+            cpu = cpu.to("cpu")
+        if not cpu.is_contiguous():
+            cpu = cpu.contiguous()
+        view = _byte_view(cpu)
+        self.put(offset, view, digest)
+        return len(view)
+
+    def sync(self) -> None:
+        try:
+            if self.fsync:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def tensor_offsets(
+    specs: Sequence[tuple[str, torch.dtype, Sequence[int]]], metadata: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, int], int]:
+    """Where each tensor's bytes start in the file :func:`header_bytes` heads: ``(header length, {name: absolute
+    offset}, file size)``."""
+    head = len(header_bytes(specs, metadata))
+    offsets, cursor = {}, head
+    for name, dtype, shape in specs:
+        offsets[name] = cursor
+        cursor += tensor_nbytes(shape, dtype)
+    return head, offsets, cursor
+
+
 def write_safetensors(
     path: str | os.PathLike[str],
     tensors: Mapping[str, torch.Tensor],
@@ -370,11 +442,15 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
 class SafetensorsReader:
     """Read tensors (whole or a dim-0 slice) from a file whose header :func:`read_header` has checked."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], kept: Sequence[tuple[int, Any]] = ()) -> None:
         self.path = Path(path)
         self.header = read_header(self.path)
         self._handle: Any = None  # safetensors' own reader, opened when a whole tensor or rows are asked for
         self._fd: int | None = None
+        self._kept = sorted(kept, key=lambda k: k[0])
+        """``(file offset, bytes)`` already read (and checksummed) by the verification: ranges are served from
+        them instead of the disk."""
+        self.kept_hits = 0
 
     def _safe(self) -> Any:
         if self._handle is None:
@@ -403,15 +479,27 @@ class SafetensorsReader:
         total = math.prod(info.shape)
         if start < 0 or numel < 0 or start + numel > total:
             raise CheckpointError(f"{self.path}: {name!r} has {total} elements; [{start}, {start + numel}) refused")
+        if out is not None and (
+            out.dtype != info.dtype or out.numel() != numel or not out.is_contiguous() or out.device.type != "cpu"
+        ):
+            raise CheckpointError(f"internal: cannot read {name!r} into a {out.dtype} tensor of {out.numel()} elements")
+        size = itemsize(info.dtype)
+        offset = self.header.data_start + info.start + start * size
+        if self._kept and numel:
+            held = self._from_kept(offset, numel * size)
+            if held is not None:
+                self.kept_hits += 1
+                if out is None:
+                    if offset % size == 0:  # the element's own alignment: a view of the kept bytes, no copy
+                        return torch.frombuffer(held, dtype=info.dtype, count=numel)
+                    out = torch.empty(numel, dtype=info.dtype)
+                _byte_view(out)[:] = held
+                return out
         if out is None:
             out = torch.empty(numel, dtype=info.dtype)
-        elif out.dtype != info.dtype or out.numel() != numel or not out.is_contiguous() or out.device.type != "cpu":
-            raise CheckpointError(f"internal: cannot read {name!r} into a {out.dtype} tensor of {out.numel()} elements")
         if numel == 0:
             return out
-        size = itemsize(info.dtype)
         view = _byte_view(out)
-        offset = self.header.data_start + info.start + start * size
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
             if hasattr(os, "posix_fadvise"):  # slices are read front to back: let the kernel read ahead
@@ -423,6 +511,18 @@ class SafetensorsReader:
                 raise CheckpointError(f"{self.path}: ended while reading {name!r} (the file was truncated?)")
             done += n
         return out
+
+    def _from_kept(self, offset: int, nbytes: int) -> memoryview | None:
+        """The bytes ``[offset, offset + nbytes)`` from a kept range that holds all of them, else None."""
+        import bisect
+
+        i = bisect.bisect_right(self._kept, offset, key=lambda k: k[0]) - 1
+        if i < 0:
+            return None
+        base, data = self._kept[i]
+        if offset + nbytes > base + len(data):
+            return None
+        return memoryview(data)[offset - base : offset - base + nbytes]
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` along dim 0 (what one rank of a dim-0 sharded engine needs)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import shutil
@@ -47,7 +48,15 @@ from .agreement import agree_on_items
 from .faults import point
 from .layout import Item, ModelShard, SavePlan, StateFile, plan_save
 from .rng import capture_rng
-from .safetensors_io import DEFAULT_CHECKSUM, StreamingWriter, write_json
+from .safetensors_io import (
+    DEFAULT_CHECKSUM,
+    RangeWriter,
+    StreamingWriter,
+    header_bytes,
+    new_hasher,
+    tensor_offsets,
+    write_json,
+)
 
 __all__ = ["HostArena", "PendingSave", "SaveRequest", "save_checkpoint", "start_save"]
 
@@ -273,7 +282,12 @@ def _install_fence() -> None:
 
 class _Writer:
     """A thread that streams this rank's files as their tensors arrive, while the main thread fetches the next
-    ones. Files are written in the order their first tensor arrives; each is fsynced and checksummed."""
+    ones. Files are written in the order their first tensor arrives; each is fsynced and checksummed.
+
+    A range-written model file (:class:`~.layout.ModelShard`'s ``ranged``) is written in place by several ranks: its
+    owner writes the header and its own tensors at their offsets (:meth:`expect_ranged`; its record's hash covers
+    those bytes), and every holder writes its ranges of the shared tensors (:meth:`submit` with ``at``), hashed as
+    one stream per holder rank in the plan's order (:attr:`ranges`)."""
 
     def __init__(self, staging: Path, fsync: bool, checksum: str, budget: int) -> None:
         self.staging, self.fsync, self.checksum = staging, fsync, checksum
@@ -281,9 +295,15 @@ class _Writer:
         self.attempted: list[str] = []
         self.error: str | None = None
         self._files: dict[str, tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], dict[str, str]]] = {}
-        self._open: dict[str, StreamingWriter] = {}
+        self._open: dict[str, Any] = {}
         self._left: dict[str, int] = {}
-        self._queue: queue.Queue[tuple[str, str, torch.Tensor, int, Callable[[], None] | None] | None] = queue.Queue()
+        self._ranged: dict[str, tuple[int, dict[str, int], int]] = {}  # owned ranged files: header, offsets, size
+        self._digests: dict[str, Any] = {}
+        self._holders: dict[int, list[Any]] = {}  # holder rank -> [digest, bytes]
+        self._piece: tuple[str, RangeWriter] | None = None  # the file this rank's ranges go into now
+        self._queue: queue.Queue[
+            tuple[str, str, torch.Tensor, int, Callable[[], None] | None, tuple[int, int, int] | None] | None
+        ] = queue.Queue()
         self._held = 0  # bytes of tensors queued that exist only for this save (gathered weights)
         self._budget = budget
         self._cond = threading.Condition()
@@ -292,40 +312,114 @@ class _Writer:
         self._thread = threading.Thread(target=self._run, name="wsd-ckpt-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def ranges(self) -> dict[str, dict[str, Any]]:
+        """``{holder rank: {"bytes", "hash"}}``: each holder's ranges of the range-written files, as one stream."""
+        return {str(h): {"bytes": n, "hash": d.hexdigest()} for h, (d, n) in sorted(self._holders.items())}
+
     def expect(self, rel: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> None:
         self._files[rel] = (specs, metadata)
         self._left[rel] = len(specs)
 
+    def expect_ranged(self, rel: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], owned: int) -> None:
+        """A range-written file this rank owns: it writes the header (queued now) and ``owned`` tensors of its own."""
+        self._files[rel] = (specs, {})
+        self._ranged[rel] = tensor_offsets(specs)
+        self._left[rel] = owned + 1
+        self._queue.put((rel, "", torch.empty(0), 0, None, None))
+
+    def holder(self, holder: int) -> None:
+        """``holder`` writes ranges in this save (even empty ones: its record says so)."""
+        self._holders.setdefault(holder, [new_hasher(self.checksum), 0])
+
     def submit(
-        self, rel: str, key: str, tensor: torch.Tensor, held: int = 0, ready: Callable[[], None] | None = None
+        self,
+        rel: str,
+        key: str,
+        tensor: torch.Tensor,
+        held: int = 0,
+        ready: Callable[[], None] | None = None,
+        at: tuple[int, int, int] | None = None,
     ) -> None:
         """Queue one tensor of ``rel``; ``held`` bytes (a tensor made for this save) count against the budget, and
         the caller waits while the writer is that far behind. ``ready`` (an async snapshot's copy) is called before
-        the tensor is read."""
+        the tensor is read. ``at``: a holder's range of a range-written file, ``(byte offset, file size, holder)``."""
         with self._cond:
             while held and self._held > 0 and self._held + held > self._budget and self.error is None:
                 self._cond.wait(1.0)
             self._held += held
-        self._queue.put((rel, key, tensor, held, ready))
+        self._queue.put((rel, key, tensor, held, ready, at))
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            rel, key, tensor, held, ready = item
+            rel, key, tensor, held, ready, at = item
             try:
                 if self.error is None:
                     if ready is not None:
                         ready()
-                    self._write(rel, key, tensor)
+                    if at is not None:
+                        self._write_range(rel, tensor, *at)
+                    elif rel in self._ranged:
+                        self._write_owned(rel, key, tensor)
+                    else:
+                        self._write(rel, key, tensor)
             except Exception as exc:  # reported to every rank, then raised
                 self.error = f"{rel}: {type(exc).__name__}: {exc}"
                 for w in self._open.values():
                     w.abort()
                 self._open.clear()
+                if self._piece is not None:
+                    self._piece[1].abort()
+                    self._piece = None
             finally:
                 del tensor
                 with self._cond:
                     self._held -= held
                     self._cond.notify_all()
+
+    def _sync_later(self, rel: str, sync: Callable[[], None]) -> None:
+        # the fsync waits for the disk: it runs on another thread while this one writes the next file, so the disk
+        # is never idle between two files of a rank
+        if self._syncer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsd-ckpt-fsync")
+        self._syncs.append((rel, self._syncer.submit(sync)))
+
+    def _write_range(self, rel: str, tensor: torch.Tensor, offset: int, size: int, holder: int) -> None:
+        if self._piece is None or self._piece[0] != rel:
+            if self._piece is not None:
+                done, self._piece = self._piece, None
+                self._sync_later(done[0], done[1].sync)
+            self.attempted.append(rel)
+            self._piece = (rel, RangeWriter(_inside_staging(self.staging, rel), size, fsync=self.fsync))
+        entry = self._holders[holder]
+        entry[1] += self._piece[1].put_tensor(offset, tensor, entry[0])
+
+    def _write_owned(self, rel: str, key: str, tensor: torch.Tensor) -> None:
+        _, offsets, size = self._ranged[rel]
+        w = self._open.get(rel)
+        if w is None:  # the header comes first (queued by expect_ranged)
+            specs, _ = self._files[rel]
+            self.attempted.append(rel)
+            point(f"shard-begin:{rel}")
+            w = self._open[rel] = RangeWriter(_inside_staging(self.staging, rel), size, fsync=self.fsync)
+            self._digests[rel] = new_hasher(self.checksum)
+            w.put(0, memoryview(header_bytes(specs)), self._digests[rel])
+        else:
+            specs, _ = self._files[rel]
+            info = next(s for s in specs if s[0] == key)
+            if tensor.dtype != info[1] or tensor.numel() != math.prod(info[2]):
+                raise CheckpointError(
+                    f"{rel}: got {key!r} as {tensor.dtype} x {tensor.numel()}, the header lists {info}"
+                )
+            w.put_tensor(offsets[key], tensor, self._digests[rel])
+        self._left[rel] -= 1
+        if self._left[rel] == 0:
+            w = self._open.pop(rel)
+            self._sync_later(rel, w.sync)
+            self.records[rel] = {"size": size, "hash": self._digests.pop(rel).hexdigest(), "ranged": True}
+            point(f"shard-end:{rel}")
 
     def _write(self, rel: str, key: str, tensor: torch.Tensor) -> None:
         w = self._open.get(rel)
@@ -344,13 +438,7 @@ class _Writer:
             except BaseException:
                 w.abort()
                 raise
-            # the fsync waits for the disk: it runs on another thread while this one writes the next file, so the
-            # disk is never idle between two files of a rank
-            if self._syncer is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsd-ckpt-fsync")
-            self._syncs.append((rel, self._syncer.submit(w.sync)))
+            self._sync_later(rel, w.sync)
             self.records[rel] = {"size": size, "hash": digest}
             point(f"shard-end:{rel}")
 
@@ -369,6 +457,12 @@ class _Writer:
         """Wait until every queued tensor is written; a file left unfinished is an error."""
         self._queue.put(None)
         self._thread.join()
+        if self._piece is not None:
+            if self.error is None:
+                self._sync_later(self._piece[0], self._piece[1].sync)
+            else:
+                self._piece[1].abort()
+            self._piece = None
         for rel, done in self._syncs:  # every file is durable before this rank reports it
             try:
                 done.result()
@@ -392,6 +486,7 @@ class _Writer:
             with contextlib.suppress(OSError):
                 (self.staging / rel).unlink()
         self.records = {}
+        self._holders = {}
 
 
 def _inside_staging(staging: Path, rel: str) -> Path:
@@ -485,7 +580,10 @@ def start_save(
             check()
         items = adapter.items()
         holders = getattr(adapter, "world", procs)
-        plan = plan_save(items, holders, max_shard_bytes)
+        # a running job's partitioned model tensors are written in place by their holders (a converter's source,
+        # and write_mode rank0, write through one rank)
+        ranged = getattr(adapter, "gathers", True) and not rank0_only
+        plan = plan_save(items, holders, max_shard_bytes, ranged=ranged)
     except Exception as exc:
         problem = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
     agree_on_items(items, problem, f"cannot save checkpoint {name}")  # and every rank planned from the same items
@@ -518,6 +616,7 @@ def start_save(
     my_shards = [s for s in plan.model_shards if writer_of(s.owner) == rank]
     my_holders = [h for h in range(plan.world) if writer_of(h) == rank]
     my_files: list[StateFile] = [f for h in my_holders for f in plan.state_files(h)]
+    my_ranges = _ranges_of(plan, my_holders)
     writer = _Writer(staging, fsync, checksum, budget=max_shard_bytes)
     error: str | None = None
     if rank != 0:
@@ -525,7 +624,13 @@ def start_save(
     try:
         point("fetch-begin")
         for shard in my_shards:
-            writer.expect(shard.relpath, [(i.name, i.dtype, i.shape) for i in shard.items], {})
+            specs = [(i.name, i.dtype, i.shape) for i in shard.items]
+            if shard.ranged:
+                writer.expect_ranged(shard.relpath, specs, len(shard.items) - len(shard.ranged))
+            else:
+                writer.expect(shard.relpath, specs, {})
+        for _, _, _, _, holder in my_ranges:
+            writer.holder(holder)
         for f in my_files:
             starts = {item.key: start for item, start, _ in f.entries}
             described: dict[str, Any] = {"rank": f.holder, "starts": starts}
@@ -536,9 +641,11 @@ def start_save(
             writer.expect(f.relpath, [(item.key, item.dtype, (n,)) for item, _, n in f.entries], meta)
         if arena is not None:
             arena.begin(
-                sum(s.nbytes for s in my_shards) + sum(f.nbytes for f in my_files),
+                sum(s.owner_bytes for s in my_shards)
+                + sum(f.nbytes for f in my_files)
+                + sum(n * i.nbytes // max(i.numel, 1) for _, i, _, n, _ in my_ranges),
                 pin=_on_gpu(adapter),
-                count=sum(len(s.items) for s in my_shards) + sum(len(f.entries) for f in my_files),
+                count=sum(len(s.items) for s in my_shards) + sum(len(f.entries) for f in my_files) + len(my_ranges),
             )
     except Exception as exc:
         error = error or f"preparing the save: {type(exc).__name__}: {exc}"
@@ -547,6 +654,7 @@ def start_save(
     if arena is not None and overlap and not (rank0_only and procs > 1):
         snapshot = _Snapshot(torch.device(getattr(adapter, "device", "cpu")), arena.pinned)
     fetch = _Fetch(adapter, writer, arena, rank, procs, plan, error, snapshot)
+    fetch.ranges(my_ranges)
     fetch.model(plan.model_shards, writer_of)
     fetch.state(my_files, plan, writer_of, rank0_only)
     if arena is not None:
@@ -608,7 +716,7 @@ def start_save(
         if writer.error or local_error:
             writer.discard()
         records = {rel: rec | {"rank": rank} for rel, rec in writer.records.items()}
-        report = {"records": records, "error": writer.error or local_error}
+        report = {"records": records, "ranges": writer.ranges, "error": writer.error or local_error}
         group = coord.groups().commit
         reports = D.gather_object(report, dst=0, group=group) if procs > 1 else [report]
         outcome: Any = None
@@ -621,6 +729,7 @@ def start_save(
             else:
                 try:
                     files = {rel: rec for rep in reports for rel, rec in rep["records"].items()}
+                    ranges = {h: rec for rep in reports for h, rec in rep["ranges"].items()}
                     commit(
                         staging,
                         final,
@@ -637,6 +746,7 @@ def start_save(
                         checksum,
                         latest=dest is None,
                         with_rng=with_rng,
+                        ranges=ranges,
                     )
                     outcome = {"ok": True}
                 except Exception as exc:
@@ -746,7 +856,15 @@ class _Fetch:
         if self.error is None:
             self.error = f"{what}: {type(exc).__name__}: {exc}"
 
-    def _hand(self, rel: str, key: str, tensor: torch.Tensor, made: bool, later: bool = False) -> None:
+    def _hand(
+        self,
+        rel: str,
+        key: str,
+        tensor: torch.Tensor,
+        made: bool,
+        later: bool = False,
+        at: tuple[int, int, int] | None = None,
+    ) -> None:
         """Give one tensor to the writer; ``later``: the engine's own parameter or optimizer tensor, which an async
         save's snapshot may copy while training goes on (until the next optimizer step)."""
         if self.error is not None:
@@ -763,7 +881,7 @@ class _Fetch:
                     tensor, ready = self.arena.copy(tensor)
                 made = False
             self.bytes += tensor.numel() * tensor.element_size()
-            self.writer.submit(rel, key, tensor, tensor.numel() * tensor.element_size() if made else 0, ready)
+            self.writer.submit(rel, key, tensor, tensor.numel() * tensor.element_size() if made else 0, ready, at)
         except Exception as exc:
             self._fail(f"{rel} {key}", exc)
 
@@ -778,7 +896,9 @@ class _Fetch:
         gathers = getattr(self.adapter, "gathers", True)  # a running job (on one process too) vs a converter
         queues: dict[int, list[tuple[ModelShard, Item]]] = {}
         for shard in shards:
-            queues.setdefault(writer_of(shard.owner), []).extend((shard, item) for item in shard.items)
+            queues.setdefault(writer_of(shard.owner), []).extend(
+                (shard, item) for item in shard.items if item.name not in shard.ranged
+            )
         windows = _windows(queues, gathers)
         if D.is_distributed() and any(_travels(item, gathers) for window in windows for _, _, item in window):
             _p2p_ready()
@@ -797,6 +917,27 @@ class _Fetch:
                     self._hand(shard.relpath, item.name, t, made=not item.partition.replicated, later=later)
                 else:
                     self._hand(shard.relpath, item.name, received.pop(item.name).view(item.shape), made=True)
+
+    def ranges(self, ranges: list[tuple[ModelShard, Item, int, int, int]]) -> None:
+        """Hand this rank's ranges of the range-written model tensors to its writer, in the plan's order (each
+        holder's ranges are hashed as one stream in that order): a partitioned tensor's local part as it is, a
+        replicated one's chunk; nothing travels."""
+        layout: dict[str, tuple[int, dict[str, int], int]] = {}
+        for shard, item, start, n, holder in ranges:
+            try:
+                if shard.relpath not in layout:
+                    layout[shard.relpath] = tensor_offsets([(i.name, i.dtype, i.shape) for i in shard.items])
+                _, offsets, size = layout[shard.relpath]
+                t = self.adapter.local(item).reshape(-1)
+                if item.partition.replicated:
+                    t = t[start : start + n]
+                elif t.numel() != n:
+                    raise CheckpointError(f"holds {t.numel()} elements, the plan says {n} from {start}")
+                at = (offsets[item.name] + start * t.element_size(), size, holder)
+            except Exception as exc:
+                self._fail(f"fetch {item.name}", exc)
+                continue
+            self._hand(shard.relpath, item.name, t, made=False, later=item.name not in self._buffers, at=at)
 
     def _whole(self, item: Item) -> torch.Tensor:
         if item.partition.replicated:
@@ -900,6 +1041,22 @@ class _Fetch:
                         buf = torch.empty(n, dtype=item.dtype)
                         dist.recv(buf, src=holder, group=group)
                         self._hand(f.relpath, item.key, buf, made=True)
+
+
+def _ranges_of(plan: SavePlan, holders: list[int]) -> list[tuple[ModelShard, Item, int, int, int]]:
+    """``(shard, item, start, numel, holder)`` for every range of a range-written model tensor that ``holders``
+    hold, in the plan's order (shard by shard, tensor by tensor, holder by holder)."""
+    out = []
+    for shard in plan.model_shards:
+        for item in shard.items:
+            part = shard.ranged.get(item.name)
+            if part is None:
+                continue
+            for holder in holders:
+                local = part.local(holder, item.numel)
+                if local is not None and local[1] > 0:
+                    out.append((shard, item, local[0], local[1], holder))
+    return out
 
 
 def _wait_visible(path: Path, timeout: float = 120.0) -> str | None:

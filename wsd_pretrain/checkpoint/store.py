@@ -57,8 +57,13 @@ class Entry:
 class CheckpointStore:
     """Range reads over one checkpoint (see the module docstring). Not thread-safe; close it when done."""
 
-    def __init__(self, ckpt: Path, manifest: dict[str, Any]) -> None:
+    def __init__(
+        self, ckpt: Path, manifest: dict[str, Any], kept: dict[str, list[tuple[int, Any]]] | None = None
+    ) -> None:
         self.ckpt, self.manifest = Path(ckpt), manifest
+        self.kept = kept or {}
+        """``{file: [(offset, bytes)]}`` the verification read (and checksummed): reads are served from them."""
+        self.kept_hits = 0
         self.version = int(manifest["format_version"])
         self.groups: dict[str, dict[str, Entry]] = {"model": {}, "master": {}, "optimizer": {}}
         self._readers: OrderedDict[str, SafetensorsReader] = OrderedDict()
@@ -149,10 +154,11 @@ class CheckpointStore:
         if reader is None:
             if path not in self.manifest["files"]:
                 raise CheckpointError(f"{self.ckpt}: {path} is not listed in the manifest")
-            reader = SafetensorsReader(F.safe_path(self.ckpt, path, "checkpoint file"))
+            reader = SafetensorsReader(F.safe_path(self.ckpt, path, "checkpoint file"), self.kept.get(path, ()))
             self._readers[path] = reader
             while len(self._readers) > _MAX_OPEN:
                 _, old = self._readers.popitem(last=False)
+                self.kept_hits += old.kept_hits
                 old.close()
         else:
             self._readers.move_to_end(path)
@@ -322,8 +328,10 @@ class CheckpointStore:
 
     def close(self) -> None:
         for reader in self._readers.values():
+            self.kept_hits += reader.kept_hits
             reader.close()
         self._readers.clear()
+        self.kept = {}
 
     def __enter__(self) -> CheckpointStore:
         return self
