@@ -49,8 +49,8 @@ __all__ = [
     "chunked",
     "fsdp_rows",
     "plan_save",
-    "runs",
     "range_partition",
+    "runs",
     "zero3_chunks",
     "zero12_fragments",
 ]
