@@ -28,6 +28,7 @@ from .checkpoint import coord
 from .checkpoint import format as F
 from .checkpoint.manager import CheckpointConfig, CheckpointManager
 from .checkpoint.rng import seed_everything
+from .checkpoint.storage import require_local
 from .config import apply_overrides, build, dump_config, load_config
 from .data import DataConfig, PhasedSampler, ShardedSampler, TokenData, describe
 from .deepspeed_scheduler import SCHEDULER_TYPE
@@ -714,7 +715,7 @@ class Trainer:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsd-pretrain train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=None, help="YAML/JSON job config (default: the tiny CPU default)")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/tiny"), help="run directory (default: runs/tiny)")
+    p.add_argument("--run-dir", default="runs/tiny", help="run directory (default: runs/tiny); a local path or file://")
     p.add_argument("--total-steps", type=int, default=None, help="rescale the schedule to this many updates")
     p.add_argument("--save-every", type=int, default=None, help="also save every N updates")
     p.add_argument(
@@ -904,7 +905,13 @@ def _drop_replayed_metrics(path: Path, position: int) -> None:
 
 def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None) -> dict[str, Any]:
     rank, world = D.get_rank(), D.get_world_size()
-    run_dir = Path(args.run_dir)
+    # every rank refuses a URL on object storage the same way, before any work (never a local ./s3:/ tree)
+    run_dir = require_local(
+        args.run_dir,
+        "wsd-pretrain train's --run-dir",
+        "give a local or shared-filesystem run directory, and copy its checkpoints to object storage with "
+        "`wsd-pretrain ckpt cp RUN s3://bucket/prefix` (docs/tools.md)",
+    )
     _check_run_dir(run_dir)
     device = _device(job.train)
     schedule, start_from = _schedule_for(job, args)

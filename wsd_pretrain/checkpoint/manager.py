@@ -40,6 +40,7 @@ from . import format as F
 from . import guards as _guards
 from . import lora as _lora
 from . import scaler as _scaler
+from . import storage as _storage
 from .adapters import EngineAdapter, make_adapter
 from .agreement import agree_on_plan
 from .load import load_checkpoint
@@ -50,6 +51,11 @@ from .save import HostArena, PendingSave, SaveRequest, start_save
 __all__ = ["CheckpointConfig", "CheckpointManager", "Stateful", "parse_size"]
 
 log = logging.getLogger(__name__)
+
+_OBJECT_STORAGE_FIX = (
+    "give a local or shared-filesystem run directory (or file:///path), and copy checkpoints to and from object "
+    "storage with `wsd-pretrain ckpt cp RUN s3://bucket/prefix` (and back before a resume)"
+)
 
 
 class Stateful(Protocol):
@@ -224,7 +230,9 @@ class CheckpointManager:
         adapter: EngineAdapter | None = None,
         scaler: Any = None,
     ) -> None:
-        self.run_dir = Path(run_dir)
+        # a URL on object storage is refused here, on every rank (each gets the same run_dir), before any
+        # collective: the manager writes POSIX files; never a local ./s3:/ tree (storage.py)
+        self.run_dir = _storage.require_local(run_dir, "the checkpoint manager", _OBJECT_STORAGE_FIX)
         self.config = config or CheckpointConfig()
         # guard rails (guards.py): see through framework wrappers, refuse what cannot be read safely
         self.scheduler = scheduler = _guards.resolve_scheduler(scheduler, how_to_build=_guards.how_to_build_for(model))
@@ -607,6 +615,8 @@ class CheckpointManager:
         when there is none: returns False), ``"latest"`` (the same, but none is an error), a checkpoint name or a
         path. Returns True when a checkpoint was loaded. ``allow_changes``: see :meth:`load`."""
         self._check_open("resume")
+        if not isinstance(which, str) or _storage.is_url(which):
+            which = _storage.require_local(which, "CheckpointManager.resume()", _OBJECT_STORAGE_FIX)
         target = str(which)
         self.wait()
         if target in ("auto", "latest"):
