@@ -76,7 +76,7 @@ def test_locations(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     model, opt, sched = _job()
-    with pytest.raises(ConfigError, match=r"s3://ckpt/runs/a is on object storage.*ckpt cp"):
+    with pytest.raises(ConfigError, match=r"s3://ckpt/runs/a is on object storage: set checkpoint.staging_dir"):
         CheckpointManager("s3://ckpt/runs/a", model, opt, sched)
     with pytest.raises(ConfigError, match="'//' was lost"):
         CheckpointManager(Path("s3://ckpt/runs/a"), model, opt, sched)
@@ -226,3 +226,96 @@ def test_hostile_manifest_refused(trained, s3_server):
         store.put((ckpt / F.MANIFEST_HASH).key, f"xxh3_128 {h.hexdigest()}\n".encode())
         with pytest.raises(CheckpointError, match="leaves the checkpoint"):
             objstore.load_manifest(store, ckpt)
+
+
+def _s3_run(rank: int, world: int, url: str, staging: str) -> dict:
+    """A user's loop on an s3:// run: saves through the staging tier, then a new job with an empty staging folder
+    resumes from the bucket and continues exactly like the job that was not stopped."""
+    model, opt, sched = _job()
+    cfg = CheckpointConfig(every_steps=1, keep_last=1, staging_dir=f"{staging}/a", max_shard_size=60_000)
+    mgr = CheckpointManager(url, model, opt, sched, config=cfg, hf_config=CFG.hf_config())
+    for _ in range(4):
+        _step(model, opt, sched)
+        mgr.maybe_save()
+    mgr.close()
+    names = [i.name for i in objstore.list_run(parse_location(url)) if i.state == "complete"]
+    model2, opt2, sched2 = _job(seed=1)
+    cfg2 = CheckpointConfig(every_steps=2, keep_last=1, staging_dir=f"{staging}/b", max_shard_size=60_000)
+    mgr2 = CheckpointManager(url, model2, opt2, sched2, config=cfg2)
+    assert mgr2.resume("auto") and sched2.position == 4
+    for _ in range(2):
+        _step(model, opt, sched)
+        _step(model2, opt2, sched2)
+    mgr2.close()
+    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    return {
+        "names": names,
+        "same": same,
+        "latest": objstore.read_latest(storage.S3Store(url[5:].split("/")[0]), parse_location(url))[0],
+    }
+
+
+def test_manager_on_s3_two_ranks(s3_server, tmp_path):
+    """Two gloo ranks save to s3:// in a user's loop (both ranks' files in one checkpoint, manifest last, latest
+    moved by CAS, retention on the bucket), and a new job resumes from the bucket alone and continues exactly."""
+    from distributed_helpers import run_distributed
+
+    url = f"s3://{s3_server.bucket()}/runs/two"
+    results = run_distributed(_s3_run, world_size=2, args=(url, str(tmp_path)), env=s3_server.environ())
+    for r in results:
+        # periodic saves at 1 and 2 were removed by retention on the bucket (keep_last=1), manifest first
+        assert r["names"] == ["step-000000003-periodic", "step-000000004-pre-decay+periodic"]
+        assert r["latest"] == r["names"][-1] and r["same"]
+    ranks = {
+        rec["rank"]
+        for rec in objstore.load_manifest(
+            storage.S3Store(url[5:].split("/")[0]), parse_location(url) / "checkpoints" / r["names"][-1]
+        )[0]["files"].values()
+    }
+    assert ranks == {0, 1}
+
+
+def test_manager_on_s3_lease_leftovers_failures(s3_server, tmp_path):
+    """The run lease: a second manager is refused with the run lock's message; a stale lease is taken over. An
+    interrupted save's objects (no manifest) and multipart uploads are removed by the next run. A failed upload
+    raises at the next save; without staging_dir an s3:// run is refused."""
+    bucket = s3_server.bucket()
+    url = f"s3://{bucket}/runs/one"
+    store = storage.S3Store(bucket)
+    model, opt, sched = _job()
+    with pytest.raises(ConfigError, match="staging_dir"):
+        CheckpointManager(url, model, opt, sched)
+    # leftovers of an interrupted run
+    left = "runs/one/checkpoints/step-000000002-periodic/"
+    store.put(left + "model-00001-of-00001.safetensors", b"partial")
+    store.client.create_multipart_upload(Bucket=bucket, Key=left + "train_state/state-r00000-00001.safetensors")
+    cfg = CheckpointConfig(every_steps=2, staging_dir=str(tmp_path / "a"))
+    mgr = CheckpointManager(url, model, opt, sched, config=cfg)
+    assert store.list(left)[0] == [] and store.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    with pytest.raises(CheckpointError, match=r"is in use by another run \(pid \d+ on .*give this run its own"):
+        CheckpointManager(url, *_job()[:3], config=CheckpointConfig(staging_dir=str(tmp_path / "b")))
+    for _ in range(2):
+        _step(model, opt, sched)
+        mgr.maybe_save()
+    mgr.wait()  # uploaded
+    assert [i.name for i in objstore.list_run(parse_location(url))] == ["step-000000002-periodic"]
+    # the server loses the bucket: the next upload fails, and every rank hears it at the next wait
+    objs, _ = store.list("")
+    store.delete([o["key"] for o in objs])
+    s3_server.client().delete_bucket(Bucket=bucket)
+    for _ in range(2):
+        _step(model, opt, sched)
+        mgr.maybe_save()
+    with pytest.raises(CheckpointError, match=r"uploading step-000000004-pre-decay\+periodic to s3://.* failed"):
+        mgr.wait()
+    s3_server.client().create_bucket(Bucket=bucket)
+    mgr.close()
+    # a stale lease (its holder died without releasing it) is taken over
+    store.put(
+        "runs/one/.wsd_pretrain.lease", json.dumps({"holder": "pid 1 on gone", "since": "x", "expires": 0}).encode()
+    )
+    mgr = CheckpointManager(url, *_job()[:3], config=CheckpointConfig(staging_dir=str(tmp_path / "c")))
+    assert json.loads(store.get("runs/one/.wsd_pretrain.lease")[0])["holder"].startswith(f"pid {os.getpid()}")
+    mgr.close()
+    assert store.head("runs/one/.wsd_pretrain.lease") is None
+
