@@ -319,3 +319,33 @@ def test_manager_on_s3_lease_leftovers_failures(s3_server, tmp_path):
     mgr.close()
     assert store.head("runs/one/.wsd_pretrain.lease") is None
 
+
+@pytest.mark.slow  # a minute on 2 cores; the default suite saves and resumes the manager on s3:// on 2 ranks above
+def test_main_job_on_s3(s3_server, tmp_path):
+    """`wsd-pretrain train --run-dir s3://...` with a staging folder: its checkpoints are committed on the bucket and
+    verify there; without a staging folder the job is refused before any work, leaving no ./s3:/ tree."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("RANK", None)
+    url = f"s3://{s3_server.bucket()}/runs/job"
+    quick = ["train.progress=false", "train.eval_every=8", "train.eval_batches=2", "data.max_bytes=2000000"]
+    cmd = [sys.executable, "-m", "wsd_pretrain.train", "--run-dir", url, "--total-steps", "8", *quick]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "checkpoint.staging_dir" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "s3:").exists()
+    res = subprocess.run(
+        [*cmd, f"checkpoint.staging_dir={tmp_path / 'stage'}"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    infos = objstore.list_run(parse_location(url))
+    assert [(i.name, i.state) for i in infos][-1] == ("step-000000008-post-decay+final", "complete")
+    assert (tmp_path / "stage" / "metrics.jsonl").exists()
+    assert cli(["ckpt", "verify", url]) == 0
