@@ -7,6 +7,8 @@ save: ``save-begin``, ``staging-created``, ``fetch-begin``, ``fetch:<tensor>``, 
 (an async save's copy of a tensor, on its own thread while training goes on), ``shard-begin:<file>``,
 ``shard-end:<file>``, ``report``, ``commit-begin``, ``manifest-begin``, ``manifest-written``, ``manifest-hash-written``,
 ``renamed:<name>``, ``latest-written:<name>``;
+upload to object storage (objstore.py; the manager's background upload on rank 0): ``upload-object:<file>``,
+``upload-manifest`` (every object written, the manifest not yet), ``upload-committed:<name>`` (before ``latest``);
 load: ``load-open`` (rank 0), ``load-verify``, ``load-plan``, ``load-read:<param>``, ``load-restore:<param>``.
 
 An exception raised by the hook at any of these points is handled as a real failure there would be: every rank

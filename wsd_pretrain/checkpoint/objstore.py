@@ -28,6 +28,7 @@ from typing import Any
 
 from ..errors import CheckpointError, ConfigError
 from . import format as F
+from .faults import point
 from .safetensors_io import fsync_dir, new_hasher
 from .storage import ObjectURL, PreconditionFailed, S3Store, parse_location, safe_key, store_for
 
@@ -101,7 +102,7 @@ def list_run(run: ObjectURL, *, snapshots: bool = False) -> list[F.CheckpointInf
         sizes = {o["key"][len(ckpt.prefix) :]: o["size"] for o in objects}
         info = F.CheckpointInfo(name, ckpt, "complete", position=parsed[0], kinds=parsed[1])  # type: ignore[arg-type]
         info.size = sum(sizes.values())
-        if F.MANIFEST not in sizes and store.head((ckpt / F.MANIFEST).key) is None:
+        if store.head((ckpt / F.MANIFEST).key) is None:  # the object decides, never the listing (it may be stale)
             info.state = "unfinished"
         else:
             try:
@@ -273,6 +274,7 @@ def upload(
 
         def one(item: tuple[str, dict[str, Any]]) -> str | None:
             rel, rec = item
+            point(f"upload-object:{rel}")
             w = store.writer(safe_key(ckpt, rel, "manifest"), algo)
             try:
                 with open(F.safe_path(src, rel, "manifest"), "rb") as f:
@@ -295,6 +297,7 @@ def upload(
             problems = [p for p in pool.map(one, sorted(m["files"].items())) if p]
         if problems:
             raise CheckpointError(f"{src}: not copied, the source is damaged: " + "; ".join(problems))
+        point("upload-manifest")
         store.put((ckpt / F.MANIFEST_HASH).key, (src / F.MANIFEST_HASH).read_bytes())
         try:
             store.put((ckpt / F.MANIFEST).key, (src / F.MANIFEST).read_bytes(), if_none_match=True)  # the commit
@@ -306,6 +309,7 @@ def upload(
         except CheckpointError:
             pass
         raise
+    point(f"upload-committed:{src.name}")
     store.delete([(ckpt / CLAIM).key])
     if root == F.CHECKPOINTS:
         set_latest(store, run, src.name)

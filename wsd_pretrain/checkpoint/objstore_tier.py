@@ -46,8 +46,8 @@ LEASE_TTL_S = 120.0
 class Lease:
     """The run lock on object storage: ``<run>/.wsd_pretrain.lease`` (JSON: holder, since, expires)."""
 
-    def __init__(self, run: ObjectURL, ttl: float = LEASE_TTL_S) -> None:
-        self.run, self.ttl = run, ttl
+    def __init__(self, run: ObjectURL, ttl: float | None = None) -> None:
+        self.run, self.ttl = run, LEASE_TTL_S if ttl is None else ttl
         self.store = store_for(run)
         self.key = (run / LEASE_NAME).key
         self.holder = f"pid {os.getpid()} on {socket.gethostname()}"
