@@ -921,6 +921,11 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
                 "written there, then uploaded; the job's metrics stay there too)",
                 where="arguments",
             )
+        if job.wsm.enabled:  # its merges read the run's snapshots locally; the staging tier keeps only the newest
+            raise ConfigError(
+                f"--run-dir {location}: the decay-free mode (wsm.enabled) needs a local run directory for now",
+                where="arguments",
+            )
         run_dir = Path(job.checkpoint.staging_dir)
     else:
         run_dir = location
