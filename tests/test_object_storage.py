@@ -192,6 +192,11 @@ def test_cp_list_inspect_verify_resume(trained, s3_server, tmp_path, capsys):
     hf = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ref.parameters())
     assert not any(p.name.startswith(".wsd-fetch-") for p in tmp_path.iterdir())
+    assert cli(["ckpt", "reshard", url, str(tmp_path / "resharded"), "--max-shard-size", "30000"]) == 0
+    assert tools.verify_checkpoint_files(tmp_path / "resharded") == []
+    assert cli(["ckpt", "verify", url, "--sizes-only"]) == 0
+    assert cli(["ckpt", "list", url, "--checksums"]) == 0
+    assert "corrupt" not in capsys.readouterr().out
 
     # a damaged object is named by verify (exit 1) and by list; export refuses it
     shard = sorted((trained / "checkpoints" / "step-000000006-post-decay+final").glob("model-*.safetensors"))[0].name
