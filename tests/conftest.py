@@ -6,9 +6,27 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 # DeepSpeed JIT-builds its CPU communication op (deepspeed_shm_comm) into TORCH_EXTENSIONS_DIR, by default
 # ~/.cache/torch_extensions, shared by every Python environment of the user. The build records its environment's
 # include paths, so two checkouts with virtual environments of their own rebuild it in turn: about a minute each on
 # 2 cores, while every DeepSpeed test of the other checkout waits on the build lock. A directory per environment
 # builds it once.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on a free port of 127.0.0.1 for the whole test session (tests/s3_helpers.py); boto3 in
+    this process and every process it starts talks to it. Each test makes its own bucket (``s3_server.bucket()``)."""
+    from s3_helpers import S3Server, apply_env, restore_env
+
+    server = S3Server()
+    server.start()
+    old = apply_env(server)
+    try:
+        yield server
+    finally:
+        restore_env(old)
+        server.stop()

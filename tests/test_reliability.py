@@ -64,3 +64,11 @@ def test_a_second_run_on_a_directory_in_use_is_refused(tmp_path, capsys):
     assert "| two runs on one directory | 1 | 0 | 0 |" in text
     assert "- second training run on a run directory in use: ok" in text
     assert "lock: 1 trials, 0 failures" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # about 3 minutes here; the default suite runs the same paths in tests/test_object_storage.py
+def test_object_storage_kills_restart_stale_listings_and_hostile_names(tmp_path):
+    trials = R.s3_trials(tmp_path, log=lambda s: None)
+    assert len(trials) == len(R.S3_KILL_POINTS) + 1 + 2 + 5
+    assert not _failures(trials)
+    assert sum(t.lost for t in trials) == 0

@@ -92,6 +92,7 @@ def smoke(tmp_path_factory):
         ),
         "bench_async": (["--sizes", "0.002", "--width", "256", "--saves", "1", "--dir", str(tmp / "a")], tmp / "a.md"),
         "bench_scheduler": (["--steps", "200"], tmp / "scheduler.md"),
+        "bench_s3": (["--sizes-mb", "0.2", "--ranks", "1"], tmp / "s3.md"),
         "bench_scale": (["--worlds", "2", "--width", "64", "--layers", "2", "--engines", "fsdp2"], tmp / "scale.md"),
         "scale_report": (["--small"], tmp / "scale_report.md"),
         "mutation_check": (["--only", "retention-imported-rotates", "--no-baseline"], tmp / "unused"),
@@ -196,6 +197,13 @@ def test_bench_async(smoke):
         assert abs(_number(row[2]) - _number(row[4]) - _number(row[5])) < 0.002
     # only the overlapped copy runs on a thread of its own, so only its time is a column of its own
     assert table[1][6] == table[2][6] == "" and _number(table[3][6]) >= 0, "the overlapped copy was timed"
+
+
+def test_bench_s3(smoke):
+    (table,) = _tables(_section(_ok(smoke, "bench_s3"), "s3"))
+    assert table[0][1:5] == ["ranks", "ours: save", "DCP fsspec (4 threads): save", "save ratio"]
+    ((_, ranks, ours, dcp, ratio, resume, load),) = table[1:]
+    assert ranks == "1" and all(c.endswith("MB/s)") for c in (ours, dcp, resume, load)) and _number(ratio) > 0
 
 
 def test_bench_scale(smoke):

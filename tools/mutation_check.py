@@ -290,6 +290,31 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_retention.py",),
         "an imported checkpoint (the only copy of another framework's state) is deleted by rotation",
     ),
+    # ------------------------------------------------------------------ object storage
+    M(
+        "s3-claim-unconditional",
+        "wsd_pretrain/checkpoint/objstore.py",
+        "        store.put((ckpt / CLAIM).key, body, if_none_match=True)\n        return\n",
+        "        store.put((ckpt / CLAIM).key, body)\n        return\n",
+        ("tests/test_object_storage.py::test_cp_list_inspect_verify_resume",),
+        "two writers of one checkpoint name on S3 both write their objects over each other",
+    ),
+    M(
+        "s3-unfinished-visible",
+        "wsd_pretrain/checkpoint/objstore.py",
+        "        if store.head((ckpt / F.MANIFEST).key) is None:  # the object decides",
+        "        if False:  # the object decides",
+        ("tests/test_object_storage.py::test_cp_list_inspect_verify_resume",),
+        "an unfinished save on S3 (no manifest) is listed as a checkpoint (corrupt) instead of unfinished",
+    ),
+    M(
+        "s3-upload-error-rank0-only",
+        "wsd_pretrain/checkpoint/manager.py",
+        "        self._join_retention()\n        self._agree_on_upload()\n\n    def _agree_on_upload",
+        "        self._join_retention()\n\n    def _agree_on_upload",
+        ("tests/test_object_storage.py::test_manager_on_s3_lease_leftovers_failures",),
+        "a failed upload to S3 goes unreported: the job believes its checkpoint is on the bucket",
+    ),
     # ------------------------------------------------------------------ data, config, the job, the CLI
     M(
         "data-resume-restarts-data",

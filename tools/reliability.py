@@ -1170,6 +1170,295 @@ def lock_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial
 # ---------------------------------------------------------------------------------------------------- the report
 
 
+# ---------------------------------------------------------------------------------------------- object storage
+
+S3_KILL_POINTS = ("upload-object:model", "upload-object:train_state/", "upload-manifest", "upload-committed:")
+
+
+def _s3_child(spec: dict[str, Any]) -> None:
+    """One job on an s3:// run (its rank 0: the rank that uploads): saves at 2 (waited for: on the bucket), then at 4,
+    whose upload is SIGKILLed at ``spec["kill_at"]``."""
+    import torch
+
+    from wsd_pretrain import CheckpointConfig, CheckpointManager, WSDSchedule, WSDScheduler
+    from wsd_pretrain.checkpoint import faults, objstore_tier
+
+    objstore_tier.LEASE_TTL_S = 2.0  # the next run may take the dead job's lease over 2 s after its last renewal
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = WSDScheduler(opt, WSDSchedule(total=TOTAL, decay_length=2))
+    cfg = CheckpointConfig(every_steps=2, staging_dir=spec["staging"], max_shard_size=SHARD, on_preemption=False)
+    mgr = CheckpointManager(spec["url"], model, opt, sched, config=cfg)
+
+    def kill(name: str) -> None:
+        if sched.position == 4 and name.startswith(spec["kill_at"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    for _ in range(4):
+        model(torch.randn(4, 1024)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        mgr.maybe_save()
+        mgr.wait()
+        faults.fault_hook = kill
+    mgr.close()
+
+
+def s3_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial]:
+    """Object storage (a local moto S3 server): SIGKILL of the uploading rank at each step of the upload (an object,
+    the state files, between the objects and the manifest, after the manifest before ``latest``); the server
+    stopped and restarted mid-upload; a stale listing; hostile object names in a manifest."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_s3 import KEYS, start_server
+
+    from wsd_pretrain.checkpoint.storage import S3Store
+
+    trials: list[Trial] = []
+    proc, endpoint = start_server()
+    env = {**KEYS, "AWS_ENDPOINT_URL_S3": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket="reliability")
+        store = S3Store("reliability")
+        for i, at in enumerate(S3_KILL_POINTS):
+            url = f"s3://reliability/kill-{i}"
+            spec = {"url": url, "staging": str(workdir / f"s3-kill-{i}"), "kill_at": at}
+            res = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), "_s3child", json.dumps(spec)],
+                env=_env(**env),
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            trials.append(_s3_check(store, url, at, res.returncode, workdir / f"s3-kill-{i}-after", client))
+            log(f"  kill at {at}: {'ok' if trials[-1].ok else trials[-1].detail}")
+        trials.append(_s3_server_restart(workdir, proc, endpoint, client))
+        log(f"  server restarted mid-upload: {'ok' if trials[-1].ok else trials[-1].detail}")
+        proc = trials[-1].extra.pop("proc")
+        trials += _s3_listing_and_names(store, workdir)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        proc.wait(10)
+    return trials
+
+
+def _s3_check(store: Any, url: str, at: str, rc: int, fresh: Path, client: Any) -> Trial:
+    import torch
+
+    from wsd_pretrain import CheckpointConfig, CheckpointManager, WSDSchedule, WSDScheduler
+    from wsd_pretrain.checkpoint import objstore, objstore_tier
+    from wsd_pretrain.checkpoint.storage import parse_location
+
+    case = f"SIGKILL at {at}"
+    if rc != -signal.SIGKILL:
+        return Trial("s3", case, False, detail=f"the job was not killed (exit {rc})")
+    run = parse_location(url)
+    before = {i.name: i.state for i in objstore.list_run(run)}
+    committed_at_4 = at.startswith("upload-committed")
+    if before.get("step-000000002-periodic") != "complete":
+        return Trial("s3", case, False, lost=1, detail=f"step 2 not complete on the bucket: {before}")
+    if (before.get("step-000000004-periodic") == "complete") != committed_at_4:
+        return Trial("s3", case, False, detail=f"step 4 visible as complete={not committed_at_4}: {before}")
+    time.sleep(2.5)  # the dead job's lease expires
+    objstore_tier.LEASE_TTL_S = 2.0
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = WSDScheduler(opt, WSDSchedule(total=TOTAL, decay_length=2))
+    mgr = CheckpointManager(url, model, opt, sched, config=CheckpointConfig(staging_dir=str(fresh)))
+    try:
+        mgr.resume("latest")
+        position = sched.position
+    finally:
+        mgr.close()
+        objstore_tier.LEASE_TTL_S = 120.0
+    want = 4 if committed_at_4 else 2
+    after = {i.name: i.state for i in objstore.list_run(run)}
+    uploads = client.list_multipart_uploads(Bucket="reliability", Prefix=run.prefix).get("Uploads", [])
+    problems = []
+    if position != want:
+        problems.append(f"resumed at {position}, not {want}")
+    if any(state != "complete" for state in after.values()):
+        problems.append(f"leftovers after the next run: {after}")
+    if uploads:
+        problems.append(f"{len(uploads)} multipart upload(s) left")
+    if objstore.fetch(run / "checkpoints" / "step-000000002-periodic", fresh / "check"):
+        problems.append("step 2 does not verify")
+    return Trial("s3", case, not problems, detail="; ".join(problems), extra={"before": before})
+
+
+def _s3_server_restart(workdir: Path, proc: Any, endpoint: str, client: Any) -> Trial:
+    """The server goes away during an upload and comes back (empty: moto keeps objects in memory): the save fails
+    on the next wait() with an error naming the upload, within boto3's bounded retries; training state untouched;
+    the next save, once the bucket is back, is committed."""
+    import torch
+
+    from wsd_pretrain import CheckpointConfig, CheckpointError, CheckpointManager, WSDSchedule, WSDScheduler
+    from wsd_pretrain.checkpoint import faults, objstore
+    from wsd_pretrain.checkpoint.storage import parse_location
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_s3
+
+    url = "s3://reliability/restart"
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = WSDScheduler(opt, WSDSchedule(total=TOTAL, decay_length=2))
+    cfg = CheckpointConfig(every_steps=2, staging_dir=str(workdir / "s3-restart"), max_shard_size=SHARD)
+    mgr = CheckpointManager(url, model, opt, sched, config=cfg)
+    state: dict[str, Any] = {"proc": proc}
+    port = int(endpoint.rsplit(":", 1)[1])
+
+    def restart(name: str) -> None:
+        if name.startswith("upload-object:train_state/") and "done" not in state:
+            state["done"] = True
+            state["proc"].terminate()
+            state["proc"].wait(10)
+            state["proc"] = _start_on(port, bench_s3)
+            # the bucket is gone with the server's memory; it is made again only after this upload failed
+
+    error, seconds = "", 0.0
+    try:
+        faults.fault_hook = restart
+        for _ in range(2):
+            model(torch.randn(4, 1024)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+            mgr.maybe_save()
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        t0 = time.monotonic()
+        try:
+            mgr.wait()
+        except CheckpointError as exc:
+            error, seconds = str(exc), time.monotonic() - t0
+        faults.fault_hook = None
+        intact = all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+        client.create_bucket(Bucket="reliability")
+        for _ in range(2):
+            model(torch.randn(4, 1024)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+            mgr.maybe_save()
+        mgr.wait()
+        names = [i.name for i in objstore.list_run(parse_location(url)) if i.state == "complete"]
+    finally:
+        faults.fault_hook = None
+        mgr.close()
+    problems = []
+    if not error.startswith("uploading step-000000002-periodic"):
+        problems.append(f"no clear error on the failed upload: {error[:200]!r}")
+    if not intact:
+        problems.append("training state changed")
+    if names != ["step-000000004-periodic"]:
+        problems.append(f"the next save is not committed: {names}")
+    return Trial(
+        "s3",
+        "server stopped and restarted mid-upload",
+        not problems,
+        detail="; ".join(problems),
+        extra={"proc": state["proc"], "error": error[:200], "seconds": round(seconds, 1)},
+    )
+
+
+def _start_on(port: int, bench_s3: Any) -> Any:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    import urllib.request
+
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2).close()
+            return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("moto server did not restart") from None
+            time.sleep(0.1)
+
+
+def _s3_listing_and_names(store: Any, workdir: Path) -> list[Trial]:
+    """A stale listing (it misses a committed manifest, or still shows a deleted one) and hostile object names."""
+    from wsd_pretrain import CheckpointError
+    from wsd_pretrain.checkpoint import objstore
+    from wsd_pretrain.checkpoint.safetensors_io import new_hasher
+    from wsd_pretrain.checkpoint.storage import parse_location
+
+    trials = []
+    run = parse_location("s3://reliability/restart")
+    real_list = store.list
+    names = [i.name for i in objstore.list_run(run)]
+    target = run / "checkpoints" / names[-1]
+
+    def stale(prefix: str, delimiter: str | None = None) -> Any:
+        objects, prefixes = real_list(prefix, delimiter)
+        return [o for o in objects if not o["key"].endswith("/manifest.json")], prefixes
+
+    import wsd_pretrain.checkpoint.objstore as O
+
+    real_store_for = O.store_for
+    O.store_for = lambda url: store  # type: ignore[assignment]
+    store.list = stale  # type: ignore[method-assign]
+    try:
+        seen = {i.name: i.state for i in objstore.list_run(run)}
+    finally:
+        store.list = real_list  # type: ignore[method-assign]
+    ok = seen.get(target.name) == "complete"
+    trials.append(Trial("s3", "stale listing without a committed manifest", ok, detail="" if ok else str(seen)))
+    # an unfinished save whose listing still shows a manifest (deleted since): never complete
+    ghost = run / "checkpoints" / "step-000000006-periodic"
+    store.put((ghost / "model-00001-of-00001.safetensors").key, b"partial")
+
+    def ghostly(prefix: str, delimiter: str | None = None) -> Any:
+        objects, prefixes = real_list(prefix, delimiter)
+        if prefix == ghost.prefix:
+            objects = [*objects, {"key": (ghost / "manifest.json").key, "size": 10, "etag": None}]
+        return objects, prefixes
+
+    store.list = ghostly  # type: ignore[method-assign]
+    try:
+        seen = {i.name: i.state for i in objstore.list_run(run)}
+    finally:
+        store.list = real_list  # type: ignore[method-assign]
+        O.store_for = real_store_for  # type: ignore[assignment]
+    ok = seen.get(ghost.name) == "unfinished"
+    trials.append(Trial("s3", "stale listing showing a deleted manifest", ok, detail="" if ok else str(seen)))
+    # hostile object names in a (resealed) manifest: refused before any object is read
+    m, raw, _ = objstore.load_manifest(store, target)
+    for rel in ("../outside.bin", "/absolute.bin", "a\\b.bin", "a//b.bin", "./a.bin"):
+        bad = run / "checkpoints" / "step-000000008-periodic"
+        edited = json.loads(raw)
+        edited["files"][rel] = {"size": 1, "hash": "0" * 32, "rank": 0}
+        body = json.dumps(edited).encode()
+        h = new_hasher(m["checksum"])
+        h.update(body)
+        store.put((bad / "manifest.json").key, body)
+        store.put((bad / "manifest.hash").key, f"{m['checksum']} {h.hexdigest()}\n".encode())
+        try:
+            objstore.fetch(bad, workdir / f"hostile-{abs(hash(rel))}")
+            ok, detail = False, "accepted"
+        except CheckpointError as exc:
+            ok, detail = "refused" in str(exc), str(exc)[:120]
+        trials.append(Trial("s3", f"hostile object name {rel!r}", ok, detail="" if ok else detail))
+    return trials
+
+
 def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
     sys.path.insert(0, str(ROOT / "tools"))
     from _bench import machine
@@ -1187,6 +1476,7 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
         "elastic": "elastic restart (torchrun --max-restarts)",
         "preemption": "preemption (SIGTERM to the launcher)",
         "lock": "two runs on one directory",
+        "s3": "object storage (S3): kills mid-upload, server restart, stale listings, hostile names",
     }
     out = [
         "# Reliability",
@@ -1280,6 +1570,14 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
         if scen == "corruption":
             out.append(f"{len(rows)} trials, {sum(not t.ok for t in rows)} failures.")
             out += [f"- FAILED {t.case}: {t.detail}" for t in rows if not t.ok]
+    s3 = [t for t in trials if t.scenario == "s3"]
+    if s3:
+        out += ["", "## Object storage (S3)", "", *S3_DOC, ""]
+        for t in s3:
+            res = "ok" if t.ok else "FAILED: " + t.detail
+            if "error" in t.extra:
+                res += f" (failed after {t.extra['seconds']} s: {t.extra['error'][:120]})"
+            out.append(f"- {t.case}: {res}")
     for scen in ("elastic", "preemption", "lock"):
         rows = [t for t in trials if t.scenario == scen]
         if rows:
@@ -1288,13 +1586,28 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
-SCENARIOS = ("kill", "disk", "corruption", "hostile", "elastic", "preemption", "lock")
+SCENARIOS = ("kill", "disk", "corruption", "hostile", "elastic", "preemption", "lock", "s3")
+S3_DOC = [
+    "A local S3 server (moto, 127.0.0.1). The job (`CheckpointManager` on an `s3://` run with a staging folder) saves",
+    "at updates 2 and 4; its uploading rank (rank 0: the only one that talks to the bucket) is SIGKILLed during the",
+    "upload of the second save at each step of the object-storage commit. A fresh job with an empty staging folder",
+    "then takes the expired lease, resumes from the bucket alone, and must land on the newest committed checkpoint",
+    "(2, or 4 when the kill came after its manifest); the earlier checkpoint must verify; no unfinished prefix or",
+    "multipart upload may remain. The server is stopped and restarted mid-upload (moto keeps objects in memory, so",
+    "the bucket comes back empty): the upload must fail at the next `wait()` with an error naming it, the training",
+    "state must be untouched, and the next save must be committed. Stale listings (one that misses a committed",
+    "manifest, one that still shows a deleted one) must not change what is complete; manifests naming hostile keys",
+    "must be refused before any object is read.",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_child":
         _child(argv[1], json.loads(argv[2]))
+        return 0
+    if argv and argv[0] == "_s3child":
+        _s3_child(json.loads(argv[1]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=60, help="SIGKILL trials (default 60)")
@@ -1324,6 +1637,7 @@ def main(argv: list[str] | None = None) -> int:
             "elastic": lambda: elastic_trials(work),
             "preemption": lambda: preemption_trials(work),
             "lock": lambda: lock_trials(work),
+            "s3": lambda: s3_trials(work),
         }
         for s in SCENARIOS:
             if s in only:

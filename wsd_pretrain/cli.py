@@ -145,9 +145,26 @@ def _with_bar(desc: str, run: Callable[[Callable[[int], Any]], Path]) -> Path:
         return run(bar.update)
 
 
+def _local_path(text: str) -> Path:
+    """A local path argument: a plain path or file://; a URL on object storage is refused with what does take one
+    (argparse shows the message)."""
+    from .checkpoint.storage import ObjectURL, parse_location
+    from .errors import ConfigError
+
+    try:
+        loc = parse_location(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if isinstance(loc, ObjectURL):
+        raise argparse.ArgumentTypeError(
+            f"{text}: this command reads and writes local folders only; copy the checkpoint with "
+            "`wsd-pretrain ckpt cp` first (list, inspect, verify, export-hf, reshard and cp take s3:// URLs)"
+        )
+    return loc
+
+
 def _cmd_ckpt(args: argparse.Namespace) -> int:
     from .checkpoint import format as F
-    from .checkpoint import tools
     from .checkpoint.manager import parse_size as _parse_size
     from .errors import CheckpointError
 
@@ -156,6 +173,37 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
         return int(text) if text.strip().isdigit() else _parse_size(text)
 
     action = args.action
+    if action in ("list", "inspect", "verify", "export-hf", "reshard", "cp"):
+        from .checkpoint import objstore
+        from .checkpoint.storage import ObjectURL, parse_location
+
+        for attr in ("run_dir", "ckpt", "out"):
+            if isinstance(getattr(args, attr, None), str):
+                setattr(args, attr, parse_location(getattr(args, attr)))
+        if isinstance(getattr(args, "out", None), ObjectURL):
+            raise WSDError(
+                f"{args.out}: {action} writes a local folder; write it locally, then copy a checkpoint with "
+                "`wsd-pretrain ckpt cp`"
+            )
+        if action == "cp":
+            done = objstore.copy(args.src, args.dst, replace_unfinished=args.replace_unfinished)
+            print(f"{len(done)} checkpoint(s) copied to {args.dst}")
+            return 0
+        if action == "list" and isinstance(args.run_dir, ObjectURL):
+            infos = objstore.list_run(args.run_dir)
+            infos += objstore.list_run(args.run_dir, snapshots=True)
+            if args.checksums:
+                import tempfile
+
+                for info in infos:
+                    if info.state == "complete":
+                        with tempfile.TemporaryDirectory(prefix="wsd-list-") as tmp:
+                            problems = objstore.fetch(info.path, Path(tmp) / info.name)  # type: ignore[arg-type]
+                        if problems:
+                            info.state, info.problem = "corrupt", "; ".join(problems)
+            return _print_list(args, infos)
+        if isinstance(getattr(args, "ckpt", None), ObjectURL):
+            return _ckpt_from_url(args, action)
     if action == "list":
         if not args.run_dir.exists():
             raise CheckpointError(f"{args.run_dir} does not exist: give a run directory (the one passed to --run-dir)")
@@ -163,46 +211,102 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{args.run_dir} is a file, not a run directory")
         infos = F.list_checkpoints(args.run_dir, checksums=args.checksums)
         infos += F.list_snapshots(args.run_dir, checksums=args.checksums)  # model-only, listed after
-        if args.json:
-            print(
-                json.dumps(
-                    [
-                        {
-                            "name": i.name,
-                            "state": i.state,
-                            "position": i.position,
-                            "kinds": i.kinds,
-                            "size": i.size,
-                            "latest": i.latest,
-                            "problem": i.problem,
-                        }
-                        for i in infos
-                    ],
-                    indent=2,
-                )
-            )
-            return 0
-        if not infos:
-            print(f"no checkpoints in {args.run_dir}")
-            return 0
-        rows = [("", "name", "position", "kinds", "size", "state")]
-        for i in infos:
-            rows.append(
-                (
-                    "*" if i.latest else "",
-                    i.name,
-                    "" if i.position is None else str(i.position),
-                    "+".join(i.kinds),
-                    _human(i.size),
-                    i.state + (f": {i.problem}" if i.problem else ""),
-                )
-            )
-        print("\n".join(_table(rows)))
+        return _print_list(args, infos)
+    return _cmd_ckpt_local(args, action, parse_size)
+
+
+def _print_list(args: argparse.Namespace, infos: list[Any]) -> int:
+    if args.json:
         print(
-            "  * = latest"
-            + ("; snapshots (model only) are in snapshots/" if any("snapshot" in i.kinds for i in infos) else "")
+            json.dumps(
+                [
+                    {
+                        "name": i.name,
+                        "state": i.state,
+                        "position": i.position,
+                        "kinds": i.kinds,
+                        "size": i.size,
+                        "latest": i.latest,
+                        "problem": i.problem,
+                    }
+                    for i in infos
+                ],
+                indent=2,
+            )
         )
         return 0
+    if not infos:
+        print(f"no checkpoints in {args.run_dir}")
+        return 0
+    rows = [("", "name", "position", "kinds", "size", "state")]
+    for i in infos:
+        rows.append(
+            (
+                "*" if i.latest else "",
+                i.name,
+                "" if i.position is None else str(i.position),
+                "+".join(i.kinds),
+                _human(i.size),
+                i.state + (f": {i.problem}" if i.problem else ""),
+            )
+        )
+    print("\n".join(_table(rows)))
+    print(
+        "  * = latest"
+        + ("; snapshots (model only) are in snapshots/" if any("snapshot" in i.kinds for i in infos) else "")
+    )
+    return 0
+
+
+def _ckpt_from_url(args: argparse.Namespace, action: str) -> int:
+    """inspect, verify, export-hf and reshard of a checkpoint on object storage: its objects are fetched (each
+    checked against the manifest on the way) into a temporary folder beside the output (inspect: only the JSON
+    files and each safetensors header, one ranged GET each), and the local command runs on it."""
+    import tempfile
+
+    from .checkpoint import objstore
+    from .checkpoint.manager import parse_size as _parse_size
+
+    src = objstore.resolve(args.ckpt, damaged="return" if action == "verify" else "error")
+    if action == "verify" and args.sizes_only:
+        from .checkpoint.storage import store_for
+
+        store = store_for(src)
+        m, _, _ = objstore.load_manifest(store, src)
+        objects, _ = store.list(src.prefix)
+        problems = objstore.size_problems(store, src, m, {o["key"][len(src.prefix) :]: o["size"] for o in objects})
+        for p in problems:
+            print(f"BAD  {p}")
+        if problems:
+            print(f"{src.name}: {len(problems)} problem(s)", file=sys.stderr)
+            return 1
+        print(f"OK   {src.name}: {len(m['files'])} files match the manifest (sizes)")
+        return 0
+    where = None if action in ("inspect", "verify") else Path(args.out).absolute().parent
+    if where is not None:
+        where.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".wsd-fetch-", dir=where) as tmp:
+        local = Path(tmp) / src.name
+        problems = objstore.fetch(src, local, headers_only=action == "inspect")
+        if action == "verify" and problems:
+            for p in problems:
+                print(f"BAD  {p}")
+            print(f"{src.name}: {len(problems)} problem(s)", file=sys.stderr)
+            return 1
+        if problems:
+            raise WSDError(f"{src}: damaged objects: " + "; ".join(problems))
+        args.ckpt = local
+
+        def parse_size(text: str) -> int:
+            return int(text) if text.strip().isdigit() else _parse_size(text)
+
+        return _cmd_ckpt_local(args, action, parse_size)
+
+
+def _cmd_ckpt_local(args: argparse.Namespace, action: str, parse_size: Callable[[str], int]) -> int:
+    from .checkpoint import format as F
+    from .checkpoint import tools
+
     if action == "inspect":
         info = tools.inspect_checkpoint(args.ckpt)
         if args.json:
@@ -339,18 +443,18 @@ def _add_ckpt(sub: Any) -> None:
     ck = sub.add_parser("ckpt", help="list, inspect, verify and convert checkpoints")
     acts = ck.add_subparsers(dest="action", required=True)
     p = acts.add_parser("list", help="every checkpoint of a run: step, kind, size, state, latest")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", help="a run directory or s3://bucket/prefix")
     p.add_argument("--checksums", action="store_true", help="also check every file's checksum (slower)")
     p.add_argument("--json", action="store_true")
     p = acts.add_parser("inspect", help="schedule position, tokens, layout, tensors by dtype")
-    p.add_argument("ckpt", type=Path, help="a checkpoint folder, or a run directory (its newest)")
+    p.add_argument("ckpt", help="a checkpoint folder, or a run directory (its newest); local or s3://")
     p.add_argument("--json", action="store_true")
     p = acts.add_parser("verify", help="check every file against the manifest; exit 1 naming each bad file")
-    p.add_argument("ckpt", type=Path)
+    p.add_argument("ckpt", help="a checkpoint or run directory; local or s3://")
     p.add_argument("--sizes-only", action="store_true", help="compare sizes, not checksums")
     p = acts.add_parser("export-hf", help="a Hugging Face model folder")
-    p.add_argument("ckpt", type=Path)
-    p.add_argument("out", type=Path)
+    p.add_argument("ckpt", help="a checkpoint or run directory; local or s3://")
+    p.add_argument("out", help="a new local folder")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--source", choices=["auto", "model", "master"], default="auto")
@@ -368,12 +472,12 @@ def _add_ckpt(sub: Any) -> None:
     )
     p.add_argument(
         "ckpts",
-        type=Path,
+        type=_local_path,
         nargs="+",
         metavar="CKPT",
         help="checkpoint or snapshot folders (or one run dir with --last)",
     )
-    p.add_argument("--out", type=Path, required=True, help="the new Hugging Face folder")
+    p.add_argument("--out", type=_local_path, required=True, help="the new Hugging Face folder")
     p.add_argument("--last", type=int, default=None, metavar="K", help="merge the run directory's newest K snapshots")
     p.add_argument("--coefficients", choices=["uniform", "ema", "decay"], default="decay")
     p.add_argument(
@@ -392,26 +496,43 @@ def _add_ckpt(sub: Any) -> None:
     p = acts.add_parser(
         "from-deepspeed", help="DeepSpeed's checkpoints (ZeRO 0-3; AutoTP at ZeRO 1/2) into a new run directory"
     )
-    p.add_argument("ds_ckpt", type=Path, help="the folder with DeepSpeed's 'latest' file, or a global_stepN folder")
-    p.add_argument("out", type=Path, help="a new run directory")
+    p.add_argument(
+        "ds_ckpt", type=_local_path, help="the folder with DeepSpeed's 'latest' file, or a global_stepN folder"
+    )
+    p.add_argument("out", type=_local_path, help="a new run directory")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--hf-config", default=None, help="a config.json to write beside the model")
     p = acts.add_parser("reshard", help="another shard size or model dtype")
-    p.add_argument("ckpt", type=Path)
-    p.add_argument("out", type=Path, help="the new checkpoint folder")
+    p.add_argument("ckpt", help="a checkpoint or run directory; local or s3://")
+    p.add_argument("out", help="the new (local) checkpoint folder")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p = acts.add_parser("to-dcp", help="a torch.distributed.checkpoint directory")
-    p.add_argument("ckpt", type=Path)
-    p.add_argument("out", type=Path)
+    p.add_argument("ckpt", type=_local_path)
+    p.add_argument("out", type=_local_path)
     p.add_argument("--model-only", action="store_true")
     p = acts.add_parser("from-dcp", help="a torch.distributed.checkpoint directory into a Hugging Face folder")
-    p.add_argument("dcp_dir", type=Path)
-    p.add_argument("out", type=Path)
+    p.add_argument("dcp_dir", type=_local_path)
+    p.add_argument("out", type=_local_path)
     p.add_argument("--prefix", default=None, help="only keys under this prefix, stripped (e.g. 'model.')")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--hf-config", default=None)
+    p = acts.add_parser(
+        "cp",
+        help="copy checkpoints between storages (local <-> s3://), verifying every object, committing last",
+        description="Copy a checkpoint, or every complete checkpoint and snapshot of a run, into the run DST "
+        "(local or s3://bucket/prefix). Every object is checked against the manifest's size and checksum on the "
+        "way; the destination's manifest is written last (docs/checkpoint-format.md). Checkpoints DST already has "
+        "are skipped.",
+    )
+    p.add_argument("src", help="a checkpoint or a run directory (local or s3://)")
+    p.add_argument("dst", help="a run directory (local or s3://)")
+    p.add_argument(
+        "--replace-unfinished",
+        action="store_true",
+        help="remove an interrupted copy's unfinished objects at the destination first",
+    )
     ck.set_defaults(func=_cmd_ckpt)
 
 

@@ -24,10 +24,11 @@ from typing import Any, Literal
 import torch
 
 from . import distributed as D
-from .checkpoint import coord
+from .checkpoint import coord, objstore
 from .checkpoint import format as F
 from .checkpoint.manager import CheckpointConfig, CheckpointManager
 from .checkpoint.rng import seed_everything
+from .checkpoint.storage import ObjectURL, parse_location
 from .config import apply_overrides, build, dump_config, load_config
 from .data import DataConfig, PhasedSampler, ShardedSampler, TokenData, describe
 from .deepspeed_scheduler import SCHEDULER_TYPE
@@ -714,7 +715,12 @@ class Trainer:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsd-pretrain train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=None, help="YAML/JSON job config (default: the tiny CPU default)")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/tiny"), help="run directory (default: runs/tiny)")
+    p.add_argument(
+        "--run-dir",
+        default="runs/tiny",
+        help="run directory (default: runs/tiny): a local path, file:// or s3://bucket/prefix (with "
+        "checkpoint.staging_dir)",
+    )
     p.add_argument("--total-steps", type=int, default=None, help="rescale the schedule to this many updates")
     p.add_argument("--save-every", type=int, default=None, help="also save every N updates")
     p.add_argument(
@@ -904,7 +910,25 @@ def _drop_replayed_metrics(path: Path, position: int) -> None:
 
 def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None) -> dict[str, Any]:
     rank, world = D.get_rank(), D.get_world_size()
-    run_dir = Path(args.run_dir)
+    # an s3:// run: checkpoints go to the bucket through the local staging tier (checkpoint.staging_dir), which also
+    # holds the job's own files (metrics, config, curves); without one every rank refuses it here, before any work
+    # (never a local ./s3:/ tree)
+    location = parse_location(args.run_dir)
+    if isinstance(location, ObjectURL):
+        if job.checkpoint.staging_dir is None:
+            raise ConfigError(
+                f"--run-dir {location} is on object storage: set checkpoint.staging_dir=/local/folder (each save is "
+                "written there, then uploaded; the job's metrics stay there too)",
+                where="arguments",
+            )
+        if job.wsm.enabled:  # its merges read the run's snapshots locally; the staging tier keeps only the newest
+            raise ConfigError(
+                f"--run-dir {location}: the decay-free mode (wsm.enabled) needs a local run directory for now",
+                where="arguments",
+            )
+        run_dir = Path(job.checkpoint.staging_dir)
+    else:
+        run_dir = location
     _check_run_dir(run_dir)
     device = _device(job.train)
     schedule, start_from = _schedule_for(job, args)
@@ -946,7 +970,7 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
         sampler.decay_data = describe(cfg, decay_data.num_train)
     sampler.allow_data_change = args.allow_data_change
     manager = CheckpointManager(
-        run_dir,
+        location,
         built.engine or built.model,
         built.optimizer,
         built.scheduler,
@@ -1000,7 +1024,8 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
     finally:
         manager.close()
     if rank == 0:
-        result["checkpoints"] = [i.name for i in F.list_checkpoints(run_dir) if i.state == "complete"]
+        listed = objstore.list_run(location) if isinstance(location, ObjectURL) else F.list_checkpoints(run_dir)
+        result["checkpoints"] = [i.name for i in listed if i.state == "complete"]
         _plot(run_dir, built.scheduler.schedule, float(built.scheduler.base_lrs[0]))
         log.info("done: %s", json.dumps(result))
     return result

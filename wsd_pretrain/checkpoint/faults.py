@@ -8,6 +8,8 @@ save: ``save-begin``, ``staging-created``, ``fetch-begin``, ``fetch:<tensor>``, 
 ``range-write:<file>`` (a byte range written in place: a shard owner's header or own tensor, a holder's range),
 ``shard-end:<file>``, ``report``, ``commit-begin``, ``manifest-begin``, ``manifest-written``, ``manifest-hash-written``,
 ``renamed:<name>``, ``latest-written:<name>``;
+upload to object storage (objstore.py; the manager's background upload on rank 0): ``upload-object:<file>``,
+``upload-manifest`` (every object written, the manifest not yet), ``upload-committed:<name>`` (before ``latest``);
 load: ``load-open`` (rank 0), ``load-verify``, ``load-plan``, ``load-read:<param>``, ``load-restore:<param>``.
 
 An exception raised by the hook at any of these points is handled as a real failure there would be: every rank

@@ -40,6 +40,7 @@ from . import format as F
 from . import guards as _guards
 from . import lora as _lora
 from . import scaler as _scaler
+from . import storage as _storage
 from .adapters import EngineAdapter, make_adapter
 from .agreement import agree_on_plan
 from .load import load_checkpoint
@@ -50,6 +51,11 @@ from .save import HostArena, PendingSave, SaveRequest, start_save
 __all__ = ["CheckpointConfig", "CheckpointManager", "Stateful", "parse_size"]
 
 log = logging.getLogger(__name__)
+
+_OBJECT_STORAGE_FIX = (
+    "give a local or shared-filesystem run directory (or file:///path), and copy checkpoints to and from object "
+    "storage with `wsd-pretrain ckpt cp RUN s3://bucket/prefix` (and back before a resume)"
+)
 
 
 class Stateful(Protocol):
@@ -145,6 +151,12 @@ class CheckpointConfig:
     snapshot_keep: int = 8
     """Snapshots to keep (the newest K); older ones are deleted after each snapshot. Full checkpoints' retention is
     apart (``keep_last``)."""
+    staging_dir: str | None = None
+    """A run on object storage (``s3://bucket/prefix``): the local folder (a filesystem every rank of the job
+    sees, like a run directory) where each save is written at disk speed before rank 0 uploads it in the
+    background (objstore_tier.py). Required for an ``s3://`` run directory; unused otherwise."""
+    staging_keep: int = 1
+    """Checkpoints (and snapshots) kept in ``staging_dir`` after their upload (the newest K; at least 1)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -182,6 +194,12 @@ class CheckpointConfig:
                 problems.append(f"max_shard_size={self.max_shard_size!r}: must be positive")
         except ConfigError as exc:
             problems += exc.problems
+        if self.staging_dir is not None and (
+            not isinstance(self.staging_dir, str) or _storage.is_url(self.staging_dir)
+        ):
+            problems.append(f"staging_dir={self.staging_dir!r}: a local folder (the run itself may be s3://)")
+        if isinstance(self.staging_keep, bool) or not isinstance(self.staging_keep, int) or self.staging_keep < 1:
+            problems.append(f"staging_keep={self.staging_keep!r}: keep at least 1")
         if problems:
             raise ConfigError(problems, where="checkpoint config")
 
@@ -224,8 +242,26 @@ class CheckpointManager:
         adapter: EngineAdapter | None = None,
         scaler: Any = None,
     ) -> None:
-        self.run_dir = Path(run_dir)
         self.config = config or CheckpointConfig()
+        # an s3:// run is saved into a local staging run and uploaded (objstore_tier.py); without a staging_dir it
+        # is refused here, on every rank (each gets the same run_dir), before any collective: never a local
+        # ./s3:/ tree (storage.py)
+        location = _storage.parse_location(run_dir)
+        self._remote: Any = None
+        if isinstance(location, _storage.ObjectURL):
+            if self.config.staging_dir is None:
+                raise ConfigError(
+                    f"{location} is on object storage: set checkpoint.staging_dir to a local folder that every rank "
+                    "sees (each save is written there at disk speed, then uploaded)",
+                    where="checkpoint config",
+                )
+            from .objstore_tier import RemoteTier
+
+            _storage.store_for(location)  # boto3 is installed (or a clear error, on every rank)
+            self.run_dir = Path(self.config.staging_dir)
+            self._remote = RemoteTier(location, self.run_dir, self.config.staging_keep)
+        else:
+            self.run_dir = location
         # guard rails (guards.py): see through framework wrappers, refuse what cannot be read safely
         self.scheduler = scheduler = _guards.resolve_scheduler(scheduler, how_to_build=_guards.how_to_build_for(model))
         if isinstance(scheduler, WSDScheduler):  # (the seed-compatible scheduler warns when it is built)
@@ -271,8 +307,15 @@ class CheckpointManager:
         if D.get_rank() == 0:
             try:
                 self._lock = RunLock(self.run_dir)
+                if self._remote is not None:
+                    self._remote.start()  # the lease, then an interrupted run's leftovers on the bucket
             except CheckpointError as exc:
                 lock_error = str(exc)
+                if self._lock is not None:
+                    self._lock.release()
+                    self._lock = None
+                if self._remote is not None:
+                    self._remote.close()
         lock_error = coord.broadcast(lock_error)
         if lock_error is not None:
             coord.release()
@@ -536,6 +579,19 @@ class CheckpointManager:
             pending, self._pending = self._pending, None
             self._finish(pending)
         self._join_retention()
+        self._agree_on_upload()
+
+    def _agree_on_upload(self) -> None:
+        """A run on object storage: every rank learns whether rank 0's last upload failed, and all raise together
+        (or log it, with ``on_save_error: continue``)."""
+        if self._remote is None:
+            return
+        error = coord.broadcast(self._remote.error if D.get_rank() == 0 else None)
+        self._remote.error = None
+        if error is not None:
+            if self.config.on_save_error == "stop":
+                raise CheckpointError(error)
+            log.error("%s; training carries on (checkpoint.on_save_error=continue)", error)
 
     # ------------------------------------------------------------------ retention
 
@@ -548,6 +604,14 @@ class CheckpointManager:
         import threading
 
         def run() -> None:
+            if self._remote is not None:  # upload first; a failure is told to every rank at the next wait()
+                try:
+                    cfg = self.config
+                    keep = cfg.snapshot_keep if snapshots else cfg.keep_last
+                    self._remote.upload(newest, snapshots, keep, cfg.keep_milestones and not snapshots)
+                except Exception as exc:
+                    self._remote.error = f"uploading {newest.name} to {self._remote.url} failed: {exc}"
+                return
             try:
                 self._retain_snapshots(newest) if snapshots else self._retain(newest)
             except Exception as exc:  # retention never fails a save
@@ -607,6 +671,8 @@ class CheckpointManager:
         when there is none: returns False), ``"latest"`` (the same, but none is an error), a checkpoint name or a
         path. Returns True when a checkpoint was loaded. ``allow_changes``: see :meth:`load`."""
         self._check_open("resume")
+        if not isinstance(which, str) or _storage.is_url(which):
+            which = _storage.require_local(which, "CheckpointManager.resume()", _OBJECT_STORAGE_FIX)
         target = str(which)
         self.wait()
         if target in ("auto", "latest"):
@@ -623,6 +689,7 @@ class CheckpointManager:
                 raise CheckpointError(f"{self.run_dir}: no complete checkpoint to resume from")
             for i, info in enumerate(reversed(infos)):
                 try:
+                    self._ensure_local(info["name"])
                     if info["state"] == "corrupt":
                         raise CheckpointError(
                             f"{info['path']} is damaged: {info['problem']} (set checkpoint.fallback=true to resume from "
@@ -640,6 +707,8 @@ class CheckpointManager:
                     )
             raise AssertionError("unreachable")
         found: Any = None
+        if os.sep not in target and F.parse_name(target) is not None:
+            self._ensure_local(target)
         if D.get_rank() == 0:
             try:
                 if os.sep in target or Path(target).is_dir():
@@ -654,9 +723,29 @@ class CheckpointManager:
         self.load(found, verify=verify, allow_changes=allow_changes)
         return True
 
+    def _ensure_local(self, name: str) -> None:
+        """A run on object storage: rank 0 brings checkpoint ``name`` into the staging run (verified on the way);
+        every rank raises together if it cannot."""
+        if self._remote is None:
+            return
+        error = None
+        if D.get_rank() == 0:
+            try:
+                self._remote.ensure_local(name)
+            except (OSError, CheckpointError) as exc:
+                error = f"cannot fetch {name} from {self._remote.url}: {exc}"
+        error = coord.broadcast(error)
+        if error is not None:
+            raise CheckpointError(error)
+
     def _listing(self) -> Any:
         """Rank 0: the run's committed checkpoints (and damaged ones), oldest first, as plain JSON for the others."""
         self._join_retention()
+        if self._remote is not None:
+            try:
+                return self._remote.listing()
+            except (OSError, CheckpointError) as exc:
+                return {"error": f"{self._remote.url}: cannot list checkpoints: {exc}"}
         try:
             return [
                 {
@@ -782,7 +871,10 @@ class CheckpointManager:
                 pending, self._pending = self._pending, None
                 self._finish(pending)
             self._join_retention()
+            self._agree_on_upload()
         finally:
+            if self._remote is not None:
+                self._remote.close()
             for signum, handler in self._old_handlers.items():
                 signal.signal(signum, handler)
             self._old_handlers.clear()

@@ -225,7 +225,10 @@ class FrameworkCheckpointer:
         framework: str = "framework",
         scheduler_fix: str | None = None,
     ) -> None:
-        self.run_dir = Path(run_dir)
+        from ..checkpoint.manager import _OBJECT_STORAGE_FIX
+        from ..checkpoint.storage import require_local
+
+        self.run_dir = require_local(run_dir, f"the {framework} integration's run_dir", _OBJECT_STORAGE_FIX)
         self.scheduler_fix = scheduler_fix
         self.config = config or CheckpointConfig()
         self.data = data

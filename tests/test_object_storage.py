@@ -1,0 +1,356 @@
+"""Checkpoint locations that are URLs (storage.py) and checkpoints on S3 (objstore.py, `wsd-pretrain ckpt cp`),
+against a real S3 server (moto's, on 127.0.0.1: the ``s3_server`` fixture). The manager and the main job refuse an
+object-storage run directory on every rank, before anything is written (never a local ./s3:/ tree)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from wsd_pretrain import WSDSchedule, WSDScheduler
+from wsd_pretrain.checkpoint import format as F
+from wsd_pretrain.checkpoint import objstore, storage, tools
+from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
+from wsd_pretrain.checkpoint.storage import ObjectURL, parse_location
+from wsd_pretrain.cli import main as cli
+from wsd_pretrain.errors import CheckpointError, ConfigError
+from wsd_pretrain.model import LlamaLM, ModelConfig
+
+CFG = ModelConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def _job(seed: int = 0) -> tuple[LlamaLM, torch.optim.Optimizer, WSDScheduler]:
+    torch.manual_seed(seed)
+    model = LlamaLM(CFG)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, opt, WSDScheduler(opt, WSDSchedule(total=6, decay_length=2))
+
+
+def _step(model, opt, sched) -> None:
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(sched.position))
+    model(x[:, :-1], x[:, 1:]).backward()
+    opt.step()
+    opt.zero_grad()
+    sched.step()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A run with two committed checkpoints (pre-decay at 4, post-decay+final at 6)."""
+    run = tmp_path_factory.mktemp("run")
+    model, opt, sched = _job()
+    mgr = CheckpointManager(
+        run, model, opt, sched, config=CheckpointConfig(max_shard_size=60_000), hf_config=CFG.hf_config()
+    )
+    while not sched.finished:
+        _step(model, opt, sched)
+        mgr.maybe_save()
+    mgr.close()
+    return run
+
+
+def test_locations(tmp_path, monkeypatch):
+    """Plain paths and file:// stay local; s3:// is a URL; az://, other schemes, bad buckets, '..' and a URL a
+    Path() collapsed are refused, saying what to give. The manager, an integration and the main job refuse an
+    s3:// run directory before writing anything: no ./s3:/ tree appears."""
+    assert parse_location("runs/a") == Path("runs/a")
+    assert parse_location(Path("/x/y")) == Path("/x/y")
+    assert parse_location("file:///data/runs/a") == Path("/data/runs/a")
+    assert parse_location("file://localhost/data/r%20a") == Path("/data/r a")
+    url = parse_location("s3://ckpt/runs/a/")
+    assert url == ObjectURL("s3", "ckpt", "runs/a") and str(url / "checkpoints") == "s3://ckpt/runs/a/checkpoints"
+    for bad, says in (
+        ("az://container/runs/a", "Azure"),
+        ("gs://bucket/a", "unsupported scheme"),
+        ("s3://x/a", "bucket"),
+        ("s3://ckpt/runs/../a", "'..'"),
+        (Path("s3://ckpt/runs/a"), "'//' was lost"),
+        ("file://otherhost/a", "not this machine"),
+    ):
+        with pytest.raises(ConfigError, match=says):
+            parse_location(bad)
+
+    monkeypatch.chdir(tmp_path)
+    model, opt, sched = _job()
+    with pytest.raises(ConfigError, match=r"s3://ckpt/runs/a is on object storage: set checkpoint.staging_dir"):
+        CheckpointManager("s3://ckpt/runs/a", model, opt, sched)
+    with pytest.raises(ConfigError, match="'//' was lost"):
+        CheckpointManager(Path("s3://ckpt/runs/a"), model, opt, sched)
+    from wsd_pretrain.integrations._common import FrameworkCheckpointer
+
+    with pytest.raises(ConfigError, match="object storage"):
+        FrameworkCheckpointer("s3://ckpt/runs/a", framework="accelerate")
+    # a file:// run directory is the local folder
+    mgr = CheckpointManager(f"file://{tmp_path}/run", model, opt, sched)
+    assert mgr.run_dir == tmp_path / "run"
+    with pytest.raises(ConfigError, match="resume"):
+        mgr.resume("s3://ckpt/runs/a")
+    mgr.close()
+    # the CLI: commands that only read and write local folders refuse a URL; argparse shows the message
+    with pytest.raises(SystemExit):
+        cli(["ckpt", "to-dcp", "s3://ckpt/runs/a", "out"])
+    assert not any(p.name.startswith("s3:") for p in tmp_path.rglob("*"))
+
+
+def test_object_writer_multipart_and_abort(s3_server, monkeypatch):
+    """A streamed object goes up as parallel multipart parts with our checksum computed on the way; an aborted one
+    leaves no object and no multipart upload; a conditional create loses to an existing object (412)."""
+    from wsd_pretrain.checkpoint.safetensors_io import new_hasher
+
+    monkeypatch.setattr(storage, "PART_SIZE", 5 * 1024 * 1024)  # S3's smallest part
+    bucket = s3_server.bucket()
+    store = storage.S3Store(bucket)
+    data = os.urandom(12 * 1024 * 1024 + 123)
+    w = store.writer("a/big.bin", "xxh3_128")
+    for i in range(0, len(data), 1_000_000):
+        w.write(data[i : i + 1_000_000])
+    size, digest = w.close()
+    h = new_hasher("xxh3_128")
+    h.update(data)
+    assert (size, digest) == (len(data), h.hexdigest())
+    assert store.get("a/big.bin")[0] == data
+    assert store.get_range("a/big.bin", 7_000_000, 10) == data[7_000_000:7_000_010]
+    w = store.writer("a/dropped.bin", "xxh3_128")
+    w.write(data)
+    w.abort()
+    assert store.head("a/dropped.bin") is None
+    assert s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    with pytest.raises(storage.PreconditionFailed):
+        store.put("a/big.bin", b"x", if_none_match=True)
+
+
+def test_cp_list_inspect_verify_resume(trained, s3_server, tmp_path, capsys):
+    """`ckpt cp` a run to S3 and back: list, inspect and verify on the URL; a damaged object is named; an
+    unfinished prefix (no manifest) is never listed as complete; a racing writer of the same name is refused; the
+    copy brought back resumes exactly; latest only moves forward (compare-and-swap)."""
+    bucket = s3_server.bucket()
+    url = f"s3://{bucket}/runs/a"
+    assert cli(["ckpt", "cp", str(trained), url]) == 0
+    assert "2 checkpoint(s) copied" in capsys.readouterr().out
+    assert cli(["ckpt", "cp", str(trained), url]) == 0  # again: nothing to copy
+    assert "0 checkpoint(s) copied" in capsys.readouterr().out
+
+    assert cli(["ckpt", "list", url, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(i["name"], i["state"], i["latest"]) for i in listed] == [
+        ("step-000000004-pre-decay", "complete", False),
+        ("step-000000006-post-decay+final", "complete", True),
+    ]
+    assert cli(["ckpt", "inspect", url, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    local_info = tools.inspect_checkpoint(trained)
+    assert info["position"] == 6 and info["tensors"] == local_info["tensors"]
+    assert cli(["ckpt", "verify", url]) == 0
+    assert "OK" in capsys.readouterr().out
+
+    # an unfinished save: objects under a name without a manifest are invisible to readers
+    store = storage.S3Store(bucket)
+    store.put("runs/a/checkpoints/step-000000009-periodic/model-00001-of-00001.safetensors", b"partial")
+    infos = objstore.list_run(parse_location(url))
+    assert [i.state for i in infos] == ["complete", "complete", "unfinished"]
+    assert objstore.resolve(parse_location(url)).name == "step-000000006-post-decay+final"
+
+    # a racing writer of a name being written is refused before it writes anything
+    src = trained / "checkpoints" / "step-000000006-post-decay+final"
+    other = f"s3://{bucket}/runs/b"
+    objstore._claim(store, parse_location(other) / "checkpoints" / src.name, replace_unfinished=False)
+    with pytest.raises(CheckpointError, match="another writer claimed this name"):
+        objstore.upload(src, parse_location(other))
+    assert objstore.upload(src, parse_location(other), replace_unfinished=True).name == src.name
+    with pytest.raises(CheckpointError, match="already exists"):
+        objstore.upload(src, parse_location(other))
+    objstore.set_latest(store, parse_location(url), "step-000000004-pre-decay")  # older: latest stays
+    assert objstore.read_latest(store, parse_location(url))[0] == "step-000000006-post-decay+final"
+
+    # back to a local run: verified on the way, committed by rename; it resumes exactly
+    back = tmp_path / "back"
+    assert cli(["ckpt", "cp", f"{url}/checkpoints/step-000000004-pre-decay", str(back)]) == 0
+    capsys.readouterr()
+    model, opt, sched = _job(seed=1)
+    mgr = CheckpointManager(back, model, opt, sched, config=CheckpointConfig(max_shard_size=60_000))
+    assert mgr.resume("latest") and sched.position == 4
+    ref, ref_opt, ref_sched = _job()
+    ref_mgr = CheckpointManager(trained, ref, ref_opt, ref_sched)
+    ref_mgr.resume("step-000000004-pre-decay")
+    ref_mgr.close()
+    for _ in range(2):
+        _step(model, opt, sched)
+        _step(ref, ref_opt, ref_sched)
+    mgr.close()
+    for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), n
+
+    # export-hf from the URL to a local folder loads with from_pretrained
+    out = tmp_path / "hf"
+    assert cli(["ckpt", "export-hf", url, str(out)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ref.parameters())
+    assert not any(p.name.startswith(".wsd-fetch-") for p in tmp_path.iterdir())
+    assert cli(["ckpt", "reshard", url, str(tmp_path / "resharded"), "--max-shard-size", "30000"]) == 0
+    assert tools.verify_checkpoint_files(tmp_path / "resharded") == []
+    assert cli(["ckpt", "verify", url, "--sizes-only"]) == 0
+    assert cli(["ckpt", "list", url, "--checksums"]) == 0
+    assert "corrupt" not in capsys.readouterr().out
+
+    # a damaged object is named by verify (exit 1) and by list; export refuses it
+    shard = sorted((trained / "checkpoints" / "step-000000006-post-decay+final").glob("model-*.safetensors"))[0].name
+    key = f"runs/a/checkpoints/step-000000006-post-decay+final/{shard}"
+    raw = bytearray(store.get(key)[0])
+    raw[-1] ^= 0xFF
+    store.put(key, bytes(raw))
+    capsys.readouterr()
+    assert cli(["ckpt", "verify", url]) == 1
+    assert f"BAD  {shard}: xxh3_128" in capsys.readouterr().out
+    assert cli(["ckpt", "export-hf", url, str(tmp_path / "hf2")]) == 2
+    assert "damaged" in capsys.readouterr().err
+    store.put(key, b"short")
+    assert objstore.list_run(parse_location(url))[1].state == "corrupt"
+
+
+def test_hostile_manifest_refused(trained, s3_server):
+    """A manifest naming '../x' or an absolute key is refused before any object is read or written."""
+    bucket = s3_server.bucket()
+    src = trained / "checkpoints" / "step-000000004-pre-decay"
+    ckpt = parse_location(f"s3://{bucket}/runs/a/checkpoints/{src.name}")
+    store = storage.S3Store(bucket)
+    from wsd_pretrain.checkpoint.safetensors_io import new_hasher
+
+    for rel in ("../../escape.bin", "/abs.bin"):
+        m = json.loads((src / F.MANIFEST).read_text())
+        m["files"][rel] = {"size": 1, "hash": "0" * 32, "rank": 0}
+        raw = json.dumps(m).encode()
+        h = new_hasher("xxh3_128")
+        h.update(raw)
+        store.put((ckpt / F.MANIFEST).key, raw)
+        store.put((ckpt / F.MANIFEST_HASH).key, f"xxh3_128 {h.hexdigest()}\n".encode())
+        with pytest.raises(CheckpointError, match="leaves the checkpoint"):
+            objstore.load_manifest(store, ckpt)
+
+
+def _s3_run(rank: int, world: int, url: str, staging: str) -> dict:
+    """A user's loop on an s3:// run: saves through the staging tier, then a new job with an empty staging folder
+    resumes from the bucket and continues exactly like the job that was not stopped."""
+    model, opt, sched = _job()
+    cfg = CheckpointConfig(every_steps=1, keep_last=1, staging_dir=f"{staging}/a", max_shard_size=60_000)
+    mgr = CheckpointManager(url, model, opt, sched, config=cfg, hf_config=CFG.hf_config())
+    for _ in range(4):
+        _step(model, opt, sched)
+        mgr.maybe_save()
+    mgr.close()
+    names = [i.name for i in objstore.list_run(parse_location(url)) if i.state == "complete"]
+    model2, opt2, sched2 = _job(seed=1)
+    cfg2 = CheckpointConfig(every_steps=2, keep_last=1, staging_dir=f"{staging}/b", max_shard_size=60_000)
+    mgr2 = CheckpointManager(url, model2, opt2, sched2, config=cfg2)
+    assert mgr2.resume("auto") and sched2.position == 4
+    for _ in range(2):
+        _step(model, opt, sched)
+        _step(model2, opt2, sched2)
+    mgr2.close()
+    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    return {
+        "names": names,
+        "same": same,
+        "latest": objstore.read_latest(storage.S3Store(url[5:].split("/")[0]), parse_location(url))[0],
+    }
+
+
+def test_manager_on_s3_two_ranks(s3_server, tmp_path):
+    """Two gloo ranks save to s3:// in a user's loop (both ranks' files in one checkpoint, manifest last, latest
+    moved by CAS, retention on the bucket), and a new job resumes from the bucket alone and continues exactly."""
+    from distributed_helpers import run_distributed
+
+    url = f"s3://{s3_server.bucket()}/runs/two"
+    results = run_distributed(_s3_run, world_size=2, args=(url, str(tmp_path)), env=s3_server.environ())
+    for r in results:
+        # periodic saves at 1 and 2 were removed by retention on the bucket (keep_last=1), manifest first
+        assert r["names"] == ["step-000000003-periodic", "step-000000004-pre-decay+periodic"]
+        assert r["latest"] == r["names"][-1] and r["same"]
+    ranks = {
+        rec["rank"]
+        for rec in objstore.load_manifest(
+            storage.S3Store(url[5:].split("/")[0]), parse_location(url) / "checkpoints" / r["names"][-1]
+        )[0]["files"].values()
+    }
+    assert ranks == {0, 1}
+
+
+def test_manager_on_s3_lease_leftovers_failures(s3_server, tmp_path):
+    """The run lease: a second manager is refused with the run lock's message; a stale lease is taken over. An
+    interrupted save's objects (no manifest) and multipart uploads are removed by the next run. A failed upload
+    raises at the next save; without staging_dir an s3:// run is refused."""
+    bucket = s3_server.bucket()
+    url = f"s3://{bucket}/runs/one"
+    store = storage.S3Store(bucket)
+    model, opt, sched = _job()
+    with pytest.raises(ConfigError, match="staging_dir"):
+        CheckpointManager(url, model, opt, sched)
+    # leftovers of an interrupted run
+    left = "runs/one/checkpoints/step-000000002-periodic/"
+    store.put(left + "model-00001-of-00001.safetensors", b"partial")
+    store.client.create_multipart_upload(Bucket=bucket, Key=left + "train_state/state-r00000-00001.safetensors")
+    cfg = CheckpointConfig(every_steps=2, staging_dir=str(tmp_path / "a"))
+    mgr = CheckpointManager(url, model, opt, sched, config=cfg)
+    assert store.list(left)[0] == [] and store.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    with pytest.raises(CheckpointError, match=r"is in use by another run \(pid \d+ on .*give this run its own"):
+        CheckpointManager(url, *_job()[:3], config=CheckpointConfig(staging_dir=str(tmp_path / "b")))
+    for _ in range(2):
+        _step(model, opt, sched)
+        mgr.maybe_save()
+    mgr.wait()  # uploaded
+    assert [i.name for i in objstore.list_run(parse_location(url))] == ["step-000000002-periodic"]
+    # the server loses the bucket: the next upload fails, and every rank hears it at the next wait
+    objs, _ = store.list("")
+    store.delete([o["key"] for o in objs])
+    s3_server.client().delete_bucket(Bucket=bucket)
+    for _ in range(2):
+        _step(model, opt, sched)
+        mgr.maybe_save()
+    with pytest.raises(CheckpointError, match=r"uploading step-000000004-pre-decay\+periodic to s3://.* failed"):
+        mgr.wait()
+    s3_server.client().create_bucket(Bucket=bucket)
+    mgr.close()
+    # a stale lease (its holder died without releasing it) is taken over
+    store.put(
+        "runs/one/.wsd_pretrain.lease", json.dumps({"holder": "pid 1 on gone", "since": "x", "expires": 0}).encode()
+    )
+    mgr = CheckpointManager(url, *_job()[:3], config=CheckpointConfig(staging_dir=str(tmp_path / "c")))
+    assert json.loads(store.get("runs/one/.wsd_pretrain.lease")[0])["holder"].startswith(f"pid {os.getpid()}")
+    mgr.close()
+    assert store.head("runs/one/.wsd_pretrain.lease") is None
+
+
+@pytest.mark.slow  # a minute on 2 cores; the default suite saves and resumes the manager on s3:// on 2 ranks above
+def test_main_job_on_s3(s3_server, tmp_path):
+    """`wsd-pretrain train --run-dir s3://...` with a staging folder: its checkpoints are committed on the bucket and
+    verify there; without a staging folder the job is refused before any work, leaving no ./s3:/ tree."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("RANK", None)
+    url = f"s3://{s3_server.bucket()}/runs/job"
+    quick = ["train.progress=false", "train.eval_every=8", "train.eval_batches=2", "data.max_bytes=2000000"]
+    cmd = [sys.executable, "-m", "wsd_pretrain.train", "--run-dir", url, "--total-steps", "8", *quick]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "checkpoint.staging_dir" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "s3:").exists()
+    res = subprocess.run(
+        [*cmd, f"checkpoint.staging_dir={tmp_path / 'stage'}"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    infos = objstore.list_run(parse_location(url))
+    assert [(i.name, i.state) for i in infos][-1] == ("step-000000008-post-decay+final", "complete")
+    assert (tmp_path / "stage" / "metrics.jsonl").exists()
+    assert cli(["ckpt", "verify", url]) == 0

@@ -1,0 +1,201 @@
+"""The manager on object storage: a run directory ``s3://bucket/prefix`` with a local staging tier
+(docs/manager.md, "Object storage").
+
+Every save is written and committed by the POSIX protocol into the local staging run
+(``checkpoint.staging_dir``: node-local or shared disk, at disk speed), then rank 0 uploads it in the background
+with the object-storage commit (:func:`.objstore.upload`: objects, manifest last with ``If-None-Match: *``,
+``latest`` by compare-and-swap) while training goes on. The next ``save()``, ``wait()``, ``resume()`` or ``close()``
+waits for the upload, and every rank raises if it failed (or logs it, with ``on_save_error: continue``). The
+staging tier keeps the newest ``staging_keep`` checkpoints locally; retention on the bucket applies the same rule
+as on disk, deleting each manifest first. A resume lists the bucket (a checkpoint is there when its manifest is),
+and rank 0 downloads the one to load into the staging run, every object verified on the way, unless it is there
+already.
+
+The run is held by :class:`Lease`, an object beside the checkpoints created conditionally, renewed by a
+heartbeat and taken over only once it has expired (``If-Match`` on the stale lease), with the messages of the
+POSIX run lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from . import format as F
+from . import objstore
+from .storage import ObjectURL, PreconditionFailed, store_for
+
+__all__ = ["LEASE_NAME", "Lease", "RemoteTier"]
+
+log = logging.getLogger(__name__)
+
+LEASE_NAME = ".wsd_pretrain.lease"
+LEASE_TTL_S = 120.0
+"""A lease not renewed for this long is stale: another run may take it over (the heartbeat renews it every third)."""
+
+
+class Lease:
+    """The run lock on object storage: ``<run>/.wsd_pretrain.lease`` (JSON: holder, since, expires)."""
+
+    def __init__(self, run: ObjectURL, ttl: float | None = None) -> None:
+        self.run, self.ttl = run, LEASE_TTL_S if ttl is None else ttl
+        self.store = store_for(run)
+        self.key = (run / LEASE_NAME).key
+        self.holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        self.since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.nonce = uuid.uuid4().hex
+        self.lost: str | None = None
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._mutex = threading.Lock()
+        self._acquire()
+        self._thread = threading.Thread(target=self._heartbeat, name="wsd-ckpt-lease", daemon=True)
+        self._thread.start()
+
+    def _body(self) -> bytes:
+        return json.dumps(
+            {"holder": self.holder, "since": self.since, "expires": time.time() + self.ttl, "nonce": self.nonce}
+        ).encode()
+
+    def _acquire(self) -> None:
+        try:
+            self._etag = self.store.put(self.key, self._body(), if_none_match=True)
+            return
+        except PreconditionFailed:
+            pass
+        raw, etag = self.store.get(self.key, max_bytes=4096)
+        try:
+            record = json.loads(raw)
+            holder, expires = f"{record['holder']}, since {record['since']}", float(record["expires"])
+        except (ValueError, KeyError, TypeError):
+            holder, expires = "unreadable lease", 0.0
+        if expires > time.time():
+            raise CheckpointError(
+                f"{self.run} is in use by another run ({holder}; lease s3://{self.store.bucket}/{self.key}); give "
+                "this run its own --run-dir, or stop the other one"
+            )
+        try:  # stale: take it over, only if nobody renewed or took it since we read it
+            self._etag = self.store.put(self.key, self._body(), if_match=etag)
+        except PreconditionFailed:
+            raise CheckpointError(f"{self.run}: could not take the run lease (another run took it first)") from None
+        log.warning("%s: took over the run lease of %s, which expired", self.run, holder)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            with self._mutex:
+                if self._etag is None:
+                    return
+                try:
+                    self._etag = self.store.put(self.key, self._body(), if_match=self._etag)
+                except PreconditionFailed:
+                    self.lost = f"{self.run}: the run lease was taken over by another run"
+                    log.error("%s; this run must stop writing", self.lost)
+                    return
+                except CheckpointError as exc:  # the server is away: try again at the next beat
+                    log.warning("%s: could not renew the run lease: %s", self.run, exc)
+
+    @property
+    def held(self) -> bool:
+        return self._etag is not None and self.lost is None
+
+    def release(self) -> None:
+        self._stop.set()
+        with self._mutex:
+            etag, self._etag = self._etag, None
+        if etag is None or self.lost:
+            return
+        try:
+            raw, now = self.store.get(self.key, max_bytes=4096)
+            if now == etag and json.loads(raw).get("nonce") == self.nonce:
+                self.store.delete([self.key])
+        except (CheckpointError, FileNotFoundError, ValueError) as exc:
+            log.warning("%s: could not release the run lease (it expires by itself): %s", self.run, exc)
+
+
+class RemoteTier:
+    """Rank 0's side of a run on object storage: uploads, retention on the bucket, listing and downloads."""
+
+    def __init__(self, url: ObjectURL, staging: Path, keep_local: int) -> None:
+        self.url, self.staging, self.keep_local = url, staging, keep_local
+        self.lease: Lease | None = None
+        self.error: str | None = None  # the last background upload's failure, told to every rank at the next wait
+
+    def start(self) -> None:
+        """Rank 0, once the local run lock is held: take the lease, remove unfinished saves (objects without a
+        manifest and their multipart uploads) left by an interrupted run, upload local checkpoints an interrupted
+        run committed locally but never uploaded."""
+        self.lease = Lease(self.url)
+        for root, snapshots in ((F.CHECKPOINTS, False), (F.SNAPSHOTS, True)):
+            for info in objstore.list_run(self.url, snapshots=snapshots):
+                if info.state == "unfinished":
+                    log.info("removing %s, an unfinished save of an interrupted run", info.path)
+                    objstore.remove_unfinished(store_for(self.url), info.path)  # type: ignore[arg-type]
+            local = F.list_snapshots(self.staging) if snapshots else F.list_checkpoints(self.staging)
+            remote = [i for i in objstore.list_run(self.url, snapshots=snapshots) if i.state == "complete"]
+            newest = remote[-1].position if remote else -1
+            for info in local:  # newer than the bucket's newest: never one that retention removed there
+                if info.state == "complete" and (info.position or 0) > newest:
+                    log.info("uploading %s, committed locally by an interrupted run", info.name)
+                    objstore.upload(info.path, self.url, root=root)
+        store_for(self.url).abort_uploads(self.url.prefix)
+
+    def close(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def upload(self, newest: Path, snapshots: bool, keep: int, keep_milestones: bool) -> None:
+        """After a local commit (rank 0's background thread): upload, then retention on the bucket and locally."""
+        from .retention import checkpoints_to_delete
+
+        if self.lease is not None and self.lease.lost:
+            raise CheckpointError(self.lease.lost)
+        root = F.SNAPSHOTS if snapshots else F.CHECKPOINTS
+        if snapshots and store_for(self.url).head((self.url / root / newest.name / F.MANIFEST).key) is not None:
+            # a snapshot written again after a resume went back past it: the replayed weights replace it
+            objstore.delete_checkpoint(self.url / root / newest.name)
+        objstore.upload(newest, self.url, root=root, replace_unfinished=True)
+        complete = [i for i in objstore.list_run(self.url, snapshots=snapshots) if i.state == "complete"]
+        for info in checkpoints_to_delete(
+            complete, keep_last=keep, keep_milestones=keep_milestones, just_written=newest.name
+        ):
+            objstore.delete_checkpoint(info.path)  # type: ignore[arg-type]
+            log.info("retention: removed %s", info.path)
+        local = F.list_snapshots(self.staging) if snapshots else F.list_checkpoints(self.staging)
+        local = [i for i in local if i.state == "complete" and i.name != newest.name]
+        for info in local[: max(0, len(local) - (self.keep_local - 1))]:
+            trash = info.path.parent / f".deleting-{info.name}"
+            os.rename(info.path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def listing(self) -> list[dict[str, Any]]:
+        """The bucket's committed checkpoints (complete and corrupt), oldest first, as the manager's listing, each
+        with its path in the staging run."""
+        return [
+            {
+                "name": i.name,
+                "path": str(F.checkpoints_dir(self.staging) / i.name),
+                "state": i.state,
+                "problem": i.problem,
+                "position": i.position,
+                "kinds": i.kinds,
+            }
+            for i in objstore.list_run(self.url)
+            if i.state in ("complete", "corrupt")
+        ]
+
+    def ensure_local(self, name: str) -> None:
+        """Rank 0: the checkpoint ``name`` in the staging run, downloaded and verified unless there already."""
+        local = F.checkpoints_dir(self.staging) / name
+        if (local / F.MANIFEST).is_file():
+            return
+        objstore.download(self.url / F.CHECKPOINTS / name, self.staging)
