@@ -93,7 +93,10 @@ def smoke(tmp_path_factory):
         "bench_async": (["--sizes", "0.002", "--width", "256", "--saves", "1", "--dir", str(tmp / "a")], tmp / "a.md"),
         "bench_scheduler": (["--steps", "200"], tmp / "scheduler.md"),
         "bench_s3": (["--sizes-mb", "0.2", "--ranks", "1"], tmp / "s3.md"),
-        "bench_scale": (["--worlds", "2", "--width", "64", "--layers", "2", "--engines", "fsdp2"], tmp / "scale.md"),
+        "bench_scale": (
+            ["--worlds", "2", "--tp-worlds", "2", "--width", "64", "--layers", "2", "--engines", "fsdp2", "fsdp2+tp"],
+            tmp / "scale.md",
+        ),
         "scale_report": (["--small"], tmp / "scale_report.md"),
         "mutation_check": (["--only", "retention-imported-rotates", "--no-baseline"], tmp / "unused"),
         "ckpt": (["verify", str(ckpt)], tmp / "unused"),
@@ -209,13 +212,15 @@ def test_bench_s3(smoke):
 def test_bench_scale(smoke):
     (table,) = _tables(_section(_ok(smoke, "bench_scale"), "scale"))
     assert table[0][:4] == ["engine", "ranks", "state", "save: moved (x model)"]
-    ((engine, ranks, _, moved, resumed, balance, read, *_),) = table[1:]
-    assert float(re.search(r"\(([\d.]+)x\)", resumed).group(1)) < 0.5  # the tiny model: messages only
-    assert (engine, ranks) == ("FSDP2 fp32", "2")
-    # a save moves no model weight (each holder writes its rows in place), a resume only small messages
-    ratio, predicted = (float(x) for x in re.findall(r"([\d.]+)x", moved))
-    assert 0 <= ratio < 0.05 and abs(ratio - predicted) < 0.05
-    assert _number(balance) <= 1.5 and "/" in read
+    assert [(row[0], row[1]) for row in table[1:]] == [("FSDP2 fp32", "2"), ("FSDP2 1 x TP 2 fp32", "2")]
+    for engine, _, _, moved, resumed, balance, read, *_ in table[1:]:
+        assert float(re.search(r"\(([\d.]+)x\)", resumed).group(1)) < 0.5, engine  # the tiny model: messages only
+        # a save moves no FSDP2 weight (each holder writes its rows in place); under TP only the RowwiseParallel
+        # column blocks travel, to the one rank of their TP group that puts each together; a resume moves only
+        # small messages
+        ratio, predicted = (float(x) for x in re.findall(r"([\d.]+)x", moved))
+        assert ratio < (0.05 if engine == "FSDP2 fp32" else 1.0) and abs(ratio - predicted) < 0.05, (engine, moved)
+        assert _number(balance) <= 1.5 and "/" in read, engine
 
 
 def test_scale_report(smoke):

@@ -1,9 +1,9 @@
 """Checkpoints on 2, 4 and 8 ranks: what moves between ranks, what each rank writes and reads, and the time, next to
 torch.distributed.checkpoint (docs/benchmarks.md, "Scale").
 
-For FSDP2 (fp32 parameters) and DeepSpeed ZeRO-2 (bf16 weights, fp32 masters) on N gloo ranks, one model of
-16 linear layers with AdamW state (about 200 MB of training state at the default width): one save and one
-resume through the checkpoint manager, then `dcp.save` / `dcp.load` of the same sharded state, in the same
+For FSDP2 (fp32 parameters), DeepSpeed ZeRO-2 (bf16 weights, fp32 masters) and FSDP2 x TP 2 (a (dp, tp) mesh) on
+N gloo ranks, one model of 16 linear layers with AdamW state (about 200 MB of training state at the default
+width): one save and one resume through the checkpoint manager, then `dcp.save` / `dcp.load` of the same sharded state, in the same
 processes, the methods taking turns. Every tensor collective is counted on its receiving side (a `recv` its bytes, a
 `gather` (N-1) times the tensor at the root, a `broadcast` once per receiver, an `all_reduce` 2(N-1)/N of it per
 rank), so "moved" is the bytes that crossed between ranks. Then N/2 ranks resume from the N-rank checkpoint, to
@@ -41,7 +41,18 @@ D.init_distributed(backend="gloo", timeout_s=1800)
 rank, world = D.get_rank(), D.get_world_size()
 torch.set_num_threads(1)
 torch.manual_seed(0)
-model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+if engine == "fsdp2+tp":
+    # the same number of width x width weights as a Llama MLP: up_proj (ColwiseParallel) then down_proj (RowwiseParallel)
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up_proj = torch.nn.Linear(width, width, bias=False)
+            self.down_proj = torch.nn.Linear(width, width, bias=False)
+        def forward(self, h):
+            return self.down_proj(torch.relu(self.up_proj(h)))
+    model = torch.nn.Sequential(*[MLP() for _ in range(layers // 2)])
+else:
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
 
 # ------------------------------------------------------------------ counting what crosses between ranks
 moved = {"n": 0}
@@ -71,7 +82,22 @@ counted("reduce_scatter_tensor", lambda *a, **k: nb(arg(a, k, 1, "input")) - nb(
 # ------------------------------------------------------------------ the engine
 schedule = WSDSchedule(total=100, decay_length=10)
 x = torch.randn(8, width, generator=torch.Generator().manual_seed(rank))
-if engine == "fsdp2":
+if engine == "fsdp2+tp":  # dp x tp 2: FSDP2 over the dp ranks, tensor parallel inside each pair (torchtitan's order)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+    x = torch.randn(8, width, generator=torch.Generator().manual_seed(mesh.get_local_rank("dp")))  # one batch per TP group
+    for block in model:
+        parallelize_module(block, mesh["tp"], {"up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()})
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = WSDScheduler(opt, schedule)
+    def train_step():
+        model(x).pow(2).mean().backward(); opt.step(); opt.zero_grad(); sched.step()
+    target = model
+elif engine == "fsdp2":
     from torch.distributed.fsdp import fully_shard
     for layer in model:
         fully_shard(layer)
@@ -102,7 +128,7 @@ def timed(fn):
 
 def dcp_state():
     # the same sharded state, as torch.distributed.checkpoint takes it
-    if engine == "fsdp2":
+    if engine in ("fsdp2", "fsdp2+tp"):
         from torch.distributed.checkpoint.state_dict import get_state_dict
         m, o = get_state_dict(target, opt)
         return {"model": m, "optim": o}
@@ -130,7 +156,7 @@ if mode == "save":
         state = dcp_state()
         def dcp_load():
             dcp.load(state, checkpoint_id=dcp_dir)
-            if engine == "fsdp2":
+            if engine in ("fsdp2", "fsdp2+tp"):
                 from torch.distributed.checkpoint.state_dict import set_state_dict
                 set_state_dict(target, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         tdl, mdl, _ = timed(dcp_load)
@@ -142,7 +168,7 @@ else:  # resume the newest checkpoint on this (smaller) world
     path = sorted(p for p in (__import__("pathlib").Path(run_dir) / "checkpoints").iterdir() if p.name.startswith("step-"))[-1]
     t_load, m_load, res = timed(lambda: mgr.load(path))
     out["rounds"] = [{"load_s": t_load, "load_moved": m_load, "read": res["stats"]["bytes_read"], "path": str(path)}]
-out["model_bytes"] = sum(p.numel() * p.element_size() for p in (target.module if engine != "fsdp2" else model).parameters())
+out["model_bytes"] = sum(p.numel() * p.element_size() for p in (target.module if engine.startswith("ds") else model).parameters())
 mgr.close()
 print(json.dumps(out), flush=True)
 D.teardown()
@@ -211,11 +237,13 @@ def med(values: list[float]) -> float:
 
 
 def measure(engine: str, world: int, width: int, layers: int) -> dict:
-    from wsd_pretrain.checkpoint.costs import engine_items, load_costs, save_costs
+    from wsd_pretrain.checkpoint.costs import engine_items, load_costs, save_costs, tp_assembled
 
     with tempfile.TemporaryDirectory() as run:
         saved = launch(world, engine, run, str(width), str(layers), "save")
-        half = launch(max(1, world // 2), engine, run, str(width), str(layers), "load") if world > 1 else None
+        # half the ranks: for FSDP2 + TP, half the data-parallel degree at the same TP degree
+        halves = world > 1 and (engine != "fsdp2+tp" or world >= 4)
+        half = launch(max(1, world // 2), engine, run, str(width), str(layers), "load") if halves else None
         rounds = [r["rounds"] for r in saved]
         ckpt = Path(rounds[0][-1]["path"])
         written = written_by_rank(ckpt, world)
@@ -224,9 +252,13 @@ def measure(engine: str, world: int, width: int, layers: int) -> dict:
     per_round = lambda key: [max(rank_rounds[i][key] for rank_rounds in rounds) for i in range(n)]
     total = lambda key: [sum(rank_rounds[i][key] for rank_rounds in rounds) for i in range(n)]
     model_bytes = saved[0]["model_bytes"]
-    shapes = [s for i in range(layers) for s in ((f"{i}.weight", (width, width)), (f"{i}.bias", (width,)))]
-    kind = "fsdp2" if engine == "fsdp2" else "zero2"
-    predicted = save_costs(engine_items(kind, shapes, world), world, 2 * 10**9)
+    tp = 2 if engine == "fsdp2+tp" else 1
+    if tp > 1:
+        shapes = [(f"{i}.{w}.weight", (width, width)) for i in range(layers // 2) for w in ("up_proj", "down_proj")]
+    else:
+        shapes = [s for i in range(layers) for s in ((f"{i}.weight", (width, width)), (f"{i}.bias", (width,)))]
+    kind = "zero2" if engine == "ds2" else "fsdp2"
+    predicted = save_costs(engine_items(kind, shapes, world, tp), world, 2 * 10**9, tp_assembled(shapes, tp))
     return {
         "engine": engine,
         "world": world,
@@ -244,16 +276,17 @@ def measure(engine: str, world: int, width: int, layers: int) -> dict:
         "written_max": max(written),
         "written_mean": sum(written) / len(written),
         "read_max": max(r[-1]["read"] for r in rounds),
-        "predicted_read": int(load_costs(kind, shapes, world).read.max()),
+        "predicted_read": int(load_costs(kind, shapes, world, tp=tp).read.max()),
         "half_read_max": max(r["rounds"][0]["read"] for r in half) if half else None,
-        "half_predicted": int(load_costs(kind, shapes, world // 2).read.max()) if half else None,
+        "half_predicted": int(load_costs(kind, shapes, world // 2, tp=tp).read.max()) if half else None,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--engines", nargs="+", default=["fsdp2", "ds2"])
+    parser.add_argument("--engines", nargs="+", default=["fsdp2", "ds2", "fsdp2+tp"])
+    parser.add_argument("--tp-worlds", type=int, nargs="+", default=[4, 8], help="world sizes of the FSDP2 + TP 2 rows")
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--out", type=Path, default=None, help="write the section here instead of docs/benchmarks.md")
@@ -273,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     results = []
     for engine in args.engines:
-        for world in args.worlds:
+        for world in args.tp_worlds if engine == "fsdp2+tp" else args.worlds:
             t0 = time.monotonic()
             res = measure(engine, world, args.width, args.layers)
             results.append(res)
@@ -281,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
             m = res["model"]
             rows.append(
                 [
-                    "FSDP2 fp32" if engine == "fsdp2" else "ZeRO-2 bf16",
+                    {"fsdp2": "FSDP2 fp32", "ds2": "ZeRO-2 bf16", "fsdp2+tp": f"FSDP2 {world // 2} x TP 2 fp32"}[
+                        engine
+                    ],
                     world,
                     fmt_bytes(res["state"]),
                     f"{fmt_bytes(res['save_moved'])} ({res['save_moved'] / m:.2f}x; predicted {res['predicted_moved'] / m:.2f}x)",
@@ -309,7 +344,11 @@ the master weights or the optimizer state; "predicted" is `wsd_pretrain.checkpoi
 docs/scale.md extrapolates). A resume moves only the protocol's small messages. "written max/mean" compares the
 busiest rank's bytes with the average. "read per rank" is what the busiest rank read to restore its state (its own
 slices, and for ZeRO-2 the whole bf16 model every rank holds), without the checksum verification; "half the ranks"
-resumes the same checkpoint on half as many ranks. DCP (`dcp.save`/`dcp.load` of the same sharded state: FSDP2's
+resumes the same checkpoint on half as many ranks (for FSDP2 x TP 2: half the data-parallel degree, the same TP
+degree). The FSDP2 x TP rows train the same number of weights as a Llama MLP, `up_proj` (ColwiseParallel: each
+rank's box is a run of whole rows, written in place by its holder) then `down_proj` (RowwiseParallel: a column
+block per TP rank, put together by one rank of the TP group, at exactly its bytes), FSDP2 cutting each TP shard
+again on dim 0 (torchtitan's order). DCP (`dcp.save`/`dcp.load` of the same sharded state: FSDP2's
 `get_state_dict`, or ZeRO-2's bf16 weights and each rank's flat fp32 partitions) writes no Hugging Face folder and
 keeps no checksums; ours does both. Our resume is timed twice: with the default checksum verification (each rank
 hashes the files its rank number wrote: on this machine 8 ranks hash on 2 cores) and with `verify: size`, which
