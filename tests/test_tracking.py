@@ -221,3 +221,70 @@ def test_a_tracker_that_raises_is_dropped_with_a_warning_or_stops_the_job(tmp_pa
     # another rank's tracker writes nothing
     Tracker(TrackingConfig(tensorboard=True), tmp_path / "c", active=False).log_update(record)
     assert not (tmp_path / "c").exists()
+
+
+def _events(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_preempted_async_run_and_a_failing_run_close_their_trackers(tmp_path, monkeypatch):
+    """The other exit paths: a preemption (SIGUSR1, as SLURM sends) with async saves, whose checkpoint is reported
+    once its writer committed it; and an error mid-run, after which the events written so far are on disk."""
+    import os
+    import signal
+
+    from tensorboard.util.tensor_util import make_ndarray
+
+    from wsd_pretrain.checkpoint.manager import CheckpointManager
+
+    real = CheckpointManager.maybe_save
+    state = {"signal_at": 5, "raise_at": None}
+
+    def maybe_save(self):
+        out = real(self)
+        if self.scheduler.last_epoch == state["signal_at"]:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        if self.scheduler.last_epoch == state["raise_at"]:
+            raise RuntimeError("a fault mid-run")
+        return out
+
+    monkeypatch.setattr(CheckpointManager, "maybe_save", maybe_save)
+    run_dir = tmp_path / "pre"
+    # flushed only by the close on each exit path (not by the writer's timer)
+    args = [
+        "--total-steps",
+        "12",
+        *SMALL,
+        "tracking.tensorboard=true",
+        "tracking.flush_seconds=600",
+        "checkpoint.async_save=true",
+    ]
+    assert train.main(["--run-dir", str(run_dir), *args]) == 0
+    (ckpt,) = (run_dir / "checkpoints").glob("step-*-preempt")
+    step = int(ckpt.name[5:14])
+    acc = _events(run_dir)
+    assert sorted(e.step for e in acc.Scalars("train/loss")) == list(range(1, step + 1))
+    ((at, nbytes),) = [(e.step, e.value) for e in acc.Scalars("checkpoint/bytes")]
+    assert (at, nbytes) == (step, checkpoint_bytes(ckpt))
+    (seconds,) = [e.value for e in acc.Scalars("checkpoint/seconds")]
+    (blocked,) = [e.value for e in acc.Scalars("checkpoint/blocked_seconds")]
+    assert seconds > 0 and blocked >= 0
+    (text,) = [make_ndarray(e.tensor_proto).item().decode() for e in acc.Tensors("checkpoint/kind/text_summary")]
+    assert text.startswith(f"preempt: {ckpt.name}")
+    # an error mid-run: the job raises; the events up to it are on disk and the W&B run was finished as failed
+    state.update(signal_at=None, raise_at=3)
+    failed = tmp_path / "failed"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with pytest.raises(RuntimeError, match="a fault mid-run"):
+        train.main(["--run-dir", str(failed), *args, "tracking.wandb={project: wsd-test}"])
+    assert sorted(e.step for e in _events(failed).Scalars("train/loss")) == [1, 2, 3]
+    (path,) = glob.glob(str(failed / "wandb" / "offline-run-*" / "run-*.wandb"))
+    records = wandb_records(Path(path))
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [1]
+    history = [r for r in records if r.WhichOneof("record_type") == "history"]
+    assert len(history) == 3
