@@ -285,6 +285,7 @@ def test_preempted_async_run_and_a_failing_run_close_their_trackers(tmp_path, mo
     assert sorted(e.step for e in _events(failed).Scalars("train/loss")) == [1, 2, 3]
     (path,) = glob.glob(str(failed / "wandb" / "offline-run-*" / "run-*.wandb"))
     records = wandb_records(Path(path))
-    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [1]
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [1], kinds
     history = [r for r in records if r.WhichOneof("record_type") == "history"]
     assert len(history) == 3

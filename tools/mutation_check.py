@@ -766,6 +766,22 @@ MUTATIONS: list[Mutation] = [
         (T_AUTOTP,),
         "from-deepspeed lays the TP slices of a row-parallel weight (o_proj, down_proj: cut on dim 1) end to end",
     ),
+    M(
+        "tracking-not-closed-on-error",
+        "wsd_pretrain/train.py",
+        "                tracker.close(failed=not ok)",
+        "                pass",
+        ("tests/test_tracking.py::test_preempted_async_run_and_a_failing_run_close_their_trackers",),
+        "a job that fails leaves its W&B run unfinished (no exit record, its history cut short)",
+    ),
+    M(
+        "tracking-lr-marker-after-the-update",
+        "wsd_pretrain/tracking.py",
+        'values[f"lr/{kind}"] = float(record["lr"])',
+        'values[f"lr/{kind}"] = float(record["lr"]) * 0.5',
+        ("tests/test_tracking.py::test_tensorboard_events_hold_the_metrics_the_schedule_and_the_checkpoints",),
+        "the pre-decay and post-decay markers are off the LR curve",
+    ),
 ]
 
 

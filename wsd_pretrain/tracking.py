@@ -285,6 +285,12 @@ class Tracker:
             run, self._wandb = self._wandb, None
             try:
                 run.finish(exit_code=1 if failed else 0)
+                import wandb
+
+                # finish() returns before W&B's service has written the run's last records (the exit record) to
+                # the .wandb file; teardown stops the service, which closes the file, so the run is complete on
+                # disk when the job returns (the main job is a process of its own; a later init starts a new one)
+                wandb.teardown()
             except Exception as exc:
                 log.warning("tracking: closing the wandb run failed (%s: %s)", type(exc).__name__, exc)
         log.debug("tracking closed in %.2fs", time.monotonic() - t0)
