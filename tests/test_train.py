@@ -3,6 +3,7 @@ processes, real files. Runs are short (--total-steps) but pass through warmup, s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -58,7 +59,10 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def test_default_run_on_two_ranks(tmp_path):
     run_dir = tmp_path / "run"
-    _run(torchrun(2, "--run-dir", str(run_dir), "--total-steps", "16", *QUICK))
+    track = ["tracking.tensorboard=true"] if importlib.util.find_spec("tensorboard") is not None else []
+    _run(torchrun(2, "--run-dir", str(run_dir), "--total-steps", "16", *QUICK, *track))
+    if track:  # only rank 0 writes events (one writer, one file; tests/test_tracking.py reads them back)
+        assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     # 16 updates: warmup 2, stable, a 3-update 1-sqrt decay (20%)
     assert _checkpoints(run_dir) == ["step-000000013-pre-decay", "step-000000016-post-decay+final"]
     manifest = json.loads((run_dir / "checkpoints/step-000000016-post-decay+final/manifest.json").read_text())

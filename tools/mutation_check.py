@@ -849,6 +849,22 @@ MUTATIONS: list[Mutation] = [
         (T_RANGES,),
         "a checksum-verified resume restores the wrong bytes from what its verification read",
     ),
+    M(
+        "tracking-not-closed-on-error",
+        "wsd_pretrain/train.py",
+        "                tracker.close(failed=not ok)",
+        "                pass",
+        ("tests/test_tracking.py::test_preempted_async_run_and_a_failing_run_close_their_trackers",),
+        "a job that fails leaves its W&B run unfinished (no exit record, its history cut short)",
+    ),
+    M(
+        "tracking-lr-marker-after-the-update",
+        "wsd_pretrain/tracking.py",
+        'values[f"lr/{kind}"] = float(record["lr"])',
+        'values[f"lr/{kind}"] = float(record["lr"]) * 0.5',
+        ("tests/test_tracking.py::test_tensorboard_events_hold_the_metrics_the_schedule_and_the_checkpoints",),
+        "the pre-decay and post-decay markers are off the LR curve",
+    ),
 ]
 
 

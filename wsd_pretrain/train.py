@@ -36,6 +36,7 @@ from .errors import ConfigError, WSDError
 from .model import LlamaLM, ModelConfig
 from .schedule import WSDSchedule
 from .scheduler import WSDScheduler
+from .tracking import Tracker, TrackingConfig, check_available
 from .wsm import WSMConfig, WSMPlan
 
 __all__ = ["DeepSpeedPlan", "JobConfig", "OptimizerConfig", "TrainConfig", "deepspeed_plan", "main", "resolve_job"]
@@ -136,9 +137,10 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wsm: WSMConfig = field(default_factory=WSMConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        names = ("model", "data", "optimizer", "checkpoint", "train", "wsm")
+        names = ("model", "data", "optimizer", "checkpoint", "train", "wsm", "tracking")
         out = {name: asdict(getattr(self, name)) for name in names}
         out["schedule"] = self.schedule.to_dict()
         if self.decay_data is not None:
@@ -155,6 +157,7 @@ SECTIONS = {
     "checkpoint": CheckpointConfig,
     "train": TrainConfig,
     "wsm": WSMConfig,
+    "tracking": TrackingConfig,
 }
 
 
@@ -245,6 +248,7 @@ def resolve_job(
                 where="job config",
             )
         WSMPlan.build(job.wsm, job.schedule, job.checkpoint)  # refused now (and by --dry-run), naming each fix
+    check_available(job.tracking)  # a tracker whose package is missing: refused before any work
     return job
 
 
@@ -560,6 +564,8 @@ class Trainer:
         self.wsm: WSMPlan | None = None  # the decay-free mode: a merged model at each milestone (wsm.py)
         self.rank, self.world = D.get_rank(), D.get_world_size()
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.tracker = Tracker(job.tracking, run_dir, active=False)  # _train sets rank 0's
+        self._saves: list[tuple[int, Path, Any, float, float]] = []  # (step, path, pending, started, blocked)
         self.autocast = (
             torch.autocast(device_type=device.type, dtype=torch.bfloat16)
             if job.train.dtype == "bf16" and job.train.engine == "ddp"
@@ -570,6 +576,27 @@ class Trainer:
         if self.rank == 0:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def report_saves(self, *, final: bool = False) -> None:
+        """Hand each committed checkpoint to the tracker once: a synchronous save at once, an async one when its
+        writer has committed it (``final``: after ``manager.close()``, which waited for every save)."""
+        if not self._saves or not self.tracker.active:
+            self._saves.clear()
+            return
+        left = []
+        for step, path, pending, started, blocked in self._saves:
+            if pending is not None and not (final or pending.done()):
+                left.append((step, path, pending, started, blocked))
+                continue
+            if pending is not None and (pending.error or "committed_s" not in pending.stats):
+                continue  # not committed: the manager has logged why
+            if not path.is_dir():
+                continue  # a failed save (checkpoint.on_save_error=continue) or already removed by retention
+            seconds = pending.stats["committed_s"] - started if pending is not None else blocked
+            parsed = F.parse_name(path.name)
+            kinds = parsed[1] if parsed is not None else []
+            self.tracker.log_checkpoint(step, path, kinds, seconds, blocked)
+        self._saves = left
 
     def _micro_step(self) -> float:
         data = self.decay_data if self.sampler.active == "decay" and self.decay_data is not None else self.data
@@ -684,14 +711,20 @@ class Trainer:
             if events:
                 record["events"] = events
             self._log(record)
+            self.tracker.log_update(record)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", phase=phase, tok_s=f"{tok_s:.0f}", refresh=False
                 )
+            started = time.monotonic()
             saved = self.manager.maybe_save()
             if saved is not None:
                 self._log({"position": sched.position, "checkpoint": saved.name})
+                pending = self.manager.pending
+                pending = pending if pending is not None and pending.final == saved else None
+                self._saves.append((sched.last_epoch, saved, pending, started, time.monotonic() - started))
+            self.report_saves()
             merged = self.wsm.after_step(self.manager, sched.position) if self.wsm is not None else None
             if merged is not None:
                 self._log({"position": sched.position, "merged": str(merged.relative_to(self.run_dir))})
@@ -700,6 +733,7 @@ class Trainer:
         final_eval = eval_loss if eval_at == sched.position else self.evaluate()
         if eval_at != sched.position:
             self._log({"position": sched.position, "eval_loss": final_eval, "final": True})
+            self.tracker.log_eval(sched.last_epoch, final_eval)
         return {
             "position": sched.position,
             "step": sched.last_epoch,
@@ -980,6 +1014,9 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
         extra_state=lambda: {"grad_clip": job.train.grad_clip},
         load_extra_state=lambda saved: _note_grad_clip(saved, job.train.grad_clip),
     )
+    tracker: Tracker | None = None
+    trainer: Trainer | None = None
+    ok = False
     try:
         resumed = False
         if args.resume == "auto":
@@ -1018,11 +1055,23 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
                 job.model.num_parameters() / 1e6,
                 tokens_per_step,
             )
+        # rank 0's trackers (TensorBoard, W&B) beside metrics.jsonl; the others' do nothing
+        tracker = Tracker(
+            job.tracking, run_dir, active=rank == 0, config=json.loads(json.dumps(job.to_dict(), default=str))
+        )
         trainer = Trainer(job, run_dir, built, data, sampler, manager, device, decay_data=decay_data)
+        trainer.tracker = tracker
         trainer.wsm = wsm
         result = trainer.run()
+        ok = True
     finally:
-        manager.close()
+        try:
+            manager.close()
+            if trainer is not None:
+                trainer.report_saves(final=True)  # the async saves close() waited for
+        finally:
+            if tracker is not None:
+                tracker.close(failed=not ok)
     if rank == 0:
         listed = objstore.list_run(location) if isinstance(location, ObjectURL) else F.list_checkpoints(run_dir)
         result["checkpoints"] = [i.name for i in listed if i.state == "complete"]
