@@ -8,7 +8,7 @@ renumbered from 0 on every rank (the same names and shapes, different values) mi
 optimizer state. So when the manager is built (and again when each save is planned, for the structure) every rank:
 
 1. **describes** what it holds: the adapter's items (which also refuses any layout the adapter does not
-   understand, such as tensor-parallel placements) and a fingerprint of the values of every parameter the adapter
+   understand, such as a Partial DTensor placement) and a fingerprint of the values of every parameter the adapter
    calls replicated (written once, by one rank, so every rank must hold the same bytes: DDP and DeepSpeed broadcast
    rank 0's parameters when they are built);
 2. **agrees**: one all-reduce (max) of a flag and two fixed-size digests with their negations on the checkpoint's
