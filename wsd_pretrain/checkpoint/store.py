@@ -223,8 +223,19 @@ class CheckpointStore:
         if entry.file is not None:
             out = self._reader(entry.file).read_range(name, start, n)
         else:
+            parts = self._overlapping(entry, start, start + n)
+            if len(parts) == 1 and parts[0][0] <= start and start + n <= parts[0][0] + parts[0][1]:
+                # one slice holds it all: read without an assembly buffer (from the bytes the verification kept,
+                # a view: no copy)
+                p_start, _, rank = parts[0]
+                path = self._holder(rank).get(f"{group}/{name}")
+                if path is None:
+                    raise CheckpointError(f"{self.ckpt}: rank {rank}'s state files lack {group}/{name}")
+                out = self._reader(path).read_range(f"{group}/{name}", start - p_start, n)
+                self.bytes_read += out.numel() * out.element_size()
+                return out.view(entry.shape) if whole else out
             out = torch.empty(n, dtype=entry.dtype)
-            for p_start, p_numel, rank in self._overlapping(entry, start, start + n):
+            for p_start, p_numel, rank in parts:
                 lo, hi = max(start, p_start), min(start + n, p_start + p_numel)
                 path = self._holder(rank).get(f"{group}/{name}")
                 if path is None:
