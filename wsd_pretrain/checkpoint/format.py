@@ -290,19 +290,16 @@ def _hash_whole(path: Path, algo: str, rel: str, keep: Any) -> str:
     from .safetensors_io import _CHUNK, new_hasher
 
     digest = new_hasher(algo)
-    with open(path, "rb") as f:
-        if keep is None:
+    if keep is None:
+        with open(path, "rb") as f:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
-        else:  # one buffer of the whole file, kept for the restore (writable: tensors are made over it)
-            data = bytearray(os.fstat(f.fileno()).st_size)
-            view, done = memoryview(data), 0
-            while done < len(data) and (n := f.readinto(view[done:])):
-                done += n
-            if done != len(data):
-                raise CheckpointError(f"{path}: changed size while it was read")
-            digest.update(data)
-            keep(rel, 0, data)
+        return digest.hexdigest()
+    fd = os.open(path, os.O_RDONLY)  # one buffer of the whole file, kept for the restore
+    try:
+        _read_piece(fd, path, 0, os.fstat(fd).st_size, digest, rel, keep)
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 
@@ -322,12 +319,18 @@ def _hash_pieces(path: Path, pieces: list[tuple[int, int]], algo: str, rel: str,
 
 def _read_piece(fd: int, path: Path, offset: int, length: int, digest: Any, rel: str, keep: Any) -> None:
     """Read ``length`` bytes at ``offset`` into ``digest``; with ``keep``, in one buffer given to it afterwards."""
+    import torch
+
     from .safetensors_io import _CHUNK
 
-    buf = bytearray(length if keep is not None else min(length, _CHUNK))
+    # an uninitialised buffer (torch.empty: no zero fill, whose page faults cost as much as the read), written by
+    # positioned reads of at most _CHUNK bytes, each hashed as it lands; kept whole when asked
+    whole = torch.empty(length if keep is not None else min(length, _CHUNK), dtype=torch.uint8)
+    buf = memoryview(whole.numpy()) if length else memoryview(b"")
     done = 0
     while done < length:
-        view = memoryview(buf)[done:] if keep is not None else memoryview(buf)[: min(len(buf), length - done)]
+        lo = done if keep is not None else 0
+        view = buf[lo : lo + min(_CHUNK, length - done)]
         n = os.preadv(fd, [view], offset + done)
         if n <= 0:
             raise CheckpointError(f"{path}: ended at byte {offset + done} (truncated?)")

@@ -243,9 +243,29 @@ class CheckpointStore:
         n = box_numel - start if numel is None else numel
         if start < 0 or n < 0 or start + n > box_numel:
             raise CheckpointError(f"{group} tensor {name!r} has {box_numel} elements; [{start}, {start + n}) refused")
-        out = torch.empty(n, dtype=entry.dtype)
         key = f"{group}/{name}"
-        for p_offs, p_lens, p_start, p_numel, rank in self._parts(entry, box, start, n):
+        parts = self._parts(entry, box, start, n)
+        if len(parts) == 1:
+            p_offs, p_lens, p_start, p_numel, rank = parts[0]
+            if (
+                tuple(p_offs) == tuple(box[0])
+                and tuple(p_lens) == tuple(box[1])
+                and p_start <= start
+                and start + n <= p_start + p_numel
+            ):
+                # one stored part holds it all in the same order: read without an assembly buffer (from the bytes
+                # the verification kept, a view: no copy)
+                if entry.file is not None:
+                    out = self._reader(entry.file).read_range(name, start, n)
+                else:
+                    path = self._holder(rank).get(key)
+                    if path is None:
+                        raise CheckpointError(f"{self.ckpt}: rank {rank}'s state files lack {key}")
+                    out = self._reader(path).read_range(key, start - p_start, n)
+                self.bytes_read += out.numel() * out.element_size()
+                return out.view(box[1]) if whole else out
+        out = torch.empty(n, dtype=entry.dtype)
+        for p_offs, p_lens, p_start, p_numel, rank in parts:
             common = intersect(box, (p_offs, p_lens)) if box_numel else None
             if common is None:
                 continue
