@@ -184,7 +184,8 @@ def fetch(ckpt: ObjectURL, dest: Path, *, headers_only: bool = False) -> list[st
                 for chunk in body.iter_chunks(_CHUNK):
                     digest.update(chunk)
                     f.write(chunk)
-            if digest.hexdigest() != rec["hash"]:
+            # a range-written file's hash covers its owner's bytes only: checked with its holders' ranges below
+            if not rec.get("ranged") and digest.hexdigest() != rec["hash"]:
                 return f"{rel}: {algo} {digest.hexdigest()[:12]}… does not match the manifest's {rec['hash'][:12]}…"
         except FileNotFoundError:
             return f"{rel}: missing"
@@ -192,7 +193,19 @@ def fetch(ckpt: ObjectURL, dest: Path, *, headers_only: bool = False) -> list[st
 
     with ThreadPoolExecutor(_THREADS, thread_name_prefix="wsd-fetch") as pool:
         problems = [p for p in pool.map(one, sorted(m["files"].items())) if p]
+    if not problems and not headers_only:
+        problems = _check_ranged(dest, m)
     return sorted(problems)
+
+
+def _check_ranged(ckpt: Path, manifest: dict[str, Any]) -> list[str]:
+    """The range-written model files of a local copy (format 3): each file's owner bytes and every holder's ranges
+    against the manifest, as ``verify`` checks them (a whole-file checksum of such a file is not in the manifest:
+    no single rank wrote it)."""
+    ranged = {rel: rec for rel, rec in manifest["files"].items() if rec.get("ranged")}
+    if not ranged:
+        return []
+    return F.check_files(ckpt, {**manifest, "files": ranged}, checksums=True)
 
 
 def _fetch_header(store: S3Store, key: str, path: Path, size: int) -> None:
@@ -268,6 +281,9 @@ def upload(
     m = F.load_manifest(src)
     store = store_for(run)
     ckpt = run / root / src.name
+    damaged = _check_ranged(src, m)  # read once more, locally: their checksums are per holder, not per file
+    if damaged:
+        raise CheckpointError(f"{src}: not copied, the source is damaged: " + "; ".join(damaged))
     _claim(store, ckpt, replace_unfinished=replace_unfinished)
     try:
         algo = m["checksum"]
@@ -289,7 +305,7 @@ def upload(
             size, digest = w.close()
             if progress is not None:
                 progress(1)
-            if (size, digest) != (rec["size"], rec["hash"]):
+            if (size, digest if not rec.get("ranged") else rec["hash"]) != (rec["size"], rec["hash"]):
                 return f"{rel}: the source's {size} bytes / {algo} {digest[:12]}… do not match its manifest"
             return None
 
