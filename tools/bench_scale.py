@@ -338,10 +338,16 @@ median of 3 rounds after a warm-up round, our save/resume and DCP's taking turns
 {table(rows)}
 
 "moved" is every byte that crossed between ranks during the save or the resume (all ranks, all collectives,
-counted on the receiving side), as a multiple of the model's weights: a save sends each partitioned weight once
-to the rank that writes its Hugging Face shard (FSDP2; ZeRO-2's bf16 weights are whole on every rank), nothing of
-the master weights or the optimizer state; "predicted" is `wsd_pretrain.checkpoint.costs` for the same model (what
-docs/scale.md extrapolates). A resume moves only the protocol's small messages. "written max/mean" compares the
+counted on the receiving side), as a multiple of the model's weights. A save moves no FSDP2 or ZeRO weight (each
+holder writes its own rows or chunk of the Hugging Face shard in place: range-written files), nothing of the master
+weights or the optimizer state. Under tensor parallelism a RowwiseParallel weight's column blocks are not byte
+ranges of the file, so this release still gathers each such weight whole at its shard's owner: (N-1)/N of it
+moves (here half the weights are Rowwise: 0.38x on 4 ranks, 0.44x on 8). "predicted" is
+`wsd_pretrain.checkpoint.costs` for the same model (what docs/scale.md extrapolates), which prices the assembly per
+TP group that docs/scale.md's TP rows assume (each TP group puts its own rows together and writes them in place:
+(tp-1)/tp of the Rowwise weights move, 0.25x here); that assembly is not built yet. A resume moves only the
+protocol's small messages; a tensor-parallel one reads each Rowwise column block out of the Hugging Face file row
+by row (an fp32 job keeps no separate master weights), which is why its resume is slower than DCP's here. "written max/mean" compares the
 busiest rank's bytes with the average. "read per rank" is what the busiest rank read to restore its state (its own
 slices, and for ZeRO-2 the whole bf16 model every rank holds), without the checksum verification; "half the ranks"
 resumes the same checkpoint on half as many ranks (for FSDP2 x TP 2: half the data-parallel degree, the same TP
