@@ -146,7 +146,10 @@ that holds them. The `fsdp2 + TP 8` row is torchtitan's Llama plan on a (dp, tp)
 q/k/v, gate/up, output) cut again on dim 0 by FSDP2 are row ranges, written in place; a dim-1 TP shard (o_proj,
 down_proj) is not a byte range of the file, so each TP group puts each of its row blocks together at one writer (a
 rank of the group, rotating with the layer) from the group's column blocks, at exactly the bytes needed: that is
-its collective column ((tp - 1) / tp of those weights). A resume on the same layout reads each byte once: each rank
+its collective column ((tp - 1) / tp of those weights). That per-group assembly is what these rows price; this
+release still gathers a dim-1 TP weight whole at its shard's owner ((N - 1) / N of it moves, and its owner writes
+all of it: tools/bench_scale.py measures that path at 4 and 8 ranks), so the TP rows are the target, not yet the
+code. A resume on the same layout reads each byte once: each rank
 verifies the files and ranges it wrote (its own slices and rows) and restores from the bytes it hashed (plus, for
 ZeRO-2, the whole bf16 model, which every rank holds); on half the ranks each reads twice as much. Six small
 messages go over the checkpoint's gloo groups per save.
