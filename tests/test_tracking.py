@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from wsd_pretrain import train
+from wsd_pretrain.checkpoint.format import disk_usage
 from wsd_pretrain.config import load_config
 from wsd_pretrain.errors import ConfigError
-from wsd_pretrain.tracking import PHASE_CODES, Tracker, TrackingConfig, checkpoint_bytes
+from wsd_pretrain.tracking import PHASE_CODES, Tracker, TrackingConfig
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("wandb")
@@ -141,7 +142,7 @@ def test_tensorboard_events_hold_the_metrics_the_schedule_and_the_checkpoints(tr
     assert series("lr/pre-decay") == {at_pre: lr[at_pre]} and lr[at_pre] == pytest.approx(job.optimizer.lr)
     assert series("lr/post-decay") == {at_post: lr[at_post]} and lr[at_post] < lr[at_pre]
     # every checkpoint: its bytes on disk, how long it took, its kinds
-    assert series("checkpoint/bytes") == {at_pre: checkpoint_bytes(pre), at_post: checkpoint_bytes(post)}
+    assert series("checkpoint/bytes") == {at_pre: disk_usage(pre), at_post: disk_usage(post)}
     assert all(v > 10_000 for v in series("checkpoint/bytes").values())
     assert sorted(series("checkpoint/seconds")) == [at_pre, at_post]
     assert all(v > 0 for v in series("checkpoint/seconds").values())
@@ -176,7 +177,7 @@ def test_wandb_offline_run_holds_the_same_history(tracked_run):
     ckpts = {p.name: p for p in (tracked_run / "checkpoints").glob("step-*")}
     assert sorted(saves) == sorted(ckpts)
     for name, h in saves.items():
-        assert h["checkpoint/bytes"] == checkpoint_bytes(ckpts[name]) and h["checkpoint/seconds"] > 0
+        assert h["checkpoint/bytes"] == disk_usage(ckpts[name]) and h["checkpoint/seconds"] > 0
         assert h["checkpoint/kind"] == name.split("-", 2)[2] and h["step"] == int(name[5:14])
     assert any("lr/pre-decay" in h for h in history) and any("lr/post-decay" in h for h in history)
 
@@ -269,7 +270,7 @@ def test_preempted_async_run_and_a_failing_run_close_their_trackers(tmp_path, mo
     acc = _events(run_dir)
     assert sorted(e.step for e in acc.Scalars("train/loss")) == list(range(1, step + 1))
     ((at, nbytes),) = [(e.step, e.value) for e in acc.Scalars("checkpoint/bytes")]
-    assert (at, nbytes) == (step, checkpoint_bytes(ckpt))
+    assert (at, nbytes) == (step, disk_usage(ckpt))
     (seconds,) = [e.value for e in acc.Scalars("checkpoint/seconds")]
     (blocked,) = [e.value for e in acc.Scalars("checkpoint/blocked_seconds")]
     assert seconds > 0 and blocked >= 0

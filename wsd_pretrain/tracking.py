@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 
-__all__ = ["PHASE_CODES", "Tracker", "TrackingConfig", "check_available", "checkpoint_bytes"]
+__all__ = ["PHASE_CODES", "Tracker", "TrackingConfig", "check_available"]
 
 log = logging.getLogger("wsd_pretrain")
 
@@ -108,18 +108,6 @@ def _installed(name: str) -> bool:
     if name in sys.modules:
         return sys.modules[name] is not None  # None: blocked (``import`` raises ImportError)
     return importlib.util.find_spec(name) is not None
-
-
-def checkpoint_bytes(path: Path) -> int:
-    """The bytes of a committed checkpoint's files (its folder, recursively)."""
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 class Tracker:
@@ -242,7 +230,9 @@ class Tracker:
         """A committed checkpoint: its kinds, seconds from start to commit, seconds training waited, bytes."""
         if not self.active:
             return
-        nbytes = checkpoint_bytes(path)
+        from .checkpoint.format import disk_usage
+
+        nbytes = disk_usage(path)
         text = f"{'+'.join(kinds)}: {path.name} ({nbytes} bytes, {seconds:.3f} s)"
         values = {"checkpoint/seconds": seconds, "checkpoint/blocked_seconds": blocked, "checkpoint/bytes": nbytes}
         if self._tb is not None:

@@ -493,12 +493,12 @@ def _list(root: Path, latest: str | None, checksums: bool) -> list[CheckpointInf
             continue
         path = Path(entry.path)
         if entry.name.startswith(STAGING_PREFIX):
-            out.append(CheckpointInfo(entry.name, path, "in progress", size=_du(path)))
+            out.append(CheckpointInfo(entry.name, path, "in progress", size=disk_usage(path)))
             continue
         parsed = parse_name(entry.name)
         if parsed is None:
             continue
-        info = CheckpointInfo(entry.name, path, "complete", position=parsed[0], kinds=parsed[1], size=_du(path))
+        info = CheckpointInfo(entry.name, path, "complete", position=parsed[0], kinds=parsed[1], size=disk_usage(path))
         try:
             info.manifest = load_manifest(path)
             problems = check_files(path, info.manifest, checksums=checksums)
@@ -514,7 +514,9 @@ def _list(root: Path, latest: str | None, checksums: bool) -> list[CheckpointInf
     return out
 
 
-def _du(path: Path) -> int:
+def disk_usage(path: Path) -> int:
+    """The bytes of the files under ``path`` (a checkpoint's folder, recursively); a file that vanishes meanwhile
+    counts as nothing."""
     total = 0
     for dirpath, _, files in os.walk(path):
         for f in files:
