@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -450,6 +451,24 @@ class CheckpointInfo:
     manifest: dict[str, Any] | None = None
     problem: str | None = None
     latest: bool = False
+
+
+def resume_candidates(infos: Iterable[CheckpointInfo], under: Path | None = None) -> list[dict[str, Any]]:
+    """The committed checkpoints among ``infos`` (complete and corrupt ones: a resume names the damage) as the
+    plain JSON rank 0 hands the other ranks, in order, each with its local path (``under/<name>`` when given: an
+    object-storage run's staging folder)."""
+    return [
+        {
+            "name": i.name,
+            "path": str(under / i.name if under is not None else i.path),
+            "state": i.state,
+            "problem": i.problem,
+            "position": i.position,
+            "kinds": i.kinds,
+        }
+        for i in infos
+        if i.state in ("complete", "corrupt")
+    ]
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

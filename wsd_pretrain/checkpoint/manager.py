@@ -747,18 +747,7 @@ class CheckpointManager:
             except (OSError, CheckpointError) as exc:
                 return {"error": f"{self._remote.url}: cannot list checkpoints: {exc}"}
         try:
-            return [
-                {
-                    "name": i.name,
-                    "path": str(i.path),
-                    "state": i.state,
-                    "problem": i.problem,
-                    "position": i.position,
-                    "kinds": i.kinds,
-                }
-                for i in F.list_checkpoints(self.run_dir)
-                if i.state in ("complete", "corrupt")
-            ]
+            return F.resume_candidates(F.list_checkpoints(self.run_dir))
         except (OSError, CheckpointError) as exc:
             return {"error": f"{self.run_dir}: cannot list checkpoints: {exc}"}
 

@@ -180,18 +180,7 @@ class RemoteTier:
     def listing(self) -> list[dict[str, Any]]:
         """The bucket's committed checkpoints (complete and corrupt), oldest first, as the manager's listing, each
         with its path in the staging run."""
-        return [
-            {
-                "name": i.name,
-                "path": str(F.checkpoints_dir(self.staging) / i.name),
-                "state": i.state,
-                "problem": i.problem,
-                "position": i.position,
-                "kinds": i.kinds,
-            }
-            for i in objstore.list_run(self.url)
-            if i.state in ("complete", "corrupt")
-        ]
+        return F.resume_candidates(objstore.list_run(self.url), under=F.checkpoints_dir(self.staging))
 
     def ensure_local(self, name: str) -> None:
         """Rank 0: the checkpoint ``name`` in the staging run, downloaded and verified unless there already."""
