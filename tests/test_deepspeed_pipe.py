@@ -6,6 +6,7 @@ embedding/head is stored once and comes back on both stages."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,6 +126,7 @@ def _pipe_job(rank: int, world: int, run_dir: str, stages: int, other: int) -> d
     out["adapter"] = type(mgr.adapter).__name__
     train(engine, sched, 4)
     ckpt = mgr.save(["periodic"])
+    engine.save_checkpoint(run_dir + "-native")  # DeepSpeed's own: layer files, model states, ZeRO partitions
     out["saved"] = state_of(engine, opt)
     out["straight"] = train(engine, sched, 2)
     out["straight_state"] = state_of(engine, opt)
@@ -154,7 +156,43 @@ def _pipe_job(rank: int, world: int, run_dir: str, stages: int, other: int) -> d
     out["other_position"] = sched.position
     out["other_losses"] = train(engine, sched, 2)
     mgr.close()
+    # D: `from-deepspeed` of DeepSpeed's own checkpoint of the same moment, then resumed here
+    if rank == 0:  # the command, in a process of its own (a converter is one process)
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, "-m", "wsd_pretrain.cli", "ckpt", "from-deepspeed", run_dir + "-native"]
+        subprocess.run([*cmd, run_dir + "-imported"], check=True, capture_output=True, timeout=600)
+        imported = next(Path(run_dir + "-imported", "checkpoints").glob("step-*-imported"))
+        assert_verified([imported])
+        out["imported_folder"] = _layer_file_check(imported, Path(run_dir + "-native"))
+    torch.distributed.barrier()
+    engine, opt, sched = build_pipe(stages)
+    mgr = CheckpointManager(run_dir + "-imported", engine, opt, sched, config=cfg)
+    assert mgr.resume("auto")
+    out["imported_state"] = state_of(engine, opt)
+    out["imported_position"] = sched.position
+    mgr.close()
     return out
+
+
+def _layer_file_check(ckpt: Path, native: Path) -> list[str]:
+    """Every weight of the imported model folder equals DeepSpeed's layer file of it (what its own
+    PipelineModule.load_state_dir reads; zero_to_fp32 does not read pipeline checkpoints); returns the names."""
+    from safetensors.torch import load_file
+
+    step = next(native.glob("global_step*"))
+    layers = {int(f.name[6:8]): torch.load(f, weights_only=True) for f in step.glob("layer_*-model_states.pt")}
+    folder: dict[str, torch.Tensor] = {}
+    for f in ckpt.glob("model-*.safetensors"):
+        folder |= load_file(f)
+    for name, t in folder.items():
+        head, _, rest = name.partition(".")
+        # the tied embedding/head lives in the first layer's file (layer 0: the embedding)
+        sd = layers[0] if head == "tied_modules" else layers[int(head)]
+        key = rest.partition(".")[2] if head == "tied_modules" else rest
+        assert torch.equal(sd[key], t), f"{name} differs from DeepSpeed's layer file"
+    return sorted(folder)
 
 
 def _check(results: list[dict], world: int, stages: int) -> None:
@@ -180,6 +218,12 @@ def _check(results: list[dict], world: int, stages: int) -> None:
         assert other[k] == v, f"{k} differs after the resume on another layout"
     assert {r["other_position"] for r in results} == {4}
     assert all(torch.isfinite(torch.tensor(list(r["other_losses"].values()))).all() for r in results)
+    # D: DeepSpeed's native checkpoint imported: the layer files' weights, and every tensor and counter exactly
+    assert results[0]["imported_folder"] == params
+    for r in results:
+        assert r["imported_position"] == 4
+        for k, v in r["imported_state"].items():
+            assert v == r["saved"][k], f"{k} imported from DeepSpeed's checkpoint differs from the live engine's"
 
 
 def test_pipe_pp2_zero1_save_verify_resume_bitwise_and_on_one_stage(tmp_path):
