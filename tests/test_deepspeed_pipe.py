@@ -42,8 +42,8 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(), labels.reshape(-1))
 
 
-def build_pipe(stages: int, lr: float = 3e-3):
-    """A 4-block model with a tied embedding/head as a PipelineModule, ZeRO-1, AdamW in two param groups."""
+def build_pipe(stages: int, zero: int = 1, lr: float = 3e-3):
+    """A 4-block model with a tied embedding/head as a PipelineModule, ZeRO ``zero``, AdamW in two param groups."""
     import deepspeed
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
@@ -67,7 +67,7 @@ def build_pipe(stages: int, lr: float = 3e-3):
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 2,
-        "zero_optimization": {"stage": 1},
+        "zero_optimization": {"stage": zero},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "gradient_clipping": 1.0,
@@ -111,7 +111,7 @@ def union(states: list[dict[str, list[float]]]) -> dict[str, list[float]]:
     return out
 
 
-def _pipe_job(rank: int, world: int, run_dir: str, stages: int, other: int) -> dict:
+def _pipe_job(rank: int, world: int, run_dir: str, stages: int, other: int, zero: int = 1) -> dict:
     import deepspeed
 
     from engines import assert_verified
@@ -121,7 +121,7 @@ def _pipe_job(rank: int, world: int, run_dir: str, stages: int, other: int) -> d
     cfg = CheckpointConfig(at_milestones=False, at_end=False, on_preemption=False, keep_last=5)
     out: dict = {}
     # A: 4 updates, a save, 2 more (the uninterrupted run)
-    engine, opt, sched = build_pipe(stages)
+    engine, opt, sched = build_pipe(stages, zero)
     mgr = CheckpointManager(run_dir, engine, opt, sched, config=cfg)
     out["adapter"] = type(mgr.adapter).__name__
     train(engine, sched, 4)
@@ -141,7 +141,7 @@ def _pipe_job(rank: int, world: int, run_dir: str, stages: int, other: int) -> d
         out["index"] = sorted(index)
         out["manifest_layout"] = json.loads((ckpt / "manifest.json").read_text()).get("layout")
     # B: a fresh engine of the same layout (the step-0 weights, no optimizer state), resumed, 2 more updates
-    engine, opt, sched = build_pipe(stages)
+    engine, opt, sched = build_pipe(stages, zero)
     mgr = CheckpointManager(run_dir, engine, opt, sched, config=cfg)
     assert mgr.resume(ckpt)
     out["resumed_state"] = state_of(engine, opt)
@@ -149,7 +149,7 @@ def _pipe_job(rank: int, world: int, run_dir: str, stages: int, other: int) -> d
     out["resumed_end"] = state_of(engine, opt)
     mgr.close()
     # C: another layout (`other` stages over the same ranks: another data-parallel size)
-    engine, opt, sched = build_pipe(other)
+    engine, opt, sched = build_pipe(other, zero)
     mgr = CheckpointManager(run_dir + "-other", engine, opt, sched, config=cfg)
     assert mgr.resume(ckpt)
     out["other_state"] = state_of(engine, opt)
@@ -167,7 +167,7 @@ def _pipe_job(rank: int, world: int, run_dir: str, stages: int, other: int) -> d
         assert_verified([imported])
         out["imported_folder"] = _layer_file_check(imported, Path(run_dir + "-native"))
     torch.distributed.barrier()
-    engine, opt, sched = build_pipe(stages)
+    engine, opt, sched = build_pipe(stages, zero)
     mgr = CheckpointManager(run_dir + "-imported", engine, opt, sched, config=cfg)
     assert mgr.resume("auto")
     out["imported_state"] = state_of(engine, opt)
@@ -238,3 +238,10 @@ def test_pipe_pp2_dp2_zero1_save_verify_resume(tmp_path):
     is pp 1 x dp 4."""
     results = run_distributed(_pipe_job, 4, args=(str(tmp_path / "run"), 2, 1), timeout=900)
     _check(results, 4, 2)
+
+
+@pytest.mark.slow  # the default test above runs the same adapter and importer at ZeRO-1
+def test_pipe_pp2_zero0_save_verify_resume(tmp_path):
+    """ZeRO-0: every rank of a stage holds its stage's whole optimizer state (the torch optimizer itself)."""
+    results = run_distributed(_pipe_job, 2, args=(str(tmp_path / "run"), 2, 1, 0), timeout=600)
+    _check(results, 2, 2)

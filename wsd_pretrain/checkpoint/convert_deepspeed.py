@@ -24,7 +24,10 @@ time, never the whole model or optimizer state (see docs/benchmarks.md for the m
   tensor every TP rank holds whole (checked equal on every TP rank, as DeepSpeed's ``ds_to_universal`` does). The
   result is full tensors, written whole by one holder: the values of DeepSpeed's own universal-checkpoint
   conversion (``zero_to_fp32`` does not understand AutoTP). Refused with the reason: AutoTP at ZeRO 0 or 3,
-  pipeline stages, and a split that is not one box per rank (fused sub-parameters).
+  and a split that is not one box per rank (fused sub-parameters).
+* DeepSpeed's ``PipelineEngine`` (ZeRO 0/1): ``layer_XX-model_states.pt`` (the weights), one
+  ``mp_rank_SS_model_states.pt`` per stage and its ZeRO files: :class:`PipeCheckpointSource`, the stages' union as
+  one model (:func:`open_deepspeed_checkpoint` picks it).
 """
 
 from __future__ import annotations

@@ -20,7 +20,11 @@ manager is built (:meth:`DeepSpeedAdapter.check_complete`), so a checkpoint is n
 Refused: NVMe offload (state swapped out to disk), ZeRO++ hierarchical partitions / MiCS, DeepSpeed AutoTP
 (``tensor_parallel.autotp_size`` > 1: each rank holds a slice of most weights; :func:`autotp_partition` says which,
 and ``wsd-pretrain ckpt from-deepspeed`` imports DeepSpeed's own checkpoint of such a job), other data-parallel groups
-smaller than the world (pipeline parallelism, a Megatron ``mpu``), MoE.
+smaller than the world (a Megatron ``mpu``, a model-parallel slice inside pipeline stages), MoE, a PipelineEngine with
+ZeRO 2 or 3.
+
+DeepSpeed's ``PipelineEngine`` (ZeRO-0/1) is :class:`DeepSpeedPipeAdapter`: the stages' union as one model, each
+rank's ZeRO partitions cut over its stage's data-parallel group (``part_world``/``part_rank``).
 
 A fresh engine has no optimizer state until its first step, and restoring needs the buffers: ``begin_restore`` runs
 one optimizer step at LR 0 on zero gradients (weights unchanged bit for bit), whose state is then overwritten.
