@@ -162,10 +162,16 @@ def _pipe_job(rank: int, world: int, run_dir: str, stages: int, other: int, zero
         import sys
 
         cmd = [sys.executable, "-m", "wsd_pretrain.cli", "ckpt", "from-deepspeed", run_dir + "-native"]
-        subprocess.run([*cmd, run_dir + "-imported"], check=True, capture_output=True, timeout=600)
+        done = subprocess.run([*cmd, run_dir + "-imported"], capture_output=True, text=True, timeout=600)
+        if zero == 0:  # DeepSpeed records no parameter names per stage at ZeRO-0: refused, naming why
+            assert done.returncode != 0 and "no param_shapes" in done.stderr, done.stderr
+            return out
+        assert done.returncode == 0, done.stderr
         imported = next(Path(run_dir + "-imported", "checkpoints").glob("step-*-imported"))
         assert_verified([imported])
         out["imported_folder"] = _layer_file_check(imported, Path(run_dir + "-native"))
+    if zero == 0:
+        return out
     torch.distributed.barrier()
     engine, opt, sched = build_pipe(stages, zero)
     mgr = CheckpointManager(run_dir + "-imported", engine, opt, sched, config=cfg)
@@ -195,7 +201,7 @@ def _layer_file_check(ckpt: Path, native: Path) -> list[str]:
     return sorted(folder)
 
 
-def _check(results: list[dict], world: int, stages: int) -> None:
+def _check(results: list[dict], world: int, stages: int, imported: bool = True) -> None:
     assert {r["adapter"] for r in results} == {"DeepSpeedPipeAdapter"}
     saved = union([r["saved"] for r in results])
     params = sorted(k.removesuffix(":model") for k in saved if k.endswith(":model"))
@@ -218,6 +224,8 @@ def _check(results: list[dict], world: int, stages: int) -> None:
         assert other[k] == v, f"{k} differs after the resume on another layout"
     assert {r["other_position"] for r in results} == {4}
     assert all(torch.isfinite(torch.tensor(list(r["other_losses"].values()))).all() for r in results)
+    if not imported:
+        return
     # D: DeepSpeed's native checkpoint imported: the layer files' weights, and every tensor and counter exactly
     assert results[0]["imported_folder"] == params
     for r in results:
@@ -244,4 +252,4 @@ def test_pipe_pp2_dp2_zero1_save_verify_resume(tmp_path):
 def test_pipe_pp2_zero0_save_verify_resume(tmp_path):
     """ZeRO-0: every rank of a stage holds its stage's whole optimizer state (the torch optimizer itself)."""
     results = run_distributed(_pipe_job, 2, args=(str(tmp_path / "run"), 2, 1, 0), timeout=600)
-    _check(results, 2, 2)
+    _check(results, 2, 2, imported=False)

@@ -660,7 +660,11 @@ class PipeCheckpointSource:
             names = [n for group in ms.get("param_shapes") or [] for n in group]
             names += list(ms.get("buffer_names") or [])
             if not names:
-                raise CheckpointError(f"{step_dir}: stage {s}'s model states list no parameters (param_shapes)")
+                raise CheckpointError(
+                    f"{step_dir}: stage {s}'s model states list no parameters (no param_shapes: DeepSpeed records "
+                    "none at ZeRO stage 0), so which layer files and optimizer entries are the stage's is not known; "
+                    "import a ZeRO-1 pipeline checkpoint, or save the job with wsd_pretrain's CheckpointManager"
+                )
             weights = {n: _layer_tensor(n, states, tied_layer, step_dir) for n in names}
             self.stages.append(DeepSpeedCheckpointSource(step_dir, _stage=(s, weights)))
         dps = {src.world for src in self.stages}
