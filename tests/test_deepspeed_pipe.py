@@ -42,7 +42,7 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(), labels.reshape(-1))
 
 
-def build_pipe(stages: int, zero: int = 1, lr: float = 3e-3):
+def build_pipe(stages: int, zero: int = 1, lr: float = 3e-3, bf16: bool = False):
     """A 4-block model with a tied embedding/head as a PipelineModule, ZeRO ``zero``, AdamW in two param groups."""
     import deepspeed
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -72,6 +72,8 @@ def build_pipe(stages: int, zero: int = 1, lr: float = 3e-3):
         "steps_per_print": 10**9,
         "gradient_clipping": 1.0,
     }
+    if bf16:  # bf16 weights, fp32 masters in the ZeRO partitions
+        config["bf16"] = {"enabled": True}
     engine, *_ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=config)
     return engine, opt, sched
 
@@ -111,7 +113,7 @@ def union(states: list[dict[str, list[float]]]) -> dict[str, list[float]]:
     return out
 
 
-def _pipe_job(rank: int, world: int, run_dir: str, stages: int, other: int, zero: int = 1) -> dict:
+def _pipe_job(rank: int, world: int, run_dir: str, stages: int, other: int, zero: int = 1, bf16: bool = False) -> dict:
     import deepspeed
 
     from engines import assert_verified
@@ -121,7 +123,7 @@ def _pipe_job(rank: int, world: int, run_dir: str, stages: int, other: int, zero
     cfg = CheckpointConfig(at_milestones=False, at_end=False, on_preemption=False, keep_last=5)
     out: dict = {}
     # A: 4 updates, a save, 2 more (the uninterrupted run)
-    engine, opt, sched = build_pipe(stages, zero)
+    engine, opt, sched = build_pipe(stages, zero, bf16=bf16)
     mgr = CheckpointManager(run_dir, engine, opt, sched, config=cfg)
     out["adapter"] = type(mgr.adapter).__name__
     train(engine, sched, 4)
@@ -141,7 +143,7 @@ def _pipe_job(rank: int, world: int, run_dir: str, stages: int, other: int, zero
         out["index"] = sorted(index)
         out["manifest_layout"] = json.loads((ckpt / "manifest.json").read_text()).get("layout")
     # B: a fresh engine of the same layout (the step-0 weights, no optimizer state), resumed, 2 more updates
-    engine, opt, sched = build_pipe(stages, zero)
+    engine, opt, sched = build_pipe(stages, zero, bf16=bf16)
     mgr = CheckpointManager(run_dir, engine, opt, sched, config=cfg)
     assert mgr.resume(ckpt)
     out["resumed_state"] = state_of(engine, opt)
@@ -149,7 +151,7 @@ def _pipe_job(rank: int, world: int, run_dir: str, stages: int, other: int, zero
     out["resumed_end"] = state_of(engine, opt)
     mgr.close()
     # C: another layout (`other` stages over the same ranks: another data-parallel size)
-    engine, opt, sched = build_pipe(other, zero)
+    engine, opt, sched = build_pipe(other, zero, bf16=bf16)
     mgr = CheckpointManager(run_dir + "-other", engine, opt, sched, config=cfg)
     assert mgr.resume(ckpt)
     out["other_state"] = state_of(engine, opt)
@@ -173,7 +175,7 @@ def _pipe_job(rank: int, world: int, run_dir: str, stages: int, other: int, zero
     if zero == 0:
         return out
     torch.distributed.barrier()
-    engine, opt, sched = build_pipe(stages, zero)
+    engine, opt, sched = build_pipe(stages, zero, bf16=bf16)
     mgr = CheckpointManager(run_dir + "-imported", engine, opt, sched, config=cfg)
     assert mgr.resume("auto")
     out["imported_state"] = state_of(engine, opt)
@@ -253,3 +255,11 @@ def test_pipe_pp2_zero0_save_verify_resume(tmp_path):
     """ZeRO-0: every rank of a stage holds its stage's whole optimizer state (the torch optimizer itself)."""
     results = run_distributed(_pipe_job, 2, args=(str(tmp_path / "run"), 2, 1, 0), timeout=600)
     _check(results, 2, 2, imported=False)
+
+
+@pytest.mark.slow  # the default test above runs the same adapter and importer in fp32
+def test_pipe_pp2_zero1_bf16_save_verify_resume(tmp_path):
+    """bf16 weights with fp32 masters: the masters are the stage's ZeRO fragments, the weights whole."""
+    results = run_distributed(_pipe_job, 2, args=(str(tmp_path / "run"), 2, 1, 1, True), timeout=600)
+    _check(results, 2, 2)
+    assert any(k.endswith(":master") for k in results[0]["saved"])
