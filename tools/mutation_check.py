@@ -56,6 +56,7 @@ T_RESUME_DDP = "tests/test_checkpoint_resume.py::test_stop_and_resume_equals_str
 T_MANAGER = "tests/test_checkpoint_manager.py"
 T_FAULTS = "tests/test_checkpoint_faults.py"
 T_AGREEMENT = "tests/test_checkpoint_agreement.py"
+T_DSPIPE = "tests/test_deepspeed_pipe.py::test_pipe_pp2_zero1_save_verify_resume_bitwise_and_on_one_stage"
 T_AUTOTP = (
     "tests/test_autotp.py::test_autotp_is_refused_at_build_and_its_deepspeed_checkpoint_imports_as_deepspeed_merges_it"
 )
@@ -801,10 +802,28 @@ MUTATIONS: list[Mutation] = [
     ),
     # ------------------------------------------------------------------ DeepSpeed AutoTP
     M(
+        "deepspeed-pipe-tied-weight-per-stage",
+        "wsd_pretrain/checkpoint/deepspeed_adapter.py",
+        "                    continue\n                owner[name] = (s, row)",
+        "                owner[name] = (s, row)",
+        (T_DSPIPE,),
+        "a PipelineModule's tied embedding/head is listed by both stages: the model folder holds it twice (or the plan "
+        "refuses the save)",
+    ),
+    M(
+        "deepspeed-pipe-stage-rank-not-translated",
+        "wsd_pretrain/checkpoint/deepspeed_adapter.py",
+        "Partition(parts=tuple((a, n, ranks[r]) for a, n, r in frags))",
+        "Partition(parts=tuple((a, n, r) for a, n, r in frags))",
+        (T_DSPIPE,),
+        "a pipeline stage's ZeRO fragments are given to the stage-local data-parallel rank numbers: the first stage's "
+        "ranks are asked for the last stage's master and optimizer state",
+    ),
+    M(
         "autotp-refused-as-plain-data-parallel",
         "wsd_pretrain/checkpoint/deepspeed_adapter.py",
-        "        if tp > 1:\n            problems.append(self._autotp_problem(tp))\n        elif dp != self.world:",
-        "        if dp != self.world:",
+        "        if tp > 1:\n            problems.append(self._autotp_problem(tp))\n        elif pp > 1",
+        "        if False:\n            pass\n        elif pp > 1",
         (T_AUTOTP,),
         "an AutoTP job is refused as 'only pure data parallelism', without naming AutoTP or the from-deepspeed way out",
     ),

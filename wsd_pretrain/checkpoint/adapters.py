@@ -713,9 +713,9 @@ def make_adapter(model: Any, optimizer: torch.optim.Optimizer | None = None) -> 
     ds = sys.modules.get("deepspeed")  # a DeepSpeed engine means DeepSpeed is imported; importing it costs seconds
     DeepSpeedEngine = getattr(ds, "DeepSpeedEngine", None) if ds is not None else None
     if DeepSpeedEngine is not None and isinstance(model, DeepSpeedEngine):
-        from .deepspeed_adapter import DeepSpeedAdapter
+        from .deepspeed_adapter import DeepSpeedAdapter, DeepSpeedPipeAdapter, _is_pipeline
 
-        return DeepSpeedAdapter(model)
+        return DeepSpeedPipeAdapter(model) if _is_pipeline(model) else DeepSpeedAdapter(model)
     if _is_fsdp2(model):
         return FSDP2Adapter(model, optimizer)
     if isinstance(model, torch.nn.Module):

@@ -24,7 +24,10 @@ time, never the whole model or optimizer state (see docs/benchmarks.md for the m
   tensor every TP rank holds whole (checked equal on every TP rank, as DeepSpeed's ``ds_to_universal`` does). The
   result is full tensors, written whole by one holder: the values of DeepSpeed's own universal-checkpoint
   conversion (``zero_to_fp32`` does not understand AutoTP). Refused with the reason: AutoTP at ZeRO 0 or 3,
-  pipeline stages, and a split that is not one box per rank (fused sub-parameters).
+  and a split that is not one box per rank (fused sub-parameters).
+* DeepSpeed's ``PipelineEngine`` (ZeRO 0/1): ``layer_XX-model_states.pt`` (the weights), one
+  ``mp_rank_SS_model_states.pt`` per stage and its ZeRO files: :class:`PipeCheckpointSource`, the stages' union as
+  one model (:func:`open_deepspeed_checkpoint` picks it).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from .layout import Item, Partition, zero3_chunks
 from .names import canonical_text
 from .resume_checks import UNKNOWN_CLASS
 
-__all__ = ["DeepSpeedCheckpointSource", "find_deepspeed_step_dir"]
+__all__ = ["DeepSpeedCheckpointSource", "PipeCheckpointSource", "find_deepspeed_step_dir", "open_deepspeed_checkpoint"]
 
 _OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _MP_RANK_RE = re.compile(r"mp_rank_(\d+)_(?:model|optim)_states\.pt$")
@@ -106,25 +109,34 @@ class DeepSpeedCheckpointSource:
     device = torch.device("cpu")
     progress: Any = None
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, _stage: tuple[int, dict[str, torch.Tensor]] | None = None) -> None:
+        """``_stage``: (mp rank, its weights) for one stage of a pipeline checkpoint (see :class:`PipeCheckpointSource`:
+        the stage's model states file and optimizer files, its weights read from the layer files)."""
         self.step_dir = find_deepspeed_step_dir(path)
-        model_files = sorted(self.step_dir.glob("*mp_rank_00_model_states.pt"))
+        mp = _stage[0] if _stage is not None else 0
+        model_files = sorted(self.step_dir.glob(f"*mp_rank_{mp:02d}_model_states.pt"))
         self.model_states = _load(model_files[0])
         ms = self.model_states
+        if _stage is not None:
+            ms["module"] = _stage[1]
         if not isinstance(ms, dict) or "module" not in ms:
             raise CheckpointError(f"{model_files[0]}: no 'module' entry; not a DeepSpeed model states file")
+        if ms["module"] is None:
+            raise CheckpointError(f"{model_files[0]}: no weights in it and no pipeline layer files beside it")
         _canonical_names(ms)
         if ms.get("frozen_param_shapes"):
             raise CheckpointError(f"{self.step_dir}: frozen parameters are not supported by the converter")
         # one set of files per tensor-parallel rank (mp_rank_XX): more than one is DeepSpeed AutoTP
         mp_ranks = sorted({int(m.group(1)) for f in self.step_dir.iterdir() if (m := _MP_RANK_RE.search(f.name))})
-        self.tp = len(mp_ranks)
-        if mp_ranks != list(range(self.tp)):
+        self.tp = len(mp_ranks) if _stage is None else 1
+        if mp_ranks != list(range(len(mp_ranks))):
             raise CheckpointError(f"{self.step_dir}: files for tensor-parallel (mp) ranks {mp_ranks}")
         optim_by_tp: dict[int, list[tuple[int, Path]]] = {}
         for f in self.step_dir.iterdir():
             if m := _OPTIM_RE.match(f.name):
                 optim_by_tp.setdefault(int(m.group(2)), []).append((int(m.group(1)), f))
+        if _stage is not None:
+            optim_by_tp = {0: optim_by_tp.get(mp, [])}
         optim_files = sorted(optim_by_tp.get(0, []))
         self.world = len(optim_files)
         for t, files in sorted(optim_by_tp.items()):
@@ -591,3 +603,197 @@ def _match_groups(params: list[tuple[str, tuple[int, ...]]], groups: list[list[A
                     pos[g] += 1
                     break
     return out
+
+
+# ---------------------------------------------------------------------------------------------- pipeline stages
+
+_LAYER_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
+_LAYER_TP_RE = re.compile(r"^layer_\d+-model_\d+-model_states\.pt$")
+
+
+def open_deepspeed_checkpoint(path: str | Path) -> Any:
+    """The source for a DeepSpeed checkpoint: :class:`PipeCheckpointSource` for a ``PipelineEngine``'s (layer files
+    beside the model states), else :class:`DeepSpeedCheckpointSource`."""
+    step_dir = find_deepspeed_step_dir(path)
+    if any(_LAYER_RE.match(f.name) or _LAYER_TP_RE.match(f.name) for f in step_dir.iterdir()):
+        return PipeCheckpointSource(step_dir)
+    return DeepSpeedCheckpointSource(step_dir)
+
+
+class PipeCheckpointSource:
+    """A DeepSpeed ``PipelineEngine`` checkpoint (ZeRO-0/1) as one model: each stage's ``mp_rank_SS_model_states.pt``
+    (its parameter names and ZeRO layout) and ``zero_pp_rank_D_mp_rank_SS_optim_states.pt`` (its data-parallel ranks'
+    partitions) read as one :class:`DeepSpeedCheckpointSource`, its weights from the ``layer_XX-model_states.pt``
+    files (DeepSpeed's own ``PipelineModule.load_state_dir`` reads these): ``XX.<name>`` is layer XX's ``<name>``; a
+    tied module's ``tied_modules.<key>.<name>`` comes from the one layer file whose tensors are exactly that
+    module's (names and shapes; two tied modules alike are refused as ambiguous). The stages' union is the model,
+    each tensor owned by the first stage that holds it (a tied weight once, with that stage's optimizer state); stage
+    S's data-parallel rank D is holder ``S * dp + D``, so every partition stays the file it came from."""
+
+    gathers = False
+    rank = 0
+    device = torch.device("cpu")
+
+    def __init__(self, step_dir: Path) -> None:
+        self.step_dir = step_dir
+        if any(_LAYER_TP_RE.match(f.name) for f in step_dir.iterdir()):
+            raise CheckpointError(
+                f"{step_dir}: a pipeline checkpoint with tensor-parallel layer files (layer_XX-model_YY): pipeline "
+                "stages with a model-parallel slice are not supported; convert it with DeepSpeed's ds_to_universal.py"
+            )
+        layers = {int(m.group(1)): f for f in step_dir.iterdir() if (m := _LAYER_RE.match(f.name))}
+        mp = sorted({int(m.group(1)) for f in step_dir.iterdir() if (m := _MP_RANK_RE.search(f.name))})
+        if not mp or mp != list(range(len(mp))):
+            raise CheckpointError(f"{step_dir}: model states files for pipeline stages {mp}, expected 0-{len(mp) - 1}")
+        states = {n: _load(f) for n, f in sorted(layers.items())}
+        models = {s: _load(step_dir / f"mp_rank_{s:02d}_model_states.pt") for s in mp}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for ms in models.values():
+            _canonical_names(ms)
+            shapes |= {
+                n: tuple(int(d) for d in sh) for group in ms.get("param_shapes") or [] for n, sh in group.items()
+            }
+        tied_layer = _tied_layers(shapes, states, step_dir)
+        self.stages: list[DeepSpeedCheckpointSource] = []
+        for s in mp:
+            ms = models[s]
+            names = [n for group in ms.get("param_shapes") or [] for n in group]
+            names += list(ms.get("buffer_names") or [])
+            if not names:
+                raise CheckpointError(
+                    f"{step_dir}: stage {s}'s model states list no parameters (no param_shapes: DeepSpeed records "
+                    "none at ZeRO stage 0), so which layer files and optimizer entries are the stage's is not known; "
+                    "import a ZeRO-1 pipeline checkpoint, or save the job with wsd_pretrain's CheckpointManager"
+                )
+            weights = {n: _layer_tensor(n, states, tied_layer, step_dir) for n in names}
+            self.stages.append(DeepSpeedCheckpointSource(step_dir, _stage=(s, weights)))
+        dps = {src.world for src in self.stages}
+        if len(dps) != 1:
+            raise CheckpointError(f"{step_dir}: the pipeline stages have {sorted(dps)} data-parallel ranks")
+        self.dp = dps.pop()
+        self.world = self.dp * len(self.stages)
+        self.owner: dict[str, int] = {}
+        for s, src in enumerate(self.stages):
+            for n in [*src.param_names, *src.buffer_names]:
+                if n in self.owner:
+                    first = self.stages[self.owner[n]]
+                    if n in first.shapes and first.shapes[n] != src.shapes.get(n):
+                        raise CheckpointError(f"{n}: stages {self.owner[n]} and {s} hold it with different shapes")
+                    continue
+                self.owner[n] = s
+        self.param_names = [n for n in self.owner if n not in self.buffer_names]
+
+    @property
+    def buffer_names(self) -> list[str]:
+        return list(dict.fromkeys(b for src in self.stages for b in src.buffer_names))
+
+    @property
+    def tied(self) -> dict[str, str]:
+        return {k: v for src in self.stages for k, v in src.tied.items()}
+
+    @property
+    def progress(self) -> Any:
+        return self.stages[0].progress
+
+    @progress.setter
+    def progress(self, value: Any) -> None:
+        for src in self.stages:
+            src.progress = value
+
+    def layout(self) -> dict[str, Any]:
+        return self.stages[0].layout() | {
+            "world_size": self.world,
+            "data_parallel": self.dp,
+            "pipeline_stages": len(self.stages),
+        }
+
+    def _of(self, item: Item) -> tuple[int, DeepSpeedCheckpointSource]:
+        name = item.name.rsplit("/", 1)[0] if item.group == "optimizer" else item.name
+        s = self.owner[name]
+        return s, self.stages[s]
+
+    def items(self) -> list[Item]:
+        by_group: dict[str, list[Item]] = {"model": [], "master": [], "optimizer": []}
+        buffers = set(self.buffer_names)
+        for s, src in enumerate(self.stages):
+            off = s * self.dp
+            for it in src.items():
+                if self._of(it)[0] != s:
+                    continue  # a tied weight: stored by its first stage
+                part = it.partition
+                if not part.replicated:
+                    part = Partition(parts=tuple((a, n, r + off) for a, n, r in part.iter_parts(it.numel, self.dp)))
+                by_group[it.group].append(Item(it.group, it.name, it.shape, it.dtype, part))
+        model = by_group["model"]
+        return (
+            [i for i in model if i.name not in buffers]
+            + [i for i in model if i.name in buffers]
+            + by_group["master"]
+            + by_group["optimizer"]
+        )
+
+    def local(self, item: Item) -> torch.Tensor:
+        return self._of(item)[1].local(item)
+
+    def part(self, item: Item, holder: int) -> torch.Tensor:
+        s, src = self._of(item)
+        return src.part(item, holder - s * self.dp)
+
+    def meta(self) -> dict[str, Any]:
+        metas = [src.meta() for src in self.stages]
+        out = metas[0]
+        scalars: dict[str, Any] = {}
+        for m in metas:
+            for n, leaves in m["optimizer"]["scalars"].items():
+                scalars.setdefault(n, leaves)
+        out["optimizer"]["scalars"] = scalars
+        return out
+
+    def trainer_state(self) -> dict[str, Any]:
+        return self.stages[0].trainer_state()
+
+
+def _tied_layers(shapes: dict[str, tuple[int, ...]], layers: dict[int, dict[str, Any]], where: Path) -> dict[str, int]:
+    """Each tied module's layer file: the first one, among the layers no ``XX.<name>`` parameter comes from, that
+    holds exactly the module's parameters (names and shapes); a file two tied modules match is refused."""
+    plain = {int(n.split(".", 1)[0]) for n in shapes if n.split(".", 1)[0].isdigit()}
+    tied: dict[str, dict[str, tuple[int, ...]]] = {}
+    for n, sh in shapes.items():
+        if n.startswith("tied_modules."):
+            key, _, rest = n.removeprefix("tied_modules.").partition(".")
+            tied.setdefault(key, {})[rest] = sh
+    out: dict[str, int] = {}
+    for idx, sd in sorted(layers.items()):
+        if idx in plain or not sd:
+            continue
+        fits = [
+            k
+            for k, sig in tied.items()
+            if all(r in sd and tuple(sd[r].shape) == sh for r, sh in sig.items())
+            and all(r in sig for r, t in sd.items() if torch.is_tensor(t) and t.is_floating_point())
+        ]
+        if len(fits) > 1:
+            raise CheckpointError(
+                f"{where}: layer_{idx:02d}-model_states.pt fits the tied modules {fits} alike: which one it holds is "
+                "ambiguous; import with DeepSpeed's own consolidation (zero_to_fp32) instead"
+            )
+        if fits:
+            out.setdefault(fits[0], idx)
+    missing = sorted(set(tied) - set(out))
+    if missing:
+        raise CheckpointError(f"{where}: no layer file holds the tied modules {missing}")
+    return out
+
+
+def _layer_tensor(name: str, layers: dict[int, dict[str, Any]], tied: dict[str, int], where: Path) -> torch.Tensor:
+    """``name``'s tensor in the pipeline's layer files (see :class:`PipeCheckpointSource`)."""
+    head, _, rest = name.partition(".")
+    if head == "tied_modules":
+        key, _, rest = rest.partition(".")
+        idx = tied.get(key)
+    else:
+        idx = int(head) if head.isdigit() else None
+    sd = layers.get(idx) if idx is not None else None
+    if sd is None or rest not in sd:
+        raise CheckpointError(f"{where}: no layer file holds {name}")
+    return sd[rest]

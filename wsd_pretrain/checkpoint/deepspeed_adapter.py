@@ -20,7 +20,11 @@ manager is built (:meth:`DeepSpeedAdapter.check_complete`), so a checkpoint is n
 Refused: NVMe offload (state swapped out to disk), ZeRO++ hierarchical partitions / MiCS, DeepSpeed AutoTP
 (``tensor_parallel.autotp_size`` > 1: each rank holds a slice of most weights; :func:`autotp_partition` says which,
 and ``wsd-pretrain ckpt from-deepspeed`` imports DeepSpeed's own checkpoint of such a job), other data-parallel groups
-smaller than the world (pipeline parallelism, a Megatron ``mpu``), MoE.
+smaller than the world (a Megatron ``mpu``, a model-parallel slice inside pipeline stages), MoE, a PipelineEngine with
+ZeRO 2 or 3.
+
+DeepSpeed's ``PipelineEngine`` (ZeRO-0/1) is :class:`DeepSpeedPipeAdapter`: the stages' union as one model, each
+rank's ZeRO partitions cut over its stage's data-parallel group (``part_world``/``part_rank``).
 
 A fresh engine has no optimizer state until its first step, and restoring needs the buffers: ``begin_restore`` runs
 one optimizer step at LR 0 on zero gradients (weights unchanged bit for bit), whose state is then overwritten.
@@ -44,7 +48,14 @@ from .adapters import (
 )
 from .layout import Item, Partition, zero3_chunks, zero12_fragments
 
-__all__ = ["AUTOTP_FIX", "AutoTPPartition", "DeepSpeedAdapter", "autotp_partition"]
+__all__ = [
+    "AUTOTP_FIX",
+    "AutoTPPartition",
+    "DeepSpeedAdapter",
+    "DeepSpeedPipeAdapter",
+    "autotp_partition",
+    "pipeline_stages",
+]
 
 _SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis", "scale_factor", "scale_window")
 
@@ -59,6 +70,8 @@ class DeepSpeedAdapter(EngineAdapter):
         self.wrapper = engine.optimizer
         self.low_precision = bool(engine.bfloat16_enabled() or engine.fp16_enabled())
         self.kind = self._kind()
+        # the ranks a ZeRO partition is cut over: the world, or one pipeline stage's data-parallel group
+        self.part_world, self.part_rank = self.world, self.rank
         self._refuse_unsupported()
         self._id_name = {id(p): n for n, p in self._params}
         self._layout_cache: dict[str, Any] | None = None
@@ -113,9 +126,21 @@ class DeepSpeedAdapter(EngineAdapter):
             problems.append("the model has MoE layers (expert-parallel groups)")
         dp = int(getattr(self.ds, "dp_world_size", self.world))
         tp = int(self.ds.autotp_size() or 0) if hasattr(self.ds, "autotp_size") else 0
+        pp = pipeline_stages(self.ds)
+        if pp > 1 and self.stage > 1:
+            problems.append(
+                f"pipeline parallelism ({pp} stages) with ZeRO stage {self.stage}: DeepSpeed's PipelineEngine "
+                "supports ZeRO stage 0 and 1 only; set zero_optimization.stage to 0 or 1"
+            )
         if tp > 1:
             problems.append(self._autotp_problem(tp))
-        elif dp != self.world:
+        elif pp > 1 and dp * pp != self.world:
+            problems.append(
+                f"the pipeline has {pp} stages of {dp} data-parallel ranks, {dp * pp} of the {self.world} ranks "
+                "(a model-parallel slice inside each stage, from a Megatron mpu?): only pipeline stages times data "
+                "parallelism is supported"
+            )
+        elif pp == 1 and dp != self.world:
             problems.append(
                 f"the data-parallel group has {dp} ranks of {self.world} (tensor or pipeline parallelism): only pure "
                 "data parallelism is supported"
@@ -183,7 +208,7 @@ class DeepSpeedAdapter(EngineAdapter):
         parts: dict[str, Partition] = {}
         group_of: dict[str, int] = {}
         for i, params in enumerate(lp_groups):
-            size = lp_flats[i].numel() // self.world
+            size = lp_flats[i].numel() // self.part_world
             if size != hp_flats[i].numel():
                 raise CheckpointError(
                     f"DeepSpeed param group {i}: partition of {hp_flats[i].numel()} elements, expected {size}: this "
@@ -201,11 +226,11 @@ class DeepSpeedAdapter(EngineAdapter):
                     by_id[id(p)] = running
                     running += p.numel()
                 offsets = [by_id[id(p)] for p in params]
-            for p, part in zip(params, zero12_fragments([p.numel() for p in params], offsets, size, self.world)):
+            for p, part in zip(params, zero12_fragments([p.numel() for p in params], offsets, size, self.part_world)):
                 name = self._id_name.get(id(p))
                 if name is None:
                     raise CheckpointError("a DeepSpeed param group holds a tensor that is not a module parameter")
-                mine = part.local(self.rank, p.numel())
+                mine = part.local(self.part_rank, p.numel())
                 link = getattr(p, "_hp_mapping", None)
                 linked = (link.lp_fragment_address.start, link.lp_fragment_address.numel) if link is not None else None
                 if mine != linked:
@@ -462,7 +487,7 @@ class DeepSpeedAdapter(EngineAdapter):
     def _range(self, name: str) -> tuple[int, int | None]:
         if self.kind in ("zero3", "fragments"):
             local = self._partition(name).local(
-                self.rank, self._by_name[name].ds_numel if self.kind == "zero3" else self._by_name[name].numel()
+                self.part_rank, self._by_name[name].ds_numel if self.kind == "zero3" else self._by_name[name].numel()
             )
             return local if local is not None else (0, 0)
         return 0, None
@@ -626,6 +651,176 @@ class DeepSpeedAdapter(EngineAdapter):
             return state
         target = self._zero0_master(name)
         return self.optimizer.state[target] if target is not None else state
+
+
+# ---------------------------------------------------------------------------------------------- pipeline stages
+
+
+def pipeline_stages(engine: Any) -> int:
+    """How many pipeline stages a DeepSpeed engine runs (1 for anything but a ``PipelineEngine``)."""
+    if not _is_pipeline(engine):
+        return 1
+    return int(getattr(engine, "num_stages", 1) or 1)
+
+
+def _is_pipeline(engine: Any) -> bool:
+    import sys
+
+    pipe = sys.modules.get("deepspeed.runtime.pipe.engine")
+    cls = getattr(pipe, "PipelineEngine", None) if pipe is not None else None
+    return cls is not None and isinstance(engine, cls)
+
+
+def _dtype(text: str) -> torch.dtype:
+    dtype = getattr(torch, text, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"internal: a pipeline stage describes an unknown dtype {text!r}")
+    return dtype
+
+
+class DeepSpeedPipeAdapter(DeepSpeedAdapter):
+    """DeepSpeed's ``PipelineEngine`` (a ``PipelineModule`` of ``LayerSpec``/``TiedLayerSpec``, ZeRO-0/1): each rank
+    holds one stage's layers, under the module's own names (``<layer index>.<name>``, a tied layer's
+    ``tied_modules.<key>.<name>`` on every stage that uses it), and its ZeRO-1 partitions are cut over that stage's
+    data-parallel group.
+
+    The checkpoint is one model: when the adapter is built, each stage's first data-parallel rank describes its
+    parameters (names, shapes, dtypes, ZeRO fragments within the stage) in one all-gather of JSON on the
+    checkpoint's gloo group; every rank then lists the union of all stages' tensors, each owned by the first stage
+    that holds it. A tied weight is stored once, by its first stage (with that stage's master and optimizer state)
+    and restored to every stage that holds it (each reads its own fragments of it by element range). Model weights
+    are written by their stage's data-parallel ranks in turn; masters and optimizer state by their holders. The
+    optimizer state keys of the other stages' parameters are this rank's own (every stage steps the same optimizer
+    class at the same steps); a stage whose keys differ makes the ranks' descriptions differ, which the build-time
+    agreement refuses."""
+
+    def __init__(self, engine: Any) -> None:
+        from .. import distributed as D
+        from . import coord
+
+        error, mine = None, None
+        stage = int(getattr(engine, "stage_id", 0))
+        try:
+            super().__init__(engine)
+            grid = engine.grid
+            self.stage_id, self.num_stages = stage, pipeline_stages(engine)
+            self.part_world = int(engine.dp_world_size)
+            self.part_rank = int(grid.get_data_parallel_rank())
+            dp_ranks = [int(r) for r in grid.get_data_parallel_group_ranks()]
+            if len(dp_ranks) != self.part_world or dp_ranks[self.part_rank] != self.rank:
+                raise CheckpointError(
+                    f"DeepSpeed's pipeline grid puts rank {self.rank} at data-parallel rank {self.part_rank} of "
+                    f"{dp_ranks}: a grid the checkpoint manager does not understand"
+                )
+            mine = {"ranks": dp_ranks, "params": self._stage_params() if self.part_rank == 0 else None}
+            mine["buffers"] = [[n, list(t.shape), _dtext(t.dtype)] for n, t in self._buffers.items()]
+        except Exception as exc:
+            error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+        got = D.all_gather_object({"error": error, "stage": stage, "mine": mine}, group=coord.groups().coord)
+        errors = [g["error"] for g in got]
+        if any(errors):
+            raise CheckpointError(coord.describe_errors(errors))
+        self._global = self._union(got)
+
+    def _stage_params(self) -> list[list[Any]]:
+        """``[name, shape, dtype, has master, fragments]`` of this stage's parameters (fragments: ``[start, numel,
+        data-parallel rank]`` within the stage, or None: whole on every rank of the stage)."""
+        self._relink()
+        rows = []
+        for name, p in self._params:
+            part = self._partition(name)
+            frags = None if part.replicated else [list(x) for x in part.iter_parts(p.numel(), self.part_world)]
+            rows.append([name, list(self._full_shape(p)), _dtext(p.dtype), self._hp_numel(name) >= 0, frags])
+        return rows
+
+    def _union(self, got: list[dict[str, Any]]) -> dict[str, Any]:
+        """Every stage's ranks and parameters, each tensor with its owning (first) stage."""
+        stages: dict[int, dict[str, Any]] = {}
+        for g in got:
+            s, desc = int(g["stage"]), g["mine"]
+            entry = stages.setdefault(s, {"ranks": desc["ranks"], "params": None, "buffers": desc["buffers"]})
+            if entry["ranks"] != desc["ranks"]:
+                raise CheckpointError(f"pipeline stage {s}: its ranks disagree on its data-parallel group")
+            if desc["params"] is not None:
+                entry["params"] = desc["params"]
+        if sorted(stages) != list(range(self.num_stages)) or any(e["params"] is None for e in stages.values()):
+            raise CheckpointError(
+                f"DeepSpeed's pipeline has {self.num_stages} stages, the ranks describe stages {sorted(stages)}"
+            )
+        owner: dict[str, tuple[int, list[Any]]] = {}
+        owned: dict[int, list[list[Any]]] = {s: [] for s in stages}
+        for s in sorted(stages):
+            for row in stages[s]["params"]:
+                name = row[0]
+                if name in owner:  # a tied weight (TiedLayerSpec): one tensor, stored by its first stage
+                    first_stage, first = owner[name]
+                    if first[1:3] != row[1:3]:
+                        raise CheckpointError(
+                            f"{name} is held by pipeline stages {first_stage} and {s} with different shapes or "
+                            f"dtypes ({first[1:3]} vs {row[1:3]}): the stages' layers must not share a name"
+                        )
+                    continue
+                owner[name] = (s, row)
+                owned[s].append(row)
+        buffers: dict[int, list[list[Any]]] = {s: [] for s in stages}
+        seen: set[str] = set(owner)
+        for s in sorted(stages):
+            for row in stages[s]["buffers"]:
+                if row[0] not in seen:
+                    seen.add(row[0])
+                    buffers[s].append(row)
+        return {"ranks": {s: e["ranks"] for s, e in stages.items()}, "owned": owned, "buffers": buffers}
+
+    def _template(self) -> tuple[list[tuple[str, torch.dtype]], list[tuple[str, torch.dtype]], dict[str, Any]]:
+        """This stage's optimizer state keys (per-element, 0-d, JSON scalars): every stage's, see the class doc."""
+        for name, _ in self._params:
+            if self._hp_numel(name) < 0:
+                continue
+            elem, zero_d, scalars = self._state_keys(name)
+            state = self._flat_state(name)
+            return [(k, state[k].dtype) for k in elem], [(k, state[k].dtype) for k in zero_d], scalars
+        return [], [], {}
+
+    def items(self) -> list[Item]:
+        self._relink()
+        elem, zero_d, _ = self._template()
+        model, buffers, master, optim = [], [], [], []
+        for s, rows in sorted(self._global["owned"].items()):
+            ranks = self._global["ranks"][s]
+            for j, (name, shape, dtype, has_master, frags) in enumerate(rows):
+                shape = tuple(shape)
+                writer = ranks[j % len(ranks)]  # a stage's weights are written by its data-parallel ranks in turn
+                whole = Partition.whole(writer, math.prod(shape))
+                model.append(Item("model", name, shape, _dtype(dtype), whole))
+                part = Partition(parts=tuple((a, n, ranks[r]) for a, n, r in frags)) if frags else whole
+                if has_master and self.low_precision:
+                    master.append(Item("master", name, shape, torch.float32, part))
+                if has_master:
+                    optim += [Item("optimizer", f"{name}/{k}", shape, dt, part) for k, dt in elem]
+                    optim += [Item("optimizer", f"{name}/{k}", (), dt, Partition.whole(writer, 1)) for k, dt in zero_d]
+            for j, (name, shape, dtype) in enumerate(self._global["buffers"][s]):
+                whole = Partition.whole(ranks[j % len(ranks)], math.prod(shape))
+                buffers.append(Item("model", name, tuple(shape), _dtype(dtype), whole))
+        return model + buffers + master + optim
+
+    def local(self, item: Item) -> torch.Tensor:
+        t = super().local(item)
+        return t.reshape(-1) if t.dim() > 1 else t  # a whole tensor of one holder is its flat range
+
+    def meta(self) -> dict[str, Any]:
+        out = super().meta()
+        _, _, scalars = self._template()
+        if scalars:  # the other stages' parameters step alike (their numbers are not on this rank)
+            every = {row[0] for rows in self._global["owned"].values() for row in rows if row[3]}
+            out["optimizer"]["scalars"] = {n: scalars for n in sorted(every)} | out["optimizer"]["scalars"]
+        return out
+
+    def layout(self) -> dict[str, Any]:
+        return super().layout() | {"pipeline_stages": self.num_stages, "data_parallel": self.part_world}
+
+
+def _dtext(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # ---------------------------------------------------------------------------------------------- AutoTP

@@ -453,12 +453,12 @@ def from_deepspeed(
 ) -> Path:
     """Import a DeepSpeed checkpoint (``global_stepN`` or the folder with ``latest``) into the run directory ``out``
     as ``checkpoints/step-<N>-imported``: ``wsd-pretrain train --run-dir out`` then resumes from it."""
-    from .convert_deepspeed import DeepSpeedCheckpointSource
+    from .convert_deepspeed import open_deepspeed_checkpoint
 
     out = Path(out)
     if F.checkpoints_dir(out).is_dir() and any(F.checkpoints_dir(out).iterdir()):
         raise CheckpointError(f"{out} already has checkpoints: import into a new run directory")
-    source = DeepSpeedCheckpointSource(ds_ckpt)
+    source = open_deepspeed_checkpoint(ds_ckpt)
     _refuse_inside(out, (Path(ds_ckpt),), "import into a run directory outside the DeepSpeed checkpoint")
     source.progress = progress
     trainer = source.trainer_state()
