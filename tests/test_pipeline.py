@@ -382,3 +382,93 @@ def test_pp2_dp2_fsdp2_resumes_bitwise_and_on_other_layouts(tmp_path):
     run_distributed(_dp2_resume, world_size=2, args=(path, str(tmp_path)), timeout=600)
     dp2 = load_file(str(tmp_path / "dp2.safetensors"))
     assert set(dp2) == set(saved) and all(torch.equal(dp2[n], saved[n]) for n in saved)
+
+
+def build_tp(seed: int = 0):
+    """pp 2 x tp 2 on 4 ranks: each stage's Linear layers column-parallel on its tp ranks (outputs replicated), the
+    embedding a plain replica of the tp ranks, 1F1B, torchtitan names."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from wsd_pretrain import WSDSchedule, WSDScheduler
+    from wsd_pretrain.checkpoint import Pipeline
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
+    pp = mesh.get_local_rank("pp")
+    torch.manual_seed(seed)
+    m = stage_module(Tiny(), pp, 2)
+    plan = {f"layers.{k}.lin": ColwiseParallel(output_layouts=Replicate()) for k in m.layers.keys()}
+    if m.lm_head is not None:
+        plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+    parallelize_module(m, mesh["tp"], plan)
+    stage = PipelineStage(m, pp, 2, torch.device("cpu"), group=mesh["pp"].get_group())
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = WSDScheduler(opt, WSDSchedule(total=40, warmup=2))
+    schedule = Schedule1F1B(stage, n_microbatches=2, loss_fn=_loss)
+
+    def step(i: int) -> float:
+        x, y = _batch(i)
+        losses: list[torch.Tensor] = []
+        if pp == 0:
+            schedule.step(x)
+        else:
+            schedule.step(target=y, losses=losses)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        return float(sum(float(v) for v in losses))
+
+    return [stage], [m], opt, sched, step, Pipeline(group=mesh["pp"])
+
+
+def _pp2_tp2(rank, world, root):
+    from safetensors.torch import save_file
+
+    from wsd_pretrain.checkpoint.tools import verify_checkpoint_files
+
+    stages, mods, opt, sched, step, pipeline = build_tp()
+    mgr = _manager(Path(root) / "run", stages, opt, sched, pipeline)
+    for i in range(3):
+        step(i)
+    path = mgr.save(["periodic"])
+    saved = _full_state(mods, opt)
+    if rank in (0, 2):
+        save_file(saved, str(Path(root) / f"tp-r{rank}.safetensors"))
+    losses = [step(i) for i in range(3, 5)]
+    after = _full_state(mods, opt)
+    mgr.close()
+    stages, mods, opt, sched, step, pipeline = build_tp(seed=5)
+    mgr = _manager(Path(root) / "run", stages, opt, sched, pipeline)
+    assert mgr.resume(path)
+    restored = _full_state(mods, opt)
+    again = [step(i) for i in range(3, 5)]
+    resumed = _full_state(mods, opt)
+    mgr.close()
+    index = json.loads((Path(path) / "train_state" / "state.index.json").read_text())
+    return {
+        "path": str(path),
+        "restored": sorted(n for n in saved if not torch.equal(saved[n], restored[n])),
+        "continued": sorted(n for n in after if not torch.equal(after[n], resumed[n])),
+        "losses": [losses, again],
+        "problems": verify_checkpoint_files(path) if rank == 0 else [],
+        "partition": index["tensors"]["optimizer/layers.2.lin.weight/exp_avg"]["partition"],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pp2_tp2_resumes_bitwise_and_in_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    results = run_distributed(_pp2_tp2, world_size=4, args=(str(tmp_path),), timeout=900)
+    for r in results:
+        assert r["restored"] == [] and r["continued"] == [], r
+    assert results[2]["losses"][0] == results[2]["losses"][1]
+    assert results[0]["problems"] == []
+    # stage 1's column-parallel weight: a grid on its tp sub-mesh, global ranks 2 and 3
+    assert results[0]["partition"] == {"grid": {"mesh": [2], "dims": [[0], []], "ranks": [2, 3]}}, results[0]
+    saved = {**load_file(str(tmp_path / "tp-r0.safetensors")), **load_file(str(tmp_path / "tp-r2.safetensors"))}
+    plain = _plain_resume(results[0]["path"], False, tmp_path / "plain")
+    assert set(plain) == set(saved) and all(torch.equal(plain[n], saved[n]) for n in saved)
