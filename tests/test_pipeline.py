@@ -185,6 +185,7 @@ def _pp2(rank, world, root):
             "losses": [losses, again],
             "problems": verify_checkpoint_files(path) if rank == 0 else [],
         }
+    out["hf"] = _hf_stages(rank, root)
     # stages renumbered from 0 without their name map: the same names on both ranks, refused when the manager is
     # built, on every rank, before anything is written
     from wsd_pretrain.checkpoint import CheckpointError, Pipeline
@@ -197,6 +198,51 @@ def _pp2(rank, world, root):
         out["refused"] = str(exc)
     out["no-map-left"] = sorted(p.name for p in (Path(root) / "no-map").glob("checkpoints/*"))
     return out
+
+
+def _hf_stages(rank: int, root: str) -> list[str]:
+    """A Hugging Face Llama (embedding tied to the output) cut into 2 stages as a user of HF models does: each
+    stage keeps its slice of ``model.layers`` (a ModuleList: renumbered from 0, hence the name map), the first the
+    embedding, the last the norm and the tied output. The committed folder loads with ``from_pretrained`` into the
+    whole model with the stages' values. Returns the names whose values differ (rank 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from wsd_pretrain import WSDSchedule, WSDScheduler
+    from wsd_pretrain.checkpoint import Pipeline
+
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    full = LlamaForCausalLM(config)
+    stage = copy.deepcopy(full)
+    keep = [0, 1] if rank == 0 else [2, 3]
+    stage.model.layers = torch.nn.ModuleList([stage.model.layers[i] for i in keep])
+    if rank == 0:
+        stage.model.norm = None
+        stage.lm_head = None
+    else:
+        stage.model.embed_tokens = None
+    offset = keep[0]
+    names = lambda n: re.sub(r"^model\.layers\.(\d+)\.", lambda g: f"model.layers.{int(g.group(1)) + offset}.", n)
+    opt = torch.optim.AdamW(stage.parameters(), lr=1e-3)
+    sched = WSDScheduler(opt, WSDSchedule(total=10, warmup=1))
+    pipeline = Pipeline(names=names, tied={"lm_head.weight": "model.embed_tokens.weight"})
+    from wsd_pretrain.checkpoint import CheckpointConfig, CheckpointManager
+
+    mgr = CheckpointManager(
+        Path(root) / "hf", [stage], opt, sched, config=CheckpointConfig(at_milestones=False, at_end=False,
+        on_preemption=False), hf_config=config.to_dict(), pipeline=pipeline,
+    )  # fmt: skip
+    path = mgr.save(["periodic"])
+    mgr.close()
+    if rank != 0:
+        return []
+    loaded = LlamaForCausalLM.from_pretrained(str(path))
+    want = full.state_dict()
+    got = loaded.state_dict()
+    return sorted(n for n in want if n not in got or not torch.equal(want[n], got[n])) + sorted(set(got) - set(want))
 
 
 def _plain_resume(path: str, tie: bool, root: Path) -> dict[str, torch.Tensor]:
@@ -221,6 +267,7 @@ def test_pipeline_stages_save_as_one_model_and_resume_on_any_layout(tmp_path):
     from safetensors.torch import load_file
 
     results = run_distributed(_pp2, world_size=2, args=(str(tmp_path),), timeout=600)
+    assert results[0]["hf"] == [], results[0]["hf"]
     refused = {r["refused"] for r in results}
     assert len(refused) == 1 and None not in refused, refused
     (text,) = refused
