@@ -234,20 +234,50 @@ def test_hostile_manifest_refused(trained, s3_server):
 
 
 def _s3_run(rank: int, world: int, url: str, staging: str) -> dict:
-    """A user's loop on an s3:// run: saves through the staging tier, then a new job with an empty staging folder
-    resumes from the bucket and continues exactly like the job that was not stopped."""
+    """A user's loop on an s3:// run: saves through the staging tier (each rank uploading the files it wrote), a
+    save whose upload fails on rank 1 only (every rank raises at the next wait, nothing of it is left on the
+    bucket), then a new job with an empty staging folder resumes from the bucket and continues exactly like the
+    job that was not stopped."""
+    from wsd_pretrain.checkpoint import faults
+
+    uploaded: list[str] = []
+    fail_at: list[str] = []
+
+    def hook(name: str) -> None:
+        if name.startswith("upload-object:"):
+            uploaded.append(name.split(":", 1)[1])
+            if fail_at and rank == 1:
+                raise OSError(f"injected upload failure on rank 1 at {name}")
+
+    faults.fault_hook = hook
     model, opt, sched = _job()
     cfg = CheckpointConfig(every_steps=1, keep_last=1, staging_dir=f"{staging}/a", max_shard_size=60_000)
     mgr = CheckpointManager(url, model, opt, sched, config=cfg, hf_config=CFG.hf_config())
-    for _ in range(4):
+    for _ in range(3):
         _step(model, opt, sched)
         mgr.maybe_save()
+    mgr.wait()
+    mine = sorted(uploaded)
+    fail_at.append("on")
+    failure = None
+    _step(model, opt, sched)
+    mgr.maybe_save()  # position 4: its upload fails on rank 1 ...
+    try:
+        mgr.wait()  # ... and every rank raises here
+    except CheckpointError as exc:
+        failure = str(exc)
+    fail_at.clear()
+    faults.fault_hook = None
+    after_failure = [[i.name, i.state] for i in objstore.list_run(parse_location(url))]
+    bucket = url[5:].split("/")[0]
+    uploads = storage.S3Store(bucket).client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     mgr.close()
     names = [i.name for i in objstore.list_run(parse_location(url)) if i.state == "complete"]
     model2, opt2, sched2 = _job(seed=1)
     cfg2 = CheckpointConfig(every_steps=2, keep_last=1, staging_dir=f"{staging}/b", max_shard_size=60_000)
     mgr2 = CheckpointManager(url, model2, opt2, sched2, config=cfg2)
-    assert mgr2.resume("auto") and sched2.position == 4
+    assert mgr2.resume("auto") and sched2.position == 3
+    _step(model2, opt2, sched2)
     for _ in range(2):
         _step(model, opt, sched)
         _step(model2, opt2, sched2)
@@ -256,28 +286,35 @@ def _s3_run(rank: int, world: int, url: str, staging: str) -> dict:
     return {
         "names": names,
         "same": same,
-        "latest": objstore.read_latest(storage.S3Store(url[5:].split("/")[0]), parse_location(url))[0],
+        "mine": mine,
+        "failure": failure,
+        "after_failure": after_failure,
+        "uploads": len(uploads),
+        "latest": objstore.read_latest(storage.S3Store(bucket), parse_location(url))[0],
     }
 
 
 def test_manager_on_s3_two_ranks(s3_server, tmp_path):
-    """Two gloo ranks save to s3:// in a user's loop (both ranks' files in one checkpoint, manifest last, latest
-    moved by CAS, retention on the bucket), and a new job resumes from the bucket alone and continues exactly."""
+    """Two gloo ranks save to s3:// in a user's loop: each rank uploads exactly the files it wrote (the manifest's
+    ``rank``), rank 0 commits last (manifest, latest by CAS, retention on the bucket); an upload that fails on rank
+    1 alone raises on both ranks at the next wait and leaves neither objects nor multipart uploads; a new job
+    resumes from the bucket alone and continues exactly."""
     from distributed_helpers import run_distributed
 
     url = f"s3://{s3_server.bucket()}/runs/two"
     results = run_distributed(_s3_run, world_size=2, args=(url, str(tmp_path)), env=s3_server.environ())
+    store = storage.S3Store(url[5:].split("/")[0])
     for r in results:
         # periodic saves at 1 and 2 were removed by retention on the bucket (keep_last=1), manifest first
-        assert r["names"] == ["step-000000003-periodic", "step-000000004-pre-decay+periodic"]
+        assert r["names"] == ["step-000000003-periodic"]
         assert r["latest"] == r["names"][-1] and r["same"]
-    ranks = {
-        rec["rank"]
-        for rec in objstore.load_manifest(
-            storage.S3Store(url[5:].split("/")[0]), parse_location(url) / "checkpoints" / r["names"][-1]
-        )[0]["files"].values()
-    }
-    assert ranks == {0, 1}
+        assert r["failure"] and "rank 1: OSError: injected upload failure" in r["failure"], r["failure"]
+        assert r["after_failure"] == [["step-000000003-periodic", "complete"]] and r["uploads"] == 0
+    files = objstore.load_manifest(store, parse_location(url) / "checkpoints" / r["names"][-1])[0]["files"]
+    assert {rec["rank"] for rec in files.values()} == {0, 1}
+    for rank, r in enumerate(results):  # three saves, each rank its own files of each, nothing else
+        own = sorted(rel for rel, rec in files.items() if rec["rank"] == rank)
+        assert r["mine"] == sorted(own * 3), (rank, r["mine"], own)
 
 
 def test_manager_on_s3_lease_leftovers_failures(s3_server, tmp_path):

@@ -32,7 +32,17 @@ from .faults import point
 from .safetensors_io import fsync_dir, new_hasher
 from .storage import ObjectURL, PreconditionFailed, S3Store, parse_location, safe_key, store_for
 
-__all__ = ["copy", "delete_checkpoint", "fetch", "list_run", "load_manifest", "resolve", "upload"]
+__all__ = [
+    "commit_upload",
+    "copy",
+    "delete_checkpoint",
+    "fetch",
+    "list_run",
+    "load_manifest",
+    "resolve",
+    "upload",
+    "upload_files",
+]
 
 CLAIM = ".claim"
 _CHUNK = 8 * 1024 * 1024
@@ -277,7 +287,9 @@ def upload(
     """Copy the local committed checkpoint ``src`` to ``<run>/<root>/<name>`` with the object-storage commit:
     claim the name, stream every object (parallel multipart parts, its checksum computed on the way and compared
     with the source manifest's), then ``manifest.hash``, then ``manifest.json`` with ``If-None-Match: *`` (the
-    commit), then ``latest`` by compare-and-swap. Any failure aborts the uploads and removes what was written."""
+    commit), then ``latest`` by compare-and-swap. Any failure aborts the uploads and removes what was written.
+    (The manager's uploads split the objects over the ranks: :func:`upload_files` on each, :func:`commit_upload`
+    on rank 0 once every rank reported.)"""
     m = F.load_manifest(src)
     store = store_for(run)
     ckpt = run / root / src.name
@@ -286,50 +298,73 @@ def upload(
         raise CheckpointError(f"{src}: not copied, the source is damaged: " + "; ".join(damaged))
     _claim(store, ckpt, replace_unfinished=replace_unfinished)
     try:
-        algo = m["checksum"]
-
-        def one(item: tuple[str, dict[str, Any]]) -> str | None:
-            rel, rec = item
-            point(f"upload-object:{rel}")
-            w = store.writer(safe_key(ckpt, rel, "manifest"), algo)
-            try:
-                with open(F.safe_path(src, rel, "manifest"), "rb") as f:
-                    while chunk := f.read(_CHUNK):
-                        w.write(chunk)
-            except OSError as exc:
-                w.abort()
-                return f"{rel}: cannot read: {exc.strerror or exc}"
-            except BaseException:
-                w.abort()
-                raise
-            size, digest = w.close()
-            if progress is not None:
-                progress(1)
-            if (size, digest if not rec.get("ranged") else rec["hash"]) != (rec["size"], rec["hash"]):
-                return f"{rel}: the source's {size} bytes / {algo} {digest[:12]}… do not match its manifest"
-            return None
-
-        with ThreadPoolExecutor(_THREADS, thread_name_prefix="wsd-upload") as pool:
-            problems = [p for p in pool.map(one, sorted(m["files"].items())) if p]
+        problems = upload_files(src, m, store, ckpt, sorted(m["files"]), progress=progress)
         if problems:
             raise CheckpointError(f"{src}: not copied, the source is damaged: " + "; ".join(problems))
-        point("upload-manifest")
-        store.put((ckpt / F.MANIFEST_HASH).key, (src / F.MANIFEST_HASH).read_bytes())
-        try:
-            store.put((ckpt / F.MANIFEST).key, (src / F.MANIFEST).read_bytes(), if_none_match=True)  # the commit
-        except PreconditionFailed:
-            raise CheckpointError(f"{ckpt}: another writer committed this checkpoint first; this copy stops") from None
+        commit_upload(src, store, run, ckpt, root)
     except BaseException:
         try:
             remove_unfinished(store, ckpt)
         except CheckpointError:
             pass
         raise
+    return ckpt
+
+
+def upload_files(
+    src: Path,
+    m: dict[str, Any],
+    store: S3Store,
+    ckpt: ObjectURL,
+    rels: list[str],
+    *,
+    progress: Callable[[int], Any] | None = None,
+) -> list[str]:
+    """Stream the files ``rels`` of the local checkpoint ``src`` (manifest ``m``) to their objects under ``ckpt``:
+    several objects at once, each in parallel multipart parts, its checksum computed on the way and compared with
+    the manifest's (a range-written file's size only: its checksums are per holder). Returns the problems (empty:
+    all written); an object that fails is aborted (no multipart upload is left by it). Raises on a fault or a
+    server error, after aborting its own object."""
+    algo = m["checksum"]
+
+    def one(rel: str) -> str | None:
+        rec = m["files"][rel]
+        point(f"upload-object:{rel}")
+        w = store.writer(safe_key(ckpt, rel, "manifest"), algo)
+        try:
+            with open(F.safe_path(src, rel, "manifest"), "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    w.write(chunk)
+        except OSError as exc:
+            w.abort()
+            return f"{rel}: cannot read: {exc.strerror or exc}"
+        except BaseException:
+            w.abort()
+            raise
+        size, digest = w.close()
+        if progress is not None:
+            progress(1)
+        if (size, digest if not rec.get("ranged") else rec["hash"]) != (rec["size"], rec["hash"]):
+            return f"{rel}: the source's {size} bytes / {algo} {digest[:12]}… do not match its manifest"
+        return None
+
+    with ThreadPoolExecutor(_THREADS, thread_name_prefix="wsd-upload") as pool:
+        return [p for p in pool.map(one, rels) if p]
+
+
+def commit_upload(src: Path, store: S3Store, run: ObjectURL, ckpt: ObjectURL, root: str) -> None:
+    """Every object of ``src`` is under ``ckpt``: write ``manifest.hash``, then ``manifest.json`` with
+    ``If-None-Match: *`` (the commit), remove the claim, and move ``latest`` by compare-and-swap."""
+    point("upload-manifest")
+    store.put((ckpt / F.MANIFEST_HASH).key, (src / F.MANIFEST_HASH).read_bytes())
+    try:
+        store.put((ckpt / F.MANIFEST).key, (src / F.MANIFEST).read_bytes(), if_none_match=True)  # the commit
+    except PreconditionFailed:
+        raise CheckpointError(f"{ckpt}: another writer committed this checkpoint first; this copy stops") from None
     point(f"upload-committed:{src.name}")
     store.delete([(ckpt / CLAIM).key])
     if root == F.CHECKPOINTS:
         set_latest(store, run, src.name)
-    return ckpt
 
 
 def set_latest(store: S3Store, run: ObjectURL, name: str, *, attempts: int = 20) -> None:

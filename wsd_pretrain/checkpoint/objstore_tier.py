@@ -3,8 +3,10 @@
 
 Every save is written and committed by the POSIX protocol into the local staging run
 (``checkpoint.staging_dir``: node-local or shared disk, at disk speed), then rank 0 uploads it in the background
-with the object-storage commit (:func:`.objstore.upload`: objects, manifest last with ``If-None-Match: *``,
-``latest`` by compare-and-swap) while training goes on. The next ``save()``, ``wait()``, ``resume()`` or ``close()``
+with the object-storage commit while training goes on: rank 0 claims the name, **each rank uploads the files it
+wrote** (:func:`.objstore.upload_files`: parallel multipart parts, checksums on the way), reports to rank 0 with
+one gather on the checkpoint's commit group, and rank 0 writes the manifest last with ``If-None-Match: *`` and
+``latest`` by compare-and-swap, or removes every rank's objects and multipart uploads if any rank failed. The next ``save()``, ``wait()``, ``resume()`` or ``close()``
 waits for the upload, and every rank raises if it failed (or logs it, with ``on_save_error: continue``). The
 staging tier keeps the newest ``staging_keep`` checkpoints locally; retention on the bucket applies the same rule
 as on disk, deleting each manifest first. A resume lists the bucket (a checkpoint is there when its manifest is),
@@ -122,7 +124,8 @@ class Lease:
 
 
 class RemoteTier:
-    """Rank 0's side of a run on object storage: uploads, retention on the bucket, listing and downloads."""
+    """A run on object storage: every rank uploads its own files; rank 0 claims, commits, applies retention on the
+    bucket, lists and downloads."""
 
     def __init__(self, url: ObjectURL, staging: Path, keep_local: int) -> None:
         self.url, self.staging, self.keep_local = url, staging, keep_local
@@ -153,17 +156,61 @@ class RemoteTier:
             self.lease.release()
             self.lease = None
 
-    def upload(self, newest: Path, snapshots: bool, keep: int, keep_milestones: bool) -> None:
-        """After a local commit (rank 0's background thread): upload, then retention on the bucket and locally."""
-        from .retention import checkpoints_to_delete
-
+    def claim(self, newest: Path, snapshots: bool) -> None:
+        """Rank 0, after a local commit and before any rank uploads: claim the checkpoint's name on the bucket
+        (removing an unfinished save of the same name; the lease says no other run writes here). A snapshot
+        written again after a resume went back past it replaces the committed one."""
         if self.lease is not None and self.lease.lost:
             raise CheckpointError(self.lease.lost)
         root = F.SNAPSHOTS if snapshots else F.CHECKPOINTS
-        if snapshots and store_for(self.url).head((self.url / root / newest.name / F.MANIFEST).key) is not None:
-            # a snapshot written again after a resume went back past it: the replayed weights replace it
+        store = store_for(self.url)
+        if snapshots and store.head((self.url / root / newest.name / F.MANIFEST).key) is not None:
             objstore.delete_checkpoint(self.url / root / newest.name)
-        objstore.upload(newest, self.url, root=root, replace_unfinished=True)
+        objstore._claim(store, self.url / root / newest.name, replace_unfinished=True)
+
+    def upload_rank(
+        self, newest: Path, snapshots: bool, keep: int, keep_milestones: bool, rank: int, world: int, group: Any
+    ) -> str | None:
+        """Every rank, in its background thread, after rank 0's claim: upload the files this rank wrote (the
+        manifest's ``rank``), then report to rank 0 with one gather on the commit group (the POSIX save's
+        agreement). Rank 0 commits (``manifest.json`` last, conditional) only when every rank uploaded, else it
+        removes every object and multipart upload under the prefix; the outcome is broadcast back. Returns it
+        (None: committed)."""
+        from .. import distributed as D
+        from .retention import checkpoints_to_delete
+
+        root = F.SNAPSHOTS if snapshots else F.CHECKPOINTS
+        store = store_for(self.url)
+        ckpt = self.url / root / newest.name
+        error: str | None = None
+        try:
+            m = F.load_manifest(newest)
+            mine = sorted(rel for rel, rec in m["files"].items() if int(rec.get("rank", 0)) % world == rank)
+            problems = objstore.upload_files(newest, m, store, ckpt, mine)
+            error = "; ".join(problems) or None
+        except Exception as exc:  # reported: rank 0 hears of it and every rank raises at the next wait
+            error = f"{type(exc).__name__}: {exc}"
+        errors = D.gather_object(error, dst=0, group=group) if world > 1 else [error]
+        outcome: str | None = None
+        if rank == 0:
+            assert errors is not None
+            failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+            try:
+                if failed:
+                    outcome = "; ".join(failed)
+                    objstore.remove_unfinished(store, ckpt)  # every rank's objects and multipart uploads
+                else:
+                    objstore.commit_upload(newest, store, self.url, ckpt, root)
+            except Exception as exc:
+                outcome = outcome or f"rank 0 could not commit: {type(exc).__name__}: {exc}"
+                try:
+                    objstore.remove_unfinished(store, ckpt)
+                except CheckpointError:
+                    pass  # committed after all (the manifest decides), or the server is away: the next run cleans
+        if world > 1:
+            outcome = D.broadcast_object(outcome, src=0, group=group)
+        if outcome is not None or rank != 0:
+            return outcome
         complete = [i for i in objstore.list_run(self.url, snapshots=snapshots) if i.state == "complete"]
         for info in checkpoints_to_delete(
             complete, keep_last=keep, keep_milestones=keep_milestones, just_written=newest.name
@@ -176,6 +223,7 @@ class RemoteTier:
             trash = info.path.parent / f".deleting-{info.name}"
             os.rename(info.path, trash)
             shutil.rmtree(trash, ignore_errors=True)
+        return None
 
     def listing(self) -> list[dict[str, Any]]:
         """The bucket's committed checkpoints (complete and corrupt), oldest first, as the manager's listing, each
