@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from wsd_pretrain import WSDSchedule, WSDScheduler
 from wsd_pretrain.checkpoint import format as F
-from wsd_pretrain.checkpoint import objstore, storage, tools
+from wsd_pretrain.checkpoint import objstore, objstore_tier, storage, tools
 from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 from wsd_pretrain.checkpoint.storage import ObjectURL, parse_location
 from wsd_pretrain.cli import main as cli
@@ -55,8 +56,8 @@ def trained(tmp_path_factory) -> Path:
 
 def test_locations(tmp_path, monkeypatch):
     """Plain paths and file:// stay local; s3:// is a URL; az://, other schemes, bad buckets, '..' and a URL a
-    Path() collapsed are refused, saying what to give. The manager, an integration and the main job refuse an
-    s3:// run directory before writing anything: no ./s3:/ tree appears."""
+    Path() collapsed are refused, saying what to give. The manager and the main job refuse an s3:// run directory
+    without a staging folder before writing anything: no ./s3:/ tree appears."""
     assert parse_location("runs/a") == Path("runs/a")
     assert parse_location(Path("/x/y")) == Path("/x/y")
     assert parse_location("file:///data/runs/a") == Path("/data/runs/a")
@@ -80,10 +81,6 @@ def test_locations(tmp_path, monkeypatch):
         CheckpointManager("s3://ckpt/runs/a", model, opt, sched)
     with pytest.raises(ConfigError, match="'//' was lost"):
         CheckpointManager(Path("s3://ckpt/runs/a"), model, opt, sched)
-    from wsd_pretrain.integrations._common import FrameworkCheckpointer
-
-    with pytest.raises(ConfigError, match="object storage"):
-        FrameworkCheckpointer("s3://ckpt/runs/a", framework="accelerate")
     # a file:// run directory is the local folder
     mgr = CheckpointManager(f"file://{tmp_path}/run", model, opt, sched)
     assert mgr.run_dir == tmp_path / "run"
@@ -317,8 +314,9 @@ def test_manager_on_s3_two_ranks(s3_server, tmp_path):
         assert r["mine"] == sorted(own * 3), (rank, r["mine"], own)
 
 
-def test_manager_on_s3_lease_leftovers_failures(s3_server, tmp_path):
-    """The run lease: a second manager is refused with the run lock's message; a stale lease is taken over. An
+def test_manager_on_s3_lease_leftovers_failures(s3_server, tmp_path, monkeypatch):
+    """The run lease: a second manager is refused with the run lock's message; a stale lease is taken over, its
+    age read on the server's clock (a skewed holder's clock neither holds it forever nor loses it early). An
     interrupted save's objects (no manifest) and multipart uploads are removed by the next run. A failed upload
     raises at the next save; without staging_dir an s3:// run is refused."""
     bucket = s3_server.bucket()
@@ -352,14 +350,80 @@ def test_manager_on_s3_lease_leftovers_failures(s3_server, tmp_path):
         mgr.wait()
     s3_server.client().create_bucket(Bucket=bucket)
     mgr.close()
-    # a stale lease (its holder died without releasing it) is taken over
-    store.put(
-        "runs/one/.wsd_pretrain.lease", json.dumps({"holder": "pid 1 on gone", "since": "x", "expires": 0}).encode()
-    )
+    # the lease's age is read on the server's clock, never from the holder's recorded expiry: a lease just
+    # written by a host whose clock is far behind (its "expires" long past) is still held ...
+    lease = "runs/one/.wsd_pretrain.lease"
+    monkeypatch.setattr(objstore_tier, "LEASE_TTL_S", 1.5)
+    store.put(lease, json.dumps({"holder": "pid 1 on behind", "since": "x", "expires": 0}).encode())
+    with pytest.raises(CheckpointError, match=r"in use by another run \(pid 1 on behind"):
+        CheckpointManager(url, *_job()[:3], config=CheckpointConfig(staging_dir=str(tmp_path / "c")))
+    # ... and one not renewed for longer than the TTL is taken over, whatever a clock far ahead wrote in it
+    store.put(lease, json.dumps({"holder": "pid 1 on ahead", "since": "x", "expires": time.time() + 1e6}).encode())
+    time.sleep(2.6)
     mgr = CheckpointManager(url, *_job()[:3], config=CheckpointConfig(staging_dir=str(tmp_path / "c")))
     assert json.loads(store.get("runs/one/.wsd_pretrain.lease")[0])["holder"].startswith(f"pid {os.getpid()}")
     mgr.close()
     assert store.head("runs/one/.wsd_pretrain.lease") is None
+
+
+def test_lightning_on_s3(s3_server, tmp_path):
+    """The Lightning integration on an s3:// run (the real Trainer on CPU, through the manager's staging tier): its
+    checkpoints are committed on the bucket, and a new Trainer with an empty staging folder resumes from the
+    bucket alone at the saved update and finishes the schedule there."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    from wsd_pretrain.integrations.lightning import ResumableDataLoader, WSDCheckpoint
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            return {
+                "optimizer": opt,
+                "lr_scheduler": {
+                    "scheduler": WSDScheduler(opt, WSDSchedule(total=8, decay_length=2)),
+                    "interval": "step",
+                },
+            }
+
+    url = f"s3://{s3_server.bucket()}/runs/pl"
+    loader = ResumableDataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=2)
+
+    class Spy(WSDCheckpoint):
+        resumed = None
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            super().on_train_start(trainer, pl_module)
+            self.resumed = self.ckpt.resumed_from.name if self.ckpt.resumed_from else None
+
+    def fit(max_steps: int, staging: str) -> Spy:
+        callback = Spy(url, config=CheckpointConfig(staging_dir=str(tmp_path / staging)), check_max_steps=False)
+        trainer = pl.Trainer(
+            max_steps=max_steps,
+            accelerator="cpu",
+            callbacks=[callback],
+            enable_checkpointing=False,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(Module(), loader)
+        callback.global_step = trainer.global_step
+        return callback
+
+    fit(7, "a")  # stopped after update 7: the pre-decay checkpoint at 6 is on the bucket
+    names = [(i.name, i.state) for i in objstore.list_run(parse_location(url))]
+    assert names == [("step-000000006-pre-decay", "complete")]
+    second = fit(8, "b")  # an empty staging folder: resumed from the bucket
+    assert second.global_step == 8 and second.resumed == "step-000000006-pre-decay"
+    names = [i.name for i in objstore.list_run(parse_location(url)) if i.state == "complete"]
+    assert names == ["step-000000006-pre-decay", "step-000000008-post-decay+final"]
 
 
 @pytest.mark.slow  # a minute on 2 cores; the default suite saves and resumes the manager on s3:// on 2 ranks above

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 LEASE_NAME = ".wsd_pretrain.lease"
 LEASE_TTL_S = 120.0
-"""A lease not renewed for this long is stale: another run may take it over (the heartbeat renews it every third)."""
+"""A lease not renewed for this long (measured on the server's clock: its Date minus the lease's Last-Modified) is
+stale: another run may take it over (the heartbeat renews it every third)."""
 
 
 class Lease:
@@ -74,22 +75,26 @@ class Lease:
             return
         except PreconditionFailed:
             pass
-        raw, etag = self.store.get(self.key, max_bytes=4096)
+        # stale or not is decided on the server's clock alone: the time since the lease object was last written
+        # (created or renewed), as the server's Date minus its Last-Modified. The holder's recorded expiry is
+        # only shown: hosts' clocks may disagree by more than the TTL (docs/decisions.md)
+        raw, etag, age = self.store.get_aged(self.key, max_bytes=4096)
         try:
             record = json.loads(raw)
-            holder, expires = f"{record['holder']}, since {record['since']}", float(record["expires"])
+            holder = f"{record['holder']}, since {record['since']}"
         except (ValueError, KeyError, TypeError):
-            holder, expires = "unreadable lease", 0.0
-        if expires > time.time():
+            holder = "unreadable lease"
+        if age < self.ttl:
             raise CheckpointError(
-                f"{self.run} is in use by another run ({holder}; lease s3://{self.store.bucket}/{self.key}); give "
-                "this run its own --run-dir, or stop the other one"
+                f"{self.run} is in use by another run ({holder}; lease s3://{self.store.bucket}/{self.key}, renewed "
+                f"{max(age, 0):.0f} s ago); give this run its own --run-dir, or stop the other one (a lease not "
+                f"renewed for {self.ttl:.0f} s is taken over)"
             )
         try:  # stale: take it over, only if nobody renewed or took it since we read it
             self._etag = self.store.put(self.key, self._body(), if_match=etag)
         except PreconditionFailed:
             raise CheckpointError(f"{self.run}: could not take the run lease (another run took it first)") from None
-        log.warning("%s: took over the run lease of %s, which expired", self.run, holder)
+        log.warning("%s: took over the run lease of %s, not renewed for %.0f s", self.run, holder, age)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 3):
