@@ -764,19 +764,48 @@ class CheckpointManager:
         return True
 
     def _ensure_local(self, name: str) -> None:
-        """A run on object storage: rank 0 brings checkpoint ``name`` into the staging run (verified on the way);
-        every rank raises together if it cannot."""
+        """A run on object storage: checkpoint ``name`` is brought into the staging run unless it is there. Rank 0
+        opens a staging folder with the bucket's manifest; every rank downloads its share (the files the manifest
+        gives it, verified on the way); one agreement; rank 0 checks the range-written files and commits the local
+        copy. Every rank raises together if any step fails."""
         if self._remote is None:
             return
-        error = None
-        if D.get_rank() == 0:
+        rank, world = D.get_rank(), D.get_world_size()
+        where = f"cannot fetch {name} from {self._remote.url}"
+        opened: Any = None
+        if rank == 0:
             try:
-                self._remote.ensure_local(name)
+                staging = self._remote.begin_fetch(name)
+                opened = None if staging is None else {"staging": str(staging)}
             except (OSError, CheckpointError) as exc:
-                error = f"cannot fetch {name} from {self._remote.url}: {exc}"
-        error = coord.broadcast(error)
-        if error is not None:
-            raise CheckpointError(error)
+                opened = {"error": f"{where}: {exc}"}
+        opened = coord.broadcast(opened)
+        if opened is None:
+            return
+        if "error" in opened:
+            raise CheckpointError(opened["error"])
+        staging = Path(opened["staging"])
+        error = None
+        try:
+            problems = self._remote.fetch_rank(name, staging, rank, world)
+            error = "damaged objects: " + "; ".join(problems) if problems else None
+        except (OSError, CheckpointError) as exc:
+            error = str(exc)
+        done: Any = None
+        try:
+            coord.agree(error, where)
+            if rank == 0:
+                try:
+                    self._remote.end_fetch(name, staging)
+                except (OSError, CheckpointError) as exc:
+                    done = f"{where}: {exc}"
+        except CheckpointError:
+            if rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        done = coord.broadcast(done)
+        if done is not None:
+            raise CheckpointError(done)
 
     def _listing(self) -> Any:
         """Rank 0: the run's committed checkpoints (and damaged ones), oldest first, as plain JSON for the others."""

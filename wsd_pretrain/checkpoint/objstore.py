@@ -174,10 +174,28 @@ def fetch(ckpt: ObjectURL, dest: Path, *, headers_only: bool = False) -> list[st
     dest.mkdir(parents=True)
     (dest / F.MANIFEST).write_bytes(raw)
     (dest / F.MANIFEST_HASH).write_bytes(raw_hash)
+    problems = fetch_files(store, ckpt, m, dest, sorted(m["files"]), headers_only=headers_only)
+    if not problems and not headers_only:
+        problems = _check_ranged(dest, m)
+    return sorted(problems)
+
+
+def fetch_files(
+    store: S3Store,
+    ckpt: ObjectURL,
+    m: dict[str, Any],
+    dest: Path,
+    rels: list[str],
+    *,
+    headers_only: bool = False,
+) -> list[str]:
+    """Download the objects ``rels`` of the checkpoint ``ckpt`` (manifest ``m``) into the folder ``dest``, several
+    in flight, each checked against the manifest's size and checksum on the way (a range-written file's size
+    only: :func:`_check_ranged` checks its holders' ranges once the whole copy is there). Returns the problems."""
     algo = m["checksum"]
 
-    def one(item: tuple[str, dict[str, Any]]) -> str | None:
-        rel, rec = item
+    def one(rel: str) -> str | None:
+        rec = m["files"][rel]
         key = safe_key(ckpt, rel, "manifest")
         path = F.safe_path(dest, rel, "manifest")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +212,7 @@ def fetch(ckpt: ObjectURL, dest: Path, *, headers_only: bool = False) -> list[st
                 for chunk in body.iter_chunks(_CHUNK):
                     digest.update(chunk)
                     f.write(chunk)
-            # a range-written file's hash covers its owner's bytes only: checked with its holders' ranges below
+            # a range-written file's hash covers its owner's bytes only: checked with its holders' ranges later
             if not rec.get("ranged") and digest.hexdigest() != rec["hash"]:
                 return f"{rel}: {algo} {digest.hexdigest()[:12]}… does not match the manifest's {rec['hash'][:12]}…"
         except FileNotFoundError:
@@ -202,10 +220,7 @@ def fetch(ckpt: ObjectURL, dest: Path, *, headers_only: bool = False) -> list[st
         return None
 
     with ThreadPoolExecutor(_THREADS, thread_name_prefix="wsd-fetch") as pool:
-        problems = [p for p in pool.map(one, sorted(m["files"].items())) if p]
-    if not problems and not headers_only:
-        problems = _check_ranged(dest, m)
-    return sorted(problems)
+        return [p for p in pool.map(one, rels) if p]
 
 
 def _check_ranged(ckpt: Path, manifest: dict[str, Any]) -> list[str]:
@@ -391,8 +406,6 @@ def set_latest(store: S3Store, run: ObjectURL, name: str, *, attempts: int = 20)
 def download(src: ObjectURL, run: Path, *, root: str = F.CHECKPOINTS) -> Path:
     """Copy a committed checkpoint from object storage into the local run ``run``: fetched and verified into a
     staging folder, fsynced, renamed (the local commit), then ``latest`` if it is the newest."""
-    from .commit import write_latest
-
     base = run / root
     final = base / src.name
     if final.exists():
@@ -403,6 +416,20 @@ def download(src: ObjectURL, run: Path, *, root: str = F.CHECKPOINTS) -> Path:
         problems = fetch(src, staging)
         if problems:
             raise CheckpointError(f"{src}: not copied, damaged objects: " + "; ".join(problems))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return commit_local(staging, final, run, root)
+
+
+def commit_local(staging: Path, final: Path, run: Path, root: str = F.CHECKPOINTS) -> Path:
+    """A verified local copy in ``staging`` becomes the checkpoint ``final`` of the local run ``run``: every file
+    and folder fsynced, renamed (the local commit), then ``latest`` if it is the newest. ``staging`` is removed on
+    any failure."""
+    from .commit import write_latest
+
+    base = final.parent
+    try:
         for dirpath, _, files in os.walk(staging):
             for f in files:
                 fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)

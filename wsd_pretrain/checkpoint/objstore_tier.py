@@ -10,8 +10,9 @@ one gather on the checkpoint's commit group, and rank 0 writes the manifest last
 waits for the upload, and every rank raises if it failed (or logs it, with ``on_save_error: continue``). The
 staging tier keeps the newest ``staging_keep`` checkpoints locally; retention on the bucket applies the same rule
 as on disk, deleting each manifest first. A resume lists the bucket (a checkpoint is there when its manifest is),
-and rank 0 downloads the one to load into the staging run, every object verified on the way, unless it is there
-already.
+and every rank downloads its share of the one to load (the files the manifest gives it, as for the uploads) into
+a staging folder of the staging run, every object verified on the way; rank 0 commits the local copy once every
+rank agreed, unless the staging run has it already.
 
 The run is held by :class:`Lease`, an object beside the checkpoints created conditionally, renewed by a
 heartbeat and taken over only once it has expired (``If-Match`` on the stale lease), with the messages of the
@@ -235,9 +236,33 @@ class RemoteTier:
         with its path in the staging run."""
         return F.resume_candidates(objstore.list_run(self.url), under=F.checkpoints_dir(self.staging))
 
-    def ensure_local(self, name: str) -> None:
-        """Rank 0: the checkpoint ``name`` in the staging run, downloaded and verified unless there already."""
+    def begin_fetch(self, name: str) -> Path | None:
+        """Rank 0, before a resume loads ``name``: None when the staging run has it; else a new staging folder
+        beside it holding the bucket's manifest (validated), into which every rank fetches its share."""
         local = F.checkpoints_dir(self.staging) / name
         if (local / F.MANIFEST).is_file():
-            return
-        objstore.download(self.url / F.CHECKPOINTS / name, self.staging)
+            return None
+        store = store_for(self.url)
+        _, raw, raw_hash = objstore.load_manifest(store, self.url / F.CHECKPOINTS / name)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        staging = local.parent / f"{F.STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        (staging / F.MANIFEST).write_bytes(raw)
+        (staging / F.MANIFEST_HASH).write_bytes(raw_hash)
+        return staging
+
+    def fetch_rank(self, name: str, staging: Path, rank: int, world: int) -> list[str]:
+        """Every rank: download the objects of ``name`` this rank's share holds (the manifest's ``rank`` modulo the
+        world: the same split as the uploads), verified on the way. Returns the problems."""
+        m = F.load_manifest(staging)
+        mine = sorted(rel for rel, rec in m["files"].items() if int(rec.get("rank", 0)) % world == rank)
+        return objstore.fetch_files(store_for(self.url), self.url / F.CHECKPOINTS / name, m, staging, mine)
+
+    def end_fetch(self, name: str, staging: Path) -> None:
+        """Rank 0, once every rank fetched its share: the range-written files' holder checksums, then the local
+        commit (fsync, rename, ``latest``)."""
+        problems = objstore._check_ranged(staging, F.load_manifest(staging))
+        if problems:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointError(f"{self.url / F.CHECKPOINTS / name}: damaged objects: " + "; ".join(problems))
+        objstore.commit_local(staging, F.checkpoints_dir(self.staging) / name, self.staging)
