@@ -218,7 +218,8 @@ wrote in parallel multipart parts, rank 0 committing on the bucket once every ra
 (listing, verified download, load). DCP: `dcp.save` with `FsspecWriter(thread_count={args.threads},
 sync_files=False)` over s3fs, and `dcp.load` with `FsspecReader`. The save ratio is DCP's time over ours (higher:
 ours faster). moto keeps objects in memory and is not a speed reference: compare the columns, not with other
-numbers. Our resume downloads once (rank 0, verified) and loads locally.
+numbers. Our resume: each rank downloads its share of the objects (verified), rank 0 commits the local
+copy, every rank loads it locally.
 
 {table(rows)}
 """

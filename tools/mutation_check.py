@@ -326,10 +326,18 @@ MUTATIONS: list[Mutation] = [
     M(
         "s3-rank0-uploads-all",
         "wsd_pretrain/checkpoint/objstore_tier.py",
-        'if int(rec.get("rank", 0)) % world == rank)',
-        "if rank == 0)",
+        'if int(rec.get("rank", 0)) % world == rank)\n            problems',
+        "if rank == 0)\n            problems",
         ("tests/test_object_storage.py::test_manager_on_s3_two_ranks",),
         "every object of an s3:// save goes through rank 0 again (the other ranks upload nothing)",
+    ),
+    M(
+        "s3-fetch-share-lost",
+        "wsd_pretrain/checkpoint/objstore_tier.py",
+        'if int(rec.get("rank", 0)) % world == rank)\n        return objstore.fetch_files',
+        'if int(rec.get("rank", 0)) % world == 0)\n        return objstore.fetch_files',
+        ("tests/test_object_storage.py::test_manager_on_s3_two_ranks",),
+        "every rank of a resume from S3 fetches rank 0's share: the other ranks' files are never downloaded",
     ),
     M(
         "s3-lease-holder-clock",

@@ -196,7 +196,15 @@ class RemoteTier:
             error = "; ".join(problems) or None
         except Exception as exc:  # reported: rank 0 hears of it and every rank raises at the next wait
             error = f"{type(exc).__name__}: {exc}"
-        errors = D.gather_object(error, dst=0, group=group) if world > 1 else [error]
+        try:
+            errors = D.gather_object(error, dst=0, group=group) if world > 1 else [error]
+        except Exception:  # a rank died mid-upload (the gather timed out or lost it): nothing is committed
+            if rank == 0:
+                try:
+                    objstore.remove_unfinished(store, ckpt)  # every rank's objects and multipart uploads
+                except CheckpointError:
+                    pass  # the server is away: the next run removes the unfinished prefix
+            raise
         outcome: str | None = None
         if rank == 0:
             assert errors is not None
