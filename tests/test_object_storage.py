@@ -1,5 +1,7 @@
 """Checkpoint locations that are URLs (storage.py) and checkpoints on S3 (objstore.py, `wsd-pretrain ckpt cp`),
-against a real S3 server (moto's, on 127.0.0.1: the ``s3_server`` fixture). The manager and the main job refuse an
+against a real S3 server (moto's, on 127.0.0.1: the ``s3_server`` fixture): the manager on an s3:// run on 1 and 2
+gloo ranks (each rank uploading and fetching its own files, rank 0 committing after every rank reported), the
+lease, the Lightning integration, the tools. Without a staging folder the manager and the main job refuse an
 object-storage run directory on every rank, before anything is written (never a local ./s3:/ tree)."""
 
 from __future__ import annotations
