@@ -1,11 +1,14 @@
 """Checkpoint locations that are URLs (storage.py) and checkpoints on S3 (objstore.py, `wsd-pretrain ckpt cp`),
-against a real S3 server (moto's, on 127.0.0.1: the ``s3_server`` fixture). The manager and the main job refuse an
+against a real S3 server (moto's, on 127.0.0.1: the ``s3_server`` fixture): the manager on an s3:// run on 1 and 2
+gloo ranks (each rank uploading and fetching its own files, rank 0 committing after every rank reported), the
+lease, the Lightning integration, the tools. Without a staging folder the manager and the main job refuse an
 object-storage run directory on every rank, before anything is written (never a local ./s3:/ tree)."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ import torch
 
 from wsd_pretrain import WSDSchedule, WSDScheduler
 from wsd_pretrain.checkpoint import format as F
-from wsd_pretrain.checkpoint import objstore, storage, tools
+from wsd_pretrain.checkpoint import objstore, objstore_tier, storage, tools
 from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 from wsd_pretrain.checkpoint.storage import ObjectURL, parse_location
 from wsd_pretrain.cli import main as cli
@@ -55,8 +58,8 @@ def trained(tmp_path_factory) -> Path:
 
 def test_locations(tmp_path, monkeypatch):
     """Plain paths and file:// stay local; s3:// is a URL; az://, other schemes, bad buckets, '..' and a URL a
-    Path() collapsed are refused, saying what to give. The manager, an integration and the main job refuse an
-    s3:// run directory before writing anything: no ./s3:/ tree appears."""
+    Path() collapsed are refused, saying what to give. The manager and the main job refuse an s3:// run directory
+    without a staging folder before writing anything: no ./s3:/ tree appears."""
     assert parse_location("runs/a") == Path("runs/a")
     assert parse_location(Path("/x/y")) == Path("/x/y")
     assert parse_location("file:///data/runs/a") == Path("/data/runs/a")
@@ -80,10 +83,6 @@ def test_locations(tmp_path, monkeypatch):
         CheckpointManager("s3://ckpt/runs/a", model, opt, sched)
     with pytest.raises(ConfigError, match="'//' was lost"):
         CheckpointManager(Path("s3://ckpt/runs/a"), model, opt, sched)
-    from wsd_pretrain.integrations._common import FrameworkCheckpointer
-
-    with pytest.raises(ConfigError, match="object storage"):
-        FrameworkCheckpointer("s3://ckpt/runs/a", framework="accelerate")
     # a file:// run directory is the local folder
     mgr = CheckpointManager(f"file://{tmp_path}/run", model, opt, sched)
     assert mgr.run_dir == tmp_path / "run"
@@ -234,20 +233,50 @@ def test_hostile_manifest_refused(trained, s3_server):
 
 
 def _s3_run(rank: int, world: int, url: str, staging: str) -> dict:
-    """A user's loop on an s3:// run: saves through the staging tier, then a new job with an empty staging folder
-    resumes from the bucket and continues exactly like the job that was not stopped."""
+    """A user's loop on an s3:// run: saves through the staging tier (each rank uploading the files it wrote), a
+    save whose upload fails on rank 1 only (every rank raises at the next wait, nothing of it is left on the
+    bucket), then a new job with an empty staging folder resumes from the bucket and continues exactly like the
+    job that was not stopped."""
+    from wsd_pretrain.checkpoint import faults
+
+    uploaded: list[str] = []
+    fail_at: list[str] = []
+
+    def hook(name: str) -> None:
+        if name.startswith("upload-object:"):
+            uploaded.append(name.split(":", 1)[1])
+            if fail_at and rank == 1:
+                raise OSError(f"injected upload failure on rank 1 at {name}")
+
+    faults.fault_hook = hook
     model, opt, sched = _job()
     cfg = CheckpointConfig(every_steps=1, keep_last=1, staging_dir=f"{staging}/a", max_shard_size=60_000)
     mgr = CheckpointManager(url, model, opt, sched, config=cfg, hf_config=CFG.hf_config())
-    for _ in range(4):
+    for _ in range(3):
         _step(model, opt, sched)
         mgr.maybe_save()
+    mgr.wait()
+    mine = sorted(uploaded)
+    fail_at.append("on")
+    failure = None
+    _step(model, opt, sched)
+    mgr.maybe_save()  # position 4: its upload fails on rank 1 ...
+    try:
+        mgr.wait()  # ... and every rank raises here
+    except CheckpointError as exc:
+        failure = str(exc)
+    fail_at.clear()
+    faults.fault_hook = None
+    after_failure = [[i.name, i.state] for i in objstore.list_run(parse_location(url))]
+    bucket = url[5:].split("/")[0]
+    uploads = storage.S3Store(bucket).client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     mgr.close()
     names = [i.name for i in objstore.list_run(parse_location(url)) if i.state == "complete"]
     model2, opt2, sched2 = _job(seed=1)
     cfg2 = CheckpointConfig(every_steps=2, keep_last=1, staging_dir=f"{staging}/b", max_shard_size=60_000)
     mgr2 = CheckpointManager(url, model2, opt2, sched2, config=cfg2)
-    assert mgr2.resume("auto") and sched2.position == 4
+    assert mgr2.resume("auto") and sched2.position == 3
+    _step(model2, opt2, sched2)
     for _ in range(2):
         _step(model, opt, sched)
         _step(model2, opt2, sched2)
@@ -256,32 +285,40 @@ def _s3_run(rank: int, world: int, url: str, staging: str) -> dict:
     return {
         "names": names,
         "same": same,
-        "latest": objstore.read_latest(storage.S3Store(url[5:].split("/")[0]), parse_location(url))[0],
+        "mine": mine,
+        "failure": failure,
+        "after_failure": after_failure,
+        "uploads": len(uploads),
+        "latest": objstore.read_latest(storage.S3Store(bucket), parse_location(url))[0],
     }
 
 
 def test_manager_on_s3_two_ranks(s3_server, tmp_path):
-    """Two gloo ranks save to s3:// in a user's loop (both ranks' files in one checkpoint, manifest last, latest
-    moved by CAS, retention on the bucket), and a new job resumes from the bucket alone and continues exactly."""
+    """Two gloo ranks save to s3:// in a user's loop: each rank uploads exactly the files it wrote (the manifest's
+    ``rank``), rank 0 commits last (manifest, latest by CAS, retention on the bucket); an upload that fails on rank
+    1 alone raises on both ranks at the next wait and leaves neither objects nor multipart uploads; a new job
+    resumes from the bucket alone and continues exactly."""
     from distributed_helpers import run_distributed
 
     url = f"s3://{s3_server.bucket()}/runs/two"
     results = run_distributed(_s3_run, world_size=2, args=(url, str(tmp_path)), env=s3_server.environ())
+    store = storage.S3Store(url[5:].split("/")[0])
     for r in results:
         # periodic saves at 1 and 2 were removed by retention on the bucket (keep_last=1), manifest first
-        assert r["names"] == ["step-000000003-periodic", "step-000000004-pre-decay+periodic"]
+        assert r["names"] == ["step-000000003-periodic"]
         assert r["latest"] == r["names"][-1] and r["same"]
-    ranks = {
-        rec["rank"]
-        for rec in objstore.load_manifest(
-            storage.S3Store(url[5:].split("/")[0]), parse_location(url) / "checkpoints" / r["names"][-1]
-        )[0]["files"].values()
-    }
-    assert ranks == {0, 1}
+        assert r["failure"] and "rank 1: OSError: injected upload failure" in r["failure"], r["failure"]
+        assert r["after_failure"] == [["step-000000003-periodic", "complete"]] and r["uploads"] == 0
+    files = objstore.load_manifest(store, parse_location(url) / "checkpoints" / r["names"][-1])[0]["files"]
+    assert {rec["rank"] for rec in files.values()} == {0, 1}
+    for rank, r in enumerate(results):  # three saves, each rank its own files of each, nothing else
+        own = sorted(rel for rel, rec in files.items() if rec["rank"] == rank)
+        assert r["mine"] == sorted(own * 3), (rank, r["mine"], own)
 
 
-def test_manager_on_s3_lease_leftovers_failures(s3_server, tmp_path):
-    """The run lease: a second manager is refused with the run lock's message; a stale lease is taken over. An
+def test_manager_on_s3_lease_leftovers_failures(s3_server, tmp_path, monkeypatch):
+    """The run lease: a second manager is refused with the run lock's message; a stale lease is taken over, its
+    age read on the server's clock (a skewed holder's clock neither holds it forever nor loses it early). An
     interrupted save's objects (no manifest) and multipart uploads are removed by the next run. A failed upload
     raises at the next save; without staging_dir an s3:// run is refused."""
     bucket = s3_server.bucket()
@@ -315,14 +352,80 @@ def test_manager_on_s3_lease_leftovers_failures(s3_server, tmp_path):
         mgr.wait()
     s3_server.client().create_bucket(Bucket=bucket)
     mgr.close()
-    # a stale lease (its holder died without releasing it) is taken over
-    store.put(
-        "runs/one/.wsd_pretrain.lease", json.dumps({"holder": "pid 1 on gone", "since": "x", "expires": 0}).encode()
-    )
+    # the lease's age is read on the server's clock, never from the holder's recorded expiry: a lease just
+    # written by a host whose clock is far behind (its "expires" long past) is still held ...
+    lease = "runs/one/.wsd_pretrain.lease"
+    monkeypatch.setattr(objstore_tier, "LEASE_TTL_S", 1.5)
+    store.put(lease, json.dumps({"holder": "pid 1 on behind", "since": "x", "expires": 0}).encode())
+    with pytest.raises(CheckpointError, match=r"in use by another run \(pid 1 on behind"):
+        CheckpointManager(url, *_job()[:3], config=CheckpointConfig(staging_dir=str(tmp_path / "c")))
+    # ... and one not renewed for longer than the TTL is taken over, whatever a clock far ahead wrote in it
+    store.put(lease, json.dumps({"holder": "pid 1 on ahead", "since": "x", "expires": time.time() + 1e6}).encode())
+    time.sleep(2.6)
     mgr = CheckpointManager(url, *_job()[:3], config=CheckpointConfig(staging_dir=str(tmp_path / "c")))
     assert json.loads(store.get("runs/one/.wsd_pretrain.lease")[0])["holder"].startswith(f"pid {os.getpid()}")
     mgr.close()
     assert store.head("runs/one/.wsd_pretrain.lease") is None
+
+
+def test_lightning_on_s3(s3_server, tmp_path):
+    """The Lightning integration on an s3:// run (the real Trainer on CPU, through the manager's staging tier): its
+    checkpoints are committed on the bucket, and a new Trainer with an empty staging folder resumes from the
+    bucket alone at the saved update and finishes the schedule there."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    from wsd_pretrain.integrations.lightning import ResumableDataLoader, WSDCheckpoint
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            return {
+                "optimizer": opt,
+                "lr_scheduler": {
+                    "scheduler": WSDScheduler(opt, WSDSchedule(total=8, decay_length=2)),
+                    "interval": "step",
+                },
+            }
+
+    url = f"s3://{s3_server.bucket()}/runs/pl"
+    loader = ResumableDataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=2)
+
+    class Spy(WSDCheckpoint):
+        resumed = None
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            super().on_train_start(trainer, pl_module)
+            self.resumed = self.ckpt.resumed_from.name if self.ckpt.resumed_from else None
+
+    def fit(max_steps: int, staging: str) -> Spy:
+        callback = Spy(url, config=CheckpointConfig(staging_dir=str(tmp_path / staging)), check_max_steps=False)
+        trainer = pl.Trainer(
+            max_steps=max_steps,
+            accelerator="cpu",
+            callbacks=[callback],
+            enable_checkpointing=False,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(Module(), loader)
+        callback.global_step = trainer.global_step
+        return callback
+
+    fit(7, "a")  # stopped after update 7: the pre-decay checkpoint at 6 is on the bucket
+    names = [(i.name, i.state) for i in objstore.list_run(parse_location(url))]
+    assert names == [("step-000000006-pre-decay", "complete")]
+    second = fit(8, "b")  # an empty staging folder: resumed from the bucket
+    assert second.global_step == 8 and second.resumed == "step-000000006-pre-decay"
+    names = [i.name for i in objstore.list_run(parse_location(url)) if i.state == "complete"]
+    assert names == ["step-000000006-pre-decay", "step-000000008-post-decay+final"]
 
 
 @pytest.mark.slow  # a minute on 2 cores; the default suite saves and resumes the manager on s3:// on 2 ranks above

@@ -1,5 +1,6 @@
 """Save and resume on S3, side by side in one run against one local S3 server (moto, 127.0.0.1): our manager on an
-``s3://`` run (local staging tier, rank 0's parallel multipart upload, manifest last) against
+``s3://`` run (local staging tier, each rank's parallel multipart upload of the files it wrote, rank 0's manifest
+last) against
 torch.distributed.checkpoint's fsspec writer (s3fs) at its best settings (``thread_count`` threads,
 ``sync_files=False``: with it, DCP falls back to a machine-wide ``os.sync()`` per file). Rewrites the ``s3`` section
 of docs/benchmarks.md.
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     add_out_argument(ap)
     args = ap.parse_args(argv)
     proc, endpoint = start_server()
+    load_before = os.getloadavg()[0]
     try:
         import boto3
 
@@ -205,17 +207,19 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+    load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     body = f"""## Save and resume on S3 against DCP's fsspec writer (`tools/bench_s3.py`)
 
-{machine()}; one local S3 server (moto on 127.0.0.1) for both writers, in one run. Ours: the manager on an `s3://`
-run with a local staging folder (save = written and committed locally, uploaded by rank 0 in parallel multipart
-parts and committed on the bucket: `save()` then `wait()`); resume = a new manager with an empty staging folder
+{machine()} ({load}: a shared machine, so
+the numbers are noisy); one local S3 server (moto on 127.0.0.1) for both writers, in one run. Ours: the manager on
+an `s3://` run with a local staging folder (save = written and committed locally, each rank uploading the files it
+wrote in parallel multipart parts, rank 0 committing on the bucket once every rank reported: `save()` then
+`wait()`); resume = a new manager with an empty staging folder
 (listing, verified download, load). DCP: `dcp.save` with `FsspecWriter(thread_count={args.threads},
 sync_files=False)` over s3fs, and `dcp.load` with `FsspecReader`. The save ratio is DCP's time over ours (higher:
 ours faster). moto keeps objects in memory and is not a speed reference: compare the columns, not with other
-numbers. Every object of ours is uploaded by rank 0 (docs/decisions.md, the staging tier), while each DCP rank
-writes its own file: with more ranks DCP's parallel writers gain on us, and each rank uploading the files it wrote
-is the next step. Our resume downloads once (rank 0, verified) and loads locally.
+numbers. Our resume: each rank downloads its share of the objects (verified), rank 0 commits the local
+copy, every rank loads it locally.
 
 {table(rows)}
 """

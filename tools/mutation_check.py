@@ -318,6 +318,38 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_object_storage.py::test_manager_on_s3_lease_leftovers_failures",),
         "a failed upload to S3 goes unreported: the job believes its checkpoint is on the bucket",
     ),
+    M(
+        "s3-commit-without-every-rank",
+        "wsd_pretrain/checkpoint/objstore_tier.py",
+        '            failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]',
+        '            failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e and r == 0]',
+        ("tests/test_object_storage.py::test_manager_on_s3_two_ranks",),
+        "rank 0 commits a checkpoint on S3 although another rank's upload failed: a manifest over missing objects",
+    ),
+    M(
+        "s3-rank0-uploads-all",
+        "wsd_pretrain/checkpoint/objstore_tier.py",
+        'if int(rec.get("rank", 0)) % world == rank)\n            problems',
+        "if rank == 0)\n            problems",
+        ("tests/test_object_storage.py::test_manager_on_s3_two_ranks",),
+        "every object of an s3:// save goes through rank 0 again (the other ranks upload nothing)",
+    ),
+    M(
+        "s3-fetch-share-lost",
+        "wsd_pretrain/checkpoint/objstore_tier.py",
+        'if int(rec.get("rank", 0)) % world == rank)\n        return objstore.fetch_files',
+        'if int(rec.get("rank", 0)) % world == 0)\n        return objstore.fetch_files',
+        ("tests/test_object_storage.py::test_manager_on_s3_two_ranks",),
+        "every rank of a resume from S3 fetches rank 0's share: the other ranks' files are never downloaded",
+    ),
+    M(
+        "s3-lease-holder-clock",
+        "wsd_pretrain/checkpoint/objstore_tier.py",
+        "        if age < self.ttl:\n",
+        '        if float(json.loads(raw).get("expires", 0)) > time.time():\n',
+        ("tests/test_object_storage.py::test_manager_on_s3_lease_leftovers_failures",),
+        "the lease's expiry is read from the holder's clock: a host whose clock is behind loses its run to another",
+    ),
     # ------------------------------------------------------------------ data, config, the job, the CLI
     M(
         "data-resume-restarts-data",

@@ -1593,8 +1593,9 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
 SCENARIOS = ("kill", "disk", "corruption", "hostile", "elastic", "preemption", "lock", "s3")
 S3_DOC = [
     "A local S3 server (moto, 127.0.0.1). The job (`CheckpointManager` on an `s3://` run with a staging folder) saves",
-    "at updates 2 and 4; its uploading rank (rank 0: the only one that talks to the bucket) is SIGKILLed during the",
-    "upload of the second save at each step of the object-storage commit. A fresh job with an empty staging folder",
+    "at updates 2 and 4; its one process (which uploads every object and commits: each rank uploads the files it",
+    "wrote, so on one process that is all of them) is SIGKILLed during the upload of the second save at each step",
+    "of the object-storage commit. A fresh job with an empty staging folder",
     "then takes the expired lease, resumes from the bucket alone, and must land on the newest committed checkpoint",
     "(2, or 4 when the kill came after its manifest); the earlier checkpoint must verify; no unfinished prefix or",
     "multipart upload may remain. The server is stopped and restarted mid-upload (moto keeps objects in memory, so",

@@ -8,7 +8,7 @@ save: ``save-begin``, ``staging-created``, ``fetch-begin``, ``fetch:<tensor>``, 
 ``range-write:<file>`` (a byte range written in place: a shard owner's header or own tensor, a holder's range),
 ``shard-end:<file>``, ``report``, ``commit-begin``, ``manifest-begin``, ``manifest-written``, ``manifest-hash-written``,
 ``renamed:<name>``, ``latest-written:<name>``;
-upload to object storage (objstore.py; the manager's background upload on rank 0): ``upload-object:<file>``,
+upload to object storage (objstore.py; the manager's background upload on every rank): ``upload-object:<file>``,
 ``upload-manifest`` (every object written, the manifest not yet), ``upload-committed:<name>`` (before ``latest``);
 load: ``load-open`` (rank 0), ``load-verify``, ``load-plan``, ``load-read:<param>``, ``load-restore:<param>``.
 

@@ -555,7 +555,8 @@ class CheckpointManager:
             fsync=self.config.fsync,
             arena=self._arena if self.config.async_save else None,
             overlap=self.config.async_snapshot == "overlap",
-            after_commit=retain if D.get_rank() == 0 else None,
+            # rank 0's retention; on object storage every rank uploads its own files (_upload_in_background)
+            after_commit=retain if D.get_rank() == 0 or self._remote is not None else None,
             checksum=self.config.checksum,
             **kwargs,
         )
@@ -594,12 +595,18 @@ class CheckpointManager:
         self._agree_on_upload()
 
     def _agree_on_upload(self) -> None:
-        """A run on object storage: every rank learns whether rank 0's last upload failed, and all raise together
-        (or log it, with ``on_save_error: continue``)."""
+        """A run on object storage: every rank learns whether the last upload failed on any rank, and all raise
+        together (or log it, with ``on_save_error: continue``): one small all-reduce, the errors gathered only
+        when one failed."""
         if self._remote is None:
             return
-        error = coord.broadcast(self._remote.error if D.get_rank() == 0 else None)
-        self._remote.error = None
+        error, self._remote.error = self._remote.error, None
+        if D.get_world_size() > 1:
+            (failed,) = coord.all_reduce_max([1 if error else 0])
+            if not failed:
+                return
+            errors = D.all_gather_object(error, group=coord.groups().coord)
+            error = next(e for e in errors if e)  # rank 0's outcome names every failed rank when it has one
         if error is not None:
             if self.config.on_save_error == "stop":
                 raise CheckpointError(error)
@@ -612,24 +619,57 @@ class CheckpointManager:
 
     def _retain_in_background(self, newest: Path, snapshots: bool = False) -> None:
         """Rank 0, after a commit: apply retention in a thread of its own, so a synchronous save returns as soon as
-        its checkpoint is committed (the next save, listing or close waits for it)."""
+        its checkpoint is committed (the next save, listing or close waits for it). On object storage every rank
+        comes here and uploads its own files (:meth:`_upload_in_background`)."""
         import threading
 
+        if self._remote is not None:
+            self._upload_in_background(newest, snapshots)
+            return
+
         def run() -> None:
-            if self._remote is not None:  # upload first; a failure is told to every rank at the next wait()
-                try:
-                    cfg = self.config
-                    keep = cfg.snapshot_keep if snapshots else cfg.keep_last
-                    self._remote.upload(newest, snapshots, keep, cfg.keep_milestones and not snapshots)
-                except Exception as exc:
-                    self._remote.error = f"uploading {newest.name} to {self._remote.url} failed: {exc}"
-                return
             try:
                 self._retain_snapshots(newest) if snapshots else self._retain(newest)
             except Exception as exc:  # retention never fails a save
                 log.warning("retention after %s failed: %s", newest.name, exc)
 
         self._retention = threading.Thread(target=run, name="wsd-ckpt-retention", daemon=True)
+        self._retention.start()
+
+    def _upload_in_background(self, newest: Path, snapshots: bool) -> None:
+        """Every rank, in the save's commit thread once the local commit is visible: rank 0 claims the name on the
+        bucket and tells every rank (one broadcast on the commit group); then each rank uploads the files it wrote
+        in a thread of its own while training goes on, and rank 0 commits once every rank reported
+        (:meth:`.RemoteTier.upload_rank`). A failure on any rank is told to every rank at the next ``wait()``."""
+        import threading
+
+        remote, rank, world = self._remote, D.get_rank(), D.get_world_size()
+        group = coord.groups().commit if world > 1 else None
+        failed = None
+        if rank == 0:
+            try:
+                remote.claim(newest, snapshots)
+            except Exception as exc:
+                failed = f"{type(exc).__name__}: {exc}"
+        if world > 1:
+            failed = D.broadcast_object(failed, src=0, group=group)
+        if failed is not None:
+            remote.error = f"uploading {newest.name} to {remote.url} failed: {failed}"
+            return
+        cfg = self.config
+        keep = cfg.snapshot_keep if snapshots else cfg.keep_last
+
+        def run() -> None:
+            try:
+                error = remote.upload_rank(
+                    newest, snapshots, keep, cfg.keep_milestones and not snapshots, rank, world, group
+                )
+            except Exception as exc:  # a collective failed (a rank died): this rank's own error
+                error = f"{type(exc).__name__}: {exc}"
+            if error is not None:
+                remote.error = f"uploading {newest.name} to {remote.url} failed: {error}"
+
+        self._retention = threading.Thread(target=run, name="wsd-ckpt-upload", daemon=True)
         self._retention.start()
 
     def _join_retention(self) -> None:
@@ -736,19 +776,48 @@ class CheckpointManager:
         return True
 
     def _ensure_local(self, name: str) -> None:
-        """A run on object storage: rank 0 brings checkpoint ``name`` into the staging run (verified on the way);
-        every rank raises together if it cannot."""
+        """A run on object storage: checkpoint ``name`` is brought into the staging run unless it is there. Rank 0
+        opens a staging folder with the bucket's manifest; every rank downloads its share (the files the manifest
+        gives it, verified on the way); one agreement; rank 0 checks the range-written files and commits the local
+        copy. Every rank raises together if any step fails."""
         if self._remote is None:
             return
-        error = None
-        if D.get_rank() == 0:
+        rank, world = D.get_rank(), D.get_world_size()
+        where = f"cannot fetch {name} from {self._remote.url}"
+        opened: Any = None
+        if rank == 0:
             try:
-                self._remote.ensure_local(name)
+                staging = self._remote.begin_fetch(name)
+                opened = None if staging is None else {"staging": str(staging)}
             except (OSError, CheckpointError) as exc:
-                error = f"cannot fetch {name} from {self._remote.url}: {exc}"
-        error = coord.broadcast(error)
-        if error is not None:
-            raise CheckpointError(error)
+                opened = {"error": f"{where}: {exc}"}
+        opened = coord.broadcast(opened)
+        if opened is None:
+            return
+        if "error" in opened:
+            raise CheckpointError(opened["error"])
+        staging = Path(opened["staging"])
+        error = None
+        try:
+            problems = self._remote.fetch_rank(name, staging, rank, world)
+            error = "damaged objects: " + "; ".join(problems) if problems else None
+        except (OSError, CheckpointError) as exc:
+            error = str(exc)
+        done: Any = None
+        try:
+            coord.agree(error, where)
+            if rank == 0:
+                try:
+                    self._remote.end_fetch(name, staging)
+                except (OSError, CheckpointError) as exc:
+                    done = f"{where}: {exc}"
+        except CheckpointError:
+            if rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        done = coord.broadcast(done)
+        if done is not None:
+            raise CheckpointError(done)
 
     def _listing(self) -> Any:
         """Rank 0: the run's committed checkpoints (and damaged ones), oldest first, as plain JSON for the others."""

@@ -32,7 +32,17 @@ from .faults import point
 from .safetensors_io import fsync_dir, new_hasher
 from .storage import ObjectURL, PreconditionFailed, S3Store, parse_location, safe_key, store_for
 
-__all__ = ["copy", "delete_checkpoint", "fetch", "list_run", "load_manifest", "resolve", "upload"]
+__all__ = [
+    "commit_upload",
+    "copy",
+    "delete_checkpoint",
+    "fetch",
+    "list_run",
+    "load_manifest",
+    "resolve",
+    "upload",
+    "upload_files",
+]
 
 CLAIM = ".claim"
 _CHUNK = 8 * 1024 * 1024
@@ -164,10 +174,28 @@ def fetch(ckpt: ObjectURL, dest: Path, *, headers_only: bool = False) -> list[st
     dest.mkdir(parents=True)
     (dest / F.MANIFEST).write_bytes(raw)
     (dest / F.MANIFEST_HASH).write_bytes(raw_hash)
+    problems = fetch_files(store, ckpt, m, dest, sorted(m["files"]), headers_only=headers_only)
+    if not problems and not headers_only:
+        problems = _check_ranged(dest, m)
+    return sorted(problems)
+
+
+def fetch_files(
+    store: S3Store,
+    ckpt: ObjectURL,
+    m: dict[str, Any],
+    dest: Path,
+    rels: list[str],
+    *,
+    headers_only: bool = False,
+) -> list[str]:
+    """Download the objects ``rels`` of the checkpoint ``ckpt`` (manifest ``m``) into the folder ``dest``, several
+    in flight, each checked against the manifest's size and checksum on the way (a range-written file's size
+    only: :func:`_check_ranged` checks its holders' ranges once the whole copy is there). Returns the problems."""
     algo = m["checksum"]
 
-    def one(item: tuple[str, dict[str, Any]]) -> str | None:
-        rel, rec = item
+    def one(rel: str) -> str | None:
+        rec = m["files"][rel]
         key = safe_key(ckpt, rel, "manifest")
         path = F.safe_path(dest, rel, "manifest")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +212,7 @@ def fetch(ckpt: ObjectURL, dest: Path, *, headers_only: bool = False) -> list[st
                 for chunk in body.iter_chunks(_CHUNK):
                     digest.update(chunk)
                     f.write(chunk)
-            # a range-written file's hash covers its owner's bytes only: checked with its holders' ranges below
+            # a range-written file's hash covers its owner's bytes only: checked with its holders' ranges later
             if not rec.get("ranged") and digest.hexdigest() != rec["hash"]:
                 return f"{rel}: {algo} {digest.hexdigest()[:12]}… does not match the manifest's {rec['hash'][:12]}…"
         except FileNotFoundError:
@@ -192,10 +220,7 @@ def fetch(ckpt: ObjectURL, dest: Path, *, headers_only: bool = False) -> list[st
         return None
 
     with ThreadPoolExecutor(_THREADS, thread_name_prefix="wsd-fetch") as pool:
-        problems = [p for p in pool.map(one, sorted(m["files"].items())) if p]
-    if not problems and not headers_only:
-        problems = _check_ranged(dest, m)
-    return sorted(problems)
+        return [p for p in pool.map(one, rels) if p]
 
 
 def _check_ranged(ckpt: Path, manifest: dict[str, Any]) -> list[str]:
@@ -277,7 +302,9 @@ def upload(
     """Copy the local committed checkpoint ``src`` to ``<run>/<root>/<name>`` with the object-storage commit:
     claim the name, stream every object (parallel multipart parts, its checksum computed on the way and compared
     with the source manifest's), then ``manifest.hash``, then ``manifest.json`` with ``If-None-Match: *`` (the
-    commit), then ``latest`` by compare-and-swap. Any failure aborts the uploads and removes what was written."""
+    commit), then ``latest`` by compare-and-swap. Any failure aborts the uploads and removes what was written.
+    (The manager's uploads split the objects over the ranks: :func:`upload_files` on each, :func:`commit_upload`
+    on rank 0 once every rank reported.)"""
     m = F.load_manifest(src)
     store = store_for(run)
     ckpt = run / root / src.name
@@ -286,50 +313,73 @@ def upload(
         raise CheckpointError(f"{src}: not copied, the source is damaged: " + "; ".join(damaged))
     _claim(store, ckpt, replace_unfinished=replace_unfinished)
     try:
-        algo = m["checksum"]
-
-        def one(item: tuple[str, dict[str, Any]]) -> str | None:
-            rel, rec = item
-            point(f"upload-object:{rel}")
-            w = store.writer(safe_key(ckpt, rel, "manifest"), algo)
-            try:
-                with open(F.safe_path(src, rel, "manifest"), "rb") as f:
-                    while chunk := f.read(_CHUNK):
-                        w.write(chunk)
-            except OSError as exc:
-                w.abort()
-                return f"{rel}: cannot read: {exc.strerror or exc}"
-            except BaseException:
-                w.abort()
-                raise
-            size, digest = w.close()
-            if progress is not None:
-                progress(1)
-            if (size, digest if not rec.get("ranged") else rec["hash"]) != (rec["size"], rec["hash"]):
-                return f"{rel}: the source's {size} bytes / {algo} {digest[:12]}… do not match its manifest"
-            return None
-
-        with ThreadPoolExecutor(_THREADS, thread_name_prefix="wsd-upload") as pool:
-            problems = [p for p in pool.map(one, sorted(m["files"].items())) if p]
+        problems = upload_files(src, m, store, ckpt, sorted(m["files"]), progress=progress)
         if problems:
             raise CheckpointError(f"{src}: not copied, the source is damaged: " + "; ".join(problems))
-        point("upload-manifest")
-        store.put((ckpt / F.MANIFEST_HASH).key, (src / F.MANIFEST_HASH).read_bytes())
-        try:
-            store.put((ckpt / F.MANIFEST).key, (src / F.MANIFEST).read_bytes(), if_none_match=True)  # the commit
-        except PreconditionFailed:
-            raise CheckpointError(f"{ckpt}: another writer committed this checkpoint first; this copy stops") from None
+        commit_upload(src, store, run, ckpt, root)
     except BaseException:
         try:
             remove_unfinished(store, ckpt)
         except CheckpointError:
             pass
         raise
+    return ckpt
+
+
+def upload_files(
+    src: Path,
+    m: dict[str, Any],
+    store: S3Store,
+    ckpt: ObjectURL,
+    rels: list[str],
+    *,
+    progress: Callable[[int], Any] | None = None,
+) -> list[str]:
+    """Stream the files ``rels`` of the local checkpoint ``src`` (manifest ``m``) to their objects under ``ckpt``:
+    several objects at once, each in parallel multipart parts, its checksum computed on the way and compared with
+    the manifest's (a range-written file's size only: its checksums are per holder). Returns the problems (empty:
+    all written); an object that fails is aborted (no multipart upload is left by it). Raises on a fault or a
+    server error, after aborting its own object."""
+    algo = m["checksum"]
+
+    def one(rel: str) -> str | None:
+        rec = m["files"][rel]
+        point(f"upload-object:{rel}")
+        w = store.writer(safe_key(ckpt, rel, "manifest"), algo)
+        try:
+            with open(F.safe_path(src, rel, "manifest"), "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    w.write(chunk)
+        except OSError as exc:
+            w.abort()
+            return f"{rel}: cannot read: {exc.strerror or exc}"
+        except BaseException:
+            w.abort()
+            raise
+        size, digest = w.close()
+        if progress is not None:
+            progress(1)
+        if (size, digest if not rec.get("ranged") else rec["hash"]) != (rec["size"], rec["hash"]):
+            return f"{rel}: the source's {size} bytes / {algo} {digest[:12]}… do not match its manifest"
+        return None
+
+    with ThreadPoolExecutor(_THREADS, thread_name_prefix="wsd-upload") as pool:
+        return [p for p in pool.map(one, rels) if p]
+
+
+def commit_upload(src: Path, store: S3Store, run: ObjectURL, ckpt: ObjectURL, root: str) -> None:
+    """Every object of ``src`` is under ``ckpt``: write ``manifest.hash``, then ``manifest.json`` with
+    ``If-None-Match: *`` (the commit), remove the claim, and move ``latest`` by compare-and-swap."""
+    point("upload-manifest")
+    store.put((ckpt / F.MANIFEST_HASH).key, (src / F.MANIFEST_HASH).read_bytes())
+    try:
+        store.put((ckpt / F.MANIFEST).key, (src / F.MANIFEST).read_bytes(), if_none_match=True)  # the commit
+    except PreconditionFailed:
+        raise CheckpointError(f"{ckpt}: another writer committed this checkpoint first; this copy stops") from None
     point(f"upload-committed:{src.name}")
     store.delete([(ckpt / CLAIM).key])
     if root == F.CHECKPOINTS:
         set_latest(store, run, src.name)
-    return ckpt
 
 
 def set_latest(store: S3Store, run: ObjectURL, name: str, *, attempts: int = 20) -> None:
@@ -356,8 +406,6 @@ def set_latest(store: S3Store, run: ObjectURL, name: str, *, attempts: int = 20)
 def download(src: ObjectURL, run: Path, *, root: str = F.CHECKPOINTS) -> Path:
     """Copy a committed checkpoint from object storage into the local run ``run``: fetched and verified into a
     staging folder, fsynced, renamed (the local commit), then ``latest`` if it is the newest."""
-    from .commit import write_latest
-
     base = run / root
     final = base / src.name
     if final.exists():
@@ -368,6 +416,20 @@ def download(src: ObjectURL, run: Path, *, root: str = F.CHECKPOINTS) -> Path:
         problems = fetch(src, staging)
         if problems:
             raise CheckpointError(f"{src}: not copied, damaged objects: " + "; ".join(problems))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return commit_local(staging, final, run, root)
+
+
+def commit_local(staging: Path, final: Path, run: Path, root: str = F.CHECKPOINTS) -> Path:
+    """A verified local copy in ``staging`` becomes the checkpoint ``final`` of the local run ``run``: every file
+    and folder fsynced, renamed (the local commit), then ``latest`` if it is the newest. ``staging`` is removed on
+    any failure."""
+    from .commit import write_latest
+
+    base = final.parent
+    try:
         for dirpath, _, files in os.walk(staging):
             for f in files:
                 fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)

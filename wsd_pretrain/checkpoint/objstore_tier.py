@@ -3,13 +3,16 @@
 
 Every save is written and committed by the POSIX protocol into the local staging run
 (``checkpoint.staging_dir``: node-local or shared disk, at disk speed), then rank 0 uploads it in the background
-with the object-storage commit (:func:`.objstore.upload`: objects, manifest last with ``If-None-Match: *``,
-``latest`` by compare-and-swap) while training goes on. The next ``save()``, ``wait()``, ``resume()`` or ``close()``
+with the object-storage commit while training goes on: rank 0 claims the name, **each rank uploads the files it
+wrote** (:func:`.objstore.upload_files`: parallel multipart parts, checksums on the way), reports to rank 0 with
+one gather on the checkpoint's commit group, and rank 0 writes the manifest last with ``If-None-Match: *`` and
+``latest`` by compare-and-swap, or removes every rank's objects and multipart uploads if any rank failed. The next ``save()``, ``wait()``, ``resume()`` or ``close()``
 waits for the upload, and every rank raises if it failed (or logs it, with ``on_save_error: continue``). The
 staging tier keeps the newest ``staging_keep`` checkpoints locally; retention on the bucket applies the same rule
 as on disk, deleting each manifest first. A resume lists the bucket (a checkpoint is there when its manifest is),
-and rank 0 downloads the one to load into the staging run, every object verified on the way, unless it is there
-already.
+and every rank downloads its share of the one to load (the files the manifest gives it, as for the uploads) into
+a staging folder of the staging run, every object verified on the way; rank 0 commits the local copy once every
+rank agreed, unless the staging run has it already.
 
 The run is held by :class:`Lease`, an object beside the checkpoints created conditionally, renewed by a
 heartbeat and taken over only once it has expired (``If-Match`` on the stale lease), with the messages of the
@@ -40,7 +43,8 @@ log = logging.getLogger(__name__)
 
 LEASE_NAME = ".wsd_pretrain.lease"
 LEASE_TTL_S = 120.0
-"""A lease not renewed for this long is stale: another run may take it over (the heartbeat renews it every third)."""
+"""A lease not renewed for this long (measured on the server's clock: its Date minus the lease's Last-Modified) is
+stale: another run may take it over (the heartbeat renews it every third)."""
 
 
 class Lease:
@@ -72,22 +76,26 @@ class Lease:
             return
         except PreconditionFailed:
             pass
-        raw, etag = self.store.get(self.key, max_bytes=4096)
+        # stale or not is decided on the server's clock alone: the time since the lease object was last written
+        # (created or renewed), as the server's Date minus its Last-Modified. The holder's recorded expiry is
+        # only shown: hosts' clocks may disagree by more than the TTL (docs/decisions.md)
+        raw, etag, age = self.store.get_aged(self.key, max_bytes=4096)
         try:
             record = json.loads(raw)
-            holder, expires = f"{record['holder']}, since {record['since']}", float(record["expires"])
+            holder = f"{record['holder']}, since {record['since']}"
         except (ValueError, KeyError, TypeError):
-            holder, expires = "unreadable lease", 0.0
-        if expires > time.time():
+            holder = "unreadable lease"
+        if age < self.ttl:
             raise CheckpointError(
-                f"{self.run} is in use by another run ({holder}; lease s3://{self.store.bucket}/{self.key}); give "
-                "this run its own --run-dir, or stop the other one"
+                f"{self.run} is in use by another run ({holder}; lease s3://{self.store.bucket}/{self.key}, renewed "
+                f"{max(age, 0):.0f} s ago); give this run its own --run-dir, or stop the other one (a lease not "
+                f"renewed for {self.ttl:.0f} s is taken over)"
             )
         try:  # stale: take it over, only if nobody renewed or took it since we read it
             self._etag = self.store.put(self.key, self._body(), if_match=etag)
         except PreconditionFailed:
             raise CheckpointError(f"{self.run}: could not take the run lease (another run took it first)") from None
-        log.warning("%s: took over the run lease of %s, which expired", self.run, holder)
+        log.warning("%s: took over the run lease of %s, not renewed for %.0f s", self.run, holder, age)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 3):
@@ -122,7 +130,8 @@ class Lease:
 
 
 class RemoteTier:
-    """Rank 0's side of a run on object storage: uploads, retention on the bucket, listing and downloads."""
+    """A run on object storage: every rank uploads its own files; rank 0 claims, commits, applies retention on the
+    bucket, lists and downloads."""
 
     def __init__(self, url: ObjectURL, staging: Path, keep_local: int) -> None:
         self.url, self.staging, self.keep_local = url, staging, keep_local
@@ -153,17 +162,69 @@ class RemoteTier:
             self.lease.release()
             self.lease = None
 
-    def upload(self, newest: Path, snapshots: bool, keep: int, keep_milestones: bool) -> None:
-        """After a local commit (rank 0's background thread): upload, then retention on the bucket and locally."""
-        from .retention import checkpoints_to_delete
-
+    def claim(self, newest: Path, snapshots: bool) -> None:
+        """Rank 0, after a local commit and before any rank uploads: claim the checkpoint's name on the bucket
+        (removing an unfinished save of the same name; the lease says no other run writes here). A snapshot
+        written again after a resume went back past it replaces the committed one."""
         if self.lease is not None and self.lease.lost:
             raise CheckpointError(self.lease.lost)
         root = F.SNAPSHOTS if snapshots else F.CHECKPOINTS
-        if snapshots and store_for(self.url).head((self.url / root / newest.name / F.MANIFEST).key) is not None:
-            # a snapshot written again after a resume went back past it: the replayed weights replace it
+        store = store_for(self.url)
+        if snapshots and store.head((self.url / root / newest.name / F.MANIFEST).key) is not None:
             objstore.delete_checkpoint(self.url / root / newest.name)
-        objstore.upload(newest, self.url, root=root, replace_unfinished=True)
+        objstore._claim(store, self.url / root / newest.name, replace_unfinished=True)
+
+    def upload_rank(
+        self, newest: Path, snapshots: bool, keep: int, keep_milestones: bool, rank: int, world: int, group: Any
+    ) -> str | None:
+        """Every rank, in its background thread, after rank 0's claim: upload the files this rank wrote (the
+        manifest's ``rank``), then report to rank 0 with one gather on the commit group (the POSIX save's
+        agreement). Rank 0 commits (``manifest.json`` last, conditional) only when every rank uploaded, else it
+        removes every object and multipart upload under the prefix; the outcome is broadcast back. Returns it
+        (None: committed)."""
+        from .. import distributed as D
+        from .retention import checkpoints_to_delete
+
+        root = F.SNAPSHOTS if snapshots else F.CHECKPOINTS
+        store = store_for(self.url)
+        ckpt = self.url / root / newest.name
+        error: str | None = None
+        try:
+            m = F.load_manifest(newest)
+            mine = sorted(rel for rel, rec in m["files"].items() if int(rec.get("rank", 0)) % world == rank)
+            problems = objstore.upload_files(newest, m, store, ckpt, mine)
+            error = "; ".join(problems) or None
+        except Exception as exc:  # reported: rank 0 hears of it and every rank raises at the next wait
+            error = f"{type(exc).__name__}: {exc}"
+        try:
+            errors = D.gather_object(error, dst=0, group=group) if world > 1 else [error]
+        except Exception:  # a rank died mid-upload (the gather timed out or lost it): nothing is committed
+            if rank == 0:
+                try:
+                    objstore.remove_unfinished(store, ckpt)  # every rank's objects and multipart uploads
+                except CheckpointError:
+                    pass  # the server is away: the next run removes the unfinished prefix
+            raise
+        outcome: str | None = None
+        if rank == 0:
+            assert errors is not None
+            failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+            try:
+                if failed:
+                    outcome = "; ".join(failed)
+                    objstore.remove_unfinished(store, ckpt)  # every rank's objects and multipart uploads
+                else:
+                    objstore.commit_upload(newest, store, self.url, ckpt, root)
+            except Exception as exc:
+                outcome = outcome or f"rank 0 could not commit: {type(exc).__name__}: {exc}"
+                try:
+                    objstore.remove_unfinished(store, ckpt)
+                except CheckpointError:
+                    pass  # committed after all (the manifest decides), or the server is away: the next run cleans
+        if world > 1:
+            outcome = D.broadcast_object(outcome, src=0, group=group)
+        if outcome is not None or rank != 0:
+            return outcome
         complete = [i for i in objstore.list_run(self.url, snapshots=snapshots) if i.state == "complete"]
         for info in checkpoints_to_delete(
             complete, keep_last=keep, keep_milestones=keep_milestones, just_written=newest.name
@@ -176,15 +237,40 @@ class RemoteTier:
             trash = info.path.parent / f".deleting-{info.name}"
             os.rename(info.path, trash)
             shutil.rmtree(trash, ignore_errors=True)
+        return None
 
     def listing(self) -> list[dict[str, Any]]:
         """The bucket's committed checkpoints (complete and corrupt), oldest first, as the manager's listing, each
         with its path in the staging run."""
         return F.resume_candidates(objstore.list_run(self.url), under=F.checkpoints_dir(self.staging))
 
-    def ensure_local(self, name: str) -> None:
-        """Rank 0: the checkpoint ``name`` in the staging run, downloaded and verified unless there already."""
+    def begin_fetch(self, name: str) -> Path | None:
+        """Rank 0, before a resume loads ``name``: None when the staging run has it; else a new staging folder
+        beside it holding the bucket's manifest (validated), into which every rank fetches its share."""
         local = F.checkpoints_dir(self.staging) / name
         if (local / F.MANIFEST).is_file():
-            return
-        objstore.download(self.url / F.CHECKPOINTS / name, self.staging)
+            return None
+        store = store_for(self.url)
+        _, raw, raw_hash = objstore.load_manifest(store, self.url / F.CHECKPOINTS / name)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        staging = local.parent / f"{F.STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        (staging / F.MANIFEST).write_bytes(raw)
+        (staging / F.MANIFEST_HASH).write_bytes(raw_hash)
+        return staging
+
+    def fetch_rank(self, name: str, staging: Path, rank: int, world: int) -> list[str]:
+        """Every rank: download the objects of ``name`` this rank's share holds (the manifest's ``rank`` modulo the
+        world: the same split as the uploads), verified on the way. Returns the problems."""
+        m = F.load_manifest(staging)
+        mine = sorted(rel for rel, rec in m["files"].items() if int(rec.get("rank", 0)) % world == rank)
+        return objstore.fetch_files(store_for(self.url), self.url / F.CHECKPOINTS / name, m, staging, mine)
+
+    def end_fetch(self, name: str, staging: Path) -> None:
+        """Rank 0, once every rank fetched its share: the range-written files' holder checksums, then the local
+        commit (fsync, rename, ``latest``)."""
+        problems = objstore._check_ranged(staging, F.load_manifest(staging))
+        if problems:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointError(f"{self.url / F.CHECKPOINTS / name}: damaged objects: " + "; ".join(problems))
+        objstore.commit_local(staging, F.checkpoints_dir(self.staging) / name, self.staging)

@@ -560,7 +560,8 @@ def start_save(
     as soon as this returns); with ``overlap`` the parameters, master weights and optimizer state are copied by a
     thread of their own while training goes on, and the next optimizer step waits for them (:class:`_Snapshot`).
     ``rank0_only``: rank 0 writes every file; the other ranks send it their slices (jobs without a shared
-    filesystem). ``after_commit`` runs on rank 0 once the checkpoint is committed. ``dest`` writes
+    filesystem). ``after_commit`` runs, on each rank given one, in the save's background thread once the checkpoint is committed
+    and visible on every rank (it may run collectives on the commit group: every rank given one reaches it). ``dest`` writes
     the checkpoint at exactly that path (converters) and leaves ``latest`` alone. ``with_rng=False`` writes no RNG
     files; ``rng_states`` gives them (a converter copies the source's).
     """
@@ -768,7 +769,7 @@ def start_save(
         if seen:
             result.error = f"committed, but not visible on every rank: {seen}"
             return
-        if after_commit is not None and rank == 0:
+        if after_commit is not None:  # rank 0's retention; on object storage every rank's upload
             after_commit(final)
 
     def run() -> None:

@@ -248,6 +248,24 @@ class S3Store:
             raise CheckpointError(f"{self.url(key)}: {r['ContentLength']} bytes, more than {max_bytes} allowed")
         return r["Body"].read(), r["ETag"]
 
+    def get_aged(self, key: str, *, max_bytes: int) -> tuple[bytes, str, float]:
+        """The object, its ETag, and its age in seconds on the **server's** clock: the response's ``Date`` minus
+        the object's ``Last-Modified``, both written by the server (1-second resolution), so no host's clock is
+        compared with another's. Without a ``Date`` header, this host's clock against ``Last-Modified``."""
+        from datetime import datetime, timezone
+        from email.utils import parsedate_to_datetime
+
+        r = self._call("GET", key, self.client.get_object, Key=key)
+        if int(r["ContentLength"]) > max_bytes:
+            r["Body"].close()
+            raise CheckpointError(f"{self.url(key)}: {r['ContentLength']} bytes, more than {max_bytes} allowed")
+        date = r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        try:
+            now = parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
+        except (TypeError, ValueError):
+            now = datetime.now(timezone.utc)
+        return r["Body"].read(), r["ETag"], (now - r["LastModified"]).total_seconds()
+
     def get_range(self, key: str, start: int, length: int) -> bytes:
         """Bytes ``[start, start + length)`` (fewer at the end of the object), one ranged GET."""
         if length <= 0:

@@ -204,7 +204,8 @@ class FrameworkCheckpointer:
     loop can use it directly.
 
     Args:
-        run_dir: the run directory (checkpoints under ``<run_dir>/checkpoints``).
+        run_dir: the run directory (checkpoints under ``<run_dir>/checkpoints``): a local path, or
+            ``s3://bucket/prefix`` with ``config.staging_dir`` set (docs/manager.md, "Object storage").
         config: :class:`CheckpointConfig`.
         data: a resumable sampler or data source (``state_dict``/``load_state_dict`` in plain JSON), if the
             framework's loader is not the data position's keeper.
@@ -225,10 +226,11 @@ class FrameworkCheckpointer:
         framework: str = "framework",
         scheduler_fix: str | None = None,
     ) -> None:
-        from ..checkpoint.manager import _OBJECT_STORAGE_FIX
-        from ..checkpoint.storage import require_local
+        from ..checkpoint.storage import parse_location
 
-        self.run_dir = require_local(run_dir, f"the {framework} integration's run_dir", _OBJECT_STORAGE_FIX)
+        # a local path, or a URL on object storage (s3://): the manager's run through its staging tier
+        # (checkpoint.staging_dir), exactly as in a user's own loop
+        self.run_dir = parse_location(run_dir)
         self.scheduler_fix = scheduler_fix
         self.config = config or CheckpointConfig()
         self.data = data
@@ -318,7 +320,8 @@ class FrameworkCheckpointer:
             self._pending_rng = capture_rng()
             restore_rng(before)
             last = self._manager.scheduler
-            self.resumed_from = _newest_at(self.run_dir, int(last.position))
+            # the manager's own run folder: the local run, or the staging run a resume from the bucket fetched into
+            self.resumed_from = _newest_at(self._manager.run_dir, int(last.position))
             if not log_loop:
                 return loaded
             log_rank0(
@@ -331,6 +334,17 @@ class FrameworkCheckpointer:
                 self.loop.batch,
             )
         return loaded
+
+    def has_checkpoints(self) -> bool:
+        """Whether the run already holds a complete checkpoint (on the bucket for an ``s3://`` run)."""
+        from ..checkpoint import format as F
+        from ..checkpoint.storage import ObjectURL
+
+        if isinstance(self.run_dir, ObjectURL):
+            from ..checkpoint import objstore
+
+            return any(i.state == "complete" for i in objstore.list_run(self.run_dir))
+        return any(i.state == "complete" for i in F.list_checkpoints(self.run_dir))
 
     def apply_rng(self) -> None:
         """Put back the resumed checkpoint's RNG streams (once; nothing when there is none pending)."""

@@ -138,7 +138,15 @@ class WSDTrainerCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         scheduler = kwargs.get("lr_scheduler")  # a non-WSD scheduler is refused by the manager, saying what to pass
-        run_dir = Path(self.run_dir if self.run_dir is not None else args.output_dir)
+        from ..checkpoint.manager import _OBJECT_STORAGE_FIX
+        from ..checkpoint.storage import require_local
+
+        # the Trainer resumes from a local folder (resume_from_checkpoint): its run stays local for now
+        run_dir = require_local(
+            self.run_dir if self.run_dir is not None else args.output_dir,
+            "the transformers.Trainer integration's run_dir",
+            _OBJECT_STORAGE_FIX,
+        )
         self.ckpt = FrameworkCheckpointer(run_dir, config=self.config, data=self.data, framework="transformers.Trainer")
         self._state = state
         mgr = self.ckpt.build(kwargs["model"], kwargs["optimizer"], scheduler)

@@ -37,7 +37,6 @@ import itertools
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -127,7 +126,7 @@ class WSDCheckpoint(pl.Callback):
     """Our checkpoints from a Lightning run; see the module docstring.
 
     Args:
-        run_dir: the run directory.
+        run_dir: the run directory: a local path, or ``s3://bucket/prefix`` with ``config.staging_dir`` set.
         config: :class:`CheckpointConfig`.
         module: ``"auto"`` (the child module holding every parameter, else the LightningModule), an attribute name,
             or None (the LightningModule itself, names with its attribute prefixes).
@@ -144,7 +143,9 @@ class WSDCheckpoint(pl.Callback):
         data: Stateful | None = None,
         check_max_steps: bool = True,
     ) -> None:
-        self.run_dir = Path(run_dir)
+        from ..checkpoint.storage import parse_location
+
+        self.run_dir = parse_location(run_dir)  # a local path, or s3://bucket/prefix with config.staging_dir
         self.config = config
         self.module = module
         self.data = data

@@ -42,7 +42,6 @@ from typing import Any
 
 from pytorch_accelerated.callbacks import StopTrainingError, TrainerCallback
 
-from ..checkpoint import format as F
 from ..checkpoint.guards import check_total
 from ..checkpoint.manager import CheckpointConfig
 from ..errors import CheckpointError
@@ -82,7 +81,9 @@ class WSDCheckpointCallback(TrainerCallback):
         config: CheckpointConfig | None = None,
         check_total: bool = True,
     ) -> None:
-        self.save_dir = Path(save_dir)
+        from ..checkpoint.storage import parse_location
+
+        self.save_dir = parse_location(save_dir)  # a local path, or s3://bucket/prefix with config.staging_dir
         self.save_optimizer = save_optimizer
         self.save_scheduler = save_scheduler
         self.initial_checkpoint = Path(initial_checkpoint) if initial_checkpoint else None
@@ -117,7 +118,7 @@ class WSDCheckpointCallback(TrainerCallback):
             self.save_dir, config=self.config, framework="pytorch_accelerated", scheduler_fix=_SCHEDULER_FIX
         )
         mgr = self.ckpt.build(trainer.model, trainer.optimizer, trainer.scheduler)
-        has_own = any(i.state == "complete" for i in F.list_checkpoints(self.save_dir))
+        has_own = self.ckpt.has_checkpoints()
         if has_own:
             self.ckpt.resume("auto")
             self._continue_loop(trainer)
