@@ -137,10 +137,10 @@ def test_scale_report_balances_the_writers_of_tensor_parallel_jobs(label):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from scale_report import MODELS
 
-    from wsd_pretrain.checkpoint.costs import engine_items, save_costs, tp_assembled
+    from wsd_pretrain.checkpoint.costs import engine_items, save_costs
 
     shapes, world = MODELS[label]
-    cost = save_costs(engine_items("fsdp2", shapes, world, tp=8), world, 2 * 10**9, tp_assembled(shapes, 8))
+    cost = save_costs(engine_items("fsdp2", shapes, world, tp=8), world, 2 * 10**9)
     ratio = cost.written.max() / cost.written.mean()
     # dim-0 weights do not move; dim-1 weights move (tp - 1) / tp of their bytes inside their TP group, once
     assert cost.sent.sum() <= 0.4 * cost.model_bytes

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsd_pretrain.checkpoint.costs import engine_items, load_costs, save_costs, tp_assembled  # noqa: E402
+from wsd_pretrain.checkpoint.costs import engine_items, load_costs, save_costs  # noqa: E402
 
 GB = 1e9
 DISK = 2.0  # GB/s written or read per rank (a node's NVMe RAID or a Lustre client, shared by 8 GPUs)
@@ -73,7 +73,7 @@ def report(models: dict[str, tuple[list[tuple[str, tuple[int, ...]]], int]], sha
         ]
         for engine, tp in (("fsdp2", 1), ("zero3", 1), ("zero2", 1), ("fsdp2", 8)):
             t0 = time.monotonic()
-            cost = save_costs(engine_items(engine, shapes, world, tp), world, shard, tp_assembled(shapes, tp))
+            cost = save_costs(engine_items(engine, shapes, world, tp), world, shard)
             written = {r: int(b) for r, b in enumerate(cost.written)}
             same = load_costs(engine, shapes, world, written, tp=tp)
             half = load_costs(engine, shapes, world // 2, written, checksum=False, tp=tp) if tp == 1 else None
