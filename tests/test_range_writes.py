@@ -140,6 +140,8 @@ def test_dim1_shards_are_assembled_in_their_tp_group_and_the_busiest_writers_are
     plan = plan_save(items, 4, 10**6, ranged=True)
     shifted = {n: p for s in plan.model_shards for n, p in s.ranged.items() if p.shift}
     assert shifted and set(plan.moved) == set(shifted) and all(n.startswith("k") for n in shifted)
+    for part in shifted.values():  # the same part, written by the rank ``shift`` above its holder (rank 0)
+        assert [(0, 64, part.shift)] == list(part.iter_parts(64, 4)) and part.local(part.shift, 64) == (0, 64)
     load = plan.bytes_per_rank
     assert load.max() <= BALANCE * load.mean() + 128 * 9, load
     sent, received = moved_bytes(plan)
