@@ -86,7 +86,7 @@ def report(models: dict[str, tuple[list[tuple[str, tuple[int, ...]]], int]], sha
             half_text = fmt(half.read.max()) if half is not None else "(another mesh: format 3 boxes)"
             lines.append(
                 f"| {label_engine} | {fmt(cost.model_bytes + cost.state_bytes)} | {fmt(gathered)} "
-                f"({gathered / max(cost.model_bytes, 1):.2f}x the model; balance: {fmt(cost.moved)}) | "
+                f"({gathered / max(cost.model_bytes, 1):.2f}x the model), balance: {fmt(cost.moved)} | "
                 f"{fmt(cost.written.max())} / "
                 f"{fmt(cost.written.mean())} ({cost.written.max() / cost.written.mean():.2f}) | {cost.total_files:,} | "
                 f"{cost.gathers} weights sent + {cost.coordination} small | {save_s:.1f} s | {fmt(same.read.max())} "
