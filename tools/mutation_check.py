@@ -878,6 +878,14 @@ MUTATIONS: list[Mutation] = [
         "the bytes a dim-1 TP shard's assembly moves are not counted: scale_report would show the TP rows as free",
     ),
     M(
+        "span-read-offset-lost",
+        "wsd_pretrain/checkpoint/store.py",
+        "                    out[a : a + k] = span[s - first : s - first + k]",
+        "                    out[a : a + k] = span[a : a + k]",
+        ("tests/test_tensor_parallel.py::test_tensor_parallel_alone_resumes_bitwise",),
+        "a column block read as one span is copied from the span's start, not from each run's place in it",
+    ),
+    M(
         "tracking-not-closed-on-error",
         "wsd_pretrain/train.py",
         "                tracker.close(failed=not ok)",

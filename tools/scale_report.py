@@ -151,7 +151,7 @@ receives its rows from the holders whose column blocks meet them (its own TP gro
 Where FSDP2's `torch.chunk` leaves ranks writing more than 1.2x the mean, the plan moves whole weights' parts
 (the K/V projections of the first ranks) to ranks that write little: "balance" in the collectives column. The
 items are the adapters' own grids (`adapters.dtensor_partition`), and every number is `layout.plan_save`'s.
-code. A resume on the same layout reads each byte once: each rank
+A resume on the same layout reads each byte once: each rank
 verifies the files and ranges it wrote (its own slices and rows) and restores from the bytes it hashed (plus, for
 ZeRO-2, the whole bf16 model, which every rank holds); on half the ranks each reads twice as much. Six small
 messages go over the checkpoint's gloo groups per save.

@@ -280,7 +280,16 @@ class CheckpointStore:
             # each run clipped to the target's flat range and to the part's (both contiguous along a run)
             lo = np.maximum(0, np.maximum(start - at, p_start - src))
             hi = np.minimum(length, np.minimum(start + n - at, p_start + p_numel - src))
-            for a, s, k in _coalesced(at + lo - start, src + lo - p_start, hi - lo):
+            reads = _coalesced(at + lo - start, src + lo - p_start, hi - lo)
+            first, last = (reads[0][1], reads[-1][1] + reads[-1][2]) if reads else (0, 0)
+            if len(reads) > SPAN_READS and last - first <= SPAN_FACTOR * sum(k for _, _, k in reads):
+                # many short runs close together (a column block of a row block, read out of a Hugging Face file
+                # row by row): one read of the span they lie in, then copies from memory
+                span = reader.read_range(stored, first, last - first)
+                for a, s, k in reads:
+                    out[a : a + k] = span[s - first : s - first + k]
+                continue
+            for a, s, k in reads:
                 reader.read_range(stored, s, k, out=out[a : a + k])
         self.bytes_read += out.numel() * out.element_size()
         return out.view(box[1]) if whole else out
@@ -358,6 +367,11 @@ class CheckpointStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+SPAN_READS = 4
+"""More runs than this of one stored part, lying within :data:`SPAN_FACTOR` times their bytes, are read as one span."""
+SPAN_FACTOR = 4
 
 
 def _coalesced(dst: np.ndarray, src: np.ndarray, count: np.ndarray) -> list[tuple[int, int, int]]:
