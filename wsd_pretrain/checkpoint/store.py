@@ -71,6 +71,7 @@ class CheckpointStore:
         self._holder_keys: dict[int, dict[str, str]] = {}  # holder rank -> {key: file}
         self.files_per_rank: list[int] = []
         self.bytes_read = 0
+        self.opened: set[str] = set()  # every file a read opened (a same-mesh resume: the rank's own state files)
         for group in F.GROUP_NAMES:
             if group in manifest["groups"] and (self.version == 1 or group == "model"):
                 self._load_hf_index(group)
@@ -156,6 +157,7 @@ class CheckpointStore:
                 raise CheckpointError(f"{self.ckpt}: {path} is not listed in the manifest")
             reader = SafetensorsReader(F.safe_path(self.ckpt, path, "checkpoint file"), self.kept.get(path, ()))
             self._readers[path] = reader
+            self.opened.add(path)
             while len(self._readers) > _MAX_OPEN:
                 _, old = self._readers.popitem(last=False)
                 self.kept_hits += old.kept_hits
