@@ -737,9 +737,9 @@ def _rebalance(
     sizes = {i.name: i for i in model}
     candidates = []
     for name, part in writers.items():
-        if part.replicated or part.grid is not None or part.shift or moved.get(name) == "rows":
-            continue
         item = sizes[name]
+        if item.partition.replicated or part.grid is not None or part.shift or moved.get(name) == "rows":
+            continue  # a replicated weight is held by every rank: its chunks are already spread over all of them
         ranks = np.nonzero(part.bytes_by_rank(item.numel, world, 1))[0]
         if len(ranks):
             candidates.append((int(ranks[-1] - ranks[0]) + 1, item.nbytes, name))
