@@ -311,6 +311,14 @@ def _two(rank, world, root):
     mgr = _manager(root / "run", model, opt, sched)
     assert mgr.resume(path)
     out["same"] = _same(_full(model, opt), saved)
+    # the state files a same-mesh resume opens: its own, and only those holding a tensor written once (a
+    # TP-replicated norm's state, a 0-d step) of another rank's
+    files = mgr.load(path)["stats"]["files_read"]
+    index = json.loads((Path(path) / "train_state" / "state.index.json").read_text())["tensors"]
+    once = {p["partition"]["parts"][0][2] for p in index.values() if len(p["partition"].get("parts", [1, 2])) == 1}
+    others = {int(f.split("state-r")[1][:5]) for f in files if "state-r" in f} - {rank}
+    out["state_files"] = sorted(f for f in files if "state-r" in f)
+    out["foreign"] = sorted(others - once)
     out["resumed"] = [step(i) for i in range(2, 5)]
     mgr.close()
     if rank == 0:
@@ -332,8 +340,11 @@ def _two(rank, world, root):
 @pytest.mark.distributed
 def test_tensor_parallel_alone_resumes_bitwise(tmp_path):
     results = run_distributed(_two, world_size=2, args=(str(tmp_path),), timeout=600)
-    for r in results:
+    for rank, r in enumerate(results):
         assert r["resumed"] == r["continued"] and r["same"] == []
+        # a same-mesh resume reads its optimizer boxes from its own state files, no other rank's but the holders
+        # of the tensors written once
+        assert r["foreign"] == [] and any(f"state-r{rank:05d}-" in f for f in r["state_files"]), r["state_files"]
     r0 = results[0]
     assert r0["whole"] == []
     assert "parts" in r0["norm"] and len(r0["norm"]["parts"]) == 1, "a TP-replicated tensor is written once"

@@ -237,7 +237,7 @@ def med(values: list[float]) -> float:
 
 
 def measure(engine: str, world: int, width: int, layers: int) -> dict:
-    from wsd_pretrain.checkpoint.costs import engine_items, load_costs, save_costs, tp_assembled
+    from wsd_pretrain.checkpoint.costs import engine_items, load_costs, save_costs
 
     with tempfile.TemporaryDirectory() as run:
         saved = launch(world, engine, run, str(width), str(layers), "save")
@@ -258,7 +258,7 @@ def measure(engine: str, world: int, width: int, layers: int) -> dict:
     else:
         shapes = [s for i in range(layers) for s in ((f"{i}.weight", (width, width)), (f"{i}.bias", (width,)))]
     kind = "zero2" if engine == "ds2" else "fsdp2"
-    predicted = save_costs(engine_items(kind, shapes, world, tp), world, 2 * 10**9, tp_assembled(shapes, tp))
+    predicted = save_costs(engine_items(kind, shapes, world, tp), world, 2 * 10**9)
     return {
         "engine": engine,
         "world": world,

@@ -903,6 +903,42 @@ MUTATIONS: list[Mutation] = [
         "a checksum-verified resume restores the wrong bytes from what its verification read",
     ),
     M(
+        "assembly-piece-corner",
+        "wsd_pretrain/checkpoint/save.py",
+        "    return t.view(src_box[1])[tuple(slice(o - s, o - s + k) for o, k, s in zip(inter[0], inter[1], src_box[0]))]",
+        "    return t.view(src_box[1])[tuple(slice(0, k) for o, k, s in zip(inter[0], inter[1], src_box[0]))]",
+        ("tests/test_tensor_parallel.py::test_tensor_parallel_alone_resumes_bitwise",),
+        "a holder sends the corner of its column block instead of the rows its writer assembles: wrong model rows",
+    ),
+    M(
+        "balance-shift-dropped",
+        "wsd_pretrain/checkpoint/layout.py",
+        "                yield start, min(self.chunk, numel - start), (self.ranks[i] if self.ranks else i) + self.shift",
+        "                yield start, min(self.chunk, numel - start), (self.ranks[i] if self.ranks else i)",
+        (
+            "tests/test_range_writes.py::test_dim1_shards_are_assembled_in_their_tp_group_and_the_busiest_writers_are_relieved",
+        ),
+        "a part moved for balance is still written (and verified) at its holder, not the rank the plan moved it to",
+    ),
+    M(
+        "rows-moved-bytes-uncounted",
+        "wsd_pretrain/checkpoint/layout.py",
+        "                own = _own_rows(item, writer, world) * size",
+        "                own = held",
+        (
+            "tests/test_range_writes.py::test_dim1_shards_are_assembled_in_their_tp_group_and_the_busiest_writers_are_relieved",
+        ),
+        "the bytes a dim-1 TP shard's assembly moves are not counted: scale_report would show the TP rows as free",
+    ),
+    M(
+        "span-read-offset-lost",
+        "wsd_pretrain/checkpoint/store.py",
+        "                    out[a : a + k] = span[s - first : s - first + k]",
+        "                    out[a : a + k] = span[a : a + k]",
+        ("tests/test_tensor_parallel.py::test_tensor_parallel_alone_resumes_bitwise",),
+        "a column block read as one span is copied from the span's start, not from each run's place in it",
+    ),
+    M(
         "tracking-not-closed-on-error",
         "wsd_pretrain/train.py",
         "                tracker.close(failed=not ok)",

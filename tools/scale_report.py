@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsd_pretrain.checkpoint.costs import engine_items, load_costs, save_costs, tp_assembled  # noqa: E402
+from wsd_pretrain.checkpoint.costs import engine_items, load_costs, save_costs  # noqa: E402
 
 GB = 1e9
 DISK = 2.0  # GB/s written or read per rank (a node's NVMe RAID or a Lustre client, shared by 8 GPUs)
@@ -73,7 +73,7 @@ def report(models: dict[str, tuple[list[tuple[str, tuple[int, ...]]], int]], sha
         ]
         for engine, tp in (("fsdp2", 1), ("zero3", 1), ("zero2", 1), ("fsdp2", 8)):
             t0 = time.monotonic()
-            cost = save_costs(engine_items(engine, shapes, world, tp), world, shard, tp_assembled(shapes, tp))
+            cost = save_costs(engine_items(engine, shapes, world, tp), world, shard)
             written = {r: int(b) for r, b in enumerate(cost.written)}
             same = load_costs(engine, shapes, world, written, tp=tp)
             half = load_costs(engine, shapes, world // 2, written, checksum=False, tp=tp) if tp == 1 else None
@@ -86,7 +86,8 @@ def report(models: dict[str, tuple[list[tuple[str, tuple[int, ...]]], int]], sha
             half_text = fmt(half.read.max()) if half is not None else "(another mesh: format 3 boxes)"
             lines.append(
                 f"| {label_engine} | {fmt(cost.model_bytes + cost.state_bytes)} | {fmt(gathered)} "
-                f"({gathered / max(cost.model_bytes, 1):.2f}x the model) | {fmt(cost.written.max())} / "
+                f"({gathered / max(cost.model_bytes, 1):.2f}x the model), balance: {fmt(cost.moved)} | "
+                f"{fmt(cost.written.max())} / "
                 f"{fmt(cost.written.mean())} ({cost.written.max() / cost.written.mean():.2f}) | {cost.total_files:,} | "
                 f"{cost.gathers} weights sent + {cost.coordination} small | {save_s:.1f} s | {fmt(same.read.max())} "
                 f"(verified: {fmt(same.verified.max())}) / {half_text} | {load_s:.1f} s |"
@@ -144,12 +145,13 @@ block, a ZeRO-3 chunk, a TP x FSDP row block) writes that contiguous byte range 
 (ZeRO-2's bf16 embedding) is written a chunk per rank; master weights and optimizer state are written by the rank
 that holds them. The `fsdp2 + TP 8` row is torchtitan's Llama plan on a (dp, tp) mesh: dim-0 TP shards (embedding,
 q/k/v, gate/up, output) cut again on dim 0 by FSDP2 are row ranges, written in place; a dim-1 TP shard (o_proj,
-down_proj) is not a byte range of the file, so each TP group puts each of its row blocks together at one writer (a
-rank of the group, rotating with the layer) from the group's column blocks, at exactly the bytes needed: that is
-its collective column ((tp - 1) / tp of those weights). That per-group assembly is what these rows price; this
-release still gathers a dim-1 TP weight whole at its shard's owner ((N - 1) / N of it moves, and its owner writes
-all of it: tools/bench_scale.py measures that path at 4 and 8 ranks), so the TP rows are the target, not yet the
-code. A resume on the same layout reads each byte once: each rank
+down_proj) is not a byte range of the file, so the plan cuts it into row blocks, one per holder, and each writer
+receives its rows from the holders whose column blocks meet them (its own TP group), at exactly the bytes needed:
+(tp - 1) / tp of those weights travel, point to point (`layout.assembly_pieces`; bytes from `layout.moved_bytes`).
+Where FSDP2's `torch.chunk` leaves ranks writing more than 1.2x the mean, the plan moves whole weights' parts
+(the K/V projections of the first ranks) to ranks that write little: "balance" in the collectives column. The
+items are the adapters' own grids (`adapters.dtensor_partition`), and every number is `layout.plan_save`'s.
+A resume on the same layout reads each byte once: each rank
 verifies the files and ranges it wrote (its own slices and rows) and restores from the bytes it hashed (plus, for
 ZeRO-2, the whole bf16 model, which every rank holds); on half the ranks each reads twice as much. Six small
 messages go over the checkpoint's gloo groups per save.
@@ -160,12 +162,13 @@ messages go over the checkpoint's gloo groups per save.
 - **The busiest writer writes what it holds.** With every partitioned weight written by its holders and the large
   replicated ones cut a chunk per rank, each rank writes its own rows and state: max/mean is 1.00-1.12 at 70B on
   1,024 GPUs and for ZeRO-2/3 at 405B. It was 3-29x when a Hugging Face shard had one writer, which wrote the
-  largest tensors (the 128,256 x hidden embedding and output layers) whole. The one row above 1.25 is FSDP2 at
-  405B on 16,384 ranks (1.28, with or without TP): FSDP2 cuts dim 0 with `torch.chunk`, so a 6,656-row FFN block
-  over 2,048 ranks is 1,664 chunks of 4 rows and the last 384 ranks hold none, and the 128-row K/V blocks sit on
-  the first 128 ranks only: the state each rank holds is itself 1.28x the mean (optimizer state alone: 1.28), and
-  a rank writes what it holds. Going below means moving bytes: writing the model rows of the ranks with K/V rows
-  (about 1 % of the model) from the ranks that hold no FFN rows would bring it to about 1.23 (not built).
+  largest tensors (the 128,256 x hidden embedding and output layers) whole. FSDP2 at 405B on
+  16,384 ranks held 1.28x (with or without TP): FSDP2 cuts dim 0 with `torch.chunk`, so a 6,656-row FFN block over
+  2,048 ranks is 1,664 chunks of 4 rows and the last 384 ranks hold none, and the 128-row K/V blocks sit on the
+  first 128 ranks only: the state each rank holds is itself 1.28x the mean (optimizer state alone: 1.28). The plan
+  moves the writing of the K/V weights of the first ranks to a window of ranks that hold no FFN rows (each part
+  whole, sent by its holder: the "balance" bytes, about 1 % of the model), which brings it to 1.23; the optimizer
+  state stays with its holder (its files are the holder's own, which a same-mesh resume reads back alone).
 - **Every rank writes into every model file that holds its rows**, so model shards of range-written tensors are
   cut at `max_shard_size` (not at the model divided by the ranks): a rank opens model bytes / 2 GB files (141 at
   70B fp32, 812 at 405B), each once, one after the other; rank 0's manifest holds one checksum per rank for all of

@@ -18,9 +18,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .layout import Item, Partition, SavePlan, fsdp_rows, itemsize, plan_save, zero3_chunks, zero12_fragments
+from .layout import (
+    Grid,
+    Item,
+    Partition,
+    SavePlan,
+    fsdp_rows,
+    itemsize,
+    moved_bytes,
+    plan_save,
+    zero3_chunks,
+    zero12_fragments,
+)
 
-__all__ = ["LoadCost", "SaveCost", "engine_items", "load_costs", "save_costs", "tp_assembled", "tp_dim"]
+__all__ = ["LoadCost", "SaveCost", "engine_items", "load_costs", "save_costs", "tp_dim"]
 
 REPORT_BYTES = 160  # one file's record in a rank's report to rank 0 (name, size, checksum) as JSON
 
@@ -35,6 +46,7 @@ class SaveCost:
     sent: np.ndarray  # bytes each rank sends through collectives (gathers of model weights + protocol messages)
     received: np.ndarray
     gathers: int  # partitioned model weights sent to their writers (point to point, on the training group)
+    moved: int  # of the bytes sent, those that rebalancing moves (whole parts written by another rank)
     coordination: int  # collectives on the checkpoint's gloo groups
     index_bytes: int  # the state index's size (about)
     plan: SavePlan
@@ -54,21 +66,18 @@ class LoadCost:
     coordination: int
 
 
-def save_costs(
-    items: Sequence[Item], world: int, max_shard_bytes: int, assembled: dict[str, int] | None = None
-) -> SaveCost:
+def save_costs(items: Sequence[Item], world: int, max_shard_bytes: int) -> SaveCost:
     """Per-rank cost of saving ``items`` held by ``world`` ranks (see the module docstring), as a running job saves:
-    model tensors written in place by their holders (range-written). ``assembled``: model tensors whose every write
-    range is put together from ``n`` holders (a tensor-parallel group's column blocks of a row block, a dim-1
-    shard): the range's writer receives ``(n - 1) / n`` of its bytes from the others, at exactly those bytes."""
+    model tensors written in place by their holders (range-written), or put together by their writers from the
+    holders' pieces where the plan moves them (:attr:`~.layout.SavePlan.moved`: a dim-1 TP shard's column blocks
+    assembled into row blocks, a tensor's parts moved off the busiest writers): :func:`~.layout.moved_bytes`."""
     plan = plan_save(items, world, max_shard_bytes, ranged=True)
-    assembled = assembled or {}
     written = plan.bytes_per_rank.astype(np.int64).copy()
     files = plan.files_per_holder.astype(np.int64) + 1  # + the rank's RNG file
     range_files = np.zeros(world, dtype=np.int64)
-    sent = np.zeros(world, dtype=np.int64)
-    received = np.zeros(world, dtype=np.int64)
-    gathers = 0
+    sent, received = moved_bytes(plan)
+    balance = moved_bytes(SavePlan(**{**plan.__dict__, "moved": {k: v for k, v in plan.moved.items() if v == "shift"}}))
+    gathers = len(plan.moved)
     for shard in plan.model_shards:
         files[shard.owner] += 1
         into = np.zeros(world, dtype=bool)
@@ -76,18 +85,7 @@ def save_costs(
             size = itemsize(item.dtype)
             part = shard.ranged.get(item.name)
             if part is not None:
-                by_rank = part.bytes_by_rank(item.numel, world, size)
-                into |= by_rank > 0
-                n = assembled.get(item.name, 1)
-                if n > 1:  # each writer receives the other n - 1 column blocks of its row block from its group
-                    gathers += 1
-                    writers = np.nonzero(by_rank)[0]
-                    share = by_rank[writers] // n
-                    received[writers] += share * (n - 1)
-                    for k in range(n):
-                        member = (writers // n) * n + k
-                        others = member != writers
-                        np.add.at(sent, member[others], share[others])
+                into |= part.bytes_by_rank(item.numel, world, size) > 0
                 continue
             if item.partition.replicated:
                 continue
@@ -114,6 +112,7 @@ def save_costs(
         sent,
         received,
         gathers,
+        int(balance[0].sum()),
         coordination,
         index_bytes,
         plan,
@@ -173,21 +172,18 @@ def engine_items(engine: str, shapes: Sequence[tuple[str, tuple[int, ...]]], wor
         if engine != "fsdp2" or world % tp:
             raise ValueError(f"tp={tp}: FSDP2 only, on a world size that tp divides ({world})")
         dp = world // tp
-        for w, (name, shape) in enumerate(shapes):
-            numel = math.prod(shape)
+        for name, shape in shapes:
             dim = tp_dim(name, shape)
-            if dim == 0:
-                p = held = _tp_rows(shape, tp, dp)
-            elif dim == 1:
-                c = math.ceil(shape[0] / dp)
-                blocks = math.ceil(shape[0] / c)
-                p = Partition(chunk=c * math.prod(shape[1:]), ranks=tuple(i * tp + (w + i) % tp for i in range(blocks)))
-                held = Partition(chunk=math.ceil(numel / world))  # each rank's own bytes (a box, not a range)
-            else:
-                c = math.ceil(numel / dp)
-                p = held = Partition(chunk=c, ranks=tuple(i * tp + (w + i) % tp for i in range(math.ceil(numel / c))))
+            # the adapter's grid (adapters.dtensor_partition) on a (dp, tp) mesh: rank i * tp + j
+            if dim == 0:  # ColwiseParallel, then FSDP2's _StridedShard inside the TP block
+                dims: tuple[tuple[int, ...], ...] = ((1, 0),) + ((),) * (len(shape) - 1)
+            elif dim == 1:  # RowwiseParallel: FSDP2 on dim 0, TP on dim 1
+                dims = ((0,), (1,)) + ((),) * (len(shape) - 2)
+            else:  # a norm: FSDP2 rows, replicated over TP
+                dims = ((0,),) + ((),) * (len(shape) - 1)
+            p = Partition(grid=Grid(tuple(shape), (dp, tp), None, dims))
             model.append(Item("model", name, shape, f32, p))
-            optim += [Item("optimizer", f"{name}/{k}", shape, f32, held) for k in ("exp_avg", "exp_avg_sq")]
+            optim += [Item("optimizer", f"{name}/{k}", shape, f32, p) for k in ("exp_avg", "exp_avg_sq")]
             optim.append(Item("optimizer", f"{name}/step", (), f32))
         return model + optim
     if engine == "zero2":
@@ -228,29 +224,3 @@ def tp_dim(name: str, shape: tuple[int, ...]) -> int | None:
     if len(shape) == 2 and any(k in name for k in _ROWWISE):
         return 1
     return None
-
-
-def tp_assembled(shapes: Sequence[tuple[str, tuple[int, ...]]], tp: int) -> dict[str, int]:
-    """The weights a TP x FSDP job puts together per TP group before writing (dim-1 shards): ``{name: tp}``."""
-    return {name: tp for name, shape in shapes if tp > 1 and tp_dim(name, shape) == 1}
-
-
-def _tp_rows(shape: tuple[int, ...], tp: int, dp: int) -> Partition:
-    """A dim-0 TP shard cut again on dim 0 by FSDP2: block ``j`` of ``rows / tp`` rows, then ``ceil(block / dp)``
-    rows per dp rank (``_StridedShard``): ``tp * dp`` contiguous row ranges, rank ``i * tp + j`` holding the
-    ``i``-th of block ``j``."""
-    rows, row = shape[0], math.prod(shape[1:])
-    block = rows // tp
-    if block * tp != rows:
-        raise ValueError(f"{shape}: tensor parallel needs dim 0 divisible by tp={tp}")
-    c = max(1, math.ceil(block / dp))
-    if block % c == 0:  # the same chunk everywhere: a rule, not a list of parts
-        per = block // c
-        return Partition(chunk=c * row, ranks=tuple(i * tp + j for j in range(tp) for i in range(per)))
-    parts = []
-    for j in range(tp):
-        for i in range(dp):
-            lo, hi = min(i * c, block), min((i + 1) * c, block)
-            if hi > lo:
-                parts.append(((j * block + lo) * row, (hi - lo) * row, i * tp + j))
-    return Partition(parts=tuple(parts))

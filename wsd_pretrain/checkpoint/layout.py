@@ -48,6 +48,7 @@ __all__ = [
     "StateFile",
     "chunked",
     "fsdp_rows",
+    "moved_bytes",
     "plan_save",
     "range_partition",
     "runs",
@@ -207,6 +208,29 @@ class Grid:
                 out[tuple(sel)] = 0
         return out
 
+    def boxes_by_coord(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every coordinate's box, vectorised: ``(offsets, lengths, ranks)``, arrays of shape (coordinates,
+        dimensions) in row-major coordinate order (lengths 0 where a coordinate writes nothing), and the global
+        rank at each coordinate."""
+        n = math.prod(self.mesh)
+        coords = np.stack(np.unravel_index(np.arange(n), self.mesh), axis=1) if self.mesh else np.zeros((1, 0), int)
+        offsets = np.zeros((n, len(self.shape)), dtype=np.int64)
+        lengths = np.zeros((n, len(self.shape)), dtype=np.int64)
+        for d, (size, dims) in enumerate(zip(self.shape, self.dims)):
+            off, length = np.zeros(n, dtype=np.int64), np.full(n, size, dtype=np.int64)
+            for m in dims:
+                piece = -(-length // self.mesh[m])
+                lo = np.minimum(coords[:, m] * piece, length)
+                off, length = off + lo, np.minimum(lo + piece, length) - lo
+            offsets[:, d], lengths[:, d] = off, length
+        held = np.ones(n, dtype=bool)
+        for m in range(len(self.mesh)):
+            if m not in self.cutting:
+                held &= coords[:, m] == 0
+        lengths[~held] = 0
+        ranks = np.arange(n) if self.ranks is None else np.asarray(self.ranks, dtype=np.int64)
+        return offsets, lengths, ranks
+
 
 @dataclass(frozen=True)
 class Partition:
@@ -230,6 +254,7 @@ class Partition:
     ranks: tuple[int, ...] | None = None
     parts: tuple[tuple[int, int, int], ...] = ()
     grid: Grid | None = None
+    shift: int = 0  # flat kinds: every part's rank moved by this (a range-written tensor's writers, rebalanced)
 
     @staticmethod
     def whole(rank: int, numel: int) -> Partition:
@@ -245,9 +270,9 @@ class Partition:
             count = math.ceil(numel / self.chunk) if numel else 0
             for i in range(count):
                 start = i * self.chunk
-                yield start, min(self.chunk, numel - start), (self.ranks[i] if self.ranks else i)
+                yield start, min(self.chunk, numel - start), (self.ranks[i] if self.ranks else i) + self.shift
         else:
-            yield from (p for p in self.parts if p[1] > 0)
+            yield from ((a, n, r + self.shift) for a, n, r in self.parts if n > 0)
 
     def iter_boxes(self, shape: Sequence[int]) -> Iterator[tuple[tuple[int, ...], tuple[int, ...], int, int, int]]:
         """Every non-empty part as ``(offsets, lengths, start, numel, rank)``: a box of the tensor and the flat
@@ -282,6 +307,9 @@ class Partition:
         if self.grid is not None:
             box = self.box_of(rank)
             return (0, math.prod(box[1])) if box is not None else None
+        rank -= self.shift
+        if rank < 0:
+            return None
         if self.chunk:
             if self.ranks is not None and rank not in self.ranks:
                 return None
@@ -308,13 +336,13 @@ class Partition:
         if self.chunk:
             i = np.arange(world if self.ranks is None else len(self.ranks), dtype=np.int64)
             counts = np.clip(numel - i * self.chunk, 0, self.chunk) * size
-            if self.ranks is None:
-                out[: len(counts)] += counts[:world]
-            else:
-                np.add.at(out, np.asarray(self.ranks, dtype=np.int64), counts)
+            ranks = i if self.ranks is None else np.asarray(self.ranks, dtype=np.int64)
+            keep = (counts > 0) & (ranks + self.shift < world) & (ranks + self.shift >= 0)
+            np.add.at(out, ranks[keep] + self.shift, counts[keep])
             return out
-        for _, n, r in self.parts:
-            out[r] += n * size
+        if self.parts:
+            parts = np.asarray(self.parts, dtype=np.int64).reshape(-1, 3)
+            np.add.at(out, parts[:, 2] + self.shift, parts[:, 1] * size)
         return out
 
     def to_json(self) -> dict:
@@ -322,9 +350,10 @@ class Partition:
             raise CheckpointError("internal: a replicated tensor is written as one part; plan it first")
         if self.grid is not None:
             return {"grid": self.grid.to_json()}
+        shift = {"shift": self.shift} if self.shift else {}
         if self.chunk:
-            return {"chunk": self.chunk} | ({"ranks": list(self.ranks)} if self.ranks is not None else {})
-        return {"parts": [list(p) for p in self.parts]}
+            return {"chunk": self.chunk} | ({"ranks": list(self.ranks)} if self.ranks is not None else {}) | shift
+        return {"parts": [list(p) for p in self.parts]} | shift
 
     @staticmethod
     def from_json(data: object, numel: int, where: str, shape: Sequence[int] | None = None) -> Partition:
@@ -332,6 +361,17 @@ class Partition:
         tensor by construction: its boxes are nested ``torch.chunk`` pieces)."""
         if not isinstance(data, dict):
             raise CheckpointError(f"{where}: partition must be an object")
+        shift = data.get("shift", 0)
+        if type(shift) is not int:
+            raise CheckpointError(f"{where}: shift must be a whole number")
+        if shift:  # a range-written tensor's writers, moved for balance: the same parts, each rank + shift
+            if "grid" in data:
+                raise CheckpointError(f"{where}: a grid partition has no shift")
+            base = Partition.from_json({k: v for k, v in data.items() if k != "shift"}, numel, where, shape)
+            low = min((r for _, _, r in base.iter_parts(numel, 0)), default=0)
+            if low + shift < 0:
+                raise CheckpointError(f"{where}: shift {shift} moves a part to a negative rank")
+            return Partition(base.replicated, base.chunk, base.ranks, base.parts, None, shift)
         if "grid" in data:
             if shape is None:
                 raise CheckpointError(f"{where}: a grid partition needs the tensor's shape")
@@ -527,6 +567,10 @@ class SavePlan:
     model_shards: list[ModelShard]
     files_per_holder: np.ndarray
     bytes_per_rank: np.ndarray  # what each rank writes (model shards it owns + its slices)
+    # range-written model tensors whose writers are not their holders: the writer of each range puts it together
+    # from the holders' pieces (point to point, exactly those bytes): "rows" (a grid's column blocks assembled into
+    # row blocks), "shift" (a holder's whole part written by the rank ``shift`` above it, for balance)
+    moved: dict[str, str] = field(default_factory=dict)
 
     def state_files(self, holder: int) -> list[StateFile]:
         """The files of ``holder``'s slices, in plan order, cut at ``max_shard_bytes`` (a larger slice gets a file
@@ -562,24 +606,48 @@ def range_partition(item: Item, world: int, split_bytes: int) -> Partition | Non
     if item.partition.replicated:
         return chunked(item.numel, world) if world > 1 and item.nbytes > split_bytes else None
     if item.partition.grid is not None:
-        return _contiguous_boxes(item)
+        return _contiguous_boxes(item) or _row_writers(item)
     return item.partition
 
 
 def _contiguous_boxes(item: Item) -> Partition | None:
     """A grid partition as flat element ranges when every holder's box is one contiguous run of the tensor's
     row-major elements (tensor parallelism on dim 0 and FSDP2's rows of it: ColwiseParallel weights, the
-    embedding's vocabulary cut), else None: a box that is not (a RowwiseParallel weight's column block) is put
-    together by its shard's owner, at exactly its bytes."""
+    embedding's vocabulary cut), else None (a RowwiseParallel weight's column block: :func:`_row_writers`).
+    Vectorised over the mesh: a plan at 16,384 ranks stays arithmetic."""
     shape = item.shape
-    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
-    parts = []
-    for offsets, lengths, start, n, rank in item.partition.iter_boxes(shape):
-        first = next((d for d, size in enumerate(lengths) if size != 1), len(lengths))
-        if any(lengths[d] != shape[d] for d in range(first + 1, len(shape))):
-            return None
-        parts.append((sum(o * s for o, s in zip(offsets, strides)) + start, n, rank))
-    return Partition(parts=tuple(sorted(parts)))
+    grid = item.partition.grid
+    assert grid is not None
+    offsets, lengths, ranks = grid.boxes_by_coord()
+    keep = lengths.prod(axis=1) > 0
+    offsets, lengths, ranks = offsets[keep], lengths[keep], ranks[keep]
+    ndim = len(shape)
+    not_one = lengths != 1
+    first = np.where(not_one.any(axis=1), not_one.argmax(axis=1), ndim)
+    later = np.arange(ndim)[None, :] > first[:, None]
+    if np.any(later & (lengths != np.asarray(shape, dtype=np.int64)[None, :])):
+        return None
+    strides = np.asarray([math.prod(shape[d + 1 :]) for d in range(ndim)], dtype=np.int64)
+    starts = (offsets * strides[None, :]).sum(axis=1) if ndim else np.zeros(len(ranks), dtype=np.int64)
+    numels = lengths.prod(axis=1)
+    order = np.argsort(starts, kind="stable")
+    return Partition(parts=tuple(zip(starts[order].tolist(), numels[order].tolist(), ranks[order].tolist())))
+
+
+def _row_writers(item: Item) -> Partition:
+    """The writers of a grid tensor whose boxes are not contiguous runs (a RowwiseParallel weight: each holder a
+    column block): even blocks of whole rows, one per holder, in the order of the holders' boxes, so that each
+    writer puts its rows together from the few holders whose boxes meet them (its own TP group's column blocks
+    under FSDP2 + TP), at exactly those bytes, and every holder writes as many bytes as it holds."""
+    grid = item.partition.grid
+    assert grid is not None
+    offsets, lengths, ranks = grid.boxes_by_coord()
+    keep = lengths.prod(axis=1) > 0
+    order = np.lexsort(offsets[keep].T[::-1])
+    holders = ranks[keep][order].tolist()
+    rows, row = item.shape[0], math.prod(item.shape[1:])
+    per = max(1, -(-rows // len(holders)))
+    return Partition(chunk=per * row, ranks=tuple(holders[: -(-rows // per)]))
 
 
 def plan_save(items: Sequence[Item], world: int, max_shard_bytes: int, *, ranged: bool = False) -> SavePlan:
@@ -613,13 +681,18 @@ def plan_save(items: Sequence[Item], world: int, max_shard_bytes: int, *, ranged
     # range-written tensors count for their holders, and only the file size caps a shard of them
     shard_bytes = min(max_shard_bytes, max(MIN_MODEL_SHARD, -(-sum(i.nbytes for i in model) // world)))
     writers: dict[str, Partition] = {}
+    moved: dict[str, str] = {}
     if ranged:
         for item in model:
             part = range_partition(item, world, shard_bytes)
             if part is not None:
                 writers[item.name] = part
                 load += part.bytes_by_rank(item.numel, world, itemsize(item.dtype))
+                if item.partition.grid is not None and part.ranks is not None:
+                    moved[item.name] = "rows"
     owned_total = sum(i.nbytes for i in model if i.name not in writers)
+    if ranged and world > 1:
+        _rebalance(model, writers, moved, load, int(load.sum()) + owned_total)
     owner_cap = min(max_shard_bytes, max(MIN_MODEL_SHARD, -(-owned_total // world)))
     chunks: list[list[Item]] = []
     size = owned = 0
@@ -640,7 +713,126 @@ def plan_save(items: Sequence[Item], world: int, max_shard_bytes: int, *, ranged
     for shard in sorted(shards, key=lambda s: (-s.owner_bytes, s.index)):  # largest first: a tighter balance
         shard.owner = take(shard.owner_bytes + (header * len(shard.items) if shard.ranged else 0))
     files = _files_per_holder(resolved, world, max_shard_bytes)
-    return SavePlan(world, max_shard_bytes, model, resolved, shards, files, load)
+    return SavePlan(world, max_shard_bytes, model, resolved, shards, files, load, moved)
+
+
+BALANCE = 1.2
+"""The busiest writer's bytes over the mean that :func:`plan_save` aims for (the issue's bound is 1.25)."""
+
+
+def _rebalance(
+    model: list[Item], writers: dict[str, Partition], moved: dict[str, str], load: np.ndarray, total: int
+) -> None:
+    """Move whole range-written tensors' writers off the ranks that write more than :data:`BALANCE` times the mean:
+    each moved tensor's every part is written by the rank ``shift`` above its holder (the same parts, a window of
+    ranks that writes little: FSDP2's ``torch.chunk`` leaves the last ranks without rows of the largest tensors and
+    puts the few rows of the K/V projections on the first ranks only). Its holders send those bytes to the writers
+    (counted by :func:`moved_bytes`). The tensors on the fewest ranks move first (they made the imbalance and cost
+    the fewest messages); a move is kept only if no rank of the new window then writes more than the bound. In
+    place on ``writers``, ``moved`` and ``load``; deterministic."""
+    world = len(load)
+    target = BALANCE * total / world
+    if load.max() <= target:
+        return
+    sizes = {i.name: i for i in model}
+    candidates = []
+    for name, part in writers.items():
+        item = sizes[name]
+        if item.partition.replicated or part.grid is not None or part.shift or moved.get(name) == "rows":
+            continue  # a replicated weight is held by every rank: its chunks are already spread over all of them
+        ranks = np.nonzero(part.bytes_by_rank(item.numel, world, 1))[0]
+        if len(ranks):
+            candidates.append((int(ranks[-1] - ranks[0]) + 1, item.nbytes, name))
+    for span, _, name in sorted(candidates):
+        if load.max() <= target:
+            return
+        item, part = sizes[name], writers[name]
+        b = part.bytes_by_rank(item.numel, world, itemsize(item.dtype))
+        held = np.nonzero(b)[0]
+        if load[held].max() <= target:
+            continue  # not on a rank that writes too much
+        lo, hi = int(held[0]), int(held[-1])
+        shifts = {k * span - lo for k in range(world // span)} | {world - 1 - hi}
+        best: tuple[int, int] | None = None
+        for shift in sorted(shifts):
+            if abs(shift) < span or lo + shift < 0 or hi + shift >= world:
+                continue  # the new window must not meet the old one
+            peak = int((load[held + shift] + b[held]).max())
+            if peak <= target and (best is None or peak < best[0]):
+                best = (peak, shift)
+        if best is None:
+            continue
+        shift = best[1]
+        load[held] -= b[held]
+        load[held + shift] += b[held]
+        writers[name] = Partition(part.replicated, part.chunk, part.ranks, part.parts, None, shift)
+        moved[name] = "shift"
+
+
+def assembly_pieces(
+    item: Item, writer: Partition, kind: str, world: int
+) -> Iterator[tuple[int, int, int, int, tuple[Box, Box, Box] | None]]:
+    """``(start, numel, writer rank, holder rank, piece)`` for every piece a writer of a moved tensor receives (or
+    copies) from a holder, in the same order on every rank: ``piece`` None for a holder's whole part moved for
+    balance (``kind`` "shift"), else ``(common box, the holder's box, the writer's row block)`` (``kind`` "rows":
+    only the grid boxes that meet the writer's rows)."""
+    row = math.prod(item.shape[1:])
+    for start, n, w in writer.iter_parts(item.numel, world):
+        if kind == "shift":
+            yield start, n, w, w - writer.shift, None
+            continue
+        grid = item.partition.grid
+        assert grid is not None and start % row == 0 and n % row == 0
+        wbox: Box = ((start // row,) + (0,) * (len(item.shape) - 1), (n // row, *item.shape[1:]))
+        for coord in grid.overlapping(wbox):
+            hbox = grid.box(coord)
+            inter = intersect(wbox, hbox) if math.prod(hbox[1]) else None
+            if inter is not None:
+                yield start, n, w, grid.rank_at(coord), (inter, hbox, wbox)
+
+
+def moved_bytes(plan: SavePlan) -> tuple[np.ndarray, np.ndarray]:
+    """``(sent, received)``: the bytes each rank sends to and receives from other ranks so that the writers of the
+    moved range-written tensors (:attr:`SavePlan.moved`) can write them: every byte a holder holds goes to the writer
+    of its range, except the bytes a rank holds and writes itself. Vectorised (a plan at 16,384 ranks)."""
+    world = plan.world
+    sent = np.zeros(world, dtype=np.int64)
+    received = np.zeros(world, dtype=np.int64)
+    for shard in plan.model_shards:
+        for item in shard.items:
+            kind = plan.moved.get(item.name)
+            if kind is None:
+                continue
+            writer = shard.ranged[item.name]
+            size = itemsize(item.dtype)
+            held = item.partition.bytes_by_rank(item.numel, world, size)
+            written = writer.bytes_by_rank(item.numel, world, size)
+            own = np.zeros(world, dtype=np.int64)
+            if kind == "rows" and item.partition.grid is not None:
+                own = _own_rows(item, writer, world) * size
+            sent += held - own
+            received += written - own
+    return sent, received
+
+
+def _own_rows(item: Item, writer: Partition, world: int) -> np.ndarray:
+    """Elements each rank both holds (its grid box) and writes (its block of rows)."""
+    grid = item.partition.grid
+    assert grid is not None
+    offsets, lengths, ranks = grid.boxes_by_coord()
+    row = math.prod(item.shape[1:])
+    w_lo = np.full(world, -1, dtype=np.int64)
+    w_hi = np.full(world, -1, dtype=np.int64)
+    for start, n, r in writer.iter_parts(item.numel, world):
+        w_lo[r], w_hi[r] = start // row, (start + n) // row
+    keep = (lengths.prod(axis=1) > 0) & (ranks < world)
+    offsets, lengths, ranks = offsets[keep], lengths[keep], ranks[keep]
+    rows = np.clip(
+        np.minimum(offsets[:, 0] + lengths[:, 0], w_hi[ranks]) - np.maximum(offsets[:, 0], w_lo[ranks]), 0, None
+    )
+    out = np.zeros(world, dtype=np.int64)
+    np.add.at(out, ranks, rows * lengths[:, 1:].prod(axis=1))
+    return out
 
 
 def _files_per_holder(items: list[Item], world: int, max_bytes: int) -> np.ndarray:

@@ -257,6 +257,7 @@ def load_checkpoint(
         "bytes_read": store.bytes_read if store is not None else 0,
         "bytes_kept": kept.nbytes if kept is not None else 0,  # read once: by the verification, for the restore
         "kept_hits": store.kept_hits if store is not None else 0,
+        "files_read": sorted(store.opened) if store is not None else [],
     }
     kept = None
     if restore_rng_state:

@@ -46,7 +46,7 @@ from . import format as F
 from .adapters import EngineAdapter
 from .agreement import agree_on_items
 from .faults import point
-from .layout import Item, ModelShard, SavePlan, StateFile, plan_save
+from .layout import Box, Item, ModelShard, SavePlan, StateFile, assembly_pieces, plan_save
 from .rng import capture_rng
 from .safetensors_io import (
     DEFAULT_CHECKSUM,
@@ -659,6 +659,7 @@ def start_save(
     if arena is not None and overlap and not (rank0_only and procs > 1):
         snapshot = _Snapshot(torch.device(getattr(adapter, "device", "cpu")), arena.pinned)
     fetch = _Fetch(adapter, writer, arena, rank, procs, plan, error, snapshot)
+    fetch.assemble(plan, set(my_holders))
     fetch.ranges(my_ranges)
     fetch.model(plan.model_shards, writer_of)
     fetch.state(my_files, plan, writer_of, rank0_only)
@@ -856,6 +857,7 @@ class _Fetch:
         self.error = error
         self.bytes = 0  # bytes handed to the writer
         self.sent = 0  # bytes this rank sent through collectives
+        self.assembled: dict[tuple[str, int], torch.Tensor] = {}  # moved ranges put together (assemble)
 
     def _fail(self, what: str, exc: BaseException) -> None:
         if self.error is None:
@@ -933,7 +935,8 @@ class _Fetch:
                 if shard.relpath not in layout:
                     layout[shard.relpath] = tensor_offsets([(i.name, i.dtype, i.shape) for i in shard.items])
                 _, offsets, size = layout[shard.relpath]
-                t = self.adapter.local(item).reshape(-1)
+                made = (item.name, start) in self.assembled
+                t = self.assembled.pop((item.name, start)) if made else self.adapter.local(item).reshape(-1)
                 if item.partition.replicated:
                     t = t[start : start + n]
                 elif t.numel() != n:
@@ -942,7 +945,77 @@ class _Fetch:
             except Exception as exc:
                 self._fail(f"fetch {item.name}", exc)
                 continue
-            self._hand(shard.relpath, item.name, t, made=False, later=item.name not in self._buffers, at=at)
+            later = not made and item.name not in self._buffers
+            self._hand(shard.relpath, item.name, t, made=made, later=later, at=at)
+
+    def assemble(self, plan: SavePlan, mine: set[int]) -> None:
+        """Put together the ranges this rank writes of the moved range-written tensors (:attr:`SavePlan.moved`),
+        from the holders' pieces: one batch of point-to-point sends and receives, each piece at its exact size (a
+        dim-1 TP shard's row blocks from the column blocks of the TP group that holds those rows; a part moved for
+        balance from its holder). Every rank takes part, with zeros where it failed, so no rank waits forever.
+        ``mine``: the holders this rank writes for."""
+        import torch.distributed as dist
+
+        self.assembled = {}
+        if not plan.moved:
+            return
+        device = D._comm_device(None) if D.is_distributed() else torch.device(getattr(self.adapter, "device", "cpu"))
+        ops: list[Any] = []
+        placed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (destination view, received piece) after the wait
+        local: dict[str, torch.Tensor] = {}
+
+        def held(item: Item, box: Box | None) -> torch.Tensor:
+            if item.name not in local:
+                try:
+                    t = self.adapter.local(item)
+                    if box is not None and tuple(t.shape) != tuple(box[1]):
+                        raise CheckpointError(f"holds {list(t.shape)}, the plan says {list(box[1])}")
+                    local[item.name] = t.detach().to(device)
+                except Exception as exc:
+                    self._fail(f"fetch {item.name}", exc)
+                    local[item.name] = torch.zeros(box[1] if box else (0,), dtype=item.dtype, device=device)
+            return local[item.name]
+
+        for shard in plan.model_shards:
+            for item in shard.items:
+                kind = plan.moved.get(item.name)
+                if kind is None:
+                    continue
+                writer = shard.ranged[item.name]
+                for start, n, w, h, piece in assembly_pieces(item, writer, kind, plan.world):
+                    if w not in mine and h not in mine:
+                        continue
+                    if w in mine and (item.name, start) not in self.assembled:
+                        self.assembled[(item.name, start)] = torch.empty(n, dtype=item.dtype, device=device)
+                    src_box = None if piece is None else piece[1]
+                    if w in mine:
+                        buf = self.assembled[(item.name, start)]
+                        if piece is None:
+                            view = buf
+                        else:
+                            inter, _, dst_box = piece
+                            where = tuple(slice(o - d, o - d + k) for o, k, d in zip(inter[0], inter[1], dst_box[0]))
+                            view = buf.view(dst_box[1])[where]
+                    if w in mine and h in mine:
+                        view.copy_(_piece(held(item, src_box), piece))
+                    elif h in mine:
+                        t = _piece(held(item, src_box), piece).contiguous()
+                        if piece is None and t.numel() != n:
+                            self._fail(f"fetch {item.name}", CheckpointError(f"holds {t.numel()}, the plan says {n}"))
+                            t = torch.zeros(n, dtype=item.dtype, device=device)
+                        ops.append(dist.P2POp(dist.isend, t, w % self.procs))
+                        self.sent += t.numel() * t.element_size()
+                    else:
+                        tmp = view if piece is None else torch.empty(view.shape, dtype=item.dtype, device=device)
+                        ops.append(dist.P2POp(dist.irecv, tmp, h % self.procs))
+                        if piece is not None:
+                            placed.append((view, tmp))
+        if ops:
+            _p2p_ready()
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        for view, tmp in placed:
+            view.copy_(tmp)
 
     def _whole(self, item: Item) -> torch.Tensor:
         if item.partition.replicated:
@@ -1046,6 +1119,14 @@ class _Fetch:
                         buf = torch.empty(n, dtype=item.dtype)
                         dist.recv(buf, src=holder, group=group)
                         self._hand(f.relpath, item.key, buf, made=True)
+
+
+def _piece(t: torch.Tensor, piece: Any) -> torch.Tensor:
+    """A holder's piece of a moved tensor: its whole part (flat), or the common box of its box and a writer's."""
+    if piece is None:
+        return t.reshape(-1)
+    inter, src_box, _ = piece
+    return t.view(src_box[1])[tuple(slice(o - s, o - s + k) for o, k, s in zip(inter[0], inter[1], src_box[0]))]
 
 
 def _ranges_of(plan: SavePlan, holders: list[int]) -> list[tuple[ModelShard, Item, int, int, int]]:

@@ -71,6 +71,7 @@ class CheckpointStore:
         self._holder_keys: dict[int, dict[str, str]] = {}  # holder rank -> {key: file}
         self.files_per_rank: list[int] = []
         self.bytes_read = 0
+        self.opened: set[str] = set()  # every file a read opened (a same-mesh resume: the rank's own state files)
         for group in F.GROUP_NAMES:
             if group in manifest["groups"] and (self.version == 1 or group == "model"):
                 self._load_hf_index(group)
@@ -156,6 +157,7 @@ class CheckpointStore:
                 raise CheckpointError(f"{self.ckpt}: {path} is not listed in the manifest")
             reader = SafetensorsReader(F.safe_path(self.ckpt, path, "checkpoint file"), self.kept.get(path, ()))
             self._readers[path] = reader
+            self.opened.add(path)
             while len(self._readers) > _MAX_OPEN:
                 _, old = self._readers.popitem(last=False)
                 self.kept_hits += old.kept_hits
@@ -280,7 +282,16 @@ class CheckpointStore:
             # each run clipped to the target's flat range and to the part's (both contiguous along a run)
             lo = np.maximum(0, np.maximum(start - at, p_start - src))
             hi = np.minimum(length, np.minimum(start + n - at, p_start + p_numel - src))
-            for a, s, k in _coalesced(at + lo - start, src + lo - p_start, hi - lo):
+            reads = _coalesced(at + lo - start, src + lo - p_start, hi - lo)
+            first, last = (reads[0][1], reads[-1][1] + reads[-1][2]) if reads else (0, 0)
+            if len(reads) > SPAN_READS and last - first <= SPAN_FACTOR * sum(k for _, _, k in reads):
+                # many short runs close together (a column block of a row block, read out of a Hugging Face file
+                # row by row): one read of the span they lie in, then copies from memory
+                span = reader.read_range(stored, first, last - first)
+                for a, s, k in reads:
+                    out[a : a + k] = span[s - first : s - first + k]
+                continue
+            for a, s, k in reads:
                 reader.read_range(stored, s, k, out=out[a : a + k])
         self.bytes_read += out.numel() * out.element_size()
         return out.view(box[1]) if whole else out
@@ -358,6 +369,11 @@ class CheckpointStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+SPAN_READS = 4
+"""More runs than this of one stored part, lying within :data:`SPAN_FACTOR` times their bytes, are read as one span."""
+SPAN_FACTOR = 4
 
 
 def _coalesced(dst: np.ndarray, src: np.ndarray, count: np.ndarray) -> list[tuple[int, int, int]]:
