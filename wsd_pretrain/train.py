@@ -34,6 +34,7 @@ from .data import DataConfig, PhasedSampler, ShardedSampler, TokenData, describe
 from .deepspeed_scheduler import SCHEDULER_TYPE
 from .errors import ConfigError, WSDError
 from .model import LlamaLM, ModelConfig
+from .parallel import Layout, ParallelConfig, check_parallel, world_from_env
 from .schedule import WSDSchedule
 from .scheduler import WSDScheduler
 from .tracking import Tracker, TrackingConfig, check_available
@@ -103,6 +104,8 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar on rank 0."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward (keeps only each layer's input)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -138,9 +141,11 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wsm: WSMConfig = field(default_factory=WSMConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The ``parallel:`` section: the FSDP2 engine's (pp, dp_replicate, dp_shard, tp) mesh (parallel.py)."""
 
     def to_dict(self) -> dict[str, Any]:
-        names = ("model", "data", "optimizer", "checkpoint", "train", "wsm", "tracking")
+        names = ("model", "data", "optimizer", "checkpoint", "train", "wsm", "tracking", "parallel")
         out = {name: asdict(getattr(self, name)) for name in names}
         out["schedule"] = self.schedule.to_dict()
         if self.decay_data is not None:
@@ -158,6 +163,7 @@ SECTIONS = {
     "train": TrainConfig,
     "wsm": WSMConfig,
     "tracking": TrackingConfig,
+    "parallel": ParallelConfig,
 }
 
 
@@ -248,6 +254,10 @@ def resolve_job(
                 where="job config",
             )
         WSMPlan.build(job.wsm, job.schedule, job.checkpoint)  # refused now (and by --dry-run), naming each fix
+    # the layout against the engine, the model and the data, and the launcher's world size when there is one
+    problems = check_parallel(job, world_from_env())
+    if problems:
+        raise ConfigError(problems, where="job config")
     check_available(job.tracking)  # a tracker whose package is missing: refused before any work
     return job
 
@@ -377,6 +387,14 @@ def deepspeed_plan(job: JobConfig, raw_config: dict[str, Any]) -> DeepSpeedPlan:
     else:
         cfg["zero_allow_untested_optimizer"] = True  # the client torch AdamW
     _check_ds_train_settings(cfg, job, path)
+    autotp = cfg.get("tensor_parallel", {}).get("autotp_size", 1) if isinstance(cfg.get("tensor_parallel"), dict) else 1
+    if isinstance(autotp, int) and autotp > 1:
+        raise ConfigError(
+            f"the ds_config {path} sets tensor_parallel.autotp_size={autotp}: DeepSpeed AutoTP, which the checkpoint "
+            "manager refuses today (docs/decisions.md, 96): train with train.engine=fsdp2 and parallel.tp, or "
+            "remove the tensor_parallel section",
+            where="job config",
+        )
     cfg["train_micro_batch_size_per_gpu"] = job.train.micro_batch_size
     cfg["gradient_accumulation_steps"] = job.train.grad_accum
     cfg["gradient_clipping"] = job.train.grad_clip
@@ -453,6 +471,8 @@ class Built:
     optimizer: torch.optim.Optimizer
     scheduler: WSDScheduler
     engine: Any = None
+    layout: Layout | None = None
+    """The (pp, dp_replicate, dp_shard, tp) degrees; None: plain data parallelism over every rank."""
 
 
 def build_engine(
@@ -464,6 +484,8 @@ def build_engine(
 ) -> Built:
     torch.manual_seed(job.train.seed)
     module = LlamaLM(job.model).to(device)
+    for layer in module.model.layers:
+        layer.checkpointing = job.train.activation_checkpointing
     opt_cfg = job.optimizer
     engine = job.train.engine
     if engine == "deepspeed":
@@ -477,23 +499,39 @@ def build_engine(
                 where="job config",
             )
         return _build_deepspeed(job, module, schedule, device, tokens_per_step, ds_plan, scheduler_args)
-    optimizer = torch.optim.AdamW(
-        _param_groups(module, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps
-    )
-    scheduler = WSDScheduler(optimizer, schedule, tokens_per_step=tokens_per_step)
     model: Any = module
+    layout = None
     if engine == "fsdp2":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from .parallel import apply_fsdp, apply_tp, build_mesh
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if job.train.dtype == "bf16" else MixedPrecisionPolicy()
-        for layer in module.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(module, mp_policy=mp)
+        layout = job.parallel.resolved(D.get_world_size())
+        if layout.pp > 1:
+            raise ConfigError(
+                f"parallel.pp={layout.pp}: the main job's pipeline stages need the checkpoint manager's support of "
+                "torch.distributed.pipelining stages (issue 20, item 1), which has not landed on this branch yet; "
+                "run with parallel.pp=1 (tp x dp and HSDP run today)",
+                where="parallel config",
+            )
+        if job.parallel.multi_dim:
+            mesh = build_mesh(layout, device)
+            if layout.tp > 1:
+                apply_tp(module, mesh["tp"])
+            apply_fsdp(module, mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"], mp)
+        else:
+            apply_fsdp(module, None, mp)
     elif D.get_world_size() > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None
         )
-    return Built(model, module, optimizer, scheduler)
+    # after fully_shard, which replaces each parameter by its DTensor shard: the optimizer steps those
+    optimizer = torch.optim.AdamW(
+        _param_groups(module, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps
+    )
+    scheduler = WSDScheduler(optimizer, schedule, tokens_per_step=tokens_per_step)
+    return Built(model, module, optimizer, scheduler, layout=layout)
 
 
 def _build_deepspeed(
@@ -563,6 +601,8 @@ class Trainer:
         self.manager, self.device = manager, device
         self.wsm: WSMPlan | None = None  # the decay-free mode: a merged model at each milestone (wsm.py)
         self.rank, self.world = D.get_rank(), D.get_world_size()
+        layout = built.layout or Layout(1, 1, self.world, 1)
+        self.dp_rank, self.dp_size = layout.dp_rank(self.rank), layout.dp
         self.metrics_path = run_dir / "metrics.jsonl"
         self.tracker = Tracker(job.tracking, run_dir, active=False)  # _train sets rank 0's
         self._saves: list[tuple[int, Path, Any, float, float]] = []  # (step, path, pending, started, blocked)
@@ -648,7 +688,7 @@ class Trainer:
         model.eval()
         total, count = 0.0, 0
         for b in range(self.job.train.eval_batches):
-            idx = [(b * micro * self.world + self.rank * micro + j) % n for j in range(micro)]
+            idx = [(b * micro * self.dp_size + self.dp_rank * micro + j) % n for j in range(micro)]
             inputs, targets = self.data.valid_batch(idx)
             with self.autocast:
                 total += float(model(inputs.to(self.device), targets.to(self.device)))
@@ -981,7 +1021,13 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
                 "small",
                 where="job config",
             )
-    tokens_per_step = job.train.micro_batch_size * job.train.grad_accum * world * job.data.seq_len
+    # the data-parallel ranks read different data; the ranks of one TP group (and of one pipeline) the same
+    problems = check_parallel(job, world)
+    if problems:
+        raise ConfigError(problems, where="job config")
+    layout = job.parallel.resolved(world) if job.train.engine == "fsdp2" else Layout(1, 1, world, 1)
+    dp_rank, dp_size = layout.dp_rank(rank), layout.dp
+    tokens_per_step = job.train.micro_batch_size * job.train.grad_accum * dp_size * job.data.seq_len
     built = build_engine(job, schedule, device, tokens_per_step, plan)
     log.info(
         "optimizer: %s",
@@ -995,12 +1041,14 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
     seed_everything(job.train.seed + rank)
     micro = job.train.micro_batch_size
     sampler = PhasedSampler(
-        ShardedSampler(data.num_train, micro, rank, world, seed=job.data.seed, shuffle=job.data.shuffle),
+        ShardedSampler(data.num_train, micro, dp_rank, dp_size, seed=job.data.seed, shuffle=job.data.shuffle),
         describe(job.data, data.num_train),
     )
     if decay_data is not None and job.decay_data is not None:
         cfg = job.decay_data
-        sampler.decay = ShardedSampler(decay_data.num_train, micro, rank, world, seed=cfg.seed, shuffle=cfg.shuffle)
+        sampler.decay = ShardedSampler(
+            decay_data.num_train, micro, dp_rank, dp_size, seed=cfg.seed, shuffle=cfg.shuffle
+        )
         sampler.decay_data = describe(cfg, decay_data.num_train)
     sampler.allow_data_change = args.allow_data_change
     manager = CheckpointManager(
