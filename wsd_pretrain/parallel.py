@@ -50,8 +50,10 @@ class ParallelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name}={value!r}: a whole number >= 1")
-        if not isinstance(self.dp_shard, int) or isinstance(self.dp_shard, bool) or not (
-            self.dp_shard == -1 or self.dp_shard >= 1
+        if (
+            not isinstance(self.dp_shard, int)
+            or isinstance(self.dp_shard, bool)
+            or not (self.dp_shard == -1 or self.dp_shard >= 1)
         ):
             problems.append(f"dp_shard={self.dp_shard!r}: a whole number >= 1, or -1 (the rest of the world size)")
         if self.pp_schedule not in ("gpipe", "1f1b"):

@@ -370,6 +370,14 @@ def deepspeed_plan(job: JobConfig, raw_config: dict[str, Any]) -> DeepSpeedPlan:
     """
     path = Path(job.train.ds_config or "")
     cfg = _read_ds_config(path)
+    autotp = cfg.get("tensor_parallel", {}).get("autotp_size", 1) if isinstance(cfg.get("tensor_parallel"), dict) else 1
+    if isinstance(autotp, int) and autotp > 1:
+        raise ConfigError(
+            f"the ds_config {path} sets tensor_parallel.autotp_size={autotp}: DeepSpeed AutoTP, which the checkpoint "
+            "manager refuses today (docs/decisions.md, 96): train with train.engine=fsdp2 and parallel.tp, or "
+            "remove the tensor_parallel section",
+            where="job config",
+        )
     schedule, scheduler_args = _ds_schedule(cfg.pop("scheduler", None), raw_config.get("schedule"), path)
     optimizer = cfg.get("optimizer")
     if optimizer is not None:
@@ -387,14 +395,6 @@ def deepspeed_plan(job: JobConfig, raw_config: dict[str, Any]) -> DeepSpeedPlan:
     else:
         cfg["zero_allow_untested_optimizer"] = True  # the client torch AdamW
     _check_ds_train_settings(cfg, job, path)
-    autotp = cfg.get("tensor_parallel", {}).get("autotp_size", 1) if isinstance(cfg.get("tensor_parallel"), dict) else 1
-    if isinstance(autotp, int) and autotp > 1:
-        raise ConfigError(
-            f"the ds_config {path} sets tensor_parallel.autotp_size={autotp}: DeepSpeed AutoTP, which the checkpoint "
-            "manager refuses today (docs/decisions.md, 96): train with train.engine=fsdp2 and parallel.tp, or "
-            "remove the tensor_parallel section",
-            where="job config",
-        )
     cfg["train_micro_batch_size_per_gpu"] = job.train.micro_batch_size
     cfg["gradient_accumulation_steps"] = job.train.grad_accum
     cfg["gradient_clipping"] = job.train.grad_clip
