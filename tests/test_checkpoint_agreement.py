@@ -169,10 +169,10 @@ def test_layouts_the_plan_cannot_hold_are_refused_at_build_on_every_rank(tmp_pat
         "ranks 0-1 hold model tensors that ranks 2-3 do not: layers.0.weight, layers.0.bias, layers.1.weight" in stages
     )
     assert "ranks 2-3 hold model tensors that ranks 0-1 do not: layers.2.weight" in stages
-    assert "pipeline-parallel stages are not supported yet" in stages
+    assert "pipeline=Pipeline(group=mesh['pp'])" in stages  # the fix: tell the manager (tests/test_pipeline.py)
     renumbered = results[0]["renumbered"]["refused"]
     assert "ranks 0-1 and ranks 2-3 hold different values of layers.0.weight, layers.0.bias" in renumbered
-    assert "wrap the model in DDP" in renumbered and "name map for stages" in renumbered
+    assert "wrap the model in DDP" in renumbered and "with a name map (Pipeline(names=...))" in renumbered
     alone = results[0]["alone"]["refused"]
     assert alone.startswith("this job cannot be checkpointed: rank 3: optimizer state w1.weight/note is a object")
     assert [r["fsdp2"] for r in results] == [2, 2, 2, 2], "FSDP2 or HSDP (uneven, bf16, CPU offload, frozen) refused"

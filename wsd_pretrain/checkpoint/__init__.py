@@ -20,12 +20,14 @@ from ..errors import CheckpointError
 from .adapters import EngineAdapter, make_adapter
 from .guards import check_total
 from .manager import CheckpointConfig, CheckpointManager, Stateful, parse_size
+from .pipeline import Pipeline
 
 __all__ = [
     "CheckpointConfig",
     "CheckpointError",
     "CheckpointManager",
     "EngineAdapter",
+    "Pipeline",
     "Stateful",
     "check_total",
     "make_adapter",

@@ -54,8 +54,9 @@ _CHUNK_DEVICE = 1 << 22
 
 PIPELINE_FIX = (
     "the checkpoint holds one model that every rank describes alike (data parallelism: DDP, FSDP2, DeepSpeed ZeRO "
-    "0-3); pipeline-parallel stages are not supported yet (a later issue adds a name map for stages): until then "
-    "checkpoint a pipeline-parallel job with torch.distributed.checkpoint"
+    "0-3); pipeline-parallel stages (each rank its own layers) are saved as one model when the manager is told: "
+    "CheckpointManager(..., pipeline=Pipeline(group=mesh['pp'])) on every rank, with a name map "
+    "(Pipeline(names=...)) for stages renumbered from 0 (docs/manager.md, 'Pipeline parallelism')"
 )
 REPLICA_FIX = (
     "the checkpoint writes a replicated parameter once, from one rank, so every rank must hold the same values. "
@@ -99,7 +100,10 @@ def describe(adapter: Any, *, values: bool = True) -> Description:
     understand."""
     items = adapter.items()
     prints: dict[str, str] = {}
-    if values:
+    union_values = getattr(adapter, "values_description", None)  # pipeline stages: the union's (pipeline.py)
+    if values and union_values is not None:
+        prints = union_values()
+    elif values:
         params = set(adapter.param_names)
         replicated = [it for it in items if it.group == "model" and it.name in params and it.partition.replicated]
         prints = fingerprints({it.name: adapter.local(it) for it in replicated})
@@ -168,17 +172,28 @@ def _chunk_sums(t: torch.Tensor, scratch: dict[torch.device, tuple[torch.Tensor,
 # ---------------------------------------------------------------------------------------------- agreeing
 
 
-def agree_on_plan(build: Callable[[], Any], what: str) -> Any:
+def agree_on_plan(build: Callable[[], Any], what: str, *, exchange: bool = False) -> Any:
     """``build()`` makes this rank's adapter (and may refuse the engine); every rank then describes what it holds
     (structure and replicated values) and all agree, or every rank raises the same error naming what differs and
     the fix. Returns the adapter. The manager calls this when it is built: a rank that fails alone, in ``build`` or
-    in describing, makes every rank raise instead of leaving the others waiting in a later collective."""
+    in describing, makes every rank raise instead of leaving the others waiting in a later collective.
+
+    ``exchange`` (pipeline stages, every rank alike): once every rank has built its adapter (one agreement), the
+    stages' descriptions are exchanged inside each pipeline group (:meth:`.pipeline.PipelineAdapter.exchange`) and
+    the union is what every rank describes."""
     adapter, desc, error = None, None, None
     try:
         adapter = build()
-        desc = describe(adapter)
     except Exception as exc:
         error = _message(exc)
+    if exchange:
+        coord.agree(error, what)  # a rank that could not build would leave the others in the exchange
+        error = adapter.exchange()
+    if error is None:
+        try:
+            desc = describe(adapter)
+        except Exception as exc:
+            error = _message(exc)
     _agree(desc, error, what)
     return adapter
 

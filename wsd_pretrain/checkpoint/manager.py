@@ -45,6 +45,7 @@ from .adapters import EngineAdapter, make_adapter
 from .agreement import agree_on_plan
 from .load import load_checkpoint
 from .lock import RunLock
+from .pipeline import Pipeline, PipelineAdapter
 from .resume_checks import Change, decide, hyperparameter_changes
 from .save import HostArena, PendingSave, SaveRequest, start_save
 
@@ -222,6 +223,9 @@ class CheckpointManager:
         extra_state: returns plain-JSON user state to save; ``load_extra_state`` receives it back.
         hf_config: a Hugging Face ``config.json`` dict, written beside the model so the folder loads with
             ``from_pretrained``.
+        pipeline: a pipeline-parallel job's :class:`~.pipeline.Pipeline` (its group, a name map for stages
+            renumbered from 0, tied weights across stages), given on every rank; ``model`` is then this rank's stage
+            module(s) or ``PipelineStage`` object(s) (docs/manager.md, "Pipeline parallelism").
         scaler: the loss scaler of an fp16 run (``torch.amp.GradScaler``, FSDP2's ``ShardedGradScaler``, anything
             with a plain-JSON ``state_dict``/``load_state_dict``): its scale and growth tracker are saved and restored
             (DeepSpeed's own fp16 scaler is saved with its engine).
@@ -241,6 +245,7 @@ class CheckpointManager:
         hf_config: dict[str, Any] | None = None,
         adapter: EngineAdapter | None = None,
         scaler: Any = None,
+        pipeline: Pipeline | None = None,
     ) -> None:
         self.config = config or CheckpointConfig()
         # an s3:// run is saved into a local staging run and uploaded (objstore_tier.py); without a staging_dir it
@@ -292,9 +297,16 @@ class CheckpointManager:
         try:
             # the engine's adapter, refusing state the checkpoint could not carry now, not after hours; then every
             # rank describes what it holds and all agree on one plan, or all raise the same error (agreement.py)
-            self.adapter = agree_on_plan(
-                lambda: _checked(adapter or make_adapter(model, optimizer)), "this job cannot be checkpointed"
-            )
+            if pipeline is not None:  # given on every rank: the stages' union is exchanged (pipeline.py)
+                self.adapter = agree_on_plan(
+                    lambda: _checked(adapter or PipelineAdapter(model, optimizer, pipeline)),
+                    "this job cannot be checkpointed",
+                    exchange=True,
+                )
+            else:
+                self.adapter = agree_on_plan(
+                    lambda: _checked(adapter or make_adapter(model, optimizer)), "this job cannot be checkpointed"
+                )
         except CheckpointError:
             coord.release()
             raise

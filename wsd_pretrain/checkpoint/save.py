@@ -573,7 +573,11 @@ def start_save(
     # optimizer creates at its first step is not there when the manager is built); every rank learns of a failure
     problem: str | None = None
     items: list[Item] | None = None
+    exchange = getattr(adapter, "exchange", None)  # pipeline stages: the union, fresh (collective, never raises)
+    exchanged = exchange() if exchange is not None else None
     try:
+        if exchanged:
+            raise CheckpointError(exchanged)
         point("save-begin")
         check = getattr(adapter, "check_complete", None)  # a converter's source holds no live optimizer
         if check is not None:

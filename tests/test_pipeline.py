@@ -1,0 +1,243 @@
+"""Pipeline-parallel stages (torch.distributed.pipelining) saved as one model (docs/manager.md, "Pipeline
+parallelism"; wsd_pretrain/checkpoint/pipeline.py): GPipe with torchtitan-style names (each stage the full model
+with the other layers deleted), 1F1B with stages renumbered from 0 and a name map, interleaved 1F1B with two virtual
+stages per rank, an embedding tied to the output projection across the first and last stage. Each is saved,
+verified, resumed on the same layout bit for bit (training continues identically) and in one plain process with
+exact values; the model folder is the whole model under its real names."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed_helpers import run_distributed
+
+VOCAB, DIM, LAYERS = 24, 8, 4
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(DIM, DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.lin(x))
+
+
+class Tiny(torch.nn.Module):
+    """A decoder in small, torchtitan's way: a stage is this model with the parts it does not run set to None."""
+
+    def __init__(self, tie: bool = False) -> None:
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(VOCAB, DIM)
+        self.layers = torch.nn.ModuleDict({str(i): Block() for i in range(LAYERS)})
+        self.norm = torch.nn.LayerNorm(DIM)
+        self.lm_head = torch.nn.Linear(DIM, VOCAB, bias=False)
+        if tie:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        for layer in self.layers.values():
+            h = layer(h)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.lm_head(h) if self.lm_head is not None else h
+
+
+def stage_module(full: Tiny, index: int, count: int, renumber: bool = False) -> Tiny:
+    """Stage ``index`` of ``count``: its layers only (torchtitan); ``renumber``: its layers keyed from 0."""
+    m = copy.deepcopy(full)
+    per = LAYERS // count
+    keep = [str(i) for i in range(index * per, (index + 1) * per)]
+    for k in list(m.layers.keys()):
+        if k not in keep:
+            del m.layers[k]
+    if renumber:
+        m.layers = torch.nn.ModuleDict({str(j): m.layers[k] for j, k in enumerate(keep)})
+    if index > 0:
+        m.embed_tokens = None
+    if index < count - 1:
+        m.norm = None
+        m.lm_head = None
+    return m
+
+
+def renumbered(index: int, count: int):
+    offset = index * (LAYERS // count)
+    return lambda n: re.sub(r"^layers\.(\d+)\.", lambda g: f"layers.{int(g.group(1)) + offset}.", n)
+
+
+def _batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + i)
+    tokens = torch.randint(0, VOCAB, (4, 6), generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(out.flatten(0, 1), target.flatten())
+
+
+def build(kind: str, seed: int = 0):
+    """This rank's stages, optimizer, scheduler, step function and the manager's Pipeline, for ``kind``: ``gpipe``
+    (torchtitan names), ``1f1b`` (renumbered + name map), ``interleaved`` (2 virtual stages per rank), ``tied``
+    (GPipe, embedding tied to the output across the first and last stage)."""
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    from wsd_pretrain import WSDSchedule, WSDScheduler
+    from wsd_pretrain.checkpoint import Pipeline
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(seed)
+    full = Tiny(tie=kind == "tied")
+    count = 2 * world if kind == "interleaved" else world
+    indices = [rank + k * world for k in range(count // world)]
+    renumber = kind == "1f1b"
+    mods = [stage_module(full, s, count, renumber) for s in indices]
+    stages = [PipelineStage(m, s, count, torch.device("cpu")) for m, s in zip(mods, indices)]
+    params = [p for m in mods for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    sched = WSDScheduler(opt, WSDSchedule(total=40, warmup=2))
+    if kind == "interleaved":
+        schedule = ScheduleInterleaved1F1B(stages, n_microbatches=4, loss_fn=_loss)
+    else:
+        schedule = (Schedule1F1B if kind == "1f1b" else ScheduleGPipe)(stages[0], n_microbatches=2, loss_fn=_loss)
+    names = [renumbered(s, count) for s in indices] if renumber else None
+    tied = {"lm_head.weight": "embed_tokens.weight"} if kind == "tied" else {}
+    pipeline = Pipeline(names=names, tied=tied)
+
+    def step(i: int) -> float:
+        x, y = _batch(i)
+        losses: list[torch.Tensor] = []
+        if rank == 0:
+            schedule.step(x)
+        else:
+            schedule.step(target=y, losses=losses)
+        if kind == "tied":  # the tied copies' gradients summed across the stages that hold them (Megatron's way)
+            p = mods[0].embed_tokens.weight if rank == 0 else mods[0].lm_head.weight
+            dist.all_reduce(p.grad)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        return float(sum(float(v) for v in losses))
+
+    return stages, mods, opt, sched, step, pipeline
+
+
+def state(mods, opt, names=None) -> dict[str, torch.Tensor]:
+    """Every stage's parameters and optimizer state under the full model's names."""
+    out = {}
+    for k, m in enumerate(mods):
+        f = names[k] if names else (lambda n: n)
+        for n, p in m.named_parameters():
+            out[f(n)] = p.detach().clone()
+            for key, v in opt.state.get(p, {}).items():
+                out[f"{f(n)}::{key}"] = v.detach().clone()
+    return out
+
+
+def _manager(run, stages, opt, sched, pipeline):
+    from wsd_pretrain.checkpoint import CheckpointConfig, CheckpointManager
+
+    config = CheckpointConfig(at_milestones=False, at_end=False, on_preemption=False)
+    return CheckpointManager(run, stages, opt, sched, config=config, pipeline=pipeline)
+
+
+def _pp2(rank, world, root):
+    """Every kind on the same two ranks: save after 3 steps, 2 more steps; a fresh job (another seed) resumes and
+    takes the same 2 steps; the saved and continued state and losses must be equal bit for bit."""
+    from safetensors.torch import save_file
+
+    from wsd_pretrain.checkpoint.tools import verify_checkpoint_files
+
+    out = {}
+    for kind in ("gpipe", "1f1b", "interleaved", "tied"):
+        stages, mods, opt, sched, step, pipeline = build(kind)
+        mgr = _manager(Path(root) / kind, stages, opt, sched, pipeline)
+        for i in range(3):
+            step(i)
+        path = mgr.save(["periodic"])
+        names = pipeline.names
+        saved = state(mods, opt, names)
+        save_file(saved, str(Path(root) / f"{kind}-r{rank}.safetensors"))
+        losses = [step(i) for i in range(3, 5)]
+        after = state(mods, opt, names)
+        mgr.close()
+        stages, mods, opt, sched, step, pipeline = build(kind, seed=7)
+        mgr = _manager(Path(root) / kind, stages, opt, sched, pipeline)
+        assert mgr.resume(path)
+        restored = state(mods, opt, names)
+        again = [step(i) for i in range(3, 5)]
+        resumed = state(mods, opt, names)
+        mgr.close()
+        out[kind] = {
+            "path": str(path),
+            "restored": sorted(n for n in saved if not torch.equal(saved[n], restored[n])),
+            "continued": sorted(n for n in after if not torch.equal(after[n], resumed[n])),
+            "losses": [losses, again],
+            "problems": verify_checkpoint_files(path) if rank == 0 else [],
+        }
+    return out
+
+
+def _plain_resume(path: str, tie: bool, root: Path) -> dict[str, torch.Tensor]:
+    """One plain process (no torch.distributed) resumes the pipeline checkpoint into the full model."""
+    from wsd_pretrain import WSDSchedule, WSDScheduler
+    from wsd_pretrain.checkpoint import CheckpointConfig, CheckpointManager
+
+    torch.manual_seed(11)
+    model = Tiny(tie=tie)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = WSDScheduler(opt, WSDSchedule(total=40, warmup=2))
+    config = CheckpointConfig(at_milestones=False, at_end=False, on_preemption=False)
+    mgr = CheckpointManager(root, model, opt, sched, config=config)
+    assert mgr.resume(path)
+    got = state([model], opt)
+    mgr.close()
+    return got
+
+
+@pytest.mark.distributed
+def test_pipeline_stages_save_as_one_model_and_resume_on_any_layout(tmp_path):
+    from safetensors.torch import load_file
+
+    results = run_distributed(_pp2, world_size=2, args=(str(tmp_path),), timeout=600)
+    for kind in ("gpipe", "1f1b", "interleaved", "tied"):
+        for r in results:
+            got = r[kind]
+            assert got["restored"] == [], (kind, got)
+            assert got["continued"] == [], (kind, got)
+            assert got["losses"][0] == got["losses"][1], (kind, got)
+        assert results[0][kind]["problems"] == [], results[0][kind]
+        path = Path(results[0][kind]["path"])
+        # the model folder: the whole model under its real names, once each (a tied weight once, its alias in the
+        # manifest), with the values the stages held
+        saved = {
+            **load_file(str(tmp_path / f"{kind}-r0.safetensors")),
+            **load_file(str(tmp_path / f"{kind}-r1.safetensors")),
+        }
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        full = Tiny(tie=kind == "tied")
+        expected = {n for n, _ in full.named_parameters()}
+        assert set(index["weight_map"]) == expected, (kind, sorted(index["weight_map"]))
+        folder = {}
+        for f in set(index["weight_map"].values()):
+            folder.update(load_file(str(path / f)))
+        for n, t in folder.items():
+            assert torch.equal(t, saved[n]), (kind, n)
+        if kind == "tied":
+            manifest = json.loads((path / "manifest.json").read_text())
+            assert manifest["tied"] == {"lm_head.weight": "embed_tokens.weight"}, manifest["tied"]
+            assert torch.equal(saved["lm_head.weight"], saved["embed_tokens.weight"])
+        # another layout: one plain process, exact values (parameters and every optimizer moment)
+        plain = _plain_resume(str(path), kind == "tied", tmp_path / f"plain-{kind}")
+        for n, t in plain.items():
+            assert torch.equal(t, saved[n]), (kind, n)
+        tied_copy = {n for n in saved if n.startswith("lm_head.weight")} if kind == "tied" else set()
+        assert set(plain) == set(saved) - tied_copy, (kind, sorted(set(plain) ^ set(saved)))
