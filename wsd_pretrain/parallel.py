@@ -21,7 +21,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["Layout", "ParallelConfig", "check_parallel", "memory_per_gpu", "stage_layers"]
+__all__ = ["Layout", "ParallelConfig", "check_parallel", "memory_per_gpu", "split_stage", "stage_layers"]
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -314,6 +314,58 @@ def apply_fsdp(module: torch.nn.Module, dp_mesh: Any, mp_policy: Any) -> None:
     for layer in _layers(module):
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp_policy)
     fully_shard(module, mesh=dp_mesh, mp_policy=mp_policy)
+
+
+def split_stage(module: torch.nn.Module, stage: int, pp: int) -> None:
+    """Turn the whole :class:`~wsd_pretrain.model.LlamaLM` into pipeline stage ``stage`` of ``pp``, in place,
+    torchtitan's way: the other stages' decoder layers removed (``model.layers`` becomes a ModuleDict keyed by the
+    global layer index, so ``model.layers.5.mlp.up_proj.weight`` keeps its name), the embedding kept on the first
+    stage only, the final norm and the output layer on the last only. Every rank builds the whole model from the
+    same seed first, so a stage holds exactly the weights the unsplit model would."""
+    keep = stage_layers(module.cfg.num_layers, pp)[stage]
+    module.model.layers = torch.nn.ModuleDict({str(i): module.model.layers[i] for i in keep})
+    if stage != 0:
+        module.model.embed_tokens = None
+    if stage != pp - 1:
+        module.model.norm = None
+        module.lm_head = None
+
+
+def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The last stage's loss of a microbatch: the model's own mean cross-entropy (the schedule averages the
+    microbatches' gradients, ``scale_grads``)."""
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def build_pipeline(module: torch.nn.Module, mesh: Any, layout: Layout, cfg: ParallelConfig, device: torch.device):
+    """This rank's ``PipelineStage`` of the (already split, TP'd and sharded) stage module and the schedule that
+    steps it: GPipe or 1F1B over ``cfg.microbatches`` microbatches on the mesh's ``pp`` dimension."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    stage_index = mesh.get_local_rank("pp")
+    stage = PipelineStage(module, stage_index, layout.pp, device, group=mesh["pp"].get_group())
+    kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[cfg.pp_schedule]
+    return stage, kind(stage, n_microbatches=cfg.microbatches or layout.pp, loss_fn=pipeline_loss)
+
+
+def clip_grad_norm_pp(params: list[torch.nn.Parameter], max_norm: float, pp_group: Any) -> float:
+    """Clip the gradient norm of the whole model when each rank holds one pipeline stage's (DTensor) gradients:
+    each stage's norm over its mesh, squared, summed over the pipeline group, as torchtitan does."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros(())
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    total = total.float().pow(2)
+    dist.all_reduce(total, group=pp_group)
+    norm = float(total.sqrt())
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return norm
 
 
 # ---------------------------------------------------------------------------------------------- memory

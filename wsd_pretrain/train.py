@@ -473,6 +473,16 @@ class Built:
     engine: Any = None
     layout: Layout | None = None
     """The (pp, dp_replicate, dp_shard, tp) degrees; None: plain data parallelism over every rank."""
+    pipeline: Any = None
+    """With pp > 1: the schedule (GPipe or 1F1B) that steps this rank's stage; ``model`` is then the stage module."""
+    pp_group: Any = None
+    pp_stage: int = 0
+    checkpoint_pipeline: Any = None
+    """The manager's ``pipeline=`` argument (checkpoint.Pipeline) with pp > 1."""
+
+    @property
+    def last_stage(self) -> bool:
+        return self.layout is None or self.pp_stage == self.layout.pp - 1
 
 
 def build_engine(
@@ -501,25 +511,28 @@ def build_engine(
         return _build_deepspeed(job, module, schedule, device, tokens_per_step, ds_plan, scheduler_args)
     model: Any = module
     layout = None
+    extra: dict[str, Any] = {}
     if engine == "fsdp2":
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        from .parallel import apply_fsdp, apply_tp, build_mesh
+        from .parallel import apply_fsdp, apply_tp, build_mesh, build_pipeline, split_stage
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if job.train.dtype == "bf16" else MixedPrecisionPolicy()
         layout = job.parallel.resolved(D.get_world_size())
-        if layout.pp > 1:
-            raise ConfigError(
-                f"parallel.pp={layout.pp}: the main job's pipeline stages need the checkpoint manager's support of "
-                "torch.distributed.pipelining stages (issue 20, item 1), which has not landed on this branch yet; "
-                "run with parallel.pp=1 (tp x dp and HSDP run today)",
-                where="parallel config",
-            )
         if job.parallel.multi_dim:
             mesh = build_mesh(layout, device)
+            if layout.pp > 1:  # this rank's stage of the whole model (built from the same seed on every rank)
+                extra["pp_stage"] = mesh.get_local_rank("pp")
+                split_stage(module, extra["pp_stage"], layout.pp)
             if layout.tp > 1:
                 apply_tp(module, mesh["tp"])
             apply_fsdp(module, mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"], mp)
+            if layout.pp > 1:
+                from .checkpoint.pipeline import Pipeline
+
+                _, extra["pipeline"] = build_pipeline(module, mesh, layout, job.parallel, device)
+                extra["pp_group"] = mesh["pp"].get_group()
+                extra["checkpoint_pipeline"] = Pipeline(group=mesh["pp"])
         else:
             apply_fsdp(module, None, mp)
     elif D.get_world_size() > 1:
@@ -531,7 +544,7 @@ def build_engine(
         _param_groups(module, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps
     )
     scheduler = WSDScheduler(optimizer, schedule, tokens_per_step=tokens_per_step)
-    return Built(model, module, optimizer, scheduler, layout=layout)
+    return Built(model, module, optimizer, scheduler, layout=layout, **extra)
 
 
 def _build_deepspeed(
@@ -642,6 +655,14 @@ class Trainer:
         data = self.decay_data if self.sampler.active == "decay" and self.decay_data is not None else self.data
         inputs, targets = data.train_batch(self.sampler.next_indices())
         inputs, targets = inputs.to(self.device), targets.to(self.device)
+        if self.b.pipeline is not None:  # the schedule runs every microbatch's forward and backward of this stage
+            losses: list[torch.Tensor] = []
+            args = (inputs,) if self.b.pp_stage == 0 else ()
+            if self.b.last_stage:
+                self.b.pipeline.step(*args, target=targets, losses=losses)
+                return float(torch.stack([x.detach().float() for x in losses]).mean())
+            self.b.pipeline.step(*args)
+            return 0.0  # only the last stage has the loss; _update averages it over the last stage's ranks
         if self.b.engine is not None:
             loss = self.b.engine(inputs, targets)
             self.b.engine.backward(loss)
@@ -663,7 +684,11 @@ class Trainer:
                 sync = nullcontext() if (i == accum - 1 or not hasattr(model, "no_sync")) else model.no_sync()
                 with sync:
                     losses.append(self._micro_step())
-            if self.job.train.grad_clip > 0:
+            if self.job.train.grad_clip > 0 and self.b.pp_group is not None:
+                from .parallel import clip_grad_norm_pp
+
+                clip_grad_norm_pp(list(model.parameters()), self.job.train.grad_clip, self.b.pp_group)
+            elif self.job.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), self.job.train.grad_clip)
             self.b.optimizer.step()
             self.b.optimizer.zero_grad(set_to_none=True)
@@ -674,7 +699,8 @@ class Trainer:
 
             loss = loss.to(self.device if self.device.type == "cuda" else "cpu")
             dist.all_reduce(loss)
-            loss = loss.cpu() / self.world
+            # with pipeline stages only the last stage's ranks (world / pp of them) contributed a loss
+            loss = loss.cpu() / (self.world // (self.b.layout.pp if self.b.layout is not None else 1))
         return float(loss)
 
     @torch.no_grad()
@@ -690,6 +716,16 @@ class Trainer:
         for b in range(self.job.train.eval_batches):
             idx = [(b * micro * self.dp_size + self.dp_rank * micro + j) % n for j in range(micro)]
             inputs, targets = self.data.valid_batch(idx)
+            if self.b.pipeline is not None:  # forward only, through every stage; the last one has the loss
+                losses: list[torch.Tensor] = []
+                args = (inputs.to(self.device),) if self.b.pp_stage == 0 else ()
+                if self.b.last_stage:
+                    self.b.pipeline.eval(*args, target=targets.to(self.device), losses=losses)
+                    total += float(torch.stack([x.float() for x in losses]).mean())
+                    count += 1
+                else:
+                    self.b.pipeline.eval(*args)
+                continue
             with self.autocast:
                 total += float(model(inputs.to(self.device), targets.to(self.device)))
             count += 1
@@ -1061,6 +1097,7 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
         hf_config=job.model.hf_config(),
         extra_state=lambda: {"grad_clip": job.train.grad_clip},
         load_extra_state=lambda saved: _note_grad_clip(saved, job.train.grad_clip),
+        **({"pipeline": built.checkpoint_pipeline} if built.checkpoint_pipeline is not None else {}),
     )
     tracker: Tracker | None = None
     trainer: Trainer | None = None
