@@ -250,6 +250,13 @@ messages go over the checkpoint's gloo groups per save.
   the checkpoint's gloo groups. The agreement on the plan is one all-reduce of 17 integers (136 bytes per rank at
   any world size): a flag and a digest of the items every rank planned from, with its negation, so that the
   maximum and the minimum of each word agree exactly when every rank planned the same.
+- **Pipeline stages** (the `fsdp2 + TP 8 + PP 16` row, the 405B recipe's layout `configs/llama_405b_3d.yaml`):
+  each stage's tensors are laid out over that stage's 1,024 ranks (TP 8 x FSDP2 128, the main job's stage split:
+  7, 8 x 14, 7 layers) and written by them; nothing crosses stages. The only bytes that move are the TP groups'
+  dim-1 assemblies, as in the TP row; the pipeline adds the stages' descriptions exchanged inside each pipeline
+  group (checkpoint/pipeline.py, not priced here: about the model's description, ~1.5 MB at 70B). Writes are even (1.01):
+  FSDP2 cuts a 6,656-row TP block of the FFN over 128 ranks (52 rows each), where without PP it cut it over
+  2,048 and left the last ranks without rows (the 1.28 above).
 - **Building the manager** (`checkpoint/agreement.py`) costs each rank one pass over the parameters it holds as
   replicas (DDP and ZeRO-0/1/2's model weights; under FSDP2 and ZeRO-3 there are none): exact sums of their
   bits on their own device, about 17 bytes of memory traffic per byte of weights, so about half a second for the
