@@ -212,3 +212,32 @@ def test_recipe_launch_scripts_check_the_layout_against_the_nodes_before_launchi
     # the recipe's own node count passes the check and reaches the launcher choice
     ok = subprocess.run(["bash", "launch/llama_405b_3d.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert ok.returncode == 2 and "LAUNCHER=none: slurm, torchrun or deepspeed" in ok.stderr, ok.stderr
+
+
+@pytest.mark.slow  # the default suite runs both layouts' build, save and same-layout resume above
+def test_a_pipeline_checkpoint_resumes_on_hsdp_with_tensor_parallelism(tmp_path):
+    """pp 2 x dp 2 saves at update 4; HSDP 2 x TP 2 resumes it (another mesh: the manager reads each rank's boxes)
+    and trains the same updates 5-8 as the pipeline did, to float rounding (reductions differ by layout)."""
+    quick = ["--total-steps", "8", "--save-every", "4", *QUICK]
+    pp = tmp_path / "pp"
+    _run(torchrun(4, "--config", "configs/tiny_cpu_pp2_dp2.yaml", "--run-dir", str(pp), *quick))
+    other = tmp_path / "hsdp"
+    ckpt = pp / "checkpoints" / "step-000000004-periodic"
+    res = _run(
+        torchrun(
+            4,
+            "--config",
+            "configs/tiny_cpu_tp2_dp2.yaml",
+            "--run-dir",
+            str(other),
+            "--resume",
+            str(ckpt),
+            *quick,
+            "parallel.dp_replicate=2",
+            "parallel.dp_shard=1",
+        )
+    )
+    assert "resumed" in res.stderr
+    a, b = _losses(pp), _losses(other)
+    assert sorted(b) == [5, 6, 7, 8]
+    assert all(b[p] == pytest.approx(a[p], rel=1e-5) for p in b), (a, b)
