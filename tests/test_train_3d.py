@@ -55,6 +55,7 @@ def _killed_and_resumed(tmp_path: Path, config: str, *extra: str) -> tuple[Path,
     return run_dir, before, res.stderr
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("config", ["tiny_cpu_tp2_dp2.yaml", "tiny_cpu_pp2_dp2.yaml"])
 def test_4_process_config_saves_is_killed_and_resumes_exactly(tmp_path, config):
     """tp 2 x dp 2 (torchtitan's plan, sequence parallel, FSDP2) and pp 2 x dp 2 (two stages under the full
@@ -214,6 +215,7 @@ def test_recipe_launch_scripts_check_the_layout_against_the_nodes_before_launchi
     assert ok.returncode == 2 and "LAUNCHER=none: slurm, torchrun or deepspeed" in ok.stderr, ok.stderr
 
 
+@pytest.mark.distributed
 @pytest.mark.slow  # the default suite runs both layouts' build, save and same-layout resume above
 def test_a_pipeline_checkpoint_resumes_on_hsdp_with_tensor_parallelism(tmp_path):
     """pp 2 x dp 2 saves at update 4; HSDP 2 x TP 2 resumes it (another mesh: the manager reads each rank's boxes)

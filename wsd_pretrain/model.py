@@ -213,6 +213,8 @@ class LlamaLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.seq_shards = 1
+        """Slices of the sequence a pipeline stage's input is cut in (tensor/sequence parallelism: tp), else 1."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -244,7 +246,9 @@ class LlamaLM(nn.Module):
         # a pipeline stage (parallel.py) keeps only its own parts: no embedding after the first stage (its input is
         # the previous stage's hidden states), no final norm and output layer before the last (it returns them)
         x = self.model.embed_tokens(tokens) if self.model.embed_tokens is not None else tokens
-        cos, sin = self._rope(tokens.size(1), x.device, x.dtype)
+        # a later stage under sequence parallelism receives its rank's slice of the sequence (seq_shards of them);
+        # attention gathers the whole sequence, which the rotary tables must cover
+        cos, sin = self._rope(tokens.size(1) * self.seq_shards, x.device, x.dtype)
         layers = self.model.layers
         for layer in layers.values() if isinstance(layers, nn.ModuleDict) else layers:
             x = layer(x, cos, sin)

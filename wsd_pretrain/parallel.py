@@ -275,6 +275,8 @@ def apply_tp(module: torch.nn.Module, tp_mesh: Any) -> None:
     plan: dict[str, Any] = {}
     if module.model.embed_tokens is not None:
         plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    else:  # a later pipeline stage: its input is the previous stage's residual stream, this rank's sequence slice
+        module.seq_shards = tp_mesh.size()
     if module.model.norm is not None:
         plan["model.norm"] = SequenceParallel()
         plan["lm_head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
