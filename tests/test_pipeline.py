@@ -18,6 +18,7 @@ import torch
 from distributed_helpers import run_distributed
 
 VOCAB, DIM, LAYERS = 24, 8, 4
+KINDS = ("gpipe", "1f1b", "interleaved", "tied", "fsdp")
 
 
 class Block(torch.nn.Module):
@@ -157,24 +158,25 @@ def _pp2(rank, world, root):
     from wsd_pretrain.checkpoint.tools import verify_checkpoint_files
 
     out = {}
-    for kind in ("gpipe", "1f1b", "interleaved", "tied"):
-        stages, mods, opt, sched, step, pipeline = build(kind)
+    for kind in KINDS:
+        make = build_fsdp if kind == "fsdp" else (lambda seed=0, kind=kind: build(kind, seed))
+        stages, mods, opt, sched, step, pipeline = make()
         mgr = _manager(Path(root) / kind, stages, opt, sched, pipeline)
         for i in range(3):
             step(i)
         path = mgr.save(["periodic"])
         names = pipeline.names
-        saved = state(mods, opt, names)
+        saved = _full_state(mods, opt, names)
         save_file(saved, str(Path(root) / f"{kind}-r{rank}.safetensors"))
         losses = [step(i) for i in range(3, 5)]
-        after = state(mods, opt, names)
+        after = _full_state(mods, opt, names)
         mgr.close()
-        stages, mods, opt, sched, step, pipeline = build(kind, seed=7)
+        stages, mods, opt, sched, step, pipeline = make(seed=7)
         mgr = _manager(Path(root) / kind, stages, opt, sched, pipeline)
         assert mgr.resume(path)
-        restored = state(mods, opt, names)
+        restored = _full_state(mods, opt, names)
         again = [step(i) for i in range(3, 5)]
-        resumed = state(mods, opt, names)
+        resumed = _full_state(mods, opt, names)
         mgr.close()
         out[kind] = {
             "path": str(path),
@@ -183,7 +185,64 @@ def _pp2(rank, world, root):
             "losses": [losses, again],
             "problems": verify_checkpoint_files(path) if rank == 0 else [],
         }
+    out["hf"] = _hf_stages(rank, root)
+    # stages renumbered from 0 without their name map: the same names on both ranks, refused when the manager is
+    # built, on every rank, before anything is written
+    from wsd_pretrain.checkpoint import CheckpointError, Pipeline
+
+    stages, mods, opt, sched, step, _ = build("1f1b")
+    try:
+        _manager(Path(root) / "no-map", stages, opt, sched, Pipeline()).close()
+        out["refused"] = None
+    except CheckpointError as exc:
+        out["refused"] = str(exc)
+    out["no-map-left"] = sorted(p.name for p in (Path(root) / "no-map").glob("checkpoints/*"))
     return out
+
+
+def _hf_stages(rank: int, root: str) -> list[str]:
+    """A Hugging Face Llama (embedding tied to the output) cut into 2 stages as a user of HF models does: each
+    stage keeps its slice of ``model.layers`` (a ModuleList: renumbered from 0, hence the name map), the first the
+    embedding, the last the norm and the tied output. The committed folder loads with ``from_pretrained`` into the
+    whole model with the stages' values. Returns the names whose values differ (rank 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from wsd_pretrain import WSDSchedule, WSDScheduler
+    from wsd_pretrain.checkpoint import Pipeline
+
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    full = LlamaForCausalLM(config)
+    stage = copy.deepcopy(full)
+    keep = [0, 1] if rank == 0 else [2, 3]
+    stage.model.layers = torch.nn.ModuleList([stage.model.layers[i] for i in keep])
+    if rank == 0:
+        stage.model.norm = None
+        stage.lm_head = None
+    else:
+        stage.model.embed_tokens = None
+    offset = keep[0]
+    names = lambda n: re.sub(r"^model\.layers\.(\d+)\.", lambda g: f"model.layers.{int(g.group(1)) + offset}.", n)
+    opt = torch.optim.AdamW(stage.parameters(), lr=1e-3)
+    sched = WSDScheduler(opt, WSDSchedule(total=10, warmup=1))
+    pipeline = Pipeline(names=names, tied={"lm_head.weight": "model.embed_tokens.weight"})
+    from wsd_pretrain.checkpoint import CheckpointConfig, CheckpointManager
+
+    mgr = CheckpointManager(
+        Path(root) / "hf", [stage], opt, sched, config=CheckpointConfig(at_milestones=False, at_end=False,
+        on_preemption=False), hf_config=config.to_dict(), pipeline=pipeline,
+    )  # fmt: skip
+    path = mgr.save(["periodic"])
+    mgr.close()
+    if rank != 0:
+        return []
+    loaded = LlamaForCausalLM.from_pretrained(str(path))
+    want = full.state_dict()
+    got = loaded.state_dict()
+    return sorted(n for n in want if n not in got or not torch.equal(want[n], got[n])) + sorted(set(got) - set(want))
 
 
 def _plain_resume(path: str, tie: bool, root: Path) -> dict[str, torch.Tensor]:
@@ -208,7 +267,13 @@ def test_pipeline_stages_save_as_one_model_and_resume_on_any_layout(tmp_path):
     from safetensors.torch import load_file
 
     results = run_distributed(_pp2, world_size=2, args=(str(tmp_path),), timeout=600)
-    for kind in ("gpipe", "1f1b", "interleaved", "tied"):
+    assert results[0]["hf"] == [], results[0]["hf"]
+    refused = {r["refused"] for r in results}
+    assert len(refused) == 1 and None not in refused, refused
+    (text,) = refused
+    assert "stages 0 and 1 both hold model tensor 'layers.0.lin.weight'" in text, text
+    assert "Pipeline(group, names=...)" in text and results[0]["no-map-left"] == []
+    for kind in KINDS:
         for r in results:
             got = r[kind]
             assert got["restored"] == [], (kind, got)
@@ -241,3 +306,216 @@ def test_pipeline_stages_save_as_one_model_and_resume_on_any_layout(tmp_path):
             assert torch.equal(t, saved[n]), (kind, n)
         tied_copy = {n for n in saved if n.startswith("lm_head.weight")} if kind == "tied" else set()
         assert set(plain) == set(saved) - tied_copy, (kind, sorted(set(plain) ^ set(saved)))
+
+
+def _full_state(mods, opt, names=None) -> dict[str, torch.Tensor]:
+    """:func:`state` with FSDP2's shards put together (collective over each stage's dp ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    got = state(mods, opt, names)
+    return {n: t.full_tensor() if isinstance(t, DTensor) else t for n, t in got.items()}
+
+
+def build_fsdp(seed: int = 0):
+    """pp 2 x dp (world / 2): each stage FSDP2-sharded over its dp ranks, GPipe, torchtitan names."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    from wsd_pretrain import WSDSchedule, WSDScheduler
+    from wsd_pretrain.checkpoint import Pipeline
+
+    mesh = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("pp", "dp"))
+    pp, dp = mesh.get_local_rank("pp"), mesh.get_local_rank("dp")
+    torch.manual_seed(seed)
+    m = stage_module(Tiny(), pp, 2)
+    fully_shard(m, mesh=mesh["dp"])
+    stage = PipelineStage(m, pp, 2, torch.device("cpu"), group=mesh["pp"].get_group())
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = WSDScheduler(opt, WSDSchedule(total=40, warmup=2))
+    schedule = ScheduleGPipe(stage, n_microbatches=2, loss_fn=_loss)
+
+    def step(i: int) -> float:
+        x, y = _batch(10 * i + dp)
+        losses: list[torch.Tensor] = []
+        if pp == 0:
+            schedule.step(x)
+        else:
+            schedule.step(target=y, losses=losses)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        return float(sum(float(v) for v in losses))
+
+    return [stage], [m], opt, sched, step, Pipeline(group=mesh["pp"])
+
+
+def _pp2_dp2(rank, world, root):
+    from safetensors.torch import save_file
+
+    from wsd_pretrain.checkpoint.tools import verify_checkpoint_files
+
+    stages, mods, opt, sched, step, pipeline = build_fsdp()
+    mgr = _manager(Path(root) / "run", stages, opt, sched, pipeline)
+    for i in range(3):
+        step(i)
+    path = mgr.save(["periodic"])
+    saved = _full_state(mods, opt)
+    if rank in (0, 2):
+        save_file(saved, str(Path(root) / f"fsdp-r{rank}.safetensors"))
+    losses = [step(i) for i in range(3, 5)]
+    after = _full_state(mods, opt)
+    mgr.close()
+    stages, mods, opt, sched, step, pipeline = build_fsdp(seed=5)
+    mgr = _manager(Path(root) / "run", stages, opt, sched, pipeline)
+    assert mgr.resume(path)
+    restored = _full_state(mods, opt)
+    again = [step(i) for i in range(3, 5)]
+    resumed = _full_state(mods, opt)
+    mgr.close()
+    index = json.loads((Path(path) / "train_state" / "state.index.json").read_text())
+    return {
+        "path": str(path),
+        "restored": sorted(n for n in saved if not torch.equal(saved[n], restored[n])),
+        "continued": sorted(n for n in after if not torch.equal(after[n], resumed[n])),
+        "losses": [losses, again],
+        "problems": verify_checkpoint_files(path) if rank == 0 else [],
+        "partition": index["tensors"]["optimizer/layers.2.lin.weight/exp_avg"]["partition"],
+    }
+
+
+def _dp2_resume(rank, world, path, root):
+    """pp 1 x dp 2: the whole model FSDP2-sharded over two ranks resumes the pp 2 x dp 2 checkpoint."""
+    from torch.distributed.fsdp import fully_shard
+
+    from wsd_pretrain import WSDSchedule, WSDScheduler
+
+    torch.manual_seed(9)
+    model = Tiny()
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = WSDScheduler(opt, WSDSchedule(total=40, warmup=2))
+    from wsd_pretrain.checkpoint import CheckpointConfig, CheckpointManager
+
+    config = CheckpointConfig(at_milestones=False, at_end=False, on_preemption=False)
+    mgr = CheckpointManager(Path(root) / "dp2", model, opt, sched, config=config)
+    assert mgr.resume(path)
+    got = _full_state([model], opt)
+    mgr.close()
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        save_file(got, str(Path(root) / "dp2.safetensors"))
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pp2_dp2_fsdp2_resumes_bitwise_and_on_other_layouts(tmp_path):
+    from safetensors.torch import load_file
+
+    results = run_distributed(_pp2_dp2, world_size=4, args=(str(tmp_path),), timeout=900)
+    for r in results:
+        assert r["restored"] == [] and r["continued"] == [], r
+    assert results[2]["losses"][0] == results[2]["losses"][1]
+    assert results[0]["problems"] == []
+    # stage 1's optimizer state: FSDP2 rows of its dp ranks 2 and 3 (global ranks of the stage's sub-mesh)
+    assert results[0]["partition"] == {"chunk": 32, "ranks": [2, 3]}, results[0]["partition"]
+    saved = {**load_file(str(tmp_path / "fsdp-r0.safetensors")), **load_file(str(tmp_path / "fsdp-r2.safetensors"))}
+    path = results[0]["path"]
+    plain = _plain_resume(path, False, tmp_path / "plain")
+    assert set(plain) == set(saved) and all(torch.equal(plain[n], saved[n]) for n in saved)
+    run_distributed(_dp2_resume, world_size=2, args=(path, str(tmp_path)), timeout=600)
+    dp2 = load_file(str(tmp_path / "dp2.safetensors"))
+    assert set(dp2) == set(saved) and all(torch.equal(dp2[n], saved[n]) for n in saved)
+
+
+def build_tp(seed: int = 0):
+    """pp 2 x tp 2 on 4 ranks: each stage's Linear layers column-parallel on its tp ranks (outputs replicated), the
+    embedding a plain replica of the tp ranks, 1F1B, torchtitan names."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from wsd_pretrain import WSDSchedule, WSDScheduler
+    from wsd_pretrain.checkpoint import Pipeline
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
+    pp = mesh.get_local_rank("pp")
+    torch.manual_seed(seed)
+    m = stage_module(Tiny(), pp, 2)
+    plan = {f"layers.{k}.lin": ColwiseParallel(output_layouts=Replicate()) for k in m.layers.keys()}
+    if m.lm_head is not None:
+        plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+    parallelize_module(m, mesh["tp"], plan)
+    stage = PipelineStage(m, pp, 2, torch.device("cpu"), group=mesh["pp"].get_group())
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = WSDScheduler(opt, WSDSchedule(total=40, warmup=2))
+    schedule = Schedule1F1B(stage, n_microbatches=2, loss_fn=_loss)
+
+    def step(i: int) -> float:
+        x, y = _batch(i)
+        losses: list[torch.Tensor] = []
+        if pp == 0:
+            schedule.step(x)
+        else:
+            schedule.step(target=y, losses=losses)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        return float(sum(float(v) for v in losses))
+
+    return [stage], [m], opt, sched, step, Pipeline(group=mesh["pp"])
+
+
+def _pp2_tp2(rank, world, root):
+    from safetensors.torch import save_file
+
+    from wsd_pretrain.checkpoint.tools import verify_checkpoint_files
+
+    stages, mods, opt, sched, step, pipeline = build_tp()
+    mgr = _manager(Path(root) / "run", stages, opt, sched, pipeline)
+    for i in range(3):
+        step(i)
+    path = mgr.save(["periodic"])
+    saved = _full_state(mods, opt)
+    if rank in (0, 2):
+        save_file(saved, str(Path(root) / f"tp-r{rank}.safetensors"))
+    losses = [step(i) for i in range(3, 5)]
+    after = _full_state(mods, opt)
+    mgr.close()
+    stages, mods, opt, sched, step, pipeline = build_tp(seed=5)
+    mgr = _manager(Path(root) / "run", stages, opt, sched, pipeline)
+    assert mgr.resume(path)
+    restored = _full_state(mods, opt)
+    again = [step(i) for i in range(3, 5)]
+    resumed = _full_state(mods, opt)
+    mgr.close()
+    index = json.loads((Path(path) / "train_state" / "state.index.json").read_text())
+    return {
+        "path": str(path),
+        "restored": sorted(n for n in saved if not torch.equal(saved[n], restored[n])),
+        "continued": sorted(n for n in after if not torch.equal(after[n], resumed[n])),
+        "losses": [losses, again],
+        "problems": verify_checkpoint_files(path) if rank == 0 else [],
+        "partition": index["tensors"]["optimizer/layers.2.lin.weight/exp_avg"]["partition"],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pp2_tp2_resumes_bitwise_and_in_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    results = run_distributed(_pp2_tp2, world_size=4, args=(str(tmp_path),), timeout=900)
+    for r in results:
+        assert r["restored"] == [] and r["continued"] == [], r
+    assert results[2]["losses"][0] == results[2]["losses"][1]
+    assert results[0]["problems"] == []
+    # stage 1's column-parallel weight: a grid on its tp sub-mesh, global ranks 2 and 3
+    assert results[0]["partition"] == {"grid": {"mesh": [2], "dims": [[0], []], "ranks": [2, 3]}}, results[0]
+    saved = {**load_file(str(tmp_path / "tp-r0.safetensors")), **load_file(str(tmp_path / "tp-r2.safetensors"))}
+    plain = _plain_resume(results[0]["path"], False, tmp_path / "plain")
+    assert set(plain) == set(saved) and all(torch.equal(plain[n], saved[n]) for n in saved)

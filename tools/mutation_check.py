@@ -62,6 +62,8 @@ T_AUTOTP = (
 T_TP_FSDP2 = "tests/test_tensor_parallel.py::test_fsdp2_tp_resumes_bitwise_and_loads_into_every_layout_as_dcp_does"
 T_RANGES = "tests/test_range_writes.py::test_ddp_replicated_weights_are_written_a_range_per_rank_and_resumed_reading_each_byte_once"
 
+T_PIPELINE = "tests/test_pipeline.py::test_pipeline_stages_save_as_one_model_and_resume_on_any_layout"
+
 MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ shapes and the schedule
     M(
@@ -864,6 +866,36 @@ MUTATIONS: list[Mutation] = [
         'values[f"lr/{kind}"] = float(record["lr"]) * 0.5',
         ("tests/test_tracking.py::test_tensorboard_events_hold_the_metrics_the_schedule_and_the_checkpoints",),
         "the pre-decay and post-decay markers are off the LR curve",
+    ),
+    # ------------------------------------------------------------------ pipeline-parallel stages (pipeline.py)
+    M(
+        "pipeline-union-own-stages",
+        "wsd_pretrain/checkpoint/pipeline.py",
+        'stages = sorted((st for e in everyone for st in e["stages"]), key=lambda st: st["stage"])',
+        'stages = sorted((st for e in everyone[self.pp_pos : self.pp_pos + 1] for st in e["stages"]), key=lambda st: st["stage"])',
+        (T_PIPELINE,),
+        "each rank plans from its own stages only: the issue's bug (stage 0's weights alone in the model folder), "
+        "now refused at build by the digest agreement instead of saving the pipeline",
+    ),
+    M(
+        "pipeline-union-first-stage",
+        "wsd_pretrain/checkpoint/pipeline.py",
+        """                values.setdefault(name, fp)
+        missing =""",
+        """                values.setdefault(name, fp)
+            break  # (mutation) the union stops after the first stage
+        missing =""",
+        (T_PIPELINE,),
+        "every rank agrees on a union of the first stage alone: a stage-only model folder is committed",
+    ),
+    M(
+        "pipeline-tied-restore-owner-only",
+        "wsd_pretrain/checkpoint/pipeline.py",
+        "local_saved = {n: saved[self.source(g)] for n, g in names.items() if self.source(g) in saved}",
+        "local_saved = {n: saved[self.source(g)] for n, g in names.items() if g in saved}",
+        (T_PIPELINE,),
+        "a tied weight's copy on the last stage (the output projection) gets its weight back but not its optimizer "
+        "state: training after a resume differs from training straight on",
     ),
 ]
 

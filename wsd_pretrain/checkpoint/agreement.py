@@ -19,6 +19,12 @@ optimizer state. So when the manager is built (and again when each save is plann
    :class:`~wsd_pretrain.errors.CheckpointError` on every rank, naming what differs and the fix. No rank is left
    waiting: a rank whose description failed still takes part in every collective of the agreement.
 
+**Pipeline stages** (:mod:`.pipeline`, the manager's ``pipeline=``) hold different tensors on purpose: before
+describing, the stages' descriptions are exchanged inside each pipeline group (one all-gather there: about the
+whole model's description per rank, whatever the world size) and every rank describes the union; the digest
+all-reduce above then checks that every pipeline group (one per data-/tensor-parallel coordinate) built the same
+union with the same replicated values. Without ``pipeline=`` such a job is refused here, naming that fix.
+
 Cost at build: one pass over the local replicated parameters on their own device (exact sums of their bits, see
 :func:`fingerprints`; to the host go 16 bytes per chunk of 2-8 MB), and hashing the items' descriptions (kilobytes).
 FSDP2 and ZeRO-3 hold no replicated parameters; DDP and ZeRO-0/1/2 pay about 17 bytes of memory traffic per byte
