@@ -226,11 +226,15 @@ def test_bench_scale(smoke):
 def test_scale_report(smoke):
     text = _ok(smoke, "scale_report").read_text()
     (table, tools) = _tables(text)
-    assert [r[0] for r in table[1:]] == ["fsdp2", "zero3", "zero2", "fsdp2 + TP 8 (dp 1)"]
+    assert [r[0] for r in table[1:]] == ["fsdp2", "zero3", "zero2", "fsdp2 + TP 8 (dp 1)", "fsdp2 + TP 2 + PP 2 (dp 2)"]
     moved = {r[0]: float(re.search(r"\(([\d.]+)x the model\)", r[2]).group(1)) for r in table[1:]}
     # partitioned weights are written in place by their holders; under TP only the dim-1 shards move, once
     assert moved["zero2"] < 0.05 and moved["fsdp2"] < 0.05 and moved["zero3"] < 0.05
     assert 0.1 < moved["fsdp2 + TP 8 (dp 1)"] <= 0.5
+    # pipeline stages move nothing more than their TP groups' dim-1 shards, and each stage's ranks write their rows
+    assert 0.05 < moved["fsdp2 + TP 2 + PP 2 (dp 2)"] <= 0.5
+    pp_row = table[-1]
+    assert float(re.search(r"\(([\d.]+)\)", pp_row[3]).group(1)) < 1.25, pp_row
     assert "torch.distributed.checkpoint (`dcp.save`)" in {r[0] for r in tools}
 
 
