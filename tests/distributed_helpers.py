@@ -219,6 +219,53 @@ def _script_main(path: str, argv: Sequence[str], cwd: str, env: dict[str, str], 
     os._exit(code)
 
 
+class ScriptProcess:
+    """A script started by :func:`start_script`, seen as a ``subprocess.Popen`` (poll, wait, send_signal, kill)."""
+
+    def __init__(self, proc: Any, tmp: str) -> None:
+        self.proc, self.pid, self.tmp = proc, proc.pid, tmp
+        self.stdout_path, self.stderr_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.exitcode
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+        return self.proc.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
+def start_script(
+    path: str | os.PathLike[str],
+    args: Sequence[str],
+    cwd: str | os.PathLike[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> ScriptProcess:
+    """Start ``python path *args`` as :func:`run_script` does, without waiting for it; its output goes to files in a
+    temporary folder of its own (``stdout_path``, ``stderr_path``; removed with the test's temporary files)."""
+    tmp = tempfile.mkdtemp(prefix="wsd-script-")
+    cwd = os.getcwd() if cwd is None else cwd
+    env = dict(os.environ) if env is None else env
+    out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+    p = _context().Process(target=_script_main, args=(str(path), list(args), str(cwd), dict(env), out, err))
+    p.start()
+    return ScriptProcess(p, tmp)
+
+
 def run_script(
     path: str | os.PathLike[str], args: Sequence[str], cwd: str | os.PathLike[str], env: dict[str, str], timeout: float
 ) -> Any:
@@ -228,17 +275,18 @@ def run_script(
     script's environment is ``env`` (variables the server read when it imported torch and DeepSpeed are fixed:
     ``OMP_NUM_THREADS=1``, ``DS_ACCELERATOR=cpu``). Returns a ``subprocess.CompletedProcess`` with its exit code
     and output; a run past ``timeout`` seconds is killed and raises ``subprocess.TimeoutExpired``."""
+    import shutil
     import subprocess
 
-    ctx = _context()
-    with tempfile.TemporaryDirectory() as tmp:
-        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-        p = ctx.Process(target=_script_main, args=(str(path), list(args), str(cwd), dict(env), out, err))
-        p.start()
-        p.join(timeout)
-        if p.exitcode is None:
-            p.kill()
-            p.join(5)
-            raise subprocess.TimeoutExpired([str(path), *args], timeout)
+    proc = start_script(path, args, cwd, env)
+    try:
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.proc.join(5)
+            raise subprocess.TimeoutExpired([str(path), *args], timeout) from None
         read = lambda f: Path(f).read_text(errors="replace") if os.path.exists(f) else ""
-        return subprocess.CompletedProcess([str(path), *args], p.exitcode, read(out), read(err))
+        return subprocess.CompletedProcess([str(path), *args], code, read(proc.stdout_path), read(proc.stderr_path))
+    finally:
+        shutil.rmtree(proc.tmp, ignore_errors=True)
