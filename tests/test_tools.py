@@ -1,7 +1,10 @@
 """Every script in tools/ runs, at a tiny size, the way a user starts it (``python tools/<script>.py ...``), and writes
 what it should: the benchmarks their sections (to a file of the test's, never docs/), the schedule comparison its
 report and plots, the checkpoint scripts their outputs, the mutation check its verdicts. The scripts run two at a
-time in one fixture; each test checks one script's result. (``tools/from_deepspeed.py`` runs in
+time in one fixture; each test checks one script's result. Each runs as ``__main__`` (runpy, as the interpreter runs
+a script) in a process forked from the session's fork server (tests/distributed_helpers.py ``run_script``), which
+imported torch, DeepSpeed and transformers once, instead of twelve fresh interpreters importing them again; the
+processes the scripts start themselves are fresh interpreters, as before. (``tools/from_deepspeed.py`` runs in
 tests/test_checkpoint_tools.py, beside a real DeepSpeed checkpoint; ``tools/reliability.py`` in
 tests/test_reliability.py.)"""
 
@@ -19,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from distributed_helpers import _context, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "tools"
@@ -109,9 +114,9 @@ def smoke(tmp_path_factory):
         args, out = jobs[name]
         if name.startswith(("bench_", "compare_", "scale_")):
             args = [*args, "--out", str(out)]
-        cmd = [sys.executable, str(TOOLS / f"{name}.py"), *args]
-        return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+        return run_script(TOOLS / f"{name}.py", args, cwd=tmp, env=env, timeout=600)
 
+    _context()  # the fork server, started once before the two threads use it
     with ThreadPoolExecutor(2) as pool:  # the scripts are mostly one thread each: two at a time on two cores
         done = dict(zip(jobs, pool.map(run, jobs)))
     results = {name: (done[name], jobs[name][1]) for name in jobs}
