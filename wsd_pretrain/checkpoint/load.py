@@ -316,7 +316,8 @@ def _prefetch(
             reader.get(Want("buffer", bname), described)
 
     needs = store.record(walk)
-    kept, problems = source.prefetch(needs, source.share(D.get_rank(), D.get_world_size()), READ_ONCE_BYTES)
+    source.rank, source.world = D.get_rank(), D.get_world_size()
+    kept, problems = source.prefetch(needs, source.share(source.rank, source.world), READ_ONCE_BYTES)
     if problems:
         return [f"{source.url} failed verification: " + "; ".join(problems)]
     store.keep(kept)

@@ -782,8 +782,8 @@ class CheckpointManager:
         """A run on object storage: checkpoint ``name`` when the staging run lacks it. Read in place (returned: a
         :class:`.objread.RemoteCheckpoint` for :meth:`load`): rank 0 reads and checks the bucket's manifest and
         sends it to every rank, which then fetches only the byte ranges its restore needs and its verification
-        share, with ranged GETs (:mod:`.objread`). A checkpoint with range-written files (format 3's per-holder
-        checksums) or a ``write_mode: rank0`` job is brought into the staging run instead: rank 0 opens a staging
+        share, with ranged GETs (:mod:`.objread`). A ``write_mode: rank0`` job (rank 0 reads everything) brings it
+        into the staging run instead: rank 0 opens a staging
         folder with the bucket's manifest; every rank downloads its share (verified on the way); one agreement;
         rank 0 checks the range-written files and commits the local copy. Every rank raises together if any step
         fails. None: the staging run has it (or the run is local)."""

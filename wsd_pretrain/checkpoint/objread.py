@@ -56,8 +56,9 @@ class RemoteCheckpoint:
         """While set: the reads a rank's restore makes, recorded instead of fetched (the planning pass)."""
         self.bytes_fetched = 0
         self.gets = 0
+        self.rank, self.world = 0, 1  # set by the load: whose share this rank verifies
         self._headers: dict[str, SafetensorsHeader] = {}
-        self._heads: dict[str, bytes] = {}  # each file's first bytes, fetched with its header: served from
+        self._heads: dict[str, bytearray] = {}  # each file's first bytes, fetched with its header: served from
         self._lock = threading.Lock()
 
     def _rec(self, rel: str) -> dict[str, Any]:
@@ -117,65 +118,81 @@ class RemoteCheckpoint:
         if 8 + n > len(head):
             head += self.get_range(rel, len(head), 8 + n - len(head))
         header = self._headers[rel] = parse_header(where, head[8 : 8 + n], size)
-        self._heads[rel] = head
+        self._heads[rel] = bytearray(head)  # writable: the restore may view it as a tensor
         return header
 
-    def share(self, rank: int, world: int) -> list[str]:
-        """The safetensors files this rank verifies: those rank ``r mod world`` wrote (the local split)."""
-        return sorted(
-            rel
-            for i, (rel, rec) in enumerate(sorted(self.manifest["files"].items()))
-            if rel.endswith(".safetensors") and int(rec.get("rank", i)) % world == rank
-        )
+    def share(self, rank: int, world: int) -> list[tuple[str, list[tuple[str, int, int]], str, int | None]]:
+        """The checksummed units this rank verifies, the local split (:func:`.load._verify_problems`): the files
+        rank ``r mod world`` wrote (of a range-written file, its owner's bytes: header and own tensors) and the
+        ranges holder ``h mod world`` wrote. Each: ``(what, [(file, offset, bytes)], checksum, bytes or None)``."""
+        from . import format as F
+
+        units: list[tuple[str, list[tuple[str, int, int]], str, int | None]] = []
+        ranges = self.manifest.get("ranges") or {}
+        for i, (rel, rec) in enumerate(sorted(self.manifest["files"].items())):
+            if not rel.endswith(".safetensors") or int(rec.get("rank", i)) % world != rank:
+                continue
+            if rec.get("ranged"):
+                pieces = F.owner_pieces(self.header(rel), ranges.get("tensors", {}))
+                units.append((f"{rel} (its owner's bytes)", [(rel, o, n) for o, n in pieces], rec["hash"], None))
+            else:
+                units.append((rel, [(rel, 0, int(rec["size"]))], rec["hash"], int(rec["size"])))
+        mine = [int(h) for h in ranges.get("holders", {}) if int(h) % world == rank]
+        if mine:
+            pieces = F.holder_pieces(self.url, self.manifest, mine, header_of=self.header)
+            for h in mine:
+                rec = ranges["holders"][str(h)]
+                units.append((f"the ranges rank {h} wrote", pieces[h], rec["hash"], int(rec["bytes"])))
+        return units
 
     def prefetch(
-        self, needs: list[tuple[str, int, int]], share: list[str], budget: int
+        self, needs: list[tuple[str, int, int]], units: list[Any], budget: int
     ) -> tuple[dict[str, list[tuple[int, Any]]], list[str]]:
-        """Fetch the ranges ``needs`` (``(file, offset, bytes)``, merged per file) and the whole files ``share``
-        (checksummed), ranged GETs of at most :data:`PIECE` bytes, :data:`THREADS` in flight. Returns the fetched
-        ranges ``{file: [(offset, bytes)]}`` for the restore (up to ``budget`` bytes; past it, the rest is fetched
-        when read) and the problems found."""
+        """Fetch the ranges ``needs`` (``(file, offset, bytes)``) and the checksummed ``units`` (:meth:`share`),
+        every file's ranges merged (adjacent and overlapping ones coalesced into one), with ranged GETs of at most
+        :data:`PIECE` bytes, :data:`THREADS` in flight; then check each unit's checksum over its bytes. Returns
+        the fetched ranges ``{file: [(offset, bytes)]}`` for the restore (up to ``budget`` bytes; past it, the rest
+        is fetched when read, and a unit beyond it is hashed as it streams) and the problems found."""
+        if self.verify != "checksum":
+            units = []
         spans: dict[str, list[tuple[int, int]]] = {}
-        for rel, off, n in needs:
+        for rel, off, n in needs + [p for u in units for p in u[1]]:
             if n > 0:
                 spans.setdefault(rel, []).append((off, off + n))
-        checked = set(share) if self.verify == "checksum" else set()
-        for rel in checked:
-            spans.setdefault(rel, []).append((0, int(self._rec(rel)["size"])))
         merged: list[tuple[str, int, int]] = []
         for rel, ss in sorted(spans.items()):
             ss.sort()
             lo, hi = ss[0]
             for a, b in ss[1:]:
-                if a <= hi:  # adjacent or overlapping: one range
+                if a <= hi:  # adjacent or overlapping: one range, one buffer
                     hi = max(hi, b)
                 else:
                     merged.append((rel, lo, hi))
                     lo, hi = a, b
             merged.append((rel, lo, hi))
         problems: list[str] = []
-        if self.verify == "size":  # the share's sizes, one HEAD each
-            for rel in share:
-                head = self.store.head(safe_key(self.url, rel, "manifest"))
-                if head is None or head["size"] != self._rec(rel)["size"]:
-                    problems.append(
-                        f"{rel}: {'missing' if head is None else head['size']} bytes, manifest {self._rec(rel)['size']}"
-                    )
+        if self.verify == "size":  # sizes only: one HEAD per file of this rank's share
+            for rel, rec in sorted(self.manifest["files"].items()):
+                if rel.endswith(".safetensors") and int(rec.get("rank", 0)) % max(1, self.world) == self.rank:
+                    head = self.store.head(safe_key(self.url, rel, "manifest"))
+                    if head is None or head["size"] != rec["size"]:
+                        got = "missing" if head is None else f"{head['size']} bytes"
+                        problems.append(f"{rel}: {got}, the manifest says {rec['size']} bytes")
         kept: dict[str, list[tuple[int, Any]]] = {}
-        total, jobs, streamed = 0, [], []
+        total, jobs = 0, []
         for rel, lo, hi in merged:
-            if total + (hi - lo) > budget:
-                if rel in checked:
-                    streamed.append(rel)  # hashed as it streams, not kept
-                continue
             head = self._heads.get(rel, b"")
             if hi <= len(head):  # within the bytes fetched with the header: no request
                 kept.setdefault(rel, []).append((lo, memoryview(head)[lo:hi]))
                 continue
+            if total + (hi - lo) > budget:
+                continue  # read when needed (and a unit in it hashed as it streams)
             total += hi - lo
             buf = memoryview(torch.empty(hi - lo, dtype=torch.uint8).numpy())
             kept.setdefault(rel, []).append((lo, buf))
-            jobs += [(rel, lo + a, buf[a : min(a + PIECE, hi - lo)]) for a in range(0, hi - lo, PIECE)]
+            have = max(0, len(head) - lo)  # a range starting inside the header's bytes: those are not asked again
+            buf[:have] = head[lo : lo + have]
+            jobs += [(rel, lo + a, buf[a : min(a + PIECE, hi - lo)]) for a in range(have, hi - lo, PIECE)]
 
         def one(job: tuple[str, int, memoryview]) -> None:
             rel, at, view = job
@@ -183,28 +200,28 @@ class RemoteCheckpoint:
 
         algo = self.manifest["checksum"]
 
-        def hashed(rel: str) -> str | None:
-            digest, size = new_hasher(algo), int(self._rec(rel)["size"])
-            for at in range(0, size, PIECE):
-                digest.update(self.get_range(rel, at, min(PIECE, size - at)))
-            return None if digest.hexdigest() == self._rec(rel)["hash"] else f"{rel}: {algo} does not match"
+        def held(rel: str, off: int, n: int) -> Any:
+            for lo, buf in kept.get(rel, []):
+                if lo <= off and off + n <= lo + len(buf):
+                    return buf[off - lo : off - lo + n]
+            return b"".join(self.get_range(rel, a, min(PIECE, off + n - a)) for a in range(off, off + n, PIECE))
+
+        def check(unit: Any) -> str | None:
+            what, pieces, expected, nbytes = unit
+            digest, total = new_hasher(algo), 0
+            for rel, off, n in pieces:
+                digest.update(held(rel, off, n))
+                total += n
+            if digest.hexdigest() != expected or (nbytes is not None and total != nbytes):
+                return f"{what}: {total} bytes, {algo} {digest.hexdigest()[:12]}… do not match the manifest's"
+            return None
 
         with ThreadPoolExecutor(THREADS, thread_name_prefix="wsd-ranged-get") as pool:
             try:
                 list(pool.map(one, jobs))
-                problems += [p for p in pool.map(hashed, streamed) if p]
+                problems += [p for p in pool.map(check, units) if p]
             except (CheckpointError, FileNotFoundError) as exc:
                 return {}, [str(exc) if isinstance(exc, CheckpointError) else f"{exc}: missing"]
-        for rel in sorted(checked - set(streamed)):
-            size = int(self._rec(rel)["size"])
-            whole = [buf for lo, buf in kept.get(rel, []) if lo == 0 and len(buf) >= size]
-            digest = new_hasher(algo)
-            digest.update(whole[0][:size] if whole else b"")  # the share's files were fetched whole (one range)
-            if not whole or digest.hexdigest() != self._rec(rel)["hash"]:
-                problems.append(
-                    f"{rel}: {algo} {digest.hexdigest()[:12]}… does not match the manifest's "
-                    f"{self._rec(rel)['hash'][:12]}…"
-                )
         return kept, problems
 
 

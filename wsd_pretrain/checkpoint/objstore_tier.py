@@ -246,15 +246,12 @@ class RemoteTier:
 
     def open_remote(self, name: str, *, in_place: bool) -> dict[str, Any] | None:
         """Rank 0, before a resume loads ``name``: None when the staging run has it; ``{"manifest"}`` (the bucket's,
-        validated) when every rank reads it in place by ranged GETs (``in_place``, and no range-written file:
-        their checksums are per holder, checked on a local copy); else ``{"staging"}``: a staging folder for
-        :meth:`fetch_rank` and :meth:`end_fetch`."""
+        validated) when every rank reads it in place by ranged GETs (``in_place``); else ``{"staging"}``: a
+        staging folder for :meth:`fetch_rank` and :meth:`end_fetch` (``write_mode: rank0``)."""
         if (F.checkpoints_dir(self.staging) / name / F.MANIFEST).is_file():
             return None
         if in_place:
-            m, _, _ = objstore.load_manifest(store_for(self.url), self.url / F.CHECKPOINTS / name)
-            if not any(rec.get("ranged") for rec in m["files"].values()):
-                return {"manifest": m}
+            return {"manifest": objstore.load_manifest(store_for(self.url), self.url / F.CHECKPOINTS / name)[0]}
         staging = self.begin_fetch(name)
         return None if staging is None else {"staging": str(staging)}
 
