@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -208,6 +209,25 @@ def test_cp_list_inspect_verify_resume(trained, s3_server, tmp_path, capsys):
     assert f"BAD  {shard}: xxh3_128" in capsys.readouterr().out
     assert cli(["ckpt", "export-hf", url, str(tmp_path / "hf2")]) == 2
     assert "damaged" in capsys.readouterr().err
+    # a manager resuming in place from the bucket (ranged GETs, empty staging folder) refuses it before it restores
+    # anything; one whose staging folder holds the checkpoint reads it there (no ranged GET)
+    model3, opt3, sched3 = _job(seed=3)
+    before = [p.detach().clone() for p in model3.parameters()]
+    mgr3 = CheckpointManager(url, model3, opt3, sched3, config=CheckpointConfig(staging_dir=str(tmp_path / "st")))
+    with pytest.raises(CheckpointError, match=rf"failed verification: .*{re.escape(shard)}: \d+ bytes, xxh3_128"):
+        mgr3.resume("latest")
+    assert all(torch.equal(a, b) for a, b in zip(before, model3.parameters()))
+    assert not (tmp_path / "st" / "checkpoints").exists()
+    mgr3.close()
+    gets = []
+    real = storage.S3Store.get_range
+    storage.S3Store.get_range = lambda self, *a: gets.append(a) or real(self, *a)
+    try:
+        mgr3 = CheckpointManager(url, model3, opt3, sched3, config=CheckpointConfig(staging_dir=str(back)))
+        assert mgr3.resume("step-000000004-pre-decay") and sched3.position == 4 and gets == []
+        mgr3.close()
+    finally:
+        storage.S3Store.get_range = real
     store.put(key, b"short")
     assert objstore.list_run(parse_location(url))[1].state == "corrupt"
 
@@ -325,7 +345,8 @@ def _fsdp2_resume_in_place(url: str, staging: str, resumed: dict) -> dict:
     finally:
         storage.S3Store.get_range = real
         objread.HEADER_GUESS = 64 * 1024
-    same = all(torch.equal(p.full_tensor(), resumed[name]) for name, p in model.named_parameters() if name in resumed)
+    names = [name for name, _ in model.named_parameters()]
+    same = bool(names) and all(torch.equal(p.full_tensor(), resumed[n]) for n, p in model.named_parameters())
     return {
         "same": same,
         "fetched": fetched,

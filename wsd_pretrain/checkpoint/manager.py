@@ -253,6 +253,9 @@ class CheckpointManager:
         # ./s3:/ tree (storage.py)
         location = _storage.parse_location(run_dir)
         self._remote: Any = None
+        self.loaded_from: Path | None = None
+        """The checkpoint the last :meth:`load` restored (an s3:// run's: its path in the staging run, which a
+        resume read in place from the bucket never created)."""
         if isinstance(location, _storage.ObjectURL):
             if self.config.staging_dir is None:
                 raise ConfigError(
@@ -912,6 +915,7 @@ class CheckpointManager:
         if self.load_extra_state is not None and trainer.get("extra") is not None:
             self.load_extra_state(trainer["extra"])
         _log_rank0("loaded checkpoint %s (position %s)", Path(path).name, trainer.get("position"))
+        self.loaded_from = Path(path)
         self._step_guard.reset(self.scheduler)  # guards.py: the loaded position's saves are done, nothing re-fires
         if scheduler:
             _guards.warn_later_checkpoints(self.run_dir, self.scheduler.position)
