@@ -1,6 +1,7 @@
 """Checkpoint locations that are URLs (storage.py) and checkpoints on S3 (objstore.py, `wsd-pretrain ckpt cp`),
 against a real S3 server (moto's, on 127.0.0.1: the ``s3_server`` fixture): the manager on an s3:// run on 1 and 2
-gloo ranks (each rank uploading and fetching its own files, rank 0 committing after every rank reported), the
+gloo ranks (each rank uploading its own files, rank 0 committing after every rank reported; a resume reading
+in place from the bucket, FSDP2 on 2 ranks fetching only its ranges and its verification share), the
 lease, the Lightning integration, the tools. Without a staging folder the manager and the main job refuse an
 object-storage run directory on every rank, before anything is written (never a local ./s3:/ tree)."""
 
