@@ -717,8 +717,8 @@ MUTATIONS: list[Mutation] = [
     M(
         "snapshot-resumable",
         "wsd_pretrain/checkpoint/load.py",
-        '    if F.SNAPSHOT_KIND in manifest["kinds"]:',
-        "    if False:",
+        '    manifest = F.load_manifest(ckpt)\n    if F.SNAPSHOT_KIND in manifest["kinds"]:',
+        "    manifest = F.load_manifest(ckpt)\n    if False:",
         ("tests/test_merge.py::test_snapshots_cadence_retention_and_resume",),
         "a model-only snapshot is loaded as a checkpoint (no optimizer state: a silent reset)",
     ),
