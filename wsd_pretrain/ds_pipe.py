@@ -117,9 +117,7 @@ def build_pipeline_module(full: LlamaLM, pp: int, activation_checkpointing: bool
     body = full.model
     specs: list[Any] = []
     if cfg.tie_embeddings:
-        embed = TiedLayerSpec(
-            "embed", EmbedLayer, body.embed_tokens, tied_weight_attr=["model.embed_tokens.weight"]
-        )
+        embed = TiedLayerSpec("embed", EmbedLayer, body.embed_tokens, tied_weight_attr=["model.embed_tokens.weight"])
         specs.append(embed)
     else:
         specs.append(LayerSpec(EmbedLayer, body.embed_tokens))
@@ -142,7 +140,11 @@ def build_pipeline_module(full: LlamaLM, pp: int, activation_checkpointing: bool
     # the decoder layers are what is balanced: num_layers / pp each, the embedding on the first stage, the norm and
     # the output layer on the last
     return PipelineModule(
-        specs, num_stages=pp, loss_fn=loss_fn, partition_method="type:DecoderStageLayer", activation_checkpoint_interval=0
+        specs,
+        num_stages=pp,
+        loss_fn=loss_fn,
+        partition_method="type:DecoderStageLayer",
+        activation_checkpoint_interval=0,
     )
 
 
