@@ -10,7 +10,7 @@ is ``<layer index>.<its Hugging Face name>`` (``tied_modules.embed.<its name>`` 
 with ``from_pretrained`` under the model's own names, whatever the number of stages.
 
 Every rank builds the whole model from the job's seed first (the weights are the unsplit model's exactly), and the
-PipelineModule keeps its own stage's layers (decision 121's limitation: no meta-device initialisation yet).
+PipelineModule keeps its own stage's layers (decision 133's limitation: no meta-device initialisation yet).
 """
 
 from __future__ import annotations
