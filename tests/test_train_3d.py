@@ -172,6 +172,13 @@ def test_the_layout_is_refused_at_config_load_naming_each_fix(monkeypatch):
     piped = {**ds, "parallel": {"pp": 2}, "model": {"tie_embeddings": True}}  # tied: a TiedLayerSpec
     plan = deepspeed_plan(resolve_job(piped), piped)
     assert plan.config["train_micro_batch_size_per_gpu"] == 4 and plan.config["gradient_accumulation_steps"] == 2
+    # the checkpoint's names: the PipelineModule's layer index dropped (the layers carry the model's names)
+    from wsd_pretrain.ds_pipe import hf_name
+
+    assert hf_name("3.model.layers.2.mlp.up_proj.weight") == "model.layers.2.mlp.up_proj.weight"
+    assert hf_name("tied_modules.embed.model.embed_tokens.weight") == "model.embed_tokens.weight"
+    with pytest.raises(ConfigError, match="not a PipelineModule layer's parameter name"):
+        hf_name("lm_head.weight")
     zero2 = {**piped, "train": {**ds["train"], "zero_stage": 2}}
     with pytest.raises(
         ConfigError, match=r"ZeRO stage 2 .* with parallel.pp=2: DeepSpeed.s PipelineEngine runs ZeRO 0"
