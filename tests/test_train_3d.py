@@ -16,7 +16,7 @@ from test_train import QUICK, ROOT, _checkpoints, _env, _kill_tree, _metrics, _r
 from wsd_pretrain import ConfigError
 from wsd_pretrain.config import load_config
 from wsd_pretrain.parallel import Layout, memory_per_gpu, stage_layers
-from wsd_pretrain.train import resolve_job
+from wsd_pretrain.train import deepspeed_plan, resolve_job
 
 CONFIGS = ROOT / "configs"
 
@@ -25,14 +25,14 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {m["position"]: m["loss"] for m in _metrics(run_dir) if "loss" in m}
 
 
-def _killed_and_resumed(tmp_path: Path, config: str, *extra: str) -> tuple[Path, dict[int, float], str]:
-    """Run ``config`` on 4 processes for 8 updates (a checkpoint at 4), kill every process once update 6 is logged,
-    and run the same command again. Returns the run directory, the losses the killed run logged and the resumed
-    run's stderr."""
+def _killed_and_resumed(tmp_path: Path, config: str, *extra: str, nproc: int = 4) -> tuple[Path, dict[int, float], str]:
+    """Run ``config`` on ``nproc`` processes for 8 updates (a checkpoint at 4), kill every process once update 6 is
+    logged, and run the same command again. Returns the run directory, the losses the killed run logged and the
+    resumed run's stderr."""
     run_dir = tmp_path / "run"
     args = ["--config", config, "--run-dir", str(run_dir), "--total-steps", "8", "--save-every", "4", *QUICK, *extra]
     proc = subprocess.Popen(
-        torchrun(4, *args),
+        torchrun(nproc, *args),
         cwd=ROOT,
         env=_env(),
         stdout=subprocess.DEVNULL,
@@ -51,7 +51,7 @@ def _killed_and_resumed(tmp_path: Path, config: str, *extra: str) -> tuple[Path,
             _kill_tree(proc.pid)
     before = _losses(run_dir)
     assert "step-000000004-periodic" in _checkpoints(run_dir) and max(before) < 8, "killed mid-run"
-    res = _run(torchrun(4, *args))  # the same command resumes
+    res = _run(torchrun(nproc, *args))  # the same command resumes
     return run_dir, before, res.stderr
 
 
@@ -79,6 +79,38 @@ def test_4_process_config_saves_is_killed_and_resumes_exactly(tmp_path, config):
     model = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / final)
     assert model.config.num_hidden_layers == 4 and model.model.layers[3].mlp.down_proj.weight.shape == (128, 352)
     verify = _run([sys.executable, "-m", "wsd_pretrain.cli", "ckpt", "verify", str(run_dir / "checkpoints" / final)])
+    assert verify.stdout.startswith("OK")
+
+
+@pytest.mark.distributed
+def test_deepspeed_pipeline_config_saves_is_killed_and_resumes_exactly(tmp_path):
+    """configs/tiny_cpu_deepspeed_pp2.yaml on 2 processes: DeepSpeed's PipelineEngine, 2 stages, ZeRO-1, 2 pipeline
+    microbatches per micro-step; saved, killed, resumed bit for bit, its model folder the whole model under its
+    Hugging Face names."""
+    run_dir, before, stderr = _killed_and_resumed(tmp_path, "configs/tiny_cpu_deepspeed_pp2.yaml", nproc=2)
+    assert "resumed" in stderr
+    final = "step-000000008-post-decay+periodic+final"
+    assert _checkpoints(run_dir)[-1] == final
+    after = _losses(run_dir)
+    assert sorted(after) == list(range(1, 9))
+    replayed = [p for p in before if p > 4]
+    assert replayed and all(after[p] == before[p] for p in replayed), (before, after)
+    # the unsplit model's first loss (tiny_cpu_deepspeed.yaml with ZeRO-1 on one process: 5.61577; the pipeline
+    # averages its two microbatches' means), and it learns
+    assert after[1] == pytest.approx(5.61577, abs=2e-4) and after[8] < after[1] - 1.0
+    ckpt = run_dir / "checkpoints" / final
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["tokens"] == 8 * 1 * 8 * 128  # 1 data-parallel rank
+    assert manifest["layout"]["pipeline_stages"] == 2
+    # both stages' tensors, each once, under the model's own names (not the PipelineModule's "<layer>.<name>")
+    from wsd_pretrain.model import LlamaLM, ModelConfig
+
+    names = set(json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"])
+    assert names == set(LlamaLM(ModelConfig()).state_dict()), names ^ set(LlamaLM(ModelConfig()).state_dict())
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
+    assert model.config.num_hidden_layers == 4 and model.model.layers[3].mlp.down_proj.weight.shape == (128, 352)
+    verify = _run([sys.executable, "-m", "wsd_pretrain.cli", "ckpt", "verify", str(ckpt)])
     assert verify.stdout.startswith("OK")
 
 
@@ -131,10 +163,27 @@ def test_the_layout_is_refused_at_config_load_naming_each_fix(monkeypatch):
     assert "1F1B needs at least one microbatch per stage" in text
     # the engines: ddp has no mesh; DeepSpeed refuses AutoTP as the manager does, pipeline stages and HSDP
     assert "set train.engine=fsdp2" in _problems({"parallel": {"tp": 2}})[0]
-    ds = {"train": {"engine": "deepspeed", "ds_config": str(CONFIGS / "ds_zero1.json")}}
-    text = "\n".join(_problems({**ds, "parallel": {"tp": 2, "pp": 2, "dp_replicate": 2}}))
+    ds = {"train": {"engine": "deepspeed", "ds_config": str(CONFIGS / "ds_zero1.json"), "micro_batch_size": 8}}
+    text = "\n".join(_problems({**ds, "parallel": {"tp": 2, "pp": 3, "dp_replicate": 2, "pp_schedule": "gpipe"}}))
     assert "DeepSpeed AutoTP, which the checkpoint manager refuses today" in text
-    assert "parallel.pp=2 with engine=deepspeed" in text and "parallel.dp_replicate=2 with engine=deepspeed" in text
+    assert "parallel.dp_replicate=2 with engine=deepspeed" in text
+    # DeepSpeed's pipeline: the same layers on every stage, its own 1F1B schedule, ZeRO 0/1
+    assert "model.num_layers=4 is not divisible by parallel.pp=3" in text and "set parallel.pp_schedule=1f1b" in text
+    piped = {**ds, "parallel": {"pp": 2}, "model": {"tie_embeddings": True}}  # tied: a TiedLayerSpec
+    plan = deepspeed_plan(resolve_job(piped), piped)
+    assert plan.config["train_micro_batch_size_per_gpu"] == 4 and plan.config["gradient_accumulation_steps"] == 2
+    # the checkpoint's names: the PipelineModule's layer index dropped (the layers carry the model's names)
+    from wsd_pretrain.ds_pipe import hf_name
+
+    assert hf_name("3.model.layers.2.mlp.up_proj.weight") == "model.layers.2.mlp.up_proj.weight"
+    assert hf_name("tied_modules.embed.model.embed_tokens.weight") == "model.embed_tokens.weight"
+    with pytest.raises(ConfigError, match="not a PipelineModule layer's parameter name"):
+        hf_name("lm_head.weight")
+    zero2 = {**piped, "train": {**ds["train"], "zero_stage": 2}}
+    with pytest.raises(
+        ConfigError, match=r"ZeRO stage 2 .* with parallel.pp=2: DeepSpeed.s PipelineEngine runs ZeRO 0"
+    ):
+        deepspeed_plan(resolve_job(zero2), zero2)
     # bad values of the section itself
     text = "\n".join(_problems({"parallel": {"tp": 0, "dp_shard": -2}}))
     assert "tp=0: a whole number >= 1" in text and "dp_shard=-2: a whole number >= 1, or -1" in text

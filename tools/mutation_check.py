@@ -57,6 +57,7 @@ T_MANAGER = "tests/test_checkpoint_manager.py"
 T_FAULTS = "tests/test_checkpoint_faults.py"
 T_AGREEMENT = "tests/test_checkpoint_agreement.py"
 T_DSPIPE = "tests/test_deepspeed_pipe.py::test_pipe_pp2_zero1_save_verify_resume_bitwise_and_on_one_stage"
+T_DSPIPE_MAIN = "tests/test_train_3d.py::test_deepspeed_pipeline_config_saves_is_killed_and_resumes_exactly"
 T_AUTOTP = (
     "tests/test_autotp.py::test_autotp_is_refused_at_build_and_its_deepspeed_checkpoint_imports_as_deepspeed_merges_it"
 )
@@ -868,6 +869,15 @@ MUTATIONS: list[Mutation] = [
         (T_DSPIPE,),
         "a pipeline stage's ZeRO fragments are given to the stage-local data-parallel rank numbers: the first stage's "
         "ranks are asked for the last stage's master and optimizer state",
+    ),
+    M(
+        "deepspeed-pipe-main-job-names-not-mapped",
+        "wsd_pretrain/checkpoint/deepspeed_adapter.py",
+        "            if names is not None:\n                self._rename(names)",
+        "            if False:\n                self._rename(names)",
+        (T_DSPIPE_MAIN,),
+        "the main job's DeepSpeed pipeline writes its model folder under the PipelineModule's '<layer>.<name>' names: "
+        "from_pretrained finds none of the model's weights",
     ),
     M(
         "autotp-refused-as-plain-data-parallel",

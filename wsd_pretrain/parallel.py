@@ -169,10 +169,16 @@ def check_parallel(job: Any, world: int | None) -> list[str]:
                 "refuses today (docs/decisions.md, 96): train with train.engine=fsdp2 and parallel.tp, or without "
                 "tensor parallelism"
             )
-        if cfg.pp > 1:
+        if cfg.pp > 1 and job.model.num_layers % cfg.pp:
             problems.append(
-                f"parallel.pp={cfg.pp} with engine=deepspeed needs a PipelineModule, which the main job does not "
-                "build: use train.engine=fsdp2 with parallel.pp, or parallel.pp=1"
+                f"model.num_layers={job.model.num_layers} is not divisible by parallel.pp={cfg.pp}: DeepSpeed's "
+                "PipelineModule gets the same number of decoder layers on every stage; choose a pp that divides "
+                f"it ({_divisors_hint(job.model.num_layers, cfg.pp).replace('tp', 'pp')})"
+            )
+        if cfg.pp > 1 and cfg.pp_schedule != "1f1b":
+            problems.append(
+                f"parallel.pp_schedule={cfg.pp_schedule!r} with engine=deepspeed: DeepSpeed's PipelineEngine runs "
+                "its own 1F1B schedule; set parallel.pp_schedule=1f1b (or use train.engine=fsdp2 for GPipe)"
             )
         if cfg.dp_replicate > 1:
             problems.append(
@@ -211,10 +217,11 @@ def check_parallel(job: Any, world: int | None) -> list[str]:
                 f"model.num_layers={model.num_layers} is fewer than parallel.pp={cfg.pp} stages: every stage needs "
                 f"a decoder layer; use parallel.pp <= {model.num_layers}"
             )
-        if model.tie_embeddings:
+        if model.tie_embeddings and engine != "deepspeed":  # DeepSpeed ties them across stages (TiedLayerSpec)
             problems.append(
                 "model.tie_embeddings=true with parallel.pp > 1: the embedding lives on the first stage and the "
-                "output layer on the last; set model.tie_embeddings=false"
+                "output layer on the last; set model.tie_embeddings=false (or use train.engine=deepspeed, whose "
+                "pipeline ties them across stages)"
             )
         micro = job.train.micro_batch_size
         n = cfg.microbatches or cfg.pp

@@ -403,7 +403,27 @@ def deepspeed_plan(job: JobConfig, raw_config: dict[str, Any]) -> DeepSpeedPlan:
     cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": job.train.dtype == "fp16"}
     if job.train.zero_stage is not None:
         cfg.setdefault("zero_optimization", {})["stage"] = job.train.zero_stage
+    if job.parallel.pp > 1:
+        _pipeline_ds_config(cfg, job, path)
     return DeepSpeedPlan(config=cfg, optimizer=optimizer, schedule=schedule, scheduler_args=scheduler_args)
+
+
+def _pipeline_ds_config(cfg: dict[str, Any], job: JobConfig, path: Path) -> None:
+    """``parallel.pp > 1`` on DeepSpeed: ZeRO 0/1 only, and each micro-step's ``train.micro_batch_size`` sequences
+    cut into ``parallel.microbatches`` pipeline microbatches (DeepSpeed's micro batch and accumulation steps)."""
+    zero = cfg.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if stage not in (0, 1):
+        raise ConfigError(
+            f"ZeRO stage {stage} (from {'train.zero_stage' if job.train.zero_stage is not None else path}) with "
+            f"parallel.pp={job.parallel.pp}: DeepSpeed's PipelineEngine runs ZeRO 0 or 1 only (stage 2 partitions the "
+            "gradients the pipeline accumulates over its microbatches); set train.zero_stage=1 or use "
+            "configs/ds_zero1.json",
+            where="job config",
+        )
+    n = job.parallel.microbatches or job.parallel.pp
+    cfg["train_micro_batch_size_per_gpu"] = job.train.micro_batch_size // n
+    cfg["gradient_accumulation_steps"] = job.train.grad_accum * n
 
 
 def _check_ds_train_settings(cfg: dict[str, Any], job: JobConfig, path: Path) -> None:
@@ -479,6 +499,8 @@ class Built:
     pp_stage: int = 0
     checkpoint_pipeline: Any = None
     """The manager's ``pipeline=`` argument (checkpoint.Pipeline) with pp > 1."""
+    ds_pipe_microbatches: int = 0
+    """DeepSpeed's PipelineEngine (engine deepspeed, pp > 1): pipeline microbatches per micro-step; 0: not one."""
 
     @property
     def last_stage(self) -> bool:
@@ -567,19 +589,24 @@ def _build_deepspeed(
         # DeepSpeed would pick cuda:<LOCAL_RANK>; with one GPU per task (srun --gpus-per-task=1) that is cuda:0
         kwargs["args"] = argparse.Namespace(device_rank=device.index)
     factory = WSDScheduler.factory(schedule, tokens_per_step=tokens_per_step, **scheduler_args)
+    model: torch.nn.Module = module
+    if job.parallel.pp > 1:  # DeepSpeed's PipelineEngine: this rank's stage of the whole model (ds_pipe.py)
+        from .ds_pipe import build_pipeline_module
+
+        model = build_pipeline_module(module, job.parallel.pp, job.train.activation_checkpointing)
     if plan.optimizer is not None:
         # DeepSpeed builds the ds_config's optimizer on these groups: the matrices take its weight_decay, norms
         # and biases none (as with the job's own AdamW); the scheduler is built on the optimizer DeepSpeed steps
-        kwargs.update(model_parameters=_param_groups(module, None))
+        kwargs.update(model_parameters=_param_groups(model, None))
     else:
         opt_cfg = job.optimizer
         client = torch.optim.AdamW(
-            _param_groups(module, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps
+            _param_groups(model, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps
         )
         kwargs.update(optimizer=client)
     try:
         ds_engine, _, _, scheduler = deepspeed_initialize(
-            model=module, lr_scheduler=factory, config=plan.config, **kwargs
+            model=model, lr_scheduler=factory, config=plan.config, **kwargs
         )
     except WSDError:
         raise
@@ -588,7 +615,37 @@ def _build_deepspeed(
         raise ConfigError(
             f"DeepSpeed refused {what}: {type(exc).__name__}: {exc}", where=f"ds_config {job.train.ds_config}"
         ) from exc
+    if job.parallel.pp > 1:
+        return _ds_pipe_built(job, module, ds_engine, scheduler)
     return Built(ds_engine, module, scheduler.optimizer, scheduler, engine=ds_engine)
+
+
+def _ds_pipe_built(job: JobConfig, module: LlamaLM, ds_engine: Any, scheduler: WSDScheduler) -> Built:
+    """The PipelineEngine as the loop's engine: its layout (stages outermost, as DeepSpeed's grid and the FSDP2
+    mesh order ranks) and the manager's name map to the model's own names."""
+    from .checkpoint.pipeline import Pipeline
+    from .ds_pipe import hf_name
+
+    world, rank, pp = D.get_world_size(), D.get_rank(), job.parallel.pp
+    layout = Layout(pp=pp, dp_replicate=1, dp_shard=world // pp, tp=1)
+    stage, dp_rank = int(ds_engine.stage_id), int(ds_engine.grid.get_data_parallel_rank())
+    if stage != layout.coords(rank)["pp"] or dp_rank != layout.dp_rank(rank):
+        raise ConfigError(
+            f"DeepSpeed's pipeline grid puts rank {rank} at stage {stage}, data-parallel rank {dp_rank}; the job "
+            f"expects stage {layout.coords(rank)['pp']}, data-parallel rank {layout.dp_rank(rank)}",
+            where="DeepSpeed pipeline",
+        )
+    return Built(
+        ds_engine,
+        module,
+        scheduler.optimizer,
+        scheduler,
+        engine=ds_engine,
+        layout=layout,
+        pp_stage=stage,
+        checkpoint_pipeline=Pipeline(names=hf_name),
+        ds_pipe_microbatches=job.parallel.microbatches or pp,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -673,7 +730,25 @@ class Trainer:
         (loss / self.job.train.grad_accum).backward()
         return float(loss.detach())
 
+    def _ds_pipe_update(self) -> float:
+        """One update of DeepSpeed's PipelineEngine: every rank draws the micro-steps' batches (the sampler moves
+        alike on every stage), cut into the pipeline's microbatches; ``train_batch`` runs them (the first stage
+        reads the inputs, the last the targets), steps the optimizer and the WSD scheduler, and returns the loss
+        the last stage averaged over its data-parallel ranks, broadcast to every stage."""
+        from .ds_pipe import pipe_batches
+
+        data = self.decay_data if self.sampler.active == "decay" and self.decay_data is not None else self.data
+        inputs, targets = [], []
+        for _ in range(self.job.train.grad_accum):
+            x, y = data.train_batch(self.sampler.next_indices())
+            inputs.append(x.to(self.device))
+            targets.append(y.to(self.device))
+        loss = self.b.engine.train_batch(iter(pipe_batches(inputs, targets, self.b.ds_pipe_microbatches)))
+        return float(loss.detach().double().cpu())
+
     def _update(self) -> float:
+        if self.b.ds_pipe_microbatches:
+            return self._ds_pipe_update()
         accum = self.job.train.grad_accum
         if self.b.engine is not None:
             losses = [self._micro_step() for _ in range(accum)]  # DeepSpeed steps the scheduler at the boundary
@@ -716,6 +791,14 @@ class Trainer:
         for b in range(self.job.train.eval_batches):
             idx = [(b * micro * self.dp_size + self.dp_rank * micro + j) % n for j in range(micro)]
             inputs, targets = self.data.valid_batch(idx)
+            if self.b.ds_pipe_microbatches:  # every stage gets the loss of the last (averaged over its dp ranks)
+                from .ds_pipe import pipe_batches
+
+                k = self.b.ds_pipe_microbatches
+                batches = pipe_batches([inputs.to(self.device)], [targets.to(self.device)], k)
+                total += float(self.b.engine.eval_batch(iter(batches), num_micro_batches=k).double().cpu())
+                count += 1
+                continue
             if self.b.pipeline is not None:  # forward only, through every stage; the last one has the loss
                 losses: list[torch.Tensor] = []
                 args = (inputs.to(self.device),) if self.b.pp_stage == 0 else ()
@@ -1061,7 +1144,11 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
     problems = check_parallel(job, world)
     if problems:
         raise ConfigError(problems, where="job config")
-    layout = job.parallel.resolved(world) if job.train.engine == "fsdp2" else Layout(1, 1, world, 1)
+    layout = (
+        job.parallel.resolved(world)
+        if job.train.engine == "fsdp2" or job.parallel.pp > 1  # DeepSpeed's pipeline: pp x (world / pp)
+        else Layout(1, 1, world, 1)
+    )
     dp_rank, dp_size = layout.dp_rank(rank), layout.dp
     tokens_per_step = job.train.micro_batch_size * job.train.grad_accum * dp_size * job.data.seq_len
     built = build_engine(job, schedule, device, tokens_per_step, plan)

@@ -225,7 +225,8 @@ class CheckpointManager:
             ``from_pretrained``.
         pipeline: a pipeline-parallel job's :class:`~.pipeline.Pipeline` (its group, a name map for stages
             renumbered from 0, tied weights across stages), given on every rank; ``model`` is then this rank's stage
-            module(s) or ``PipelineStage`` object(s) (docs/manager.md, "Pipeline parallelism").
+            module(s) or ``PipelineStage`` object(s) (docs/manager.md, "Pipeline parallelism"). With a DeepSpeed
+            ``PipelineEngine`` only ``names`` applies (a callable: PipelineModule name -> name in the model).
         scaler: the loss scaler of an fp16 run (``torch.amp.GradScaler``, FSDP2's ``ShardedGradScaler``, anything
             with a plain-JSON ``state_dict``/``load_state_dict``): its scale and growth tracker are saved and restored
             (DeepSpeed's own fp16 scaler is saved with its engine).
@@ -300,7 +301,13 @@ class CheckpointManager:
         try:
             # the engine's adapter, refusing state the checkpoint could not carry now, not after hours; then every
             # rank describes what it holds and all agree on one plan, or all raise the same error (agreement.py)
-            if pipeline is not None:  # given on every rank: the stages' union is exchanged (pipeline.py)
+            if pipeline is not None and _is_deepspeed_pipe(model):
+                # DeepSpeed's own grid places the stages; its adapter gathers their union itself
+                self.adapter = agree_on_plan(
+                    lambda: _checked(adapter or _deepspeed_pipe_adapter(model, pipeline)),
+                    "this job cannot be checkpointed",
+                )
+            elif pipeline is not None:  # given on every rank: the stages' union is exchanged (pipeline.py)
                 self.adapter = agree_on_plan(
                     lambda: _checked(adapter or PipelineAdapter(model, optimizer, pipeline)),
                     "this job cannot be checkpointed",
@@ -1016,3 +1023,27 @@ class _ModelOnly:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._adapter, name)
+
+
+def _is_deepspeed_pipe(model: Any) -> bool:
+    import sys
+
+    if "deepspeed" not in sys.modules:
+        return False
+    from .deepspeed_adapter import _is_pipeline
+
+    return _is_pipeline(model)
+
+
+def _deepspeed_pipe_adapter(model: Any, pipeline: Pipeline) -> EngineAdapter:
+    """A DeepSpeed ``PipelineEngine`` under ``Pipeline(names=...)``: its grid gives the group, the stages and the
+    tied weights (TiedLayerSpec), so only the name map applies."""
+    from .deepspeed_adapter import DeepSpeedPipeAdapter
+
+    given = [f for f in ("group", "stages") if getattr(pipeline, f) is not None] + (["tied"] if pipeline.tied else [])
+    if given:
+        raise CheckpointError(
+            f"Pipeline({', '.join(given)}=...) with a DeepSpeed PipelineEngine: DeepSpeed's grid decides its group, "
+            "stages and tied weights (TiedLayerSpec); give only Pipeline(names=...)"
+        )
+    return DeepSpeedPipeAdapter(model, names=pipeline.names)
