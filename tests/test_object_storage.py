@@ -57,8 +57,8 @@ def trained(tmp_path_factory) -> Path:
 
 
 def test_locations(tmp_path, monkeypatch):
-    """Plain paths and file:// stay local; s3:// is a URL; bad Azure containers, other schemes, bad buckets, '..' and a URL a
-    Path() collapsed are refused, saying what to give. The manager and the main job refuse an s3:// run directory
+    """Plain paths and file:// stay local; s3:// is a URL; bad Azure containers, other schemes, bad buckets, '..'
+    and a URL a Path() collapsed are refused, saying what to give. The manager and the main job refuse an s3:// run directory
     without a staging folder before writing anything: no ./s3:/ tree appears."""
     assert parse_location("runs/a") == Path("runs/a")
     assert parse_location(Path("/x/y")) == Path("/x/y")

@@ -81,8 +81,8 @@ class ObjectURL:
 
 
 def parse_location(location: str | os.PathLike[str]) -> Path | ObjectURL:
-    """A local :class:`Path` (plain paths and ``file://``) or an :class:`ObjectURL` (``s3://``, ``az://``); anything else is
-    refused with what to give instead."""
+    """A local :class:`Path` (plain paths and ``file://``) or an :class:`ObjectURL` (``s3://``, ``az://``); anything
+    else is refused with what to give instead."""
     if isinstance(location, ObjectURL):
         return location
     if not isinstance(location, str):
