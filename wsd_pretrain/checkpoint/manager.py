@@ -253,6 +253,9 @@ class CheckpointManager:
         # ./s3:/ tree (storage.py)
         location = _storage.parse_location(run_dir)
         self._remote: Any = None
+        self.loaded_from: Path | None = None
+        """The checkpoint the last :meth:`load` restored (an s3:// run's: its path in the staging run, which a
+        resume read in place from the bucket never created)."""
         if isinstance(location, _storage.ObjectURL):
             if self.config.staging_dir is None:
                 raise ConfigError(
@@ -741,13 +744,13 @@ class CheckpointManager:
                 raise CheckpointError(f"{self.run_dir}: no complete checkpoint to resume from")
             for i, info in enumerate(reversed(infos)):
                 try:
-                    self._ensure_local(info["name"])
+                    source = self._ensure_local(info["name"])
                     if info["state"] == "corrupt":
                         raise CheckpointError(
                             f"{info['path']} is damaged: {info['problem']} (set checkpoint.fallback=true to resume from "
                             "the previous checkpoint instead, or remove this one)"
                         )
-                    self.load(info["path"], verify=verify, allow_changes=allow_changes)
+                    self.load(info["path"], verify=verify, allow_changes=allow_changes, source=source)
                     return True
                 except CheckpointError as exc:
                     if not self.config.fallback or i == len(infos) - 1:
@@ -759,9 +762,12 @@ class CheckpointManager:
                     )
             raise AssertionError("unreachable")
         found: Any = None
+        source = None
         if os.sep not in target and F.parse_name(target) is not None:
-            self._ensure_local(target)
-        if D.get_rank() == 0:
+            source = self._ensure_local(target)
+        if source is not None:
+            found = str(F.checkpoints_dir(self.run_dir) / target)
+        elif D.get_rank() == 0:
             try:
                 if os.sep in target or Path(target).is_dir():
                     found = str(F.resolve_checkpoint(target))
@@ -772,30 +778,37 @@ class CheckpointManager:
         found = coord.broadcast(found)
         if isinstance(found, dict):
             raise CheckpointError(found["error"])
-        self.load(found, verify=verify, allow_changes=allow_changes)
+        self.load(found, verify=verify, allow_changes=allow_changes, source=source)
         return True
 
-    def _ensure_local(self, name: str) -> None:
-        """A run on object storage: checkpoint ``name`` is brought into the staging run unless it is there. Rank 0
-        opens a staging folder with the bucket's manifest; every rank downloads its share (the files the manifest
-        gives it, verified on the way); one agreement; rank 0 checks the range-written files and commits the local
-        copy. Every rank raises together if any step fails."""
+    def _ensure_local(self, name: str) -> Any:
+        """A run on object storage: checkpoint ``name`` when the staging run lacks it. Read in place (returned: a
+        :class:`.objread.RemoteCheckpoint` for :meth:`load`): rank 0 reads and checks the bucket's manifest and
+        sends it to every rank, which then fetches only the byte ranges its restore needs and its verification
+        share, with ranged GETs (:mod:`.objread`). A ``write_mode: rank0`` job (rank 0 reads everything) brings it
+        into the staging run instead: rank 0 opens a staging
+        folder with the bucket's manifest; every rank downloads its share (verified on the way); one agreement;
+        rank 0 checks the range-written files and commits the local copy. Every rank raises together if any step
+        fails. None: the staging run has it (or the run is local)."""
         if self._remote is None:
-            return
+            return None
         rank, world = D.get_rank(), D.get_world_size()
         where = f"cannot fetch {name} from {self._remote.url}"
         opened: Any = None
         if rank == 0:
             try:
-                staging = self._remote.begin_fetch(name)
-                opened = None if staging is None else {"staging": str(staging)}
+                opened = self._remote.open_remote(name, in_place=self.config.write_mode != "rank0")
             except (OSError, CheckpointError) as exc:
                 opened = {"error": f"{where}: {exc}"}
         opened = coord.broadcast(opened)
         if opened is None:
-            return
+            return None
         if "error" in opened:
             raise CheckpointError(opened["error"])
+        if "manifest" in opened:
+            from .objread import RemoteCheckpoint
+
+            return RemoteCheckpoint(self._remote.url / F.CHECKPOINTS / name, opened["manifest"])
         staging = Path(opened["staging"])
         error = None
         try:
@@ -818,6 +831,7 @@ class CheckpointManager:
         done = coord.broadcast(done)
         if done is not None:
             raise CheckpointError(done)
+        return None
 
     def _listing(self) -> Any:
         """Rank 0: the run's committed checkpoints (and damaged ones), oldest first, as plain JSON for the others."""
@@ -839,6 +853,7 @@ class CheckpointManager:
         verify: str | None = None,
         scheduler: bool = True,
         allow_changes: bool | Sequence[str] = False,
+        source: Any = None,
     ) -> dict[str, Any]:
         """Load one checkpoint into the engine, optimizer, RNG, data sampler and (with ``scheduler``) scheduler.
 
@@ -868,7 +883,8 @@ class CheckpointManager:
             path,
             verify=verify or self.config.verify,
             rank0_only=self.config.write_mode == "rank0",
-            check=check if scheduler else None,  # a branching rewind reloads this run's own state
+            check=check if scheduler else None,
+            source=source,  # on object storage: read in place by ranged GETs  # a branching rewind reloads this run's own state
         )
         trainer = out["trainer"]
         if scheduler and trainer.get("scheduler") is not None:
@@ -899,6 +915,7 @@ class CheckpointManager:
         if self.load_extra_state is not None and trainer.get("extra") is not None:
             self.load_extra_state(trainer["extra"])
         _log_rank0("loaded checkpoint %s (position %s)", Path(path).name, trainer.get("position"))
+        self.loaded_from = Path(path)
         self._step_guard.reset(self.scheduler)  # guards.py: the loaded position's saves are done, nothing re-fires
         if scheduler:
             _guards.warn_later_checkpoints(self.run_dir, self.scheduler.position)

@@ -244,6 +244,17 @@ class RemoteTier:
         with its path in the staging run."""
         return F.resume_candidates(objstore.list_run(self.url), under=F.checkpoints_dir(self.staging))
 
+    def open_remote(self, name: str, *, in_place: bool) -> dict[str, Any] | None:
+        """Rank 0, before a resume loads ``name``: None when the staging run has it; ``{"manifest"}`` (the bucket's,
+        validated) when every rank reads it in place by ranged GETs (``in_place``); else ``{"staging"}``: a
+        staging folder for :meth:`fetch_rank` and :meth:`end_fetch` (``write_mode: rank0``)."""
+        if (F.checkpoints_dir(self.staging) / name / F.MANIFEST).is_file():
+            return None
+        if in_place:
+            return {"manifest": objstore.load_manifest(store_for(self.url), self.url / F.CHECKPOINTS / name)[0]}
+        staging = self.begin_fetch(name)
+        return None if staging is None else {"staging": str(staging)}
+
     def begin_fetch(self, name: str) -> Path | None:
         """Rank 0, before a resume loads ``name``: None when the staging run has it; else a new staging folder
         beside it holding the bucket's manifest (validated), into which every rank fetches its share."""
