@@ -151,10 +151,10 @@ def test_azure_store_operations(azure_server, monkeypatch):
     assert store.head(lease.key) is None
 
 
-def test_manager_on_azure_and_cp(azure_server, s3_server, tmp_path, capsys):
+def test_manager_on_azure_and_cp(azure_server, s3_server, tmp_path, capsys, monkeypatch):
     """A user's loop on an az:// run (one process, through the staging tier): the checkpoints are committed on
     the container (manifest last, latest by CAS), `ckpt verify` passes on the URL; a new job with an empty staging
-    folder resumes from the container alone and continues exactly like the job that was not stopped; `ckpt cp`
+    folder resumes from the container alone (read in place: ranged downloads) and continues exactly like the job that was not stopped; `ckpt cp`
     copies the run from Azure to S3 and a checkpoint back to a local run, verified on the way."""
     container = azure_server.container()
     url = f"az://{container}/runs/a"
@@ -177,7 +177,16 @@ def test_manager_on_azure_and_cp(azure_server, s3_server, tmp_path, capsys):
     model2, opt2, sched2 = _job(seed=1)
     cfg2 = CheckpointConfig(every_steps=100, staging_dir=str(tmp_path / "stage-b"), max_shard_size=60_000)
     mgr2 = CheckpointManager(url, model2, opt2, sched2, config=cfg2)
+    ranged: list[tuple[str, int, int]] = []
+    get_range = AzureStore.get_range
+    monkeypatch.setattr(
+        AzureStore,
+        "get_range",
+        lambda self, key, start, n: ranged.append((key, start, n)) or get_range(self, key, start, n),
+    )
     assert mgr2.resume("auto") and sched2.position == 4
+    assert any(k.endswith(".safetensors") for k, _, _ in ranged)  # read in place with ranged downloads
+    monkeypatch.undo()
     for _ in range(2):
         _step(model, opt, sched)
         _step(model2, opt2, sched2)
