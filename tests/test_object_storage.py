@@ -59,8 +59,8 @@ def trained(tmp_path_factory) -> Path:
 
 
 def test_locations(tmp_path, monkeypatch):
-    """Plain paths and file:// stay local; s3:// is a URL; az://, other schemes, bad buckets, '..' and a URL a
-    Path() collapsed are refused, saying what to give. The manager and the main job refuse an s3:// run directory
+    """Plain paths and file:// stay local; s3:// is a URL; bad Azure containers, other schemes, bad buckets, '..'
+    and a URL a Path() collapsed are refused, saying what to give. The manager and the main job refuse an s3:// run directory
     without a staging folder before writing anything: no ./s3:/ tree appears."""
     assert parse_location("runs/a") == Path("runs/a")
     assert parse_location(Path("/x/y")) == Path("/x/y")
@@ -69,7 +69,7 @@ def test_locations(tmp_path, monkeypatch):
     url = parse_location("s3://ckpt/runs/a/")
     assert url == ObjectURL("s3", "ckpt", "runs/a") and str(url / "checkpoints") == "s3://ckpt/runs/a/checkpoints"
     for bad, says in (
-        ("az://container/runs/a", "Azure"),
+        ("az://Container_A/runs/a", "Azure container name"),
         ("gs://bucket/a", "unsupported scheme"),
         ("s3://x/a", "bucket"),
         ("s3://ckpt/runs/../a", "'..'"),

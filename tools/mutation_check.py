@@ -32,7 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COPY_IGNORE = (".git", ".venv", "runs", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", ".hypothesis")
+COPY_IGNORE = (
+    ".git",
+    ".venv",
+    ".cache",
+    "runs",
+    "__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+)
 TABLE_START, TABLE_END = "<!-- mutation-table -->", "<!-- /mutation-table -->"
 
 
@@ -295,6 +305,23 @@ MUTATIONS: list[Mutation] = [
         "an imported checkpoint (the only copy of another framework's state) is deleted by rotation",
     ),
     # ------------------------------------------------------------------ object storage
+    M(
+        "azure-create-unconditional",
+        "wsd_pretrain/checkpoint/azure_store.py",
+        '        if if_none_match:\n            kwargs["match_condition"] = MatchConditions.IfMissing\n        elif',
+        "        if False:\n            pass\n        elif",
+        ("tests/test_azure_storage.py::test_azure_store_operations",),
+        "the conditional create on Azure (If-None-Match: * on Put Blob) is dropped: a second manifest, claim or "
+        "lease silently replaces the first",
+    ),
+    M(
+        "azure-blocklist-unconditional",
+        "wsd_pretrain/checkpoint/azure_store.py",
+        '                    kwargs["match_condition"] = MatchConditions.IfMissing\n',
+        "                    pass\n",
+        ("tests/test_azure_storage.py::test_azure_store_operations",),
+        "a staged upload's commit (Put Block List) on Azure drops its create-only condition and overwrites a blob",
+    ),
     M(
         "s3-claim-unconditional",
         "wsd_pretrain/checkpoint/objstore.py",
@@ -1079,6 +1106,9 @@ def copy_env(copy: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(copy), str(copy / "tests"), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.pop("PYTEST_ADDOPTS", None)
+    azurite = ROOT / ".cache" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+    if azurite.exists():  # the emulator of the az:// tests stays where setup.sh put it (not copied: 22k files)
+        env.setdefault("WSD_AZURITE", str(azurite))
     return env
 
 

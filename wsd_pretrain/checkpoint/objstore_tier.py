@@ -87,7 +87,7 @@ class Lease:
             holder = "unreadable lease"
         if age < self.ttl:
             raise CheckpointError(
-                f"{self.run} is in use by another run ({holder}; lease s3://{self.store.bucket}/{self.key}, renewed "
+                f"{self.run} is in use by another run ({holder}; lease {self.store.url(self.key)}, renewed "
                 f"{max(age, 0):.0f} s ago); give this run its own --run-dir, or stop the other one (a lease not "
                 f"renewed for {self.ttl:.0f} s is taken over)"
             )
