@@ -529,7 +529,7 @@ def build_engine(
         layout = job.parallel.resolved(D.get_world_size())
         if job.parallel.multi_dim:
             mesh = build_mesh(layout, device)
-            if layout.pp > 1:  # this rank's stage of the whole model (built from the same seed on every rank)
+            if layout.pp > 1:  # this rank's stage of the whole model (on meta: nothing allocated yet)
                 extra["pp_stage"] = mesh.get_local_rank("pp")
                 split_stage(module, extra["pp_stage"], layout.pp)
             if layout.tp > 1:
