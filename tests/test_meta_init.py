@@ -3,6 +3,8 @@ layout starts from the same bits as the whole model in one process, and a rank a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,6 +69,19 @@ def test_a_model_built_on_meta_and_initialised_in_place_equals_the_eager_build()
     assert torch.equal(a.lm_head.weight, b.lm_head.weight) and not torch.equal(a.lm_head.weight, c.lm_head.weight)
 
 
+def test_a_70b_wide_model_is_built_on_meta_without_drawing_anything():
+    """The FSDP2 engine's first step at 70B's width (4 of its 80 layers, to keep the test fast): shapes only, no
+    storage, and the constructor draws nothing (init_weights runs after to_empty)."""
+    import yaml
+
+    recipe = Path(__file__).resolve().parent.parent / "configs/llama_70b_tp8.yaml"
+    cfg = ModelConfig(**{**yaml.safe_load(recipe.read_text())["model"], "num_layers": 4})
+    with torch.device("meta"):
+        big = LlamaLM(cfg, seed=0)
+    assert all(p.is_meta for p in big.parameters()) and big.inv_freq.is_meta
+    assert sum(p.numel() for p in big.parameters()) == cfg.num_parameters() > 4e9
+
+
 def _full_params(built) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
@@ -74,6 +89,27 @@ def _full_params(built) -> dict[str, torch.Tensor]:
     for name, p in built.module.named_parameters():
         out[name] = p.full_tensor() if isinstance(p, DTensor) else p.detach().clone()
     return out
+
+
+def _four(rank: int, world: int) -> list[str]:
+    """TP 2 x FSDP2 2 (FSDP2 over TP: strided shards) and PP 2 x FSDP2 2 against one process, gathered."""
+    from wsd_pretrain.train import build_engine, resolve_job
+
+    reference = LlamaLM(ModelConfig(), seed=0).state_dict()
+    mismatch = []
+    for label, parallel in (("tp2_dp2", {"tp": 2, "dp_shard": 2}), ("pp2_dp2", {"pp": 2, "dp_shard": 2})):
+        job = resolve_job({"train": {"engine": "fsdp2", "micro_batch_size": 4}, "parallel": parallel})
+        for name, value in _full_params(build_engine(job, job.schedule, torch.device("cpu"), 1)).items():
+            if not torch.equal(value, reference[name]):
+                mismatch.append(f"{label}: {name}")
+    return mismatch
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tp_and_pp_over_fsdp2_on_4_ranks_start_from_the_same_bits():
+    """The default test's path on the 4-process configs' layouts (FSDP2's strided shards over TP's)."""
+    assert run_distributed(_four, world_size=4, timeout=600) == [[], [], [], []]
 
 
 def _rss_kb(field: str) -> int:
