@@ -838,6 +838,14 @@ MUTATIONS: list[Mutation] = [
         "maybe_save() after close() writes a checkpoint while another manager holds the run lock",
     ),
     M(
+        "init-shard-offset-ignored",
+        "wsd_pretrain/init.py",
+        "        fill_box_(local, seed, name, data.shape, offset, std=std)",
+        "        fill_box_(local, seed, name, data.shape, (0,) * data.dim(), std=std)",
+        ("tests/test_meta_init.py::test_every_layout_starts_from_the_same_bits_and_a_rank_allocates_its_share",),
+        "every rank draws its shard as if it were the tensor's first box: FSDP2/TP ranks start from repeated values",
+    ),
+    M(
         "guard-meta-model-accepted",
         "wsd_pretrain/checkpoint/guards.py",
         "    if meta:\n        shown",

@@ -204,32 +204,49 @@ class LlamaLM(nn.Module):
     """The language model. ``forward(tokens)`` returns logits; ``forward(tokens, targets)`` the mean
     cross-entropy (the loss the trainer and the engines use)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, seed: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu").item()) if seed is None else int(seed)
+        """The initial weights' seed (:mod:`wsd_pretrain.init`); None draws it from torch's global generator, so
+        ``torch.manual_seed(s)`` before the build still picks the model."""
         self.model = _Body(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
         self.seq_shards = 1
         """Slices of the sequence a pipeline stage's input is cut in (tensor/sequence parallelism: tp), else 1."""
-        self.reset_parameters()
+        if not self.lm_head.weight.is_meta:  # built under torch.device("meta"): init_weights after to_empty
+            self.init_weights()
+
+    def _inv_freq(self) -> torch.Tensor:
+        cfg = self.cfg
+        return 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+
+    def init_weights(self) -> None:
+        """Initialise every parameter this module holds, in place, and recompute the rotary table: the matrices
+        N(0, init_std^2) (the residual projections o_proj and down_proj scaled by 1/sqrt(2 num_layers), GPT-2 /
+        OLMo), the norms ones. Each value is a function of (``init_seed``, the parameter's name, its index in the
+        full tensor) (:mod:`wsd_pretrain.init`): a pipeline stage, a TP shard or an FSDP2 shard (DTensors: only the
+        local box is computed) gets exactly the values the whole model has in one process. This is what the FSDP2
+        engine calls after building on the meta device, cutting and ``to_empty`` (torchtitan's ``init_weights``)."""
+        from .init import init_tensor_
+
+        std = self.cfg.init_std
+        residual = 1.0 / math.sqrt(2 * self.cfg.num_layers)
+        with torch.no_grad():
+            self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+            for name, p in self.named_parameters():
+                if p.dim() == 2:
+                    scale = residual if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+                    init_tensor_(p, self.init_seed, name, std=std * scale)
+                else:
+                    init_tensor_(p, self.init_seed, name, std=None)
 
     def reset_parameters(self) -> None:
-        std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if p.dim() == 2:
-                # scaled init of the residual projections (GPT-2 / OLMo): keeps the residual stream's scale
-                scale = (
-                    1.0 / math.sqrt(2 * self.cfg.num_layers)
-                    if name.endswith(("o_proj.weight", "down_proj.weight"))
-                    else 1.0
-                )
-                nn.init.normal_(p, mean=0.0, std=std * scale)
-            else:
-                nn.init.ones_(p)
+        """The initial weights again (:meth:`init_weights`)."""
+        self.init_weights()
 
     def _rope(self, t: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(t, device=device, dtype=torch.float32)

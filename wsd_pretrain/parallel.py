@@ -21,7 +21,15 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["Layout", "ParallelConfig", "check_parallel", "memory_per_gpu", "split_stage", "stage_layers"]
+__all__ = [
+    "Layout",
+    "ParallelConfig",
+    "check_parallel",
+    "materialize",
+    "memory_per_gpu",
+    "split_stage",
+    "stage_layers",
+]
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -329,8 +337,9 @@ def split_stage(module: torch.nn.Module, stage: int, pp: int) -> None:
     """Turn the whole :class:`~wsd_pretrain.model.LlamaLM` into pipeline stage ``stage`` of ``pp``, in place,
     torchtitan's way: the other stages' decoder layers removed (``model.layers`` becomes a ModuleDict keyed by the
     global layer index, so ``model.layers.5.mlp.up_proj.weight`` keeps its name), the embedding kept on the first
-    stage only, the final norm and the output layer on the last only. Every rank builds the whole model from the
-    same seed first, so a stage holds exactly the weights the unsplit model would."""
+    stage only, the final norm and the output layer on the last only. The FSDP2 engine cuts a model built on the
+    meta device (nothing allocated yet); :func:`materialize` then gives the stage exactly the weights the unsplit
+    model has."""
     keep = stage_layers(module.cfg.num_layers, pp)[stage]
     module.model.layers = torch.nn.ModuleDict({str(i): module.model.layers[i] for i in keep})
     if stage != 0:
@@ -338,6 +347,14 @@ def split_stage(module: torch.nn.Module, stage: int, pp: int) -> None:
     if stage != pp - 1:
         module.model.norm = None
         module.lm_head = None
+
+
+def materialize(module: torch.nn.Module, device: torch.device) -> None:
+    """Give a model built on the meta device and cut (pipeline stage, TP, ``fully_shard``) real storage for this
+    rank's shards only (``to_empty``) and initialise them in place (:meth:`~wsd_pretrain.model.LlamaLM.init_weights`:
+    each DTensor's local box, the same values the whole model has in one process; the rotary table recomputed)."""
+    module.to_empty(device=device)
+    module.init_weights()
 
 
 def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

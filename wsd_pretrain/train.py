@@ -515,11 +515,19 @@ def build_engine(
     ds_plan: DeepSpeedPlan | None = None,
 ) -> Built:
     torch.manual_seed(job.train.seed)
-    module = LlamaLM(job.model).to(device)
+    engine = job.train.engine
+    # the FSDP2 engine builds on the meta device, cuts (stage, TP, fully_shard), then materialises and initialises
+    # each rank's own shards (docs/decisions.md): a rank never holds the whole model; the values are the same as a
+    # whole model built in one process (wsd_pretrain.init: a function of the seed, the name and the index)
+    meta_init = engine == "fsdp2"
+    if meta_init:
+        with torch.device("meta"):
+            module = LlamaLM(job.model, seed=job.train.seed)
+    else:
+        module = LlamaLM(job.model, seed=job.train.seed).to(device)
     for layer in module.model.layers:
         layer.checkpointing = job.train.activation_checkpointing
     opt_cfg = job.optimizer
-    engine = job.train.engine
     if engine == "deepspeed":
         ds_plan = ds_plan or deepspeed_plan(job, {})
         scheduler_args = dict(ds_plan.scheduler_args)
@@ -537,18 +545,19 @@ def build_engine(
     if engine == "fsdp2":
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        from .parallel import apply_fsdp, apply_tp, build_mesh, build_pipeline, split_stage
+        from .parallel import apply_fsdp, apply_tp, build_mesh, build_pipeline, materialize, split_stage
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if job.train.dtype == "bf16" else MixedPrecisionPolicy()
         layout = job.parallel.resolved(D.get_world_size())
         if job.parallel.multi_dim:
             mesh = build_mesh(layout, device)
-            if layout.pp > 1:  # this rank's stage of the whole model (built from the same seed on every rank)
+            if layout.pp > 1:  # this rank's stage of the whole model (on meta: nothing allocated yet)
                 extra["pp_stage"] = mesh.get_local_rank("pp")
                 split_stage(module, extra["pp_stage"], layout.pp)
             if layout.tp > 1:
                 apply_tp(module, mesh["tp"])
             apply_fsdp(module, mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"], mp)
+            materialize(module, device)
             if layout.pp > 1:
                 from .checkpoint.pipeline import Pipeline
 
@@ -557,6 +566,7 @@ def build_engine(
                 extra["checkpoint_pipeline"] = Pipeline(group=mesh["pp"])
         else:
             apply_fsdp(module, None, mp)
+            materialize(module, device)
     elif D.get_world_size() > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None
