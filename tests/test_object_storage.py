@@ -372,7 +372,8 @@ def test_manager_on_s3_direct_two_ranks(s3_server, tmp_path):
     from distributed_helpers import run_distributed
 
     url = f"s3://{s3_server.bucket()}/runs/direct"
-    results = run_distributed(_s3_direct, world_size=2, args=(url,), env=s3_server.environ())
+    env = s3_server.environ() | {"TMPDIR": str(tmp_path)}  # the resume cache (storage.cache_dir) goes there
+    results = run_distributed(_s3_direct, world_size=2, args=(url,), env=env)
     name = "step-000000003-periodic"
     for r in results:
         assert r["saved"] == f"{url}/checkpoints/{name}" and r["same"]
