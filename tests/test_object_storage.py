@@ -336,7 +336,9 @@ def _s3_direct(rank: int, world: int, url: str) -> dict:
     mgr.wait()
     saved = str(mgr.last_saved)
     fail.append("on")
-    part_size, storage.PART_SIZE = storage.PART_SIZE, 16 * 1024  # multipart uploads in flight when it fails
+    part_size = storage.PART_SIZE
+    if rank == 1:  # multipart uploads in flight on rank 1 when it fails; rank 0's objects are complete by then
+        storage.PART_SIZE = 4096
     _step(model, opt, sched)
     mgr.maybe_save()
     failure = None
@@ -349,7 +351,10 @@ def _s3_direct(rank: int, world: int, url: str) -> dict:
     faults.fault_hook = None
     bucket = url[5:].split("/")[0]
     store = storage.S3Store(bucket)
-    left = store.list(f"{url[6 + len(bucket) :]}/checkpoints/step-000000004-periodic/")[0]
+    objects = store.list(f"{url[6 + len(bucket) :]}/checkpoints/")[0]
+    left = [
+        o["key"] for o in objects if not o["key"].endswith("/latest") and "/step-000000003-periodic/" not in o["key"]
+    ]
     uploads = store.client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     mgr.close()
     model2, opt2, sched2 = _job(seed=1)
