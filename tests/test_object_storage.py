@@ -1,8 +1,9 @@
 """Checkpoint locations that are URLs (storage.py) and checkpoints on S3 (objstore.py, `wsd-pretrain ckpt cp`),
 against a real S3 server (moto's, on 127.0.0.1: the ``s3_server`` fixture): the manager on an s3:// run on 1 and 2
-gloo ranks (each rank uploading and fetching its own files, rank 0 committing after every rank reported), the
-lease, the Lightning integration, the tools. Without a staging folder the manager and the main job refuse an
-object-storage run directory on every rank, before anything is written (never a local ./s3:/ tree)."""
+gloo ranks (with no staging folder each rank streams its files straight to the bucket; with one each rank uploads
+and fetches its own files; rank 0 commits after every rank reported), the lease, the Lightning integration, the
+tools. Without a staging folder the main job refuses an object-storage run directory before anything is written;
+a collapsed URL is refused everywhere (never a local ./s3:/ tree)."""
 
 from __future__ import annotations
 
@@ -58,8 +59,7 @@ def trained(tmp_path_factory) -> Path:
 
 def test_locations(tmp_path, monkeypatch):
     """Plain paths and file:// stay local; s3:// is a URL; az://, other schemes, bad buckets, '..' and a URL a
-    Path() collapsed are refused, saying what to give. The manager and the main job refuse an s3:// run directory
-    without a staging folder before writing anything: no ./s3:/ tree appears."""
+    Path() collapsed are refused, saying what to give, by the manager too: no ./s3:/ tree appears."""
     assert parse_location("runs/a") == Path("runs/a")
     assert parse_location(Path("/x/y")) == Path("/x/y")
     assert parse_location("file:///data/runs/a") == Path("/data/runs/a")
@@ -398,7 +398,7 @@ def test_manager_on_s3_lease_leftovers_failures(s3_server, tmp_path, monkeypatch
     """The run lease: a second manager is refused with the run lock's message; a stale lease is taken over, its
     age read on the server's clock (a skewed holder's clock neither holds it forever nor loses it early). An
     interrupted save's objects (no manifest) and multipart uploads are removed by the next run. A failed upload
-    raises at the next save; without staging_dir an s3:// run is refused."""
+    raises at the next save."""
     bucket = s3_server.bucket()
     url = f"s3://{bucket}/runs/one"
     store = storage.S3Store(bucket)
