@@ -17,6 +17,19 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   "${PIP[@]}" install "$TORCH_SPEC"
 fi
 "${PIP[@]}" install -e ".[${EXTRAS}]"
+# With the test extras (dev): Azurite, the Azure Blob emulator the az:// tests start on 127.0.0.1
+# (tests/azure_helpers.py), into .cache/azurite (git-ignored; ~40 s and ~190 MB once, skipped when present).
+# It is an npm package: without npm the az:// tests skip, saying so.
+AZURITE_VERSION=${AZURITE_VERSION:-3.35.0}
+if [[ ",${EXTRAS}," == *",dev,"* ]] && [ ! -x .cache/azurite/node_modules/.bin/azurite-blob ]; then
+  if command -v npm >/dev/null 2>&1; then
+    mkdir -p .cache/azurite
+    npm install --prefix .cache/azurite --no-audit --no-fund --silent "azurite@${AZURITE_VERSION}" \
+      || echo "setup: npm could not install Azurite; the az:// tests will skip" >&2
+  else
+    echo "setup: npm not found; Azurite (the az:// tests' emulator) is not installed and those tests will skip" >&2
+  fi
+fi
 # With the test extras (dev) on a machine without CUDA, build DeepSpeed's CPU ops now (CPU Adam, FusedAdam's CPU
 # kernel, the shared-memory communication op: about a minute each on 2 cores), once per environment, instead of
 # inside the first tests that need each. They go where tests/conftest.py points DeepSpeed: a directory per

@@ -30,3 +30,27 @@ def s3_server():
     finally:
         restore_env(old)
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def azure_server():
+    """Azurite (the Azure Blob emulator) on a free port of 127.0.0.1 for the whole test session
+    (tests/azure_helpers.py); azure-storage-blob in this process and every process it starts talks to it. Each test
+    makes its own container (``azure_server.container()``). Skipped where Azurite is not installed (launch/setup.sh
+    installs it with npm into .cache/azurite)."""
+    from azure_helpers import AzuriteServer, apply_env, azurite_binary, restore_env
+
+    binary = azurite_binary()
+    if binary is None:
+        pytest.skip(
+            "Azurite is not installed: run launch/setup.sh (npm install into .cache/azurite) or set WSD_AZURITE"
+        )
+    pytest.importorskip("azure.storage.blob", reason="pip install 'wsd_pretrain[azure]'")
+    server = AzuriteServer(binary)
+    server.start()
+    old = apply_env(server)
+    try:
+        yield server
+    finally:
+        restore_env(old)
+        server.stop()

@@ -181,3 +181,112 @@ def _output_tail(out: str, limit: int = 4000) -> str:
     except OSError:
         return ""
     return f"--- its output (last {limit} characters) ---\n{text[-limit:]}" if text.strip() else ""
+
+
+def _script_main(path: str, argv: Sequence[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+    for fd, name in ((1, out), (2, err)):
+        f = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # the process's own standard streams
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = [path, *argv]
+    sys.path[0] = os.path.dirname(os.path.abspath(path))  # as `python path` puts the script's folder first
+    code: Any = 0
+    try:
+        import runpy
+
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        import atexit
+
+        atexit._run_exitfuncs()  # what the interpreter runs at its exit: a script's temporary folders, servers
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class ScriptProcess:
+    """A script started by :func:`start_script`, seen as a ``subprocess.Popen`` (poll, wait, send_signal, kill)."""
+
+    def __init__(self, proc: Any, tmp: str) -> None:
+        self.proc, self.pid, self.tmp = proc, proc.pid, tmp
+        self.stdout_path, self.stderr_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.exitcode
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+        return self.proc.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
+def start_script(
+    path: str | os.PathLike[str],
+    args: Sequence[str],
+    cwd: str | os.PathLike[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> ScriptProcess:
+    """Start ``python path *args`` as :func:`run_script` does, without waiting for it; its output goes to files in a
+    temporary folder of its own (``stdout_path``, ``stderr_path``; removed with the test's temporary files)."""
+    tmp = tempfile.mkdtemp(prefix="wsd-script-")
+    cwd = os.getcwd() if cwd is None else cwd
+    env = dict(os.environ) if env is None else env
+    out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+    p = _context().Process(target=_script_main, args=(str(path), list(args), str(cwd), dict(env), out, err))
+    p.start()
+    return ScriptProcess(p, tmp)
+
+
+def run_script(
+    path: str | os.PathLike[str], args: Sequence[str], cwd: str | os.PathLike[str], env: dict[str, str], timeout: float
+) -> Any:
+    """``python path *args`` (the script run as ``__main__`` by runpy, as the interpreter runs it) in a process
+    forked from the session's fork server, which has imported torch, DeepSpeed and transformers already: the 3-5 s
+    of CPU a fresh interpreter spends on those imports are paid once per session instead of once per script. The
+    script's environment is ``env`` (variables the server read when it imported torch and DeepSpeed are fixed:
+    ``OMP_NUM_THREADS=1``, ``DS_ACCELERATOR=cpu``). Returns a ``subprocess.CompletedProcess`` with its exit code
+    and output; a run past ``timeout`` seconds is killed and raises ``subprocess.TimeoutExpired``."""
+    import shutil
+    import subprocess
+
+    proc = start_script(path, args, cwd, env)
+    try:
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.proc.join(5)
+            raise subprocess.TimeoutExpired([str(path), *args], timeout) from None
+        read = lambda f: Path(f).read_text(errors="replace") if os.path.exists(f) else ""
+        return subprocess.CompletedProcess([str(path), *args], code, read(proc.stdout_path), read(proc.stderr_path))
+    finally:
+        shutil.rmtree(proc.tmp, ignore_errors=True)

@@ -271,16 +271,14 @@ def test_corruption_is_named_and_sizes_only_catch_truncation(tmp_path):
 @pytest.mark.parametrize("phase", ["shard", "manifest", "rename", "latest"])
 def test_a_process_killed_mid_save_leaves_the_previous_checkpoint(tmp_path, phase):
     import signal
-    import subprocess
-    import sys
     import time
 
+    from distributed_helpers import start_script
     from wsd_pretrain.checkpoint import format as F
 
     marker = tmp_path / "marker"
-    child = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("kill_child.py")), str(tmp_path / "run"), phase, str(marker)]
-    )
+    # forked from the session's fork server (torch and the library imported once), as `python kill_child.py ...`
+    child = start_script(Path(__file__).with_name("kill_child.py"), [str(tmp_path / "run"), phase, str(marker)])
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():

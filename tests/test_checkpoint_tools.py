@@ -264,16 +264,13 @@ def test_from_deepspeed_matches_zero_to_fp32_and_resumes_like_deepspeed(tmp_path
     ckpt = F.resolve_checkpoint(out)
     assert ckpt.name == "step-000000004-imported" and tools.verify_checkpoint_files(ckpt) == []
     if (stage, dtype) == (2, "fp32"):  # tools/from_deepspeed.py, as a user runs it, writes the same files
-        import subprocess
-        import sys
+        import os
+
+        from distributed_helpers import run_script
 
         script = Path(__file__).resolve().parent.parent / "tools" / "from_deepspeed.py"
-        res = subprocess.run(
-            [sys.executable, str(script), str(ds_dir), str(tmp_path / "by-script"), "--max-shard-size", "20000"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        args = [str(ds_dir), str(tmp_path / "by-script"), "--max-shard-size", "20000"]
+        res = run_script(script, args, cwd=tmp_path, env=dict(os.environ), timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         by_script = F.resolve_checkpoint(tmp_path / "by-script")
         assert by_script.name == ckpt.name

@@ -1,14 +1,16 @@
 """Checkpoint locations that are URLs (storage.py) and checkpoints on S3 (objstore.py, `wsd-pretrain ckpt cp`),
 against a real S3 server (moto's, on 127.0.0.1: the ``s3_server`` fixture): the manager on an s3:// run on 1 and 2
-gloo ranks (with no staging folder each rank streams its files straight to the bucket; with one each rank uploads
-and fetches its own files; rank 0 commits after every rank reported), the lease, the Lightning integration, the
-tools. Without a staging folder the main job refuses an object-storage run directory before anything is written;
-a collapsed URL is refused everywhere (never a local ./s3:/ tree)."""
+gloo ranks (with no staging folder each rank streams its files straight to the bucket; with one each rank
+uploads its own files; rank 0 commits after every rank reported; a resume reading in place from the bucket, FSDP2
+on 2 ranks fetching only its ranges and its verification share), the lease, the Lightning integration, the tools.
+Without a staging folder the main job refuses an object-storage run directory before anything is written; a
+collapsed URL is refused everywhere (never a local ./s3:/ tree)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -58,8 +60,8 @@ def trained(tmp_path_factory) -> Path:
 
 
 def test_locations(tmp_path, monkeypatch):
-    """Plain paths and file:// stay local; s3:// is a URL; az://, other schemes, bad buckets, '..' and a URL a
-    Path() collapsed are refused, saying what to give, by the manager too: no ./s3:/ tree appears."""
+    """Plain paths and file:// stay local; s3:// is a URL; bad Azure containers, other schemes, bad buckets, '..'
+    and a URL a Path() collapsed are refused, saying what to give, by the manager too: no ./s3:/ tree appears."""
     assert parse_location("runs/a") == Path("runs/a")
     assert parse_location(Path("/x/y")) == Path("/x/y")
     assert parse_location("file:///data/runs/a") == Path("/data/runs/a")
@@ -67,7 +69,7 @@ def test_locations(tmp_path, monkeypatch):
     url = parse_location("s3://ckpt/runs/a/")
     assert url == ObjectURL("s3", "ckpt", "runs/a") and str(url / "checkpoints") == "s3://ckpt/runs/a/checkpoints"
     for bad, says in (
-        ("az://container/runs/a", "Azure"),
+        ("az://Container_A/runs/a", "Azure container name"),
         ("gs://bucket/a", "unsupported scheme"),
         ("s3://x/a", "bucket"),
         ("s3://ckpt/runs/../a", "'..'"),
@@ -206,6 +208,25 @@ def test_cp_list_inspect_verify_resume(trained, s3_server, tmp_path, capsys):
     assert f"BAD  {shard}: xxh3_128" in capsys.readouterr().out
     assert cli(["ckpt", "export-hf", url, str(tmp_path / "hf2")]) == 2
     assert "damaged" in capsys.readouterr().err
+    # a manager resuming in place from the bucket (ranged GETs, empty staging folder) refuses it before it restores
+    # anything; one whose staging folder holds the checkpoint reads it there (no ranged GET)
+    model3, opt3, sched3 = _job(seed=3)
+    before = [p.detach().clone() for p in model3.parameters()]
+    mgr3 = CheckpointManager(url, model3, opt3, sched3, config=CheckpointConfig(staging_dir=str(tmp_path / "st")))
+    with pytest.raises(CheckpointError, match=rf"failed verification: .*{re.escape(shard)}: \d+ bytes, xxh3_128"):
+        mgr3.resume("latest")
+    assert all(torch.equal(a, b) for a, b in zip(before, model3.parameters()))
+    assert not (tmp_path / "st" / "checkpoints").exists()
+    mgr3.close()
+    gets = []
+    real = storage.S3Store.get_range
+    storage.S3Store.get_range = lambda self, *a: gets.append(a) or real(self, *a)
+    try:
+        mgr3 = CheckpointManager(url, model3, opt3, sched3, config=CheckpointConfig(staging_dir=str(back)))
+        assert mgr3.resume("step-000000004-pre-decay") and sched3.position == 4 and gets == []
+        mgr3.close()
+    finally:
+        storage.S3Store.get_range = real
     store.put(key, b"short")
     assert objstore.list_run(parse_location(url))[1].state == "corrupt"
 
@@ -274,13 +295,16 @@ def _s3_run(rank: int, world: int, url: str, staging: str) -> dict:
     cfg2 = CheckpointConfig(every_steps=2, keep_last=1, staging_dir=f"{staging}/b", max_shard_size=60_000)
     mgr2 = CheckpointManager(url, model2, opt2, sched2, config=cfg2)
     assert mgr2.resume("auto") and sched2.position == 3
+    resumed = {k: v.clone() for k, v in model2.state_dict().items()}
     _step(model2, opt2, sched2)
     for _ in range(2):
         _step(model, opt, sched)
         _step(model2, opt2, sched2)
     mgr2.close()
     same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    sharded = _fsdp2_resume_in_place(url, f"{staging}/c", resumed)
     return {
+        "sharded": sharded,
         "names": names,
         "same": same,
         "mine": mine,
@@ -288,6 +312,44 @@ def _s3_run(rank: int, world: int, url: str, staging: str) -> dict:
         "after_failure": after_failure,
         "uploads": len(uploads),
         "latest": objstore.read_latest(storage.S3Store(bucket), parse_location(url))[0],
+    }
+
+
+def _fsdp2_resume_in_place(url: str, staging: str, resumed: dict) -> dict:
+    """FSDP2 resumes the plain job's checkpoint from the bucket with an empty staging folder: read in place, each
+    rank's ranged GETs counted per object (a wrapper around the real store's ranged GET)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from wsd_pretrain.checkpoint import objread
+
+    model, opt, sched = _job(seed=2)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = WSDScheduler(opt, WSDSchedule(total=6, decay_length=2))
+    fetched: dict[str, int] = {}
+    real = storage.S3Store.get_range
+
+    def counted(self, key: str, start: int, length: int) -> bytes:
+        data = real(self, key, start, length)
+        fetched[key] = fetched.get(key, 0) + len(data)
+        return data
+
+    storage.S3Store.get_range = counted
+    objread.HEADER_GUESS = 1024  # tiny test files: data ranges are requests of their own, long headers take two
+    try:
+        cfg = CheckpointConfig(staging_dir=staging, max_shard_size=60_000)
+        mgr = CheckpointManager(url, model, opt, sched, config=cfg)
+        assert mgr.resume("auto") and sched.position == 3
+        mgr.close()
+    finally:
+        storage.S3Store.get_range = real
+        objread.HEADER_GUESS = 64 * 1024
+    names = [name for name, _ in model.named_parameters()]
+    same = bool(names) and all(torch.equal(p.full_tensor(), resumed[n]) for n, p in model.named_parameters())
+    return {
+        "same": same,
+        "fetched": fetched,
+        "local": os.listdir(staging) if os.path.isdir(staging) else [],
     }
 
 
@@ -312,6 +374,23 @@ def test_manager_on_s3_two_ranks(s3_server, tmp_path):
     for rank, r in enumerate(results):  # three saves, each rank its own files of each, nothing else
         own = sorted(rel for rel, rec in files.items() if rec["rank"] == rank)
         assert r["mine"] == sorted(own * 3), (rank, r["mine"], own)
+    # FSDP2 on 2 ranks resumed it in place (nothing copied into its staging folder), bitwise: each rank fetched its
+    # verification share whole (the files it wrote) and, of the other files, headers and the half of each tensor
+    # its shard holds (plus whole scalars), never a whole file
+    prefix = (parse_location(url) / "checkpoints" / r["names"][-1]).key + "/"
+    tensors = {rel: rec for rel, rec in files.items() if rel.endswith(".safetensors")}
+    for rank, r in enumerate(results):
+        s = r["sharded"]
+        assert s["same"] and "checkpoints" not in s["local"], s
+        got = {k[len(prefix) :]: n for k, n in s["fetched"].items() if k.startswith(prefix)}
+        assert set(got) <= set(files), set(got) - set(files)
+        # (a range-written file's share is its owner's bytes and each holder's ranges: not the whole file)
+        share = {rel for rel, rec in tensors.items() if rec["rank"] == rank and not rec.get("ranged")}
+        others = {rel for rel in set(tensors) - share if tensors[rel]["size"] > 1024}  # bigger than the 1st GET
+        assert all(got[rel] == tensors[rel]["size"] for rel in share), (got, share)  # verified whole, read once
+        assert all(0 < got[rel] < tensors[rel]["size"] for rel in others), (rank, got, others)
+        total = sum(tensors[rel]["size"] for rel in others)
+        assert sum(got[rel] for rel in others) <= total // 2 + 1024 * len(others), (rank, got)
 
 
 def _s3_direct(rank: int, world: int, url: str) -> dict:

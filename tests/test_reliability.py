@@ -18,6 +18,16 @@ import reliability as R
 pytestmark = [pytest.mark.fault, pytest.mark.distributed]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _session_fork_server():
+    """The 2-rank jobs fork their ranks from the session's fork server (tests/distributed_helpers.py), which has
+    imported DeepSpeed and transformers too: started here first, so that the script's own smaller preload never
+    becomes the server every later run_distributed test forks from."""
+    from distributed_helpers import _context
+
+    _context()
+
+
 def _failures(trials: list[R.Trial]) -> list[str]:
     return [f"{t.case}: {t.detail}" for t in trials if not t.ok]
 

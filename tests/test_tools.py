@@ -1,7 +1,10 @@
 """Every script in tools/ runs, at a tiny size, the way a user starts it (``python tools/<script>.py ...``), and writes
 what it should: the benchmarks their sections (to a file of the test's, never docs/), the schedule comparison its
 report and plots, the checkpoint scripts their outputs, the mutation check its verdicts. The scripts run two at a
-time in one fixture; each test checks one script's result. (``tools/from_deepspeed.py`` runs in
+time in one fixture; each test checks one script's result. Each runs as ``__main__`` (runpy, as the interpreter runs
+a script) in a process forked from the session's fork server (tests/distributed_helpers.py ``run_script``), which
+imported torch, DeepSpeed and transformers once, instead of twelve fresh interpreters importing them again; the
+processes the scripts start themselves are fresh interpreters, as before. (``tools/from_deepspeed.py`` runs in
 tests/test_checkpoint_tools.py, beside a real DeepSpeed checkpoint; ``tools/reliability.py`` in
 tests/test_reliability.py.)"""
 
@@ -19,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from distributed_helpers import _context, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "tools"
@@ -109,9 +114,9 @@ def smoke(tmp_path_factory):
         args, out = jobs[name]
         if name.startswith(("bench_", "compare_", "scale_")):
             args = [*args, "--out", str(out)]
-        cmd = [sys.executable, str(TOOLS / f"{name}.py"), *args]
-        return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+        return run_script(TOOLS / f"{name}.py", args, cwd=tmp, env=env, timeout=600)
 
+    _context()  # the fork server, started once before the two threads use it
     with ThreadPoolExecutor(2) as pool:  # the scripts are mostly one thread each: two at a time on two cores
         done = dict(zip(jobs, pool.map(run, jobs)))
     results = {name: (done[name], jobs[name][1]) for name in jobs}
@@ -226,11 +231,15 @@ def test_bench_scale(smoke):
 def test_scale_report(smoke):
     text = _ok(smoke, "scale_report").read_text()
     (table, tools) = _tables(text)
-    assert [r[0] for r in table[1:]] == ["fsdp2", "zero3", "zero2", "fsdp2 + TP 8 (dp 1)"]
+    assert [r[0] for r in table[1:]] == ["fsdp2", "zero3", "zero2", "fsdp2 + TP 8 (dp 1)", "fsdp2 + TP 2 + PP 2 (dp 2)"]
     moved = {r[0]: float(re.search(r"\(([\d.]+)x the model\)", r[2]).group(1)) for r in table[1:]}
     # partitioned weights are written in place by their holders; under TP only the dim-1 shards move, once
     assert moved["zero2"] < 0.05 and moved["fsdp2"] < 0.05 and moved["zero3"] < 0.05
     assert 0.1 < moved["fsdp2 + TP 8 (dp 1)"] <= 0.5
+    # pipeline stages move nothing more than their TP groups' dim-1 shards, and each stage's ranks write their rows
+    assert 0.05 < moved["fsdp2 + TP 2 + PP 2 (dp 2)"] <= 0.5
+    pp_row = table[-1]
+    assert float(re.search(r"\(([\d.]+)\)", pp_row[3]).group(1)) < 1.25, pp_row
     assert "torch.distributed.checkpoint (`dcp.save`)" in {r[0] for r in tools}
 
 

@@ -161,6 +161,80 @@ def _child(run_dir: str, spec: dict[str, Any]) -> None:
     os._exit(0)
 
 
+# the ranks of the 2-rank jobs are forked from one multiprocessing fork server that imported torch and the library
+# once (a started interpreter spends about 3 s of CPU importing them, and the CI subset alone starts 14 jobs); in a
+# test session, the session's server (tests/distributed_helpers.py) where it already runs
+_PRELOAD = ["torch", "torch.distributed", "wsd_pretrain.checkpoint.manager", "wsd_pretrain.distributed"]
+_FORK_CONTEXT: Any = None
+
+
+def _fork_context() -> Any:
+    global _FORK_CONTEXT
+    if _FORK_CONTEXT is None:
+        import multiprocessing as mp
+        from multiprocessing import forkserver
+
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)  # not used where the server already runs
+        saved = dict(os.environ)
+        os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")  # read when torch and DeepSpeed are imported
+        try:
+            forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        _FORK_CONTEXT = ctx
+    return _FORK_CONTEXT
+
+
+def _forked_rank(run_dir: str, spec: dict[str, Any], env: dict[str, str], out: str, err: str, pgid: int) -> None:
+    """A rank of :class:`_Job`, forked from the fork server: its own process group (rank 0 makes it, rank 1 joins
+    it), as a launcher starts a job, so that a kill of "all" takes both ranks and nothing else; its output to files
+    the job reads."""
+    if pgid == 0:
+        os.setpgid(0, 0)
+    else:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                os.setpgid(0, pgid)
+                break
+            except PermissionError:  # rank 0 has not made its group yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.001)
+    for fd, path in ((1, out), (2, err)):
+        f = os.open(path, os.O_WRONLY | os.O_APPEND)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    os.environ.clear()
+    os.environ.update(env)
+    _child(run_dir, spec)
+
+
+class _Rank:
+    """A forked rank, seen as the ``subprocess.Popen`` of a launcher sees its worker (poll, wait, send_signal)."""
+
+    def __init__(self, proc: Any) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            raise subprocess.TimeoutExpired("rank", timeout or 0)
+        return self.proc.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc.exitcode is None:
+            os.kill(self.pid, sig)
+
+
 class _Job:
     """The 2 ranks of :func:`_child`, started directly (as a launcher would) in one new process group."""
 
@@ -169,7 +243,14 @@ class _Job:
         self.lines: list[tuple[float, str]] = []
         self.committed: dict[str, str] = {}  # name -> manifest.hash at commit time
         self.run_dir = run_dir
-        self.procs: list[subprocess.Popen[str]] = []
+        self.procs: list[_Rank] = []
+        # outside run_dir, which may be a small filesystem the disk trials fill
+        self.logs = Path(tempfile.mkdtemp(prefix="wsd-reliability-job-"))
+        self.out = [str(self.logs / f"rank{r}.out") for r in range(2)]
+        self.err = [str(self.logs / f"rank{r}.err") for r in range(2)]
+        for path in self.out + self.err:
+            Path(path).touch()
+        ctx = _fork_context()
         pgid = 0
         for rank in range(2):
             env = _env(
@@ -180,38 +261,44 @@ class _Job:
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port),
             )
-            cmd = [sys.executable, str(Path(__file__).resolve()), "_child", str(run_dir), json.dumps(spec)]
-            p = subprocess.Popen(
-                cmd,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                process_group=pgid,
+            p = ctx.Process(
+                target=_forked_rank, args=(str(run_dir), spec, env, self.out[rank], self.err[rank], pgid), daemon=True
             )
+            p.start()
             pgid = pgid or p.pid
-            self.procs.append(p)
+            self.procs.append(_Rank(p))
         self.pgid = pgid
         self.stderr: list[str] = ["", ""]
-        self._readers = [threading.Thread(target=self._read, args=(0,), daemon=True)] + [
-            threading.Thread(target=self._err, args=(i,), daemon=True) for i in range(2)
-        ]
+        self._readers = [threading.Thread(target=self._read, args=(0,), daemon=True)]
         for t in self._readers:
             t.start()
 
-    def _read(self, i: int) -> None:
-        assert self.procs[i].stdout is not None
-        for line in self.procs[i].stdout:
-            line = line.strip()
-            self.lines.append((time.monotonic(), line))
-            if line.startswith("COMMITTED "):
-                name = line.split()[1]
-                ckpt = self.run_dir / "checkpoints" / name
-                self.committed[name] = (ckpt / "manifest.hash").read_text()
+    def _line(self, line: str) -> None:
+        line = line.strip()
+        self.lines.append((time.monotonic(), line))
+        if line.startswith("COMMITTED "):
+            name = line.split()[1]
+            ckpt = self.run_dir / "checkpoints" / name
+            self.committed[name] = (ckpt / "manifest.hash").read_text()
 
-    def _err(self, i: int) -> None:
-        assert self.procs[i].stderr is not None
-        self.stderr[i] = self.procs[i].stderr.read()
+    def _read(self, i: int) -> None:
+        """Follow rank ``i``'s output file line by line until the rank has ended and the file is read."""
+        with open(self.out[i]) as f:
+            partial = ""
+            while True:
+                ended = self.procs[i].poll() is not None
+                chunk = f.readline()
+                while chunk:
+                    partial += chunk
+                    if partial.endswith("\n"):
+                        self._line(partial)
+                        partial = ""
+                    chunk = f.readline()
+                if ended:
+                    if partial:
+                        self._line(partial)
+                    return
+                time.sleep(0.001)
 
     def wait_line(self, prefix: str, timeout: float = 120.0) -> float | None:
         deadline = time.monotonic() + timeout
@@ -246,6 +333,8 @@ class _Job:
         codes = [p.wait(30) for p in self.procs]
         for t in self._readers:
             t.join(10)
+        self.stderr = [Path(e).read_text(errors="replace") for e in self.err]
+        shutil.rmtree(self.logs, ignore_errors=True)
         return codes
 
     def text(self) -> str:

@@ -13,15 +13,20 @@ in the output). tools/bench_scale.py checks the same accounting against measured
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from wsd_pretrain.checkpoint.costs import engine_items, load_costs, save_costs  # noqa: E402
+from wsd_pretrain.checkpoint.layout import Item, Partition, itemsize  # noqa: E402
+from wsd_pretrain.parallel import stage_layers  # noqa: E402
 
 GB = 1e9
 DISK = 2.0  # GB/s written or read per rank (a node's NVMe RAID or a Lustre client, shared by 8 GPUs)
@@ -51,6 +56,67 @@ MODELS = {
     "70B": (llama(8192, 80, 28672, 128256, 1024), 1024),
     "405B": (llama(16384, 126, 53248, 128256, 1024), 16384),
 }
+# pipeline-parallel layouts: (model, pp, tp) on the model's GPUs, the rest data parallel (FSDP2), pp outermost
+PP_LAYOUTS = {"405B": (16, 8)}
+
+
+def _stage_of(name: str, bounds: list[range], pp: int) -> int:
+    if name.startswith("model.layers."):
+        index = int(name.split(".")[2])
+        return next(s for s, r in enumerate(bounds) if index in r)
+    return 0 if name == "model.embed_tokens.weight" else pp - 1
+
+
+def _shifted(p: Partition, numel: int, offset: int) -> Partition:
+    """A stage's partition over its own ranks 0..n-1, moved to the job's ranks ``offset..offset+n-1``."""
+    if p.replicated:
+        return p
+    if p.grid is not None:
+        ranks = p.grid.ranks if p.grid.ranks is not None else range(math.prod(p.grid.mesh))
+        return Partition(grid=dataclasses.replace(p.grid, ranks=tuple(r + offset for r in ranks)))
+    if p.parts:
+        return Partition(parts=tuple((s, n, r + offset) for s, n, r in p.parts))
+    count = math.ceil(numel / p.chunk)
+    ranks = p.ranks if p.ranks is not None else tuple(range(count))
+    return Partition(chunk=p.chunk, ranks=tuple(r + offset for r in ranks))
+
+
+def pp_items(shapes: list[tuple[str, tuple[int, ...]]], world: int, pp: int, tp: int) -> list[Item]:
+    """FSDP2 + TP items of a PP x (dp, tp) job: each stage's tensors laid out by ``engine_items`` over that stage's
+    ``world / pp`` ranks (the main job's stage split, ``wsd_pretrain.parallel.stage_layers``), stage ``s`` on ranks
+    ``s * world / pp ...``; a 0-d ``step`` is replicated over the stage (one writer)."""
+    layers = sum(1 for n, _ in shapes if n.endswith("input_layernorm.weight"))
+    bounds = stage_layers(layers, pp)
+    per_stage = world // pp
+    out: list[Item] = []
+    for stage in range(pp):
+        mine = [(n, s) for n, s in shapes if _stage_of(n, bounds, pp) == stage]
+        for item in engine_items("fsdp2", mine, per_stage, tp):
+            part = _shifted(item.partition, item.numel, stage * per_stage)
+            out.append(Item(item.group, item.name, item.shape, item.dtype, part))
+    return out
+
+
+def pp_row(label: str, shapes: list[tuple[str, tuple[int, ...]]], world: int, pp: int, tp: int, shard: int) -> str:
+    """One table row: FSDP2 + TP + PP, saved and resumed on the same layout (each rank reads what it holds)."""
+    t0 = time.monotonic()
+    items = pp_items(shapes, world, pp, tp)
+    cost = save_costs(items, world, shard)
+    read = np.zeros(world, dtype=np.int64)
+    for item in items:  # each rank reads its own rows and boxes (a replicated 0-d step: every rank of the stage)
+        if item.numel and not item.partition.replicated:
+            read += item.partition.bytes_by_rank(item.numel, world, itemsize(item.dtype))
+    gathered = int(cost.sent.sum())
+    save_s = float(cost.written.max()) / (DISK * GB) + float(cost.received.max()) / (NET * GB)
+    load_s = float(max(read.max(), cost.written.max())) / (DISK * GB)
+    print(f"{label} pp {pp}: planned in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    return (
+        f"| fsdp2 + TP {tp} + PP {pp} (dp {world // tp // pp}) | {fmt(cost.model_bytes + cost.state_bytes)} | "
+        f"{fmt(gathered)} ({gathered / max(cost.model_bytes, 1):.2f}x the model) | {fmt(cost.written.max())} / "
+        f"{fmt(cost.written.mean())} ({cost.written.max() / cost.written.mean():.2f}) | {cost.total_files:,} | "
+        f"{cost.gathers} weights sent + {cost.coordination} small | {save_s:.1f} s | {fmt(read.max())} (verified: "
+        f"{fmt(cost.written.max())}) / (another mesh: format 3 boxes) | {load_s:.1f} s |"
+    )
 
 
 def fmt(n: float) -> str:
@@ -93,6 +159,8 @@ def report(models: dict[str, tuple[list[tuple[str, tuple[int, ...]]], int]], sha
                 f"(verified: {fmt(same.verified.max())}) / {half_text} | {load_s:.1f} s |"
             )
             print(f"{label} {label_engine}: planned in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        if label in PP_LAYOUTS:
+            lines.append(pp_row(label, shapes, world, *PP_LAYOUTS[label], shard))
         fp32 = params * 4
         lines += [
             "",
@@ -127,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     models = MODELS
     if args.small:
         models = {"tiny": (llama(64, 2, 128, 256, 16), 8)}
+        PP_LAYOUTS["tiny"] = (2, 2)
     body = report(models, int(args.max_shard_size))
     text = f"""# Checkpoints at cluster scale
 
@@ -188,6 +257,13 @@ messages go over the checkpoint's gloo groups per save.
   the checkpoint's gloo groups. The agreement on the plan is one all-reduce of 17 integers (136 bytes per rank at
   any world size): a flag and a digest of the items every rank planned from, with its negation, so that the
   maximum and the minimum of each word agree exactly when every rank planned the same.
+- **Pipeline stages** (the `fsdp2 + TP 8 + PP 16` row, the 405B recipe's layout `configs/llama_405b_3d.yaml`):
+  each stage's tensors are laid out over that stage's 1,024 ranks (TP 8 x FSDP2 128, the main job's stage split:
+  7, 8 x 14, 7 layers) and written by them; nothing crosses stages. The only bytes that move are the TP groups'
+  dim-1 assemblies, as in the TP row; the pipeline adds the stages' descriptions exchanged inside each pipeline
+  group (checkpoint/pipeline.py, not priced here: about the model's description, ~1.5 MB at 70B). Writes are even (1.01):
+  FSDP2 cuts a 6,656-row TP block of the FFN over 128 ranks (52 rows each), where without PP it cut it over
+  2,048 and left the last ranks without rows (the 1.28 above).
 - **Building the manager** (`checkpoint/agreement.py`) costs each rank one pass over the parameters it holds as
   replicas (DDP and ZeRO-0/1/2's model weights; under FSDP2 and ZeRO-3 there are none): exact sums of their
   bits on their own device, about 17 bytes of memory traffic per byte of weights, so about half a second for the

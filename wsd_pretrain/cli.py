@@ -158,7 +158,7 @@ def _local_path(text: str) -> Path:
     if isinstance(loc, ObjectURL):
         raise argparse.ArgumentTypeError(
             f"{text}: this command reads and writes local folders only; copy the checkpoint with "
-            "`wsd-pretrain ckpt cp` first (list, inspect, verify, export-hf, reshard and cp take s3:// URLs)"
+            "`wsd-pretrain ckpt cp` first (list, inspect, verify, export-hf, reshard and cp take s3:// and az:// URLs)"
         )
     return loc
 
@@ -443,17 +443,17 @@ def _add_ckpt(sub: Any) -> None:
     ck = sub.add_parser("ckpt", help="list, inspect, verify and convert checkpoints")
     acts = ck.add_subparsers(dest="action", required=True)
     p = acts.add_parser("list", help="every checkpoint of a run: step, kind, size, state, latest")
-    p.add_argument("run_dir", help="a run directory or s3://bucket/prefix")
+    p.add_argument("run_dir", help="a run directory, s3://bucket/prefix or az://container/prefix")
     p.add_argument("--checksums", action="store_true", help="also check every file's checksum (slower)")
     p.add_argument("--json", action="store_true")
     p = acts.add_parser("inspect", help="schedule position, tokens, layout, tensors by dtype")
-    p.add_argument("ckpt", help="a checkpoint folder, or a run directory (its newest); local or s3://")
+    p.add_argument("ckpt", help="a checkpoint folder, or a run directory (its newest); local, s3:// or az://")
     p.add_argument("--json", action="store_true")
     p = acts.add_parser("verify", help="check every file against the manifest; exit 1 naming each bad file")
-    p.add_argument("ckpt", help="a checkpoint or run directory; local or s3://")
+    p.add_argument("ckpt", help="a checkpoint or run directory; local, s3:// or az://")
     p.add_argument("--sizes-only", action="store_true", help="compare sizes, not checksums")
     p = acts.add_parser("export-hf", help="a Hugging Face model folder")
-    p.add_argument("ckpt", help="a checkpoint or run directory; local or s3://")
+    p.add_argument("ckpt", help="a checkpoint or run directory; local, s3:// or az://")
     p.add_argument("out", help="a new local folder")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--max-shard-size", default="5GB")
@@ -503,7 +503,7 @@ def _add_ckpt(sub: Any) -> None:
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--hf-config", default=None, help="a config.json to write beside the model")
     p = acts.add_parser("reshard", help="another shard size or model dtype")
-    p.add_argument("ckpt", help="a checkpoint or run directory; local or s3://")
+    p.add_argument("ckpt", help="a checkpoint or run directory; local, s3:// or az://")
     p.add_argument("out", help="the new (local) checkpoint folder")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
@@ -520,14 +520,14 @@ def _add_ckpt(sub: Any) -> None:
     p.add_argument("--hf-config", default=None)
     p = acts.add_parser(
         "cp",
-        help="copy checkpoints between storages (local <-> s3://), verifying every object, committing last",
+        help="copy checkpoints between storages (local <-> s3:// <-> az://), verifying every object, committing last",
         description="Copy a checkpoint, or every complete checkpoint and snapshot of a run, into the run DST "
-        "(local or s3://bucket/prefix). Every object is checked against the manifest's size and checksum on the "
-        "way; the destination's manifest is written last (docs/checkpoint-format.md). Checkpoints DST already has "
+        "(local, s3://bucket/prefix or az://container/prefix). Every object is checked against the manifest's "
+        "size and checksum on the way; the destination's manifest is written last (docs/checkpoint-format.md). Checkpoints DST already has "
         "are skipped.",
     )
-    p.add_argument("src", help="a checkpoint or a run directory (local or s3://)")
-    p.add_argument("dst", help="a run directory (local or s3://)")
+    p.add_argument("src", help="a checkpoint or a run directory (local, s3:// or az://)")
+    p.add_argument("dst", help="a run directory (local, s3:// or az://)")
     p.add_argument(
         "--replace-unfinished",
         action="store_true",

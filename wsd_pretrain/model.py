@@ -143,9 +143,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(b, t, cfg.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, cfg.num_kv_heads, self.head_dim).transpose(1, 2)
+        # -1 heads: under tensor parallelism a rank's q/k/v hold its num_heads / tp and num_kv_heads / tp heads
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         if cfg.num_kv_heads != cfg.num_heads:
@@ -154,7 +155,7 @@ class Attention(nn.Module):
             v = v.repeat_interleave(rep, dim=1)
         dropout = cfg.attention_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.hidden_size))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -176,7 +177,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
+        self.checkpointing = False
+        """Recompute this layer's activations in the backward (``train.activation_checkpointing``)."""
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        return self._forward(x, cos, sin)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -202,6 +213,8 @@ class LlamaLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.seq_shards = 1
+        """Slices of the sequence a pipeline stage's input is cut in (tensor/sequence parallelism: tp), else 1."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -230,10 +243,17 @@ class LlamaLM(nn.Module):
                 f"sequence of {tokens.size(1)} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}",
                 where="model",
             )
-        x = self.model.embed_tokens(tokens)
-        cos, sin = self._rope(tokens.size(1), x.device, x.dtype)
-        for layer in self.model.layers:
+        # a pipeline stage (parallel.py) keeps only its own parts: no embedding after the first stage (its input is
+        # the previous stage's hidden states), no final norm and output layer before the last (it returns them)
+        x = self.model.embed_tokens(tokens) if self.model.embed_tokens is not None else tokens
+        # a later stage under sequence parallelism receives its rank's slice of the sequence (seq_shards of them);
+        # attention gathers the whole sequence, which the rotary tables must cover
+        cos, sin = self._rope(tokens.size(1) * self.seq_shards, x.device, x.dtype)
+        layers = self.model.layers
+        for layer in layers.values() if isinstance(layers, nn.ModuleDict) else layers:
             x = layer(x, cos, sin)
+        if self.model.norm is None:
+            return x
         logits = self.lm_head(self.model.norm(x))
         if targets is None:
             return logits

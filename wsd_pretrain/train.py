@@ -34,6 +34,7 @@ from .data import DataConfig, PhasedSampler, ShardedSampler, TokenData, describe
 from .deepspeed_scheduler import SCHEDULER_TYPE
 from .errors import ConfigError, WSDError
 from .model import LlamaLM, ModelConfig
+from .parallel import Layout, ParallelConfig, check_parallel, world_from_env
 from .schedule import WSDSchedule
 from .scheduler import WSDScheduler
 from .tracking import Tracker, TrackingConfig, check_available
@@ -103,6 +104,8 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar on rank 0."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward (keeps only each layer's input)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -138,9 +141,11 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wsm: WSMConfig = field(default_factory=WSMConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The ``parallel:`` section: the FSDP2 engine's (pp, dp_replicate, dp_shard, tp) mesh (parallel.py)."""
 
     def to_dict(self) -> dict[str, Any]:
-        names = ("model", "data", "optimizer", "checkpoint", "train", "wsm", "tracking")
+        names = ("model", "data", "optimizer", "checkpoint", "train", "wsm", "tracking", "parallel")
         out = {name: asdict(getattr(self, name)) for name in names}
         out["schedule"] = self.schedule.to_dict()
         if self.decay_data is not None:
@@ -158,6 +163,7 @@ SECTIONS = {
     "train": TrainConfig,
     "wsm": WSMConfig,
     "tracking": TrackingConfig,
+    "parallel": ParallelConfig,
 }
 
 
@@ -248,6 +254,10 @@ def resolve_job(
                 where="job config",
             )
         WSMPlan.build(job.wsm, job.schedule, job.checkpoint)  # refused now (and by --dry-run), naming each fix
+    # the layout against the engine, the model and the data, and the launcher's world size when there is one
+    problems = check_parallel(job, world_from_env())
+    if problems:
+        raise ConfigError(problems, where="job config")
     check_available(job.tracking)  # a tracker whose package is missing: refused before any work
     return job
 
@@ -360,6 +370,14 @@ def deepspeed_plan(job: JobConfig, raw_config: dict[str, Any]) -> DeepSpeedPlan:
     """
     path = Path(job.train.ds_config or "")
     cfg = _read_ds_config(path)
+    autotp = cfg.get("tensor_parallel", {}).get("autotp_size", 1) if isinstance(cfg.get("tensor_parallel"), dict) else 1
+    if isinstance(autotp, int) and autotp > 1:
+        raise ConfigError(
+            f"the ds_config {path} sets tensor_parallel.autotp_size={autotp}: DeepSpeed AutoTP, which the checkpoint "
+            "manager refuses today (docs/decisions.md, 96): train with train.engine=fsdp2 and parallel.tp, or "
+            "remove the tensor_parallel section",
+            where="job config",
+        )
     schedule, scheduler_args = _ds_schedule(cfg.pop("scheduler", None), raw_config.get("schedule"), path)
     optimizer = cfg.get("optimizer")
     if optimizer is not None:
@@ -385,7 +403,27 @@ def deepspeed_plan(job: JobConfig, raw_config: dict[str, Any]) -> DeepSpeedPlan:
     cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": job.train.dtype == "fp16"}
     if job.train.zero_stage is not None:
         cfg.setdefault("zero_optimization", {})["stage"] = job.train.zero_stage
+    if job.parallel.pp > 1:
+        _pipeline_ds_config(cfg, job, path)
     return DeepSpeedPlan(config=cfg, optimizer=optimizer, schedule=schedule, scheduler_args=scheduler_args)
+
+
+def _pipeline_ds_config(cfg: dict[str, Any], job: JobConfig, path: Path) -> None:
+    """``parallel.pp > 1`` on DeepSpeed: ZeRO 0/1 only, and each micro-step's ``train.micro_batch_size`` sequences
+    cut into ``parallel.microbatches`` pipeline microbatches (DeepSpeed's micro batch and accumulation steps)."""
+    zero = cfg.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if stage not in (0, 1):
+        raise ConfigError(
+            f"ZeRO stage {stage} (from {'train.zero_stage' if job.train.zero_stage is not None else path}) with "
+            f"parallel.pp={job.parallel.pp}: DeepSpeed's PipelineEngine runs ZeRO 0 or 1 only (stage 2 partitions the "
+            "gradients the pipeline accumulates over its microbatches); set train.zero_stage=1 or use "
+            "configs/ds_zero1.json",
+            where="job config",
+        )
+    n = job.parallel.microbatches or job.parallel.pp
+    cfg["train_micro_batch_size_per_gpu"] = job.train.micro_batch_size // n
+    cfg["gradient_accumulation_steps"] = job.train.grad_accum * n
 
 
 def _check_ds_train_settings(cfg: dict[str, Any], job: JobConfig, path: Path) -> None:
@@ -453,6 +491,20 @@ class Built:
     optimizer: torch.optim.Optimizer
     scheduler: WSDScheduler
     engine: Any = None
+    layout: Layout | None = None
+    """The (pp, dp_replicate, dp_shard, tp) degrees; None: plain data parallelism over every rank."""
+    pipeline: Any = None
+    """With pp > 1: the schedule (GPipe or 1F1B) that steps this rank's stage; ``model`` is then the stage module."""
+    pp_group: Any = None
+    pp_stage: int = 0
+    checkpoint_pipeline: Any = None
+    """The manager's ``pipeline=`` argument (checkpoint.Pipeline) with pp > 1."""
+    ds_pipe_microbatches: int = 0
+    """DeepSpeed's PipelineEngine (engine deepspeed, pp > 1): pipeline microbatches per micro-step; 0: not one."""
+
+    @property
+    def last_stage(self) -> bool:
+        return self.layout is None or self.pp_stage == self.layout.pp - 1
 
 
 def build_engine(
@@ -464,6 +516,8 @@ def build_engine(
 ) -> Built:
     torch.manual_seed(job.train.seed)
     module = LlamaLM(job.model).to(device)
+    for layer in module.model.layers:
+        layer.checkpointing = job.train.activation_checkpointing
     opt_cfg = job.optimizer
     engine = job.train.engine
     if engine == "deepspeed":
@@ -477,23 +531,42 @@ def build_engine(
                 where="job config",
             )
         return _build_deepspeed(job, module, schedule, device, tokens_per_step, ds_plan, scheduler_args)
-    optimizer = torch.optim.AdamW(
-        _param_groups(module, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps
-    )
-    scheduler = WSDScheduler(optimizer, schedule, tokens_per_step=tokens_per_step)
     model: Any = module
+    layout = None
+    extra: dict[str, Any] = {}
     if engine == "fsdp2":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from .parallel import apply_fsdp, apply_tp, build_mesh, build_pipeline, split_stage
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if job.train.dtype == "bf16" else MixedPrecisionPolicy()
-        for layer in module.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(module, mp_policy=mp)
+        layout = job.parallel.resolved(D.get_world_size())
+        if job.parallel.multi_dim:
+            mesh = build_mesh(layout, device)
+            if layout.pp > 1:  # this rank's stage of the whole model (built from the same seed on every rank)
+                extra["pp_stage"] = mesh.get_local_rank("pp")
+                split_stage(module, extra["pp_stage"], layout.pp)
+            if layout.tp > 1:
+                apply_tp(module, mesh["tp"])
+            apply_fsdp(module, mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"], mp)
+            if layout.pp > 1:
+                from .checkpoint.pipeline import Pipeline
+
+                _, extra["pipeline"] = build_pipeline(module, mesh, layout, job.parallel, device)
+                extra["pp_group"] = mesh["pp"].get_group()
+                extra["checkpoint_pipeline"] = Pipeline(group=mesh["pp"])
+        else:
+            apply_fsdp(module, None, mp)
     elif D.get_world_size() > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None
         )
-    return Built(model, module, optimizer, scheduler)
+    # after fully_shard, which replaces each parameter by its DTensor shard: the optimizer steps those
+    optimizer = torch.optim.AdamW(
+        _param_groups(module, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps
+    )
+    scheduler = WSDScheduler(optimizer, schedule, tokens_per_step=tokens_per_step)
+    return Built(model, module, optimizer, scheduler, layout=layout, **extra)
 
 
 def _build_deepspeed(
@@ -516,19 +589,24 @@ def _build_deepspeed(
         # DeepSpeed would pick cuda:<LOCAL_RANK>; with one GPU per task (srun --gpus-per-task=1) that is cuda:0
         kwargs["args"] = argparse.Namespace(device_rank=device.index)
     factory = WSDScheduler.factory(schedule, tokens_per_step=tokens_per_step, **scheduler_args)
+    model: torch.nn.Module = module
+    if job.parallel.pp > 1:  # DeepSpeed's PipelineEngine: this rank's stage of the whole model (ds_pipe.py)
+        from .ds_pipe import build_pipeline_module
+
+        model = build_pipeline_module(module, job.parallel.pp, job.train.activation_checkpointing)
     if plan.optimizer is not None:
         # DeepSpeed builds the ds_config's optimizer on these groups: the matrices take its weight_decay, norms
         # and biases none (as with the job's own AdamW); the scheduler is built on the optimizer DeepSpeed steps
-        kwargs.update(model_parameters=_param_groups(module, None))
+        kwargs.update(model_parameters=_param_groups(model, None))
     else:
         opt_cfg = job.optimizer
         client = torch.optim.AdamW(
-            _param_groups(module, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps
+            _param_groups(model, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps
         )
         kwargs.update(optimizer=client)
     try:
         ds_engine, _, _, scheduler = deepspeed_initialize(
-            model=module, lr_scheduler=factory, config=plan.config, **kwargs
+            model=model, lr_scheduler=factory, config=plan.config, **kwargs
         )
     except WSDError:
         raise
@@ -537,7 +615,37 @@ def _build_deepspeed(
         raise ConfigError(
             f"DeepSpeed refused {what}: {type(exc).__name__}: {exc}", where=f"ds_config {job.train.ds_config}"
         ) from exc
+    if job.parallel.pp > 1:
+        return _ds_pipe_built(job, module, ds_engine, scheduler)
     return Built(ds_engine, module, scheduler.optimizer, scheduler, engine=ds_engine)
+
+
+def _ds_pipe_built(job: JobConfig, module: LlamaLM, ds_engine: Any, scheduler: WSDScheduler) -> Built:
+    """The PipelineEngine as the loop's engine: its layout (stages outermost, as DeepSpeed's grid and the FSDP2
+    mesh order ranks) and the manager's name map to the model's own names."""
+    from .checkpoint.pipeline import Pipeline
+    from .ds_pipe import hf_name
+
+    world, rank, pp = D.get_world_size(), D.get_rank(), job.parallel.pp
+    layout = Layout(pp=pp, dp_replicate=1, dp_shard=world // pp, tp=1)
+    stage, dp_rank = int(ds_engine.stage_id), int(ds_engine.grid.get_data_parallel_rank())
+    if stage != layout.coords(rank)["pp"] or dp_rank != layout.dp_rank(rank):
+        raise ConfigError(
+            f"DeepSpeed's pipeline grid puts rank {rank} at stage {stage}, data-parallel rank {dp_rank}; the job "
+            f"expects stage {layout.coords(rank)['pp']}, data-parallel rank {layout.dp_rank(rank)}",
+            where="DeepSpeed pipeline",
+        )
+    return Built(
+        ds_engine,
+        module,
+        scheduler.optimizer,
+        scheduler,
+        engine=ds_engine,
+        layout=layout,
+        pp_stage=stage,
+        checkpoint_pipeline=Pipeline(names=hf_name),
+        ds_pipe_microbatches=job.parallel.microbatches or pp,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -563,6 +671,8 @@ class Trainer:
         self.manager, self.device = manager, device
         self.wsm: WSMPlan | None = None  # the decay-free mode: a merged model at each milestone (wsm.py)
         self.rank, self.world = D.get_rank(), D.get_world_size()
+        layout = built.layout or Layout(1, 1, self.world, 1)
+        self.dp_rank, self.dp_size = layout.dp_rank(self.rank), layout.dp
         self.metrics_path = run_dir / "metrics.jsonl"
         self.tracker = Tracker(job.tracking, run_dir, active=False)  # _train sets rank 0's
         self._saves: list[tuple[int, Path, Any, float, float]] = []  # (step, path, pending, started, blocked)
@@ -602,6 +712,14 @@ class Trainer:
         data = self.decay_data if self.sampler.active == "decay" and self.decay_data is not None else self.data
         inputs, targets = data.train_batch(self.sampler.next_indices())
         inputs, targets = inputs.to(self.device), targets.to(self.device)
+        if self.b.pipeline is not None:  # the schedule runs every microbatch's forward and backward of this stage
+            losses: list[torch.Tensor] = []
+            args = (inputs,) if self.b.pp_stage == 0 else ()
+            if self.b.last_stage:
+                self.b.pipeline.step(*args, target=targets, losses=losses)
+                return float(torch.stack([x.detach().float() for x in losses]).mean())
+            self.b.pipeline.step(*args)
+            return 0.0  # only the last stage has the loss; _update averages it over the last stage's ranks
         if self.b.engine is not None:
             loss = self.b.engine(inputs, targets)
             self.b.engine.backward(loss)
@@ -612,7 +730,25 @@ class Trainer:
         (loss / self.job.train.grad_accum).backward()
         return float(loss.detach())
 
+    def _ds_pipe_update(self) -> float:
+        """One update of DeepSpeed's PipelineEngine: every rank draws the micro-steps' batches (the sampler moves
+        alike on every stage), cut into the pipeline's microbatches; ``train_batch`` runs them (the first stage
+        reads the inputs, the last the targets), steps the optimizer and the WSD scheduler, and returns the loss
+        the last stage averaged over its data-parallel ranks, broadcast to every stage."""
+        from .ds_pipe import pipe_batches
+
+        data = self.decay_data if self.sampler.active == "decay" and self.decay_data is not None else self.data
+        inputs, targets = [], []
+        for _ in range(self.job.train.grad_accum):
+            x, y = data.train_batch(self.sampler.next_indices())
+            inputs.append(x.to(self.device))
+            targets.append(y.to(self.device))
+        loss = self.b.engine.train_batch(iter(pipe_batches(inputs, targets, self.b.ds_pipe_microbatches)))
+        return float(loss.detach().double().cpu())
+
     def _update(self) -> float:
+        if self.b.ds_pipe_microbatches:
+            return self._ds_pipe_update()
         accum = self.job.train.grad_accum
         if self.b.engine is not None:
             losses = [self._micro_step() for _ in range(accum)]  # DeepSpeed steps the scheduler at the boundary
@@ -623,7 +759,11 @@ class Trainer:
                 sync = nullcontext() if (i == accum - 1 or not hasattr(model, "no_sync")) else model.no_sync()
                 with sync:
                     losses.append(self._micro_step())
-            if self.job.train.grad_clip > 0:
+            if self.job.train.grad_clip > 0 and self.b.pp_group is not None:
+                from .parallel import clip_grad_norm_pp
+
+                clip_grad_norm_pp(list(model.parameters()), self.job.train.grad_clip, self.b.pp_group)
+            elif self.job.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), self.job.train.grad_clip)
             self.b.optimizer.step()
             self.b.optimizer.zero_grad(set_to_none=True)
@@ -634,7 +774,8 @@ class Trainer:
 
             loss = loss.to(self.device if self.device.type == "cuda" else "cpu")
             dist.all_reduce(loss)
-            loss = loss.cpu() / self.world
+            # with pipeline stages only the last stage's ranks (world / pp of them) contributed a loss
+            loss = loss.cpu() / (self.world // (self.b.layout.pp if self.b.layout is not None else 1))
         return float(loss)
 
     @torch.no_grad()
@@ -648,8 +789,26 @@ class Trainer:
         model.eval()
         total, count = 0.0, 0
         for b in range(self.job.train.eval_batches):
-            idx = [(b * micro * self.world + self.rank * micro + j) % n for j in range(micro)]
+            idx = [(b * micro * self.dp_size + self.dp_rank * micro + j) % n for j in range(micro)]
             inputs, targets = self.data.valid_batch(idx)
+            if self.b.ds_pipe_microbatches:  # every stage gets the loss of the last (averaged over its dp ranks)
+                from .ds_pipe import pipe_batches
+
+                k = self.b.ds_pipe_microbatches
+                batches = pipe_batches([inputs.to(self.device)], [targets.to(self.device)], k)
+                total += float(self.b.engine.eval_batch(iter(batches), num_micro_batches=k).double().cpu())
+                count += 1
+                continue
+            if self.b.pipeline is not None:  # forward only, through every stage; the last one has the loss
+                losses: list[torch.Tensor] = []
+                args = (inputs.to(self.device),) if self.b.pp_stage == 0 else ()
+                if self.b.last_stage:
+                    self.b.pipeline.eval(*args, target=targets.to(self.device), losses=losses)
+                    total += float(torch.stack([x.float() for x in losses]).mean())
+                    count += 1
+                else:
+                    self.b.pipeline.eval(*args)
+                continue
             with self.autocast:
                 total += float(model(inputs.to(self.device), targets.to(self.device)))
             count += 1
@@ -981,7 +1140,17 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
                 "small",
                 where="job config",
             )
-    tokens_per_step = job.train.micro_batch_size * job.train.grad_accum * world * job.data.seq_len
+    # the data-parallel ranks read different data; the ranks of one TP group (and of one pipeline) the same
+    problems = check_parallel(job, world)
+    if problems:
+        raise ConfigError(problems, where="job config")
+    layout = (
+        job.parallel.resolved(world)
+        if job.train.engine == "fsdp2" or job.parallel.pp > 1  # DeepSpeed's pipeline: pp x (world / pp)
+        else Layout(1, 1, world, 1)
+    )
+    dp_rank, dp_size = layout.dp_rank(rank), layout.dp
+    tokens_per_step = job.train.micro_batch_size * job.train.grad_accum * dp_size * job.data.seq_len
     built = build_engine(job, schedule, device, tokens_per_step, plan)
     log.info(
         "optimizer: %s",
@@ -995,12 +1164,14 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
     seed_everything(job.train.seed + rank)
     micro = job.train.micro_batch_size
     sampler = PhasedSampler(
-        ShardedSampler(data.num_train, micro, rank, world, seed=job.data.seed, shuffle=job.data.shuffle),
+        ShardedSampler(data.num_train, micro, dp_rank, dp_size, seed=job.data.seed, shuffle=job.data.shuffle),
         describe(job.data, data.num_train),
     )
     if decay_data is not None and job.decay_data is not None:
         cfg = job.decay_data
-        sampler.decay = ShardedSampler(decay_data.num_train, micro, rank, world, seed=cfg.seed, shuffle=cfg.shuffle)
+        sampler.decay = ShardedSampler(
+            decay_data.num_train, micro, dp_rank, dp_size, seed=cfg.seed, shuffle=cfg.shuffle
+        )
         sampler.decay_data = describe(cfg, decay_data.num_train)
     sampler.allow_data_change = args.allow_data_change
     manager = CheckpointManager(
@@ -1013,6 +1184,7 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
         hf_config=job.model.hf_config(),
         extra_state=lambda: {"grad_clip": job.train.grad_clip},
         load_extra_state=lambda saved: _note_grad_clip(saved, job.train.grad_clip),
+        **({"pipeline": built.checkpoint_pipeline} if built.checkpoint_pipeline is not None else {}),
     )
     tracker: Tracker | None = None
     trainer: Trainer | None = None

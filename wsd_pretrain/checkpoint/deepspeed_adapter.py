@@ -692,9 +692,14 @@ class DeepSpeedPipeAdapter(DeepSpeedAdapter):
     are written by their stage's data-parallel ranks in turn; masters and optimizer state by their holders. The
     optimizer state keys of the other stages' parameters are this rank's own (every stage steps the same optimizer
     class at the same steps); a stage whose keys differ makes the ranks' descriptions differ, which the build-time
-    agreement refuses."""
+    agreement refuses.
 
-    def __init__(self, engine: Any) -> None:
+    ``names``: a callable ``PipelineModule name -> name in the model`` (the manager's ``Pipeline(names=...)``), for
+    layers that carry their model's names under the layer index (the main job's Llama: ``3.model.layers.2.mlp...``
+    -> ``model.layers.2.mlp...``); None keeps the PipelineModule's names. Two parameters the map gives one name are
+    refused unless they are the same tied weight (held by two stages)."""
+
+    def __init__(self, engine: Any, names: Any = None) -> None:
         from .. import distributed as D
         from . import coord
 
@@ -702,6 +707,8 @@ class DeepSpeedPipeAdapter(DeepSpeedAdapter):
         stage = int(getattr(engine, "stage_id", 0))
         try:
             super().__init__(engine)
+            if names is not None:
+                self._rename(names)
             grid = engine.grid
             self.stage_id, self.num_stages = stage, pipeline_stages(engine)
             self.part_world = int(engine.dp_world_size)
@@ -721,6 +728,32 @@ class DeepSpeedPipeAdapter(DeepSpeedAdapter):
         if any(errors):
             raise CheckpointError(coord.describe_errors(errors))
         self._global = self._union(got)
+
+    def _rename(self, names: Any) -> None:
+        """Every parameter, tied alias and persistent buffer under ``names(its PipelineModule name)``."""
+        if not callable(names):
+            raise CheckpointError(
+                f"Pipeline(names=...) for a DeepSpeed pipeline must be a callable (PipelineModule name -> model name), "
+                f"not {type(names).__name__}"
+            )
+        renamed: dict[str, str] = {}
+
+        def new(name: str) -> str:
+            out = str(names(name))
+            if out in renamed and renamed[out] != name:
+                raise CheckpointError(
+                    f"the name map gives {renamed[out]!r} and {name!r} one name {out!r}: map each tensor of the stage "
+                    "to its own name in the model"
+                )
+            renamed[out] = name
+            return out
+
+        self._params = [(new(n), p) for n, p in self._params]
+        self._by_name = dict(self._params)
+        self.tied = {str(names(a)): str(names(t)) for a, t in self.tied.items() if names(a) != names(t)}
+        where = self._buffers._where
+        self._buffers._where = {new(n): w for n, w in where.items()}
+        self._id_name = {id(p): n for n, p in self._params}
 
     def _stage_params(self) -> list[list[Any]]:
         """``[name, shape, dtype, has master, fragments]`` of this stage's parameters (fragments: ``[start, numel,

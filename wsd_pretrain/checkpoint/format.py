@@ -345,7 +345,11 @@ def _owner_pieces(path: Path, tensors: dict[str, Any]) -> list[tuple[int, int]]:
     """A range-written file's bytes its owner wrote: the header and every tensor not written by its holders."""
     from .safetensors_io import read_header
 
-    header = read_header(path)
+    return owner_pieces(read_header(path), tensors)
+
+
+def owner_pieces(header: Any, tensors: dict[str, Any]) -> list[tuple[int, int]]:
+    """:func:`_owner_pieces` from a checked header."""
     pieces = [(0, header.data_start)]
     for info in sorted(header.tensors.values(), key=lambda i: i.start):
         if info.name in tensors or info.end == info.start:
@@ -375,17 +379,19 @@ def bytes_written(ckpt: Path, manifest: dict[str, Any]) -> dict[int, int]:
     return out
 
 
-def holder_pieces(ckpt: Path, manifest: dict[str, Any], holders: list[int]) -> dict[int, list[tuple[str, int, int]]]:
+def holder_pieces(
+    ckpt: Any, manifest: dict[str, Any], holders: list[int], header_of: Any = None
+) -> dict[int, list[tuple[str, int, int]]]:
     """``{holder: [(file, byte offset, length)]}``: each holder's ranges of the range-written model files, in the
-    plan's order (file by file, tensor by tensor), from the files' headers and the manifest's partitions."""
+    plan's order (file by file, tensor by tensor), from the files' headers (``header_of(rel)``: an object's, read
+    by ranged GET) and the manifest's partitions."""
     from .layout import Partition
     from .safetensors_io import itemsize, read_header
 
     ranges = manifest["ranges"]
     out: dict[int, list[tuple[str, int, int]]] = {h: [] for h in holders}
     for rel in ranges["files"]:
-        path = safe_path(ckpt, rel, "manifest ranges")
-        header = read_header(path)
+        header = header_of(rel) if header_of is not None else read_header(safe_path(ckpt, rel, "manifest ranges"))
         for info in sorted(header.tensors.values(), key=lambda i: i.start):
             spec = ranges["tensors"].get(info.name)
             if spec is None:

@@ -124,6 +124,7 @@ def load_checkpoint(
     load_optimizer: bool = True,
     restore_rng_state: bool = True,
     check: Callable[[dict[str, Any]], None] | None = None,
+    source: Any = None,
 ) -> dict[str, Any]:
     """Restore the engine from ``ckpt`` (every rank calls this); return ``{"manifest", "trainer", "stats"}``.
 
@@ -132,6 +133,10 @@ def load_checkpoint(
     raises CheckpointError naming it on every rank, before anything is changed. ``check`` is called on every rank
     with ``{"manifest", "trainer", "engine"}`` (the same plain JSON everywhere) before anything is read: it may
     raise to refuse the checkpoint.
+
+    ``source`` (a :class:`.objread.RemoteCheckpoint`): the checkpoint is on object storage and read in place, each
+    rank fetching exactly the byte ranges its restore needs and its verification share (:mod:`.objread`); ``ckpt``
+    only names it in messages.
     """
     ckpt = Path(ckpt)
     if verify not in ("checksum", "size", "none"):
@@ -145,7 +150,7 @@ def load_checkpoint(
     if rank == 0:
         try:
             point("load-open")
-            opened = _open(ckpt)
+            opened = _open(ckpt) if source is None else _open_remote(ckpt, source)
         except Exception as exc:
             why = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
             opened = {"error": f"cannot resume: rank 0: {why}"}
@@ -175,7 +180,15 @@ def load_checkpoint(
         if verify == "checksum" and not rank0_only and manifest.get("world_size") == D.get_world_size()
         else None
     )
-    if reads:
+    if source is not None:
+        source.verify, kept = verify, None
+    if reads and source is not None:
+        try:
+            store = _remote_store(source, ckpt)
+            described = _describe(store)
+        except Exception as exc:
+            problems = [str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"]
+    elif reads:
         problems = _verify_problems(ckpt, manifest, verify, everything=rank0_only, keep=kept)
         if problems:
             problems = [f"{ckpt} failed verification: " + "; ".join(problems)]
@@ -210,6 +223,8 @@ def load_checkpoint(
                     raise CheckpointError(f"{ckpt}: {keys_problem}")
             saved = {p: {k: tuple(s) for k, s in keys.items()} for p, keys in described["optimizer"].items()}
             plan = adapter.wants(saved if with_optim else {})
+            if source is not None:  # the ranges this rank's restore reads, then fetched with its verification share
+                problems = _prefetch(store, source, adapter, plan, described)
         except Exception as exc:  # an engine that cannot describe what it needs: every rank must hear of it
             problems = [str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"]
     _agree_or_close("; ".join(problems) or None, store)
@@ -259,12 +274,55 @@ def load_checkpoint(
         "kept_hits": store.kept_hits if store is not None else 0,
         "files_read": sorted(store.opened) if store is not None else [],
     }
+    if source is not None:  # object storage: what this rank fetched (ranged GETs) to verify its share and restore
+        stats.update(bytes_fetched=source.bytes_fetched, gets=source.gets)
     kept = None
     if restore_rng_state:
-        rng_error = _restore_rng(ckpt, manifest, rank0_only)
+        rng_error = _restore_rng(ckpt, manifest, rank0_only, source)
         error = error or rng_error
     coord.agree(error, f"resuming from {ckpt} failed (the engine may be partly restored: restart the job)")
     return {"manifest": manifest, "trainer": trainer, "stats": stats}
+
+
+def _open_remote(ckpt: Path, source: Any) -> dict[str, Any]:
+    """:func:`_open` for a checkpoint on object storage (its manifest was validated when it was fetched)."""
+    manifest = source.manifest
+    if F.SNAPSHOT_KIND in manifest["kinds"]:
+        raise CheckpointError(f"{source.url} is a model-only snapshot (no optimizer, data or RNG state)")
+    trainer = source.json(f"{F.TRAIN_STATE}/trainer.json", "trainer state")
+    engine = source.json(f"{F.TRAIN_STATE}/engine.json", "engine state")
+    _validated_trainer(ckpt, trainer, engine)
+    return {"manifest": manifest, "trainer": trainer, "engine": engine}
+
+
+def _remote_store(source: Any, ckpt: Path) -> CheckpointStore:
+    from .objread import RemoteStore
+
+    return RemoteStore(source, ckpt)
+
+
+def _prefetch(
+    store: Any, source: Any, adapter: EngineAdapter, plan: dict[str, list[Want]], described: Any
+) -> list[str]:
+    """Object storage: record the byte ranges the restore below will read (nothing fetched), then fetch them and
+    this rank's verification share (whole files, checksummed) with ranged GETs, several in flight; the restore
+    reads from those bytes. Returns the problems (agreed on before anything is restored)."""
+
+    def walk() -> None:
+        reader = _Reader(store)
+        for pname in adapter.param_names:
+            for w in plan.get(pname, []):
+                reader.get(w, described)
+        for bname in adapter.buffer_names:
+            reader.get(Want("buffer", bname), described)
+
+    needs = store.record(walk)
+    source.rank, source.world = D.get_rank(), D.get_world_size()
+    kept, problems = source.prefetch(needs, source.share(source.rank, source.world), READ_ONCE_BYTES)
+    if problems:
+        return [f"{source.url} failed verification: " + "; ".join(problems)]
+    store.keep(kept)
+    return []
 
 
 def _agree_or_close(error: str | None, store: CheckpointStore | None) -> None:
@@ -475,7 +533,7 @@ def _validated_trainer(ckpt: Path, trainer: Any, engine: Any) -> None:
         raise CheckpointError(f"{where / 'engine.json'}: optimizer.scalars must map parameters to objects")
 
 
-def _restore_rng(ckpt: Path, manifest: dict[str, Any], rank0_only: bool) -> str | None:
+def _restore_rng(ckpt: Path, manifest: dict[str, Any], rank0_only: bool, source: Any = None) -> str | None:
     """This rank's RNG streams back; returns this rank's error (the caller's agreement raises it everywhere)."""
     rank, world = D.get_rank(), D.get_world_size()
     error, state = None, None
@@ -494,6 +552,9 @@ def _restore_rng(ckpt: Path, manifest: dict[str, Any], rank0_only: bool) -> str 
             if isinstance(states, dict):
                 raise CheckpointError(states["error"])
             state = states[rank]
+        elif source is not None:
+            rel = f"{F.TRAIN_STATE}/rng/rank-{rank:05d}.json"
+            state = source.json(rel, "rng state") if rel in manifest["files"] else None
         else:
             path = F.safe_path(ckpt, f"{F.TRAIN_STATE}/rng/rank-{rank:05d}.json", "rng state")
             state = read_json(path) if path.is_file() else None

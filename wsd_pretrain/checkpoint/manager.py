@@ -225,7 +225,8 @@ class CheckpointManager:
             ``from_pretrained``.
         pipeline: a pipeline-parallel job's :class:`~.pipeline.Pipeline` (its group, a name map for stages
             renumbered from 0, tied weights across stages), given on every rank; ``model`` is then this rank's stage
-            module(s) or ``PipelineStage`` object(s) (docs/manager.md, "Pipeline parallelism").
+            module(s) or ``PipelineStage`` object(s) (docs/manager.md, "Pipeline parallelism"). With a DeepSpeed
+            ``PipelineEngine`` only ``names`` applies (a callable: PipelineModule name -> name in the model).
         scaler: the loss scaler of an fp16 run (``torch.amp.GradScaler``, FSDP2's ``ShardedGradScaler``, anything
             with a plain-JSON ``state_dict``/``load_state_dict``): its scale and growth tracker are saved and restored
             (DeepSpeed's own fp16 scaler is saved with its engine).
@@ -254,6 +255,9 @@ class CheckpointManager:
         location = _storage.parse_location(run_dir)
         self._remote: Any = None
         self._direct = False
+        self.loaded_from: Path | None = None
+        """The checkpoint the last :meth:`load` restored (an s3:// run's: its path in the staging run, which a
+        resume read in place from the bucket never created)."""
         if isinstance(location, _storage.ObjectURL):
             from .objstore_tier import RemoteTier
 
@@ -294,7 +298,13 @@ class CheckpointManager:
         try:
             # the engine's adapter, refusing state the checkpoint could not carry now, not after hours; then every
             # rank describes what it holds and all agree on one plan, or all raise the same error (agreement.py)
-            if pipeline is not None:  # given on every rank: the stages' union is exchanged (pipeline.py)
+            if pipeline is not None and _is_deepspeed_pipe(model):
+                # DeepSpeed's own grid places the stages; its adapter gathers their union itself
+                self.adapter = agree_on_plan(
+                    lambda: _checked(adapter or _deepspeed_pipe_adapter(model, pipeline)),
+                    "this job cannot be checkpointed",
+                )
+            elif pipeline is not None:  # given on every rank: the stages' union is exchanged (pipeline.py)
                 self.adapter = agree_on_plan(
                     lambda: _checked(adapter or PipelineAdapter(model, optimizer, pipeline)),
                     "this job cannot be checkpointed",
@@ -747,13 +757,13 @@ class CheckpointManager:
                 raise CheckpointError(f"{self.run_dir}: no complete checkpoint to resume from")
             for i, info in enumerate(reversed(infos)):
                 try:
-                    self._ensure_local(info["name"])
+                    source = self._ensure_local(info["name"])
                     if info["state"] == "corrupt":
                         raise CheckpointError(
                             f"{info['path']} is damaged: {info['problem']} (set checkpoint.fallback=true to resume from "
                             "the previous checkpoint instead, or remove this one)"
                         )
-                    self.load(info["path"], verify=verify, allow_changes=allow_changes)
+                    self.load(info["path"], verify=verify, allow_changes=allow_changes, source=source)
                     return True
                 except CheckpointError as exc:
                     if not self.config.fallback or i == len(infos) - 1:
@@ -765,9 +775,12 @@ class CheckpointManager:
                     )
             raise AssertionError("unreachable")
         found: Any = None
+        source = None
         if os.sep not in target and F.parse_name(target) is not None:
-            self._ensure_local(target)
-        if D.get_rank() == 0:
+            source = self._ensure_local(target)
+        if source is not None:
+            found = str(F.checkpoints_dir(self.run_dir) / target)
+        elif D.get_rank() == 0:
             try:
                 if os.sep in target or Path(target).is_dir():
                     found = str(F.resolve_checkpoint(target))
@@ -778,30 +791,37 @@ class CheckpointManager:
         found = coord.broadcast(found)
         if isinstance(found, dict):
             raise CheckpointError(found["error"])
-        self.load(found, verify=verify, allow_changes=allow_changes)
+        self.load(found, verify=verify, allow_changes=allow_changes, source=source)
         return True
 
-    def _ensure_local(self, name: str) -> None:
-        """A run on object storage: checkpoint ``name`` is brought into the staging run unless it is there. Rank 0
-        opens a staging folder with the bucket's manifest; every rank downloads its share (the files the manifest
-        gives it, verified on the way); one agreement; rank 0 checks the range-written files and commits the local
-        copy. Every rank raises together if any step fails."""
+    def _ensure_local(self, name: str) -> Any:
+        """A run on object storage: checkpoint ``name`` when the staging run lacks it. Read in place (returned: a
+        :class:`.objread.RemoteCheckpoint` for :meth:`load`): rank 0 reads and checks the bucket's manifest and
+        sends it to every rank, which then fetches only the byte ranges its restore needs and its verification
+        share, with ranged GETs (:mod:`.objread`). A ``write_mode: rank0`` job (rank 0 reads everything) brings it
+        into the staging run instead: rank 0 opens a staging
+        folder with the bucket's manifest; every rank downloads its share (verified on the way); one agreement;
+        rank 0 checks the range-written files and commits the local copy. Every rank raises together if any step
+        fails. None: the staging run has it (or the run is local)."""
         if self._remote is None:
-            return
+            return None
         rank, world = D.get_rank(), D.get_world_size()
         where = f"cannot fetch {name} from {self._remote.url}"
         opened: Any = None
         if rank == 0:
             try:
-                staging = self._remote.begin_fetch(name)
-                opened = None if staging is None else {"staging": str(staging)}
+                opened = self._remote.open_remote(name, in_place=self.config.write_mode != "rank0")
             except (OSError, CheckpointError) as exc:
                 opened = {"error": f"{where}: {exc}"}
         opened = coord.broadcast(opened)
         if opened is None:
-            return
+            return None
         if "error" in opened:
             raise CheckpointError(opened["error"])
+        if "manifest" in opened:
+            from .objread import RemoteCheckpoint
+
+            return RemoteCheckpoint(self._remote.url / F.CHECKPOINTS / name, opened["manifest"])
         staging = Path(opened["staging"])
         error = None
         try:
@@ -824,6 +844,7 @@ class CheckpointManager:
         done = coord.broadcast(done)
         if done is not None:
             raise CheckpointError(done)
+        return None
 
     def _listing(self) -> Any:
         """Rank 0: the run's committed checkpoints (and damaged ones), oldest first, as plain JSON for the others."""
@@ -845,6 +866,7 @@ class CheckpointManager:
         verify: str | None = None,
         scheduler: bool = True,
         allow_changes: bool | Sequence[str] = False,
+        source: Any = None,
     ) -> dict[str, Any]:
         """Load one checkpoint into the engine, optimizer, RNG, data sampler and (with ``scheduler``) scheduler.
 
@@ -874,7 +896,8 @@ class CheckpointManager:
             path,
             verify=verify or self.config.verify,
             rank0_only=self.config.write_mode == "rank0",
-            check=check if scheduler else None,  # a branching rewind reloads this run's own state
+            check=check if scheduler else None,
+            source=source,  # on object storage: read in place by ranged GETs  # a branching rewind reloads this run's own state
         )
         trainer = out["trainer"]
         if scheduler and trainer.get("scheduler") is not None:
@@ -905,6 +928,7 @@ class CheckpointManager:
         if self.load_extra_state is not None and trainer.get("extra") is not None:
             self.load_extra_state(trainer["extra"])
         _log_rank0("loaded checkpoint %s (position %s)", Path(path).name, trainer.get("position"))
+        self.loaded_from = Path(path)
         self._step_guard.reset(self.scheduler)  # guards.py: the loaded position's saves are done, nothing re-fires
         if scheduler:
             _guards.warn_later_checkpoints(self.run_dir, self.scheduler.position)
@@ -1005,3 +1029,27 @@ class _ModelOnly:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._adapter, name)
+
+
+def _is_deepspeed_pipe(model: Any) -> bool:
+    import sys
+
+    if "deepspeed" not in sys.modules:
+        return False
+    from .deepspeed_adapter import _is_pipeline
+
+    return _is_pipeline(model)
+
+
+def _deepspeed_pipe_adapter(model: Any, pipeline: Pipeline) -> EngineAdapter:
+    """A DeepSpeed ``PipelineEngine`` under ``Pipeline(names=...)``: its grid gives the group, the stages and the
+    tied weights (TiedLayerSpec), so only the name map applies."""
+    from .deepspeed_adapter import DeepSpeedPipeAdapter
+
+    given = [f for f in ("group", "stages") if getattr(pipeline, f) is not None] + (["tied"] if pipeline.tied else [])
+    if given:
+        raise CheckpointError(
+            f"Pipeline({', '.join(given)}=...) with a DeepSpeed PipelineEngine: DeepSpeed's grid decides its group, "
+            "stages and tied weights (TiedLayerSpec); give only Pipeline(names=...)"
+        )
+    return DeepSpeedPipeAdapter(model, names=pipeline.names)

@@ -87,7 +87,7 @@ class Lease:
             holder = "unreadable lease"
         if age < self.ttl:
             raise CheckpointError(
-                f"{self.run} is in use by another run ({holder}; lease s3://{self.store.bucket}/{self.key}, renewed "
+                f"{self.run} is in use by another run ({holder}; lease {self.store.url(self.key)}, renewed "
                 f"{max(age, 0):.0f} s ago); give this run its own --run-dir, or stop the other one (a lease not "
                 f"renewed for {self.ttl:.0f} s is taken over)"
             )
@@ -253,6 +253,17 @@ class RemoteTier:
         """The bucket's committed checkpoints (complete and corrupt), oldest first, as the manager's listing, each
         with its path in the staging run."""
         return F.resume_candidates(objstore.list_run(self.url), under=F.checkpoints_dir(self.staging))
+
+    def open_remote(self, name: str, *, in_place: bool) -> dict[str, Any] | None:
+        """Rank 0, before a resume loads ``name``: None when the staging run has it; ``{"manifest"}`` (the bucket's,
+        validated) when every rank reads it in place by ranged GETs (``in_place``); else ``{"staging"}``: a
+        staging folder for :meth:`fetch_rank` and :meth:`end_fetch` (``write_mode: rank0``)."""
+        if (F.checkpoints_dir(self.staging) / name / F.MANIFEST).is_file():
+            return None
+        if in_place:
+            return {"manifest": objstore.load_manifest(store_for(self.url), self.url / F.CHECKPOINTS / name)[0]}
+        staging = self.begin_fetch(name)
+        return None if staging is None else {"staging": str(staging)}
 
     def begin_fetch(self, name: str) -> Path | None:
         """Rank 0, before a resume loads ``name``: None when the staging run has it; else a new staging folder

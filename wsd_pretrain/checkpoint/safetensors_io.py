@@ -393,6 +393,19 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             raw = f.read(n)
     except OSError as exc:
         raise CheckpointError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    return parse_header(p, raw, size)
+
+
+def parse_header(p: Any, raw: bytes, size: int) -> SafetensorsHeader:
+    """A safetensors header's JSON bytes ``raw`` (after the 8-byte length) of a ``size``-byte file, checked as
+    :func:`read_header` checks a file's (an object read by ranged GETs: the header fetched first)."""
+    n = len(raw)
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{p}: not a valid safetensors file: {why}")
+
+    if 8 + n > size:
+        raise bad(f"header claims {n} bytes but the file has {size - 8} after the length prefix")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -501,7 +514,11 @@ class SafetensorsReader:
             out = torch.empty(numel, dtype=info.dtype)
         if numel == 0:
             return out
-        view = _byte_view(out)
+        self._pread(_byte_view(out), offset, name)
+        return out
+
+    def _pread(self, view: memoryview, offset: int, name: str) -> None:
+        """``len(view)`` bytes at ``offset`` into ``view`` (an object reader: one ranged GET)."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
             if hasattr(os, "posix_fadvise"):  # slices are read front to back: let the kernel read ahead
@@ -512,7 +529,6 @@ class SafetensorsReader:
             if n <= 0:
                 raise CheckpointError(f"{self.path}: ended while reading {name!r} (the file was truncated?)")
             done += n
-        return out
 
     def _from_kept(self, offset: int, nbytes: int) -> memoryview | None:
         """The bytes ``[offset, offset + nbytes)`` from a kept range that holds all of them, else None."""

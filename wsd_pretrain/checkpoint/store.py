@@ -82,7 +82,7 @@ class CheckpointStore:
 
     def _load_hf_index(self, group: str) -> None:
         rel = F.index_name(group)
-        index = read_json(F.safe_path(self.ckpt, rel, "index"))
+        index = self._json(rel, "index")
         wm = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
             raise CheckpointError(f"{self.ckpt / rel}: weight_map must map tensor names to file names")
@@ -99,7 +99,7 @@ class CheckpointStore:
     def _load_state_index(self) -> None:
         rel = F.STATE_INDEX
         where = self.ckpt / rel
-        index = read_json(F.safe_path(self.ckpt, rel, "state index"))
+        index = self._json(rel, "state index")
         if not isinstance(index, dict) or not isinstance(index.get("tensors"), dict):
             raise CheckpointError(f"{where}: not a state index (no 'tensors' object)")
         counts = index.get("files_per_rank")
@@ -150,12 +150,20 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ files
 
+    def _json(self, rel: str, what: str) -> Any:
+        """An index file's JSON (a store over object storage fetches it: :mod:`.objread`)."""
+        return read_json(F.safe_path(self.ckpt, rel, what))
+
+    def _open(self, path: str) -> SafetensorsReader:
+        """A reader of one listed safetensors file, served from the kept bytes where they hold a range."""
+        return SafetensorsReader(F.safe_path(self.ckpt, path, "checkpoint file"), self.kept.get(path, ()))
+
     def _reader(self, path: str) -> SafetensorsReader:
         reader = self._readers.get(path)
         if reader is None:
             if path not in self.manifest["files"]:
                 raise CheckpointError(f"{self.ckpt}: {path} is not listed in the manifest")
-            reader = SafetensorsReader(F.safe_path(self.ckpt, path, "checkpoint file"), self.kept.get(path, ()))
+            reader = self._open(path)
             self._readers[path] = reader
             self.opened.add(path)
             while len(self._readers) > _MAX_OPEN:

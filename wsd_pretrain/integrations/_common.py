@@ -320,8 +320,9 @@ class FrameworkCheckpointer:
             self._pending_rng = capture_rng()
             restore_rng(before)
             last = self._manager.scheduler
-            # the manager's own run folder: the local run, or the staging run a resume from the bucket fetched into
-            self.resumed_from = _newest_at(self._manager.run_dir, int(last.position))
+            # what the manager loaded: in the local run, or (an s3:// run) its name in the staging run
+            loaded = getattr(self._manager, "loaded_from", None)
+            self.resumed_from = loaded if loaded is not None else _newest_at(self._manager.run_dir, int(last.position))
             if not log_loop:
                 return loaded
             log_rank0(
