@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         else "with no staging folder (save = each rank streaming the files it writes straight to parallel multipart "
         "uploads, xxh3 on the way, no local copy, no fsync)"
     )
-    fresh = "with an empty staging folder" if args.staging else "(no staging folder: its node-local cache)"
+    fresh = "with an empty staging folder" if args.staging else "with no staging folder"
     body = f"""## Save and resume on S3 against DCP's fsspec writer (`tools/bench_s3.py`)
 
 {machine()} ({load}: a shared machine, so
