@@ -1,9 +1,10 @@
 """Checkpoint locations that are URLs (storage.py) and checkpoints on S3 (objstore.py, `wsd-pretrain ckpt cp`),
 against a real S3 server (moto's, on 127.0.0.1: the ``s3_server`` fixture): the manager on an s3:// run on 1 and 2
-gloo ranks (each rank uploading its own files, rank 0 committing after every rank reported; a resume reading
-in place from the bucket, FSDP2 on 2 ranks fetching only its ranges and its verification share), the
-lease, the Lightning integration, the tools. Without a staging folder the manager and the main job refuse an
-object-storage run directory on every rank, before anything is written (never a local ./s3:/ tree)."""
+gloo ranks (with no staging folder each rank streams its files straight to the bucket; with one each rank
+uploads its own files; rank 0 commits after every rank reported; a resume reading in place from the bucket, FSDP2
+on 2 ranks fetching only its ranges and its verification share), the lease, the Lightning integration, the tools.
+Without a staging folder the main job refuses an object-storage run directory before anything is written; a
+collapsed URL is refused everywhere (never a local ./s3:/ tree)."""
 
 from __future__ import annotations
 
@@ -60,8 +61,7 @@ def trained(tmp_path_factory) -> Path:
 
 def test_locations(tmp_path, monkeypatch):
     """Plain paths and file:// stay local; s3:// is a URL; bad Azure containers, other schemes, bad buckets, '..'
-    and a URL a Path() collapsed are refused, saying what to give. The manager and the main job refuse an s3:// run directory
-    without a staging folder before writing anything: no ./s3:/ tree appears."""
+    and a URL a Path() collapsed are refused, saying what to give, by the manager too: no ./s3:/ tree appears."""
     assert parse_location("runs/a") == Path("runs/a")
     assert parse_location(Path("/x/y")) == Path("/x/y")
     assert parse_location("file:///data/runs/a") == Path("/data/runs/a")
@@ -81,8 +81,6 @@ def test_locations(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     model, opt, sched = _job()
-    with pytest.raises(ConfigError, match=r"s3://ckpt/runs/a is on object storage: set checkpoint.staging_dir"):
-        CheckpointManager("s3://ckpt/runs/a", model, opt, sched)
     with pytest.raises(ConfigError, match="'//' was lost"):
         CheckpointManager(Path("s3://ckpt/runs/a"), model, opt, sched)
     # a file:// run directory is the local folder
@@ -395,17 +393,95 @@ def test_manager_on_s3_two_ranks(s3_server, tmp_path):
         assert sum(got[rel] for rel in others) <= total // 2 + 1024 * len(others), (rank, got)
 
 
+def _s3_direct(rank: int, world: int, url: str) -> dict:
+    """Saves with no staging folder: every rank streams its files straight to the bucket (async saves); a save
+    that fails mid-upload on rank 1 (its second multipart part) raises on every rank; a new job resumes from the
+    bucket and continues exactly like the job that was not stopped."""
+    from wsd_pretrain.checkpoint import faults
+
+    fail: list[str] = []
+
+    def hook(name: str) -> None:
+        if fail and rank == 1 and name.startswith("upload-part:") and name.endswith(":2"):
+            raise OSError(f"injected failure on rank 1 at {name}")
+
+    faults.fault_hook = hook
+    model, opt, sched = _job()
+    cfg = CheckpointConfig(every_steps=1, keep_last=1, async_save=True, max_shard_size=60_000)
+    mgr = CheckpointManager(url, model, opt, sched, config=cfg, hf_config=CFG.hf_config())
+    for _ in range(3):
+        _step(model, opt, sched)
+        mgr.maybe_save()
+    mgr.wait()
+    saved = str(mgr.last_saved)
+    fail.append("on")
+    part_size = storage.PART_SIZE
+    if rank == 1:  # multipart uploads in flight on rank 1 when it fails; rank 0's objects are complete by then
+        storage.PART_SIZE = 4096
+    _step(model, opt, sched)
+    mgr.maybe_save()
+    failure = None
+    try:
+        mgr.wait()
+    except CheckpointError as exc:
+        failure = str(exc)
+    storage.PART_SIZE = part_size
+    fail.clear()
+    faults.fault_hook = None
+    bucket = url[5:].split("/")[0]
+    store = storage.S3Store(bucket)
+    objects = store.list(f"{url[6 + len(bucket) :]}/checkpoints/")[0]
+    left = [
+        o["key"] for o in objects if not o["key"].endswith("/latest") and "/step-000000003-periodic/" not in o["key"]
+    ]
+    uploads = store.client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    mgr.close()
+    model2, opt2, sched2 = _job(seed=1)
+    mgr2 = CheckpointManager(url, model2, opt2, sched2, config=CheckpointConfig(every_steps=100))
+    assert mgr2.resume("auto") and sched2.position == 3
+    _step(model2, opt2, sched2)
+    for _ in range(2):
+        _step(model, opt, sched)
+        _step(model2, opt2, sched2)
+    mgr2.close()
+    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    return {"saved": saved, "failure": failure, "left": len(left), "uploads": len(uploads), "same": same}
+
+
+def test_manager_on_s3_direct_two_ranks(s3_server, tmp_path):
+    """Two gloo ranks save an s3:// run with no staging folder: each rank streams its own files to the bucket
+    (no local file written), rank 0 commits the manifest last; the checkpoint verifies, latest names it, retention
+    ran on the bucket; a failure mid-upload on rank 1 raises on both and leaves no object and no multipart upload;
+    a new 2-rank job resumes from the bucket and continues bitwise-equal."""
+    from distributed_helpers import run_distributed
+
+    url = f"s3://{s3_server.bucket()}/runs/direct"
+    env = s3_server.environ() | {"TMPDIR": str(tmp_path)}  # the resume cache (storage.cache_dir) goes there
+    results = run_distributed(_s3_direct, world_size=2, args=(url,), env=env)
+    name = "step-000000003-periodic"
+    for r in results:
+        assert r["saved"] == f"{url}/checkpoints/{name}" and r["same"]
+        assert r["failure"] and "rank 1: " in r["failure"] and "injected failure" in r["failure"], r["failure"]
+        assert r["left"] == 0 and r["uploads"] == 0
+    run = parse_location(url)
+    assert [(i.name, i.state) for i in objstore.list_run(run)] == [(name, "complete")]
+    store = storage.S3Store(run.bucket)
+    assert objstore.read_latest(store, run)[0] == name
+    files = objstore.load_manifest(store, run / "checkpoints" / name)[0]["files"]
+    assert {rec["rank"] for rec in files.values()} == {0, 1} and not any(r.get("ranged") for r in files.values())
+    assert cli(["ckpt", "verify", f"{url}/checkpoints/{name}"]) == 0
+    assert store.head(f"{run.prefix}checkpoints/{name}/.claim") is None
+
+
 def test_manager_on_s3_lease_leftovers_failures(s3_server, tmp_path, monkeypatch):
     """The run lease: a second manager is refused with the run lock's message; a stale lease is taken over, its
     age read on the server's clock (a skewed holder's clock neither holds it forever nor loses it early). An
     interrupted save's objects (no manifest) and multipart uploads are removed by the next run. A failed upload
-    raises at the next save; without staging_dir an s3:// run is refused."""
+    raises at the next save."""
     bucket = s3_server.bucket()
     url = f"s3://{bucket}/runs/one"
     store = storage.S3Store(bucket)
     model, opt, sched = _job()
-    with pytest.raises(ConfigError, match="staging_dir"):
-        CheckpointManager(url, model, opt, sched)
     # leftovers of an interrupted run
     left = "runs/one/checkpoints/step-000000002-periodic/"
     store.put(left + "model-00001-of-00001.safetensors", b"partial")

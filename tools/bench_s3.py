@@ -1,6 +1,6 @@
 """Save and resume on S3, side by side in one run against one local S3 server (moto, 127.0.0.1): our manager on an
-``s3://`` run (local staging tier, each rank's parallel multipart upload of the files it wrote, rank 0's manifest
-last) against
+``s3://`` run (each rank streaming the files it writes straight to parallel multipart uploads, rank 0's manifest
+last; ``--staging``: through the local staging tier instead) against
 torch.distributed.checkpoint's fsspec writer (s3fs) at its best settings (``thread_count`` threads,
 ``sync_files=False``: with it, DCP falls back to a machine-wide ``os.sync()`` per file). Rewrites the ``s3`` section
 of docs/benchmarks.md.
@@ -66,8 +66,11 @@ def _model(mb: float):
     ).requires_grad_()
 
 
-def _worker(rank: int, world: int, port: int, mb: float, bucket: str, endpoint: str, threads: int, out: str) -> None:
+def _worker(
+    rank: int, world: int, port: int, mb: float, bucket: str, endpoint: str, threads: int, out: str, staging: bool
+) -> None:
     os.environ.update(KEYS, AWS_ENDPOINT_URL_S3=endpoint, OMP_NUM_THREADS="1")
+    tempfile.tempdir = str(Path(out).parent)  # the direct path's resume cache goes under the run's temp folder
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     import json
@@ -94,7 +97,7 @@ def _worker(rank: int, world: int, port: int, mb: float, bucket: str, endpoint: 
     tag = D.broadcast_object(tag, src=0)
     tmp = str(Path(out).parent)  # one staging folder for every rank (as a run directory is)
     url = f"s3://{bucket}/ours-{tag}"
-    cfg = CheckpointConfig(staging_dir=f"{tmp}/stage", on_preemption=False)
+    cfg = CheckpointConfig(staging_dir=f"{tmp}/stage" if staging else None, on_preemption=False)
     mgr = CheckpointManager(url, model, opt, sched, config=cfg)
     dist.barrier()
     t = time.perf_counter()
@@ -103,7 +106,8 @@ def _worker(rank: int, world: int, port: int, mb: float, bucket: str, endpoint: 
     dist.barrier()
     res["ours_save"] = time.perf_counter() - t
     mgr.close()
-    mgr = CheckpointManager(url, model, opt, sched, config=CheckpointConfig(staging_dir=f"{tmp}/fresh"))
+    fresh = CheckpointConfig(staging_dir=f"{tmp}/fresh" if staging else None, on_preemption=False)
+    mgr = CheckpointManager(url, model, opt, sched, config=fresh)
     dist.barrier()
     t = time.perf_counter()
     mgr.resume("latest")  # from the bucket in place: each rank's ranges and verification share by ranged GETs
@@ -132,7 +136,7 @@ def _worker(rank: int, world: int, port: int, mb: float, bucket: str, endpoint: 
     os._exit(0)
 
 
-def run(mb: float, ranks: int, bucket: str, endpoint: str, threads: int) -> dict:
+def run(mb: float, ranks: int, bucket: str, endpoint: str, threads: int, staging: bool = False) -> dict:
     import json
 
     import torch.multiprocessing as mp
@@ -142,7 +146,8 @@ def run(mb: float, ranks: int, bucket: str, endpoint: str, threads: int) -> dict
         port = _free_port()
         ctx = mp.get_context("spawn")
         procs = [
-            ctx.Process(target=_worker, args=(r, ranks, port, mb, bucket, endpoint, threads, out)) for r in range(ranks)
+            ctx.Process(target=_worker, args=(r, ranks, port, mb, bucket, endpoint, threads, out, staging))
+            for r in range(ranks)
         ]
         for p in procs:
             p.start()
@@ -158,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes-mb", type=float, nargs="+", default=[1.0, 100.0], help="model weights, MB (fp32)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--threads", type=int, default=4, help="DCP FsspecWriter thread_count (its best: 4)")
+    ap.add_argument("--staging", action="store_true", help="ours through the local staging tier (staging_dir)")
     add_out_argument(ap)
     args = ap.parse_args(argv)
     proc, endpoint = start_server()
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         for mb in args.sizes_mb:
             for ranks in args.ranks:
-                r = run(mb, ranks, bucket, endpoint, args.threads)
+                r = run(mb, ranks, bucket, endpoint, args.threads, args.staging)
                 b = r["bytes"]
 
                 def speed(s: float, b: float = b) -> str:
@@ -208,13 +214,20 @@ def main(argv: list[str] | None = None) -> None:
         proc.terminate()
         proc.wait(10)
     load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    how = (
+        "with a local staging folder (save = written and committed locally, each rank uploading the files it wrote "
+        "in parallel multipart parts)"
+        if args.staging
+        else "with no staging folder (save = each rank streaming the files it writes straight to parallel multipart "
+        "uploads, xxh3 on the way, no local copy, no fsync)"
+    )
+    fresh = "with an empty staging folder" if args.staging else "with no staging folder"
     body = f"""## Save and resume on S3 against DCP's fsspec writer (`tools/bench_s3.py`)
 
 {machine()} ({load}: a shared machine, so
 the numbers are noisy); one local S3 server (moto on 127.0.0.1) for both writers, in one run. Ours: the manager on
-an `s3://` run with a local staging folder (save = written and committed locally, each rank uploading the files it
-wrote in parallel multipart parts, rank 0 committing on the bucket once every rank reported: `save()` then
-`wait()`); resume = a new manager with an empty staging folder
+an `s3://` run {how} (rank 0 committing on the bucket once every rank reported: `save()` then
+`wait()`); resume = a new manager {fresh}
 (listing, then each rank reads in place from the bucket). DCP: `dcp.save` with `FsspecWriter(thread_count={args.threads},
 sync_files=False)` over s3fs, and `dcp.load` with `FsspecReader`. The save ratio is DCP's time over ours (higher:
 ours faster). moto keeps objects in memory and is not a speed reference: compare the columns, not with other

@@ -347,6 +347,22 @@ MUTATIONS: list[Mutation] = [
         "a failed upload to S3 goes unreported: the job believes its checkpoint is on the bucket",
     ),
     M(
+        "s3-direct-failed-save-left",
+        "wsd_pretrain/checkpoint/save.py",
+        "        remove_unfinished(objects[0], objects[1])",
+        "        pass",
+        ("tests/test_object_storage.py::test_manager_on_s3_direct_two_ranks",),
+        "a save streamed straight to S3 that failed on one rank leaves the other ranks' objects on the bucket",
+    ),
+    M(
+        "s3-direct-checksum-not-streamed",
+        "wsd_pretrain/checkpoint/save.py",
+        "    def write(self, data: Any) -> None:\n        self.writer.write(data)",
+        "    def write(self, data: Any) -> None:\n        self.writer.write(bytes(len(memoryview(data).cast('B'))))",
+        ("tests/test_object_storage.py::test_manager_on_s3_direct_two_ranks",),
+        "the bytes streamed to S3 are not the bytes the manifest's checksum was computed over",
+    ),
+    M(
         "s3-commit-without-every-rank",
         "wsd_pretrain/checkpoint/objstore_tier.py",
         '            failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]',

@@ -249,26 +249,23 @@ class CheckpointManager:
         pipeline: Pipeline | None = None,
     ) -> None:
         self.config = config or CheckpointConfig()
-        # an s3:// run is saved into a local staging run and uploaded (objstore_tier.py); without a staging_dir it
-        # is refused here, on every rank (each gets the same run_dir), before any collective: never a local
-        # ./s3:/ tree (storage.py)
+        # an s3:// run: every rank streams its files straight to the bucket (save.py), or, with a staging_dir, saves
+        # into a local staging run that is uploaded in the background (objstore_tier.py); never a local ./s3:/
+        # tree (storage.py)
         location = _storage.parse_location(run_dir)
         self._remote: Any = None
+        self._direct = False
         self.loaded_from: Path | None = None
         """The checkpoint the last :meth:`load` restored (an s3:// run's: its path in the staging run, which a
         resume read in place from the bucket never created)."""
         if isinstance(location, _storage.ObjectURL):
-            if self.config.staging_dir is None:
-                raise ConfigError(
-                    f"{location} is on object storage: set checkpoint.staging_dir to a local folder that every rank "
-                    "sees (each save is written there at disk speed, then uploaded)",
-                    where="checkpoint config",
-                )
             from .objstore_tier import RemoteTier
 
             _storage.store_for(location)  # boto3 is installed (or a clear error, on every rank)
-            self.run_dir = Path(self.config.staging_dir)
-            self._remote = RemoteTier(location, self.run_dir, self.config.staging_keep)
+            self._direct = self.config.staging_dir is None
+            # direct: a local folder only caches what a resume fetches from the bucket (node-local temp)
+            self.run_dir = Path(self.config.staging_dir or _storage.cache_dir(location))
+            self._remote = RemoteTier(location, self.run_dir, self.config.staging_keep, direct=self._direct)
         else:
             self.run_dir = location
         # guard rails (guards.py): see through framework wrappers, refuse what cannot be read safely
@@ -497,8 +494,10 @@ class CheckpointManager:
             hf_config=self.hf_config,
             extra_manifest={"trajectory_position": trajectory},
         )
-        dest = F.snapshots_dir(self.run_dir) / F.checkpoint_name(position, [F.SNAPSHOT_KIND])
-        if D.get_rank() == 0 and dest.is_dir() and not dest.is_symlink():
+        dest: Any = F.snapshots_dir(self.run_dir) / F.checkpoint_name(position, [F.SNAPSHOT_KIND])
+        if self._direct:  # a committed one of the same name is replaced by the claim (RemoteTier.claim_prefix)
+            dest = self._remote.url / F.SNAPSHOTS / dest.name
+        elif D.get_rank() == 0 and dest.is_dir() and not dest.is_symlink():
             # left by this run before a resume went back past it: the replayed weights replace it
             log.info("replacing snapshot %s, written before the run resumed from an earlier checkpoint", dest.name)
             trash = dest.parent / f".deleting-{dest.name}"
@@ -556,18 +555,20 @@ class CheckpointManager:
         """start_save with this manager's settings; ``retain`` runs on rank 0 after the commit."""
         if self.config.async_save and self._arena is None:
             self._arena = HostArena()
+        direct = self._remote if self._direct else None
         return start_save(
             adapter,
-            self.run_dir,
+            direct.url if direct is not None else self.run_dir,
             request,
             max_shard_bytes=parse_size(self.config.max_shard_size),
             rank0_only=self.config.write_mode == "rank0",
             fsync=self.config.fsync,
             arena=self._arena if self.config.async_save else None,
             overlap=self.config.async_snapshot == "overlap",
-            # rank 0's retention; on object storage every rank uploads its own files (_upload_in_background)
-            after_commit=retain if D.get_rank() == 0 or self._remote is not None else None,
+            # rank 0's retention; through the staging tier every rank uploads its own files (_upload_in_background)
+            after_commit=retain if D.get_rank() == 0 or (self._remote is not None and not self._direct) else None,
             checksum=self.config.checksum,
+            claim=direct.claim_prefix if direct is not None and D.get_rank() == 0 else None,
             **kwargs,
         )
 
@@ -633,13 +634,18 @@ class CheckpointManager:
         comes here and uploads its own files (:meth:`_upload_in_background`)."""
         import threading
 
-        if self._remote is not None:
+        if self._remote is not None and not self._direct:
             self._upload_in_background(newest, snapshots)
             return
+        cfg = self.config
 
         def run() -> None:
             try:
-                self._retain_snapshots(newest) if snapshots else self._retain(newest)
+                if self._direct:  # committed on the bucket by save.py: retention there
+                    keep = cfg.snapshot_keep if snapshots else cfg.keep_last
+                    self._remote.retain(newest.name, snapshots, keep, cfg.keep_milestones and not snapshots)
+                else:
+                    self._retain_snapshots(newest) if snapshots else self._retain(newest)
             except Exception as exc:  # retention never fails a save
                 log.warning("retention after %s failed: %s", newest.name, exc)
 

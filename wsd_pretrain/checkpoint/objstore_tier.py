@@ -133,8 +133,9 @@ class RemoteTier:
     """A run on object storage: every rank uploads its own files; rank 0 claims, commits, applies retention on the
     bucket, lists and downloads."""
 
-    def __init__(self, url: ObjectURL, staging: Path, keep_local: int) -> None:
+    def __init__(self, url: ObjectURL, staging: Path, keep_local: int, direct: bool = False) -> None:
         self.url, self.staging, self.keep_local = url, staging, keep_local
+        self.direct = direct  # saves stream to the bucket; ``staging`` only caches checkpoints a resume fetched
         self.lease: Lease | None = None
         self.error: str | None = None  # the last background upload's failure, told to every rank at the next wait
 
@@ -151,7 +152,7 @@ class RemoteTier:
             local = F.list_snapshots(self.staging) if snapshots else F.list_checkpoints(self.staging)
             remote = [i for i in objstore.list_run(self.url, snapshots=snapshots) if i.state == "complete"]
             newest = remote[-1].position if remote else -1
-            for info in local:  # newer than the bucket's newest: never one that retention removed there
+            for info in local if not self.direct else ():  # never one that retention removed on the bucket
                 if info.state == "complete" and (info.position or 0) > newest:
                     log.info("uploading %s, committed locally by an interrupted run", info.name)
                     objstore.upload(info.path, self.url, root=root)
@@ -166,13 +167,16 @@ class RemoteTier:
         """Rank 0, after a local commit and before any rank uploads: claim the checkpoint's name on the bucket
         (removing an unfinished save of the same name; the lease says no other run writes here). A snapshot
         written again after a resume went back past it replaces the committed one."""
+        self.claim_prefix(self.url / (F.SNAPSHOTS if snapshots else F.CHECKPOINTS) / newest.name)
+
+    def claim_prefix(self, ckpt: ObjectURL) -> None:
+        """Rank 0: claim ``ckpt`` (a checkpoint or snapshot prefix of this run) before any rank writes under it."""
         if self.lease is not None and self.lease.lost:
             raise CheckpointError(self.lease.lost)
-        root = F.SNAPSHOTS if snapshots else F.CHECKPOINTS
         store = store_for(self.url)
-        if snapshots and store.head((self.url / root / newest.name / F.MANIFEST).key) is not None:
-            objstore.delete_checkpoint(self.url / root / newest.name)
-        objstore._claim(store, self.url / root / newest.name, replace_unfinished=True)
+        if ckpt.parent.name == F.SNAPSHOTS and store.head((ckpt / F.MANIFEST).key) is not None:
+            objstore.delete_checkpoint(ckpt)
+        objstore._claim(store, ckpt, replace_unfinished=True)
 
     def upload_rank(
         self, newest: Path, snapshots: bool, keep: int, keep_milestones: bool, rank: int, world: int, group: Any
@@ -183,7 +187,6 @@ class RemoteTier:
         removes every object and multipart upload under the prefix; the outcome is broadcast back. Returns it
         (None: committed)."""
         from .. import distributed as D
-        from .retention import checkpoints_to_delete
 
         root = F.SNAPSHOTS if snapshots else F.CHECKPOINTS
         store = store_for(self.url)
@@ -225,19 +228,26 @@ class RemoteTier:
             outcome = D.broadcast_object(outcome, src=0, group=group)
         if outcome is not None or rank != 0:
             return outcome
+        self.retain(newest.name, snapshots, keep, keep_milestones)
+        return None
+
+    def retain(self, newest: str, snapshots: bool, keep: int, keep_milestones: bool) -> None:
+        """Rank 0, after a commit on the bucket: retention there (each manifest deleted first), then the newest
+        ``keep_local`` kept in the staging run."""
+        from .retention import checkpoints_to_delete
+
         complete = [i for i in objstore.list_run(self.url, snapshots=snapshots) if i.state == "complete"]
         for info in checkpoints_to_delete(
-            complete, keep_last=keep, keep_milestones=keep_milestones, just_written=newest.name
+            complete, keep_last=keep, keep_milestones=keep_milestones, just_written=newest
         ):
             objstore.delete_checkpoint(info.path)  # type: ignore[arg-type]
             log.info("retention: removed %s", info.path)
         local = F.list_snapshots(self.staging) if snapshots else F.list_checkpoints(self.staging)
-        local = [i for i in local if i.state == "complete" and i.name != newest.name]
+        local = [i for i in local if i.state == "complete" and i.name != newest]
         for info in local[: max(0, len(local) - (self.keep_local - 1))]:
             trash = info.path.parent / f".deleting-{info.name}"
             os.rename(info.path, trash)
             shutil.rmtree(trash, ignore_errors=True)
-        return None
 
     def listing(self) -> list[dict[str, Any]]:
         """The bucket's committed checkpoints (complete and corrupt), oldest first, as the manager's listing, each

@@ -182,6 +182,7 @@ class StreamingWriter:
         *,
         fsync: bool = True,
         checksum: str = DEFAULT_CHECKSUM,
+        sink: Any = None,
     ) -> None:
         if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise CheckpointError("safetensors __metadata__ holds strings only; put other values in the JSON state")
@@ -191,7 +192,8 @@ class StreamingWriter:
         self._digest = new_hasher(checksum)
         self._pending: Any = None
         head = header_bytes(self._specs, metadata)
-        self._f = open(self.path, "xb")  # exclusive: checkpoint files are written once, in a staging directory
+        # exclusive: checkpoint files are written once, in a staging directory; or ``sink`` (an object's upload)
+        self._f = sink if sink is not None else open(self.path, "xb")
         self.size = 0
         self._put(memoryview(head))
 
@@ -255,7 +257,7 @@ class StreamingWriter:
         with contextlib.suppress(Exception):
             if self._pending is not None:
                 self._pending.result()
-        self._f.close()
+        (getattr(self._f, "abort", None) or self._f.close)()  # an upload is aborted, never completed
 
 
 class RangeWriter:
@@ -573,11 +575,16 @@ def hash_file(path: str | os.PathLike[str], checksum: str = DEFAULT_CHECKSUM) ->
     return size, digest.hexdigest()
 
 
+def json_bytes(data: Any) -> bytes:
+    """The bytes of a checkpoint's JSON file."""
+    return (json.dumps(encode_floats(data), indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
 def write_json(
     path: str | os.PathLike[str], data: Any, *, fsync: bool = True, checksum: str = DEFAULT_CHECKSUM
 ) -> tuple[int, str]:
     """Write JSON exclusively (never over an existing file); return ``(size, checksum hex)``."""
-    raw = (json.dumps(encode_floats(data), indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+    raw = json_bytes(data)
     with open(path, "xb") as f:
         f.write(raw)
         f.flush()

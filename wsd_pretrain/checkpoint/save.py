@@ -53,6 +53,7 @@ from .safetensors_io import (
     RangeWriter,
     StreamingWriter,
     header_bytes,
+    json_bytes,
     new_hasher,
     tensor_offsets,
     write_json,
@@ -289,8 +290,9 @@ class _Writer:
     those bytes), and every holder writes its ranges of the shared tensors (:meth:`submit` with ``at``), hashed as
     one stream per holder rank in the plan's order (:attr:`ranges`)."""
 
-    def __init__(self, staging: Path, fsync: bool, checksum: str, budget: int) -> None:
+    def __init__(self, staging: Path, fsync: bool, checksum: str, budget: int, objects: Any = None) -> None:
         self.staging, self.fsync, self.checksum = staging, fsync, checksum
+        self.objects = objects  # (store, checkpoint URL): each file streams to its object (object storage)
         self.records: dict[str, dict[str, Any]] = {}
         self.attempted: list[str] = []
         self.error: str | None = None
@@ -425,10 +427,16 @@ class _Writer:
         w = self._open.get(rel)
         if w is None:
             specs, metadata = self._files[rel]
-            path = _inside_staging(self.staging, rel)
             self.attempted.append(rel)
             point(f"shard-begin:{rel}")
-            w = self._open[rel] = StreamingWriter(path, specs, metadata, fsync=self.fsync, checksum=self.checksum)
+            if self.objects is not None:  # straight to a multipart upload under the final prefix, no fsync
+                sink = _ObjectFile(self.objects[0].writer(self._key(rel), self.checksum))
+                path = Path(f"{self.objects[1]}/{rel}")  # named in errors only
+                w = StreamingWriter(path, specs, metadata, fsync=False, checksum=self.checksum, sink=sink)
+            else:
+                path = _inside_staging(self.staging, rel)
+                w = StreamingWriter(path, specs, metadata, fsync=self.fsync, checksum=self.checksum)
+            self._open[rel] = w
         w.add(key, tensor)
         self._left[rel] -= 1
         if self._left[rel] == 0:
@@ -446,9 +454,15 @@ class _Writer:
         if self.error is not None:
             return
         try:
-            path = _inside_staging(self.staging, rel)
             self.attempted.append(rel)
-            size, digest = write_json(path, data, fsync=self.fsync, checksum=self.checksum)
+            if self.objects is not None:
+                ow = self.objects[0].writer(self._key(rel), self.checksum)
+                ow.write(json_bytes(data))
+                size, digest = ow.close()
+            else:
+                size, digest = write_json(
+                    _inside_staging(self.staging, rel), data, fsync=self.fsync, checksum=self.checksum
+                )
             self.records[rel] = {"size": size, "hash": digest}
         except Exception as exc:
             self.error = f"{rel}: {type(exc).__name__}: {exc}"
@@ -479,14 +493,41 @@ class _Writer:
             w.abort()
         self._open.clear()
 
+    def _key(self, rel: str) -> str:
+        from .storage import safe_key
+
+        return safe_key(self.objects[1], rel, "save plan")
+
     def discard(self) -> None:
         """Remove this rank's files of a save that failed: they would be deleted anyway, and on a full disk the space
-        they free lets the error report through."""
-        for rel in self.attempted:
+        they free lets the error report through. (On object storage its unfinished uploads were aborted when the
+        error happened; rank 0 removes the prefix, every rank's objects, once every rank has stopped.)"""
+        for rel in self.attempted if self.objects is None else ():
             with contextlib.suppress(OSError):
                 (self.staging / rel).unlink()
         self.records = {}
         self._holders = {}
+
+
+class _ObjectFile:
+    """The file a :class:`StreamingWriter` writes on object storage: its bytes go to a
+    :class:`~.storage.ObjectWriter` (parallel multipart parts, bounded memory); closing completes the upload,
+    :meth:`abort` aborts it (no part is left behind)."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    def write(self, data: Any) -> None:
+        self.writer.write(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.abort()
 
 
 def _inside_staging(staging: Path, rel: str) -> Path:
@@ -552,6 +593,7 @@ def start_save(
     with_rng: bool = True,
     rng_states: dict[int, Any] | None = None,
     checksum: str = DEFAULT_CHECKSUM,
+    claim: Callable[[Any], None] | None = None,
 ) -> PendingSave:
     """Start writing one checkpoint (every rank calls this with the same request) and return once the engine's
     state has been handed to the writer threads (see the module docstring).
@@ -564,12 +606,28 @@ def start_save(
     and visible on every rank (it may run collectives on the commit group: every rank given one reaches it). ``dest`` writes
     the checkpoint at exactly that path (converters) and leaves ``latest`` alone. ``with_rng=False`` writes no RNG
     files; ``rng_states`` gives them (a converter copies the source's).
+
+    ``run_dir`` (or ``dest``) may be an :class:`~.storage.ObjectURL` (object storage, no local copy): rank 0 runs
+    ``claim(final)`` (claims the name) instead of making a staging directory, every rank streams its files straight
+    to multipart uploads under the final prefix (no fsync), model files are written whole by their owners (no
+    range-written files: the objects of one file cannot be written by several ranks at byte offsets), and rank 0
+    writes the manifest last with ``If-None-Match: *`` (:func:`_commit_objects`) or removes the prefix.
     """
+    from .storage import ObjectURL
+
     rank, procs = D.get_rank(), D.get_world_size()
-    run_dir = Path(run_dir)
-    root = F.checkpoints_dir(run_dir) if dest is None else Path(dest).parent
     name = F.checkpoint_name(request.position, request.kinds)
-    final = root / name if dest is None else Path(dest)
+    objects: Any = None
+    if isinstance(run_dir, ObjectURL) or isinstance(dest, ObjectURL):
+        from .storage import store_for
+
+        final_url = dest if isinstance(dest, ObjectURL) else run_dir / F.CHECKPOINTS / name  # type: ignore[operator]
+        objects = (store_for(final_url), final_url)
+        root = final = Path(".")  # unused on object storage (no staging directory, no rename)
+    else:
+        run_dir = Path(run_dir)
+        root = F.checkpoints_dir(run_dir) if dest is None else Path(dest).parent
+        final = root / name if dest is None else Path(dest)
     # 1. plan, after checking that the checkpoint can carry every optimizer state the engine holds now (state an
     # optimizer creates at its first step is not there when the manager is built); every rank learns of a failure
     problem: str | None = None
@@ -587,7 +645,7 @@ def start_save(
         holders = getattr(adapter, "world", procs)
         # a running job's partitioned model tensors are written in place by their holders (a converter's source,
         # and write_mode rank0, write through one rank)
-        ranged = getattr(adapter, "gathers", True) and not rank0_only
+        ranged = getattr(adapter, "gathers", True) and not rank0_only and objects is None
         plan = plan_save(items, holders, max_shard_bytes, ranged=ranged)
     except Exception as exc:
         problem = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
@@ -596,7 +654,18 @@ def start_save(
 
     # 2. rank 0 opens the staging directory and tells everyone its name
     staging_name: Any = None
-    if rank == 0:
+    if rank == 0 and objects is not None:
+        try:
+            if claim is not None:
+                claim(objects[1])
+            else:  # a name is written once: a racing writer stops here, before any object is written
+                from .objstore import _claim
+
+                _claim(objects[0], objects[1], replace_unfinished=False)
+            staging_name = "."
+        except Exception as exc:
+            staging_name = {"error": f"rank 0: {type(exc).__name__}: {exc}"}
+    elif rank == 0:
         try:
             if final.exists() and (dest is None or any(final.iterdir())):
                 raise CheckpointError(f"{final} already exists; a checkpoint is written once (give a new path)")
@@ -614,7 +683,7 @@ def start_save(
     if isinstance(staging_name, dict):
         raise CheckpointError(f"cannot start checkpoint {name}: {staging_name['error']}")
     staging = root / staging_name
-    result = PendingSave(name, final, staging)
+    result = PendingSave(name, final if objects is None else objects[1], staging)
 
     # 3. fetch: every rank hands what it writes to its writer thread
     writer_of = (lambda holder: 0) if rank0_only else (lambda holder: holder % procs)
@@ -622,9 +691,9 @@ def start_save(
     my_holders = [h for h in range(plan.world) if writer_of(h) == rank]
     my_files: list[StateFile] = [f for h in my_holders for f in plan.state_files(h)]
     my_ranges = _ranges_of(plan, my_holders)
-    writer = _Writer(staging, fsync, checksum, budget=max_shard_bytes)
+    writer = _Writer(staging, fsync and objects is None, checksum, budget=max_shard_bytes, objects=objects)
     error: str | None = None
-    if rank != 0:
+    if rank != 0 and objects is None:
         error = _wait_visible(staging)
     try:
         point("fetch-begin")
@@ -698,7 +767,7 @@ def start_save(
         writer.discard()
         coord.agree(None, "abandoning the save")  # every rank has stopped writing before rank 0 removes the folder
         if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove_save(staging, objects)
         raise
     result.stats = {"plan_s": t_plan, "fetched_s": time.monotonic(), "bytes": fetch.bytes, "sent": fetch.sent}
 
@@ -731,38 +800,39 @@ def start_save(
             errors = [f"rank {r}: {rep['error']}" for r, rep in enumerate(reports) if rep["error"]]
             if errors:
                 outcome = {"error": "; ".join(errors)}
-                shutil.rmtree(staging, ignore_errors=True)
+                _remove_save(staging, objects)  # every rank has stopped: its uploads completed or aborted
             else:
                 try:
                     files = {rel: rec for rep in reports for rel, rec in rep["records"].items()}
                     ranges = {h: rec for rep in reports for h, rec in rep["ranges"].items()}
-                    commit(
-                        staging,
-                        final,
-                        root,
-                        plan,
-                        files,
-                        meta,
-                        layout,
-                        adapter.tied,
-                        request,
-                        procs,
-                        rank0_only,
-                        fsync,
-                        checksum,
-                        latest=dest is None,
-                        with_rng=with_rng,
-                        ranges=ranges,
-                    )
+                    args = (plan, files, meta, layout, adapter.tied, request, procs, rank0_only)
+                    if objects is not None:
+                        _commit_objects(objects, args, checksum, with_rng=with_rng, ranges=ranges)
+                    else:
+                        commit(
+                            staging,
+                            final,
+                            root,
+                            *args,
+                            fsync,
+                            checksum,
+                            latest=dest is None,
+                            with_rng=with_rng,
+                            ranges=ranges,
+                        )
                     outcome = {"ok": True}
                 except Exception as exc:
                     outcome = {"error": f"rank 0 could not commit: {type(exc).__name__}: {exc}"}
-                    shutil.rmtree(staging, ignore_errors=True)
+                    _remove_save(staging, objects)
         outcome = D.broadcast_object(outcome, src=0, group=group) if procs > 1 else outcome
         if "error" in outcome:
             result.error = outcome["error"]
             return
         result.stats["committed_s"] = time.monotonic()
+        if objects is not None:  # the manifest is the commit: no rename whose visibility to wait for
+            if after_commit is not None:
+                after_commit(objects[1])
+            return
         seen = _wait_visible(final) if rank != 0 else None
         if procs > 1:
             coord_error = D.all_gather_object(seen, group=group)
@@ -782,6 +852,45 @@ def start_save(
     result._thread = threading.Thread(target=run, name=f"wsd-ckpt-{name}", daemon=False)
     result._thread.start()
     return result
+
+
+def _remove_save(staging: Path, objects: Any) -> None:
+    """Rank 0, once every rank stopped writing: remove a failed save (its staging directory; on object storage every
+    object under its prefix, its claim and any multipart upload left there)."""
+    if objects is None:
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    from .objstore import remove_unfinished
+
+    try:
+        remove_unfinished(objects[0], objects[1])
+    except Exception as exc:  # the server is away: the next run removes the unfinished prefix
+        log.warning("could not remove the failed save %s: %s", objects[1], exc)
+
+
+def _commit_objects(objects: Any, args: tuple[Any, ...], checksum: str, **kwargs: Any) -> None:
+    """Rank 0, every rank's objects written: the indexes, JSON state and manifest are made by the one POSIX
+    :func:`.commit.commit` in a small local scratch folder, the JSON files uploaded (each checked against the
+    manifest on the way), then ``manifest.hash``, then ``manifest.json`` with ``If-None-Match: *`` (the commit),
+    then ``latest`` by compare-and-swap (:func:`.objstore.commit_upload`)."""
+    import tempfile
+
+    from . import objstore
+    from .commit import commit
+
+    store, ckpt = objects
+    kind = ckpt.parent.name  # checkpoints/ or snapshots/
+    with tempfile.TemporaryDirectory(prefix="wsd-commit-") as tmp:
+        base = Path(tmp)
+        staging, local = base / "staging", base / ckpt.name
+        (staging / F.TRAIN_STATE / "rng").mkdir(parents=True)
+        commit(staging, local, base, *args, False, checksum, latest=False, **kwargs)
+        m = F.load_manifest(local)
+        made = sorted(rel for rel in m["files"] if (local / rel).is_file())
+        problems = objstore.upload_files(local, m, store, ckpt, made)
+        if problems:
+            raise CheckpointError("; ".join(problems))
+        objstore.commit_upload(local, store, ckpt.parent.parent, ckpt, kind)
 
 
 GATHER_WINDOW_BYTES = 512 * 1024**2

@@ -369,6 +369,9 @@ class ObjectWriter:
             done.result()  # an error in an earlier part stops the stream now
         body, self._buf = bytes(self._buf), bytearray()
         number = len(self._parts) + 1
+        from .faults import point
+
+        point(f"upload-part:{self.key}:{number}")
         self._slots.acquire()  # bounded memory: wait for a slot before buffering another part
 
         def send() -> dict[str, Any]:
@@ -428,6 +431,16 @@ class ObjectWriter:
                 )
             except (CheckpointError, FileNotFoundError):
                 pass  # the abort is best effort; the next run aborts what is left under the prefix
+
+
+def cache_dir(url: ObjectURL) -> str:
+    """A node-local folder for a run on object storage saved without a staging tier: it only holds what a resume
+    fetched from the bucket (the same path on every rank of a node)."""
+    import hashlib
+    import tempfile
+
+    tag = hashlib.sha256(str(url).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"wsd_pretrain-cache-{tag}")
 
 
 def store_for(url: ObjectURL) -> S3Store:
