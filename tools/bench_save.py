@@ -286,7 +286,7 @@ Every method reads from a cold page cache. With sizes verified, ours reads each 
 place (`preadv` into the assembled tensor), as torch.load reads its file once: both are bound by the disk. With checksums verified (the default) each
 byte is read once too: the verification reads and hashes the files this rank wrote (on the same layout, what it
 restores) and keeps the bytes, and the restore, which waits until every check has passed (a corrupt checkpoint
-must not leave a half-restored model), takes its tensors from them instead of the disk (docs/decisions.md, 96;
+must not leave a half-restored model), takes its tensors from them instead of the disk (docs/decisions.md, 105;
 before, every file was read twice: 0.71-0.77x torch.load).
 """
     write_section("save", body, args.out)
