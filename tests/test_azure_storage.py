@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_object_storage import CFG, _job, _step  # the same tiny job on either store
 
-from wsd_pretrain import WSDSchedule, WSDScheduler
 from wsd_pretrain.checkpoint import objstore, objstore_tier, storage
 from wsd_pretrain.checkpoint.azure_store import AzureStore
 from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
@@ -21,24 +21,6 @@ from wsd_pretrain.checkpoint.safetensors_io import new_hasher
 from wsd_pretrain.checkpoint.storage import ObjectURL, PreconditionFailed, parse_location
 from wsd_pretrain.cli import main as cli
 from wsd_pretrain.errors import CheckpointError, ConfigError
-from wsd_pretrain.model import LlamaLM, ModelConfig
-
-CFG = ModelConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
-
-
-def _job(seed: int = 0) -> tuple[LlamaLM, torch.optim.Optimizer, WSDScheduler]:
-    torch.manual_seed(seed)
-    model = LlamaLM(CFG)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return model, opt, WSDScheduler(opt, WSDSchedule(total=6, decay_length=2))
-
-
-def _step(model, opt, sched) -> None:
-    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(sched.position))
-    model(x[:, :-1], x[:, 1:]).backward()
-    opt.step()
-    opt.zero_grad()
-    sched.step()
 
 
 def _uncommitted(azure_server, container: str) -> list[str]:

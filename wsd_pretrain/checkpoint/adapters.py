@@ -276,16 +276,22 @@ class EngineAdapter(ABC):
                 raise CheckpointError(
                     f"param group {i} holds {_short(data['params'])} in the checkpoint and {_short(mine)} here"
                 )
-            for key, value in data.items():
-                if key == "params":
-                    continue
-                current = group.get(key)
-                if isinstance(current, torch.Tensor):
-                    current.fill_(value)
-                elif isinstance(current, tuple) and isinstance(value, list):
-                    group[key] = tuple(value)
-                else:
-                    group[key] = value
+            restore_group_settings(group, data)
+
+
+def restore_group_settings(group: dict[str, Any], data: dict[str, Any]) -> None:
+    """Put a saved param group's settings (lr, betas, ...; everything but ``params``) into ``group``, in place: a
+    tensor setting (a capturable lr) keeps its tensor, a tuple setting comes back a tuple (JSON made it a list)."""
+    for key, value in data.items():
+        if key == "params":
+            continue
+        current = group.get(key)
+        if isinstance(current, torch.Tensor):
+            current.fill_(value)
+        elif isinstance(current, tuple) and isinstance(value, list):
+            group[key] = tuple(value)
+        else:
+            group[key] = value
 
 
 def _short(names: list[str]) -> str:

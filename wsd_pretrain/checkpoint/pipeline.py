@@ -47,7 +47,15 @@ import torch
 
 from .. import distributed as D
 from ..errors import CheckpointError
-from .adapters import EngineAdapter, Want, _jsonable, make_adapter, restore_scalars, step_tensor
+from .adapters import (
+    EngineAdapter,
+    Want,
+    _jsonable,
+    make_adapter,
+    restore_group_settings,
+    restore_scalars,
+    step_tensor,
+)
 from .layout import Item, Partition
 
 __all__ = ["Pipeline", "PipelineAdapter"]
@@ -483,17 +491,7 @@ class PipelineAdapter(EngineAdapter):
                     f"param group {j} of this rank's optimizer holds {names[:3]}...: the checkpoint's optimizer groups "
                     "them otherwise; build the optimizer's param groups as the run that wrote it did"
                 )
-            data = saved["param_groups"][found.pop()]
-            for key, value in data.items():
-                if key == "params":
-                    continue
-                current = group.get(key)
-                if isinstance(current, torch.Tensor):
-                    current.fill_(value)
-                elif isinstance(current, tuple) and isinstance(value, list):
-                    group[key] = tuple(value)
-                else:
-                    group[key] = value
+            restore_group_settings(group, saved["param_groups"][found.pop()])
         torch_native = type(self.optimizer).__module__.startswith("torch.optim")
         for g, p in self._params:
             leaves = saved.get("scalars", {}).get(self.source(g))
