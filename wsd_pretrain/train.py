@@ -28,7 +28,7 @@ from .checkpoint import coord, objstore
 from .checkpoint import format as F
 from .checkpoint.manager import CheckpointConfig, CheckpointManager
 from .checkpoint.rng import seed_everything
-from .checkpoint.storage import ObjectURL, parse_location
+from .checkpoint.storage import ObjectURL, parse_location, store_for
 from .config import apply_overrides, build, dump_config, load_config
 from .data import DataConfig, PhasedSampler, ShardedSampler, TokenData, describe
 from .deepspeed_scheduler import SCHEDULER_TYPE
@@ -686,6 +686,7 @@ class Trainer:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.tracker = Tracker(job.tracking, run_dir, active=False)  # _train sets rank 0's
         self._saves: list[tuple[int, Path, Any, float, float]] = []  # (step, path, pending, started, blocked)
+        self.after_save: Any = None  # rank 0 of an object-storage run: copy metrics.jsonl to the bucket
         self.autocast = (
             torch.autocast(device_type=device.type, dtype=torch.bfloat16)
             if job.train.dtype == "bf16" and job.train.engine == "ddp"
@@ -893,6 +894,8 @@ class Trainer:
                 pending = self.manager.pending
                 pending = pending if pending is not None and pending.final == saved else None
                 self._saves.append((sched.last_epoch, saved, pending, started, time.monotonic() - started))
+                if self.after_save is not None:
+                    self.after_save()
             self.report_saves()
             merged = self.wsm.after_step(self.manager, sched.position) if self.wsm is not None else None
             if merged is not None:
@@ -921,8 +924,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--run-dir",
         default="runs/tiny",
-        help="run directory (default: runs/tiny): a local path, file:// or s3://bucket/prefix (with "
-        "checkpoint.staging_dir)",
+        help="run directory (default: runs/tiny): a local path, file:// or s3://bucket/prefix (az://container/prefix): "
+        "checkpoints stream straight to the bucket and resume in place there (see --log-dir)",
+    )
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="local folder for the job's own files (metrics.jsonl, config.yaml, curves.png, tensorboard/): default "
+        "the run directory; on an s3:// or az:// run checkpoint.staging_dir if set, else runs/<scheme>/<bucket>/"
+        "<prefix>, and rank 0 also copies config.yaml and metrics.jsonl to the run's prefix on the bucket",
     )
     p.add_argument("--total-steps", type=int, default=None, help="rescale the schedule to this many updates")
     p.add_argument("--save-every", type=int, default=None, help="also save every N updates")
@@ -1056,11 +1067,18 @@ def _check_run_dir(run_dir: Path) -> None:
             )
 
 
-def _resume_problem(run_dir: Path, schedule: WSDSchedule, start_from: Path | None, total_flag: bool) -> str | None:
+def _listed(location: Path | ObjectURL) -> list[F.CheckpointInfo]:
+    """The run's checkpoints, on disk or on the bucket."""
+    return objstore.list_run(location) if isinstance(location, ObjectURL) else F.list_checkpoints(location)
+
+
+def _resume_problem(
+    run_dir: Path | ObjectURL, schedule: WSDSchedule, start_from: Path | ObjectURL | None, total_flag: bool
+) -> str | None:
     """Rank 0, before ``resume("auto")``: why the run directory's newest checkpoint cannot be resumed under this
     schedule, with the command-line fix, or None (no checkpoint, or the same schedule)."""
     try:
-        infos = [i for i in F.list_checkpoints(run_dir) if i.state == "complete"]
+        infos = [i for i in _listed(run_dir) if i.state == "complete"]
     except (OSError, WSDError):
         return None  # resume reports it
     if not infos or infos[-1].manifest is None or not infos[-1].manifest.get("schedule"):
@@ -1088,6 +1106,41 @@ def _resume_problem(run_dir: Path, schedule: WSDSchedule, start_from: Path | Non
     )
 
 
+class _RunFiles:
+    """Rank 0 of a run on object storage: the job's own files (config.yaml, metrics.jsonl, curves.png) are written
+    in the local log folder and copied beside the run's checkpoints on the bucket (``<url>/<name>``, one PUT each):
+    at the start, after each save and at the end. They are a record, not a commit: a failed copy is logged and the
+    job goes on (the checkpoints are what resume reads)."""
+
+    def __init__(self, url: ObjectURL, log_dir: Path) -> None:
+        self.url, self.log_dir = url, log_dir
+        self.store = store_for(url)
+
+    def put(self, name: str) -> None:
+        path = self.log_dir / name
+        if not path.is_file():
+            return
+        try:
+            self.store.put((self.url / name).key, path.read_bytes())
+        except (OSError, WSDError) as exc:
+            log.warning("could not copy %s to %s: %s (the job goes on)", path, self.url / name, exc)
+
+    def fetch_missing(self, name: str) -> None:
+        """A resume into an empty log folder (another node, a new machine): the run's copy on the bucket first."""
+        path = self.log_dir / name
+        if path.exists():
+            return
+        try:
+            data, _ = self.store.get((self.url / name).key)
+        except FileNotFoundError:
+            return
+        except (OSError, WSDError) as exc:
+            log.warning("could not read %s: %s (the log folder starts empty)", self.url / name, exc)
+            return
+        path.write_bytes(data)
+        log.info("%s: copied from %s (%d bytes)", path, self.url / name, len(data))
+
+
 def _drop_replayed_metrics(path: Path, position: int) -> None:
     """Rank 0 after a resume at ``position``: records past it were written by the run that died and will be
     written again by the replay; keep each step once."""
@@ -1113,26 +1166,29 @@ def _drop_replayed_metrics(path: Path, position: int) -> None:
 
 def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None) -> dict[str, Any]:
     rank, world = D.get_rank(), D.get_world_size()
-    # an s3:// run: checkpoints go to the bucket through the local staging tier (checkpoint.staging_dir), which also
-    # holds the job's own files (metrics, config, curves); without one every rank refuses it here, before any work
-    # (never a local ./s3:/ tree)
+    # an s3:// (az://) run: every rank streams its checkpoints straight to the bucket (or through
+    # checkpoint.staging_dir) and resumes in place; the job's own files (metrics.jsonl, config.yaml, curves.png,
+    # tensorboard/) are written in a local log folder (--log-dir; default: the staging folder, else
+    # runs/<scheme>/<bucket>/<prefix>) and rank 0 copies config.yaml and metrics.jsonl beside the run's checkpoints
+    # on the bucket (never a local ./s3:/ tree)
     location = parse_location(args.run_dir)
     if isinstance(location, ObjectURL):
-        if job.checkpoint.staging_dir is None:
-            raise ConfigError(
-                f"--run-dir {location} is on object storage: set checkpoint.staging_dir=/local/folder (each save is "
-                "written there, then uploaded; the job's metrics stay there too)",
-                where="arguments",
-            )
-        if job.wsm.enabled:  # its merges read the run's snapshots locally; the staging tier keeps only the newest
+        if job.wsm.enabled:  # its merges read the run's snapshots locally
             raise ConfigError(
                 f"--run-dir {location}: the decay-free mode (wsm.enabled) needs a local run directory for now",
                 where="arguments",
             )
-        run_dir = Path(job.checkpoint.staging_dir)
+        if args.log_dir is not None:
+            run_dir = args.log_dir
+        elif job.checkpoint.staging_dir is not None:
+            run_dir = Path(job.checkpoint.staging_dir)
+        else:
+            run_dir = Path("runs", location.scheme, location.bucket, location.key)
+        run_files: _RunFiles | None = _RunFiles(location, run_dir) if rank == 0 else None
     else:
-        run_dir = location
-    _check_run_dir(run_dir)
+        run_dir = location if args.log_dir is None else args.log_dir
+        run_files = None
+        _check_run_dir(location)
     device = _device(job.train)
     schedule, start_from = _schedule_for(job, args)
     wsm = None
@@ -1203,7 +1259,7 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
         resumed = False
         if args.resume == "auto":
             problem = (
-                _resume_problem(run_dir, schedule, start_from, args.total_steps is not None) if rank == 0 else None
+                _resume_problem(location, schedule, start_from, args.total_steps is not None) if rank == 0 else None
             )
             problem = coord.broadcast(problem)  # every rank raises the same error
             if problem is not None:
@@ -1212,9 +1268,9 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
             resumed = manager.resume(
                 "auto" if args.resume == "auto" else args.resume, allow_changes=args.allow_optimizer_change
             )
-        elif any(i.state == "complete" for i in F.list_checkpoints(run_dir)):
+        elif any(i.state == "complete" for i in _listed(location)):
             raise ConfigError(
-                f"{run_dir} has checkpoints and --resume none was given: use another --run-dir", where="arguments"
+                f"{location} has checkpoints and --resume none was given: use another --run-dir", where="arguments"
             )
         if not resumed and start_from is not None:
             sampler.new_decay_data = True  # a new run: its decay data may differ from the checkpoint's
@@ -1223,11 +1279,16 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             if resumed:
+                if run_files is not None:  # resumed from the bucket into an empty log folder: its metrics so far
+                    run_files.fetch_missing("metrics.jsonl")
                 _drop_replayed_metrics(run_dir / "metrics.jsonl", built.scheduler.position)
             (run_dir / "config.yaml").write_text(_dump_job(job, plan))
+            if run_files is not None:
+                run_files.put("config.yaml")
             log.info(
-                "run %s: %d rank(s), engine %s, %s; schedule %d %s (%s), %.2fM parameters, %d tokens/update",
-                run_dir,
+                "run %s%s: %d rank(s), engine %s, %s; schedule %d %s (%s), %.2fM parameters, %d tokens/update",
+                location,
+                f" (metrics, config and curves in {run_dir})" if run_dir != location else "",
                 world,
                 job.train.engine,
                 "resumed" if resumed else ("from " + start_from.name if start_from else "fresh"),
@@ -1244,6 +1305,8 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
         trainer = Trainer(job, run_dir, built, data, sampler, manager, device, decay_data=decay_data)
         trainer.tracker = tracker
         trainer.wsm = wsm
+        if run_files is not None:
+            trainer.after_save = lambda: run_files.put("metrics.jsonl")
         result = trainer.run()
         ok = True
     finally:
@@ -1255,9 +1318,12 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
             if tracker is not None:
                 tracker.close(failed=not ok)
     if rank == 0:
-        listed = objstore.list_run(location) if isinstance(location, ObjectURL) else F.list_checkpoints(run_dir)
+        listed = _listed(location)
         result["checkpoints"] = [i.name for i in listed if i.state == "complete"]
         _plot(run_dir, built.scheduler.schedule, float(built.scheduler.base_lrs[0]))
+        if run_files is not None:
+            for name in ("metrics.jsonl", "curves.png"):
+                run_files.put(name)
         log.info("done: %s", json.dumps(result))
     return result
 

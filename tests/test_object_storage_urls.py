@@ -1,0 +1,74 @@
+"""Every entry point on an s3:// location, against the moto server (the ``s3_server`` fixture): the main job with no
+staging folder (checkpoints streamed to the bucket, a preempted job resumed in place from the bucket into an empty
+log folder, exactly as the uninterrupted run), ``write_mode: rank0`` on the bucket, and the checkpoint tools and
+workflow commands given URLs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from wsd_pretrain.checkpoint import objstore
+from wsd_pretrain.checkpoint.manager import CheckpointManager
+from wsd_pretrain.checkpoint.storage import parse_location, store_for
+from wsd_pretrain.cli import main as cli
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = ["train.progress=false", "train.eval_every=8", "train.eval_batches=2", "data.max_bytes=1000000"]
+
+
+def _bucket_json_lines(url: str, name: str) -> list[dict]:
+    loc = parse_location(url)
+    raw, _ = store_for(loc).get((loc / name).key)
+    return [json.loads(line) for line in raw.decode().splitlines()]
+
+
+def _checksums(url: str, name: str) -> dict[str, str]:
+    loc = parse_location(url) / "checkpoints" / name
+    m, _, _ = objstore.load_manifest(store_for(loc), loc)
+    return {rel: rec["hash"] for rel, rec in m["files"].items()}
+
+
+def test_main_job_on_s3_without_staging(s3_server, tmp_path, monkeypatch):
+    """`wsd-pretrain train --run-dir s3://...` with no staging folder (in this process: one rank): checkpoints are
+    streamed to the bucket; a job preempted at update 4 is run again with an empty log folder, resumes from the
+    bucket and ends bitwise where the uninterrupted run ends, with the pre-decay and post-decay checkpoints on the
+    bucket and the run's config and metrics (each update once) beside them."""
+    from wsd_pretrain import train
+
+    monkeypatch.chdir(ROOT)  # the stdlib corpus and relative paths as a user's shell has them
+    bucket = s3_server.bucket()
+    straight, victim = f"s3://{bucket}/runs/straight", f"s3://{bucket}/runs/victim"
+    args = ["--total-steps", "8", *QUICK]
+    done = train.run(["--run-dir", straight, "--log-dir", str(tmp_path / "logs-straight"), *args])
+    assert done["position"] == 8 and not done["preempted"]
+
+    real = CheckpointManager.maybe_save
+
+    def preempt_at_4(self):  # what a SIGTERM does, at a known update
+        if self.scheduler.position == 4:
+            self.request_preemption()
+        return real(self)
+
+    monkeypatch.setattr(CheckpointManager, "maybe_save", preempt_at_4)
+    stopped = train.run(["--run-dir", victim, "--log-dir", str(tmp_path / "logs-a"), *args])
+    assert stopped["preempted"] and stopped["position"] == 4
+    monkeypatch.setattr(CheckpointManager, "maybe_save", real)
+    fresh = tmp_path / "logs-b"  # another machine: nothing local but the command
+    resumed = train.run(["--run-dir", victim, "--log-dir", str(fresh), *args])
+    assert resumed["position"] == 8 and not resumed["preempted"]
+
+    final = "step-000000008-post-decay+final"
+    names = [i.name for i in objstore.list_run(parse_location(victim)) if i.state == "complete"]
+    assert names == ["step-000000004-preempt", "step-000000007-pre-decay", final], names
+    # weights, optimizer, trainer, data and RNG state: every object's checksum equals the uninterrupted run's
+    assert _checksums(victim, final) == _checksums(straight, final)
+    losses = {m["step"]: m["loss"] for m in _bucket_json_lines(straight, "metrics.jsonl") if "loss" in m}
+    got = [(m["step"], m["loss"]) for m in _bucket_json_lines(victim, "metrics.jsonl") if "loss" in m]
+    assert [s for s, _ in got] == list(range(1, 9)), "each update once: the bucket's metrics were continued"
+    assert dict(got) == losses and resumed["loss"] == done["loss"]
+    assert (fresh / "metrics.jsonl").is_file() and (fresh / "config.yaml").is_file()
+    loc = parse_location(victim)
+    assert store_for(loc).head((loc / "config.yaml").key) is not None
+    assert not (ROOT / "s3:").exists() and not (tmp_path / "s3:").exists()
+    assert cli(["ckpt", "verify", victim]) == 0
