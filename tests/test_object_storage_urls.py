@@ -6,10 +6,14 @@ workflow commands given URLs."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import torch
+from test_object_storage import _job, _step
+
 from wsd_pretrain.checkpoint import objstore
-from wsd_pretrain.checkpoint.manager import CheckpointManager
+from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 from wsd_pretrain.checkpoint.storage import parse_location, store_for
 from wsd_pretrain.cli import main as cli
 
@@ -72,3 +76,37 @@ def test_main_job_on_s3_without_staging(s3_server, tmp_path, monkeypatch):
     assert store_for(loc).head((loc / "config.yaml").key) is not None
     assert not (ROOT / "s3:").exists() and not (tmp_path / "s3:").exists()
     assert cli(["ckpt", "verify", victim]) == 0
+
+
+def test_write_mode_rank0_on_s3(s3_server, tmp_path):
+    """``write_mode: rank0`` on an s3:// run with no staging folder: rank 0 streams every object to the bucket; a
+    new job resumes through rank 0's verified download of the checkpoint (not the in-place read) and continues
+    exactly like the uninterrupted job."""
+    url = f"s3://{s3_server.bucket()}/runs/rank0"
+    cfg = CheckpointConfig(write_mode="rank0", max_shard_size=60_000)
+    straight = _job()
+    while not straight[2].finished:
+        _step(*straight)
+    model, opt, sched = _job()
+    mgr = CheckpointManager(url, model, opt, sched, config=cfg)
+    while sched.position < 4:  # the pre-decay checkpoint at 4
+        _step(model, opt, sched)
+        mgr.maybe_save()
+    mgr.close()
+    names = [(i.name, i.state) for i in objstore.list_run(parse_location(url))]
+    assert names == [("step-000000004-pre-decay", "complete")], names
+    assert cli(["ckpt", "verify", url]) == 0
+    model2, opt2, sched2 = _job(seed=1)
+    mgr2 = CheckpointManager(url, model2, opt2, sched2, config=cfg)
+    assert mgr2.resume("auto") and sched2.position == 4
+    local = Path(mgr2.run_dir) / "checkpoints" / "step-000000004-pre-decay"
+    assert (local / "manifest.json").is_file(), "rank 0 read a verified local copy"
+    while not sched2.finished:
+        _step(model2, opt2, sched2)
+        mgr2.maybe_save()
+    mgr2.close()
+    for a, b in zip(straight[0].state_dict().values(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    names = [i.name for i in objstore.list_run(parse_location(url)) if i.state == "complete"]
+    assert names[-1] == "step-000000006-post-decay+final", names
+    shutil.rmtree(mgr2.run_dir)  # the node-local cache folder (storage.cache_dir) under the system's temp folder
