@@ -76,6 +76,16 @@ def test_main_job_on_s3_without_staging(s3_server, tmp_path, monkeypatch):
     assert store_for(loc).head((loc / "config.yaml").key) is not None
     assert not (ROOT / "s3:").exists() and not (tmp_path / "s3:").exists()
     assert cli(["ckpt", "verify", victim]) == 0
+    # a cooldown branch from the bucket's stable checkpoint into a new run on the bucket (read in place)
+    cool = f"s3://{bucket}/runs/cool"
+    stable = f"{victim}/checkpoints/step-000000004-preempt"
+    cooldown = ["--cooldown-from", stable, "--cooldown-steps", "2"]
+    branch = train.run(["--run-dir", cool, "--log-dir", str(tmp_path / "logs-cool"), *cooldown, *QUICK])
+    assert branch["position"] == 6
+    lrs = [m["lr"] for m in _bucket_json_lines(cool, "metrics.jsonl") if "loss" in m]
+    assert len(lrs) == 2 and lrs[0] > lrs[1] == 0.0
+    names = [i.name for i in objstore.list_run(parse_location(cool)) if i.state == "complete"]
+    assert names == ["step-000000006-post-decay+final"], names
 
 
 def test_write_mode_rank0_on_s3(s3_server, tmp_path):

@@ -940,16 +940,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         default="auto",
-        help="auto (newest complete checkpoint in the run dir, else fresh), none, or a checkpoint path",
+        help="auto (newest complete checkpoint in the run dir, else fresh), none, a checkpoint name, or a checkpoint "
+        "path or URL (s3:// or az://: read in place)",
     )
     p.add_argument(
         "--continue-from",
-        type=Path,
         default=None,
         help="continue a finished or stopped run from this checkpoint to the (new) schedule total: no "
-        "re-warmup; from a pre-decay checkpoint this is WSD, from a post-decay one WSD-S",
+        "re-warmup; from a pre-decay checkpoint this is WSD, from a post-decay one WSD-S (a local path, or s3:// / "
+        "az://: read in place)",
     )
-    p.add_argument("--cooldown-from", type=Path, default=None, help="branch a cooldown from this stable checkpoint")
+    p.add_argument(
+        "--cooldown-from",
+        default=None,
+        help="branch a cooldown from this stable checkpoint (a local path, or s3:// / az://: read in place)",
+    )
     p.add_argument("--cooldown-steps", type=int, default=None, help="length of the cooldown branch")
     p.add_argument(
         "--allow-optimizer-change",
@@ -968,7 +973,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _schedule_for(job: JobConfig, args: argparse.Namespace) -> tuple[WSDSchedule, Path | None]:
+def _schedule_for(job: JobConfig, args: argparse.Namespace) -> tuple[WSDSchedule, Path | ObjectURL | None]:
     """The schedule of this run and the checkpoint to start from (continuation and cooldown modes)."""
     if args.continue_from and args.cooldown_from:
         raise ConfigError("give --continue-from or --cooldown-from, not both", where="arguments")
@@ -977,8 +982,13 @@ def _schedule_for(job: JobConfig, args: argparse.Namespace) -> tuple[WSDSchedule
         if args.cooldown_steps is not None:
             raise ConfigError("--cooldown-steps goes with --cooldown-from", where="arguments")
         return job.schedule, None
-    ckpt = F.resolve_checkpoint(source, damaged="error")
-    manifest = F.load_manifest(ckpt)
+    location = parse_location(source)
+    if isinstance(location, ObjectURL):  # another run's checkpoint on the bucket: its manager reads it in place
+        ckpt: Path | ObjectURL = objstore.resolve(location, damaged="error")
+        manifest = objstore.load_manifest(store_for(ckpt), ckpt)[0]
+    else:
+        ckpt = F.resolve_checkpoint(location, damaged="error")
+        manifest = F.load_manifest(ckpt)
     at = int(manifest.get("trajectory_position", manifest["position"]))
     saved = WSDSchedule.from_dict(manifest["schedule"]) if manifest.get("schedule") else job.schedule
     if args.cooldown_from:
@@ -1275,7 +1285,7 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
         if not resumed and start_from is not None:
             sampler.new_decay_data = True  # a new run: its decay data may differ from the checkpoint's
             # the scheduler accepts the state: the schedule was built at its position
-            manager.load(start_from, allow_changes=args.allow_optimizer_change)
+            manager.load(str(start_from), allow_changes=args.allow_optimizer_change)
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             if resumed:

@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from .. import distributed as D
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, WSDError
 from ..scheduler import WSDScheduler
 from . import coord
 from . import format as F
@@ -739,7 +739,11 @@ class CheckpointManager:
         when there is none: returns False), ``"latest"`` (the same, but none is an error), a checkpoint name or a
         path. Returns True when a checkpoint was loaded. ``allow_changes``: see :meth:`load`."""
         self._check_open("resume")
-        if not isinstance(which, str) or _storage.is_url(which):
+        if isinstance(which, str) and _storage.is_url(which):  # a checkpoint (or a run's newest) on object storage
+            self.wait()
+            self.load(which, verify=verify, allow_changes=allow_changes)
+            return True
+        if not isinstance(which, str):
             which = _storage.require_local(which, "CheckpointManager.resume()", _OBJECT_STORAGE_FIX)
         target = str(which)
         self.wait()
@@ -793,6 +797,36 @@ class CheckpointManager:
             raise CheckpointError(found["error"])
         self.load(found, verify=verify, allow_changes=allow_changes, source=source)
         return True
+
+    def _open_url(self, text: str) -> tuple[str, Any]:
+        """:meth:`load` of a checkpoint on object storage (another run's, e.g. a continuation's or a cooldown's
+        start): rank 0 resolves it (a run prefix: its newest complete checkpoint; a damaged newest one is an error)
+        and validates its manifest; every rank then reads it in place, as a resume from the bucket does."""
+        if self.config.write_mode == "rank0":
+            raise ConfigError(
+                f"{text}: loading a checkpoint on object storage with write_mode: rank0 is not supported (rank 0 "
+                "would read every object); copy it to a local folder with `wsd-pretrain ckpt cp` and load that",
+                where="CheckpointManager.load()",
+            )
+        from . import objstore
+
+        opened: Any = None
+        if D.get_rank() == 0:
+            try:
+                location = _storage.parse_location(text)
+                if not isinstance(location, _storage.ObjectURL):
+                    raise ConfigError(f"{text}: not a URL", where="CheckpointManager.load()")
+                ckpt = objstore.resolve(location, damaged="error")
+                opened = {"url": str(ckpt), "manifest": objstore.load_manifest(_storage.store_for(ckpt), ckpt)[0]}
+            except (OSError, WSDError) as exc:
+                opened = {"error": f"cannot load {text}: {exc}"}
+        opened = coord.broadcast(opened)
+        if "error" in opened:
+            raise CheckpointError(opened["error"])
+        from .objread import RemoteCheckpoint
+
+        url = _storage.parse_location(opened["url"])
+        return opened["url"], RemoteCheckpoint(url, opened["manifest"])  # type: ignore[arg-type]
 
     def _ensure_local(self, name: str) -> Any:
         """A run on object storage: checkpoint ``name`` when the staging run lacks it. Read in place (returned: a
@@ -876,6 +910,8 @@ class CheckpointManager:
         naming both values, unless ``allow_changes`` is True (apply every change) or names the fields to apply."""
         self._check_open("load")
         self.wait()
+        if source is None and isinstance(path, str) and _storage.is_url(path):
+            path, source = self._open_url(path)
         optimizer = self.adapter.optimizer
         live_groups = [dict(g) for g in optimizer.param_groups] if optimizer is not None else []
         # a compat view (pytorch_accelerated's scheduler) has no base LRs of its own: its LR check is skipped
