@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from test_object_storage import _job, _step
 
@@ -120,3 +121,91 @@ def test_write_mode_rank0_on_s3(s3_server, tmp_path):
     names = [i.name for i in objstore.list_run(parse_location(url)) if i.state == "complete"]
     assert names[-1] == "step-000000006-post-decay+final", names
     shutil.rmtree(mgr2.run_dir)  # the node-local cache folder (storage.cache_dir) under the system's temp folder
+
+
+def test_hf_trainer_on_s3(s3_server, tmp_path):
+    """The Hugging Face Trainer (real, on CPU) with ``WSDTrainerCallback("s3://...")``: its checkpoints are committed
+    on the bucket; a Trainer stopped two updates after the pre-decay checkpoint is resumed on a "new machine" with
+    ``resume_from_checkpoint=last_checkpoint(url)`` (a verified download the Trainer reads, which the manager
+    then loads too) and ends bit for bit where the uninterrupted Trainer ends; the final checkpoint's download
+    loads with ``from_pretrained``."""
+    transformers = pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from wsd_pretrain.integrations.hf import WSDTrainerCallback, last_checkpoint, wsd_scheduler
+
+    class Tokens(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.data = torch.randint(0, 128, (40, 16), generator=torch.Generator().manual_seed(1234))
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": self.data[i], "labels": self.data[i]}
+
+    class StopAt(TrainerCallback):  # the job dies here: nothing saved after the pre-decay checkpoint
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.step:
+                control.should_training_stop = True
+
+    def fit(url: str, out: str, *, stop: int | None = None, local: Path | None = None) -> WSDTrainerCallback:
+        args = TrainingArguments(
+            output_dir=str(tmp_path / out),
+            max_steps=24,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            learning_rate=3e-3,
+            warmup_steps=3,
+            save_strategy="no",
+            logging_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+        )
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            attention_dropout=0.1,  # the RNG matters: a resume restores it
+        )
+        model = LlamaForCausalLM(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+        callback = WSDTrainerCallback(url)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=Tokens(),
+            optimizers=(optimizer, wsd_scheduler(optimizer, args, decay_fraction=0.25)),
+            callbacks=[callback, *([StopAt(stop)] if stop else [])],
+        )
+        trainer.train(resume_from_checkpoint=last_checkpoint(url, local_dir=local) if local else None)
+        return callback
+
+    bucket = s3_server.bucket()
+    ref, cut = f"s3://{bucket}/hf/ref", f"s3://{bucket}/hf/cut"
+    pre, post = "step-000000018-pre-decay", "step-000000024-post-decay+final"
+    fit(ref, "ref")
+    fit(cut, "cut", stop=20)
+    assert [i.name for i in objstore.list_run(parse_location(cut)) if i.state == "complete"] == [pre]
+    resumed = fit(cut, "cut2", local=tmp_path / "node2")
+    assert resumed.ckpt.resumed_from.name == pre
+    assert (tmp_path / "node2" / "checkpoints" / pre / "trainer_state.json").is_file()
+    for run in (ref, cut):
+        assert [i.name for i in objstore.list_run(parse_location(run)) if i.state == "complete"] == [pre, post]
+    # weights, optimizer state, scheduler, Trainer counters and RNG: the same bits as the uninterrupted Trainer
+    assert _checksums(cut, post) == _checksums(ref, post)
+    folder = last_checkpoint(cut, local_dir=tmp_path / "node3")
+    assert folder is not None and Path(folder).name == post
+    model = transformers.LlamaForCausalLM.from_pretrained(folder)
+    assert json.loads((Path(folder) / "trainer_state.json").read_text())["global_step"] == 24
+    assert isinstance(model, LlamaForCausalLM)

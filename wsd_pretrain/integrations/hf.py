@@ -67,24 +67,73 @@ def wsd_scheduler(
     return WSDScheduler(optimizer, WSDSchedule(total=total, **schedule))
 
 
-def last_checkpoint(run_dir: str | os.PathLike[str]) -> str | None:
+def last_checkpoint(run_dir: str | os.PathLike[str], *, local_dir: str | os.PathLike[str] | None = None) -> str | None:
     """The newest complete checkpoint of ``run_dir``, ready for ``trainer.train(resume_from_checkpoint=...)``, or
     None when the run has none (a fresh start). Writes its ``trainer_state.json`` from our saved state if a crash
-    right after the commit left it out."""
-    infos = [i for i in F.list_checkpoints(Path(run_dir)) if i.state == "complete"]
+    right after the commit left it out.
+
+    A run on object storage (``s3://bucket/prefix``, ``az://``): the Trainer reads the folder it resumes from
+    itself (its weights and ``trainer_state.json``), so the newest checkpoint is downloaded, every object verified
+    against the manifest on the way and committed like a local save, into ``local_dir/checkpoints/`` (default: the
+    node-local folder the manager of an s3:// run without ``staging_dir`` uses, so that its resume reads this copy
+    instead of the bucket; with ``config.staging_dir`` give that folder). The processes of one node share one
+    download (a file lock); a copy already there is reused when its manifest is the bucket's."""
+    from ..checkpoint.storage import ObjectURL, parse_location
+
+    location = parse_location(run_dir)
+    if isinstance(location, ObjectURL):
+        return _fetch_newest(location, local_dir)
+    infos = [i for i in F.list_checkpoints(location) if i.state == "complete"]
     if not infos:
         return None
     path = infos[-1].path
+    _ensure_sidecar(path)
+    return str(path)
+
+
+def _ensure_sidecar(path: Path) -> None:
     sidecar = path / TRAINER_STATE_NAME
     if not sidecar.is_file():
         trainer = json.loads((path / F.TRAIN_STATE / "trainer.json").read_text())
-        saved = ((trainer.get("extra") or {}).get("loop") or {}).get("framework", {}).get("trainer_state")
+        saved = _saved_trainer_state(trainer)
         if saved is None:
             raise CheckpointError(
                 f"{path} was not written by WSDTrainerCallback (no Trainer state in it); resume it with a "
                 "CheckpointManager, or start the Trainer from its weights"
             )
         _write_text(sidecar, saved)
+
+
+def _saved_trainer_state(trainer: dict[str, Any]) -> str | None:
+    return ((trainer.get("extra") or {}).get("loop") or {}).get("framework", {}).get("trainer_state")
+
+
+def _fetch_newest(url: Any, local_dir: str | os.PathLike[str] | None) -> str | None:
+    """:func:`last_checkpoint` of a run on object storage (see there)."""
+    import fcntl
+    import shutil
+
+    from ..checkpoint import objstore
+    from ..checkpoint.storage import cache_dir, store_for
+
+    infos = [i for i in objstore.list_run(url) if i.state == "complete"]
+    if not infos:
+        return None
+    newest = infos[-1]
+    local = Path(local_dir) if local_dir is not None else Path(cache_dir(url))
+    local.mkdir(parents=True, exist_ok=True)
+    path = F.checkpoints_dir(local) / newest.name
+    with open(local / ".wsd-fetch.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the node's other processes wait for this download, then reuse it
+        if path.exists():
+            _, _, raw_hash = objstore.load_manifest(store_for(url), newest.path)  # type: ignore[arg-type]
+            held = path / F.MANIFEST_HASH
+            if not held.is_file() or held.read_bytes() != raw_hash:  # not this checkpoint (or an interrupted copy)
+                shutil.rmtree(path)
+        if not path.exists():
+            objstore.download(newest.path, local)  # type: ignore[arg-type]
+            log_rank0(logging.INFO, "transformers.Trainer: %s downloaded (verified) into %s", newest.path, path)
+        _ensure_sidecar(path)
     return str(path)
 
 
@@ -138,21 +187,15 @@ class WSDTrainerCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         scheduler = kwargs.get("lr_scheduler")  # a non-WSD scheduler is refused by the manager, saying what to pass
-        from ..checkpoint.manager import _OBJECT_STORAGE_FIX
-        from ..checkpoint.storage import require_local
-
-        # the Trainer resumes from a local folder (resume_from_checkpoint): its run stays local for now
-        run_dir = require_local(
-            self.run_dir if self.run_dir is not None else args.output_dir,
-            "the transformers.Trainer integration's run_dir",
-            _OBJECT_STORAGE_FIX,
-        )
+        # a local run, or one on object storage (s3://): the Trainer then resumes from the verified local copy that
+        # last_checkpoint() downloads, and the manager loads the same checkpoint
+        run_dir = self.run_dir if self.run_dir is not None else args.output_dir
         self.ckpt = FrameworkCheckpointer(run_dir, config=self.config, data=self.data, framework="transformers.Trainer")
         self._state = state
         mgr = self.ckpt.build(kwargs["model"], kwargs["optimizer"], scheduler)
         if state.global_step > 0:
-            self._resume(run_dir, state, args, kwargs.get("train_dataloader"))
-        elif any(i.state == "complete" for i in F.list_checkpoints(run_dir)):
+            self._resume(self.ckpt.run_dir, state, args, kwargs.get("train_dataloader"))
+        elif self.ckpt.has_checkpoints():
             raise CheckpointError(
                 f"{run_dir} has checkpoints but the Trainer starts from step 0: resume with "
                 "trainer.train(resume_from_checkpoint=wsd_pretrain.integrations.hf.last_checkpoint(run_dir)), or "
@@ -168,7 +211,7 @@ class WSDTrainerCallback(TrainerCallback):
                 args.save_strategy,
             )
 
-    def _resume(self, run_dir: Path, state: TrainerState, args: TrainingArguments, loader: Any) -> None:
+    def _resume(self, run_dir: Any, state: TrainerState, args: TrainingArguments, loader: Any) -> None:
         """The Trainer read ``trainer_state.json`` from one of our checkpoints: load the same checkpoint."""
         assert self.ckpt is not None
         target = _checkpoint_for_step(run_dir, state.global_step)
@@ -228,6 +271,8 @@ class WSDTrainerCallback(TrainerCallback):
         assert self.ckpt is not None
         self.ckpt.loop.framework = {"global_step": state.global_step, "trainer_state": _state_json(state)}
         path = self.ckpt.maybe_save()
+        if path is not None and not isinstance(path, Path):
+            path = None  # committed on object storage: last_checkpoint() writes the sidecar into its download
         if path is not None and self.ckpt.manager is not None and self.ckpt.manager.config.async_save is False:
             self._write_sidecar(path, self.ckpt.loop.framework["trainer_state"])
         elif path is not None:
@@ -265,8 +310,22 @@ def _state_json(state: TrainerState) -> str:
     return json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n"
 
 
-def _checkpoint_for_step(run_dir: Path, global_step: int) -> Path | None:
-    """The newest complete checkpoint whose trainer_state.json (ours) is at ``global_step``."""
+def _checkpoint_for_step(run_dir: Any, global_step: int) -> Path | str | None:
+    """The newest complete checkpoint whose trainer_state.json (ours) is at ``global_step`` (on object storage: its
+    name, found from each checkpoint's saved Trainer state, newest first)."""
+    from ..checkpoint.storage import ObjectURL
+
+    if isinstance(run_dir, ObjectURL):
+        from ..checkpoint import objstore
+        from ..checkpoint.storage import store_for
+
+        store = store_for(run_dir)
+        for info in reversed([i for i in objstore.list_run(run_dir) if i.state == "complete"]):
+            raw, _ = store.get((info.path / F.TRAIN_STATE / "trainer.json").key, max_bytes=64 * 1024 * 1024)  # type: ignore[union-attr]
+            saved = _saved_trainer_state(json.loads(raw))
+            if saved is not None and json.loads(saved).get("global_step") == global_step:
+                return info.name
+        return None
     for info in reversed([i for i in F.list_checkpoints(run_dir) if i.state == "complete"]):
         sidecar = info.path / TRAINER_STATE_NAME
         if sidecar.is_file():
