@@ -209,3 +209,71 @@ def test_hf_trainer_on_s3(s3_server, tmp_path):
     model = transformers.LlamaForCausalLM.from_pretrained(folder)
     assert json.loads((Path(folder) / "trainer_state.json").read_text())["global_step"] == 24
     assert isinstance(model, LlamaForCausalLM)
+
+
+def test_ckpt_commands_write_to_and_read_from_urls(s3_server, tmp_path, capsys):
+    """The `wsd-pretrain ckpt` commands that were local-only, on a run saved to the bucket (with snapshots):
+    reshard into the bucket (committed there: it lists, verifies and resumes exactly), export-hf into an empty prefix
+    (refused when not empty), merge from URLs (--last K of the bucket's snapshots, and named checkpoints) into the
+    bucket, to-dcp from a URL, from-deepspeed's refusal of a URL input."""
+    from test_object_storage import CFG
+
+    bucket = s3_server.bucket()
+    run = f"s3://{bucket}/runs/tools"
+    model, opt, sched = _job()
+    cfg = CheckpointConfig(snapshot_every=1, max_shard_size=60_000)
+    mgr = CheckpointManager(run, model, opt, sched, config=cfg, hf_config=CFG.hf_config())
+    while not sched.finished:
+        _step(model, opt, sched)
+        mgr.maybe_save()
+    mgr.close()
+    pre, post = f"{run}/checkpoints/step-000000004-pre-decay", f"{run}/checkpoints/step-000000006-post-decay+final"
+    snaps = [i.name for i in objstore.list_run(parse_location(run), snapshots=True) if i.state == "complete"]
+    assert len(snaps) >= 2, snaps
+    capsys.readouterr()
+
+    # reshard from the bucket into the bucket: a committed checkpoint of another run that resumes exactly
+    moved = f"s3://{bucket}/runs/resharded/checkpoints/step-000000006-post-decay+final"
+    assert cli(["ckpt", "reshard", post, moved, "--max-shard-size", "30000"]) == 0
+    assert cli(["ckpt", "verify", moved]) == 0
+    assert cli(["ckpt", "reshard", post, moved]) == 2  # the name is taken: refused before any work
+    assert cli(["ckpt", "reshard", post, f"s3://{bucket}/loose"]) == 2  # not <run>/checkpoints/<name>
+    assert "checkpoints/NAME" in capsys.readouterr().err
+    model2, opt2, sched2 = _job(seed=1)
+    mgr2 = CheckpointManager(f"s3://{bucket}/runs/resharded", model2, opt2, sched2)
+    assert mgr2.resume("auto") and sched2.position == 6
+    mgr2.close()
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+    # export-hf and merge into the bucket; merge reads its inputs from URLs
+    hf = f"s3://{bucket}/hf/final"
+    assert cli(["ckpt", "export-hf", run, hf]) == 0
+    assert cli(["ckpt", "export-hf", run, hf]) == 2  # not empty: refused
+    merged = f"s3://{bucket}/hf/merged"
+    assert cli(["ckpt", "merge", run, "--last", "2", "--coefficients", "uniform", "--out", merged]) == 0
+    local_merge = tmp_path / "merged-local"
+    assert cli(["ckpt", "merge", pre, post, "--coefficients", "uniform", "--out", str(local_merge)]) == 0
+    assert cli(["ckpt", "cp", pre, str(tmp_path / "back")]) == 0
+    assert cli(["ckpt", "to-dcp", pre, str(tmp_path / "dcp")]) == 0
+    assert (tmp_path / "dcp" / ".metadata").is_file()
+    with pytest.raises(SystemExit):  # a DeepSpeed folder is read locally only: argparse says to copy it first
+        cli(["ckpt", "from-deepspeed", pre, str(tmp_path / "ds")])
+    capsys.readouterr()
+    store = store_for(parse_location(hf))
+    for prefix, folder in ((hf, tmp_path / "hf-down"), (merged, tmp_path / "merged-down")):
+        loc = parse_location(prefix)
+        objects, _ = store.list(loc.prefix)
+        assert any(o["key"].endswith("config.json") for o in objects)
+        for o in objects:
+            dest = folder / o["key"][len(loc.prefix) :]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(store.get(o["key"])[0])
+    from transformers import LlamaForCausalLM
+
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path / "hf-down")
+    key = "model.embed_tokens.weight"
+    assert torch.equal(loaded.state_dict()[key], model.state_dict()[key])
+    LlamaForCausalLM.from_pretrained(tmp_path / "merged-down")
+    info = json.loads((tmp_path / "merged-down" / "wsd_pretrain_merge.json").read_text())
+    assert [r["name"] for r in info["inputs"]] == snaps[-2:]

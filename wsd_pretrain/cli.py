@@ -158,7 +158,8 @@ def _local_path(text: str) -> Path:
     if isinstance(loc, ObjectURL):
         raise argparse.ArgumentTypeError(
             f"{text}: this command reads and writes local folders only; copy the checkpoint with "
-            "`wsd-pretrain ckpt cp` first (list, inspect, verify, export-hf, reshard and cp take s3:// and az:// URLs)"
+            "`wsd-pretrain ckpt cp` first (list, inspect, verify, cp, export-hf, reshard, merge, to-dcp and "
+            "from-deepspeed's output take s3:// and az:// URLs)"
         )
     return loc
 
@@ -173,18 +174,24 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
         return int(text) if text.strip().isdigit() else _parse_size(text)
 
     action = args.action
-    if action in ("list", "inspect", "verify", "export-hf", "reshard", "cp"):
+    if action in _URL_ACTIONS:
         from .checkpoint import objstore
         from .checkpoint.storage import ObjectURL, parse_location
 
         for attr in ("run_dir", "ckpt", "out"):
             if isinstance(getattr(args, attr, None), str):
                 setattr(args, attr, parse_location(getattr(args, attr)))
+        if isinstance(getattr(args, "ckpts", None), list):
+            args.ckpts = [parse_location(c) if isinstance(c, str) else c for c in args.ckpts]
         if isinstance(getattr(args, "out", None), ObjectURL):
-            raise WSDError(
-                f"{args.out}: {action} writes a local folder; write it locally, then copy a checkpoint with "
-                "`wsd-pretrain ckpt cp`"
-            )
+            if action not in _URL_OUTPUTS:
+                raise WSDError(
+                    f"{args.out}: {action} writes a local folder; write it locally (then copy a checkpoint with "
+                    "`wsd-pretrain ckpt cp`)"
+                )
+            return _to_url(args, action, args.out)
+        if action == "merge" and any(isinstance(c, ObjectURL) for c in args.ckpts):
+            return _merge_from_urls(args, parse_size)
         if action == "cp":
             done = objstore.copy(args.src, args.dst, replace_unfinished=args.replace_unfinished)
             print(f"{len(done)} checkpoint(s) copied to {args.dst}")
@@ -213,6 +220,112 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
         infos += F.list_snapshots(args.run_dir, checksums=args.checksums)  # model-only, listed after
         return _print_list(args, infos)
     return _cmd_ckpt_local(args, action, parse_size)
+
+
+_URL_ACTIONS = ("list", "inspect", "verify", "export-hf", "reshard", "cp", "merge", "to-dcp", "from-deepspeed")
+"""The ckpt commands that take s3:// / az:// URLs (docs/tools.md): every one whose input is our checkpoint (read
+through a verified download, or in place for list/verify --sizes-only/inspect's headers) ..."""
+_URL_OUTPUTS = ("export-hf", "reshard", "merge", "from-deepspeed")
+"""... and those that may write to one: the output is built in a local temporary folder (under $TMPDIR), then
+uploaded: a checkpoint (reshard, from-deepspeed) with the object-storage commit (manifest last), a Hugging Face
+folder (export-hf, merge) object by object, each created only if absent, into a prefix that must be empty."""
+
+
+def _to_url(args: argparse.Namespace, action: str, out: Any) -> int:
+    """export-hf, reshard, merge or from-deepspeed with an output on object storage: checked before any work, built
+    locally, then uploaded (see :data:`_URL_OUTPUTS`)."""
+    import tempfile
+
+    from .checkpoint import format as F
+    from .checkpoint import objstore
+    from .checkpoint.storage import store_for
+
+    store = store_for(out)
+    if action == "reshard":
+        if out.parent.name not in (F.CHECKPOINTS, F.SNAPSHOTS) or F.parse_name(out.name) is None:
+            raise WSDError(
+                f"{out}: a resharded checkpoint on object storage goes into a run: give s3://bucket/RUN/checkpoints/"
+                "NAME with a checkpoint name such as step-000001000-periodic"
+            )
+        if store.head((out / F.MANIFEST).key) is not None:
+            raise WSDError(f"{out} already holds a committed checkpoint: give a new name")
+    elif action in ("export-hf", "merge"):
+        objects, _ = store.list(out.prefix)
+        if objects:
+            raise WSDError(f"{out} is not empty ({len(objects)} object(s) under it): give a new prefix")
+    with tempfile.TemporaryDirectory(prefix="wsd-out-") as tmp:
+        local = Path(tmp) / (out.name or "out")
+        args.out = local
+        code = _cmd_ckpt(args)
+        if code != 0:
+            return code
+        if action == "reshard":
+            objstore.upload(local, out.parent.parent, root=out.parent.name)
+        elif action == "from-deepspeed":
+            objstore.copy(local, out, log=lambda _msg: None)
+        else:
+            _upload_folder(store, local, out)
+    print(f"uploaded to {out}")
+    return 0
+
+
+def _upload_folder(store: Any, local: Path, out: Any) -> None:
+    """A local folder's files under the prefix ``out``, each created only if absent (a racing writer gets a clear
+    error), streamed in multipart parts; every object's size is checked on the server afterwards. config.json goes
+    last, so a reader that finds it finds the weights it names."""
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == "config.json", str(p)))
+    for path in files:
+        key = (out / path.relative_to(local).as_posix()).key
+        writer = store.writer(key, "xxh3_128", if_none_match=True)
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(8 << 20):
+                    writer.write(chunk)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        head = store.head(key)
+        if head is None or head["size"] != path.stat().st_size:
+            raise WSDError(f"{store.url(key)}: uploaded, but the server has {head and head['size']} bytes")
+
+
+def _merge_from_urls(args: argparse.Namespace, parse_size: Callable[[str], int]) -> int:
+    """merge with inputs on object storage: each checkpoint (or, with --last K, each of a run's newest K snapshots)
+    is downloaded, verified against its manifest, into a temporary folder beside the output; then the local merge."""
+    import tempfile
+
+    from .checkpoint import objstore
+    from .checkpoint.storage import ObjectURL
+
+    sources: list[Any] = []
+    for c in args.ckpts:
+        if not isinstance(c, ObjectURL):
+            sources.append(c)
+        elif args.last is not None:
+            if len(args.ckpts) != 1:
+                raise WSDError("--last K goes with one run directory: its newest K snapshots are merged")
+            snaps = [i.path for i in objstore.list_run(c, snapshots=True) if i.state == "complete"]
+            if not snaps or args.last > len(snaps):
+                raise WSDError(f"{c}: --last {args.last} asked, the run has {len(snaps)} snapshot(s) on the bucket")
+            sources.extend(snaps[-args.last :])
+        else:
+            sources.append(objstore.resolve(c))
+    where = Path(args.out).absolute().parent
+    where.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".wsd-fetch-", dir=where) as tmp:
+        local = []
+        for i, src in enumerate(sources):
+            if isinstance(src, ObjectURL):
+                dest = Path(tmp) / str(i) / src.name
+                problems = objstore.fetch(src, dest)
+                if problems:
+                    raise WSDError(f"{src}: damaged objects: " + "; ".join(problems))
+                local.append(dest)
+            else:
+                local.append(src)
+        args.ckpts, args.last = local, None
+        return _cmd_ckpt_local(args, "merge", parse_size)
 
 
 def _print_list(args: argparse.Namespace, infos: list[Any]) -> int:
@@ -454,7 +567,7 @@ def _add_ckpt(sub: Any) -> None:
     p.add_argument("--sizes-only", action="store_true", help="compare sizes, not checksums")
     p = acts.add_parser("export-hf", help="a Hugging Face model folder")
     p.add_argument("ckpt", help="a checkpoint or run directory; local, s3:// or az://")
-    p.add_argument("out", help="a new local folder")
+    p.add_argument("out", help="a new folder: local, or an empty s3:// / az:// prefix (built locally, then uploaded)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--source", choices=["auto", "model", "master"], default="auto")
@@ -472,12 +585,11 @@ def _add_ckpt(sub: Any) -> None:
     )
     p.add_argument(
         "ckpts",
-        type=_local_path,
         nargs="+",
         metavar="CKPT",
-        help="checkpoint or snapshot folders (or one run dir with --last)",
+        help="checkpoint or snapshot folders (or one run dir with --last); local, s3:// or az://",
     )
-    p.add_argument("--out", type=_local_path, required=True, help="the new Hugging Face folder")
+    p.add_argument("--out", required=True, help="the new Hugging Face folder (local, or an empty s3:// prefix)")
     p.add_argument("--last", type=int, default=None, metavar="K", help="merge the run directory's newest K snapshots")
     p.add_argument("--coefficients", choices=["uniform", "ema", "decay"], default="decay")
     p.add_argument(
@@ -499,16 +611,18 @@ def _add_ckpt(sub: Any) -> None:
     p.add_argument(
         "ds_ckpt", type=_local_path, help="the folder with DeepSpeed's 'latest' file, or a global_stepN folder"
     )
-    p.add_argument("out", type=_local_path, help="a new run directory")
+    p.add_argument("out", help="a new run directory (local, s3:// or az://)")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--hf-config", default=None, help="a config.json to write beside the model")
     p = acts.add_parser("reshard", help="another shard size or model dtype")
     p.add_argument("ckpt", help="a checkpoint or run directory; local, s3:// or az://")
-    p.add_argument("out", help="the new (local) checkpoint folder")
+    p.add_argument(
+        "out", help="the new checkpoint folder: local, or s3://bucket/RUN/checkpoints/NAME (committed there)"
+    )
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p = acts.add_parser("to-dcp", help="a torch.distributed.checkpoint directory")
-    p.add_argument("ckpt", type=_local_path)
+    p.add_argument("ckpt", help="a checkpoint or run directory; local, s3:// or az://")
     p.add_argument("out", type=_local_path)
     p.add_argument("--model-only", action="store_true")
     p = acts.add_parser("from-dcp", help="a torch.distributed.checkpoint directory into a Hugging Face folder")
