@@ -60,7 +60,7 @@ def test_main_job_on_s3_without_staging(s3_server, tmp_path, monkeypatch):
     assert stopped["preempted"] and stopped["position"] == 4
     monkeypatch.setattr(CheckpointManager, "maybe_save", real)
     fresh = tmp_path / "logs-b"  # another machine: nothing local but the command
-    resumed = train.run(["--run-dir", victim, "--log-dir", str(fresh), *args])
+    resumed = train.run(["--run-dir", victim, "--log-dir", str(fresh), *args, "tracking.tensorboard=true"])
     assert resumed["position"] == 8 and not resumed["preempted"]
 
     final = "step-000000008-post-decay+final"
@@ -73,6 +73,7 @@ def test_main_job_on_s3_without_staging(s3_server, tmp_path, monkeypatch):
     assert [s for s, _ in got] == list(range(1, 9)), "each update once: the bucket's metrics were continued"
     assert dict(got) == losses and resumed["loss"] == done["loss"]
     assert (fresh / "metrics.jsonl").is_file() and (fresh / "config.yaml").is_file()
+    assert any((fresh / "tensorboard").iterdir()), "TensorBoard beside the metrics, checkpoints logged from the bucket"
     loc = parse_location(victim)
     assert store_for(loc).head((loc / "config.yaml").key) is not None
     assert not (ROOT / "s3:").exists() and not (tmp_path / "s3:").exists()

@@ -1061,6 +1061,24 @@ MUTATIONS: list[Mutation] = [
         "a tied weight's copy on the last stage (the output projection) gets its weight back but not its optimizer "
         "state: training after a resume differs from training straight on",
     ),
+    # ------------------------------------------------------------------ every entry point on URLs (i-urls)
+    M(
+        "s3-main-job-metrics-not-continued",
+        "wsd_pretrain/train.py",
+        '                    run_files.fetch_missing("metrics.jsonl")\n',
+        "                    pass  # (mutation) the bucket's metrics are not taken first\n",
+        ("tests/test_object_storage_urls.py::test_main_job_on_s3_without_staging",),
+        "a main job resumed from the bucket into an empty log folder overwrites the run's metrics on the bucket with "
+        "the updates after the resume: the history before it is lost",
+    ),
+    M(
+        "s3-merge-last-oldest",
+        "wsd_pretrain/cli.py",
+        "sources.extend(snaps[-args.last :])",
+        "sources.extend(snaps[: args.last])",
+        ("tests/test_object_storage_urls.py::test_ckpt_commands_write_to_and_read_from_urls",),
+        "merge --last K from a bucket averages the run's oldest K snapshots instead of its newest K",
+    ),
 ]
 
 

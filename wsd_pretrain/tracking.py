@@ -230,9 +230,7 @@ class Tracker:
         """A committed checkpoint: its kinds, seconds from start to commit, seconds training waited, bytes."""
         if not self.active:
             return
-        from .checkpoint.format import disk_usage
-
-        nbytes = disk_usage(path)
+        nbytes = _checkpoint_bytes(path)
         text = f"{'+'.join(kinds)}: {path.name} ({nbytes} bytes, {seconds:.3f} s)"
         values = {"checkpoint/seconds": seconds, "checkpoint/blocked_seconds": blocked, "checkpoint/bytes": nbytes}
         if self._tb is not None:
@@ -284,3 +282,21 @@ class Tracker:
             except Exception as exc:
                 log.warning("tracking: closing the wandb run failed (%s: %s)", type(exc).__name__, exc)
         log.debug("tracking closed in %.2fs", time.monotonic() - t0)
+
+
+def _checkpoint_bytes(path: Any) -> int:
+    """A committed checkpoint's bytes: its folder's, or on object storage (an ``ObjectURL``) its manifest's sum (one
+    GET; 0 when it cannot be read: the number is a record, the job goes on)."""
+    from .checkpoint.format import disk_usage
+
+    if isinstance(path, Path):
+        return disk_usage(path)
+    from .checkpoint import objstore
+    from .checkpoint.storage import store_for
+    from .errors import WSDError
+
+    try:
+        m, _, _ = objstore.load_manifest(store_for(path), path)
+    except (OSError, WSDError):
+        return 0
+    return sum(int(rec["size"]) for rec in m["files"].values())

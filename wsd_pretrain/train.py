@@ -711,7 +711,7 @@ class Trainer:
                 continue
             if pending is not None and (pending.error or "committed_s" not in pending.stats):
                 continue  # not committed: the manager has logged why
-            if not path.is_dir():
+            if isinstance(path, Path) and not path.is_dir():
                 continue  # a failed save (checkpoint.on_save_error=continue) or already removed by retention
             seconds = pending.stats["committed_s"] - started if pending is not None else blocked
             parsed = F.parse_name(path.name)
