@@ -205,7 +205,8 @@ class FrameworkCheckpointer:
 
     Args:
         run_dir: the run directory (checkpoints under ``<run_dir>/checkpoints``): a local path, or
-            ``s3://bucket/prefix`` with ``config.staging_dir`` set (docs/manager.md, "Object storage").
+            ``s3://bucket/prefix`` / ``az://`` (streamed to the bucket, or through ``config.staging_dir`` when
+            set; docs/manager.md, "Object storage").
         config: :class:`CheckpointConfig`.
         data: a resumable sampler or data source (``state_dict``/``load_state_dict`` in plain JSON), if the
             framework's loader is not the data position's keeper.
@@ -228,8 +229,8 @@ class FrameworkCheckpointer:
     ) -> None:
         from ..checkpoint.storage import parse_location
 
-        # a local path, or a URL on object storage (s3://): the manager's run through its staging tier
-        # (checkpoint.staging_dir), exactly as in a user's own loop
+        # a local path, or a URL on object storage (s3://): the manager's run on the bucket (streamed, or through
+        # checkpoint.staging_dir), exactly as in a user's own loop
         self.run_dir = parse_location(run_dir)
         self.scheduler_fix = scheduler_fix
         self.config = config or CheckpointConfig()

@@ -12,6 +12,10 @@
                       callbacks=[WSDTrainerCallback()])
     trainer.train(resume_from_checkpoint=last_checkpoint("runs/x"))   # None on the first run
 
+On object storage: ``WSDTrainerCallback("s3://bucket/runs/x")`` and
+``resume_from_checkpoint=last_checkpoint("s3://bucket/runs/x")`` (a verified node-local download of the newest
+checkpoint, which the Trainer reads); ``output_dir`` stays local.
+
 Every checkpoint is a Hugging Face model folder (``from_pretrained`` loads it) holding our training state, plus
 the ``trainer_state.json`` that ``resume_from_checkpoint`` reads: the Trainer restores its counters from it and
 skips the batches already seen; the callback restores the optimizer, the scheduler and the RNG from our state
