@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_object_storage import _job, _step
 
-from wsd_pretrain.checkpoint import objstore
+from wsd_pretrain.checkpoint import objstore, storage
 from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 from wsd_pretrain.checkpoint.storage import parse_location, store_for
 from wsd_pretrain.cli import main as cli
@@ -124,7 +124,7 @@ def test_write_mode_rank0_on_s3(s3_server, tmp_path):
     shutil.rmtree(mgr2.run_dir)  # the node-local cache folder (storage.cache_dir) under the system's temp folder
 
 
-def test_hf_trainer_on_s3(s3_server, tmp_path):
+def test_hf_trainer_on_s3(s3_server, tmp_path, monkeypatch):
     """The Hugging Face Trainer (real, on CPU) with ``WSDTrainerCallback("s3://...")``: its checkpoints are committed
     on the bucket; a Trainer stopped two updates after the pre-decay checkpoint is resumed on a "new machine" with
     ``resume_from_checkpoint=last_checkpoint(url)`` (a verified download the Trainer reads, which the manager
@@ -153,7 +153,7 @@ def test_hf_trainer_on_s3(s3_server, tmp_path):
             if state.global_step == self.step:
                 control.should_training_stop = True
 
-    def fit(url: str, out: str, *, stop: int | None = None, local: Path | None = None) -> WSDTrainerCallback:
+    def fit(url: str, out: str, *, stop: int | None = None, resume: bool = False) -> WSDTrainerCallback:
         args = TrainingArguments(
             output_dir=str(tmp_path / out),
             max_steps=24,
@@ -189,7 +189,7 @@ def test_hf_trainer_on_s3(s3_server, tmp_path):
             optimizers=(optimizer, wsd_scheduler(optimizer, args, decay_fraction=0.25)),
             callbacks=[callback, *([StopAt(stop)] if stop else [])],
         )
-        trainer.train(resume_from_checkpoint=last_checkpoint(url, local_dir=local) if local else None)
+        trainer.train(resume_from_checkpoint=last_checkpoint(url) if resume else None)
         return callback
 
     bucket = s3_server.bucket()
@@ -198,9 +198,19 @@ def test_hf_trainer_on_s3(s3_server, tmp_path):
     fit(ref, "ref")
     fit(cut, "cut", stop=20)
     assert [i.name for i in objstore.list_run(parse_location(cut)) if i.state == "complete"] == [pre]
-    resumed = fit(cut, "cut2", local=tmp_path / "node2")
+    ranged = []
+    real_get_range = storage.S3Store.get_range
+    monkeypatch.setattr(
+        storage.S3Store, "get_range", lambda self, *a, **k: ranged.append(a) or real_get_range(self, *a, **k)
+    )
+    resumed = fit(cut, "cut2", resume=True)
+    monkeypatch.undo()
     assert resumed.ckpt.resumed_from.name == pre
-    assert (tmp_path / "node2" / "checkpoints" / pre / "trainer_state.json").is_file()
+    # the download went into the manager's node-local cache for the URL, and its resume read that copy (no ranged
+    # GET: nothing fetched twice; the cache's retention removed it once the run went on)
+    cache = Path(storage.cache_dir(parse_location(cut)))
+    assert resumed.manager.loaded_from == cache / "checkpoints" / pre and ranged == []
+    shutil.rmtree(cache, ignore_errors=True)
     for run in (ref, cut):
         assert [i.name for i in objstore.list_run(parse_location(run)) if i.state == "complete"] == [pre, post]
     # weights, optimizer state, scheduler, Trainer counters and RNG: the same bits as the uninterrupted Trainer
