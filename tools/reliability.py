@@ -1552,6 +1552,239 @@ def _s3_listing_and_names(store: Any, workdir: Path) -> list[Trial]:
     return trials
 
 
+# ------------------------------------------------------------- object storage: one rank of a torchrun job killed
+
+S3_RANK_CASES = (
+    ("direct", 1),
+    ("direct", 0),
+    ("staging", 1),
+    ("staging", 0),
+)
+"""(save path, victim rank): the direct streaming save (no staging folder: each rank streams its files to multipart
+uploads under the final prefix) and the staging tier (each rank saves to node-local disk, then uploads its files)."""
+
+
+def _state_digest(model: Any, opt: Any) -> str:
+    """The model's and the optimizer's tensors (and the optimizer's step counts), as one hash."""
+    import torch
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    for idx, st in sorted(opt.state_dict()["state"].items()):
+        for k, v in sorted(st.items()):
+            h.update(f"{idx}.{k}".encode())
+            if torch.is_tensor(v):
+                h.update(v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(repr(v).encode())
+    return h.hexdigest()
+
+
+def _s3_rank(spec: dict[str, Any]) -> None:
+    """One rank of a 2-rank DDP job under torchrun on an s3:// run (the manager in a user's loop, default preemption
+    handling). ``phase == "job"``: saves at 2 (waited for: committed on the bucket; the state then is written down),
+    then at 4, during whose upload rank ``victim`` is SIGKILLed at its second multipart part (small parts on that
+    rank, that save only: a part in flight, one sent). ``phase == "resume"``: a new job resumes ("latest"), writes
+    down where it landed and its state, then trains on and saves 4 again."""
+    import torch
+
+    from wsd_pretrain import CheckpointConfig, CheckpointManager, WSDSchedule, WSDScheduler
+    from wsd_pretrain import distributed as D
+    from wsd_pretrain.checkpoint import faults, objstore_tier, storage
+
+    objstore_tier.LEASE_TTL_S = 2.0  # the next job may take the dead one's lease 2 s after its last renewal
+    D.init_distributed(backend="gloo", timeout_s=120)
+    rank = D.get_rank()
+    model = torch.nn.parallel.DistributedDataParallel(_mlp())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = WSDScheduler(opt, WSDSchedule(total=TOTAL, decay_length=2))
+    cfg = CheckpointConfig(every_steps=2, staging_dir=spec["staging"], max_shard_size=SHARD, keep_last=100)
+    mgr = CheckpointManager(spec["url"], model, opt, sched, config=cfg)
+    out = Path(spec["out"])
+
+    def step() -> None:
+        g = torch.Generator().manual_seed(1000 * sched.last_epoch + rank)
+        model(torch.randn(4, 1024, generator=g)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        mgr.maybe_save()
+
+    if spec["phase"] == "resume":
+        mgr.resume("latest")
+        if rank == 0:
+            (out / "resumed.json").write_text(
+                json.dumps({"position": sched.position, "digest": _state_digest(model, opt)})
+            )
+        while sched.position < 4:
+            step()
+        mgr.close()
+        if rank == 0:
+            (out / "resaved.json").write_text(json.dumps({"last_saved": str(mgr.last_saved)}))
+        return
+
+    def kill(name: str) -> None:
+        if rank == spec["victim"] and name.startswith("upload-part:") and name.endswith(":2"):
+            (out / f"killed.{rank}").write_text(name)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    for _ in range(2):
+        step()
+    mgr.wait()  # committed on the bucket
+    if rank == 0:
+        (out / "saved2.json").write_text(json.dumps({"digest": _state_digest(model, opt)}))
+    if rank == spec["victim"]:
+        storage.PART_SIZE = 256 * 1024  # multipart uploads on the victim (parts never completed: moto's minimum)
+    faults.fault_hook = kill
+    for _ in range(2):
+        step()
+    mgr.wait()
+    print(f"rank {rank}: the save at 4 was not interrupted", flush=True)
+    mgr.close()
+
+
+def _torchrun_script(*args: str) -> list[str]:
+    """torchrun, 2 workers, no restarts (a worker's death ends the job: the agent stops the others), running this
+    script with ``args``."""
+    cmd = _torchrun(2, Path("unused"))
+    return [*cmd[: cmd.index("-m")], str(Path(__file__).resolve()), *args]
+
+
+def s3_rank_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial]:
+    """One rank of a 2-rank job under torchrun SIGKILLed mid-upload (rank 1, then rank 0; the direct streaming save
+    and the staging tier): nothing committed for that save, nothing half visible to ``ckpt list`` or the resolution
+    of ``latest``; the next job resumes the previous checkpoint exactly and removes every leftover of the killed
+    save, its multipart uploads included, then saves that step again."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_s3 import KEYS, start_server
+
+    trials: list[Trial] = []
+    proc, endpoint = start_server()
+    env = {**KEYS, "AWS_ENDPOINT_URL_S3": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket="reliability")
+        for mode, victim in S3_RANK_CASES:
+            t0 = time.monotonic()
+            trials.append(_s3_rank_trial(workdir / f"s3rank-{mode}-{victim}", mode, victim, env, client))
+            trials[-1].extra["seconds"] = round(time.monotonic() - t0, 1)
+            log(f"  {trials[-1].case}: {'ok' if trials[-1].ok else trials[-1].detail}")
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        proc.wait(10)
+    return trials
+
+
+def _s3_rank_trial(work: Path, mode: str, victim: int, env: dict[str, str], client: Any) -> Trial:
+    import io
+
+    from wsd_pretrain import cli
+    from wsd_pretrain.checkpoint import objstore
+    from wsd_pretrain.checkpoint.storage import parse_location
+
+    case = f"rank {victim} of 2 SIGKILLed mid-upload, {'direct streaming' if mode == 'direct' else 'staging tier'}"
+    url = f"s3://reliability/ranks-{mode}-{victim}"
+    run = parse_location(url)
+    out, tmp = work / "out", work / "tmp"
+    out.mkdir(parents=True)
+    tmp.mkdir()
+    wenv = _env(**env, TMPDIR=str(tmp))  # the direct path's resume cache goes there
+
+    def launch(phase: str, staging: str | None) -> subprocess.CompletedProcess[str]:
+        spec = {"url": url, "staging": staging, "victim": victim, "phase": phase, "out": str(out)}
+        cmd = _torchrun_script("_s3rank", json.dumps(spec))
+        res = subprocess.run(cmd, cwd=ROOT, env=wenv, capture_output=True, text=True, timeout=600)
+        (work / f"{phase}.log").write_text(res.stdout + res.stderr)
+        return res
+
+    def tail(res: subprocess.CompletedProcess[str]) -> str:
+        return _worker_errors(res.stdout + res.stderr)[-600:]
+
+    staging = str(work / "staging") if mode == "staging" else None
+    t0 = time.monotonic()
+    job = launch("job", staging)
+    job_s = time.monotonic() - t0
+    killed = out / f"killed.{victim}"
+    if job.returncode == 0 or not killed.exists():
+        return Trial(
+            "s3ranks", case, False, detail=f"the job was not killed mid-upload (exit {job.returncode}): {tail(job)}"
+        )
+    if not (out / "saved2.json").exists():
+        return Trial("s3ranks", case, False, detail=f"the save at 2 did not complete: {tail(job)}")
+    problems = []
+    # the rank that was not killed: a clear error naming the save (unless torchrun stopped it first), never a bare
+    # transport error
+    survivor = 1 - victim
+    lines = (job.stdout + job.stderr).splitlines()
+    errors = [ln for ln in lines if re.match(rf"\[rank{survivor}\]: [\w.]*(Error|Exception)\b", ln)]
+    said = errors[-1].split(": ", 1)[1] if errors else "stopped by torchrun"
+    if errors and not (said.startswith("wsd_pretrain.errors.CheckpointError") and "step-000000004-periodic" in said):
+        problems.append(f"rank {survivor} ended with {said[:300]}")
+    before = {i.name: i.state for i in objstore.list_run(run)}
+    uploads_before = len(client.list_multipart_uploads(Bucket="reliability", Prefix=run.prefix).get("Uploads", []))
+    if before.get("step-000000002-periodic") != "complete":
+        return Trial("s3ranks", case, False, lost=1, detail=f"step 2 not complete on the bucket: {before}")
+    if before.get("step-000000004-periodic", "unfinished") != "unfinished":
+        problems.append(f"the killed save is {before['step-000000004-periodic']}")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        cli.main(["ckpt", "list", "--json", url])
+    listed = {i["name"]: i for i in json.loads(buf.getvalue())}
+    if [n for n, i in listed.items() if i["state"] == "complete"] != ["step-000000002-periodic"]:
+        problems.append(f"ckpt list shows {listed}")
+    if not listed.get("step-000000002-periodic", {}).get("latest"):
+        problems.append(f"latest is not step 2 in ckpt list: {listed}")
+    if objstore.resolve(run).name != "step-000000002-periodic":
+        problems.append(f"latest resolves to {objstore.resolve(run).name}")
+    time.sleep(2.5)  # the dead job's lease expires (its TTL is 2 s)
+    fresh = str(work / "staging-new") if mode == "staging" else None  # a new node: its staging folder is empty
+    t0 = time.monotonic()
+    res = launch("resume", fresh)
+    resume_s = time.monotonic() - t0
+    if res.returncode != 0 or not (out / "resumed.json").exists():
+        problems.append(f"the next job failed (exit {res.returncode}): {tail(res)}")
+        return Trial("s3ranks", case, False, detail="; ".join(problems))
+    resumed = json.loads((out / "resumed.json").read_text())
+    saved = json.loads((out / "saved2.json").read_text())
+    if resumed["position"] != 2:
+        problems.append(f"resumed at {resumed['position']}, not 2")
+    elif resumed["digest"] != saved["digest"]:
+        problems.append("the resumed model or optimizer state differs from the one saved at 2")
+    after = {i.name: i.state for i in objstore.list_run(run)}
+    uploads = client.list_multipart_uploads(Bucket="reliability", Prefix=run.prefix).get("Uploads", [])
+    if after != {"step-000000002-periodic": "complete", "step-000000004-periodic": "complete"}:
+        problems.append(f"after the next job: {after}")
+    if uploads:
+        problems.append(f"{len(uploads)} multipart upload(s) left")
+    if objstore.fetch(run / "checkpoints" / "step-000000002-periodic", work / "check"):
+        problems.append("step 2 does not verify")
+    return Trial(
+        "s3ranks",
+        case,
+        not problems,
+        detail="; ".join(problems),
+        extra={
+            "before": before,
+            "uploads_before": uploads_before,
+            "killed_at": killed.read_text(),
+            "survivor": said.replace("wsd_pretrain.errors.", ""),
+            "job_s": round(job_s, 1),
+            "resume_s": round(resume_s, 1),
+        },
+    )
+
+
 def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
     sys.path.insert(0, str(ROOT / "tools"))
     from _bench import machine
@@ -1679,7 +1912,7 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
-SCENARIOS = ("kill", "disk", "corruption", "hostile", "elastic", "preemption", "lock", "s3")
+SCENARIOS = ("kill", "disk", "corruption", "hostile", "elastic", "preemption", "lock", "s3", "s3ranks")
 S3_DOC = [
     "A local S3 server (moto, 127.0.0.1). The job (`CheckpointManager` on an `s3://` run with a staging folder) saves",
     "at updates 2 and 4; its one process (which uploads every object and commits: each rank uploads the files it",
@@ -1702,6 +1935,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv and argv[0] == "_s3child":
         _s3_child(json.loads(argv[1]))
+        return 0
+    if argv and argv[0] == "_s3rank":
+        _s3_rank(json.loads(argv[1]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=60, help="SIGKILL trials (default 60)")
@@ -1732,6 +1968,7 @@ def main(argv: list[str] | None = None) -> int:
             "preemption": lambda: preemption_trials(work),
             "lock": lambda: lock_trials(work),
             "s3": lambda: s3_trials(work),
+            "s3ranks": lambda: s3_rank_trials(work),
         }
         for s in SCENARIOS:
             if s in only:
