@@ -1266,15 +1266,19 @@ def lock_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial
 # ---------------------------------------------------------------------------------------------- object storage
 
 S3_KILL_POINTS = ("upload-object:model", "upload-object:train_state/", "upload-manifest", "upload-committed:")
+S3_DIRECT_KILL_POINTS = ("upload-part:", "shard-begin:train_state/", "upload-manifest", "upload-committed:")
+"""The direct streaming save (no staging folder): the writer streams each file to its multipart upload (a model
+file's second part, small parts for that save; the first state file begun), then rank 0 uploads the small JSON files
+and commits as the staging tier does."""
 
 
 def _s3_child(spec: dict[str, Any]) -> None:
     """One job on an s3:// run (its rank 0: the rank that uploads): saves at 2 (waited for: on the bucket), then at 4,
-    whose upload is SIGKILLed at ``spec["kill_at"]``."""
+    whose upload is SIGKILLed at ``spec["kill_at"]``. ``spec["staging"]`` None: the direct streaming save."""
     import torch
 
     from wsd_pretrain import CheckpointConfig, CheckpointManager, WSDSchedule, WSDScheduler
-    from wsd_pretrain.checkpoint import faults, objstore_tier
+    from wsd_pretrain.checkpoint import faults, objstore_tier, storage
 
     objstore_tier.LEASE_TTL_S = 2.0  # the next run may take the dead job's lease over 2 s after its last renewal
     torch.manual_seed(0)
@@ -1296,6 +1300,8 @@ def _s3_child(spec: dict[str, Any]) -> None:
         mgr.maybe_save()
         mgr.wait()
         faults.fault_hook = kill
+        if sched.position == 2 and spec["kill_at"] == "upload-part:":
+            storage.PART_SIZE = 256 * 1024  # the save at 4 in multipart uploads (never completed: moto's minimum)
     mgr.close()
 
 
@@ -1319,9 +1325,11 @@ def s3_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial]:
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         client.create_bucket(Bucket="reliability")
         store = S3Store("reliability")
-        for i, at in enumerate(S3_KILL_POINTS):
+        kills = [(at, False) for at in S3_KILL_POINTS] + [(at, True) for at in S3_DIRECT_KILL_POINTS]
+        for i, (at, direct) in enumerate(kills):
             url = f"s3://reliability/kill-{i}"
-            spec = {"url": url, "staging": str(workdir / f"s3-kill-{i}"), "kill_at": at}
+            staging = None if direct else str(workdir / f"s3-kill-{i}")
+            spec = {"url": url, "staging": staging, "kill_at": at}
             res = subprocess.run(
                 [sys.executable, str(Path(__file__).resolve()), "_s3child", json.dumps(spec)],
                 env=_env(**env),
@@ -1329,12 +1337,17 @@ def s3_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial]:
                 text=True,
                 timeout=600,
             )
-            trials.append(_s3_check(store, url, at, res.returncode, workdir / f"s3-kill-{i}-after", client))
-            log(f"  kill at {at}: {'ok' if trials[-1].ok else trials[-1].detail}")
+            trials.append(_s3_check(store, url, at, res.returncode, workdir / f"s3-kill-{i}-after", client, direct))
+            log(f"  {trials[-1].case}: {'ok' if trials[-1].ok else trials[-1].detail}")
         trials.append(_s3_server_restart(workdir, proc, endpoint, client))
         log(f"  server restarted mid-upload: {'ok' if trials[-1].ok else trials[-1].detail}")
         proc = trials[-1].extra.pop("proc")
         trials += _s3_listing_and_names(store, workdir)
+        # the same on the direct streaming save (its restart empties the bucket: run after the staging tier's rows)
+        trials.append(_s3_server_restart(workdir, proc, endpoint, client, direct=True))
+        log(f"  {trials[-1].case}: {'ok' if trials[-1].ok else trials[-1].detail}")
+        proc = trials[-1].extra.pop("proc")
+        trials += _s3_listing_and_names(store, workdir, "s3://reliability/restart-direct", hostile=False)
     finally:
         for k, v in old.items():
             if v is None:
@@ -1346,14 +1359,14 @@ def s3_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial]:
     return trials
 
 
-def _s3_check(store: Any, url: str, at: str, rc: int, fresh: Path, client: Any) -> Trial:
+def _s3_check(store: Any, url: str, at: str, rc: int, fresh: Path, client: Any, direct: bool = False) -> Trial:
     import torch
 
     from wsd_pretrain import CheckpointConfig, CheckpointManager, WSDSchedule, WSDScheduler
     from wsd_pretrain.checkpoint import objstore, objstore_tier
     from wsd_pretrain.checkpoint.storage import parse_location
 
-    case = f"SIGKILL at {at}"
+    case = f"SIGKILL at {at}" + (" (direct streaming)" if direct else "")
     if rc != -signal.SIGKILL:
         return Trial("s3", case, False, detail=f"the job was not killed (exit {rc})")
     run = parse_location(url)
@@ -1369,7 +1382,8 @@ def _s3_check(store: Any, url: str, at: str, rc: int, fresh: Path, client: Any) 
     model = _mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = WSDScheduler(opt, WSDSchedule(total=TOTAL, decay_length=2))
-    mgr = CheckpointManager(url, model, opt, sched, config=CheckpointConfig(staging_dir=str(fresh)))
+    cfg = CheckpointConfig(staging_dir=None if direct else str(fresh))
+    mgr = CheckpointManager(url, model, opt, sched, config=cfg)
     try:
         mgr.resume("latest")
         position = sched.position
@@ -1391,10 +1405,11 @@ def _s3_check(store: Any, url: str, at: str, rc: int, fresh: Path, client: Any) 
     return Trial("s3", case, not problems, detail="; ".join(problems), extra={"before": before})
 
 
-def _s3_server_restart(workdir: Path, proc: Any, endpoint: str, client: Any) -> Trial:
+def _s3_server_restart(workdir: Path, proc: Any, endpoint: str, client: Any, direct: bool = False) -> Trial:
     """The server goes away during an upload and comes back (empty: moto keeps objects in memory): the save fails
     on the next wait() with an error naming the upload, within boto3's bounded retries; training state untouched;
-    the next save, once the bucket is back, is committed."""
+    the next save, once the bucket is back, is committed. ``direct``: the direct streaming save (synchronous: the
+    save itself raises), the server restarted as the first state file begins streaming."""
     import torch
 
     from wsd_pretrain import CheckpointConfig, CheckpointError, CheckpointManager, WSDSchedule, WSDScheduler
@@ -1404,18 +1419,20 @@ def _s3_server_restart(workdir: Path, proc: Any, endpoint: str, client: Any) -> 
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_s3
 
-    url = "s3://reliability/restart"
+    url = "s3://reliability/restart" + ("-direct" if direct else "")
     torch.manual_seed(0)
     model = _mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = WSDScheduler(opt, WSDSchedule(total=TOTAL, decay_length=2))
-    cfg = CheckpointConfig(every_steps=2, staging_dir=str(workdir / "s3-restart"), max_shard_size=SHARD)
+    staging = None if direct else str(workdir / "s3-restart")
+    cfg = CheckpointConfig(every_steps=2, staging_dir=staging, max_shard_size=SHARD)
     mgr = CheckpointManager(url, model, opt, sched, config=cfg)
     state: dict[str, Any] = {"proc": proc}
     port = int(endpoint.rsplit(":", 1)[1])
 
     def restart(name: str) -> None:
-        if name.startswith("upload-object:train_state/") and "done" not in state:
+        at = "shard-begin:train_state/" if direct else "upload-object:train_state/"
+        if name.startswith(at) and "done" not in state:
             state["done"] = True
             state["proc"].terminate()
             state["proc"].wait(10)
@@ -1425,18 +1442,27 @@ def _s3_server_restart(workdir: Path, proc: Any, endpoint: str, client: Any) -> 
     error, seconds = "", 0.0
     try:
         faults.fault_hook = restart
-        for _ in range(2):
+        for i in range(2):
             model(torch.randn(4, 1024)).square().mean().backward()
             opt.step()
             opt.zero_grad()
             sched.step()
-            mgr.maybe_save()
-        weights = {k: v.clone() for k, v in model.state_dict().items()}
-        t0 = time.monotonic()
-        try:
-            mgr.wait()
-        except CheckpointError as exc:
-            error, seconds = str(exc), time.monotonic() - t0
+            if direct and i == 1:  # the save streams to the bucket before maybe_save returns: it raises there
+                weights = {k: v.clone() for k, v in model.state_dict().items()}
+                t0 = time.monotonic()
+                try:
+                    mgr.maybe_save()
+                except CheckpointError as exc:
+                    error, seconds = str(exc), time.monotonic() - t0
+            else:
+                mgr.maybe_save()
+        if not direct:
+            weights = {k: v.clone() for k, v in model.state_dict().items()}
+            t0 = time.monotonic()
+            try:
+                mgr.wait()
+            except CheckpointError as exc:
+                error, seconds = str(exc), time.monotonic() - t0
         faults.fault_hook = None
         intact = all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
         client.create_bucket(Bucket="reliability")
@@ -1452,7 +1478,8 @@ def _s3_server_restart(workdir: Path, proc: Any, endpoint: str, client: Any) -> 
         faults.fault_hook = None
         mgr.close()
     problems = []
-    if not error.startswith("uploading step-000000002-periodic"):
+    said = "checkpoint step-000000002-periodic was not written" if direct else "uploading step-000000002-periodic"
+    if not error.startswith(said):
         problems.append(f"no clear error on the failed upload: {error[:200]!r}")
     if not intact:
         problems.append("training state changed")
@@ -1460,7 +1487,7 @@ def _s3_server_restart(workdir: Path, proc: Any, endpoint: str, client: Any) -> 
         problems.append(f"the next save is not committed: {names}")
     return Trial(
         "s3",
-        "server stopped and restarted mid-upload",
+        "server stopped and restarted mid-upload" + (" (direct streaming)" if direct else ""),
         not problems,
         detail="; ".join(problems),
         extra={"proc": state["proc"], "error": error[:200], "seconds": round(seconds, 1)},
@@ -1486,7 +1513,9 @@ def _start_on(port: int, bench_s3: Any) -> Any:
             time.sleep(0.1)
 
 
-def _s3_listing_and_names(store: Any, workdir: Path) -> list[Trial]:
+def _s3_listing_and_names(
+    store: Any, workdir: Path, url: str = "s3://reliability/restart", hostile: bool = True
+) -> list[Trial]:
     """A stale listing (it misses a committed manifest, or still shows a deleted one) and hostile object names."""
     from wsd_pretrain import CheckpointError
     from wsd_pretrain.checkpoint import objstore
@@ -1494,7 +1523,8 @@ def _s3_listing_and_names(store: Any, workdir: Path) -> list[Trial]:
     from wsd_pretrain.checkpoint.storage import parse_location
 
     trials = []
-    run = parse_location("s3://reliability/restart")
+    run = parse_location(url)
+    label = "" if url == "s3://reliability/restart" else " (direct streaming)"
     real_list = store.list
     names = [i.name for i in objstore.list_run(run)]
     target = run / "checkpoints" / names[-1]
@@ -1513,7 +1543,7 @@ def _s3_listing_and_names(store: Any, workdir: Path) -> list[Trial]:
     finally:
         store.list = real_list  # type: ignore[method-assign]
     ok = seen.get(target.name) == "complete"
-    trials.append(Trial("s3", "stale listing without a committed manifest", ok, detail="" if ok else str(seen)))
+    trials.append(Trial("s3", "stale listing without a committed manifest" + label, ok, detail="" if ok else str(seen)))
     # an unfinished save whose listing still shows a manifest (deleted since): never complete
     ghost = run / "checkpoints" / "step-000000006-periodic"
     store.put((ghost / "model-00001-of-00001.safetensors").key, b"partial")
@@ -1531,7 +1561,9 @@ def _s3_listing_and_names(store: Any, workdir: Path) -> list[Trial]:
         store.list = real_list  # type: ignore[method-assign]
         O.store_for = real_store_for  # type: ignore[assignment]
     ok = seen.get(ghost.name) == "unfinished"
-    trials.append(Trial("s3", "stale listing showing a deleted manifest", ok, detail="" if ok else str(seen)))
+    trials.append(Trial("s3", "stale listing showing a deleted manifest" + label, ok, detail="" if ok else str(seen)))
+    if not hostile:
+        return trials
     # hostile object names in a (resealed) manifest: refused before any object is read
     m, raw, _ = objstore.load_manifest(store, target)
     for rel in ("../outside.bin", "/absolute.bin", "a\\b.bin", "a//b.bin", "./a.bin"):
@@ -1803,6 +1835,7 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
         "preemption": "preemption (SIGTERM to the launcher)",
         "lock": "two runs on one directory",
         "s3": "object storage (S3): kills mid-upload, server restart, stale listings, hostile names",
+        "s3ranks": "object storage (S3): one rank of a 2-rank torchrun job killed mid-upload",
     }
     out = [
         "# Reliability",
@@ -1904,6 +1937,19 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
             if "error" in t.extra:
                 res += f" (failed after {t.extra['seconds']} s: {t.extra['error'][:120]})"
             out.append(f"- {t.case}: {res}")
+    ranks = [t for t in trials if t.scenario == "s3ranks"]
+    if ranks:
+        out += ["", "## Object storage (S3): one rank of a 2-rank job killed mid-upload", "", *S3_RANKS_DOC, ""]
+        out += ["| case | result | killed at | the other rank | job / next job |", "|---|---|---|---|---|"]
+        for t in ranks:
+            e = t.extra
+            res = "ok" if t.ok else "FAILED: " + t.detail.replace("|", "/")
+            at = e.get("killed_at", "").replace("upload-part:", "").split("/checkpoints/")[-1]
+            other = e.get("survivor", "").replace("|", "/")
+            other = re.sub(r"\[/__w/\S+\] ", "", other)  # gloo's source path
+            other = re.sub(r"\. This is typically caused by.*?(?=(\)|;|$))", "", other)
+            times = f"{e['job_s']} s / {e['resume_s']} s" if "job_s" in e else ""
+            out.append(f"| {t.case} | {res} | part 2 of {at} | {other[:400]} | {times} |")
     for scen in ("elastic", "preemption", "lock"):
         rows = [t for t in trials if t.scenario == scen]
         if rows:
@@ -1925,6 +1971,22 @@ S3_DOC = [
     "state must be untouched, and the next save must be committed. Stale listings (one that misses a committed",
     "manifest, one that still shows a deleted one) must not change what is complete; manifests naming hostile keys",
     "must be refused before any object is read.",
+]
+
+
+S3_RANKS_DOC = [
+    "A 2-rank DDP job under `torchrun` (no restarts: when a worker dies the agent stops the other, as in production)",
+    "on an `s3://` run of the local server, the manager in a user's loop with its default preemption handling, saves at",
+    "updates 2 (waited for: committed) and 4. During the save at 4 one rank (1, then 0) is SIGKILLed at the second",
+    "multipart part of one of its objects (small parts on that rank for that save: a part sent, none completed), on",
+    "the direct streaming save (no staging folder: each rank streams its files to multipart uploads under the final",
+    "prefix) and on the staging tier (each rank saves to the node's disk, then uploads its files). Checked: the other",
+    "rank ends with an error naming the save (or is stopped by torchrun first), nothing of the save at 4 is",
+    "committed, `ckpt list --json` shows only checkpoint 2 complete and `latest` on it, the resolution of the run",
+    "gives 2; a new 2-rank job under `torchrun` (a new node: an empty staging folder) takes the expired lease,",
+    "resumes exactly the state written at 2 (model, AdamW moments and steps, hashed), has removed every leftover of",
+    "the killed save (objects, claim, multipart uploads: `list_multipart_uploads` on the server is empty), and saves 4",
+    "again, committed. Step 2 verifies object by object.",
 ]
 
 
