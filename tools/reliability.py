@@ -1960,17 +1960,21 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
 
 SCENARIOS = ("kill", "disk", "corruption", "hostile", "elastic", "preemption", "lock", "s3", "s3ranks")
 S3_DOC = [
-    "A local S3 server (moto, 127.0.0.1). The job (`CheckpointManager` on an `s3://` run with a staging folder) saves",
-    "at updates 2 and 4; its one process (which uploads every object and commits: each rank uploads the files it",
-    "wrote, so on one process that is all of them) is SIGKILLed during the upload of the second save at each step",
-    "of the object-storage commit. A fresh job with an empty staging folder",
-    "then takes the expired lease, resumes from the bucket alone, and must land on the newest committed checkpoint",
-    "(2, or 4 when the kill came after its manifest); the earlier checkpoint must verify; no unfinished prefix or",
-    "multipart upload may remain. The server is stopped and restarted mid-upload (moto keeps objects in memory, so",
-    "the bucket comes back empty): the upload must fail at the next `wait()` with an error naming it, the training",
-    "state must be untouched, and the next save must be committed. Stale listings (one that misses a committed",
-    "manifest, one that still shows a deleted one) must not change what is complete; manifests naming hostile keys",
-    "must be refused before any object is read.",
+    "A local S3 server (moto, 127.0.0.1). The job (`CheckpointManager` on an `s3://` run) saves at updates 2 and 4,",
+    "through the staging tier (a staging folder: saved to local disk, then uploaded) and, in the rows marked",
+    '"direct streaming", with no staging folder (each rank streams its files to multipart uploads under the final',
+    "prefix, rank 0 then uploads the JSON files and commits). Its one process (which uploads every object and commits:",
+    "each rank uploads the files it wrote, so on one process that is all of them) is SIGKILLed during the upload of",
+    "the second save at each step of the object-storage commit: an object (on the direct save, the second multipart",
+    "part of a model file, or the first state file begun), between the objects and the manifest, after the manifest",
+    "before `latest`. A fresh job (with an empty staging folder) then takes the expired lease, resumes from the bucket",
+    "alone, and must land on the newest committed checkpoint (2, or 4 when the kill came after its manifest); the",
+    "earlier checkpoint must verify; no unfinished prefix or multipart upload may remain. The server is stopped and",
+    "restarted mid-upload (moto keeps objects in memory, so the bucket comes back empty): the save must fail with an",
+    "error naming it (at the next `wait()` on the staging tier, in the save itself on the synchronous direct save),",
+    "the training state must be untouched, and the next save must be committed. Stale listings (one that misses a",
+    "committed manifest, one that still shows a deleted one) must not change what is complete; manifests naming",
+    "hostile keys must be refused before any object is read.",
 ]
 
 
