@@ -1834,7 +1834,8 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
         "elastic": "elastic restart (torchrun --max-restarts)",
         "preemption": "preemption (SIGTERM to the launcher)",
         "lock": "two runs on one directory",
-        "s3": "object storage (S3): kills mid-upload, server restart, stale listings, hostile names",
+        "s3": "object storage (S3), staging tier and direct streaming: kills mid-upload, server restart, stale "
+        "listings, hostile names",
         "s3ranks": "object storage (S3): one rank of a 2-rank torchrun job killed mid-upload",
     }
     out = [
@@ -1944,7 +1945,7 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
         for t in ranks:
             e = t.extra
             res = "ok" if t.ok else "FAILED: " + t.detail.replace("|", "/")
-            at = e.get("killed_at", "").replace("upload-part:", "").split("/checkpoints/")[-1]
+            at = e.get("killed_at", "").replace("upload-part:", "").split("/checkpoints/")[-1].rsplit(":", 1)[0]
             other = e.get("survivor", "").replace("|", "/")
             other = re.sub(r"\[/__w/\S+\] ", "", other)  # gloo's source path
             other = re.sub(r"\. This is typically caused by.*?(?=(\)|;|$))", "", other)
