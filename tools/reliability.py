@@ -1626,7 +1626,8 @@ def _s3_rank(spec: dict[str, Any]) -> None:
     from wsd_pretrain import distributed as D
     from wsd_pretrain.checkpoint import faults, objstore_tier, storage
 
-    objstore_tier.LEASE_TTL_S = 2.0  # the next job may take the dead one's lease 2 s after its last renewal
+    if spec["phase"] != "restart":  # (the restarted server loses the lease: no renewal may come in between)
+        objstore_tier.LEASE_TTL_S = 2.0  # the next job may take the dead one's lease 2 s after its last renewal
     D.init_distributed(backend="gloo", timeout_s=120)
     rank = D.get_rank()
     model = torch.nn.parallel.DistributedDataParallel(_mlp())
@@ -1644,6 +1645,9 @@ def _s3_rank(spec: dict[str, Any]) -> None:
         sched.step()
         mgr.maybe_save()
 
+    if spec["phase"] == "restart":
+        _s3_rank_restart(spec, mgr, model, opt, sched, step, rank, out)
+        return
     if spec["phase"] == "resume":
         mgr.resume("latest")
         if rank == 0:
@@ -1677,6 +1681,56 @@ def _s3_rank(spec: dict[str, Any]) -> None:
     mgr.close()
 
 
+def _s3_rank_restart(spec: dict[str, Any], mgr: Any, model: Any, opt: Any, sched: Any, step: Any, rank: int, out: Path):
+    """The server is stopped and restarted (empty) while both ranks stream the save at 4: rank 0 stops at its first
+    state file and waits for the test to restart the server. Each rank writes down the error its save raised and
+    whether its training state changed; once the test has made the bucket again, both train on and save at 6."""
+    from wsd_pretrain import CheckpointError
+    from wsd_pretrain import distributed as D
+    from wsd_pretrain.checkpoint import faults
+
+    def pause(name: str) -> None:
+        if rank == 0 and sched.position == 4 and name.startswith("shard-begin:train_state/"):
+            (out / "restart.ask").write_text(name)
+            deadline = time.monotonic() + 120
+            while not (out / "restart.done").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    for _ in range(2):
+        step()
+    mgr.wait()
+    import torch
+
+    faults.fault_hook = pause
+    step()  # 3
+    g = torch.Generator().manual_seed(1000 * sched.last_epoch + rank)
+    model(torch.randn(4, 1024, generator=g)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    sched.step()  # 4: its save streams to the bucket before maybe_save returns (and raises there)
+    before = _state_digest(model, opt)
+    t0 = time.monotonic()
+    error = ""
+    try:
+        mgr.maybe_save()
+    except CheckpointError as exc:
+        error = str(exc)
+    took = time.monotonic() - t0
+    intact = _state_digest(model, opt) == before
+    faults.fault_hook = None
+    (out / f"restart.{rank}.json").write_text(json.dumps({"error": error, "seconds": took, "intact": intact}))
+    D.barrier()
+    if rank == 0:
+        (out / "restart.failed").write_text("")
+        deadline = time.monotonic() + 120
+        while not (out / "bucket.done").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    D.barrier()
+    while sched.position < 6:
+        step()
+    mgr.close()
+
+
 def _torchrun_script(*args: str) -> list[str]:
     """torchrun, 2 workers, no restarts (a worker's death ends the job: the agent stops the others), running this
     script with ``args``."""
@@ -1688,7 +1742,8 @@ def s3_rank_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Tr
     """One rank of a 2-rank job under torchrun SIGKILLed mid-upload (rank 1, then rank 0; the direct streaming save
     and the staging tier): nothing committed for that save, nothing half visible to ``ckpt list`` or the resolution
     of ``latest``; the next job resumes the previous checkpoint exactly and removes every leftover of the killed
-    save, its multipart uploads included, then saves that step again."""
+    save, its multipart uploads included, then saves that step again. Then the server restarted while both ranks
+    stream a save (:func:`_s3_rank_restart_trial`)."""
     sys.path.insert(0, str(ROOT / "tools"))
     from bench_s3 import KEYS, start_server
 
@@ -1707,6 +1762,9 @@ def s3_rank_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Tr
             trials.append(_s3_rank_trial(workdir / f"s3rank-{mode}-{victim}", mode, victim, env, client))
             trials[-1].extra["seconds"] = round(time.monotonic() - t0, 1)
             log(f"  {trials[-1].case}: {'ok' if trials[-1].ok else trials[-1].detail}")
+        trials.append(_s3_rank_restart_trial(workdir / "s3rank-restart", env, client, proc, endpoint))
+        proc = trials[-1].extra.pop("proc")
+        log(f"  {trials[-1].case}: {'ok' if trials[-1].ok else trials[-1].detail}")
     finally:
         for k, v in old.items():
             if v is None:
@@ -1716,6 +1774,76 @@ def s3_rank_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Tr
         proc.terminate()
         proc.wait(10)
     return trials
+
+
+def _s3_rank_restart_trial(work: Path, env: dict[str, str], client: Any, proc: Any, endpoint: str) -> Trial:
+    """2 ranks under torchrun streaming the save at 4 (no staging folder) when the server is stopped and restarted
+    (empty, as moto keeps objects in memory; the bucket is made again once both saves failed): the save fails on
+    both ranks with an error naming it, neither rank's training state changes, and the save at 6 is committed."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_s3
+
+    from wsd_pretrain.checkpoint import objstore
+    from wsd_pretrain.checkpoint.storage import parse_location
+
+    case = "server stopped and restarted mid-upload, 2 ranks, direct streaming"
+    url = "s3://reliability/ranks-restart"
+    out, tmp = work / "out", work / "tmp"
+    out.mkdir(parents=True)
+    tmp.mkdir()
+    spec = {"url": url, "staging": None, "victim": -1, "phase": "restart", "out": str(out)}
+    log_path = work / "job.log"
+    with open(log_path, "w") as logf:
+        job = subprocess.Popen(
+            _torchrun_script("_s3rank", json.dumps(spec)),
+            cwd=ROOT,
+            env=_env(**env, TMPDIR=str(tmp)),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        problems = []
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / "restart.ask").exists() and job.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if (out / "restart.ask").exists():
+                proc.terminate()
+                proc.wait(10)
+                proc = _start_on(int(endpoint.rsplit(":", 1)[1]), bench_s3)
+                (out / "restart.done").write_text("")
+                while not (out / "restart.failed").exists() and job.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                client.create_bucket(Bucket="reliability")
+                (out / "bucket.done").write_text("")
+            else:
+                problems.append("the job never reached its first state file")
+            rc = job.wait(300)
+        finally:
+            if job.poll() is None:
+                job.kill()
+                job.wait(10)
+    if rc != 0:
+        problems.append(f"the job failed (exit {rc}): {_worker_errors(log_path.read_text())[-600:]}")
+    errors = []
+    for r in range(2):
+        path = out / f"restart.{r}.json"
+        if not path.exists():
+            problems.append(f"rank {r} did not report")
+            continue
+        got = json.loads(path.read_text())
+        errors.append(f"rank {r} after {got['seconds']:.1f} s: {got['error'][:160]}")
+        if not got["error"].startswith("checkpoint step-000000004-periodic was not written"):
+            problems.append(f"rank {r}: no clear error on the failed save: {got['error'][:200]!r}")
+        if not got["intact"]:
+            problems.append(f"rank {r}: training state changed")
+    run = parse_location(url)
+    states = [(i.position, i.state) for i in objstore.list_run(run)]
+    if states != [(6, "complete")]:  # 2 went with the server's memory, 4 failed
+        problems.append(f"on the bucket afterwards: {states}")
+    if client.list_multipart_uploads(Bucket="reliability", Prefix=run.prefix).get("Uploads", []):
+        problems.append("multipart uploads left")
+    return Trial("s3ranks", case, not problems, detail="; ".join(problems), extra={"proc": proc, "errors": errors})
 
 
 def _s3_rank_trial(work: Path, mode: str, victim: int, env: dict[str, str], client: Any) -> Trial:
@@ -1944,6 +2072,8 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
         out += ["| case | result | killed at | the other rank | job / next job |", "|---|---|---|---|---|"]
         for t in ranks:
             e = t.extra
+            if "errors" in e:
+                continue
             res = "ok" if t.ok else "FAILED: " + t.detail.replace("|", "/")
             at = e.get("killed_at", "").replace("upload-part:", "").split("/checkpoints/")[-1].rsplit(":", 1)[0]
             other = e.get("survivor", "").replace("|", "/")
@@ -1951,6 +2081,10 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
             other = re.sub(r"\. This is typically caused by.*?(?=(\)|;|$))", "", other)
             times = f"{e['job_s']} s / {e['resume_s']} s" if "job_s" in e else ""
             out.append(f"| {t.case} | {res} | part 2 of {at} | {other[:400]} | {times} |")
+        for t in ranks:
+            if "errors" in t.extra:
+                res = "ok" if t.ok else "FAILED: " + t.detail
+                out += ["", f"- {t.case}: {res} ({'; '.join(t.extra['errors'])})"]
     for scen in ("elastic", "preemption", "lock"):
         rows = [t for t in trials if t.scenario == scen]
         if rows:
@@ -1991,7 +2125,9 @@ S3_RANKS_DOC = [
     "gives 2; a new 2-rank job under `torchrun` (a new node: an empty staging folder) takes the expired lease,",
     "resumes exactly the state written at 2 (model, AdamW moments and steps, hashed), has removed every leftover of",
     "the killed save (objects, claim, multipart uploads: `list_multipart_uploads` on the server is empty), and saves 4",
-    "again, committed. Step 2 verifies object by object.",
+    "again, committed. Step 2 verifies object by object. Then the server is stopped and restarted (empty) while both",
+    "ranks stream a save (direct, no staging folder): the save must fail on both ranks with an error naming it,",
+    "neither rank's training state may change, and once the bucket is back the next save must be committed.",
 ]
 
 
