@@ -473,6 +473,102 @@ def test_manager_on_s3_direct_two_ranks(s3_server, tmp_path):
     assert store.head(f"{run.prefix}checkpoints/{name}/.claim") is None
 
 
+def _killed_mid_upload(rank: int, world: int, url: str, staging: str | None, out: str) -> None:
+    """A 2-rank job on ``url`` commits its save at 1; during the save at 2 rank 1 is SIGKILLed at the second
+    multipart part of one of its objects. Rank 0 writes down the error it ends with."""
+    import signal
+
+    from wsd_pretrain.checkpoint import faults
+
+    objstore_tier.LEASE_TTL_S = 2.0  # the next run takes the dead job's lease over 2 s after its last renewal
+    model, opt, sched = _job()
+    cfg = CheckpointConfig(every_steps=1, staging_dir=staging, max_shard_size=60_000)
+    mgr = CheckpointManager(url, model, opt, sched, config=cfg, hf_config=CFG.hf_config())
+    _step(model, opt, sched)
+    mgr.maybe_save()
+    mgr.wait()
+    if rank == 1:
+        storage.PART_SIZE = 4096  # multipart uploads (never completed: moto's 5 MiB minimum)
+
+        def hook(name: str) -> None:
+            if name.startswith("upload-part:") and name.endswith(":2"):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        faults.fault_hook = hook
+    _step(model, opt, sched)
+    error = None
+    try:
+        mgr.maybe_save()
+        mgr.wait()
+    except CheckpointError as exc:
+        error = str(exc)
+    except Exception as exc:  # e.g. the transport's own error: not what a user should get
+        error = f"not a CheckpointError: {type(exc).__name__}: {exc}"
+    Path(out).write_text(json.dumps({"error": error}))
+    os._exit(0)  # the process group cannot be torn down without rank 1
+
+
+def test_a_rank_killed_mid_upload_fails_the_save_on_the_other_and_the_next_run_cleans(s3_server, tmp_path, monkeypatch):
+    """One rank of a 2-rank job SIGKILLed mid-upload (a multipart upload in flight), on the direct streaming save
+    and on the staging tier: the other rank's save fails with a CheckpointError naming it (not the transport's
+    error), nothing of it is visible, and the next run removes its leftovers (multipart uploads included) and
+    resumes the previous checkpoint. (tools/reliability.py --only s3ranks does this under torchrun.)"""
+    import signal
+
+    from distributed_helpers import _child, _context, free_port
+
+    bucket = s3_server.bucket()
+    env = s3_server.environ() | {"TMPDIR": str(tmp_path)}
+    client = s3_server.client()
+    left: dict[str, int] = {}
+    for mode in ("direct", "staging"):
+        url = f"s3://{bucket}/runs/{mode}"
+        staging = str(tmp_path / mode) if mode == "staging" else None
+        out = str(tmp_path / f"{mode}.json")
+        ctx, port = _context(), free_port()
+        procs = [
+            ctx.Process(
+                target=_child,
+                args=(_killed_mid_upload, r, 2, port, (url, staging, out), str(tmp_path / f"{mode}-{r}"), env),
+            )
+            for r in range(2)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        assert procs[1].exitcode == -signal.SIGKILL, (mode, procs[1].exitcode)
+        error = json.loads(Path(out).read_text())["error"]
+        assert error and error.startswith(
+            "checkpoint step-000000002-periodic was not written"
+            if mode == "direct"
+            else "uploading step-000000002-periodic"
+        ), (mode, error)
+        run = parse_location(url)
+        assert [(i.name, i.state) for i in objstore.list_run(run) if i.state != "unfinished"] == [
+            ("step-000000001-periodic", "complete")
+        ]
+        assert objstore.resolve(run).name == "step-000000001-periodic"
+        uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=run.prefix).get("Uploads", [])
+        left[mode] = len(uploads) + sum(i.state == "unfinished" for i in objstore.list_run(run))
+    assert left["direct"] > 0  # the direct save's leftovers wait for the next run (rank 0 cannot know rank 1 stopped)
+    monkeypatch.setattr(objstore_tier, "LEASE_TTL_S", 2.0)
+    time.sleep(2.5)  # the dead jobs' leases expire
+    for mode in ("direct", "staging"):
+        url = f"s3://{bucket}/runs/{mode}"
+        model, opt, sched = _job(seed=1)
+        cfg = CheckpointConfig(staging_dir=str(tmp_path / f"{mode}-next") if mode == "staging" else None)
+        mgr = CheckpointManager(url, model, opt, sched, config=cfg)
+        assert mgr.resume("auto") and sched.position == 1
+        mgr.close()
+        run = parse_location(url)
+        assert [(i.name, i.state) for i in objstore.list_run(run)] == [("step-000000001-periodic", "complete")]
+        assert client.list_multipart_uploads(Bucket=bucket, Prefix=run.prefix).get("Uploads", []) == []
+
+
 def test_manager_on_s3_lease_leftovers_failures(s3_server, tmp_path, monkeypatch):
     """The run lease: a second manager is refused with the run lock's message; a stale lease is taken over, its
     age read on the server's clock (a skewed holder's clock neither holds it forever nor loses it early). An

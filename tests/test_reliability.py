@@ -76,9 +76,25 @@ def test_a_second_run_on_a_directory_in_use_is_refused(tmp_path, capsys):
     assert "lock: 1 trials, 0 failures" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # about 3 minutes here; the default suite runs the same paths in tests/test_object_storage.py
+@pytest.mark.slow  # about 2.5 minutes here; the default suite runs the same paths in tests/test_object_storage.py
 def test_object_storage_kills_restart_stale_listings_and_hostile_names(tmp_path):
     trials = R.s3_trials(tmp_path, log=lambda s: None)
-    assert len(trials) == len(R.S3_KILL_POINTS) + 1 + 2 + 5
+    # the staging tier and the direct streaming save: kills, a server restart and stale listings on each
+    assert len(trials) == len(R.S3_KILL_POINTS) + len(R.S3_DIRECT_KILL_POINTS) + 2 * (1 + 2) + 5
+    assert sum("direct streaming" in t.case for t in trials) == len(R.S3_DIRECT_KILL_POINTS) + 1 + 2
+    assert not _failures(trials)
+    assert sum(t.lost for t in trials) == 0
+
+
+@pytest.mark.slow  # 9 torchrun jobs, about 3.5 minutes here; the default suite: test_object_storage's rank kill
+def test_object_storage_one_rank_of_a_torchrun_job_killed_mid_upload(tmp_path):
+    trials = R.s3_rank_trials(tmp_path, log=lambda s: None)
+    assert [t.case for t in trials] == [
+        *(
+            f"rank {v} of 2 SIGKILLed mid-upload, {'direct streaming' if m == 'direct' else 'staging tier'}"
+            for m, v in R.S3_RANK_CASES
+        ),
+        "server stopped and restarted mid-upload, 2 ranks, direct streaming",
+    ]
     assert not _failures(trials)
     assert sum(t.lost for t in trials) == 0

@@ -355,6 +355,17 @@ MUTATIONS: list[Mutation] = [
         "a save streamed straight to S3 that failed on one rank leaves the other ranks' objects on the bucket",
     ),
     M(
+        "s3-rank-gone-bare-error",
+        "wsd_pretrain/checkpoint/manager.py",
+        "            except Exception as exc:  # a rank is gone (killed mid-upload)",
+        "            except CheckpointError as exc:  # a rank is gone (killed mid-upload)",
+        (
+            "tests/test_object_storage.py::"
+            "test_a_rank_killed_mid_upload_fails_the_save_on_the_other_and_the_next_run_cleans",
+        ),
+        "a rank killed mid-upload: the other rank raises the transport's bare error, not one naming the save",
+    ),
+    M(
         "s3-direct-checksum-not-streamed",
         "wsd_pretrain/checkpoint/save.py",
         "    def write(self, data: Any) -> None:\n        self.writer.write(data)",

@@ -1266,15 +1266,19 @@ def lock_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial
 # ---------------------------------------------------------------------------------------------- object storage
 
 S3_KILL_POINTS = ("upload-object:model", "upload-object:train_state/", "upload-manifest", "upload-committed:")
+S3_DIRECT_KILL_POINTS = ("upload-part:", "shard-begin:train_state/", "upload-manifest", "upload-committed:")
+"""The direct streaming save (no staging folder): the writer streams each file to its multipart upload (a model
+file's second part, small parts for that save; the first state file begun), then rank 0 uploads the small JSON files
+and commits as the staging tier does."""
 
 
 def _s3_child(spec: dict[str, Any]) -> None:
     """One job on an s3:// run (its rank 0: the rank that uploads): saves at 2 (waited for: on the bucket), then at 4,
-    whose upload is SIGKILLed at ``spec["kill_at"]``."""
+    whose upload is SIGKILLed at ``spec["kill_at"]``. ``spec["staging"]`` None: the direct streaming save."""
     import torch
 
     from wsd_pretrain import CheckpointConfig, CheckpointManager, WSDSchedule, WSDScheduler
-    from wsd_pretrain.checkpoint import faults, objstore_tier
+    from wsd_pretrain.checkpoint import faults, objstore_tier, storage
 
     objstore_tier.LEASE_TTL_S = 2.0  # the next run may take the dead job's lease over 2 s after its last renewal
     torch.manual_seed(0)
@@ -1296,6 +1300,8 @@ def _s3_child(spec: dict[str, Any]) -> None:
         mgr.maybe_save()
         mgr.wait()
         faults.fault_hook = kill
+        if sched.position == 2 and spec["kill_at"] == "upload-part:":
+            storage.PART_SIZE = 256 * 1024  # the save at 4 in multipart uploads (never completed: moto's minimum)
     mgr.close()
 
 
@@ -1319,9 +1325,11 @@ def s3_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial]:
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         client.create_bucket(Bucket="reliability")
         store = S3Store("reliability")
-        for i, at in enumerate(S3_KILL_POINTS):
+        kills = [(at, False) for at in S3_KILL_POINTS] + [(at, True) for at in S3_DIRECT_KILL_POINTS]
+        for i, (at, direct) in enumerate(kills):
             url = f"s3://reliability/kill-{i}"
-            spec = {"url": url, "staging": str(workdir / f"s3-kill-{i}"), "kill_at": at}
+            staging = None if direct else str(workdir / f"s3-kill-{i}")
+            spec = {"url": url, "staging": staging, "kill_at": at}
             res = subprocess.run(
                 [sys.executable, str(Path(__file__).resolve()), "_s3child", json.dumps(spec)],
                 env=_env(**env),
@@ -1329,12 +1337,17 @@ def s3_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial]:
                 text=True,
                 timeout=600,
             )
-            trials.append(_s3_check(store, url, at, res.returncode, workdir / f"s3-kill-{i}-after", client))
-            log(f"  kill at {at}: {'ok' if trials[-1].ok else trials[-1].detail}")
+            trials.append(_s3_check(store, url, at, res.returncode, workdir / f"s3-kill-{i}-after", client, direct))
+            log(f"  {trials[-1].case}: {'ok' if trials[-1].ok else trials[-1].detail}")
         trials.append(_s3_server_restart(workdir, proc, endpoint, client))
         log(f"  server restarted mid-upload: {'ok' if trials[-1].ok else trials[-1].detail}")
         proc = trials[-1].extra.pop("proc")
         trials += _s3_listing_and_names(store, workdir)
+        # the same on the direct streaming save (its restart empties the bucket: run after the staging tier's rows)
+        trials.append(_s3_server_restart(workdir, proc, endpoint, client, direct=True))
+        log(f"  {trials[-1].case}: {'ok' if trials[-1].ok else trials[-1].detail}")
+        proc = trials[-1].extra.pop("proc")
+        trials += _s3_listing_and_names(store, workdir, "s3://reliability/restart-direct", hostile=False)
     finally:
         for k, v in old.items():
             if v is None:
@@ -1346,14 +1359,14 @@ def s3_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial]:
     return trials
 
 
-def _s3_check(store: Any, url: str, at: str, rc: int, fresh: Path, client: Any) -> Trial:
+def _s3_check(store: Any, url: str, at: str, rc: int, fresh: Path, client: Any, direct: bool = False) -> Trial:
     import torch
 
     from wsd_pretrain import CheckpointConfig, CheckpointManager, WSDSchedule, WSDScheduler
     from wsd_pretrain.checkpoint import objstore, objstore_tier
     from wsd_pretrain.checkpoint.storage import parse_location
 
-    case = f"SIGKILL at {at}"
+    case = f"SIGKILL at {at}" + (" (direct streaming)" if direct else "")
     if rc != -signal.SIGKILL:
         return Trial("s3", case, False, detail=f"the job was not killed (exit {rc})")
     run = parse_location(url)
@@ -1369,7 +1382,8 @@ def _s3_check(store: Any, url: str, at: str, rc: int, fresh: Path, client: Any) 
     model = _mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = WSDScheduler(opt, WSDSchedule(total=TOTAL, decay_length=2))
-    mgr = CheckpointManager(url, model, opt, sched, config=CheckpointConfig(staging_dir=str(fresh)))
+    cfg = CheckpointConfig(staging_dir=None if direct else str(fresh))
+    mgr = CheckpointManager(url, model, opt, sched, config=cfg)
     try:
         mgr.resume("latest")
         position = sched.position
@@ -1391,10 +1405,11 @@ def _s3_check(store: Any, url: str, at: str, rc: int, fresh: Path, client: Any) 
     return Trial("s3", case, not problems, detail="; ".join(problems), extra={"before": before})
 
 
-def _s3_server_restart(workdir: Path, proc: Any, endpoint: str, client: Any) -> Trial:
+def _s3_server_restart(workdir: Path, proc: Any, endpoint: str, client: Any, direct: bool = False) -> Trial:
     """The server goes away during an upload and comes back (empty: moto keeps objects in memory): the save fails
     on the next wait() with an error naming the upload, within boto3's bounded retries; training state untouched;
-    the next save, once the bucket is back, is committed."""
+    the next save, once the bucket is back, is committed. ``direct``: the direct streaming save (synchronous: the
+    save itself raises), the server restarted as the first state file begins streaming."""
     import torch
 
     from wsd_pretrain import CheckpointConfig, CheckpointError, CheckpointManager, WSDSchedule, WSDScheduler
@@ -1404,18 +1419,20 @@ def _s3_server_restart(workdir: Path, proc: Any, endpoint: str, client: Any) -> 
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_s3
 
-    url = "s3://reliability/restart"
+    url = "s3://reliability/restart" + ("-direct" if direct else "")
     torch.manual_seed(0)
     model = _mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = WSDScheduler(opt, WSDSchedule(total=TOTAL, decay_length=2))
-    cfg = CheckpointConfig(every_steps=2, staging_dir=str(workdir / "s3-restart"), max_shard_size=SHARD)
+    staging = None if direct else str(workdir / "s3-restart")
+    cfg = CheckpointConfig(every_steps=2, staging_dir=staging, max_shard_size=SHARD)
     mgr = CheckpointManager(url, model, opt, sched, config=cfg)
     state: dict[str, Any] = {"proc": proc}
     port = int(endpoint.rsplit(":", 1)[1])
 
     def restart(name: str) -> None:
-        if name.startswith("upload-object:train_state/") and "done" not in state:
+        at = "shard-begin:train_state/" if direct else "upload-object:train_state/"
+        if name.startswith(at) and "done" not in state:
             state["done"] = True
             state["proc"].terminate()
             state["proc"].wait(10)
@@ -1425,18 +1442,27 @@ def _s3_server_restart(workdir: Path, proc: Any, endpoint: str, client: Any) -> 
     error, seconds = "", 0.0
     try:
         faults.fault_hook = restart
-        for _ in range(2):
+        for i in range(2):
             model(torch.randn(4, 1024)).square().mean().backward()
             opt.step()
             opt.zero_grad()
             sched.step()
-            mgr.maybe_save()
-        weights = {k: v.clone() for k, v in model.state_dict().items()}
-        t0 = time.monotonic()
-        try:
-            mgr.wait()
-        except CheckpointError as exc:
-            error, seconds = str(exc), time.monotonic() - t0
+            if direct and i == 1:  # the save streams to the bucket before maybe_save returns: it raises there
+                weights = {k: v.clone() for k, v in model.state_dict().items()}
+                t0 = time.monotonic()
+                try:
+                    mgr.maybe_save()
+                except CheckpointError as exc:
+                    error, seconds = str(exc), time.monotonic() - t0
+            else:
+                mgr.maybe_save()
+        if not direct:
+            weights = {k: v.clone() for k, v in model.state_dict().items()}
+            t0 = time.monotonic()
+            try:
+                mgr.wait()
+            except CheckpointError as exc:
+                error, seconds = str(exc), time.monotonic() - t0
         faults.fault_hook = None
         intact = all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
         client.create_bucket(Bucket="reliability")
@@ -1452,7 +1478,8 @@ def _s3_server_restart(workdir: Path, proc: Any, endpoint: str, client: Any) -> 
         faults.fault_hook = None
         mgr.close()
     problems = []
-    if not error.startswith("uploading step-000000002-periodic"):
+    said = "checkpoint step-000000002-periodic was not written" if direct else "uploading step-000000002-periodic"
+    if not error.startswith(said):
         problems.append(f"no clear error on the failed upload: {error[:200]!r}")
     if not intact:
         problems.append("training state changed")
@@ -1460,7 +1487,7 @@ def _s3_server_restart(workdir: Path, proc: Any, endpoint: str, client: Any) -> 
         problems.append(f"the next save is not committed: {names}")
     return Trial(
         "s3",
-        "server stopped and restarted mid-upload",
+        "server stopped and restarted mid-upload" + (" (direct streaming)" if direct else ""),
         not problems,
         detail="; ".join(problems),
         extra={"proc": state["proc"], "error": error[:200], "seconds": round(seconds, 1)},
@@ -1486,7 +1513,9 @@ def _start_on(port: int, bench_s3: Any) -> Any:
             time.sleep(0.1)
 
 
-def _s3_listing_and_names(store: Any, workdir: Path) -> list[Trial]:
+def _s3_listing_and_names(
+    store: Any, workdir: Path, url: str = "s3://reliability/restart", hostile: bool = True
+) -> list[Trial]:
     """A stale listing (it misses a committed manifest, or still shows a deleted one) and hostile object names."""
     from wsd_pretrain import CheckpointError
     from wsd_pretrain.checkpoint import objstore
@@ -1494,7 +1523,8 @@ def _s3_listing_and_names(store: Any, workdir: Path) -> list[Trial]:
     from wsd_pretrain.checkpoint.storage import parse_location
 
     trials = []
-    run = parse_location("s3://reliability/restart")
+    run = parse_location(url)
+    label = "" if url == "s3://reliability/restart" else " (direct streaming)"
     real_list = store.list
     names = [i.name for i in objstore.list_run(run)]
     target = run / "checkpoints" / names[-1]
@@ -1513,7 +1543,7 @@ def _s3_listing_and_names(store: Any, workdir: Path) -> list[Trial]:
     finally:
         store.list = real_list  # type: ignore[method-assign]
     ok = seen.get(target.name) == "complete"
-    trials.append(Trial("s3", "stale listing without a committed manifest", ok, detail="" if ok else str(seen)))
+    trials.append(Trial("s3", "stale listing without a committed manifest" + label, ok, detail="" if ok else str(seen)))
     # an unfinished save whose listing still shows a manifest (deleted since): never complete
     ghost = run / "checkpoints" / "step-000000006-periodic"
     store.put((ghost / "model-00001-of-00001.safetensors").key, b"partial")
@@ -1531,7 +1561,9 @@ def _s3_listing_and_names(store: Any, workdir: Path) -> list[Trial]:
         store.list = real_list  # type: ignore[method-assign]
         O.store_for = real_store_for  # type: ignore[assignment]
     ok = seen.get(ghost.name) == "unfinished"
-    trials.append(Trial("s3", "stale listing showing a deleted manifest", ok, detail="" if ok else str(seen)))
+    trials.append(Trial("s3", "stale listing showing a deleted manifest" + label, ok, detail="" if ok else str(seen)))
+    if not hostile:
+        return trials
     # hostile object names in a (resealed) manifest: refused before any object is read
     m, raw, _ = objstore.load_manifest(store, target)
     for rel in ("../outside.bin", "/absolute.bin", "a\\b.bin", "a//b.bin", "./a.bin"):
@@ -1552,6 +1584,367 @@ def _s3_listing_and_names(store: Any, workdir: Path) -> list[Trial]:
     return trials
 
 
+# ------------------------------------------------------------- object storage: one rank of a torchrun job killed
+
+S3_RANK_CASES = (
+    ("direct", 1),
+    ("direct", 0),
+    ("staging", 1),
+    ("staging", 0),
+)
+"""(save path, victim rank): the direct streaming save (no staging folder: each rank streams its files to multipart
+uploads under the final prefix) and the staging tier (each rank saves to node-local disk, then uploads its files)."""
+
+
+def _state_digest(model: Any, opt: Any) -> str:
+    """The model's and the optimizer's tensors (and the optimizer's step counts), as one hash."""
+    import torch
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    for idx, st in sorted(opt.state_dict()["state"].items()):
+        for k, v in sorted(st.items()):
+            h.update(f"{idx}.{k}".encode())
+            if torch.is_tensor(v):
+                h.update(v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(repr(v).encode())
+    return h.hexdigest()
+
+
+def _s3_rank(spec: dict[str, Any]) -> None:
+    """One rank of a 2-rank DDP job under torchrun on an s3:// run (the manager in a user's loop, default preemption
+    handling). ``phase == "job"``: saves at 2 (waited for: committed on the bucket; the state then is written down),
+    then at 4, during whose upload rank ``victim`` is SIGKILLed at its second multipart part (small parts on that
+    rank, that save only: a part in flight, one sent). ``phase == "resume"``: a new job resumes ("latest"), writes
+    down where it landed and its state, then trains on and saves 4 again."""
+    import torch
+
+    from wsd_pretrain import CheckpointConfig, CheckpointManager, WSDSchedule, WSDScheduler
+    from wsd_pretrain import distributed as D
+    from wsd_pretrain.checkpoint import faults, objstore_tier, storage
+
+    if spec["phase"] != "restart":  # (the restarted server loses the lease: no renewal may come in between)
+        objstore_tier.LEASE_TTL_S = 2.0  # the next job may take the dead one's lease 2 s after its last renewal
+    D.init_distributed(backend="gloo", timeout_s=120)
+    rank = D.get_rank()
+    model = torch.nn.parallel.DistributedDataParallel(_mlp())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = WSDScheduler(opt, WSDSchedule(total=TOTAL, decay_length=2))
+    cfg = CheckpointConfig(every_steps=2, staging_dir=spec["staging"], max_shard_size=SHARD, keep_last=100)
+    mgr = CheckpointManager(spec["url"], model, opt, sched, config=cfg)
+    out = Path(spec["out"])
+
+    def step() -> None:
+        g = torch.Generator().manual_seed(1000 * sched.last_epoch + rank)
+        model(torch.randn(4, 1024, generator=g)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        mgr.maybe_save()
+
+    if spec["phase"] == "restart":
+        _s3_rank_restart(spec, mgr, model, opt, sched, step, rank, out)
+        return
+    if spec["phase"] == "resume":
+        mgr.resume("latest")
+        if rank == 0:
+            (out / "resumed.json").write_text(
+                json.dumps({"position": sched.position, "digest": _state_digest(model, opt)})
+            )
+        while sched.position < 4:
+            step()
+        mgr.close()
+        if rank == 0:
+            (out / "resaved.json").write_text(json.dumps({"last_saved": str(mgr.last_saved)}))
+        return
+
+    def kill(name: str) -> None:
+        if rank == spec["victim"] and name.startswith("upload-part:") and name.endswith(":2"):
+            (out / f"killed.{rank}").write_text(name)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    for _ in range(2):
+        step()
+    mgr.wait()  # committed on the bucket
+    if rank == 0:
+        (out / "saved2.json").write_text(json.dumps({"digest": _state_digest(model, opt)}))
+    if rank == spec["victim"]:
+        storage.PART_SIZE = 256 * 1024  # multipart uploads on the victim (parts never completed: moto's minimum)
+    faults.fault_hook = kill
+    for _ in range(2):
+        step()
+    mgr.wait()
+    print(f"rank {rank}: the save at 4 was not interrupted", flush=True)
+    mgr.close()
+
+
+def _s3_rank_restart(spec: dict[str, Any], mgr: Any, model: Any, opt: Any, sched: Any, step: Any, rank: int, out: Path):
+    """The server is stopped and restarted (empty) while both ranks stream the save at 4: rank 0 stops at its first
+    state file and waits for the test to restart the server. Each rank writes down the error its save raised and
+    whether its training state changed; once the test has made the bucket again, both train on and save at 6."""
+    from wsd_pretrain import CheckpointError
+    from wsd_pretrain import distributed as D
+    from wsd_pretrain.checkpoint import faults
+
+    def pause(name: str) -> None:
+        if rank == 0 and sched.position == 4 and name.startswith("shard-begin:train_state/"):
+            (out / "restart.ask").write_text(name)
+            deadline = time.monotonic() + 120
+            while not (out / "restart.done").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    for _ in range(2):
+        step()
+    mgr.wait()
+    import torch
+
+    faults.fault_hook = pause
+    step()  # 3
+    g = torch.Generator().manual_seed(1000 * sched.last_epoch + rank)
+    model(torch.randn(4, 1024, generator=g)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    sched.step()  # 4: its save streams to the bucket before maybe_save returns (and raises there)
+    before = _state_digest(model, opt)
+    t0 = time.monotonic()
+    error = ""
+    try:
+        mgr.maybe_save()
+    except CheckpointError as exc:
+        error = str(exc)
+    took = time.monotonic() - t0
+    intact = _state_digest(model, opt) == before
+    faults.fault_hook = None
+    (out / f"restart.{rank}.json").write_text(json.dumps({"error": error, "seconds": took, "intact": intact}))
+    D.barrier()
+    if rank == 0:
+        (out / "restart.failed").write_text("")
+        deadline = time.monotonic() + 120
+        while not (out / "bucket.done").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    D.barrier()
+    while sched.position < 6:
+        step()
+    mgr.close()
+
+
+def _torchrun_script(*args: str) -> list[str]:
+    """torchrun, 2 workers, no restarts (a worker's death ends the job: the agent stops the others), running this
+    script with ``args``."""
+    cmd = _torchrun(2, Path("unused"))
+    return [*cmd[: cmd.index("-m")], str(Path(__file__).resolve()), *args]
+
+
+def s3_rank_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial]:
+    """One rank of a 2-rank job under torchrun SIGKILLed mid-upload (rank 1, then rank 0; the direct streaming save
+    and the staging tier): nothing committed for that save, nothing half visible to ``ckpt list`` or the resolution
+    of ``latest``; the next job resumes the previous checkpoint exactly and removes every leftover of the killed
+    save, its multipart uploads included, then saves that step again. Then the server restarted while both ranks
+    stream a save (:func:`_s3_rank_restart_trial`)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_s3 import KEYS, start_server
+
+    trials: list[Trial] = []
+    proc, endpoint = start_server()
+    env = {**KEYS, "AWS_ENDPOINT_URL_S3": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket="reliability")
+        for mode, victim in S3_RANK_CASES:
+            t0 = time.monotonic()
+            trials.append(_s3_rank_trial(workdir / f"s3rank-{mode}-{victim}", mode, victim, env, client))
+            trials[-1].extra["seconds"] = round(time.monotonic() - t0, 1)
+            log(f"  {trials[-1].case}: {'ok' if trials[-1].ok else trials[-1].detail}")
+        trials.append(_s3_rank_restart_trial(workdir / "s3rank-restart", env, client, proc, endpoint))
+        proc = trials[-1].extra.pop("proc")
+        log(f"  {trials[-1].case}: {'ok' if trials[-1].ok else trials[-1].detail}")
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        proc.wait(10)
+    return trials
+
+
+def _s3_rank_restart_trial(work: Path, env: dict[str, str], client: Any, proc: Any, endpoint: str) -> Trial:
+    """2 ranks under torchrun streaming the save at 4 (no staging folder) when the server is stopped and restarted
+    (empty, as moto keeps objects in memory; the bucket is made again once both saves failed): the save fails on
+    both ranks with an error naming it, neither rank's training state changes, and the save at 6 is committed."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_s3
+
+    from wsd_pretrain.checkpoint import objstore
+    from wsd_pretrain.checkpoint.storage import parse_location
+
+    case = "server stopped and restarted mid-upload, 2 ranks, direct streaming"
+    url = "s3://reliability/ranks-restart"
+    out, tmp = work / "out", work / "tmp"
+    out.mkdir(parents=True)
+    tmp.mkdir()
+    spec = {"url": url, "staging": None, "victim": -1, "phase": "restart", "out": str(out)}
+    log_path = work / "job.log"
+    with open(log_path, "w") as logf:
+        job = subprocess.Popen(
+            _torchrun_script("_s3rank", json.dumps(spec)),
+            cwd=ROOT,
+            env=_env(**env, TMPDIR=str(tmp)),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        problems = []
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / "restart.ask").exists() and job.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if (out / "restart.ask").exists():
+                proc.terminate()
+                proc.wait(10)
+                proc = _start_on(int(endpoint.rsplit(":", 1)[1]), bench_s3)
+                (out / "restart.done").write_text("")
+                while not (out / "restart.failed").exists() and job.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                client.create_bucket(Bucket="reliability")
+                (out / "bucket.done").write_text("")
+            else:
+                problems.append("the job never reached its first state file")
+            rc = job.wait(300)
+        finally:
+            if job.poll() is None:
+                job.kill()
+                job.wait(10)
+    if rc != 0:
+        problems.append(f"the job failed (exit {rc}): {_worker_errors(log_path.read_text())[-600:]}")
+    errors = []
+    for r in range(2):
+        path = out / f"restart.{r}.json"
+        if not path.exists():
+            problems.append(f"rank {r} did not report")
+            continue
+        got = json.loads(path.read_text())
+        errors.append(f"rank {r} after {got['seconds']:.1f} s: {got['error'][:160]}")
+        if not got["error"].startswith("checkpoint step-000000004-periodic was not written"):
+            problems.append(f"rank {r}: no clear error on the failed save: {got['error'][:200]!r}")
+        if not got["intact"]:
+            problems.append(f"rank {r}: training state changed")
+    run = parse_location(url)
+    states = [(i.position, i.state) for i in objstore.list_run(run)]
+    if states != [(6, "complete")]:  # 2 went with the server's memory, 4 failed
+        problems.append(f"on the bucket afterwards: {states}")
+    if client.list_multipart_uploads(Bucket="reliability", Prefix=run.prefix).get("Uploads", []):
+        problems.append("multipart uploads left")
+    return Trial("s3ranks", case, not problems, detail="; ".join(problems), extra={"proc": proc, "errors": errors})
+
+
+def _s3_rank_trial(work: Path, mode: str, victim: int, env: dict[str, str], client: Any) -> Trial:
+    import io
+
+    from wsd_pretrain import cli
+    from wsd_pretrain.checkpoint import objstore
+    from wsd_pretrain.checkpoint.storage import parse_location
+
+    case = f"rank {victim} of 2 SIGKILLed mid-upload, {'direct streaming' if mode == 'direct' else 'staging tier'}"
+    url = f"s3://reliability/ranks-{mode}-{victim}"
+    run = parse_location(url)
+    out, tmp = work / "out", work / "tmp"
+    out.mkdir(parents=True)
+    tmp.mkdir()
+    wenv = _env(**env, TMPDIR=str(tmp))  # the direct path's resume cache goes there
+
+    def launch(phase: str, staging: str | None) -> subprocess.CompletedProcess[str]:
+        spec = {"url": url, "staging": staging, "victim": victim, "phase": phase, "out": str(out)}
+        cmd = _torchrun_script("_s3rank", json.dumps(spec))
+        res = subprocess.run(cmd, cwd=ROOT, env=wenv, capture_output=True, text=True, timeout=600)
+        (work / f"{phase}.log").write_text(res.stdout + res.stderr)
+        return res
+
+    def tail(res: subprocess.CompletedProcess[str]) -> str:
+        return _worker_errors(res.stdout + res.stderr)[-600:]
+
+    staging = str(work / "staging") if mode == "staging" else None
+    t0 = time.monotonic()
+    job = launch("job", staging)
+    job_s = time.monotonic() - t0
+    killed = out / f"killed.{victim}"
+    if job.returncode == 0 or not killed.exists():
+        return Trial(
+            "s3ranks", case, False, detail=f"the job was not killed mid-upload (exit {job.returncode}): {tail(job)}"
+        )
+    if not (out / "saved2.json").exists():
+        return Trial("s3ranks", case, False, detail=f"the save at 2 did not complete: {tail(job)}")
+    problems = []
+    # the rank that was not killed: a clear error naming the save (unless torchrun stopped it first), never a bare
+    # transport error
+    survivor = 1 - victim
+    lines = (job.stdout + job.stderr).splitlines()
+    errors = [ln for ln in lines if re.match(rf"\[rank{survivor}\]: [\w.]*(Error|Exception)\b", ln)]
+    said = errors[-1].split(": ", 1)[1] if errors else "stopped by torchrun"
+    if errors and not (said.startswith("wsd_pretrain.errors.CheckpointError") and "step-000000004-periodic" in said):
+        problems.append(f"rank {survivor} ended with {said[:300]}")
+    before = {i.name: i.state for i in objstore.list_run(run)}
+    uploads_before = len(client.list_multipart_uploads(Bucket="reliability", Prefix=run.prefix).get("Uploads", []))
+    if before.get("step-000000002-periodic") != "complete":
+        return Trial("s3ranks", case, False, lost=1, detail=f"step 2 not complete on the bucket: {before}")
+    if before.get("step-000000004-periodic", "unfinished") != "unfinished":
+        problems.append(f"the killed save is {before['step-000000004-periodic']}")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        cli.main(["ckpt", "list", "--json", url])
+    listed = {i["name"]: i for i in json.loads(buf.getvalue())}
+    if [n for n, i in listed.items() if i["state"] == "complete"] != ["step-000000002-periodic"]:
+        problems.append(f"ckpt list shows {listed}")
+    if not listed.get("step-000000002-periodic", {}).get("latest"):
+        problems.append(f"latest is not step 2 in ckpt list: {listed}")
+    if objstore.resolve(run).name != "step-000000002-periodic":
+        problems.append(f"latest resolves to {objstore.resolve(run).name}")
+    time.sleep(2.5)  # the dead job's lease expires (its TTL is 2 s)
+    fresh = str(work / "staging-new") if mode == "staging" else None  # a new node: its staging folder is empty
+    t0 = time.monotonic()
+    res = launch("resume", fresh)
+    resume_s = time.monotonic() - t0
+    if res.returncode != 0 or not (out / "resumed.json").exists():
+        problems.append(f"the next job failed (exit {res.returncode}): {tail(res)}")
+        return Trial("s3ranks", case, False, detail="; ".join(problems))
+    resumed = json.loads((out / "resumed.json").read_text())
+    saved = json.loads((out / "saved2.json").read_text())
+    if resumed["position"] != 2:
+        problems.append(f"resumed at {resumed['position']}, not 2")
+    elif resumed["digest"] != saved["digest"]:
+        problems.append("the resumed model or optimizer state differs from the one saved at 2")
+    after = {i.name: i.state for i in objstore.list_run(run)}
+    uploads = client.list_multipart_uploads(Bucket="reliability", Prefix=run.prefix).get("Uploads", [])
+    if after != {"step-000000002-periodic": "complete", "step-000000004-periodic": "complete"}:
+        problems.append(f"after the next job: {after}")
+    if uploads:
+        problems.append(f"{len(uploads)} multipart upload(s) left")
+    if objstore.fetch(run / "checkpoints" / "step-000000002-periodic", work / "check"):
+        problems.append("step 2 does not verify")
+    return Trial(
+        "s3ranks",
+        case,
+        not problems,
+        detail="; ".join(problems),
+        extra={
+            "before": before,
+            "uploads_before": uploads_before,
+            "killed_at": killed.read_text(),
+            "survivor": said.replace("wsd_pretrain.errors.", ""),
+            "job_s": round(job_s, 1),
+            "resume_s": round(resume_s, 1),
+        },
+    )
+
+
 def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
     sys.path.insert(0, str(ROOT / "tools"))
     from _bench import machine
@@ -1569,7 +1962,9 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
         "elastic": "elastic restart (torchrun --max-restarts)",
         "preemption": "preemption (SIGTERM to the launcher)",
         "lock": "two runs on one directory",
-        "s3": "object storage (S3): kills mid-upload, server restart, stale listings, hostile names",
+        "s3": "object storage (S3), staging tier and direct streaming: kills mid-upload, server restart, stale "
+        "listings, hostile names",
+        "s3ranks": "object storage (S3): one rank of a 2-rank torchrun job killed mid-upload",
     }
     out = [
         "# Reliability",
@@ -1671,6 +2066,25 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
             if "error" in t.extra:
                 res += f" (failed after {t.extra['seconds']} s: {t.extra['error'][:120]})"
             out.append(f"- {t.case}: {res}")
+    ranks = [t for t in trials if t.scenario == "s3ranks"]
+    if ranks:
+        out += ["", "## Object storage (S3): one rank of a 2-rank job killed mid-upload", "", *S3_RANKS_DOC, ""]
+        out += ["| case | result | killed at | the other rank | job / next job |", "|---|---|---|---|---|"]
+        for t in ranks:
+            e = t.extra
+            if "errors" in e:
+                continue
+            res = "ok" if t.ok else "FAILED: " + t.detail.replace("|", "/")
+            at = e.get("killed_at", "").replace("upload-part:", "").split("/checkpoints/")[-1].rsplit(":", 1)[0]
+            other = e.get("survivor", "").replace("|", "/")
+            other = re.sub(r"\[/__w/\S+\] ", "", other)  # gloo's source path
+            other = re.sub(r"\. This is typically caused by.*?(?=(\)|;|$))", "", other)
+            times = f"{e['job_s']} s / {e['resume_s']} s" if "job_s" in e else ""
+            out.append(f"| {t.case} | {res} | part 2 of {at} | {other[:400]} | {times} |")
+        for t in ranks:
+            if "errors" in t.extra:
+                res = "ok" if t.ok else "FAILED: " + t.detail
+                out += ["", f"- {t.case}: {res} ({'; '.join(t.extra['errors'])})"]
     for scen in ("elastic", "preemption", "lock"):
         rows = [t for t in trials if t.scenario == scen]
         if rows:
@@ -1679,19 +2093,41 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
-SCENARIOS = ("kill", "disk", "corruption", "hostile", "elastic", "preemption", "lock", "s3")
+SCENARIOS = ("kill", "disk", "corruption", "hostile", "elastic", "preemption", "lock", "s3", "s3ranks")
 S3_DOC = [
-    "A local S3 server (moto, 127.0.0.1). The job (`CheckpointManager` on an `s3://` run with a staging folder) saves",
-    "at updates 2 and 4; its one process (which uploads every object and commits: each rank uploads the files it",
-    "wrote, so on one process that is all of them) is SIGKILLed during the upload of the second save at each step",
-    "of the object-storage commit. A fresh job with an empty staging folder",
-    "then takes the expired lease, resumes from the bucket alone, and must land on the newest committed checkpoint",
-    "(2, or 4 when the kill came after its manifest); the earlier checkpoint must verify; no unfinished prefix or",
-    "multipart upload may remain. The server is stopped and restarted mid-upload (moto keeps objects in memory, so",
-    "the bucket comes back empty): the upload must fail at the next `wait()` with an error naming it, the training",
-    "state must be untouched, and the next save must be committed. Stale listings (one that misses a committed",
-    "manifest, one that still shows a deleted one) must not change what is complete; manifests naming hostile keys",
-    "must be refused before any object is read.",
+    "A local S3 server (moto, 127.0.0.1). The job (`CheckpointManager` on an `s3://` run) saves at updates 2 and 4,",
+    "through the staging tier (a staging folder: saved to local disk, then uploaded) and, in the rows marked",
+    '"direct streaming", with no staging folder (each rank streams its files to multipart uploads under the final',
+    "prefix, rank 0 then uploads the JSON files and commits). Its one process (which uploads every object and commits:",
+    "each rank uploads the files it wrote, so on one process that is all of them) is SIGKILLed during the upload of",
+    "the second save at each step of the object-storage commit: an object (on the direct save, the second multipart",
+    "part of a model file, or the first state file begun), between the objects and the manifest, after the manifest",
+    "before `latest`. A fresh job (with an empty staging folder) then takes the expired lease, resumes from the bucket",
+    "alone, and must land on the newest committed checkpoint (2, or 4 when the kill came after its manifest); the",
+    "earlier checkpoint must verify; no unfinished prefix or multipart upload may remain. The server is stopped and",
+    "restarted mid-upload (moto keeps objects in memory, so the bucket comes back empty): the save must fail with an",
+    "error naming it (at the next `wait()` on the staging tier, in the save itself on the synchronous direct save),",
+    "the training state must be untouched, and the next save must be committed. Stale listings (one that misses a",
+    "committed manifest, one that still shows a deleted one) must not change what is complete; manifests naming",
+    "hostile keys must be refused before any object is read.",
+]
+
+
+S3_RANKS_DOC = [
+    "A 2-rank DDP job under `torchrun` (no restarts: when a worker dies the agent stops the other, as in production)",
+    "on an `s3://` run of the local server, the manager in a user's loop with its default preemption handling, saves at",
+    "updates 2 (waited for: committed) and 4. During the save at 4 one rank (1, then 0) is SIGKILLed at the second",
+    "multipart part of one of its objects (small parts on that rank for that save: a part sent, none completed), on",
+    "the direct streaming save (no staging folder: each rank streams its files to multipart uploads under the final",
+    "prefix) and on the staging tier (each rank saves to the node's disk, then uploads its files). Checked: the other",
+    "rank ends with an error naming the save (or is stopped by torchrun first), nothing of the save at 4 is",
+    "committed, `ckpt list --json` shows only checkpoint 2 complete and `latest` on it, the resolution of the run",
+    "gives 2; a new 2-rank job under `torchrun` (a new node: an empty staging folder) takes the expired lease,",
+    "resumes exactly the state written at 2 (model, AdamW moments and steps, hashed), has removed every leftover of",
+    "the killed save (objects, claim, multipart uploads: `list_multipart_uploads` on the server is empty), and saves 4",
+    "again, committed. Step 2 verifies object by object. Then the server is stopped and restarted (empty) while both",
+    "ranks stream a save (direct, no staging folder): the save must fail on both ranks with an error naming it,",
+    "neither rank's training state may change, and once the bucket is back the next save must be committed.",
 ]
 
 
@@ -1702,6 +2138,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv and argv[0] == "_s3child":
         _s3_child(json.loads(argv[1]))
+        return 0
+    if argv and argv[0] == "_s3rank":
+        _s3_rank(json.loads(argv[1]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=60, help="SIGKILL trials (default 60)")
@@ -1732,6 +2171,7 @@ def main(argv: list[str] | None = None) -> int:
             "preemption": lambda: preemption_trials(work),
             "lock": lambda: lock_trials(work),
             "s3": lambda: s3_trials(work),
+            "s3ranks": lambda: s3_rank_trials(work),
         }
         for s in SCENARIOS:
             if s in only:

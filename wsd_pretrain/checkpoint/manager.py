@@ -613,10 +613,17 @@ class CheckpointManager:
             return
         error, self._remote.error = self._remote.error, None
         if D.get_world_size() > 1:
-            (failed,) = coord.all_reduce_max([1 if error else 0])
-            if not failed:
-                return
-            errors = D.all_gather_object(error, group=coord.groups().coord)
+            try:
+                (failed,) = coord.all_reduce_max([1 if error else 0])
+                if not failed:
+                    return
+                errors = D.all_gather_object(error, group=coord.groups().coord)
+            except Exception as exc:  # a rank is gone (killed mid-upload): say what this rank knows, never a bare
+                # transport error; the job cannot go on without it, whatever on_save_error says
+                known = error or "the last checkpoint upload: its outcome could not be agreed"
+                raise CheckpointError(
+                    f"{known}; the other ranks cannot be reached ({type(exc).__name__}: {exc})"
+                ) from exc
             error = next(e for e in errors if e)  # rank 0's outcome names every failed rank when it has one
         if error is not None:
             if self.config.on_save_error == "stop":
