@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
+from unittest import mock
 
 
 def free_port() -> int:
@@ -100,17 +101,11 @@ def serve(server: Server) -> Iterator[Server]:
     """A session fixture's body: start the server, point this process (and every process it starts) at it alone,
     yield it; then restore the environment and stop it."""
     server.start()
-    keys = (*server.clear_env, *server.environ())
-    old = {k: os.environ.get(k) for k in keys}
-    for k in server.clear_env:
-        os.environ.pop(k, None)
-    os.environ.update(server.environ())
     try:
-        yield server
-    finally:
-        for k, v in old.items():
-            if v is None:
+        with mock.patch.dict(os.environ):  # the whole environment as it was, afterwards
+            for k in server.clear_env:
                 os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            os.environ.update(server.environ())
+            yield server
+    finally:
         server.stop()
