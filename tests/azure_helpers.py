@@ -1,5 +1,5 @@
 """A local Azure Blob service for the tests: Azurite (the Azure Storage emulator, an npm package) on a free port of
-127.0.0.1, started and stopped by the tests, in memory, with its telemetry off (it would otherwise call out).
+127.0.0.1 (tests/loopback_server.py), in memory, with its telemetry off (it would otherwise call out).
 
 launch/setup.sh installs it into ``.cache/azurite`` of the repository (``npm install``); ``WSD_AZURITE`` may name
 another ``azurite-blob`` executable. The ``azure_server`` fixture (tests/conftest.py) starts one per test session
@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import tempfile
-import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
+
+from loopback_server import LoopbackServer
 
 ACCOUNT = "devstoreaccount1"
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -42,62 +38,33 @@ def azurite_binary() -> str | None:
     return shutil.which("azurite-blob")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class AzuriteServer:
+class AzuriteServer(LoopbackServer):
     """``azurite-blob`` on 127.0.0.1 only, in memory (nothing written to disk), telemetry disabled."""
 
+    name = "Azurite"
+    clear_env = ENV_KEYS
+
     def __init__(self, binary: str) -> None:
+        super().__init__()
         self.binary = binary
-        self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}/{ACCOUNT}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._cwd = tempfile.mkdtemp(prefix="wsd-azurite-")
 
-    def start(self, timeout: float = 60.0) -> None:
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--blobHost",
-                "127.0.0.1",
-                "--blobPort",
-                str(self.port),
-                "--inMemoryPersistence",
-                "--disableTelemetry",
-                "--skipApiVersionCheck",
-                "--loose",
-                "--silent",
-            ],
-            cwd=self._cwd,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.endpoint}?comp=list", timeout=2).close()
-                return
-            except urllib.error.HTTPError:  # it answers (403: the request is not signed): up
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Azurite did not start on {self.endpoint}") from None
-                time.sleep(0.1)
+    def command(self) -> list[str]:
+        return [
+            self.binary,
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            str(self.port),
+            "--inMemoryPersistence",
+            "--disableTelemetry",
+            "--skipApiVersionCheck",
+            "--loose",
+            "--silent",
+        ]
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-        shutil.rmtree(self._cwd, ignore_errors=True)
+    def ready_url(self) -> str:
+        return f"{self.endpoint}?comp=list"
 
     @property
     def connection_string(self) -> str:
@@ -116,20 +83,3 @@ class AzuriteServer:
 
     def environ(self) -> dict[str, str]:
         return {"AZURE_STORAGE_CONNECTION_STRING": self.connection_string}
-
-
-def apply_env(server: AzuriteServer) -> dict[str, str | None]:
-    """Point this process (and its children) at the emulator alone; returns the old values."""
-    old = {k: os.environ.get(k) for k in ENV_KEYS}
-    for k in ENV_KEYS:
-        os.environ.pop(k, None)
-    os.environ.update(server.environ())
-    return old
-
-
-def restore_env(old: dict[str, str | None]) -> None:
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v

@@ -20,16 +20,10 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_exte
 def s3_server():
     """A moto S3 server on a free port of 127.0.0.1 for the whole test session (tests/s3_helpers.py); boto3 in
     this process and every process it starts talks to it. Each test makes its own bucket (``s3_server.bucket()``)."""
-    from s3_helpers import S3Server, apply_env, restore_env
+    from loopback_server import serve
+    from s3_helpers import S3Server
 
-    server = S3Server()
-    server.start()
-    old = apply_env(server)
-    try:
-        yield server
-    finally:
-        restore_env(old)
-        server.stop()
+    yield from serve(S3Server())
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +32,8 @@ def azure_server():
     (tests/azure_helpers.py); azure-storage-blob in this process and every process it starts talks to it. Each test
     makes its own container (``azure_server.container()``). Skipped where Azurite is not installed (launch/setup.sh
     installs it with npm into .cache/azurite)."""
-    from azure_helpers import AzuriteServer, apply_env, azurite_binary, restore_env
+    from azure_helpers import AzuriteServer, azurite_binary
+    from loopback_server import serve
 
     binary = azurite_binary()
     if binary is None:
@@ -46,11 +41,4 @@ def azure_server():
             "Azurite is not installed: run launch/setup.sh (npm install into .cache/azurite) or set WSD_AZURITE"
         )
     pytest.importorskip("azure.storage.blob", reason="pip install 'wsd_pretrain[azure]'")
-    server = AzuriteServer(binary)
-    server.start()
-    old = apply_env(server)
-    try:
-        yield server
-    finally:
-        restore_env(old)
-        server.stop()
+    yield from serve(AzuriteServer(binary))

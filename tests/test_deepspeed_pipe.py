@@ -263,3 +263,27 @@ def test_pipe_pp2_zero1_bf16_save_verify_resume(tmp_path):
     results = run_distributed(_pipe_job, 2, args=(str(tmp_path / "run"), 2, 1, 1, True), timeout=600)
     _check(results, 2, 2)
     assert any(k.endswith(":master") for k in results[0]["saved"])
+
+
+def test_a_pipeline_grid_the_manager_does_not_understand_is_refused_before_any_description_moves():
+    """The build-time headers every rank all-gathers (decision 152): the same stage describer found on every rank;
+    a stage whose ranks give different data-parallel groups, or a stage without its describer (first data-parallel
+    rank), refused naming the stage (on every rank alike: the headers are the same everywhere)."""
+    from wsd_pretrain import CheckpointError
+    from wsd_pretrain.checkpoint.deepspeed_adapter import DeepSpeedPipeAdapter, _digest
+
+    adapter = object.__new__(DeepSpeedPipeAdapter)  # only the headers' check: no engine can build a broken grid
+    adapter.num_stages = 2
+
+    def head(stage: int, first: bool, ranks: list[int]) -> dict:
+        return {"error": None, "stage": stage, "first": first, "group": _digest(ranks)}
+
+    # pp 2 x dp 2 as DeepSpeed's grid lays it out: stage 0 on ranks 0 and 2, stage 1 on ranks 1 and 3
+    good = [head(0, True, [0, 2]), head(1, True, [1, 3]), head(0, False, [0, 2]), head(1, False, [1, 3])]
+    assert adapter._senders(good) == {0: 0, 1: 1}
+    with pytest.raises(CheckpointError, match=r"pipeline stage 1: its ranks disagree on its data-parallel group"):
+        adapter._senders([*good[:3], head(1, False, [3, 1])])
+    with pytest.raises(CheckpointError, match=r"pipeline has 2 stages, the ranks describe stages \[0, 1\]"):
+        adapter._senders([good[0], head(1, False, [1, 3]), good[2], good[3]])  # stage 1 has no describer
+    with pytest.raises(CheckpointError, match=r"pipeline has 2 stages, the ranks describe stages \[0\]"):
+        adapter._senders([head(0, True, [0, 1]), head(0, False, [0, 1])])

@@ -84,6 +84,32 @@ def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(out.flatten(0, 1), target.flatten())
 
 
+def training(params, schedule, first: bool, batch=_batch, sync=None):
+    """The optimizer, the WSD scheduler and the step function of a pipeline job: one training step runs the
+    schedule on ``batch(i)`` (the inputs on the first stage, the targets and losses on the others), then ``sync``
+    (if any), the optimizer and the scheduler; it returns this rank's summed microbatch loss."""
+    from wsd_pretrain import WSDSchedule, WSDScheduler
+
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    sched = WSDScheduler(opt, WSDSchedule(total=40, warmup=2))
+
+    def step(i: int) -> float:
+        x, y = batch(i)
+        losses: list[torch.Tensor] = []
+        if first:
+            schedule.step(x)
+        else:
+            schedule.step(target=y, losses=losses)
+        if sync is not None:
+            sync()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        return float(sum(float(v) for v in losses))
+
+    return opt, sched, step
+
+
 def build(kind: str, seed: int = 0):
     """This rank's stages, optimizer, scheduler, step function and the manager's Pipeline, for ``kind``: ``gpipe``
     (torchtitan names), ``1f1b`` (renumbered + name map), ``interleaved`` (2 virtual stages per rank), ``tied``
@@ -91,7 +117,6 @@ def build(kind: str, seed: int = 0):
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-    from wsd_pretrain import WSDSchedule, WSDScheduler
     from wsd_pretrain.checkpoint import Pipeline
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -102,9 +127,6 @@ def build(kind: str, seed: int = 0):
     renumber = kind == "1f1b"
     mods = [stage_module(full, s, count, renumber) for s in indices]
     stages = [PipelineStage(m, s, count, torch.device("cpu")) for m, s in zip(mods, indices)]
-    params = [p for m in mods for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    sched = WSDScheduler(opt, WSDSchedule(total=40, warmup=2))
     if kind == "interleaved":
         schedule = ScheduleInterleaved1F1B(stages, n_microbatches=4, loss_fn=_loss)
     else:
@@ -113,21 +135,12 @@ def build(kind: str, seed: int = 0):
     tied = {"lm_head.weight": "embed_tokens.weight"} if kind == "tied" else {}
     pipeline = Pipeline(names=names, tied=tied)
 
-    def step(i: int) -> float:
-        x, y = _batch(i)
-        losses: list[torch.Tensor] = []
-        if rank == 0:
-            schedule.step(x)
-        else:
-            schedule.step(target=y, losses=losses)
-        if kind == "tied":  # the tied copies' gradients summed across the stages that hold them (Megatron's way)
-            p = mods[0].embed_tokens.weight if rank == 0 else mods[0].lm_head.weight
-            dist.all_reduce(p.grad)
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-        return float(sum(float(v) for v in losses))
+    def sum_tied() -> None:  # the tied copies' gradients summed across the stages that hold them (Megatron's way)
+        p = mods[0].embed_tokens.weight if rank == 0 else mods[0].lm_head.weight
+        dist.all_reduce(p.grad)
 
+    params = [p for m in mods for p in m.parameters()]
+    opt, sched, step = training(params, schedule, rank == 0, sync=sum_tied if kind == "tied" else None)
     return stages, mods, opt, sched, step, pipeline
 
 
@@ -323,7 +336,6 @@ def build_fsdp(seed: int = 0):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
-    from wsd_pretrain import WSDSchedule, WSDScheduler
     from wsd_pretrain.checkpoint import Pipeline
 
     mesh = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("pp", "dp"))
@@ -332,21 +344,8 @@ def build_fsdp(seed: int = 0):
     m = stage_module(Tiny(), pp, 2)
     fully_shard(m, mesh=mesh["dp"])
     stage = PipelineStage(m, pp, 2, torch.device("cpu"), group=mesh["pp"].get_group())
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
-    sched = WSDScheduler(opt, WSDSchedule(total=40, warmup=2))
     schedule = ScheduleGPipe(stage, n_microbatches=2, loss_fn=_loss)
-
-    def step(i: int) -> float:
-        x, y = _batch(10 * i + dp)
-        losses: list[torch.Tensor] = []
-        if pp == 0:
-            schedule.step(x)
-        else:
-            schedule.step(target=y, losses=losses)
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-        return float(sum(float(v) for v in losses))
+    opt, sched, step = training(m.parameters(), schedule, pp == 0, batch=lambda i: _batch(10 * i + dp))
 
     return [stage], [m], opt, sched, step, Pipeline(group=mesh["pp"])
 
@@ -439,7 +438,6 @@ def build_tp(seed: int = 0):
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-    from wsd_pretrain import WSDSchedule, WSDScheduler
     from wsd_pretrain.checkpoint import Pipeline
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
@@ -451,21 +449,8 @@ def build_tp(seed: int = 0):
         plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
     parallelize_module(m, mesh["tp"], plan)
     stage = PipelineStage(m, pp, 2, torch.device("cpu"), group=mesh["pp"].get_group())
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
-    sched = WSDScheduler(opt, WSDSchedule(total=40, warmup=2))
     schedule = Schedule1F1B(stage, n_microbatches=2, loss_fn=_loss)
-
-    def step(i: int) -> float:
-        x, y = _batch(i)
-        losses: list[torch.Tensor] = []
-        if pp == 0:
-            schedule.step(x)
-        else:
-            schedule.step(target=y, losses=losses)
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-        return float(sum(float(v) for v in losses))
+    opt, sched, step = training(m.parameters(), schedule, pp == 0)
 
     return [stage], [m], opt, sched, step, Pipeline(group=mesh["pp"])
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -162,30 +163,35 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
+def kill_when(cmd: list[str], ready: Callable[[], bool], timeout: float) -> None:
+    """Start ``cmd`` (a launcher), wait until ``ready()`` holds, then SIGKILL the launcher and every process under
+    it; fails if the run ends (or ``timeout`` seconds pass) first."""
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+        _kill_tree(proc.pid)  # the launcher and its ranks, mid-run
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
+
+
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     # attention dropout draws from each rank's torch generator at every update: the weights come out the same only
     # if the resume restored every rank's RNG
     args = ["--total-steps", "20", "--save-every", "4", "model.attention_dropout=0.1", *QUICK]
     _run(torchrun(2, "--run-dir", str(tmp_path / "straight"), *args))
     victim = tmp_path / "killed"
-    proc = subprocess.Popen(
+    kill_when(
         torchrun(2, "--run-dir", str(victim), *args),
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        (victim / "checkpoints" / "step-000000008-periodic").exists,
+        timeout=300,
     )
-    try:
-        deadline = time.monotonic() + 300
-        while not (victim / "checkpoints" / "step-000000008-periodic").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-            time.sleep(0.05)
-        _kill_tree(proc.pid)  # the launcher and both ranks, mid-run
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            _kill_tree(proc.pid)
     final = "step-000000020-post-decay+periodic+final"
     assert final not in _checkpoints(victim), "the run was killed before its end"
     res = _run(torchrun(2, "--run-dir", str(victim), *args))  # the same command resumes

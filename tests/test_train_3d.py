@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from test_train import QUICK, ROOT, _checkpoints, _env, _kill_tree, _metrics, _run, torchrun
+from test_train import QUICK, ROOT, _checkpoints, _env, _metrics, _run, kill_when, torchrun
 
 from wsd_pretrain import ConfigError
 from wsd_pretrain.config import load_config
@@ -25,34 +24,31 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {m["position"]: m["loss"] for m in _metrics(run_dir) if "loss" in m}
 
 
-def _killed_and_resumed(tmp_path: Path, config: str, *extra: str, nproc: int = 4) -> tuple[Path, dict[int, float], str]:
+FINAL = "step-000000008-post-decay+periodic+final"
+
+
+def _killed_and_resumed(tmp_path: Path, config: str, *extra: str, nproc: int = 4) -> tuple[Path, dict[int, float]]:
     """Run ``config`` on ``nproc`` processes for 8 updates (a checkpoint at 4), kill every process once update 6 is
-    logged, and run the same command again. Returns the run directory, the losses the killed run logged and the
-    resumed run's stderr."""
+    logged, and run the same command again: it resumes, ends with the final checkpoint, and the updates the killed
+    run made after the checkpoint at 4 are trained again from it bit for bit. Returns the run directory and the
+    losses of updates 1-8."""
     run_dir = tmp_path / "run"
     args = ["--config", config, "--run-dir", str(run_dir), "--total-steps", "8", "--save-every", "4", *QUICK, *extra]
-    proc = subprocess.Popen(
-        torchrun(nproc, *args),
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 400
-        while not (run_dir / "metrics.jsonl").exists() or max(_losses(run_dir), default=0) < 6:
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-            time.sleep(0.05)
-        _kill_tree(proc.pid)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            _kill_tree(proc.pid)
+
+    def logged_6() -> bool:
+        return (run_dir / "metrics.jsonl").exists() and max(_losses(run_dir), default=0) >= 6
+
+    kill_when(torchrun(nproc, *args), logged_6, timeout=400)
     before = _losses(run_dir)
     assert "step-000000004-periodic" in _checkpoints(run_dir) and max(before) < 8, "killed mid-run"
     res = _run(torchrun(nproc, *args))  # the same command resumes
-    return run_dir, before, res.stderr
+    assert "resumed" in res.stderr
+    assert _checkpoints(run_dir)[-1] == FINAL
+    after = _losses(run_dir)
+    assert sorted(after) == list(range(1, 9))
+    replayed = [p for p in before if p > 4]
+    assert replayed and all(after[p] == before[p] for p in replayed), (before, after)
+    return run_dir, after
 
 
 ON_4 = pytest.mark.slow  # the default suite runs the same configs with dp 1 on 2 processes (the same code paths)
@@ -74,27 +70,19 @@ def test_3d_config_saves_is_killed_and_resumes_exactly(tmp_path, config, nproc):
     (four processes on 2 cores cost the default suite twice the time of two)."""
     dp = nproc // 2
     extra = () if dp == 2 else ("parallel.dp_shard=1",)
-    run_dir, before, stderr = _killed_and_resumed(tmp_path, f"configs/{config}", *extra, nproc=nproc)
-    assert "resumed" in stderr
-    final = "step-000000008-post-decay+periodic+final"
-    assert _checkpoints(run_dir)[-1] == final
-    after = _losses(run_dir)
-    assert sorted(after) == list(range(1, 9))
-    # the updates the killed run made after the checkpoint at 4 are trained again from it: bit for bit the same
-    replayed = [p for p in before if p > 4]
-    assert replayed and all(after[p] == before[p] for p in replayed), (before, after)
+    run_dir, after = _killed_and_resumed(tmp_path, f"configs/{config}", *extra, nproc=nproc)
     # the same model and data whichever way it is cut: the first update's loss is the unsplit model's on the same
     # data-parallel batches (the tiny default's seed: 5.5597 on one process, 5.5745 on two DDP ranks; ln 256 = 5.545
     # is a uniform guess), and it learns
     unsplit = {1: 5.5597, 2: 5.5745}[dp]
     assert after[1] == pytest.approx(unsplit, abs=2e-4) and after[8] < after[1] - 1.0
-    manifest = json.loads((run_dir / "checkpoints" / final / "manifest.json").read_text())
+    manifest = json.loads((run_dir / "checkpoints" / FINAL / "manifest.json").read_text())
     assert manifest["world_size"] == nproc and manifest["tokens"] == 8 * dp * 16 * 128  # dp data-parallel ranks
     # every TP shard, FSDP row and pipeline stage is in the model folder: the whole model under its own names
     transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / final)
+    model = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / FINAL)
     assert model.config.num_hidden_layers == 4 and model.model.layers[3].mlp.down_proj.weight.shape == (128, 352)
-    verify = _run([sys.executable, "-m", "wsd_pretrain.cli", "ckpt", "verify", str(run_dir / "checkpoints" / final)])
+    verify = _run([sys.executable, "-m", "wsd_pretrain.cli", "ckpt", "verify", str(run_dir / "checkpoints" / FINAL)])
     assert verify.stdout.startswith("OK")
 
 
@@ -103,18 +91,11 @@ def test_deepspeed_pipeline_config_saves_is_killed_and_resumes_exactly(tmp_path)
     """configs/tiny_cpu_deepspeed_pp2.yaml on 2 processes: DeepSpeed's PipelineEngine, 2 stages, ZeRO-1, 2 pipeline
     microbatches per micro-step; saved, killed, resumed bit for bit, its model folder the whole model under its
     Hugging Face names."""
-    run_dir, before, stderr = _killed_and_resumed(tmp_path, "configs/tiny_cpu_deepspeed_pp2.yaml", nproc=2)
-    assert "resumed" in stderr
-    final = "step-000000008-post-decay+periodic+final"
-    assert _checkpoints(run_dir)[-1] == final
-    after = _losses(run_dir)
-    assert sorted(after) == list(range(1, 9))
-    replayed = [p for p in before if p > 4]
-    assert replayed and all(after[p] == before[p] for p in replayed), (before, after)
+    run_dir, after = _killed_and_resumed(tmp_path, "configs/tiny_cpu_deepspeed_pp2.yaml", nproc=2)
     # the unsplit model's first loss (tiny_cpu_deepspeed.yaml with ZeRO-1 on one process: 5.55946; the pipeline
     # averages its two microbatches' means), and it learns
     assert after[1] == pytest.approx(5.55946, abs=2e-4) and after[8] < after[1] - 1.0
-    ckpt = run_dir / "checkpoints" / final
+    ckpt = run_dir / "checkpoints" / FINAL
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["tokens"] == 8 * 1 * 8 * 128  # 1 data-parallel rank
     assert manifest["layout"]["pipeline_stages"] == 2

@@ -36,8 +36,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+def start_server(port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """moto's server on ``port`` (a free one by default) of 127.0.0.1, once it answers; its process and endpoint."""
+    port = _free_port() if port is None else port
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from _bench import add_out_argument, disk_write_speed, fmt_bytes, machine, median_time, table, write_section
 
+from wsd_pretrain.checkpoint.safetensors_io import fsync_tree
+
 
 def build(gb: float, width: int = 4096) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
     """Linear layers of ``width`` x ``width/2`` (fp32; 4096x2048 by default) with AdamW state after one step: 12
@@ -56,16 +58,6 @@ def flat_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str
             if v.dim():
                 out[f"{name}/{k}"] = v
     return out
-
-
-def fsync_tree(path: Path) -> None:
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def drop_caches() -> bool:
@@ -263,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
 Machine: {machine()}. Run on {time.strftime("%Y-%m-%d")}; median of {args.repeat} rounds after an untimed warm-up round,
 the methods taking turns within each round; one process; model plus AdamW
 state in fp32 (the bytes below), written to the same directory by every method; each method's time includes making
-the files durable (our own fsyncs; `os.fsync` of every file for the others). Page cache {
+the files durable (our own fsyncs; `os.fsync` of every file and folder for the others). Page cache {
         "dropped before every load"
         if cold
         else ("warm (--warm-cache)" if args.warm_cache else "warm (could not drop it)")

@@ -924,6 +924,18 @@ MUTATIONS: list[Mutation] = [
         "refuses the save)",
     ),
     M(
+        "deepspeed-pipe-stage-groups-unchecked",
+        "wsd_pretrain/checkpoint/deepspeed_adapter.py",
+        '            if len(seen) > 1:\n                raise CheckpointError(f"pipeline stage {s}: its ranks disagree',
+        '            if False:\n                raise CheckpointError(f"pipeline stage {s}: its ranks disagree',
+        (
+            "tests/test_deepspeed_pipe.py::"
+            "test_a_pipeline_grid_the_manager_does_not_understand_is_refused_before_any_description_moves",
+        ),
+        "the ranks of a pipeline stage that give different data-parallel groups are not refused at build: the "
+        "stage's description (from its first rank) is taken for ranks it does not describe",
+    ),
+    M(
         "deepspeed-pipe-stage-rank-not-translated",
         "wsd_pretrain/checkpoint/deepspeed_adapter.py",
         "Partition(parts=tuple((a, n, ranks[r]) for a, n, r in frags))",

@@ -32,6 +32,8 @@ one optimizer step at LR 0 on zero gradients (weights unchanged bit for bit), wh
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -678,6 +680,11 @@ def _dtype(text: str) -> torch.dtype:
     return dtype
 
 
+def _digest(ranks: list[int]) -> str:
+    """A short fingerprint of a rank list: what the ranks of a stage compare instead of sending the list itself."""
+    return hashlib.sha256(json.dumps(ranks).encode()).hexdigest()[:16]
+
+
 class DeepSpeedPipeAdapter(DeepSpeedAdapter):
     """DeepSpeed's ``PipelineEngine`` (a ``PipelineModule`` of ``LayerSpec``/``TiedLayerSpec``, ZeRO-0/1): each rank
     holds one stage's layers, under the module's own names (``<layer index>.<name>``, a tied layer's
@@ -685,14 +692,15 @@ class DeepSpeedPipeAdapter(DeepSpeedAdapter):
     data-parallel group.
 
     The checkpoint is one model: when the adapter is built, each stage's first data-parallel rank describes its
-    parameters (names, shapes, dtypes, ZeRO fragments within the stage) in one all-gather of JSON on the
-    checkpoint's gloo group; every rank then lists the union of all stages' tensors, each owned by the first stage
-    that holds it. A tied weight is stored once, by its first stage (with that stage's master and optimizer state)
-    and restored to every stage that holds it (each reads its own fragments of it by element range). Model weights
-    are written by their stage's data-parallel ranks in turn; masters and optimizer state by their holders. The
-    optimizer state keys of the other stages' parameters are this rank's own (every stage steps the same optimizer
-    class at the same steps); a stage whose keys differ makes the ranks' descriptions differ, which the build-time
-    agreement refuses.
+    parameters (names, shapes, dtypes, ZeRO fragments within the stage) and sends that JSON alone, one broadcast
+    per stage on the checkpoint's gloo group, after one all-gather of a few tens of bytes per rank (its error, its
+    stage, whether it describes it, a digest of its data-parallel group); every rank then lists the union of all
+    stages' tensors, each owned by the first stage that holds it. A tied weight is stored once, by its first stage
+    (with that stage's master and optimizer state) and restored to every stage that holds it (each reads its own
+    fragments of it by element range). Model weights are written by their stage's data-parallel ranks in turn;
+    masters and optimizer state by their holders. The optimizer state keys of the other stages' parameters are
+    this rank's own (every stage steps the same optimizer class at the same steps); a stage whose keys differ makes
+    the ranks' descriptions differ, which the build-time agreement refuses.
 
     ``names``: a callable ``PipelineModule name -> name in the model`` (the manager's ``Pipeline(names=...)``), for
     layers that carry their model's names under the layer index (the main job's Llama: ``3.model.layers.2.mlp...``
@@ -703,7 +711,7 @@ class DeepSpeedPipeAdapter(DeepSpeedAdapter):
         from .. import distributed as D
         from . import coord
 
-        error, mine = None, None
+        error, mine, head = None, None, {}
         stage = int(getattr(engine, "stage_id", 0))
         try:
             super().__init__(engine)
@@ -719,15 +727,24 @@ class DeepSpeedPipeAdapter(DeepSpeedAdapter):
                     f"DeepSpeed's pipeline grid puts rank {self.rank} at data-parallel rank {self.part_rank} of "
                     f"{dp_ranks}: a grid the checkpoint manager does not understand"
                 )
-            mine = {"ranks": dp_ranks, "params": self._stage_params() if self.part_rank == 0 else None}
-            mine["buffers"] = [[n, list(t.shape), _dtext(t.dtype)] for n, t in self._buffers.items()]
+            head = {"first": self.part_rank == 0, "group": _digest(dp_ranks)}
+            if self.part_rank == 0:  # the stage's one sender
+                mine = {"ranks": dp_ranks, "params": self._stage_params()}
+                mine["buffers"] = [[n, list(t.shape), _dtext(t.dtype)] for n, t in self._buffers.items()]
+                mine = json.loads(json.dumps(mine))  # as the other ranks will read it
         except Exception as exc:
             error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-        got = D.all_gather_object({"error": error, "stage": stage, "mine": mine}, group=coord.groups().coord)
-        errors = [g["error"] for g in got]
+        # every rank takes part whatever happened before: a few tens of bytes each, then one description per stage
+        heads = D.all_gather_object({"error": error, "stage": stage, **head}, group=coord.groups().coord)
+        errors = [h["error"] for h in heads]
         if any(errors):
             raise CheckpointError(coord.describe_errors(errors))
-        self._global = self._union(got)
+        senders = self._senders(heads)
+        described = {
+            s: D.broadcast_object(mine if self.rank == src else None, src=src, group=coord.groups().coord)
+            for s, src in sorted(senders.items())
+        }
+        self._global = self._union(described)
 
     def _rename(self, names: Any) -> None:
         """Every parameter, tied alias and persistent buffer under ``names(its PipelineModule name)``."""
@@ -766,20 +783,28 @@ class DeepSpeedPipeAdapter(DeepSpeedAdapter):
             rows.append([name, list(self._full_shape(p)), _dtext(p.dtype), self._hp_numel(name) >= 0, frags])
         return rows
 
-    def _union(self, got: list[dict[str, Any]]) -> dict[str, Any]:
-        """Every stage's ranks and parameters, each tensor with its owning (first) stage."""
-        stages: dict[int, dict[str, Any]] = {}
-        for g in got:
-            s, desc = int(g["stage"]), g["mine"]
-            entry = stages.setdefault(s, {"ranks": desc["ranks"], "params": None, "buffers": desc["buffers"]})
-            if entry["ranks"] != desc["ranks"]:
+    def _senders(self, heads: list[dict[str, Any]]) -> dict[int, int]:
+        """The rank that describes each stage (its first data-parallel rank), once every rank of a stage has given
+        the same data-parallel group and every stage has its describer; the same answer (or error) on every rank."""
+        groups: dict[int, set[str]] = {}
+        senders: dict[int, int] = {}
+        for r, h in enumerate(heads):
+            s = int(h["stage"])
+            groups.setdefault(s, set()).add(h["group"])
+            if h["first"]:
+                senders.setdefault(s, r)
+        for s, seen in sorted(groups.items()):
+            if len(seen) > 1:
                 raise CheckpointError(f"pipeline stage {s}: its ranks disagree on its data-parallel group")
-            if desc["params"] is not None:
-                entry["params"] = desc["params"]
-        if sorted(stages) != list(range(self.num_stages)) or any(e["params"] is None for e in stages.values()):
+        if sorted(groups) != list(range(self.num_stages)) or sorted(senders) != sorted(groups):
             raise CheckpointError(
-                f"DeepSpeed's pipeline has {self.num_stages} stages, the ranks describe stages {sorted(stages)}"
+                f"DeepSpeed's pipeline has {self.num_stages} stages, the ranks describe stages {sorted(groups)}"
             )
+        return senders
+
+    def _union(self, stages: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """Every stage's ranks and parameters (``stages``: each stage's description), each tensor with its owning
+        (first) stage."""
         owner: dict[str, tuple[int, list[Any]]] = {}
         owned: dict[int, list[list[Any]]] = {s: [] for s in stages}
         for s in sorted(stages):

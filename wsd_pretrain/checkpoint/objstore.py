@@ -29,7 +29,7 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError
 from . import format as F
 from .faults import point
-from .safetensors_io import fsync_dir, new_hasher
+from .safetensors_io import fsync_dir, fsync_tree, new_hasher
 from .storage import ObjectURL, PreconditionFailed, S3Store, parse_location, safe_key, store_for
 
 __all__ = [
@@ -430,14 +430,7 @@ def commit_local(staging: Path, final: Path, run: Path, root: str = F.CHECKPOINT
 
     base = final.parent
     try:
-        for dirpath, _, files in os.walk(staging):
-            for f in files:
-                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            fsync_dir(dirpath)
+        fsync_tree(staging)
         os.rename(staging, final)
         fsync_dir(base)
     except BaseException:
