@@ -1305,25 +1305,54 @@ def _s3_child(spec: dict[str, Any]) -> None:
     mgr.close()
 
 
-def s3_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial]:
-    """Object storage (a local moto S3 server): SIGKILL of the uploading rank at each step of the upload (an object,
-    the state files, between the objects and the manifest, after the manifest before ``latest``); the server
-    stopped and restarted mid-upload; a stale listing; hostile object names in a manifest."""
+@dataclass
+class _MotoBucket:
+    """The scenarios' moto server (``proc``: replaced when a trial restarts it), its environment and a boto3 client
+    with the ``reliability`` bucket made."""
+
+    proc: Any
+    endpoint: str
+    env: dict[str, str]
+    client: Any
+
+
+@contextlib.contextmanager
+def _moto_bucket() -> Iterator[_MotoBucket]:
+    """Start a moto server on loopback, point this process's environment at it and make the ``reliability``
+    bucket; restore the environment and stop the server (the one in ``proc`` at the end) on the way out."""
     sys.path.insert(0, str(ROOT / "tools"))
     from bench_s3 import KEYS, start_server
 
-    from wsd_pretrain.checkpoint.storage import S3Store
-
-    trials: list[Trial] = []
     proc, endpoint = start_server()
     env = {**KEYS, "AWS_ENDPOINT_URL_S3": endpoint}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    moto = _MotoBucket(proc, endpoint, env, None)
     try:
         import boto3
 
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        client.create_bucket(Bucket="reliability")
+        moto.client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        moto.client.create_bucket(Bucket="reliability")
+        yield moto
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        moto.proc.terminate()
+        moto.proc.wait(10)
+
+
+def s3_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial]:
+    """Object storage (a local moto S3 server): SIGKILL of the uploading rank at each step of the upload (an object,
+    the state files, between the objects and the manifest, after the manifest before ``latest``); the server
+    stopped and restarted mid-upload; a stale listing; hostile object names in a manifest."""
+    from wsd_pretrain.checkpoint.storage import S3Store
+
+    trials: list[Trial] = []
+    with _moto_bucket() as moto:
+        env, client, endpoint = moto.env, moto.client, moto.endpoint
         store = S3Store("reliability")
         kills = [(at, False) for at in S3_KILL_POINTS] + [(at, True) for at in S3_DIRECT_KILL_POINTS]
         for i, (at, direct) in enumerate(kills):
@@ -1339,23 +1368,15 @@ def s3_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial]:
             )
             trials.append(_s3_check(store, url, at, res.returncode, workdir / f"s3-kill-{i}-after", client, direct))
             log(f"  {trials[-1].case}: {'ok' if trials[-1].ok else trials[-1].detail}")
-        trials.append(_s3_server_restart(workdir, proc, endpoint, client))
+        trials.append(_s3_server_restart(workdir, moto.proc, endpoint, client))
         log(f"  server restarted mid-upload: {'ok' if trials[-1].ok else trials[-1].detail}")
-        proc = trials[-1].extra.pop("proc")
+        moto.proc = trials[-1].extra.pop("proc")
         trials += _s3_listing_and_names(store, workdir)
         # the same on the direct streaming save (its restart empties the bucket: run after the staging tier's rows)
-        trials.append(_s3_server_restart(workdir, proc, endpoint, client, direct=True))
+        trials.append(_s3_server_restart(workdir, moto.proc, endpoint, client, direct=True))
         log(f"  {trials[-1].case}: {'ok' if trials[-1].ok else trials[-1].detail}")
-        proc = trials[-1].extra.pop("proc")
+        moto.proc = trials[-1].extra.pop("proc")
         trials += _s3_listing_and_names(store, workdir, "s3://reliability/restart-direct", hostile=False)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.terminate()
-        proc.wait(10)
     return trials
 
 
@@ -1730,35 +1751,17 @@ def s3_rank_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Tr
     of ``latest``; the next job resumes the previous checkpoint exactly and removes every leftover of the killed
     save, its multipart uploads included, then saves that step again. Then the server restarted while both ranks
     stream a save (:func:`_s3_rank_restart_trial`)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench_s3 import KEYS, start_server
-
     trials: list[Trial] = []
-    proc, endpoint = start_server()
-    env = {**KEYS, "AWS_ENDPOINT_URL_S3": endpoint}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        client.create_bucket(Bucket="reliability")
+    with _moto_bucket() as moto:
+        env, client = moto.env, moto.client
         for mode, victim in S3_RANK_CASES:
             t0 = time.monotonic()
             trials.append(_s3_rank_trial(workdir / f"s3rank-{mode}-{victim}", mode, victim, env, client))
             trials[-1].extra["seconds"] = round(time.monotonic() - t0, 1)
             log(f"  {trials[-1].case}: {'ok' if trials[-1].ok else trials[-1].detail}")
-        trials.append(_s3_rank_restart_trial(workdir / "s3rank-restart", env, client, proc, endpoint))
-        proc = trials[-1].extra.pop("proc")
+        trials.append(_s3_rank_restart_trial(workdir / "s3rank-restart", env, client, moto.proc, moto.endpoint))
+        moto.proc = trials[-1].extra.pop("proc")
         log(f"  {trials[-1].case}: {'ok' if trials[-1].ok else trials[-1].detail}")
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.terminate()
-        proc.wait(10)
     return trials
 
 
