@@ -1,14 +1,15 @@
-"""Save and resume on S3, side by side in one run against one local S3 server (moto, 127.0.0.1): our manager on an
-``s3://`` run (each rank streaming the files it writes straight to parallel multipart uploads, rank 0's manifest
-last; ``--staging``: through the local staging tier instead) against
-torch.distributed.checkpoint's fsspec writer (s3fs) at its best settings (``thread_count`` threads,
-``sync_files=False``: with it, DCP falls back to a machine-wide ``os.sync()`` per file). Rewrites the ``s3`` section
-of docs/benchmarks.md.
+"""Save and resume on S3, side by side in one run against one local S3 server (moto, 127.0.0.1): our manager on
+an ``s3://`` run (each rank streaming the files it writes straight to parallel multipart uploads, rank 0's manifest
+last; ``--staging``: through the local staging tier instead) against torch.distributed.checkpoint's fsspec writer
+(s3fs) at its best settings: ``sync_files=False`` (with it, DCP falls back to a machine-wide ``os.sync()`` per
+file), botocore's per-request CRC32 off as in ours, and the fastest of several ``thread_count`` (each round saves
+with each). Rounds are interleaved (ours, DCP, ..., then the reverse order); the figures are medians, with the CPU
+seconds the ranks and the server spent per save. Rewrites the ``s3`` section of docs/benchmarks.md.
 
 moto is not a speed reference (it holds every object in memory and reads a whole object for a ranged GET): the
 numbers compare the two writers against the same server in the same run, never against a number from elsewhere.
 
-    python tools/bench_s3.py --sizes-mb 1 100 --ranks 1 2
+    python tools/bench_s3.py --sizes-mb 1 500 --ranks 1 2 --rounds 3
 """
 
 from __future__ import annotations
