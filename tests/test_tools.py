@@ -97,7 +97,7 @@ def smoke(tmp_path_factory):
         ),
         "bench_async": (["--sizes", "0.002", "--width", "256", "--saves", "1", "--dir", str(tmp / "a")], tmp / "a.md"),
         "bench_scheduler": (["--steps", "200"], tmp / "scheduler.md"),
-        "bench_s3": (["--sizes-mb", "0.2", "--ranks", "1"], tmp / "s3.md"),
+        "bench_s3": (["--sizes-mb", "0.2", "--ranks", "1", "--rounds", "2", "--threads", "1", "4"], tmp / "s3.md"),
         "bench_scale": (
             ["--worlds", "2", "--tp-worlds", "2", "--width", "64", "--layers", "2", "--engines", "fsdp2", "fsdp2+tp"],
             tmp / "scale.md",
@@ -208,10 +208,16 @@ def test_bench_async(smoke):
 
 
 def test_bench_s3(smoke):
-    (table,) = _tables(_section(_ok(smoke, "bench_s3"), "s3"))
-    assert table[0][1:5] == ["ranks", "ours: save", "DCP fsspec (4 threads): save", "save ratio"]
+    table, cpu = _tables(_section(_ok(smoke, "bench_s3"), "s3"))
+    assert table[0][1:5] == ["ranks", "ours: save", "DCP fsspec (fastest thread_count): save", "save ratio"]
     ((_, ranks, ours, dcp, ratio, resume, load),) = table[1:]
-    assert ranks == "1" and all(c.endswith("MB/s)") for c in (ours, dcp, resume, load)) and _number(ratio) > 0
+    assert ranks == "1" and all(c.endswith("MB/s)") for c in (ours, resume, load)) and _number(ratio) > 0
+    assert re.fullmatch(r"[\d.]+ s \(\d+ MB/s\), [14] threads", dcp)
+    # where the save's time goes: each round's ratio, the CPU seconds of the ranks and of the server
+    assert cpu[0][:3] == ["state", "ranks", "save ratio per round"]
+    ((_, ranks, rounds, by_threads, ours_cpu, dcp_cpu),) = cpu[1:]
+    assert ranks == "1" and rounds.count("x") >= 2 and ours_cpu.count(" s") == dcp_cpu.count(" s") == 2
+    assert [t.split(":")[0] for t in by_threads.split(", ")] == ["1", "4"]  # each thread_count tried, in order
 
 
 def test_bench_scale(smoke):

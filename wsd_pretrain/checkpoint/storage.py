@@ -192,16 +192,25 @@ def _client() -> Any:
                 raise ConfigError(
                     "s3:// checkpoints need boto3: pip install 'wsd_pretrain[s3]'", where="checkpoint location"
                 ) from None
-            client = boto3.client(
-                "s3",
-                endpoint_url=endpoint,
-                config=Config(
-                    retries={"max_attempts": 5, "mode": "standard"},
-                    max_pool_connections=32,
-                    connect_timeout=10,
-                    read_timeout=120,
-                ),
-            )
+            settings: dict[str, Any] = {
+                "retries": {"max_attempts": 5, "mode": "standard"},
+                "max_pool_connections": 32,
+                "connect_timeout": 10,
+                "read_timeout": 120,
+            }
+            # botocore >= 1.36 computes a CRC32 of every PUT and part body by default (and asks the server to store
+            # and check it): one more pass over every byte on the client and on the server, which our own xxh3
+            # (computed on the way, in the manifest, verified by every read) makes redundant; over HTTPS, TLS
+            # already authenticates every byte in transit (docs/decisions.md). Older botocore has no such setting.
+            checksums = {
+                "request_checksum_calculation": "when_required",
+                "response_checksum_validation": "when_required",
+            }
+            try:
+                config = Config(**settings, **checksums)
+            except TypeError:
+                config = Config(**settings)
+            client = boto3.client("s3", endpoint_url=endpoint, config=config)
             _CLIENTS[key] = client
         return client
 
@@ -367,7 +376,7 @@ class ObjectWriter:
             self._pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="wsd-s3-part")
         for done in [f for f in self._parts if f.done()]:
             done.result()  # an error in an earlier part stops the stream now
-        body, self._buf = bytes(self._buf), bytearray()
+        body, self._buf = self._buf, bytearray()  # the buffer itself is the body: no copy
         number = len(self._parts) + 1
         from .faults import point
 
