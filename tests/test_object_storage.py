@@ -231,6 +231,40 @@ def test_cp_list_inspect_verify_resume(trained, s3_server, tmp_path, capsys):
     assert objstore.list_run(parse_location(url))[1].state == "corrupt"
 
 
+def test_resume_in_place_cuts_a_large_fetch_into_fewer_larger_gets(trained, s3_server, monkeypatch):
+    """A rank that fetches much from the bucket cuts its merged ranges into pieces larger than the smallest (about
+    2 x THREADS of them, at most PIECE_MAX bytes each), not into many small GETs; the resume is exact."""
+    from wsd_pretrain.checkpoint import objread
+
+    url = f"s3://{s3_server.bucket()}/runs/pieces"
+    assert cli(["ckpt", "cp", str(trained), url]) == 0
+    monkeypatch.setattr(objread, "HEADER_GUESS", 1024)  # tiny files: their data come in GETs of their own
+    monkeypatch.setattr(objread, "PIECE", 1024)
+    monkeypatch.setattr(objread, "PIECE_MAX", 8 * 1024)
+    monkeypatch.setattr(objread, "THREADS", 2)
+    gets: list[int] = []
+    real = storage.S3Store.get_range
+
+    def counted(self, key: str, start: int, length: int) -> bytes:
+        gets.append(length)
+        return real(self, key, start, length)
+
+    monkeypatch.setattr(storage.S3Store, "get_range", counted)
+    model, opt, sched = _job(seed=5)
+    mgr = CheckpointManager(url, model, opt, sched)
+    assert mgr.resume("step-000000004-pre-decay") and sched.position == 4
+    mgr.close()
+    data = [n for n in gets if n != 1024]  # the headers' first GETs are 1024 bytes
+    assert sum(data) > 4 * 8 * 1024  # much fetched: the largest pieces apply
+    assert max(data) == 8 * 1024 and len([n for n in data if n == 8 * 1024]) >= len(data) // 2, sorted(data)
+    ref, ref_opt, ref_sched = _job()
+    ref_mgr = CheckpointManager(trained, ref, ref_opt, ref_sched)
+    ref_mgr.resume("step-000000004-pre-decay")
+    ref_mgr.close()
+    for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
 def test_hostile_manifest_refused(trained, s3_server):
     """A manifest naming '../x' or an absolute key is refused before any object is read or written."""
     bucket = s3_server.bucket()

@@ -398,6 +398,14 @@ MUTATIONS: list[Mutation] = [
         "every rank of a resume from S3 verifies rank 0's share: the other ranks' files are never checksummed",
     ),
     M(
+        "s3-ranged-small-pieces",
+        "wsd_pretrain/checkpoint/objread.py",
+        "        piece = min(PIECE_MAX, max(PIECE, -(-total // (2 * THREADS * PIECE)) * PIECE))\n",
+        "        piece = PIECE\n",
+        ("tests/test_object_storage.py::test_resume_in_place_cuts_a_large_fetch_into_fewer_larger_gets",),
+        "a resume reading much from the bucket cuts it into the smallest ranged GETs (many more requests)",
+    ),
+    M(
         "s3-ranged-whole-files",
         "wsd_pretrain/checkpoint/objread.py",
         "                spans.setdefault(rel, []).append((off, off + n))\n",

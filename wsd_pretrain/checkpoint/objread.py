@@ -11,7 +11,7 @@ The read runs in two passes (:func:`.load.load_checkpoint`): a **recording** pas
 records ``(file, offset, bytes)`` without fetching anything; :meth:`RemoteCheckpoint.prefetch` then merges the
 ranges of each file (adjacent and overlapping ones coalesced into one), adds **this rank's verification share**
 (the files rank ``r mod world`` wrote, whole: the split of the local verification), and fetches them with
-ranged GETs of at most :data:`PIECE` bytes, :data:`THREADS` in flight, into one buffer per merged range. Each
+ranged GETs of :data:`PIECE` to :data:`PIECE_MAX` bytes, :data:`THREADS` in flight, into one buffer per merged range. Each
 share file's checksum is computed over its fetched bytes; only then (after one agreement over every rank) does
 anything get restored, from those buffers.
 
@@ -41,7 +41,11 @@ __all__ = ["RemoteCheckpoint", "RemoteStore"]
 HEADER_GUESS = 64 * 1024
 """The first ranged GET of a safetensors file asks for this many bytes: the header of any file of ours fits."""
 PIECE = 8 * 1024 * 1024
-"""The most bytes one ranged GET asks for: a merged range larger than this is fetched as several pieces at once."""
+"""The smallest piece a merged range is cut into for its ranged GETs (and the size of the GETs that read past the
+prefetch budget)."""
+PIECE_MAX = 64 * 1024 * 1024
+"""The largest: a rank fetching much cuts it into about ``2 x THREADS`` pieces up to this size (fewer requests,
+each paying its first-byte latency once), a rank fetching little into :data:`PIECE`-sized ones (all in flight)."""
 THREADS = 8
 """Ranged GETs in flight at once per rank."""
 
@@ -149,8 +153,9 @@ class RemoteCheckpoint:
         self, needs: list[tuple[str, int, int]], units: list[Any], budget: int
     ) -> tuple[dict[str, list[tuple[int, Any]]], list[str]]:
         """Fetch the ranges ``needs`` (``(file, offset, bytes)``) and the checksummed ``units`` (:meth:`share`),
-        every file's ranges merged (adjacent and overlapping ones coalesced into one), with ranged GETs of at most
-        :data:`PIECE` bytes, :data:`THREADS` in flight; then check each unit's checksum over its bytes. Returns
+        every file's ranges merged (adjacent and overlapping ones coalesced into one), with ranged GETs of
+        :data:`PIECE` to :data:`PIECE_MAX` bytes (about ``2 x THREADS`` of them when the rank fetches much),
+        :data:`THREADS` in flight; then check each unit's checksum over its bytes. Returns
         the fetched ranges ``{file: [(offset, bytes)]}`` for the restore (up to ``budget`` bytes; past it, the rest
         is fetched when read, and a unit beyond it is hashed as it streams) and the problems found."""
         if self.verify != "checksum":
@@ -179,7 +184,7 @@ class RemoteCheckpoint:
                         got = "missing" if head is None else f"{head['size']} bytes"
                         problems.append(f"{rel}: {got}, the manifest says {rec['size']} bytes")
         kept: dict[str, list[tuple[int, Any]]] = {}
-        total, jobs = 0, []
+        total, fetch = 0, []
         for rel, lo, hi in merged:
             head = self._heads.get(rel, b"")
             if hi <= len(head):  # within the bytes fetched with the header: no request
@@ -192,7 +197,9 @@ class RemoteCheckpoint:
             kept.setdefault(rel, []).append((lo, buf))
             have = max(0, len(head) - lo)  # a range starting inside the header's bytes: those are not asked again
             buf[:have] = head[lo : lo + have]
-            jobs += [(rel, lo + a, buf[a : min(a + PIECE, hi - lo)]) for a in range(have, hi - lo, PIECE)]
+            fetch.append((rel, lo, buf, have))
+        piece = min(PIECE_MAX, max(PIECE, -(-total // (2 * THREADS * PIECE)) * PIECE))
+        jobs = [(rel, lo + a, buf[a : a + piece]) for rel, lo, buf, have in fetch for a in range(have, len(buf), piece)]
 
         def one(job: tuple[str, int, memoryview]) -> None:
             rel, at, view = job
