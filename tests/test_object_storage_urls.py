@@ -131,19 +131,15 @@ def test_hf_trainer_on_s3(s3_server, tmp_path, monkeypatch):
     then loads too) and ends bit for bit where the uninterrupted Trainer ends; the final checkpoint's download
     loads with ``from_pretrained``."""
     transformers = pytest.importorskip("transformers")
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    import importlib.util
+
+    from transformers import Trainer, TrainerCallback
 
     from wsd_pretrain.integrations.hf import WSDTrainerCallback, last_checkpoint, wsd_scheduler
 
-    class Tokens(torch.utils.data.Dataset):
-        def __init__(self) -> None:
-            self.data = torch.randint(0, 128, (40, 16), generator=torch.Generator().manual_seed(1234))
-
-        def __len__(self) -> int:
-            return len(self.data)
-
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return {"input_ids": self.data[i], "labels": self.data[i]}
+    spec = importlib.util.spec_from_file_location("hf_example", ROOT / "docs" / "examples" / "hf_trainer.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)  # the documented example's arguments, model and data
 
     class StopAt(TrainerCallback):  # the job dies here: nothing saved after the pre-decay checkpoint
         def __init__(self, step: int) -> None:
@@ -154,38 +150,14 @@ def test_hf_trainer_on_s3(s3_server, tmp_path, monkeypatch):
                 control.should_training_stop = True
 
     def fit(url: str, out: str, *, stop: int | None = None, resume: bool = False) -> WSDTrainerCallback:
-        args = TrainingArguments(
-            output_dir=str(tmp_path / out),
-            max_steps=24,
-            per_device_train_batch_size=4,
-            gradient_accumulation_steps=2,
-            learning_rate=3e-3,
-            warmup_steps=3,
-            save_strategy="no",
-            logging_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
-        )
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=128,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            attention_dropout=0.1,  # the RNG matters: a resume restores it
-        )
-        model = LlamaForCausalLM(config)
+        args = example.training_args(str(tmp_path / out), 24)
+        model = example.tiny_llama(0)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
         callback = WSDTrainerCallback(url)
         trainer = Trainer(
             model=model,
             args=args,
-            train_dataset=Tokens(),
+            train_dataset=example.RandomTokens(40, 16, 128),
             optimizers=(optimizer, wsd_scheduler(optimizer, args, decay_fraction=0.25)),
             callbacks=[callback, *([StopAt(stop)] if stop else [])],
         )
@@ -219,7 +191,7 @@ def test_hf_trainer_on_s3(s3_server, tmp_path, monkeypatch):
     assert folder is not None and Path(folder).name == post
     model = transformers.LlamaForCausalLM.from_pretrained(folder)
     assert json.loads((Path(folder) / "trainer_state.json").read_text())["global_step"] == 24
-    assert isinstance(model, LlamaForCausalLM)
+    assert isinstance(model, transformers.LlamaForCausalLM)
 
 
 def test_ckpt_commands_write_to_and_read_from_urls(s3_server, tmp_path, capsys):

@@ -33,17 +33,10 @@ class RandomTokens(Dataset):
         return {"input_ids": self.data[i], "labels": self.data[i]}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run-dir", default="runs/hf_example")
-    p.add_argument("--steps", type=int, default=24, help="optimizer updates (the schedule's total)")
-    p.add_argument("--every-steps", type=int, default=None, help="also save every N updates")
-    args_cli = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    args = TrainingArguments(
-        output_dir=args_cli.run_dir,
-        max_steps=args_cli.steps,  # the schedule's total: WSDTrainerCallback refuses a mismatch
+def training_args(output_dir: str, steps: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=steps,  # the schedule's total: WSDTrainerCallback refuses a mismatch
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
         learning_rate=3e-3,
@@ -55,7 +48,10 @@ def main(argv: list[str] | None = None) -> None:
         seed=0,
         disable_tqdm=True,
     )
-    torch.manual_seed(args.seed)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=128,
         hidden_size=32,
@@ -66,13 +62,25 @@ def main(argv: list[str] | None = None) -> None:
         max_position_embeddings=64,
         attention_dropout=0.1,  # the RNG matters: a resume restores it
     )
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run-dir", default="runs/hf_example")
+    p.add_argument("--steps", type=int, default=24, help="optimizer updates (the schedule's total)")
+    p.add_argument("--every-steps", type=int, default=None, help="also save every N updates")
+    args_cli = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    args = training_args(args_cli.run_dir, args_cli.steps)
+    model = tiny_llama(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     scheduler = wsd_scheduler(optimizer, args, decay_fraction=0.25)  # total = max_steps, warmup = warmup_steps
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=RandomTokens(40, 16, config.vocab_size),
+        train_dataset=RandomTokens(40, 16, model.config.vocab_size),
         optimizers=(optimizer, scheduler),
         callbacks=[WSDTrainerCallback(config=CheckpointConfig(every_steps=args_cli.every_steps))],
     )
