@@ -1468,22 +1468,14 @@ def _s3_server_restart(workdir: Path, proc: Any, endpoint: str, client: Any, dir
             opt.step()
             opt.zero_grad()
             sched.step()
-            if direct and i == 1:  # the save streams to the bucket before maybe_save returns: it raises there
-                weights = {k: v.clone() for k, v in model.state_dict().items()}
-                t0 = time.monotonic()
-                try:
-                    mgr.maybe_save()
-                except CheckpointError as exc:
-                    error, seconds = str(exc), time.monotonic() - t0
-            else:
+            if not (direct and i == 1):
                 mgr.maybe_save()
-        if not direct:
-            weights = {k: v.clone() for k, v in model.state_dict().items()}
-            t0 = time.monotonic()
-            try:
-                mgr.wait()
-            except CheckpointError as exc:
-                error, seconds = str(exc), time.monotonic() - t0
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        t0 = time.monotonic()
+        try:  # the direct save streams to the bucket before maybe_save returns: it raises there; the tier at wait()
+            mgr.maybe_save() if direct else mgr.wait()
+        except CheckpointError as exc:
+            error, seconds = str(exc), time.monotonic() - t0
         faults.fault_hook = None
         intact = all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
         client.create_bucket(Bucket="reliability")

@@ -273,17 +273,13 @@ def _upload_folder(store: Any, local: Path, out: Any) -> None:
     """A local folder's files under the prefix ``out``, each created only if absent (a racing writer gets a clear
     error), streamed in multipart parts; every object's size is checked on the server afterwards. config.json goes
     last, so a reader that finds it finds the weights it names."""
+    from .checkpoint import objstore
+
     files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == "config.json", str(p)))
     for path in files:
         key = (out / path.relative_to(local).as_posix()).key
         writer = store.writer(key, "xxh3_128", if_none_match=True)
-        try:
-            with open(path, "rb") as f:
-                while chunk := f.read(8 << 20):
-                    writer.write(chunk)
-        except BaseException:
-            writer.abort()
-            raise
+        objstore.stream_file(path, writer)
         writer.close()
         head = store.head(key)
         if head is None or head["size"] != path.stat().st_size:

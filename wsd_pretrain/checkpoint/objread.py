@@ -11,9 +11,9 @@ The read runs in two passes (:func:`.load.load_checkpoint`): a **recording** pas
 records ``(file, offset, bytes)`` without fetching anything; :meth:`RemoteCheckpoint.prefetch` then merges the
 ranges of each file (adjacent and overlapping ones coalesced into one), adds **this rank's verification share**
 (the files rank ``r mod world`` wrote, whole: the split of the local verification), and fetches them with
-ranged GETs of :data:`PIECE` to :data:`PIECE_MAX` bytes, :data:`THREADS` in flight, into one buffer per merged range. Each
-share file's checksum is computed over its fetched bytes; only then (after one agreement over every rank) does
-anything get restored, from those buffers.
+ranged GETs of :data:`PIECE` to :data:`PIECE_MAX` bytes, :data:`THREADS` in flight, into one buffer per merged
+range. Each share file's checksum is computed over its fetched bytes; only then (after one agreement over every
+rank) does anything get restored, from those buffers.
 
 The guarantee is the local resume's (docs/checkpoint-format.md, "How a checkpoint is read"): every file is
 verified whole by the rank whose share it is before any rank restores; a rank that reads part of a file outside

@@ -347,15 +347,9 @@ def upload_files(
         point(f"upload-object:{rel}")
         w = store.writer(safe_key(ckpt, rel, "manifest"), algo)
         try:
-            with open(F.safe_path(src, rel, "manifest"), "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    w.write(chunk)
+            stream_file(F.safe_path(src, rel, "manifest"), w)
         except OSError as exc:
-            w.abort()
             return f"{rel}: cannot read: {exc.strerror or exc}"
-        except BaseException:
-            w.abort()
-            raise
         size, digest = w.close()
         if progress is not None:
             progress(1)
@@ -365,6 +359,19 @@ def upload_files(
 
     with ThreadPoolExecutor(_THREADS, thread_name_prefix="wsd-upload") as pool:
         return [p for p in pool.map(one, rels) if p]
+
+
+def stream_file(path: Path, writer: Any) -> None:
+    """Write the local file ``path`` into an object ``writer`` (``S3Store.writer``: parts sent as they fill, the
+    checksum computed on the way); on any error the writer is aborted (no multipart upload left) and the error
+    raised. The caller closes the writer."""
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                writer.write(chunk)
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def commit_upload(src: Path, store: S3Store, run: ObjectURL, ckpt: ObjectURL, root: str) -> None:
