@@ -127,9 +127,9 @@ def test_write_mode_rank0_on_s3(s3_server, tmp_path):
 def test_hf_trainer_on_s3(s3_server, tmp_path, monkeypatch):
     """The Hugging Face Trainer (real, on CPU) with ``WSDTrainerCallback("s3://...")``: its checkpoints are committed
     on the bucket; a Trainer stopped two updates after the pre-decay checkpoint is resumed on a "new machine" with
-    ``resume_from_checkpoint=last_checkpoint(url)`` (a verified download the Trainer reads, which the manager
-    then loads too) and ends bit for bit where the uninterrupted Trainer ends; the final checkpoint's download
-    loads with ``from_pretrained``."""
+    ``resume_from_checkpoint=last_checkpoint(url)`` (a verified download of the files the Trainer reads: the model
+    folder and trainer_state.json, no training state; the manager reads that in place from the bucket) and ends bit
+    for bit where the uninterrupted Trainer ends; the final checkpoint's folder loads with ``from_pretrained``."""
     transformers = pytest.importorskip("transformers")
     import importlib.util
 
@@ -170,18 +170,38 @@ def test_hf_trainer_on_s3(s3_server, tmp_path, monkeypatch):
     fit(ref, "ref")
     fit(cut, "cut", stop=20)
     assert [i.name for i in objstore.list_run(parse_location(cut)) if i.state == "complete"] == [pre]
-    ranged = []
+    gets: list[tuple[str, int]] = []  # (key, bytes) of every ranged GET of the resume
     real_get_range = storage.S3Store.get_range
-    monkeypatch.setattr(
-        storage.S3Store, "get_range", lambda self, *a, **k: ranged.append(a) or real_get_range(self, *a, **k)
-    )
+
+    def counted(self, key, start, length):
+        data = real_get_range(self, key, start, length)
+        gets.append((key, len(data)))
+        return data
+
+    monkeypatch.setattr(storage.S3Store, "get_range", counted)
     resumed = fit(cut, "cut2", resume=True)
     monkeypatch.undo()
     assert resumed.ckpt.resumed_from.name == pre
-    # the download went into the manager's node-local cache for the URL, and its resume read that copy (no ranged
-    # GET: nothing fetched twice; the cache's retention removed it once the run went on)
+    # the node-local folder the Trainer read holds its files only: the model folder and trainer_state.json, never
+    # the training state; it is no checkpoint (no manifest), so nothing lists or resumes it as one
     cache = Path(storage.cache_dir(parse_location(cut)))
-    assert resumed.manager.loaded_from == cache / "checkpoints" / pre and ranged == []
+    folder = cache / "hf-resume" / pre
+    held = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    ckpt_url = parse_location(cut) / "checkpoints" / pre
+    manifest, _, _ = objstore.load_manifest(store_for(ckpt_url), ckpt_url)
+    state_files = sorted(rel for rel in manifest["files"] if rel.startswith("train_state/"))
+    tensors = [rel for rel in state_files if rel.endswith(".safetensors")]  # the optimizer state (and master weights)
+    assert tensors, state_files
+    assert held == sorted([*(set(manifest["files"]) - set(state_files)), "trainer_state.json", "wsd-hf-resume.json"])
+    assert not (cache / "checkpoints").exists(), "no local copy of the checkpoint"
+    assert cli(["ckpt", "verify", str(folder)]) != 0
+    # the training state was read from the bucket, in place: every optimizer file's bytes by ranged GETs
+    read = {}
+    for key, n in gets:
+        read[key] = read.get(key, 0) + n
+    for rel in tensors:
+        assert read.get((ckpt_url / rel).key, 0) > 0, (rel, sorted(read))
+    assert resumed.manager.loaded_from == cache / "checkpoints" / pre
     shutil.rmtree(cache, ignore_errors=True)
     for run in (ref, cut):
         assert [i.name for i in objstore.list_run(parse_location(run)) if i.state == "complete"] == [pre, post]
