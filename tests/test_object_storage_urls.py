@@ -151,7 +151,7 @@ def test_hf_trainer_on_s3(s3_server, tmp_path, monkeypatch):
             if state.global_step == self.step:
                 control.should_training_stop = True
 
-    def fit(url: str, out: str, *, stop: int | None = None, resume: bool = False) -> WSDTrainerCallback:
+    def fit(url: str, out: str, *, stop: int | None = None, resume: str | None = None) -> WSDTrainerCallback:
         args = example.training_args(str(tmp_path / out), 24)
         model = example.tiny_llama(0)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
@@ -163,7 +163,7 @@ def test_hf_trainer_on_s3(s3_server, tmp_path, monkeypatch):
             optimizers=(optimizer, wsd_scheduler(optimizer, args, decay_fraction=0.25)),
             callbacks=[callback, *([StopAt(stop)] if stop else [])],
         )
-        trainer.train(resume_from_checkpoint=last_checkpoint(url) if resume else None)
+        trainer.train(resume_from_checkpoint=last_checkpoint(url, training_state=resume) if resume else None)
         return callback
 
     bucket = s3_server.bucket()
@@ -181,7 +181,7 @@ def test_hf_trainer_on_s3(s3_server, tmp_path, monkeypatch):
         return data
 
     monkeypatch.setattr(storage.S3Store, "get_range", counted)
-    resumed = fit(cut, "cut2", resume=True)
+    resumed = fit(cut, "cut2", resume="bucket")
     monkeypatch.undo()
     assert resumed.ckpt.resumed_from.name == pre
     # the node-local folder the Trainer read holds its files only: the model folder and trainer_state.json, never
@@ -213,6 +213,16 @@ def test_hf_trainer_on_s3(s3_server, tmp_path, monkeypatch):
     assert folder is not None and Path(folder).name == post
     model = transformers.LlamaForCausalLM.from_pretrained(folder)
     assert json.loads((Path(folder) / "trainer_state.json").read_text())["global_step"] == 24
+    # training_state="node": the whole checkpoint on the node (a verified local checkpoint), which the manager reads
+    # from disk: no ranged GET
+    whole = last_checkpoint(cut, training_state="node")
+    assert whole == str(cache / "checkpoints" / post) and cli(["ckpt", "verify", whole]) == 0
+    gets.clear()
+    monkeypatch.setattr(storage.S3Store, "get_range", counted)
+    again = fit(cut, "cut3", resume="node")  # the copy is reused (same manifest), the manager reads it
+    monkeypatch.undo()
+    assert again.manager.loaded_from == Path(whole) and gets == []
+    shutil.rmtree(cache, ignore_errors=True)
     assert isinstance(model, transformers.LlamaForCausalLM)
 
 

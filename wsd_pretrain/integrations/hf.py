@@ -75,7 +75,12 @@ def wsd_scheduler(
     return WSDScheduler(optimizer, WSDSchedule(total=total, **schedule))
 
 
-def last_checkpoint(run_dir: str | os.PathLike[str], *, local_dir: str | os.PathLike[str] | None = None) -> str | None:
+def last_checkpoint(
+    run_dir: str | os.PathLike[str],
+    *,
+    local_dir: str | os.PathLike[str] | None = None,
+    training_state: str = "bucket",
+) -> str | None:
     """The newest complete checkpoint of ``run_dir``, ready for ``trainer.train(resume_from_checkpoint=...)``, or
     None when the run has none (a fresh start). Writes its ``trainer_state.json`` from our saved state if a crash
     right after the commit left it out.
@@ -89,12 +94,23 @@ def last_checkpoint(run_dir: str | os.PathLike[str], *, local_dir: str | os.Path
     process group running (the Trainer's), call this on every rank: rank 0 alone lists the bucket and picks the
     checkpoint, every rank gets its name (or rank 0's error, raised on every rank with the same message); the
     processes of one node share one download (a file lock), and a folder already there is reused when its
-    checkpoint's manifest is the one picked."""
+    checkpoint's manifest is the one picked.
+
+    ``training_state="node"``: download the whole checkpoint instead (verified, committed locally into
+    ``local_dir/checkpoints/<name>``), which the manager then reads from the node's disk. For a replicated job (DDP:
+    every rank restores the whole state) with many ranks a node, that is one download a node instead of every rank
+    reading the whole state from the bucket; for a sharded one it is every rank's state on every node."""
     from ..checkpoint.storage import ObjectURL, parse_location
 
+    if training_state not in ("bucket", "node"):
+        raise ConfigError(
+            f"training_state={training_state!r}: 'bucket' (read in place by the manager) or 'node' (the whole "
+            "checkpoint downloaded onto each node)",
+            where="last_checkpoint",
+        )
     location = parse_location(run_dir)
     if isinstance(location, ObjectURL):
-        return _fetch_newest(location, local_dir)
+        return _fetch_newest(location, local_dir, whole=training_state == "node")
     infos = [i for i in F.list_checkpoints(location) if i.state == "complete"]
     if not infos:
         return None
@@ -198,7 +214,7 @@ def trainer_files(manifest: dict[str, Any]) -> list[str]:
     return sorted(rel for rel in manifest["files"] if not rel.startswith(F.TRAIN_STATE + "/"))
 
 
-def _fetch_newest(url: Any, local_dir: str | os.PathLike[str] | None) -> str | None:
+def _fetch_newest(url: Any, local_dir: str | os.PathLike[str] | None, *, whole: bool) -> str | None:
     """:func:`last_checkpoint` of a run on object storage (see there)."""
     from .. import distributed as D
     from ..checkpoint.storage import cache_dir
@@ -210,7 +226,7 @@ def _fetch_newest(url: Any, local_dir: str | os.PathLike[str] | None) -> str | N
     error = None
     path = local / HF_RESUME / picked["name"]
     try:
-        path = _trainer_folder(url, picked, local)
+        path = _whole_checkpoint(url, picked, local) if whole else _trainer_folder(url, picked, local)
     except Exception as exc:  # every rank learns it below: none goes on into the Trainer's collectives alone
         if not D.is_distributed():
             raise
@@ -219,10 +235,45 @@ def _fetch_newest(url: Any, local_dir: str | os.PathLike[str] | None) -> str | N
         errors = [e for e in D.all_gather_object(error) if e]
         if errors:
             raise CheckpointError(
-                f"cannot fetch the Trainer's files of {url}/{F.CHECKPOINTS}/{picked['name']}: {errors[0]}"
+                f"cannot fetch {'' if whole else 'the Trainer files of '}{url}/{F.CHECKPOINTS}/{picked['name']}: "
+                f"{errors[0]}"
             )
     _picked[str(url)] = (picked["name"], picked["global_step"])
     return str(path)
+
+
+def _whole_checkpoint(url: Any, picked: dict[str, Any], local: Path) -> Path:
+    """``training_state="node"``: checkpoint ``picked`` downloaded whole into ``local/checkpoints/`` (every object
+    verified, committed locally), reused when its ``manifest.hash`` is the one picked; one process of a node at a
+    time (a file lock)."""
+    import fcntl
+    import shutil
+
+    from ..checkpoint import objstore
+
+    path = F.checkpoints_dir(local) / picked["name"]
+    local.mkdir(parents=True, exist_ok=True)
+    with open(local / ".wsd-fetch.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the node's other processes wait for this download, then reuse it
+        if path.exists() and _held_hash(path) != picked["hash"]:  # not this checkpoint (or an interrupted copy)
+            shutil.rmtree(path)
+        if not path.exists():
+            objstore.download(url / F.CHECKPOINTS / picked["name"], local)
+            log.info(
+                "transformers.Trainer: %s downloaded (verified) into %s", url / F.CHECKPOINTS / picked["name"], path
+            )
+            if _held_hash(path) != picked["hash"]:
+                raise CheckpointError(f"{path}: its manifest changed on the bucket while the ranks resumed from it")
+        if not (path / TRAINER_STATE_NAME).is_file():
+            _write_text(path / TRAINER_STATE_NAME, picked["trainer_state"])
+    return path
+
+
+def _held_hash(path: Path) -> str | None:
+    try:
+        return (path / F.MANIFEST_HASH).read_bytes().decode("ascii", "replace").strip()
+    except OSError:
+        return None
 
 
 def _trainer_folder(url: Any, picked: dict[str, Any], local: Path) -> Path:
