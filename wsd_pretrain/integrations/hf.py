@@ -206,11 +206,12 @@ def _newest_on_bucket(url: Any) -> dict[str, Any] | None:
     }
 
 
-def trainer_files(manifest: dict[str, Any]) -> list[str]:
-    """The files of a checkpoint that ``Trainer.train(resume_from_checkpoint=...)`` opens itself (a plain or DDP
-    model: ``_load_from_checkpoint``, ``TrainerState.load_from_json``): its Hugging Face model folder (``config.json``, the weights' index and shards,
-    a PEFT adapter's files), never the training state under ``train_state/`` (optimizer, master weights, scheduler,
-    RNG: the callback's manager restores those). ``trainer_state.json`` is written from our saved Trainer state."""
+def _trainer_files(manifest: dict[str, Any]) -> list[str]:
+    """The files of a checkpoint that ``Trainer.train(resume_from_checkpoint=...)`` opens itself for a plain or DDP
+    model (``_load_from_checkpoint``, ``TrainerState.load_from_json``; decision 155): its Hugging Face model folder
+    (``config.json``, the weights' index and shards, a PEFT adapter's files), never the training state under
+    ``train_state/`` (optimizer, master weights, scheduler, RNG, data: the callback's manager restores those).
+    ``trainer_state.json`` is written from our saved Trainer state."""
     return sorted(rel for rel in manifest["files"] if not rel.startswith(F.TRAIN_STATE + "/"))
 
 
@@ -299,9 +300,10 @@ def _trainer_folder(url: Any, picked: dict[str, Any], local: Path) -> Path:
         m, _, raw_hash = objstore.load_manifest(store, ckpt)
         if raw_hash.decode("ascii", "replace").strip() != picked["hash"]:
             raise CheckpointError(f"{ckpt}: its manifest changed on the bucket while the ranks resumed from it")
-        rels = trainer_files(m)
+        rels = _trainer_files(m)
         tmp = root / f".tmp-{picked['name']}-{uuid.uuid4().hex[:8]}"
         try:
+            tmp.mkdir()
             problems = objstore.fetch_files(store, ckpt, m, tmp, rels)
             ranged = {rel: m["files"][rel] for rel in rels if m["files"][rel].get("ranged")}
             if not problems and ranged:
