@@ -6,6 +6,7 @@ workflow commands given URLs."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from wsd_pretrain.checkpoint import objstore, storage
 from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 from wsd_pretrain.checkpoint.storage import parse_location, store_for
 from wsd_pretrain.cli import main as cli
+from wsd_pretrain.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["train.progress=false", "train.eval_every=8", "train.eval_batches=2", "data.max_bytes=1000000"]
@@ -127,9 +129,9 @@ def test_write_mode_rank0_on_s3(s3_server, tmp_path):
 def test_hf_trainer_on_s3(s3_server, tmp_path, monkeypatch):
     """The Hugging Face Trainer (real, on CPU) with ``WSDTrainerCallback("s3://...")``: its checkpoints are committed
     on the bucket; a Trainer stopped two updates after the pre-decay checkpoint is resumed on a "new machine" with
-    ``resume_from_checkpoint=last_checkpoint(url)`` (a verified download the Trainer reads, which the manager
-    then loads too) and ends bit for bit where the uninterrupted Trainer ends; the final checkpoint's download
-    loads with ``from_pretrained``."""
+    ``resume_from_checkpoint=last_checkpoint(url)`` (a verified download of the files the Trainer reads: the model
+    folder and trainer_state.json, no training state; the manager reads that in place from the bucket) and ends bit
+    for bit where the uninterrupted Trainer ends; the final checkpoint's folder loads with ``from_pretrained``."""
     transformers = pytest.importorskip("transformers")
     import importlib.util
 
@@ -149,7 +151,7 @@ def test_hf_trainer_on_s3(s3_server, tmp_path, monkeypatch):
             if state.global_step == self.step:
                 control.should_training_stop = True
 
-    def fit(url: str, out: str, *, stop: int | None = None, resume: bool = False) -> WSDTrainerCallback:
+    def fit(url: str, out: str, *, stop: int | None = None, resume: str | None = None) -> WSDTrainerCallback:
         args = example.training_args(str(tmp_path / out), 24)
         model = example.tiny_llama(0)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
@@ -161,7 +163,7 @@ def test_hf_trainer_on_s3(s3_server, tmp_path, monkeypatch):
             optimizers=(optimizer, wsd_scheduler(optimizer, args, decay_fraction=0.25)),
             callbacks=[callback, *([StopAt(stop)] if stop else [])],
         )
-        trainer.train(resume_from_checkpoint=last_checkpoint(url) if resume else None)
+        trainer.train(resume_from_checkpoint=last_checkpoint(url, training_state=resume) if resume else None)
         return callback
 
     bucket = s3_server.bucket()
@@ -170,18 +172,38 @@ def test_hf_trainer_on_s3(s3_server, tmp_path, monkeypatch):
     fit(ref, "ref")
     fit(cut, "cut", stop=20)
     assert [i.name for i in objstore.list_run(parse_location(cut)) if i.state == "complete"] == [pre]
-    ranged = []
+    gets: list[tuple[str, int]] = []  # (key, bytes) of every ranged GET of the resume
     real_get_range = storage.S3Store.get_range
-    monkeypatch.setattr(
-        storage.S3Store, "get_range", lambda self, *a, **k: ranged.append(a) or real_get_range(self, *a, **k)
-    )
-    resumed = fit(cut, "cut2", resume=True)
+
+    def counted(self, key, start, length):
+        data = real_get_range(self, key, start, length)
+        gets.append((key, len(data)))
+        return data
+
+    monkeypatch.setattr(storage.S3Store, "get_range", counted)
+    resumed = fit(cut, "cut2", resume="bucket")
     monkeypatch.undo()
     assert resumed.ckpt.resumed_from.name == pre
-    # the download went into the manager's node-local cache for the URL, and its resume read that copy (no ranged
-    # GET: nothing fetched twice; the cache's retention removed it once the run went on)
+    # the node-local folder the Trainer read holds its files only: the model folder and trainer_state.json, never
+    # the training state; it is no checkpoint (no manifest), so nothing lists or resumes it as one
     cache = Path(storage.cache_dir(parse_location(cut)))
-    assert resumed.manager.loaded_from == cache / "checkpoints" / pre and ranged == []
+    folder = cache / "hf-resume" / pre
+    held = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    ckpt_url = parse_location(cut) / "checkpoints" / pre
+    manifest, _, _ = objstore.load_manifest(store_for(ckpt_url), ckpt_url)
+    state_files = sorted(rel for rel in manifest["files"] if rel.startswith("train_state/"))
+    tensors = [rel for rel in state_files if rel.endswith(".safetensors")]  # the optimizer state (and master weights)
+    assert tensors, state_files
+    assert held == sorted([*(set(manifest["files"]) - set(state_files)), "trainer_state.json", "wsd-hf-resume.json"])
+    assert not (cache / "checkpoints").exists(), "no local copy of the checkpoint"
+    assert cli(["ckpt", "verify", str(folder)]) != 0
+    # the training state was read from the bucket, in place: every optimizer file's bytes by ranged GETs
+    read = {}
+    for key, n in gets:
+        read[key] = read.get(key, 0) + n
+    for rel in tensors:
+        assert read.get((ckpt_url / rel).key, 0) > 0, (rel, sorted(read))
+    assert resumed.manager.loaded_from == cache / "checkpoints" / pre
     shutil.rmtree(cache, ignore_errors=True)
     for run in (ref, cut):
         assert [i.name for i in objstore.list_run(parse_location(run)) if i.state == "complete"] == [pre, post]
@@ -191,7 +213,107 @@ def test_hf_trainer_on_s3(s3_server, tmp_path, monkeypatch):
     assert folder is not None and Path(folder).name == post
     model = transformers.LlamaForCausalLM.from_pretrained(folder)
     assert json.loads((Path(folder) / "trainer_state.json").read_text())["global_step"] == 24
+    # training_state="node": the whole checkpoint on the node (a verified local checkpoint), which the manager reads
+    # from disk: no ranged GET
+    whole = last_checkpoint(cut, training_state="node")
+    assert whole == str(cache / "checkpoints" / post) and cli(["ckpt", "verify", whole]) == 0
+    gets.clear()
+    monkeypatch.setattr(storage.S3Store, "get_range", counted)
+    again = fit(cut, "cut3", resume="node")  # the copy is reused (same manifest), the manager reads it
+    monkeypatch.undo()
+    assert again.manager.loaded_from == Path(whole) and gets == []
+    shutil.rmtree(cache, ignore_errors=True)
     assert isinstance(model, transformers.LlamaForCausalLM)
+
+
+def _hf_example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hf_example", ROOT / "docs" / "examples" / "hf_trainer.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)  # the documented example's arguments, model and data
+    return example
+
+
+def _hf_two_ranks(rank: int, world: int, bucket: str, tmp: str) -> dict:
+    """One rank of test_hf_trainer_on_s3_two_ranks: a real Trainer (DDP on gloo) on the bucket."""
+    from transformers import Trainer, TrainerCallback
+
+    from wsd_pretrain.integrations import hf
+
+    example = _hf_example()
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 7:  # the job dies one update after the pre-decay checkpoint at 6
+                control.should_training_stop = True
+
+    def fit(url: str, out: str, *, stop: bool = False, resume: str | None = None) -> hf.WSDTrainerCallback:
+        args = example.training_args(f"{tmp}/{out}", 8)
+        model = example.tiny_llama(0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+        callback = hf.WSDTrainerCallback(url)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=example.RandomTokens(40, 16, 128),
+            optimizers=(optimizer, hf.wsd_scheduler(optimizer, args, decay_fraction=0.25)),
+            callbacks=[callback, *([StopAt()] if stop else [])],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return callback
+
+    ref, cut = f"s3://{bucket}/hf2/ref", f"s3://{bucket}/hf2/cut"
+    fit(ref, "ref")
+    fit(cut, "cut", stop=True)
+    real_list = objstore.list_run
+    if rank == 1:  # rank 1's listing is stale (sees nothing): the decision is rank 0's, so it resumes all the same
+        objstore.list_run = lambda *a, **k: []
+    try:
+        folder = hf.last_checkpoint(cut)
+    finally:
+        objstore.list_run = real_list
+    resumed = fit(cut, "cut2", resume=folder)
+    out = {
+        "folder": folder,
+        "resumed_from": resumed.ckpt.resumed_from.name,
+        "local": sorted(os.listdir(folder)),
+    }
+    if rank == 0:  # rank 0 cannot list the bucket: every rank raises rank 0's error, none waits for the others
+
+        def broken(*a, **k):
+            raise OSError("injected listing failure")
+
+        objstore.list_run = broken
+    try:
+        hf.last_checkpoint(cut)
+        out["error"] = None
+    except CheckpointError as exc:
+        out["error"] = str(exc)
+    finally:
+        objstore.list_run = real_list
+    return out
+
+
+def test_hf_trainer_on_s3_two_ranks(s3_server, tmp_path):
+    """Two ranks of a real Trainer (DDP, gloo) on the bucket: ``last_checkpoint(url)`` is decided once, by rank 0
+    (rank 1, whose listing is made stale, resumes the same checkpoint), both ranks resume in place from the one
+    node-local folder of the Trainer's files and end bit for bit where the uninterrupted 2-rank run ends; a listing
+    that fails on rank 0 alone raises the same error on both ranks instead of leaving rank 1 in a collective."""
+    pytest.importorskip("transformers")
+    from distributed_helpers import run_distributed
+
+    bucket = s3_server.bucket()
+    env = s3_server.environ() | {"TMPDIR": str(tmp_path)}  # the node-local cache (storage.cache_dir) goes there
+    results = run_distributed(_hf_two_ranks, world_size=2, args=(bucket, str(tmp_path)), env=env)
+    pre, post = "step-000000006-pre-decay", "step-000000008-post-decay+final"
+    assert results[0]["folder"] == results[1]["folder"] and Path(results[0]["folder"]).name == pre
+    for r in results:
+        assert r["resumed_from"] == pre
+        assert "train_state" not in r["local"] and "manifest.json" not in r["local"], r["local"]
+        assert r["error"] and "injected listing failure" in r["error"]
+    assert results[0]["error"] == results[1]["error"]
+    assert _checksums(f"s3://{bucket}/hf2/cut", post) == _checksums(f"s3://{bucket}/hf2/ref", post)
 
 
 def test_ckpt_commands_write_to_and_read_from_urls(s3_server, tmp_path, capsys):

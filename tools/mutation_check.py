@@ -1110,6 +1110,25 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_object_storage_urls.py::test_ckpt_commands_write_to_and_read_from_urls",),
         "merge --last K from a bucket averages the run's oldest K snapshots instead of its newest K",
     ),
+    # ------------------------------------------------------------------ the HF Trainer resuming from s3:// (i-hfurl)
+    M(
+        "hf-s3-each-rank-decides",
+        "wsd_pretrain/integrations/hf.py",
+        "    if not D.is_distributed() or D.get_world_size() == 1:\n        return fn()\n",
+        "    if True:  # (mutation) every rank lists the bucket and decides on its own\n        return fn()\n",
+        ("tests/test_object_storage_urls.py::test_hf_trainer_on_s3_two_ranks",),
+        "last_checkpoint on an s3:// run decided by each rank from its own listing: a rank with a stale listing "
+        "resumes another checkpoint (or none), and an error on rank 0 alone leaves the other ranks going on",
+    ),
+    M(
+        "hf-s3-whole-checkpoint",
+        "wsd_pretrain/integrations/hf.py",
+        '    return sorted(rel for rel in manifest["files"] if not rel.startswith(F.TRAIN_STATE + "/"))\n',
+        '    return sorted(manifest["files"])\n',
+        ("tests/test_object_storage_urls.py::test_hf_trainer_on_s3",),
+        "last_checkpoint on an s3:// run downloads the optimizer state onto every node too (1.1 TB a node at 70B), "
+        "which the manager reads from the bucket anyway",
+    ),
 ]
 
 

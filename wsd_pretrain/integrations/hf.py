@@ -13,8 +13,11 @@
     trainer.train(resume_from_checkpoint=last_checkpoint("runs/x"))   # None on the first run
 
 On object storage: ``WSDTrainerCallback("s3://bucket/runs/x")`` and
-``resume_from_checkpoint=last_checkpoint("s3://bucket/runs/x")`` (a verified node-local download of the newest
-checkpoint, which the Trainer reads); ``output_dir`` stays local.
+``resume_from_checkpoint=last_checkpoint("s3://bucket/runs/x")`` on every rank (``output_dir`` stays local). Rank 0
+picks the checkpoint and tells the others; each node downloads, verified, only what the Trainer opens itself (the
+model folder: config and weights) plus ``trainer_state.json``, into ``<cache>/hf-resume/<name>/`` (not a checkpoint:
+no manifest, never listed or resumed as one); the callback's manager restores the training state (optimizer,
+scheduler, RNG, data) in place from the bucket, each rank reading its own byte ranges (docs/integrations.md).
 
 Every checkpoint is a Hugging Face model folder (``from_pretrained`` loads it) holding our training state, plus
 the ``trainer_state.json`` that ``resume_from_checkpoint`` reads: the Trainer restores its counters from it and
@@ -28,6 +31,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..checkpoint import format as F
 from ..checkpoint.guards import check_total
 from ..checkpoint.manager import CheckpointConfig, Stateful
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, WSDError
 from ..schedule import WSDSchedule
 from ..scheduler import WSDScheduler
 from ._common import FrameworkCheckpointer, log_rank0
@@ -71,22 +75,42 @@ def wsd_scheduler(
     return WSDScheduler(optimizer, WSDSchedule(total=total, **schedule))
 
 
-def last_checkpoint(run_dir: str | os.PathLike[str], *, local_dir: str | os.PathLike[str] | None = None) -> str | None:
+def last_checkpoint(
+    run_dir: str | os.PathLike[str],
+    *,
+    local_dir: str | os.PathLike[str] | None = None,
+    training_state: str = "bucket",
+) -> str | None:
     """The newest complete checkpoint of ``run_dir``, ready for ``trainer.train(resume_from_checkpoint=...)``, or
     None when the run has none (a fresh start). Writes its ``trainer_state.json`` from our saved state if a crash
     right after the commit left it out.
 
-    A run on object storage (``s3://bucket/prefix``, ``az://``): the Trainer reads the folder it resumes from
-    itself (its weights and ``trainer_state.json``), so the newest checkpoint is downloaded, every object verified
-    against the manifest on the way and committed like a local save, into ``local_dir/checkpoints/`` (default: the
-    node-local folder the manager of an s3:// run without ``staging_dir`` uses, so that its resume reads this copy
-    instead of the bucket; with ``config.staging_dir`` give that folder). The processes of one node share one
-    download (a file lock); a copy already there is reused when its manifest is the bucket's."""
+    A run on object storage (``s3://bucket/prefix``, ``az://``): the Trainer reads a local folder itself (its
+    ``trainer_state.json`` and, for a plain or DDP model, its weights), so only those files are downloaded, every
+    object verified against the manifest, into ``local_dir/hf-resume/<name>/`` (default ``local_dir``: the node-local
+    cache folder of the URL, ``storage.cache_dir``); the training state (optimizer, scheduler, RNG, data) stays on the
+    bucket, and the callback's manager reads each rank's ranges of it in place. That folder is not a checkpoint (no
+    manifest; a marker file names the checkpoint it came from) and is never listed or resumed as one. With a
+    process group running (the Trainer's), call this on every rank: rank 0 alone lists the bucket and picks the
+    checkpoint, every rank gets its name (or rank 0's error, raised on every rank with the same message); the
+    processes of one node share one download (a file lock), and a folder already there is reused when its
+    checkpoint's manifest is the one picked.
+
+    ``training_state="node"``: download the whole checkpoint instead (verified, committed locally into
+    ``local_dir/checkpoints/<name>``), which the manager then reads from the node's disk. For a replicated job (DDP:
+    every rank restores the whole state) with many ranks a node, that is one download a node instead of every rank
+    reading the whole state from the bucket; for a sharded one it is every rank's state on every node."""
     from ..checkpoint.storage import ObjectURL, parse_location
 
+    if training_state not in ("bucket", "node"):
+        raise ConfigError(
+            f"training_state={training_state!r}: 'bucket' (read in place by the manager) or 'node' (the whole "
+            "checkpoint downloaded onto each node)",
+            where="last_checkpoint",
+        )
     location = parse_location(run_dir)
     if isinstance(location, ObjectURL):
-        return _fetch_newest(location, local_dir)
+        return _fetch_newest(location, local_dir, whole=training_state == "node")
     infos = [i for i in F.list_checkpoints(location) if i.state == "complete"]
     if not infos:
         return None
@@ -101,44 +125,216 @@ def _ensure_sidecar(path: Path) -> None:
         trainer = json.loads((path / F.TRAIN_STATE / "trainer.json").read_text())
         saved = _saved_trainer_state(trainer)
         if saved is None:
-            raise CheckpointError(
-                f"{path} was not written by WSDTrainerCallback (no Trainer state in it); resume it with a "
-                "CheckpointManager, or start the Trainer from its weights"
-            )
+            raise CheckpointError(_not_ours(path))
         _write_text(sidecar, saved)
+
+
+def _not_ours(path: Any) -> str:
+    return (
+        f"{path} was not written by WSDTrainerCallback (no Trainer state in it); resume it with a "
+        "CheckpointManager, or start the Trainer from its weights"
+    )
 
 
 def _saved_trainer_state(trainer: dict[str, Any]) -> str | None:
     return ((trainer.get("extra") or {}).get("loop") or {}).get("framework", {}).get("trainer_state")
 
 
-def _fetch_newest(url: Any, local_dir: str | os.PathLike[str] | None) -> str | None:
-    """:func:`last_checkpoint` of a run on object storage (see there)."""
-    import fcntl
-    import shutil
+# last_checkpoint's folder for the Trainer under local_dir, and the marker that names its checkpoint (written last)
+HF_RESUME = "hf-resume"
+HF_RESUME_MARK = "wsd-hf-resume.json"
 
+# run URL -> (checkpoint name, global_step) that last_checkpoint picked in this process: the callback's resume
+# then finds the checkpoint without listing the bucket again
+_picked: dict[str, tuple[str, int]] = {}
+
+
+def _decided_on_rank0(fn: Callable[[], Any], what: str, broadcast: Callable[[Any], Any] | None = None) -> Any:
+    """``fn()`` (a plain-JSON value) on rank 0 only, sent to every rank; without a process group, ``fn()`` here.
+    Any error on rank 0 is raised on every rank as a :class:`CheckpointError` with the same message, so that no rank
+    raises alone while the others wait in a collective."""
+    from .. import distributed as D
+
+    if not D.is_distributed() or D.get_world_size() == 1:
+        return fn()
+    send = broadcast or D.broadcast_object
+    out: Any = None
+    failure: BaseException | None = None
+    if D.get_rank() == 0:
+        try:
+            out = {"value": fn()}
+        except Exception as exc:  # every rank raises it below, from the same broadcast
+            failure = exc
+            text = str(exc) if isinstance(exc, WSDError) else f"{type(exc).__name__}: {exc}"
+            out = {"error": f"{what}: {text}"}
+    out = send(out)
+    if "error" in out:
+        raise CheckpointError(out["error"]) from failure
+    return out["value"]
+
+
+def _newest_on_bucket(url: Any) -> dict[str, Any] | None:
+    """Rank 0 of :func:`last_checkpoint`: the run's newest complete checkpoint, its manifest's hash and its saved
+    Trainer state (``train_state/trainer.json`` checked against the manifest)."""
     from ..checkpoint import objstore
-    from ..checkpoint.storage import cache_dir, store_for
+    from ..checkpoint.safetensors_io import new_hasher
+    from ..checkpoint.storage import store_for
 
     infos = [i for i in objstore.list_run(url) if i.state == "complete"]
     if not infos:
         return None
     newest = infos[-1]
+    store = store_for(url)
+    m, _, raw_hash = objstore.load_manifest(store, newest.path)  # type: ignore[arg-type]
+    rel = f"{F.TRAIN_STATE}/trainer.json"
+    rec = m["files"].get(rel)
+    if rec is None:
+        raise CheckpointError(_not_ours(newest.path))
+    raw, _ = store.get((newest.path / rel).key, max_bytes=64 * 1024 * 1024)  # type: ignore[operator]
+    digest = new_hasher(m["checksum"])
+    digest.update(raw)
+    if len(raw) != rec["size"] or digest.hexdigest() != rec["hash"]:
+        raise CheckpointError(f"{newest.path}: {rel} does not match the manifest")
+    saved = _saved_trainer_state(json.loads(raw))
+    if saved is None:
+        raise CheckpointError(_not_ours(newest.path))
+    return {
+        "name": newest.name,
+        "hash": raw_hash.decode("ascii", "replace").strip(),
+        "trainer_state": saved,
+        "global_step": json.loads(saved).get("global_step"),
+    }
+
+
+def _trainer_files(manifest: dict[str, Any]) -> list[str]:
+    """The files of a checkpoint that ``Trainer.train(resume_from_checkpoint=...)`` opens itself for a plain or DDP
+    model (``_load_from_checkpoint``, ``TrainerState.load_from_json``; decision 155): its Hugging Face model folder
+    (``config.json``, the weights' index and shards, a PEFT adapter's files), never the training state under
+    ``train_state/`` (optimizer, master weights, scheduler, RNG, data: the callback's manager restores those).
+    ``trainer_state.json`` is written from our saved Trainer state."""
+    return sorted(rel for rel in manifest["files"] if not rel.startswith(F.TRAIN_STATE + "/"))
+
+
+def _fetch_newest(url: Any, local_dir: str | os.PathLike[str] | None, *, whole: bool) -> str | None:
+    """:func:`last_checkpoint` of a run on object storage (see there)."""
+    from .. import distributed as D
+    from ..checkpoint.storage import cache_dir
+
+    picked = _decided_on_rank0(lambda: _newest_on_bucket(url), f"cannot pick the checkpoint to resume from {url}")
+    if picked is None:
+        return None
     local = Path(local_dir) if local_dir is not None else Path(cache_dir(url))
+    error = None
+    path = local / HF_RESUME / picked["name"]
+    try:
+        path = _whole_checkpoint(url, picked, local) if whole else _trainer_folder(url, picked, local)
+    except Exception as exc:  # every rank learns it below: none goes on into the Trainer's collectives alone
+        if not D.is_distributed():
+            raise
+        error = f"rank {D.get_rank()}: {exc if isinstance(exc, WSDError) else f'{type(exc).__name__}: {exc}'}"
+    if D.is_distributed() and D.get_world_size() > 1:
+        errors = [e for e in D.all_gather_object(error) if e]
+        if errors:
+            raise CheckpointError(
+                f"cannot fetch {'' if whole else 'the Trainer files of '}{url}/{F.CHECKPOINTS}/{picked['name']}: "
+                f"{errors[0]}"
+            )
+    _picked[str(url)] = (picked["name"], picked["global_step"])
+    return str(path)
+
+
+def _whole_checkpoint(url: Any, picked: dict[str, Any], local: Path) -> Path:
+    """``training_state="node"``: checkpoint ``picked`` downloaded whole into ``local/checkpoints/`` (every object
+    verified, committed locally), reused when its ``manifest.hash`` is the one picked; one process of a node at a
+    time (a file lock)."""
+    import fcntl
+    import shutil
+
+    from ..checkpoint import objstore
+
+    path = F.checkpoints_dir(local) / picked["name"]
     local.mkdir(parents=True, exist_ok=True)
-    path = F.checkpoints_dir(local) / newest.name
     with open(local / ".wsd-fetch.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the node's other processes wait for this download, then reuse it
-        if path.exists():
-            _, _, raw_hash = objstore.load_manifest(store_for(url), newest.path)  # type: ignore[arg-type]
-            held = path / F.MANIFEST_HASH
-            if not held.is_file() or held.read_bytes() != raw_hash:  # not this checkpoint (or an interrupted copy)
-                shutil.rmtree(path)
+        if path.exists() and _held_hash(path) != picked["hash"]:  # not this checkpoint (or an interrupted copy)
+            shutil.rmtree(path)
         if not path.exists():
-            objstore.download(newest.path, local)  # type: ignore[arg-type]
-            log_rank0(logging.INFO, "transformers.Trainer: %s downloaded (verified) into %s", newest.path, path)
-        _ensure_sidecar(path)
-    return str(path)
+            objstore.download(url / F.CHECKPOINTS / picked["name"], local)
+            log.info(
+                "transformers.Trainer: %s downloaded (verified) into %s", url / F.CHECKPOINTS / picked["name"], path
+            )
+            if _held_hash(path) != picked["hash"]:
+                raise CheckpointError(f"{path}: its manifest changed on the bucket while the ranks resumed from it")
+        if not (path / TRAINER_STATE_NAME).is_file():
+            _write_text(path / TRAINER_STATE_NAME, picked["trainer_state"])
+    return path
+
+
+def _held_hash(path: Path) -> str | None:
+    try:
+        return (path / F.MANIFEST_HASH).read_bytes().decode("ascii", "replace").strip()
+    except OSError:
+        return None
+
+
+def _trainer_folder(url: Any, picked: dict[str, Any], local: Path) -> Path:
+    """The node's folder for the Trainer of checkpoint ``picked``: reused when its marker names the same manifest,
+    else fetched into a temporary folder (verified), the marker written last, renamed into place; older folders of
+    this run's ``hf-resume/`` are removed. One process of a node does it at a time (a file lock)."""
+    import fcntl
+    import shutil
+    import uuid
+
+    from ..checkpoint import objstore
+    from ..checkpoint.storage import store_for
+
+    root = local / HF_RESUME
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / picked["name"]
+    with open(root / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the node's other processes wait for this download, then reuse it
+        if _marker_hash(path) == picked["hash"]:
+            return path
+        ckpt = url / F.CHECKPOINTS / picked["name"]
+        store = store_for(url)
+        m, _, raw_hash = objstore.load_manifest(store, ckpt)
+        if raw_hash.decode("ascii", "replace").strip() != picked["hash"]:
+            raise CheckpointError(f"{ckpt}: its manifest changed on the bucket while the ranks resumed from it")
+        rels = _trainer_files(m)
+        tmp = root / f".tmp-{picked['name']}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            problems = objstore.fetch_files(store, ckpt, m, tmp, rels)
+            ranged = {rel: m["files"][rel] for rel in rels if m["files"][rel].get("ranged")}
+            if not problems and ranged:
+                problems = F.check_files(tmp, {**m, "files": ranged}, checksums=True)
+            if problems:
+                raise CheckpointError(f"{ckpt}: damaged objects: " + "; ".join(problems))
+            (tmp / TRAINER_STATE_NAME).write_text(picked["trainer_state"])
+            mark = {
+                "what": "the files transformers.Trainer reads to resume from this checkpoint (its model folder and "
+                "trainer_state.json); not a checkpoint: the training state is read from the bucket",
+                "checkpoint": str(ckpt),
+                "manifest_hash": picked["hash"],
+                "files": [*rels, TRAINER_STATE_NAME],
+            }
+            _write_text(tmp / HF_RESUME_MARK, json.dumps(mark, indent=2) + "\n")
+            for old in root.iterdir():  # a previous resume's folder (or one interrupted): this run needs one
+                if old.is_dir() and old != tmp:
+                    shutil.rmtree(old, ignore_errors=True)
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("transformers.Trainer: the model folder of %s downloaded (verified) into %s", ckpt, path)
+    return path
+
+
+def _marker_hash(path: Path) -> str | None:
+    try:
+        return json.loads((path / HF_RESUME_MARK).read_text()).get("manifest_hash")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -191,8 +387,8 @@ class WSDTrainerCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         scheduler = kwargs.get("lr_scheduler")  # a non-WSD scheduler is refused by the manager, saying what to pass
-        # a local run, or one on object storage (s3://): the Trainer then resumes from the verified local copy that
-        # last_checkpoint() downloads, and the manager loads the same checkpoint
+        # a local run, or one on object storage (s3://): the Trainer then resumes from the model folder that
+        # last_checkpoint() downloads, and the manager loads the same checkpoint's training state from the bucket
         run_dir = self.run_dir if self.run_dir is not None else args.output_dir
         self.ckpt = FrameworkCheckpointer(run_dir, config=self.config, data=self.data, framework="transformers.Trainer")
         self._state = state
@@ -316,20 +512,18 @@ def _state_json(state: TrainerState) -> str:
 
 def _checkpoint_for_step(run_dir: Any, global_step: int) -> Path | str | None:
     """The newest complete checkpoint whose trainer_state.json (ours) is at ``global_step`` (on object storage: its
-    name, found from each checkpoint's saved Trainer state, newest first)."""
+    name, decided on rank 0 and sent to every rank: the one :func:`last_checkpoint` picked in this process when it
+    is at that step, else found from each checkpoint's saved Trainer state on the bucket, newest first)."""
     from ..checkpoint.storage import ObjectURL
 
     if isinstance(run_dir, ObjectURL):
-        from ..checkpoint import objstore
-        from ..checkpoint.storage import store_for
+        from ..checkpoint import coord
 
-        store = store_for(run_dir)
-        for info in reversed([i for i in objstore.list_run(run_dir) if i.state == "complete"]):
-            raw, _ = store.get((info.path / F.TRAIN_STATE / "trainer.json").key, max_bytes=64 * 1024 * 1024)  # type: ignore[union-attr]
-            saved = _saved_trainer_state(json.loads(raw))
-            if saved is not None and json.loads(saved).get("global_step") == global_step:
-                return info.name
-        return None
+        return _decided_on_rank0(
+            lambda: _step_on_bucket(run_dir, global_step),
+            f"cannot find the checkpoint of step {global_step} on {run_dir}",
+            broadcast=coord.broadcast,
+        )
     for info in reversed([i for i in F.list_checkpoints(run_dir) if i.state == "complete"]):
         sidecar = info.path / TRAINER_STATE_NAME
         if sidecar.is_file():
@@ -339,4 +533,21 @@ def _checkpoint_for_step(run_dir: Any, global_step: int) -> Path | str | None:
                 continue
             if step == global_step:
                 return info.path
+    return None
+
+
+def _step_on_bucket(url: Any, global_step: int) -> str | None:
+    """Rank 0 of :func:`_checkpoint_for_step` on object storage."""
+    from ..checkpoint import objstore
+    from ..checkpoint.storage import store_for
+
+    picked = _picked.get(str(url))
+    if picked is not None and picked[1] == global_step:
+        return picked[0]  # the Trainer read this checkpoint's trainer_state.json: no listing needed
+    store = store_for(url)
+    for info in reversed([i for i in objstore.list_run(url) if i.state == "complete"]):
+        raw, _ = store.get((info.path / F.TRAIN_STATE / "trainer.json").key, max_bytes=64 * 1024 * 1024)  # type: ignore[union-attr]
+        saved = _saved_trainer_state(json.loads(raw))
+        if saved is not None and json.loads(saved).get("global_step") == global_step:
+            return info.name
     return None
