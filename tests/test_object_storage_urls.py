@@ -270,7 +270,7 @@ def _hf_two_ranks(rank: int, world: int, bucket: str, tmp: str) -> dict:
     if rank == 1:  # rank 1's listing is stale (sees nothing): the decision is rank 0's, so it resumes all the same
         objstore.list_run = lambda *a, **k: []
     try:
-        folder = hf.last_checkpoint(cut)
+        folder = hf.last_checkpoint(cut, training_state="bucket")
     finally:
         objstore.list_run = real_list
     resumed = fit(cut, "cut2", resume=folder)
@@ -278,6 +278,8 @@ def _hf_two_ranks(rank: int, world: int, bucket: str, tmp: str) -> dict:
         "folder": folder,
         "resumed_from": resumed.ckpt.resumed_from.name,
         "local": sorted(os.listdir(folder)),
+        # the default with two ranks on this node: the whole checkpoint downloaded once for both (a local checkpoint)
+        "auto": hf.last_checkpoint(cut),
     }
     if rank == 0:  # rank 0 cannot list the bucket: every rank raises rank 0's error, none waits for the others
 
@@ -313,6 +315,9 @@ def test_hf_trainer_on_s3_two_ranks(s3_server, tmp_path):
         assert "train_state" not in r["local"] and "manifest.json" not in r["local"], r["local"]
         assert r["error"] and "injected listing failure" in r["error"]
     assert results[0]["error"] == results[1]["error"]
+    auto = results[0]["auto"]
+    assert auto == results[1]["auto"] and Path(auto).parent.name == "checkpoints" and Path(auto).name == post
+    assert (Path(auto) / "manifest.json").is_file() and (Path(auto) / "train_state").is_dir()
     assert _checksums(f"s3://{bucket}/hf2/cut", post) == _checksums(f"s3://{bucket}/hf2/ref", post)
 
 

@@ -79,7 +79,7 @@ def last_checkpoint(
     run_dir: str | os.PathLike[str],
     *,
     local_dir: str | os.PathLike[str] | None = None,
-    training_state: str = "bucket",
+    training_state: str = "auto",
 ) -> str | None:
     """The newest complete checkpoint of ``run_dir``, ready for ``trainer.train(resume_from_checkpoint=...)``, or
     None when the run has none (a fresh start). Writes its ``trainer_state.json`` from our saved state if a crash
@@ -96,18 +96,24 @@ def last_checkpoint(
     processes of one node share one download (a file lock), and a folder already there is reused when its
     checkpoint's manifest is the one picked.
 
-    ``training_state="node"``: download the whole checkpoint instead (verified, committed locally into
-    ``local_dir/checkpoints/<name>``), which the manager then reads from the node's disk. For a replicated job (DDP:
-    every rank restores the whole state) with many ranks a node, that is one download a node instead of every rank
-    reading the whole state from the bucket; for a sharded one it is every rank's state on every node."""
+    ``training_state``: ``"bucket"`` as above; ``"node"`` downloads the whole checkpoint instead (verified,
+    committed locally into ``local_dir/checkpoints/<name>``), which the manager then reads from the node's disk;
+    ``"auto"`` (the default) is ``"node"`` when a node runs several processes of the job, else ``"bucket"``. The
+    Trainer's models are replicated (plain or DDP: every rank restores the whole state), so with N ranks a node
+    one download a node reads the state once where reading in place reads it N times; with one rank a node both
+    read it once, and in place skips the copy to disk."""
     from ..checkpoint.storage import ObjectURL, parse_location
 
-    if training_state not in ("bucket", "node"):
+    if training_state not in ("auto", "bucket", "node"):
         raise ConfigError(
-            f"training_state={training_state!r}: 'bucket' (read in place by the manager) or 'node' (the whole "
-            "checkpoint downloaded onto each node)",
+            f"training_state={training_state!r}: 'bucket' (read in place by the manager), 'node' (the whole "
+            "checkpoint downloaded onto each node) or 'auto' (node when a node runs several ranks)",
             where="last_checkpoint",
         )
+    if training_state == "auto":
+        from ..distributed import get_local_world_size
+
+        training_state = "node" if get_local_world_size() > 1 else "bucket"
     location = parse_location(run_dir)
     if isinstance(location, ObjectURL):
         return _fetch_newest(location, local_dir, whole=training_state == "node")
