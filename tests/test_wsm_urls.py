@@ -1,0 +1,175 @@
+"""The decay-free mode (``wsm.enabled``) on a run on object storage, and the DCP conversions with URL outputs, on
+S3 (moto) and Azure Blob (Azurite): parametrized by store, one job per test and store (tiny model, 8 updates)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from wsd_pretrain.checkpoint import objread, objstore
+from wsd_pretrain.checkpoint.manager import CheckpointManager
+from wsd_pretrain.checkpoint.storage import parse_location, store_for
+from wsd_pretrain.cli import main as cli
+
+ROOT = Path(__file__).resolve().parent.parent
+WSM = [
+    "wsm.enabled=true",
+    "wsm.window=2",
+    "checkpoint.snapshot_every=1",
+    "checkpoint.snapshot_keep=3",
+    "schedule.total=8",
+    "schedule.warmup=1",
+    "schedule.milestones=[4,8]",
+    "schedule.decay_length=2",
+    "train.progress=false",
+    "train.eval_every=100",
+    "train.eval_batches=1",
+    "train.micro_batch_size=2",
+    "data.max_bytes=100000",
+    "data.seq_len=16",
+    "model.num_layers=1",
+    "model.hidden_size=16",
+    "model.intermediate_size=32",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+]
+MERGES = ["merged/step-000000004-wsm", "merged/step-000000008-wsm"]
+
+
+@pytest.fixture(params=["s3", "az"])
+def root_url(request) -> str:
+    """A new empty bucket (moto) or container (Azurite) as ``s3://b`` / ``az://c``."""
+    if request.param == "s3":
+        return f"s3://{request.getfixturevalue('s3_server').bucket()}"
+    return f"az://{request.getfixturevalue('azure_server').container()}"
+
+
+def _objects(url: str) -> dict[str, bytes]:
+    loc = parse_location(url)
+    store = store_for(loc)
+    objects, _ = store.list(loc.prefix)
+    return {o["key"][len(loc.prefix) :]: store.get(o["key"])[0] for o in objects}
+
+
+def test_wsm_on_a_bucket_merges_as_on_disk_and_resumes(root_url, tmp_path, monkeypatch):
+    """The main job in the decay-free mode with ``--run-dir s3://...`` (and ``az://``): a first job with a staging
+    folder (its merge reads the staging run's copies of the window's snapshots) is preempted at update 6, after the
+    merge at 4; a second job on another machine (no staging folder, an empty log folder) resumes from the bucket and
+    merges at 8 reading the snapshots in place. Each merged folder on the bucket holds the same weight bytes as the
+    same job's merge on disk, the metrics name them, they load with transformers, and the bucket's checkpoints
+    verify."""
+    from wsd_pretrain import train
+
+    monkeypatch.chdir(ROOT)
+    local = tmp_path / "local"
+    done = train.run(["--run-dir", str(local), *WSM])
+    assert done["position"] == 8
+    url = f"{root_url}/runs/wsm"
+    remote_reads: list[str] = []
+    real_init = objread.RemoteCheckpoint.__init__
+
+    def spy(self, ckpt, manifest, **kw):
+        remote_reads.append(ckpt.name)
+        real_init(self, ckpt, manifest, **kw)
+
+    monkeypatch.setattr(objread.RemoteCheckpoint, "__init__", spy)
+    real_save = CheckpointManager.maybe_save
+
+    def preempt_at_6(self):  # what a SIGTERM does, at a known update
+        if self.scheduler.position == 6:
+            self.request_preemption()
+        return real_save(self)
+
+    monkeypatch.setattr(CheckpointManager, "maybe_save", preempt_at_6)
+    staging = tmp_path / "staging"
+    staged = ["checkpoint.staging_keep=3", f"checkpoint.staging_dir={staging}"]
+    first = train.run(["--run-dir", url, *WSM, *staged])
+    assert first["preempted"] and first["position"] == 6
+    assert remote_reads == [], "the window's snapshots were read from the staging run's copies"
+    monkeypatch.setattr(CheckpointManager, "maybe_save", real_save)
+    second = train.run(["--run-dir", url, "--log-dir", str(tmp_path / "logs-b"), *WSM])
+    assert second["position"] == 8 and not second["preempted"]
+    # the resume read its checkpoint in place, then the merge the window's snapshots
+    assert remote_reads == ["step-000000006-preempt", *(f"step-00000000{p}-snapshot" for p in (6, 7, 8))]
+
+    loc = parse_location(url)
+    metrics = [json.loads(line) for line in store_for(loc).get((loc / "metrics.jsonl").key)[0].decode().splitlines()]
+    assert [m["merged"] for m in metrics if "merged" in m] == MERGES
+    for merged in MERGES:
+        on_bucket, on_disk = (
+            _objects(f"{url}/{merged}"),
+            {
+                p.relative_to(local / merged).as_posix(): p.read_bytes()
+                for p in (local / merged).rglob("*")
+                if p.is_file()
+            },
+        )
+        assert set(on_bucket) == set(on_disk)
+        same = [k for k in on_disk if k != "wsd_pretrain_merge.json"]  # the weights, their index, config.json
+        assert "model.safetensors.index.json" in same and all(on_bucket[k] == on_disk[k] for k in same), merged
+        info = json.loads(on_bucket["wsd_pretrain_merge.json"])
+        early = merged == MERGES[0]
+        assert [r["position"] for r in info["inputs"]] == ([2, 3, 4] if early else [6, 7, 8])
+        assert [r["coefficient"] for r in info["inputs"]] == [
+            r["coefficient"] for r in json.loads(on_disk["wsd_pretrain_merge.json"])["inputs"]
+        ]
+        assert all(r["path"].startswith(str(staging) if early else url) for r in info["inputs"]), info
+    assert not (staging / "merged" / "step-000000008-wsm").exists()
+    out = tmp_path / "down"
+    for rel, data in _objects(f"{url}/{MERGES[-1]}").items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.state_dict()["model.norm.weight"].dtype == torch.float32
+    names = [i.name for i in objstore.list_run(loc) if i.state == "complete"]
+    assert names == ["step-000000006-preempt", "step-000000008-final"], names
+    assert cli(["ckpt", "verify", url]) == 0
+
+
+def test_dcp_conversions_with_url_outputs(root_url, tmp_path, capsys):
+    """`ckpt to-dcp` from a URL into a URL (the DCP directory uploaded with `.metadata` last, loadable by DCP once
+    downloaded) and `ckpt from-dcp` into a URL (a Hugging Face folder, `config.json` last); a non-empty prefix is
+    refused before any work; a DCP input on a URL is refused naming `ckpt cp`/a local copy."""
+    from test_object_storage import CFG, _job, _step
+
+    from wsd_pretrain.checkpoint.manager import CheckpointConfig
+
+    run = f"{root_url}/runs/dcp"
+    model, opt, sched = _job()
+    mgr = CheckpointManager(run, model, opt, sched, config=CheckpointConfig(), hf_config=CFG.hf_config())
+    while sched.position < 4:
+        _step(model, opt, sched)
+        mgr.maybe_save()
+    mgr.close()
+    dcp = f"{root_url}/dcp/pre"
+    assert cli(["ckpt", "to-dcp", run, dcp]) == 0
+    assert cli(["ckpt", "to-dcp", run, dcp]) == 2  # not empty: refused
+    objects = _objects(dcp)
+    assert ".metadata" in objects and any(k.endswith(".distcp") for k in objects)
+    down = tmp_path / "dcp-down"
+    for rel, data in objects.items():
+        (down / rel).parent.mkdir(parents=True, exist_ok=True)
+        (down / rel).write_bytes(data)
+    hf = f"{root_url}/hf/from-dcp"
+    (tmp_path / "c.json").write_text(json.dumps(CFG.hf_config()))
+    convert = ["ckpt", "from-dcp", str(down), hf, "--prefix", "model.", "--hf-config", str(tmp_path / "c.json")]
+    assert cli(convert) == 0
+    assert cli(convert) == 2  # not empty: refused
+    folder = _objects(hf)
+    assert json.loads(folder["config.json"]) == CFG.hf_config()
+    from safetensors.torch import load
+
+    weights = {}
+    for rel in json.loads(folder["model.safetensors.index.json"])["weight_map"].values():
+        weights.update(load(folder[rel]))
+    assert set(weights) == set(model.state_dict())
+    for name, t in model.state_dict().items():
+        assert torch.equal(weights[name], t), name
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a DCP directory is read locally only: argparse says how to get a copy
+        cli(["ckpt", "from-dcp", dcp, str(tmp_path / "x")])
+    assert "download it first" in capsys.readouterr().err
