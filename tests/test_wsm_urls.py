@@ -90,12 +90,16 @@ def test_wsm_on_a_bucket_merges_as_on_disk_and_resumes(root_url, tmp_path, monke
     assert first["preempted"] and first["position"] == 6
     assert remote_reads == [], "the window's snapshots were read from the staging run's copies"
     monkeypatch.setattr(CheckpointManager, "maybe_save", real_save)
+    # what a run killed after its merge at 8 (resumed from 6) leaves: the second job's merge at 8 replaces it whole
+    loc = parse_location(url)
+    stale = loc / MERGES[1]
+    for rel in ("config.json", "model-00001-of-00002.safetensors"):
+        store_for(loc).put((stale / rel).key, b"{}")
     second = train.run(["--run-dir", url, "--log-dir", str(tmp_path / "logs-b"), *WSM])
     assert second["position"] == 8 and not second["preempted"]
     # the resume read its checkpoint in place, then the merge the window's snapshots
     assert remote_reads == ["step-000000006-preempt", *(f"step-00000000{p}-snapshot" for p in (6, 7, 8))]
 
-    loc = parse_location(url)
     metrics = [json.loads(line) for line in store_for(loc).get((loc / "metrics.jsonl").key)[0].decode().splitlines()]
     assert [m["merged"] for m in metrics if "merged" in m] == MERGES
     for merged in MERGES:
