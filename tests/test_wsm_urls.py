@@ -47,6 +47,22 @@ def root_url(request) -> str:
     return f"az://{request.getfixturevalue('azure_server').container()}"
 
 
+@pytest.fixture(scope="module")
+def local_wsm(tmp_path_factory) -> Path:
+    """The same job on a local run directory (once for both stores): the merges the bucket's must equal."""
+    import os
+
+    from wsd_pretrain import train
+
+    local, cwd = tmp_path_factory.mktemp("wsm") / "local", os.getcwd()
+    os.chdir(ROOT)  # the stdlib corpus and relative paths as a user's shell has them
+    try:
+        assert train.run(["--run-dir", str(local), *WSM])["position"] == 8
+    finally:
+        os.chdir(cwd)
+    return local
+
+
 def _objects(url: str) -> dict[str, bytes]:
     loc = parse_location(url)
     store = store_for(loc)
@@ -54,19 +70,18 @@ def _objects(url: str) -> dict[str, bytes]:
     return {o["key"][len(loc.prefix) :]: store.get(o["key"])[0] for o in objects}
 
 
-def test_wsm_on_a_bucket_merges_as_on_disk_and_resumes(root_url, tmp_path, monkeypatch):
+def test_wsm_on_a_bucket_merges_as_on_disk_and_resumes(root_url, local_wsm, tmp_path, monkeypatch, capsys):
     """The main job in the decay-free mode with ``--run-dir s3://...`` (and ``az://``): a first job with a staging
     folder (its merge reads the staging run's copies of the window's snapshots) is preempted at update 6, after the
     merge at 4; a second job on another machine (no staging folder, an empty log folder) resumes from the bucket and
-    merges at 8 reading the snapshots in place. Each merged folder on the bucket holds the same weight bytes as the
-    same job's merge on disk, the metrics name them, they load with transformers, and the bucket's checkpoints
-    verify."""
+    merges at 8 reading the snapshots in place, replacing what a killed run left there. Each merged folder on the
+    bucket holds the same weight bytes as the same job's merge on disk, the metrics name them, they load with
+    transformers, `ckpt list` shows them (a folder without its config.json as unfinished), and the bucket's
+    checkpoints verify."""
     from wsd_pretrain import train
 
     monkeypatch.chdir(ROOT)
-    local = tmp_path / "local"
-    done = train.run(["--run-dir", str(local), *WSM])
-    assert done["position"] == 8
+    local = local_wsm
     url = f"{root_url}/runs/wsm"
     remote_reads: list[str] = []
     real_init = objread.RemoteCheckpoint.__init__
@@ -132,6 +147,14 @@ def test_wsm_on_a_bucket_merges_as_on_disk_and_resumes(root_url, tmp_path, monke
     names = [i.name for i in objstore.list_run(loc) if i.state == "complete"]
     assert names == ["step-000000006-preempt", "step-000000008-final"], names
     assert cli(["ckpt", "verify", url]) == 0
+    capsys.readouterr()
+    for run in (url, str(local)):  # `ckpt list` shows the merged models after the checkpoints and snapshots
+        assert cli(["ckpt", "list", run, "--json"]) == 0
+        listed = [(i["name"], i["state"]) for i in json.loads(capsys.readouterr().out) if i["kinds"] == ["merged"]]
+        assert listed == [(m.split("/")[1], "complete") for m in MERGES], (run, listed)
+    store_for(loc).delete([(loc / MERGES[0] / "config.json").key])  # its commit object gone: unfinished
+    assert cli(["ckpt", "list", url]) == 0
+    assert "step-000000004-wsm" in (text := capsys.readouterr().out) and "unfinished" in text, text
 
 
 def test_dcp_conversions_with_url_outputs(root_url, tmp_path, capsys):

@@ -209,7 +209,7 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
                             problems = objstore.fetch(info.path, Path(tmp) / info.name)  # type: ignore[arg-type]
                         if problems:
                             info.state, info.problem = "corrupt", "; ".join(problems)
-            return _print_list(args, infos)
+            return _print_list(args, infos + _merged_folders(args.run_dir))
         if isinstance(getattr(args, "ckpt", None), ObjectURL):
             return _ckpt_from_url(args, action)
     if action == "list":
@@ -219,7 +219,7 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{args.run_dir} is a file, not a run directory")
         infos = F.list_checkpoints(args.run_dir, checksums=args.checksums)
         infos += F.list_snapshots(args.run_dir, checksums=args.checksums)  # model-only, listed after
-        return _print_list(args, infos)
+        return _print_list(args, infos + _merged_folders(args.run_dir))
     return _cmd_ckpt_local(args, action, parse_size)
 
 
@@ -320,6 +320,44 @@ def _merge_from_urls(args: argparse.Namespace, parse_size: Callable[[str], int])
         return _cmd_ckpt_local(args, "merge", parse_size)
 
 
+def _merged_folders(run: Any) -> list[Any]:
+    """The decay-free mode's merged models of a run (``<run>/merged/step-<m>-wsm/``, Hugging Face folders), for
+    ``ckpt list``: "complete" when ``config.json`` is there (it is written last, and removed first when a resumed
+    run replaces the folder), else "unfinished". On object storage the ``config.json`` object decides (a HEAD),
+    never the listing alone."""
+    import re
+
+    from .checkpoint import format as F
+    from .checkpoint.storage import ObjectURL, store_for
+    from .wsm import MERGED
+
+    sizes: dict[str, int] = {}
+    complete: dict[str, bool] = {}
+    if isinstance(run, ObjectURL):
+        store, root = store_for(run), run / MERGED
+        objects, _ = store.list(root.prefix)
+        for o in objects:
+            name = o["key"][len(root.prefix) :].split("/", 1)[0]
+            sizes[name] = sizes.get(name, 0) + o["size"]
+        for name in sizes:
+            complete[name] = store.head((root / name / "config.json").key) is not None
+    elif (Path(run) / MERGED).is_dir():
+        root = Path(run) / MERGED
+        for d in root.iterdir():
+            if d.is_dir() and not d.name.startswith("."):
+                sizes[d.name] = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+                complete[d.name] = (d / "config.json").is_file()
+    out = []
+    for name in sizes:
+        m = re.fullmatch(r"step-(\d+)-wsm", name)
+        if m is None:
+            continue
+        state = "complete" if complete[name] else "unfinished"
+        out.append(F.CheckpointInfo(name, root / name, state, position=int(m.group(1)), kinds=["merged"]))
+        out[-1].size = sizes[name]
+    return sorted(out, key=lambda i: i.position)
+
+
 def _print_list(args: argparse.Namespace, infos: list[Any]) -> int:
     if args.json:
         print(
@@ -359,6 +397,7 @@ def _print_list(args: argparse.Namespace, infos: list[Any]) -> int:
     print(
         "  * = latest"
         + ("; snapshots (model only) are in snapshots/" if any("snapshot" in i.kinds for i in infos) else "")
+        + ("; merged models (Hugging Face folders) in merged/" if any("merged" in i.kinds for i in infos) else "")
     )
     return 0
 
