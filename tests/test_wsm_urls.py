@@ -157,10 +157,11 @@ def test_wsm_on_a_bucket_merges_as_on_disk_and_resumes(root_url, local_wsm, tmp_
     assert "step-000000004-wsm" in (text := capsys.readouterr().out) and "unfinished" in text, text
 
 
-def test_dcp_conversions_with_url_outputs(root_url, tmp_path, capsys):
-    """`ckpt to-dcp` from a URL into a URL (the DCP directory uploaded with `.metadata` last, loadable by DCP once
-    downloaded) and `ckpt from-dcp` into a URL (a Hugging Face folder, `config.json` last); a non-empty prefix is
-    refused before any work; a DCP input on a URL is refused naming `ckpt cp`/a local copy."""
+def test_dcp_conversions_with_url_outputs(root_url, tmp_path, capsys, monkeypatch):
+    """`ckpt to-dcp` from a URL into a URL (the DCP directory uploaded with `.metadata` last, read back by
+    `from-dcp` once downloaded) and `ckpt from-dcp` into a URL (a Hugging Face folder, `config.json` last, holding
+    the model's weights bit for bit); a non-empty prefix is refused before any work; a DCP input on a URL is
+    refused naming a download."""
     from test_object_storage import CFG, _job, _step
 
     from wsd_pretrain.checkpoint.manager import CheckpointConfig
@@ -173,7 +174,11 @@ def test_dcp_conversions_with_url_outputs(root_url, tmp_path, capsys):
         mgr.maybe_save()
     mgr.close()
     dcp = f"{root_url}/dcp/pre"
+    uploaded: list[str] = []
+    real_stream = objstore.stream_file
+    monkeypatch.setattr(objstore, "stream_file", lambda path, w: uploaded.append(path.name) or real_stream(path, w))
     assert cli(["ckpt", "to-dcp", run, dcp]) == 0
+    assert uploaded[-1] == ".metadata" and len(uploaded) > 1, "DCP's readers open .metadata first: it goes last"
     assert cli(["ckpt", "to-dcp", run, dcp]) == 2  # not empty: refused
     objects = _objects(dcp)
     assert ".metadata" in objects and any(k.endswith(".distcp") for k in objects)
@@ -184,7 +189,9 @@ def test_dcp_conversions_with_url_outputs(root_url, tmp_path, capsys):
     hf = f"{root_url}/hf/from-dcp"
     (tmp_path / "c.json").write_text(json.dumps(CFG.hf_config()))
     convert = ["ckpt", "from-dcp", str(down), hf, "--prefix", "model.", "--hf-config", str(tmp_path / "c.json")]
+    uploaded.clear()
     assert cli(convert) == 0
+    assert uploaded[-1] == "config.json" and len(uploaded) > 1, uploaded
     assert cli(convert) == 2  # not empty: refused
     folder = _objects(hf)
     assert json.loads(folder["config.json"]) == CFG.hf_config()

@@ -1110,6 +1110,24 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_object_storage_urls.py::test_ckpt_commands_write_to_and_read_from_urls",),
         "merge --last K from a bucket averages the run's oldest K snapshots instead of its newest K",
     ),
+    M(
+        "folder-upload-commit-file-first",
+        "wsd_pretrain/checkpoint/objstore.py",
+        "key=lambda p: (p.name == last, str(p))",
+        "key=lambda p: (p.name != last, str(p))",
+        ("tests/test_wsm_urls.py::test_dcp_conversions_with_url_outputs[s3]",),
+        "a folder uploaded to a bucket (export-hf, merge, to-dcp, from-dcp, the wsm merges) writes config.json / "
+        ".metadata first: a reader finds it while the weights it names are still missing",
+    ),
+    M(
+        "wsm-bucket-replay-not-replaced",
+        "wsd_pretrain/wsm.py",
+        "if objstore.remove_folder(store, dest):",
+        "if False:",
+        ("tests/test_wsm_urls.py::test_wsm_on_a_bucket_merges_as_on_disk_and_resumes[s3]",),
+        "a run on a bucket resumed before a milestone it had merged fails at the merge (the killed run's objects "
+        "are in the way) instead of replacing it",
+    ),
 ]
 
 
