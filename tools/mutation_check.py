@@ -1128,6 +1128,15 @@ MUTATIONS: list[Mutation] = [
         "a run on a bucket resumed before a milestone it had merged fails at the merge (the killed run's objects "
         "are in the way) instead of replacing it",
     ),
+    M(
+        "wsm-resume-skips-lost-merge",
+        "wsd_pretrain/wsm.py",
+        "if at > position or self._merged(manager, at):",
+        "if True:",
+        ("tests/test_wsm_urls.py::test_wsm_on_a_bucket_merges_as_on_disk_and_resumes[s3]",),
+        "a job killed during a merge, after a checkpoint at that milestone, resumes past it: the milestone's merged "
+        "model is never written (or stays half uploaded)",
+    ),
 ]
 
 

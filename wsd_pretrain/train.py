@@ -1277,6 +1277,8 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
             raise ConfigError(
                 f"{location} has checkpoints and --resume none was given: use another --run-dir", where="arguments"
             )
+        if resumed and wsm is not None:  # a merge a killed job left unfinished, at or before the resumed position
+            wsm.catch_up(manager, built.scheduler.position)
         if not resumed and start_from is not None:
             sampler.new_decay_data = True  # a new run: its decay data may differ from the checkpoint's
             # the scheduler accepts the state: the schedule was built at its position

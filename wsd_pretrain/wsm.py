@@ -136,16 +136,79 @@ class WSMPlan:
         rank 0 merges the window into ``<run>/merged/`` (a run on object storage: reading the snapshots in place,
         or from the staging run, then uploading the folder); a failure raises on every rank. Returns the merged
         folder (a local path, or its URL)."""
+        from .checkpoint import format as F
+
+        if not any(at == position for at, _ in self.points):
+            return None
+        if not manager.snapshots or manager.snapshots[-1].name != F.checkpoint_name(position, [F.SNAPSHOT_KIND]):
+            manager.snapshot()
+        manager.wait()
+        return self._merge_at(manager, position)
+
+    def catch_up(self, manager: Any, position: int) -> list[Path | ObjectURL]:
+        """Call after a resume at ``position`` (every rank): a milestone at or before it whose merged folder is
+        missing or unfinished (no ``config.json``: a job killed during that merge, after a checkpoint at the
+        milestone was committed, resumes past it and would never merge it) is merged now, when every snapshot its
+        window held is still committed (never a merge of fewer inputs than the first one); otherwise a warning
+        names the snapshots retention removed. Returns the folders merged."""
+        from .checkpoint import coord
+
+        due: list[int] = []
+        problem = None
+        if D.get_rank() == 0:
+            try:
+                for at, start in self.points:
+                    if at > position or self._merged(manager, at):
+                        continue
+                    every = manager.config.snapshot_every
+                    expected = {
+                        p
+                        for p in range(max(start, self.schedule.origin + 1), at + 1)
+                        if p % every == 0 and self.schedule.phase_at(p - 1).name == "stable"
+                    } | {at}
+                    gone = sorted(p for p in expected if not self._snapshot_committed(manager, p))
+                    if not gone:
+                        log.info("WSM: the merge at %d is missing or unfinished (interrupted): merging it now", at)
+                        due.append(at)
+                    else:
+                        log.warning(
+                            "WSM: the merge at %d is missing or unfinished and its window's snapshots at %s are gone "
+                            "(retention): not merged again; merge the snapshots there are with `wsd-pretrain ckpt "
+                            "merge`",
+                            at,
+                            gone,
+                        )
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+        coord.agree(problem, "WSM: checking the merges before the resumed position failed")
+        return [self._merge_at(manager, at) for at in coord.broadcast(due)]
+
+    @staticmethod
+    def _merged(manager: Any, at: int) -> bool:
+        name, remote = f"step-{at:09d}-wsm", getattr(manager, "_remote", None)
+        if remote is None:
+            return (Path(manager.run_dir) / MERGED / name / "config.json").is_file()
+        from .checkpoint.storage import store_for
+
+        return store_for(remote.url).head((remote.url / MERGED / name / "config.json").key) is not None
+
+    @staticmethod
+    def _snapshot_committed(manager: Any, at: int) -> bool:
+        from .checkpoint import format as F
+
+        name, remote = F.checkpoint_name(at, [F.SNAPSHOT_KIND]), getattr(manager, "_remote", None)
+        if remote is None:
+            return (F.snapshots_dir(manager.run_dir) / name / F.MANIFEST).is_file()
+        from .checkpoint.storage import store_for
+
+        return store_for(remote.url).head((remote.url / F.SNAPSHOTS / name / F.MANIFEST).key) is not None
+
+    def _merge_at(self, manager: Any, at: int) -> Path | ObjectURL:
+        """Every rank: rank 0 merges the window of the milestone ``at``; the outcome is agreed."""
         from .checkpoint import coord
         from .checkpoint import format as F
 
-        point = next((p for p in self.points if p[0] == position), None)
-        if point is None:
-            return None
-        at, start = point
-        if not manager.snapshots or manager.snapshots[-1].name != F.checkpoint_name(at, [F.SNAPSHOT_KIND]):
-            manager.snapshot()
-        manager.wait()
+        start = next(s for a, s in self.points if a == at)
         name = f"step-{at:09d}-wsm"
         remote = getattr(manager, "_remote", None)  # a run on object storage (objstore_tier.RemoteTier)
         out: Path | ObjectURL = Path(manager.run_dir) / MERGED / name if remote is None else remote.url / MERGED / name
