@@ -210,3 +210,29 @@ def test_dcp_conversions_with_url_outputs(root_url, tmp_path, capsys, monkeypatc
     with pytest.raises(SystemExit):  # a DCP directory is read locally only: argparse says how to get a copy
         cli(["ckpt", "from-dcp", dcp, str(tmp_path / "x")])
     assert "download it first" in capsys.readouterr().err
+
+
+def test_a_resumed_local_job_redoes_a_merge_cut_short(local_wsm, tmp_path, monkeypatch):
+    """On disk: a job preempted at the milestone 4 (its checkpoint there, then its merge) whose merged folder lost
+    its config.json (killed mid-merge) resumes at 4 and merges 4 again before going on: both merged folders end as
+    the uninterrupted job's."""
+    from wsd_pretrain import train
+
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "run"
+    real_save = CheckpointManager.maybe_save
+
+    def preempt_at_4(self):
+        if self.scheduler.position == 4:
+            self.request_preemption()
+        return real_save(self)
+
+    monkeypatch.setattr(CheckpointManager, "maybe_save", preempt_at_4)
+    assert train.run(["--run-dir", str(run), *WSM])["position"] == 4
+    monkeypatch.setattr(CheckpointManager, "maybe_save", real_save)
+    (run / MERGES[0] / "config.json").unlink()
+    assert train.run(["--run-dir", str(run), *WSM])["position"] == 8
+    for merged in MERGES:
+        for f in (local_wsm / merged).iterdir():
+            if f.name != "wsd_pretrain_merge.json":
+                assert (run / merged / f.name).read_bytes() == f.read_bytes(), (merged, f.name)
