@@ -1128,6 +1128,32 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_object_storage_urls.py::test_hf_trainer_on_s3",),
         "last_checkpoint on an s3:// run downloads the optimizer state onto every node too (1.1 TB a node at 70B), "
         "which the manager reads from the bucket anyway",
+    M(
+        "folder-upload-commit-file-first",
+        "wsd_pretrain/checkpoint/objstore.py",
+        "key=lambda p: (p.name == last, str(p))",
+        "key=lambda p: (p.name != last, str(p))",
+        ("tests/test_wsm_urls.py::test_dcp_conversions_with_url_outputs[s3]",),
+        "a folder uploaded to a bucket (export-hf, merge, to-dcp, from-dcp, the wsm merges) writes config.json / "
+        ".metadata first: a reader finds it while the weights it names are still missing",
+    ),
+    M(
+        "wsm-bucket-replay-not-replaced",
+        "wsd_pretrain/wsm.py",
+        "if objstore.remove_folder(store, dest):",
+        "if False:",
+        ("tests/test_wsm_urls.py::test_wsm_on_a_bucket_merges_as_on_disk_and_resumes[s3]",),
+        "a run on a bucket resumed before a milestone it had merged fails at the merge (the killed run's objects "
+        "are in the way) instead of replacing it",
+    ),
+    M(
+        "wsm-resume-skips-lost-merge",
+        "wsd_pretrain/wsm.py",
+        "if at > position or self._merged(manager, at):",
+        "if True:",
+        ("tests/test_wsm_urls.py::test_wsm_on_a_bucket_merges_as_on_disk_and_resumes[s3]",),
+        "a job killed during a merge, after a checkpoint at that milestone, resumes past it: the milestone's merged "
+        "model is never written (or stays half uploaded)",
     ),
 ]
 

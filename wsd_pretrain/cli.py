@@ -157,9 +157,10 @@ def _local_path(text: str) -> Path:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if isinstance(loc, ObjectURL):
         raise argparse.ArgumentTypeError(
-            f"{text}: this command reads and writes local folders only; copy the checkpoint with "
-            "`wsd-pretrain ckpt cp` first (list, inspect, verify, cp, export-hf, reshard, merge, to-dcp and "
-            "from-deepspeed's output take s3:// and az:// URLs)"
+            f"{text}: this command reads a local folder only (a foreign format we cannot verify on the bucket): "
+            "download it first (e.g. `aws s3 cp --recursive`, `azcopy copy`); our checkpoints are copied with "
+            "`wsd-pretrain ckpt cp` (list, inspect, verify, cp, export-hf, reshard, merge and to-dcp read s3:// and "
+            "az:// URLs; export-hf, reshard, merge, to-dcp, from-dcp and from-deepspeed write to them)"
         )
     return loc
 
@@ -208,7 +209,7 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
                             problems = objstore.fetch(info.path, Path(tmp) / info.name)  # type: ignore[arg-type]
                         if problems:
                             info.state, info.problem = "corrupt", "; ".join(problems)
-            return _print_list(args, infos)
+            return _print_list(args, infos + _merged_folders(args.run_dir))
         if isinstance(getattr(args, "ckpt", None), ObjectURL):
             return _ckpt_from_url(args, action)
     if action == "list":
@@ -218,22 +219,34 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{args.run_dir} is a file, not a run directory")
         infos = F.list_checkpoints(args.run_dir, checksums=args.checksums)
         infos += F.list_snapshots(args.run_dir, checksums=args.checksums)  # model-only, listed after
-        return _print_list(args, infos)
+        return _print_list(args, infos + _merged_folders(args.run_dir))
     return _cmd_ckpt_local(args, action, parse_size)
 
 
-_URL_ACTIONS = ("list", "inspect", "verify", "export-hf", "reshard", "cp", "merge", "to-dcp", "from-deepspeed")
+_URL_ACTIONS = (
+    "list",
+    "inspect",
+    "verify",
+    "export-hf",
+    "reshard",
+    "cp",
+    "merge",
+    "to-dcp",
+    "from-dcp",
+    "from-deepspeed",
+)
 """The ckpt commands that take s3:// / az:// URLs (docs/tools.md): every one whose input is our checkpoint (read
 through a verified download, or in place for list/verify --sizes-only/inspect's headers) ..."""
-_URL_OUTPUTS = ("export-hf", "reshard", "merge", "from-deepspeed")
+_URL_OUTPUTS = ("export-hf", "reshard", "merge", "from-deepspeed", "to-dcp", "from-dcp")
 """... and those that may write to one: the output is built in a local temporary folder (under $TMPDIR), then
 uploaded: a checkpoint (reshard, from-deepspeed) with the object-storage commit (manifest last), a Hugging Face
-folder (export-hf, merge) object by object, each created only if absent, into a prefix that must be empty."""
+folder (export-hf, merge, from-dcp) or a DCP directory (to-dcp) object by object, each created only if absent,
+into a prefix that must be empty, the file its readers open first (``config.json``, ``.metadata``) last."""
 
 
 def _to_url(args: argparse.Namespace, action: str, out: Any) -> int:
-    """export-hf, reshard, merge or from-deepspeed with an output on object storage: checked before any work, built
-    locally, then uploaded (see :data:`_URL_OUTPUTS`)."""
+    """A ckpt command of :data:`_URL_OUTPUTS` with an output on object storage: checked before any work, built
+    locally, then uploaded."""
     import tempfile
 
     from .checkpoint import format as F
@@ -249,7 +262,7 @@ def _to_url(args: argparse.Namespace, action: str, out: Any) -> int:
             )
         if store.head((out / F.MANIFEST).key) is not None:
             raise WSDError(f"{out} already holds a committed checkpoint: give a new name")
-    elif action in ("export-hf", "merge"):
+    elif action in ("export-hf", "merge", "to-dcp", "from-dcp"):
         objects, _ = store.list(out.prefix)
         if objects:
             raise WSDError(f"{out} is not empty ({len(objects)} object(s) under it): give a new prefix")
@@ -263,27 +276,10 @@ def _to_url(args: argparse.Namespace, action: str, out: Any) -> int:
             objstore.upload(local, out.parent.parent, root=out.parent.name)
         elif action == "from-deepspeed":
             objstore.copy(local, out, log=lambda _msg: None)
-        else:
-            _upload_folder(store, local, out)
+        else:  # DCP's readers open .metadata first (its own save writes it last)
+            objstore.upload_folder(store, local, out, last=".metadata" if action == "to-dcp" else "config.json")
     print(f"uploaded to {out}")
     return 0
-
-
-def _upload_folder(store: Any, local: Path, out: Any) -> None:
-    """A local folder's files under the prefix ``out``, each created only if absent (a racing writer gets a clear
-    error), streamed in multipart parts; every object's size is checked on the server afterwards. config.json goes
-    last, so a reader that finds it finds the weights it names."""
-    from .checkpoint import objstore
-
-    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == "config.json", str(p)))
-    for path in files:
-        key = (out / path.relative_to(local).as_posix()).key
-        writer = store.writer(key, "xxh3_128", if_none_match=True)
-        objstore.stream_file(path, writer)
-        writer.close()
-        head = store.head(key)
-        if head is None or head["size"] != path.stat().st_size:
-            raise WSDError(f"{store.url(key)}: uploaded, but the server has {head and head['size']} bytes")
 
 
 def _merge_from_urls(args: argparse.Namespace, parse_size: Callable[[str], int]) -> int:
@@ -322,6 +318,44 @@ def _merge_from_urls(args: argparse.Namespace, parse_size: Callable[[str], int])
                 local.append(src)
         args.ckpts, args.last = local, None
         return _cmd_ckpt_local(args, "merge", parse_size)
+
+
+def _merged_folders(run: Any) -> list[Any]:
+    """The decay-free mode's merged models of a run (``<run>/merged/step-<m>-wsm/``, Hugging Face folders), for
+    ``ckpt list``: "complete" when ``config.json`` is there (it is written last, and removed first when a resumed
+    run replaces the folder), else "unfinished". On object storage the ``config.json`` object decides (a HEAD),
+    never the listing alone."""
+    import re
+
+    from .checkpoint import format as F
+    from .checkpoint.storage import ObjectURL, store_for
+    from .wsm import MERGED
+
+    sizes: dict[str, int] = {}
+    complete: dict[str, bool] = {}
+    if isinstance(run, ObjectURL):
+        store, root = store_for(run), run / MERGED
+        objects, _ = store.list(root.prefix)
+        for o in objects:
+            name = o["key"][len(root.prefix) :].split("/", 1)[0]
+            sizes[name] = sizes.get(name, 0) + o["size"]
+        for name in sizes:
+            complete[name] = store.head((root / name / "config.json").key) is not None
+    elif (Path(run) / MERGED).is_dir():
+        root = Path(run) / MERGED
+        for d in root.iterdir():
+            if d.is_dir() and not d.name.startswith("."):
+                sizes[d.name] = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+                complete[d.name] = (d / "config.json").is_file()
+    out = []
+    for name in sizes:
+        m = re.fullmatch(r"step-(\d+)-wsm", name)
+        if m is None:
+            continue
+        state = "complete" if complete[name] else "unfinished"
+        out.append(F.CheckpointInfo(name, root / name, state, position=int(m.group(1)), kinds=["merged"]))
+        out[-1].size = sizes[name]
+    return sorted(out, key=lambda i: i.position)
 
 
 def _print_list(args: argparse.Namespace, infos: list[Any]) -> int:
@@ -363,6 +397,7 @@ def _print_list(args: argparse.Namespace, infos: list[Any]) -> int:
     print(
         "  * = latest"
         + ("; snapshots (model only) are in snapshots/" if any("snapshot" in i.kinds for i in infos) else "")
+        + ("; merged models (Hugging Face folders) in merged/" if any("merged" in i.kinds for i in infos) else "")
     )
     return 0
 
@@ -619,11 +654,11 @@ def _add_ckpt(sub: Any) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p = acts.add_parser("to-dcp", help="a torch.distributed.checkpoint directory")
     p.add_argument("ckpt", help="a checkpoint or run directory; local, s3:// or az://")
-    p.add_argument("out", type=_local_path)
+    p.add_argument("out", help="a new folder: local, or an empty s3:// / az:// prefix (built locally, then uploaded)")
     p.add_argument("--model-only", action="store_true")
     p = acts.add_parser("from-dcp", help="a torch.distributed.checkpoint directory into a Hugging Face folder")
-    p.add_argument("dcp_dir", type=_local_path)
-    p.add_argument("out", type=_local_path)
+    p.add_argument("dcp_dir", type=_local_path, help="a local torch.distributed.checkpoint directory")
+    p.add_argument("out", help="a new Hugging Face folder: local, or an empty s3:// / az:// prefix")
     p.add_argument("--prefix", default=None, help="only keys under this prefix, stripped (e.g. 'model.')")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--max-shard-size", default="5GB")

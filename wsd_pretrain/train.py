@@ -38,7 +38,7 @@ from .parallel import Layout, ParallelConfig, check_parallel, world_from_env
 from .schedule import WSDSchedule
 from .scheduler import WSDScheduler
 from .tracking import Tracker, TrackingConfig, check_available
-from .wsm import WSMConfig, WSMPlan
+from .wsm import MERGED, WSMConfig, WSMPlan
 
 __all__ = ["DeepSpeedPlan", "JobConfig", "OptimizerConfig", "TrainConfig", "deepspeed_plan", "main", "resolve_job"]
 
@@ -899,7 +899,7 @@ class Trainer:
             self.report_saves()
             merged = self.wsm.after_step(self.manager, sched.position) if self.wsm is not None else None
             if merged is not None:
-                self._log({"position": sched.position, "merged": str(merged.relative_to(self.run_dir))})
+                self._log({"position": sched.position, "merged": f"{MERGED}/{merged.name}"})
         if bar is not None:
             bar.close()
         final_eval = eval_loss if eval_at == sched.position else self.evaluate()
@@ -1183,11 +1183,6 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
     # on the bucket (never a local ./s3:/ tree)
     location = parse_location(args.run_dir)
     if isinstance(location, ObjectURL):
-        if job.wsm.enabled:  # its merges read the run's snapshots locally
-            raise ConfigError(
-                f"--run-dir {location}: the decay-free mode (wsm.enabled) needs a local run directory for now",
-                where="arguments",
-            )
         if args.log_dir is not None:
             run_dir = args.log_dir
         elif job.checkpoint.staging_dir is not None:
@@ -1282,6 +1277,8 @@ def _train(job: JobConfig, args: argparse.Namespace, plan: DeepSpeedPlan | None)
             raise ConfigError(
                 f"{location} has checkpoints and --resume none was given: use another --run-dir", where="arguments"
             )
+        if resumed and wsm is not None:  # a merge a killed job left unfinished, at or before the resumed position
+            wsm.catch_up(manager, built.scheduler.position)
         if not resumed and start_from is not None:
             sampler.new_decay_data = True  # a new run: its decay data may differ from the checkpoint's
             # the scheduler accepts the state: the schedule was built at its position

@@ -3,7 +3,7 @@
 With ``wsm.enabled``, the job trains at the stable LR to the end (warmup, then no decay: the schedule's milestones
 are kept only as the points where a finished model comes out) and, at each milestone ``m``, writes the merge of
 the model-only snapshots in the window ``[m - window, m]`` to ``<run>/merged/step-<m>-wsm/`` (a Hugging Face
-folder), with coefficients that emulate the schedule's decay (or uniform / EMA ones). ``window`` defaults to the
+folder; on a run on object storage, the snapshots are read in place and the folder is uploaded there), with coefficients that emulate the schedule's decay (or uniform / EMA ones). ``window`` defaults to the
 milestone's decay length: the merge stands in for the decay the schedule would have run there. Snapshots come from
 ``checkpoint.snapshot_every`` (required); one is also taken at each milestone. The merge runs on rank 0 while the
 other ranks wait (as in a synchronous save), and its outcome is agreed by every rank.
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import distributed as D
+from .checkpoint.storage import ObjectURL
 from .errors import CheckpointError, ConfigError
 from .schedule import WSDSchedule
 
@@ -130,48 +131,166 @@ class WSMPlan:
         )
         return cls(config, train, tuple(points), shape, floor)
 
-    def after_step(self, manager: Any, position: int) -> Path | None:
+    def after_step(self, manager: Any, position: int) -> Path | ObjectURL | None:
         """Call after ``manager.maybe_save()`` (every rank): at a milestone, snapshot if none was taken here, then
-        rank 0 merges the window into ``<run>/merged/``; a failure raises on every rank."""
-        from .checkpoint import coord
+        rank 0 merges the window into ``<run>/merged/`` (a run on object storage: reading the snapshots in place,
+        or from the staging run, then uploading the folder); a failure raises on every rank. Returns the merged
+        folder (a local path, or its URL)."""
         from .checkpoint import format as F
-        from .checkpoint.merge import merge_checkpoints
 
-        point = next((p for p in self.points if p[0] == position), None)
-        if point is None:
+        if not any(at == position for at, _ in self.points):
             return None
-        at, start = point
-        if not manager.snapshots or manager.snapshots[-1].name != F.checkpoint_name(at, [F.SNAPSHOT_KIND]):
+        if not manager.snapshots or manager.snapshots[-1].name != F.checkpoint_name(position, [F.SNAPSHOT_KIND]):
             manager.snapshot()
         manager.wait()
-        out = Path(manager.run_dir) / MERGED / f"step-{at:09d}-wsm"
+        return self._merge_at(manager, position)
+
+    def catch_up(self, manager: Any, position: int) -> list[Path | ObjectURL]:
+        """Call after a resume at ``position`` (every rank): a milestone at or before it whose merged folder is
+        missing or unfinished (no ``config.json``: a job killed during that merge, after a checkpoint at the
+        milestone was committed, resumes past it and would never merge it) is merged now, when every snapshot its
+        window held is still committed (never a merge of fewer inputs than the first one); otherwise a warning
+        names the snapshots retention removed. Returns the folders merged."""
+        from .checkpoint import coord
+
+        due: list[int] = []
         problem = None
         if D.get_rank() == 0:
             try:
-                window = [
-                    i.path
-                    for i in F.list_snapshots(manager.run_dir)
-                    if i.state == "complete" and start <= int(i.position or 0) <= at
-                ]
-                if out.parent.is_dir():  # a merge's staging folder left by a killed run (we hold the run lock)
-                    for entry in out.parent.iterdir():
-                        if entry.name.startswith(".") and entry.is_dir() and not entry.is_symlink():
-                            shutil.rmtree(entry, ignore_errors=True)
-                if out.exists():  # written before a resume replayed this position: replaced
-                    trash = out.parent / f".deleting-{out.name}"
-                    os.rename(out, trash)
-                    shutil.rmtree(trash, ignore_errors=True)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                merge_checkpoints(
-                    window,
-                    out,
-                    coefficients=self.config.coefficients,
-                    shape=self.shape,
-                    min_lr_ratio=self.min_lr_ratio,
-                    ema_decay=self.config.ema_decay,
-                )
+                for at, start in self.points:
+                    if at > position or self._merged(manager, at):
+                        continue
+                    every = manager.config.snapshot_every
+                    expected = {
+                        p
+                        for p in range(max(start, self.schedule.origin + 1), at + 1)
+                        if p % every == 0 and self.schedule.phase_at(p - 1).name == "stable"
+                    } | {at}
+                    gone = sorted(p for p in expected if not self._snapshot_committed(manager, p))
+                    if not gone:
+                        log.info("WSM: the merge at %d is missing or unfinished (interrupted): merging it now", at)
+                        due.append(at)
+                    else:
+                        log.warning(
+                            "WSM: the merge at %d is missing or unfinished and its window's snapshots at %s are gone "
+                            "(retention): not merged again; merge the snapshots there are with `wsd-pretrain ckpt "
+                            "merge`",
+                            at,
+                            gone,
+                        )
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+        coord.agree(problem, "WSM: checking the merges before the resumed position failed")
+        return [self._merge_at(manager, at) for at in coord.broadcast(due)]
+
+    @staticmethod
+    def _merged(manager: Any, at: int) -> bool:
+        name, remote = f"step-{at:09d}-wsm", getattr(manager, "_remote", None)
+        if remote is None:
+            return (Path(manager.run_dir) / MERGED / name / "config.json").is_file()
+        from .checkpoint.storage import store_for
+
+        return store_for(remote.url).head((remote.url / MERGED / name / "config.json").key) is not None
+
+    @staticmethod
+    def _snapshot_committed(manager: Any, at: int) -> bool:
+        from .checkpoint import format as F
+
+        name, remote = F.checkpoint_name(at, [F.SNAPSHOT_KIND]), getattr(manager, "_remote", None)
+        if remote is None:
+            return (F.snapshots_dir(manager.run_dir) / name / F.MANIFEST).is_file()
+        from .checkpoint.storage import store_for
+
+        return store_for(remote.url).head((remote.url / F.SNAPSHOTS / name / F.MANIFEST).key) is not None
+
+    def _merge_at(self, manager: Any, at: int) -> Path | ObjectURL:
+        """Every rank: rank 0 merges the window of the milestone ``at``; the outcome is agreed."""
+        from .checkpoint import coord
+        from .checkpoint import format as F
+
+        start = next(s for a, s in self.points if a == at)
+        name = f"step-{at:09d}-wsm"
+        remote = getattr(manager, "_remote", None)  # a run on object storage (objstore_tier.RemoteTier)
+        out: Path | ObjectURL = Path(manager.run_dir) / MERGED / name if remote is None else remote.url / MERGED / name
+        problem = None
+        if D.get_rank() == 0:
+            try:
+                if remote is None:
+                    window: list[Any] = [
+                        i.path
+                        for i in F.list_snapshots(manager.run_dir)
+                        if i.state == "complete" and start <= int(i.position or 0) <= at
+                    ]
+                    self._merge_locally(window, Path(manager.run_dir) / MERGED / name)
+                else:
+                    window = self._merge_on_bucket(remote, Path(manager.run_dir), start, at, name)
                 log.info("WSM: merged %d snapshots (%d to %d) into %s", len(window), start, at, out)
             except Exception as exc:
                 problem = f"{type(exc).__name__}: {exc}"
         coord.agree(problem, f"WSM merge at position {at} failed")
         return out
+
+    def _merge_locally(self, window: list[Any], out: Path) -> None:
+        """Rank 0: merge ``window`` (local folders or URLs) into the local folder ``out``, replacing a merge left there
+        before a resume replayed this position and any staging folder a killed merge left (we hold the run lock)."""
+        from .checkpoint.merge import merge_checkpoints
+
+        if out.parent.is_dir():  # a merge's staging folder left by a killed run
+            for entry in out.parent.iterdir():
+                if entry.name.startswith(".") and entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+        if out.exists():  # written before a resume replayed this position: replaced
+            trash = out.parent / f".deleting-{out.name}"
+            os.rename(out, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        merge_checkpoints(
+            window,
+            out,
+            coefficients=self.config.coefficients,
+            shape=self.shape,
+            min_lr_ratio=self.min_lr_ratio,
+            ema_decay=self.config.ema_decay,
+        )
+
+    def _merge_on_bucket(self, remote: Any, local_run: Path, start: int, at: int, name: str) -> list[Any]:
+        """Rank 0 of a run on object storage (we hold its lease): the window's snapshots are the bucket's committed
+        ones (its listing decides, each manifest validated); one the staging run holds with the same
+        ``manifest.hash`` is read from local disk, the others in place by ranged GETs. The merge is written into
+        the local run (the staging folder, else the node-local cache), then uploaded to ``<url>/merged/<name>/``
+        with the folder upload (each object created only if absent, ``config.json`` last, sizes checked on the
+        server) after removing what a run that replayed this position left there (``config.json`` first). The
+        local copy is kept in a staging folder, removed from the cache."""
+        from .checkpoint import format as F
+        from .checkpoint import objstore
+        from .checkpoint.storage import store_for
+
+        store = store_for(remote.url)
+        window: list[Any] = []
+        for info in objstore.list_run(remote.url, snapshots=True):
+            if info.state != "complete" or not start <= int(info.position or 0) <= at:
+                continue
+            local = F.snapshots_dir(local_run) / info.name
+            if not remote.direct and (local / F.MANIFEST_HASH).is_file():
+                theirs, _ = store.get((info.path / F.MANIFEST_HASH).key, max_bytes=4096)
+                if (local / F.MANIFEST_HASH).read_bytes() == theirs:
+                    window.append(local)  # the staging run's copy of the same commit: read from local disk
+                    continue
+            window.append(info.path)
+        out = local_run / MERGED / name
+        self._merge_locally(window, out)
+        dest = remote.url / MERGED / name
+        try:
+            if objstore.remove_folder(store, dest):
+                log.info("WSM: replaced %s, written before the run resumed from an earlier checkpoint", dest)
+            objstore.upload_folder(store, out, dest)
+        except BaseException:
+            try:  # no half folder left for a reader (the next run's replay of this position would remove it too)
+                objstore.remove_folder(store, dest)
+            except Exception as exc:
+                log.warning("WSM: could not remove the unfinished upload %s: %s", dest, exc)
+            raise
+        finally:
+            if remote.direct:  # the node-local cache keeps what a resume fetched, not merges
+                shutil.rmtree(out, ignore_errors=True)
+        return window

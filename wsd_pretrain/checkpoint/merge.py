@@ -39,6 +39,7 @@ from ..shapes import POSITIVE_FLOOR_SHAPES, canonical_decay_shape, decay_factor
 from . import format as F
 from .layout import Item, plan_save
 from .safetensors_io import StreamingWriter, read_json, write_json
+from .storage import ObjectURL, parse_location
 from .store import CheckpointStore
 
 __all__ = ["COEFFICIENTS", "MAX_DECAY_POINTS", "merge_checkpoints", "merge_coefficients", "snapshot_window"]
@@ -120,6 +121,42 @@ def snapshot_window(run_dir: str | os.PathLike[str], last: int) -> list[Path]:
     return [i.path for i in infos[-last:]]
 
 
+def _remote_resolve(target: ObjectURL) -> ObjectURL:
+    from .objstore import resolve
+
+    return resolve(target)
+
+
+def _remote_manifest(ckpt: ObjectURL) -> dict[str, Any]:
+    from .objstore import load_manifest
+    from .storage import store_for
+
+    return load_manifest(store_for(ckpt), ckpt)[0]
+
+
+def _open_store(ckpt: Path | ObjectURL, manifest: dict[str, Any]) -> CheckpointStore:
+    if isinstance(ckpt, ObjectURL):
+        from .objread import RemoteCheckpoint, RemoteStore
+
+        return RemoteStore(RemoteCheckpoint(ckpt, manifest), Path(str(ckpt)))
+    return CheckpointStore(ckpt, manifest)
+
+
+def _read(store: CheckpointStore, group: str, name: str) -> torch.Tensor:
+    """One whole tensor. From a checkpoint on object storage: the byte ranges it covers fetched first with
+    ranged GETs of 8 to 64 MiB, 8 in flight (:meth:`.objread.RemoteCheckpoint.prefetch`), instead of one GET
+    of the whole tensor; only this tensor's bytes are held."""
+    source = getattr(store, "source", None)
+    if source is None:
+        return store.read(group, name)
+    needs = store.record(lambda: store.read(group, name))  # type: ignore[attr-defined]
+    kept, problems = source.prefetch(needs, [], 1 << 62)
+    if problems:
+        raise CheckpointError(f"merge: {source.url}: " + "; ".join(problems))
+    store.keep(kept)  # type: ignore[attr-defined]
+    return store.read(group, name)
+
+
 def _check_output(out: Path, inputs: Sequence[Path]) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} exists and is not empty: give a new output folder")
@@ -136,7 +173,7 @@ def _check_output(out: Path, inputs: Sequence[Path]) -> None:
 
 
 def merge_checkpoints(
-    ckpts: Sequence[str | os.PathLike[str]],
+    ckpts: Sequence[str | os.PathLike[str] | ObjectURL],
     out: str | os.PathLike[str],
     *,
     coefficients: str | Sequence[float] = "uniform",
@@ -151,7 +188,8 @@ def merge_checkpoints(
     """Merge checkpoints' weights into the Hugging Face folder ``out`` (see the module docstring).
 
     ``ckpts``: checkpoint folders (full checkpoints or snapshots, format 1 or 2) or run directories (their newest
-    checkpoint). ``coefficients``: "uniform", "ema", "decay", or explicit numbers (oldest first, summing to 1).
+    checkpoint), local or on object storage (``s3://``/``az://``: read in place by ranged GETs, one tensor at a
+    time). ``coefficients``: "uniform", "ema", "decay", or explicit numbers (oldest first, summing to 1).
     ``source``: "model" (the model's weights) or "master" (the fp32 master weights where a checkpoint has them, its
     model weights elsewhere). ``dtype``: the output's (default: the newest checkpoint's model dtype per tensor).
     Returns ``out``.
@@ -162,13 +200,17 @@ def merge_checkpoints(
         raise CheckpointError(f"merge: source={source!r}: 'model' or 'master'")
     if not ckpts:
         raise CheckpointError("merge: give at least one checkpoint")
-    paths = [F.resolve_checkpoint(c) for c in ckpts]
-    if len({p.resolve() for p in paths}) != len(paths):
+    # a checkpoint on object storage (an ObjectURL) is read in place: its manifest validated, its tensors fetched
+    # by ranged GETs (objread.RemoteStore), its JSON files checked against their manifest checksums
+    ckpts = [parse_location(c) if isinstance(c, str) else c for c in ckpts]
+    remote = {i: c for i, c in enumerate(ckpts) if isinstance(c, ObjectURL)}
+    paths: list[Any] = [_remote_resolve(c) if i in remote else F.resolve_checkpoint(c) for i, c in enumerate(ckpts)]
+    if len({str(p) if i in remote else p.resolve() for i, p in enumerate(paths)}) != len(paths):
         raise CheckpointError("merge: a checkpoint is given twice")
     out = Path(out)
-    _check_output(out, paths)
+    _check_output(out, [p for i, p in enumerate(paths) if i not in remote])
     target = _dtype(dtype)
-    manifests = [F.load_manifest(p) for p in paths]
+    manifests = [_remote_manifest(p) if i in remote else F.load_manifest(p) for i, p in enumerate(paths)]
     order = sorted(range(len(paths)), key=lambda i: _position(manifests[i]))
     paths, manifests = [paths[i] for i in order], [manifests[i] for i in order]
     positions = [_position(m) for m in manifests]
@@ -184,7 +226,7 @@ def merge_checkpoints(
             raise CheckpointError(f"merge: {len(coeffs)} coefficients for {len(paths)} checkpoints")
         if not all(math.isfinite(c) for c in coeffs) or abs(sum(coeffs) - 1.0) > 1e-6:
             raise CheckpointError(f"merge: coefficients {coeffs} must be finite numbers summing to 1")
-    stores = [CheckpointStore(p, m) for p, m in zip(paths, manifests)]
+    stores = [_open_store(p, m) for p, m in zip(paths, manifests)]
     try:
         names = stores[-1].names("model")
 
@@ -217,7 +259,7 @@ def merge_checkpoints(
         def merged(name: str) -> torch.Tensor:
             acc: torch.Tensor | None = None
             for c, store in zip(coeffs, stores):
-                t = store.read(group_of(store, name), name)
+                t = _read(store, group_of(store, name), name)
                 if acc is None:
                     acc = torch.zeros(t.shape, dtype=torch.float32)
                 acc.add_(t.to(torch.float32), alpha=c)
@@ -226,9 +268,15 @@ def merge_checkpoints(
             return acc
 
         newest = paths[-1]
-        config = (
-            read_json(F.safe_path(newest, "config.json", "model config")) if (newest / "config.json").exists() else None
-        )
+        if isinstance(newest, ObjectURL):
+            has_config = "config.json" in manifests[-1]["files"]
+            config = stores[-1].source.json("config.json", "model config") if has_config else None  # type: ignore[attr-defined]
+        else:
+            config = (
+                read_json(F.safe_path(newest, "config.json", "model config"))
+                if (newest / "config.json").exists()
+                else None
+            )
         if config is not None and not isinstance(config, dict):
             raise CheckpointError(f"{newest / 'config.json'}: not a JSON object (a Hugging Face config is one)")
         if config is not None and target is not None:

@@ -42,6 +42,7 @@ __all__ = [
     "resolve",
     "upload",
     "upload_files",
+    "upload_folder",
 ]
 
 CLAIM = ".claim"
@@ -372,6 +373,35 @@ def stream_file(path: Path, writer: Any) -> None:
     except BaseException:
         writer.abort()
         raise
+
+
+def upload_folder(store: S3Store, local: Path, out: ObjectURL, *, last: str = "config.json") -> None:
+    """A local folder that is not a checkpoint (a Hugging Face folder, a DCP directory) under the prefix ``out``:
+    each file created only if absent (a racing writer gets a clear error), streamed in multipart parts, its size
+    checked on the server afterwards. The file named ``last`` (a Hugging Face folder's ``config.json``, a DCP
+    directory's ``.metadata``: what its readers open first) goes last, so a reader that finds it finds every file
+    it names. Any failure aborts the object being written and raises (objects already written stay: the caller
+    names the prefix; :func:`remove_folder` removes it)."""
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
+    for path in files:
+        key = (out / path.relative_to(local).as_posix()).key
+        writer = store.writer(key, "xxh3_128", if_none_match=True)
+        stream_file(path, writer)
+        writer.close()
+        head = store.head(key)
+        if head is None or head["size"] != path.stat().st_size:
+            raise CheckpointError(f"{store.url(key)}: uploaded, but the server has {head and head['size']} bytes")
+
+
+def remove_folder(store: S3Store, out: ObjectURL, *, first: str = "config.json") -> int:
+    """Remove every object under the prefix ``out`` written by :func:`upload_folder`: ``first`` (its commit
+    object) before the rest, so a reader never finds it naming a missing file; then any multipart upload left
+    under it. Returns the number of objects removed."""
+    store.delete([(out / first).key])
+    objects, _ = store.list(out.prefix)
+    store.delete([o["key"] for o in objects])
+    store.abort_uploads(out.prefix)
+    return len(objects)
 
 
 def commit_upload(src: Path, store: S3Store, run: ObjectURL, ckpt: ObjectURL, root: str) -> None:
