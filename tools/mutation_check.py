@@ -1128,6 +1128,8 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_object_storage_urls.py::test_hf_trainer_on_s3",),
         "last_checkpoint on an s3:// run downloads the optimizer state onto every node too (1.1 TB a node at 70B), "
         "which the manager reads from the bucket anyway",
+    ),
+    # ------------------------------------------------------------------ wsm and the DCP tools on URLs (i-wsm)
     M(
         "folder-upload-commit-file-first",
         "wsd_pretrain/checkpoint/objstore.py",
