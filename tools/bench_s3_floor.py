@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import add_out_argument, table, write_section
+from _bench import add_out_argument, machine, table, write_section
 from bench_s3 import KEYS, _cpu_s, start_server
 
 MB, MIB = 1_000_000, 1 << 20
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     body = f"""### What moto charges per request shape (`tools/bench_s3_floor.py`)
 
-{load}; {args.rounds} rounds, the shapes interleaved (reversed every other round){" and each sent to both servers in turn" if args.in_memory else ""}, about {args.total_mb:g} MB per shape and round; medians. Server CPU is
+`python tools/bench_s3_floor.py{" --in-memory" if args.in_memory else ""}`: {machine()}; {load}; {args.rounds} rounds, the shapes interleaved (reversed every other round){" and each sent to both servers in turn" if args.in_memory else ""}, about {args.total_mb:g} MB per shape and round; medians. Server CPU is
 user + system seconds of the moto process per GB sent (or read back); client CPU is boto3's in the measuring
 process. The floor is `{args.state_gb:g} GB x (server + client CPU per GB) / {cores} cores`: the lowest wall time any
 writer sending that shape could reach here, with the server and the ranks sharing the cores perfectly and the

@@ -4,8 +4,9 @@ ranged GETs, several in flight (docs/checkpoint-format.md, "Object storage", "Re
 :class:`RemoteCheckpoint` is one committed checkpoint on the bucket (its manifest already validated by rank 0 and
 broadcast). :class:`RemoteStore` is :class:`.store.CheckpointStore` over it: the same box intersection decides
 which byte ranges of which files a rank needs; each safetensors header is read with one speculative ranged GET
-of :data:`HEADER_GUESS` bytes (a second only for a longer header); the index and JSON files are fetched
-whole and checked against their manifest checksum.
+of :data:`HEADER_GUESS` bytes (a second only for a longer header), the headers a step needs fetched together
+(:meth:`RemoteCheckpoint.headers`: every model shard's when the store opens, every state file's a recording pass
+meets); the index and JSON files are fetched whole and checked against their manifest checksum.
 
 The read runs in two passes (:func:`.load.load_checkpoint`): a **recording** pass walks the restore's reads and
 records ``(file, offset, bytes)`` without fetching anything; :meth:`RemoteCheckpoint.prefetch` then merges the
