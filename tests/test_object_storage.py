@@ -233,7 +233,9 @@ def test_cp_list_inspect_verify_resume(trained, s3_server, tmp_path, capsys):
 
 def test_resume_in_place_cuts_a_large_fetch_into_fewer_larger_gets(trained, s3_server, monkeypatch):
     """A rank that fetches much from the bucket cuts its merged ranges into pieces larger than the smallest (about
-    2 x THREADS of them, at most PIECE_MAX bytes each), not into many small GETs; the resume is exact."""
+    2 x THREADS of them, at most PIECE_MAX bytes each), not into many small GETs; the safetensors headers it needs
+    come in batches fetched together (every model shard's in one, every state file's it restores from in one), each
+    header once, not one serial GET per file; the resume is exact."""
     from wsd_pretrain.checkpoint import objread
 
     url = f"s3://{s3_server.bucket()}/runs/pieces"
@@ -243,17 +245,34 @@ def test_resume_in_place_cuts_a_large_fetch_into_fewer_larger_gets(trained, s3_s
     monkeypatch.setattr(objread, "PIECE_MAX", 8 * 1024)
     monkeypatch.setattr(objread, "THREADS", 2)
     gets: list[int] = []
+    heads: list[str] = []  # the files whose first bytes (the header) were fetched
     real = storage.S3Store.get_range
 
     def counted(self, key: str, start: int, length: int) -> bytes:
         gets.append(length)
+        if start == 0:
+            heads.append(key.split("/step-000000004-pre-decay/", 1)[1])
         return real(self, key, start, length)
 
+    batches: list[list[str]] = []
+    real_headers = objread.RemoteCheckpoint.headers
+
+    def batched(self, rels: list[str]) -> None:
+        batches.append([r for r in rels if r not in self._headers])
+        real_headers(self, rels)
+
     monkeypatch.setattr(storage.S3Store, "get_range", counted)
+    monkeypatch.setattr(objread.RemoteCheckpoint, "headers", batched)
     model, opt, sched = _job(seed=5)
     mgr = CheckpointManager(url, model, opt, sched)
     assert mgr.resume("step-000000004-pre-decay") and sched.position == 4
     mgr.close()
+    manifest = json.loads((trained / F.CHECKPOINTS / "step-000000004-pre-decay" / "manifest.json").read_text())
+    shards = sorted(f for f in manifest["files"] if f.endswith(".safetensors") and "/" not in f)
+    states = sorted(f for f in manifest["files"] if f.startswith(f"{F.TRAIN_STATE}/state-"))
+    assert len(shards) > 1 and states, manifest["files"]
+    assert [b for b in batches if b] == [shards, states], batches  # two batches, not one GET after another
+    assert sorted(heads) == sorted(shards + states), heads  # each header fetched once, in its batch
     data = [n for n in gets if n != 1024]  # the headers' first GETs are 1024 bytes
     assert sum(data) > 4 * 8 * 1024  # much fetched: the largest pieces apply
     assert max(data) == 8 * 1024 and len([n for n in data if n == 8 * 1024]) >= len(data) // 2, sorted(data)

@@ -98,6 +98,10 @@ def smoke(tmp_path_factory):
         "bench_async": (["--sizes", "0.002", "--width", "256", "--saves", "1", "--dir", str(tmp / "a")], tmp / "a.md"),
         "bench_scheduler": (["--steps", "200"], tmp / "scheduler.md"),
         "bench_s3": (["--sizes-mb", "0.2", "--ranks", "1", "--rounds", "2", "--threads", "1", "4"], tmp / "s3.md"),
+        "bench_s3_floor": (
+            "--put-mb 1 6 --part-mib 5 --object-mb 11 --range-mib 5 --total-mb 11 --rounds 1 --in-memory".split(),
+            tmp / "s3_floor.md",
+        ),
         "bench_scale": (
             ["--worlds", "2", "--tp-worlds", "2", "--width", "64", "--layers", "2", "--engines", "fsdp2", "fsdp2+tp"],
             tmp / "scale.md",
@@ -215,9 +219,23 @@ def test_bench_s3(smoke):
     assert re.fullmatch(r"[\d.]+ s \(\d+ MB/s\), [14] threads", dcp)
     # where the save's time goes: each round's ratio, the CPU seconds of the ranks and of the server
     assert cpu[0][:3] == ["state", "ranks", "save ratio per round"]
-    ((_, ranks, rounds, by_threads, ours_cpu, dcp_cpu),) = cpu[1:]
-    assert ranks == "1" and rounds.count("x") >= 2 and ours_cpu.count(" s") == dcp_cpu.count(" s") == 2
+    ((_, ranks, rounds, by_threads, *cpus),) = cpu[1:]
+    assert len(cpus) == 4 and cpu[0][-2:] == ["resume: ours, ranks' / server's CPU", "load: DCP, ranks' / server's CPU"]
+    assert ranks == "1" and rounds.count("x") >= 2 and all(c.count(" s") == 2 for c in cpus), cpus
     assert [t.split(":")[0] for t in by_threads.split(", ")] == ["1", "4"]  # each thread_count tried, in order
+
+
+def test_bench_s3_floor(smoke):
+    """Each request shape on each server: the server's and client's CPU per GB, and the floor for the write shapes."""
+    (table,) = _tables(_section(_ok(smoke, "bench_s3_floor"), "s3-floor"))
+    assert table[0][:4] == ["request shape", "server", "server CPU per GB", "client CPU per GB"]
+    shapes = [(r[0], r[1]) for r in table[1:]]
+    assert [s for s, srv in shapes if srv == "spooled"] == [s for s, srv in shapes if srv == "in memory"]
+    kinds = [s.split(",")[0].split(" of ")[0] for s, srv in shapes if srv == "spooled"]
+    assert kinds == ["PUT", "PUT", "multipart", "GET", "ranged GETs"], kinds
+    for shape, _, server, client, _, floor in table[1:]:
+        assert _number(server) >= 0 and _number(client) > 0, shape  # /proc counts in ticks: a tiny GET may read 0
+        assert (_number(floor) > 0) if shape.startswith(("PUT", "multipart")) else floor == "", shape
 
 
 def test_bench_scale(smoke):

@@ -38,13 +38,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """moto's server on ``port`` (a free one by default) of 127.0.0.1, once it answers; its process and endpoint."""
+def start_server(port: int | None = None, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """moto's server on ``port`` (a free one by default) of 127.0.0.1, once it answers; its process and endpoint
+    (``env``: more environment variables for the server, e.g. ``MOTO_S3_DEFAULT_KEY_BUFFER_SIZE``)."""
     port = _free_port() if port is None else port
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=dict(os.environ, **(env or {})),
     )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -271,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
                 "DCP save by thread_count (median)",
                 "ours: ranks' CPU / server's CPU",
                 "DCP (fastest): ranks' CPU / server's CPU",
+                "resume: ours, ranks' / server's CPU",
+                "load: DCP, ranks' / server's CPU",
             ]
         ]
         for mb in args.sizes_mb:
@@ -317,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
                         ),
                         f"{med('ours_save', 'ranks_cpu'):.2f} s / {med('ours_save', 'server_cpu'):.2f} s",
                         f"{med(dcp_best, 'ranks_cpu'):.2f} s / {med(dcp_best, 'server_cpu'):.2f} s",
+                        f"{med('ours_load', 'ranks_cpu'):.2f} s / {med('ours_load', 'server_cpu'):.2f} s",
+                        f"{med('dcp_load', 'ranks_cpu'):.2f} s / {med('dcp_load', 'server_cpu'):.2f} s",
                     ]
                 )
                 print(rows[-1], cpu_rows[-1], flush=True)
@@ -355,9 +361,9 @@ checksummed), and restores from those bytes; nothing is copied to local disk.
 
 {table(rows)}
 
-Where the save's time goes: the CPU seconds every rank (together) and the moto server used during each save
-(medians over the rounds; the machine has {os.cpu_count()} cores for the ranks and the server together), and each
-round's save ratio.
+Where the time goes: the CPU seconds every rank (together) and the moto server used during each save, resume and
+load (medians over the rounds; the machine has {os.cpu_count()} cores for the ranks and the server together), and
+each round's save ratio.
 
 {table(cpu_rows)}
 """

@@ -406,6 +406,22 @@ MUTATIONS: list[Mutation] = [
         "a resume reading much from the bucket cuts it into the smallest ranged GETs (many more requests)",
     ),
     M(
+        "s3-model-headers-one-by-one",
+        "wsd_pretrain/checkpoint/objread.py",
+        "        source.headers(sorted({e.file for g in self.groups.values() for e in g.values() if e.file is not None}))\n",
+        "        pass\n",
+        ("tests/test_object_storage.py::test_resume_in_place_cuts_a_large_fetch_into_fewer_larger_gets",),
+        "a resume from S3 reads each model shard's header with its own GET, one after another",
+    ),
+    M(
+        "s3-state-headers-one-by-one",
+        "wsd_pretrain/checkpoint/objread.py",
+        "                source.headers(pending)\n",
+        "                [source.header(rel) for rel in pending]\n",
+        ("tests/test_object_storage.py::test_resume_in_place_cuts_a_large_fetch_into_fewer_larger_gets",),
+        "a resume from S3 reads the headers of the state files it restores from one after another",
+    ),
+    M(
         "s3-ranged-whole-files",
         "wsd_pretrain/checkpoint/objread.py",
         "                spans.setdefault(rel, []).append((off, off + n))\n",

@@ -308,13 +308,16 @@ def _prefetch(
     this rank's verification share (whole files, checksummed) with ranged GETs, several in flight; the restore
     reads from those bytes. Returns the problems (agreed on before anything is restored)."""
 
+    from .objread import HeaderPending
+
     def walk() -> None:
         reader = _Reader(store)
-        for pname in adapter.param_names:
-            for w in plan.get(pname, []):
+        wants = [w for pname in adapter.param_names for w in plan.get(pname, [])]
+        for w in wants + [Want("buffer", bname) for bname in adapter.buffer_names]:
+            try:
                 reader.get(w, described)
-        for bname in adapter.buffer_names:
-            reader.get(Want("buffer", bname), described)
+            except HeaderPending:  # its file's header is fetched with the others this pass meets, then walked again
+                continue
 
     needs = store.record(walk)
     source.rank, source.world = D.get_rank(), D.get_world_size()

@@ -4,8 +4,9 @@ ranged GETs, several in flight (docs/checkpoint-format.md, "Object storage", "Re
 :class:`RemoteCheckpoint` is one committed checkpoint on the bucket (its manifest already validated by rank 0 and
 broadcast). :class:`RemoteStore` is :class:`.store.CheckpointStore` over it: the same box intersection decides
 which byte ranges of which files a rank needs; each safetensors header is read with one speculative ranged GET
-of :data:`HEADER_GUESS` bytes (a second only for a longer header); the index and JSON files are fetched
-whole and checked against their manifest checksum.
+of :data:`HEADER_GUESS` bytes (a second only for a longer header), the headers a step needs fetched together
+(:meth:`RemoteCheckpoint.headers`: every model shard's when the store opens, every state file's a recording pass
+meets); the index and JSON files are fetched whole and checked against their manifest checksum.
 
 The read runs in two passes (:func:`.load.load_checkpoint`): a **recording** pass walks the restore's reads and
 records ``(file, offset, bytes)`` without fetching anything; :meth:`RemoteCheckpoint.prefetch` then merges the
@@ -32,11 +33,12 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from . import format as F
 from .safetensors_io import MAX_HEADER_BYTES, SafetensorsHeader, SafetensorsReader, new_hasher, parse_header
 from .storage import ObjectURL, safe_key, store_for
 from .store import CheckpointStore
 
-__all__ = ["RemoteCheckpoint", "RemoteStore"]
+__all__ = ["HeaderPending", "RemoteCheckpoint", "RemoteStore"]
 
 HEADER_GUESS = 64 * 1024
 """The first ranged GET of a safetensors file asks for this many bytes: the header of any file of ours fits."""
@@ -48,6 +50,11 @@ PIECE_MAX = 64 * 1024 * 1024
 each paying its first-byte latency once), a rank fetching little into :data:`PIECE`-sized ones (all in flight)."""
 THREADS = 8
 """Ranged GETs in flight at once per rank."""
+
+
+class HeaderPending(Exception):
+    """A safetensors header not fetched yet, met while :meth:`RemoteStore.record` discovers which headers the
+    restore needs (each want that meets one is skipped in that pass; the headers are then fetched together)."""
 
 
 class RemoteCheckpoint:
@@ -64,6 +71,9 @@ class RemoteCheckpoint:
         self._headers: dict[str, SafetensorsHeader] = {}
         self._heads: dict[str, bytearray] = {}  # each file's first bytes, fetched with its header: served from
         self._lock = threading.Lock()
+        self.pending: set[str] | None = None
+        """While set: the files whose headers a discovery pass met before they were fetched (:meth:`header` raises
+        :class:`HeaderPending` instead of fetching one by one)."""
 
     def _rec(self, rel: str) -> dict[str, Any]:
         rec = self.manifest["files"].get(rel)
@@ -111,6 +121,9 @@ class RemoteCheckpoint:
         header = self._headers.get(rel)
         if header is not None:
             return header
+        if self.pending is not None:
+            self.pending.add(rel)
+            raise HeaderPending(rel)
         size = int(self._rec(rel)["size"])
         where = self.url / rel
         if size < 8:
@@ -125,12 +138,22 @@ class RemoteCheckpoint:
         self._heads[rel] = bytearray(head)  # writable: the restore may view it as a tensor
         return header
 
+    def headers(self, rels: list[str]) -> None:
+        """Fetch the headers of ``rels`` not fetched yet together, :data:`THREADS` in flight: one round trip of
+        latency for all instead of one per file (a rank reads the headers of every model shard to describe the
+        checkpoint, and of every state file it restores from)."""
+        todo = [rel for rel in dict.fromkeys(rels) if rel not in self._headers]
+        if len(todo) <= 1:
+            for rel in todo:
+                self.header(rel)
+            return
+        with ThreadPoolExecutor(min(THREADS, len(todo)), thread_name_prefix="wsd-ranged-get") as pool:
+            list(pool.map(self.header, todo))
+
     def share(self, rank: int, world: int) -> list[tuple[str, list[tuple[str, int, int]], str, int | None]]:
         """The checksummed units this rank verifies, the local split (:func:`.load._verify_problems`): the files
         rank ``r mod world`` wrote (of a range-written file, its owner's bytes: header and own tensors) and the
         ranges holder ``h mod world`` wrote. Each: ``(what, [(file, offset, bytes)], checksum, bytes or None)``."""
-        from . import format as F
-
         units: list[tuple[str, list[tuple[str, int, int]], str, int | None]] = []
         ranges = self.manifest.get("ranges") or {}
         for i, (rel, rec) in enumerate(sorted(self.manifest["files"].items())):
@@ -278,6 +301,18 @@ class RemoteStore(CheckpointStore):
     def __init__(self, source: RemoteCheckpoint, ckpt: Path) -> None:
         self.source = source
         super().__init__(ckpt, source.manifest)
+        # describing the checkpoint reads every Hugging Face shard's header (the tensors' shapes): all together
+        source.headers(sorted({e.file for g in self.groups.values() for e in g.values() if e.file is not None}))
+
+    def _holder(self, rank: int) -> dict[str, str]:
+        # while discovering: a holder whose state files' headers are not fetched yet names them all at once
+        if self.source.pending is not None and rank not in self._holder_keys and rank < len(self.files_per_rank):
+            paths = [F.state_file(rank, k) for k in range(1, self.files_per_rank[rank] + 1)]
+            missing = [p for p in paths if p not in self.source._headers]
+            if missing:
+                self.source.pending.update(missing)
+                raise HeaderPending(missing[0])
+        return super()._holder(rank)
 
     def _json(self, rel: str, what: str) -> Any:
         return self.source.json(rel, what)
@@ -286,13 +321,26 @@ class RemoteStore(CheckpointStore):
         return _ObjectReader(self.source, path, self.kept.get(path, ()))
 
     def record(self, walk: Callable[[], None]) -> list[tuple[str, int, int]]:
-        """The byte ranges ``walk`` (the restore's reads) asks for, noted without fetching them."""
-        self.source.recording = []
+        """The byte ranges ``walk`` (the restore's reads) asks for, noted without fetching them. ``walk`` skips a
+        want that raises :class:`HeaderPending`: a pass that met headers not fetched yet fetches them together
+        (:meth:`RemoteCheckpoint.headers`) and walks again, so a rank restoring from many files pays one round
+        trip for their headers, not one per file."""
+        source = self.source
         try:
-            walk()
-            return self.source.recording
+            while True:
+                source.recording, source.pending = [], set()
+                try:
+                    walk()
+                except HeaderPending:
+                    pass  # a walk that does not skip: the headers met so far, then again
+                pending, source.pending = sorted(source.pending), None
+                if not pending:
+                    return source.recording
+                if all(rel in source._headers for rel in pending):  # cannot happen: no progress, no endless loop
+                    raise CheckpointError(f"{source.url}: the headers of {pending[:3]} could not be read")
+                source.headers(pending)
         finally:
-            self.source.recording = None
+            source.recording = source.pending = None
             self.bytes_read = 0
 
     def keep(self, kept: dict[str, list[tuple[int, Any]]]) -> None:
