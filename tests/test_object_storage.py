@@ -829,3 +829,30 @@ def test_a_store_that_stops_answering_fails_the_save_on_every_rank_then_the_next
     assert states.get("step-000000002-periodic", "unfinished") == "unfinished", states
     assert [n for n, s in states.items() if s == "complete"] == ["step-000000001-periodic", "step-000000003-periodic"]
     assert objstore.resolve(run).name == "step-000000003-periodic"
+
+
+def test_save_deadline_and_the_lease_renewed_before_a_claim(s3_server, monkeypatch):
+    """``storage_save_minutes``: a save past its time on object storage sends no new request and fails naming the
+    limit. The lease: when its heartbeat could not renew it for over half its TTL, a save's claim renews it first,
+    and a lease another run took over meanwhile stops the save with the lease's message (never written on)."""
+    url = f"s3://{s3_server.bucket()}/runs/limits"
+    model, opt, sched = _job()
+    cfg = CheckpointConfig(every_steps=1, storage_save_minutes=1e-5)  # 0.6 ms: over before the first object
+    mgr = CheckpointManager(url, model, opt, sched, config=cfg)
+    _step(model, opt, sched)
+    with pytest.raises(CheckpointError, match=r"this save's time on object storage ran out \(.*storage_save_minutes"):
+        mgr.maybe_save()
+    lease = mgr._remote.lease
+    lease._renewed -= lease.ttl  # the heartbeat has not renewed it for a whole TTL (the store did not answer)
+    etag = lease._etag
+    lease.check()  # renewed now, by If-Match on its own ETag
+    assert lease._etag != etag and lease.held
+    store = storage.S3Store(parse_location(url).bucket)
+    store.put(f"{parse_location(url).key}/{objstore_tier.LEASE_NAME}", b'{"holder": "another run"}')  # taken over
+    lease._renewed -= lease.ttl
+    _step(model, opt, sched)
+    with pytest.raises(CheckpointError, match="the run lease was taken over by another run"):
+        mgr.maybe_save()
+    assert not lease.held
+    mgr.close()
+    storage.configure_timeouts()
