@@ -16,6 +16,11 @@ The S3 endpoint and credentials come from boto3's own settings (``AWS_ENDPOINT_U
 ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...), as for the AWS CLI; Azure's from the ``az`` CLI's
 (``AZURE_STORAGE_CONNECTION_STRING``, or ``AZURE_STORAGE_ACCOUNT`` with a key or SAS token;
 ``AZURE_STORAGE_SERVICE_ENDPOINT`` for another endpoint).
+
+Every request is bounded (:func:`request_timeout`: ``checkpoint.storage_timeout_s`` or ``$WSD_STORAGE_TIMEOUT_S``
+per try, :data:`REQUEST_ATTEMPTS` tries): a store that stops answering raises :class:`StorageTimeout` naming the
+object, never hangs; a store made for one save also stops at the save's deadline and at its first stall
+(:class:`_Bounds`; docs/decisions.md 155).
 """
 
 from __future__ import annotations
