@@ -1932,6 +1932,7 @@ HANG_CASES = (
     ("parts", "server stopped mid-upload (rank 1's second multipart part), longer than the limit"),
     ("manifest", "server stopped between the objects and the manifest (rank 0), longer than the limit"),
     ("short", "server stopped for less than the limit (1 s, as rank 1 begins its first state object)"),
+    ("staging", "server stopped mid-upload on the staging tier (rank 1's first object), longer than the limit"),
 )
 
 
@@ -1941,8 +1942,10 @@ def _hang_rank(spec: dict[str, Any]) -> None:
     stopped server too). ``phase == "job"``: saves at 2 (committed); during the save at 4 the server is stopped
     (SIGSTOP of its pid: sockets open, nothing answers) at ``spec["case"]``'s point by the rank that reaches it;
     each rank writes down what its save raised, how long it took and whether its state changed, then waits for the
-    harness to resume the server (SIGCONT), trains on and saves at 6 (its state written down). ``phase ==
-    "resume"``: a new job resumes "latest" and writes down where it landed and its state."""
+    harness to resume the server (SIGCONT), trains on and saves at 6 (its state written down). The ``staging``
+    case saves through a staging folder instead: the save at 4 is committed locally and uploaded in the background,
+    and its failure is raised by the next ``wait()``. ``phase == "resume"``: a new job (a new staging folder)
+    resumes "latest" and writes down where it landed and its state."""
     import threading
 
     import torch
@@ -1957,7 +1960,13 @@ def _hang_rank(spec: dict[str, Any]) -> None:
     model = torch.nn.parallel.DistributedDataParallel(_mlp())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = WSDScheduler(opt, WSDSchedule(total=TOTAL, decay_length=2))
-    cfg = CheckpointConfig(every_steps=2, max_shard_size=SHARD, keep_last=100, storage_timeout_s=HANG_LIMIT_S)
+    cfg = CheckpointConfig(
+        every_steps=2,
+        max_shard_size=SHARD,
+        keep_last=100,
+        storage_timeout_s=HANG_LIMIT_S,
+        staging_dir=spec.get("staging"),
+    )
     mgr = CheckpointManager(spec["url"], model, opt, sched, config=cfg)
     out, pid, case = Path(spec["out"]), int(spec["pid"]), spec["case"]
 
@@ -1983,6 +1992,7 @@ def _hang_rank(spec: dict[str, Any]) -> None:
             "parts": rank == 1 and name.startswith("upload-part:") and name.endswith(":2"),
             "manifest": rank == 0 and name == "upload-manifest",
             "short": rank == 1 and name.startswith("shard-begin:train_state/"),  # (parts must be 5 MiB to complete)
+            "staging": rank == 1 and name.startswith("upload-object:"),
         }[case]
         if sched.position != 4 or (out / "stopped").exists() or not at:
             return
@@ -1994,10 +2004,8 @@ def _hang_rank(spec: dict[str, Any]) -> None:
     for _ in range(2):
         step()
     mgr.wait()
-    if rank == 1 and case == "parts":
-        storage.PART_SIZE = (
-            256 * 1024
-        )  # multipart uploads on rank 1 for the save at 4 (moto's minimum: never completed)
+    if rank == 1 and case == "parts":  # multipart uploads on rank 1 for the save at 4 (never completed: moto's minimum)
+        storage.PART_SIZE = 256 * 1024
     faults.fault_hook = stop
     step()  # 3
     g = torch.Generator().manual_seed(1000 * sched.last_epoch + rank)
@@ -2010,6 +2018,7 @@ def _hang_rank(spec: dict[str, Any]) -> None:
     error = ""
     try:
         mgr.maybe_save()
+        mgr.wait()  # (the staging tier: the upload's outcome)
     except CheckpointError as exc:
         error = str(exc)
     took = time.monotonic() - t0
@@ -2065,7 +2074,8 @@ def _hang_trial(work: Path, case: str, title: str, moto: Any) -> Trial:
     # cleanup tried once each, and a margin for this loaded machine
     bound = storage.request_bound(HANG_LIMIT_S) + 2 * HANG_LIMIT_S + 15
     problems: list[str] = []
-    spec = {"url": url, "phase": "job", "case": case, "out": str(out), "pid": pid}
+    staging = str(work / "staging") if case == "staging" else None
+    spec = {"url": url, "phase": "job", "case": case, "out": str(out), "pid": pid, "staging": staging}
     log_path = work / "job.log"
     with open(log_path, "w") as logf:
         job = subprocess.Popen(
@@ -2113,8 +2123,13 @@ def _hang_trial(work: Path, case: str, title: str, moto: Any) -> Trial:
                 problems.append(f"rank {r}: a stall shorter than the limit failed the save: {got['error'][:300]}")
             continue
         errors.append(f"rank {r} after {got['seconds']:.1f} s: {got['error']}")
+        said = (
+            f"uploading step-000000004-periodic to {url} failed"
+            if case == "staging"
+            else "checkpoint step-000000004-periodic was not written (nothing was committed)"
+        )
         if not (
-            got["error"].startswith("checkpoint step-000000004-periodic was not written (nothing was committed)")
+            got["error"].startswith(said)
             and "the object store stopped answering: no answer for" in got["error"]
             and re.search(r"step-000000004-periodic/\S+: [A-Z-]+( \d+)?: the object store stopped", got["error"])
         ):
@@ -2136,7 +2151,7 @@ def _hang_trial(work: Path, case: str, title: str, moto: Any) -> Trial:
     left_before = sum(s == "unfinished" for s in states.values())
     uploads_before = len(moto.client.list_multipart_uploads(Bucket="reliability", Prefix=run.prefix).get("Uploads", []))
     # a new job resumes the newest checkpoint exactly and removes what the failed save left
-    spec = {**spec, "phase": "resume"}
+    spec = {**spec, "phase": "resume", "staging": str(work / "staging-new") if staging else None}  # a new node
     res = subprocess.run(
         _torchrun_script("_hangrank", json.dumps(spec)), cwd=ROOT, env=wenv, capture_output=True, text=True, timeout=600
     )
@@ -2384,6 +2399,8 @@ HANG_DOC = [
     "with SIGSTOP, which keeps its sockets open and answers nothing (a hung endpoint; a host gone without closing its",
     "connections), by the rank that reaches the chosen point: rank 1's second multipart part (part streaming), or",
     "rank 0 between the objects and the manifest; the harness resumes it (SIGCONT) once both ranks' saves returned.",
+    "The staging-tier row saves through a staging folder instead (committed locally, uploaded in the background:",
+    'stopped at rank 1\'s first object, the failure raised by the next `wait()`, "uploading ... failed").',
     "Checked: each rank's save raises a `CheckpointError` naming the save, saying the object store stopped answering",
     "and for how long, and naming the object, within the limits' bound (one stalled request's 3 tries and backoffs,",
     "the writer's abort and rank 0's cleanup tried once, and 15 s for this loaded machine); neither rank's training",
