@@ -187,3 +187,36 @@ def test_manager_on_azure_and_cp(azure_server, s3_server, tmp_path, capsys, monk
     m = json.loads((back / "checkpoints" / "step-000000004-pre-decay+periodic" / "manifest.json").read_text())
     assert m["position"] == 4
     assert not any(p.name.startswith(("az:", "s3:")) for p in Path.cwd().iterdir())
+
+
+def test_azure_service_that_stops_answering_fails_within_the_limit(azure_server, monkeypatch):
+    """The same bounds as S3 through the same knob ($WSD_STORAGE_TIMEOUT_S here, a manager's storage_timeout_s):
+    Azurite stopped (SIGSTOP: connections open, no answer) fails a request with StorageTimeout naming the blob,
+    within a bound a hang would blow; a save's store then sends nothing more for that save (each request fails at
+    once with the first error) and its writer's abort is tried once; once the service answers again, a store
+    works."""
+    import signal
+    import time
+
+    from wsd_pretrain.checkpoint.storage import StorageTimeout
+
+    container = azure_server.container()
+    monkeypatch.setenv(storage.TIMEOUT_ENV, "1")
+    monkeypatch.setattr(storage, "PART_SIZE", 4096)
+    store = AzureStore(container, save=True)
+    store.put("a/x", b"1")
+    w = store.writer("a/big", "xxh3_128")
+    w.write(b"\0" * 4096)  # one block staged
+    pid = azure_server.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StorageTimeout, match=r"az://.*/a/big: .*the object store stopped answering: no answer"):
+            w.write(b"\0" * 8192)
+            w.close()
+        with pytest.raises(StorageTimeout, match=r"a/big"):  # the save's next request: refused at once
+            store.put("a/y", b"2")
+        assert time.monotonic() - t0 < 60  # 3 tries of 1 s and the backoffs: about 15 s at most; a hang, minutes
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert AzureStore(container).get("a/x")[0] == b"1"

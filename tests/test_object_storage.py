@@ -759,3 +759,119 @@ def test_main_job_on_s3(s3_server, tmp_path):
     assert (tmp_path / "stage" / "metrics.jsonl").exists()
     assert not (root / "s3:").exists()
     assert cli(["ckpt", "verify", url]) == 0
+
+
+def _stalled_store(rank: int, world: int, url: str, server_pid: int) -> dict:
+    """A 2-rank job streaming to the bucket (no staging folder) with a 2 s limit per try: its save at 1 commits;
+    during its save at 2 rank 1 stops the server (SIGSTOP: the sockets stay open, nothing answers) at its second
+    multipart part, and rank 0 resumes it (SIGCONT) once its own save raised; the save at 3 stalls for less than the
+    limit (stopped at rank 0's manifest, resumed 0.6 s later) and commits."""
+    import signal
+    import threading
+
+    from wsd_pretrain.checkpoint import faults
+
+    model, opt, sched = _job()
+    cfg = CheckpointConfig(every_steps=1, storage_timeout_s=2, max_shard_size=60_000, keep_last=10)
+    mgr = CheckpointManager(url, model, opt, sched, config=cfg, hf_config=CFG.hf_config())
+    _step(model, opt, sched)
+    mgr.maybe_save()
+    stopped: list[str] = []
+
+    def stop_at(name: str) -> None:
+        if rank == 1 and not stopped and name.startswith("upload-part:") and name.endswith(":2"):
+            stopped.append(name)
+            os.kill(server_pid, signal.SIGSTOP)
+
+    if rank == 1:
+        storage.PART_SIZE = 4096  # multipart uploads on rank 1 (never completed: moto's 5 MiB minimum)
+    faults.fault_hook = stop_at
+    _step(model, opt, sched)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t0 = time.monotonic()
+    error = None
+    try:
+        mgr.maybe_save()
+    except CheckpointError as exc:
+        error = str(exc)
+    seconds = time.monotonic() - t0
+    if rank == 0:
+        os.kill(server_pid, signal.SIGCONT)
+    faults.fault_hook = None
+    storage.PART_SIZE = 16 * 1024 * 1024
+    intact = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+    def short_stall(name: str) -> None:
+        if rank == 0 and name == "upload-manifest":
+            os.kill(server_pid, signal.SIGSTOP)
+            threading.Timer(0.6, os.kill, (server_pid, signal.SIGCONT)).start()
+
+    faults.fault_hook = short_stall
+    _step(model, opt, sched)
+    mgr.maybe_save()  # commits: the store was silent for less than the limit
+    faults.fault_hook = None
+    mgr.close()
+    return {"error": error, "seconds": seconds, "intact": intact, "stopped": stopped}
+
+
+def test_a_store_that_stops_answering_fails_the_save_on_every_rank_then_the_next_commits(s3_server, tmp_path):
+    """The server stops answering mid-save (SIGSTOP of moto: connections open, no answer), a 2-rank job with
+    ``storage_timeout_s=2``: the save fails on both ranks with a CheckpointError saying the store stopped answering
+    and naming the object, within a bound a hang would blow; training state intact, nothing of that save visible;
+    once the server answers again the next save (with a stall shorter than the limit) commits. Bad limits are
+    refused when the manager is built. (tools/reliability.py --only hang does this under torchrun.)"""
+    import signal
+
+    from distributed_helpers import run_distributed
+
+    for bad in (0, -1, "60", True, 7200):
+        with pytest.raises(ConfigError, match="storage_timeout_s"):
+            CheckpointConfig(storage_timeout_s=bad)
+    with pytest.raises(ConfigError, match="storage_save_minutes"):
+        CheckpointConfig(storage_save_minutes=0)
+    with pytest.raises(ConfigError, match=r"not less than timeout_minutes=20 .* raise timeout_minutes"):
+        CheckpointManager("s3://b-x/run", *_job(), config=CheckpointConfig(timeout_minutes=20))
+    url = f"s3://{s3_server.bucket()}/runs/hang"
+    env = s3_server.environ() | {"TMPDIR": str(tmp_path)}
+    try:
+        results = run_distributed(_stalled_store, world_size=2, args=(url, s3_server.proc.pid), env=env)
+    finally:
+        os.kill(s3_server.proc.pid, signal.SIGCONT)
+    assert results[1]["stopped"], "rank 1 never reached its second part"
+    for r in results:
+        assert r["error"] and r["error"].startswith("checkpoint step-000000002-periodic was not written"), r
+        assert "StorageTimeout" in r["error"] and "the object store stopped answering: no answer for" in r["error"]
+        assert re.search(r"step-000000002-periodic/\S+: [A-Z-]+( \d+)?: the object store stopped", r["error"])
+        assert r["seconds"] < 120 and r["intact"], r  # the limits' worst case is about 20 s; a hang, minutes
+    run = parse_location(url)
+    states = {i.name: i.state for i in objstore.list_run(run)}
+    assert states.get("step-000000002-periodic", "unfinished") == "unfinished", states
+    assert [n for n, s in states.items() if s == "complete"] == ["step-000000001-periodic", "step-000000003-periodic"]
+    assert objstore.resolve(run).name == "step-000000003-periodic"
+
+
+def test_save_deadline_and_the_lease_renewed_before_a_claim(s3_server, monkeypatch):
+    """``storage_save_minutes``: a save past its time on object storage sends no new request and fails naming the
+    limit. The lease: when its heartbeat could not renew it for over half its TTL, a save's claim renews it first,
+    and a lease another run took over meanwhile stops the save with the lease's message (never written on)."""
+    url = f"s3://{s3_server.bucket()}/runs/limits"
+    model, opt, sched = _job()
+    cfg = CheckpointConfig(every_steps=1, storage_save_minutes=1e-5)  # 0.6 ms: over before the first object
+    mgr = CheckpointManager(url, model, opt, sched, config=cfg)
+    _step(model, opt, sched)
+    with pytest.raises(CheckpointError, match=r"this save's time on object storage ran out \(.*storage_save_minutes"):
+        mgr.maybe_save()
+    lease = mgr._remote.lease
+    lease._renewed -= lease.ttl  # the heartbeat has not renewed it for a whole TTL (the store did not answer)
+    etag = lease._etag
+    lease.check()  # renewed now, by If-Match on its own ETag
+    assert lease._etag != etag and lease.held
+    store = storage.S3Store(parse_location(url).bucket)
+    store.put(f"{parse_location(url).key}/{objstore_tier.LEASE_NAME}", b'{"holder": "another run"}')  # taken over
+    lease._renewed -= lease.ttl
+    _step(model, opt, sched)
+    with pytest.raises(CheckpointError, match="the run lease was taken over by another run"):
+        mgr.maybe_save()
+    assert not lease.held
+    mgr.close()
+    storage.configure_timeouts()

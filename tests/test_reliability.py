@@ -98,3 +98,12 @@ def test_object_storage_one_rank_of_a_torchrun_job_killed_mid_upload(tmp_path):
     ]
     assert not _failures(trials)
     assert sum(t.lost for t in trials) == 0
+
+
+@pytest.mark.slow  # 6 torchrun jobs, about 3.5 minutes here; the default suite: test_object_storage's stopped server
+def test_object_storage_server_that_stops_answering_mid_save(tmp_path):
+    trials = R.hang_trials(tmp_path, log=lambda s: None)
+    assert [t.case for t in trials] == [title for _, title in R.HANG_CASES]
+    assert not _failures(trials)
+    for t in trials[:2]:  # longer than the limit: both ranks raised the error, within the bound
+        assert len(t.extra["errors"]) == 2 and max(t.extra["seconds"]) <= t.extra["bound"]

@@ -398,6 +398,18 @@ MUTATIONS: list[Mutation] = [
         "every rank of a resume from S3 verifies rank 0's share: the other ranks' files are never checksummed",
     ),
     M(
+        "s3-stall-unnamed",
+        "wsd_pretrain/checkpoint/storage.py",
+        "            if _timed_out(exc):\n                raise self._stalled(what, key, t0, once, exc) from None\n",
+        "",
+        (
+            "tests/test_object_storage.py::"
+            "test_a_store_that_stops_answering_fails_the_save_on_every_rank_then_the_next_commits",
+        ),
+        "a store that stopped answering is reported as a generic failure: the error no longer says that the store "
+        "stopped answering, for how long, or within which limit",
+    ),
+    M(
         "s3-ranged-small-pieces",
         "wsd_pretrain/checkpoint/objread.py",
         "        piece = min(PIECE_MAX, max(PIECE, -(-total // (2 * THREADS * PIECE)) * PIECE))\n",

@@ -1926,6 +1926,269 @@ def _s3_rank_trial(work: Path, mode: str, victim: int, env: dict[str, str], clie
     )
 
 
+HANG_LIMIT_S = 2.0
+"""``checkpoint.storage_timeout_s`` of the hang scenario's jobs (each try of a request; 3 tries)."""
+HANG_CASES = (
+    ("parts", "server stopped mid-upload (rank 1's second multipart part), longer than the limit"),
+    ("manifest", "server stopped between the objects and the manifest (rank 0), longer than the limit"),
+    ("short", "server stopped for less than the limit (1 s, as rank 1 begins its first state object)"),
+    ("staging", "server stopped mid-upload on the staging tier (rank 1's first object), longer than the limit"),
+)
+
+
+def _hang_rank(spec: dict[str, Any]) -> None:
+    """One rank of a 2-rank DDP job under torchrun on an s3:// run, streaming its saves (no staging folder) with
+    ``storage_timeout_s`` = :data:`HANG_LIMIT_S` and a 6 s lease (renewed every 2 s: the heartbeat runs into the
+    stopped server too). ``phase == "job"``: saves at 2 (committed); during the save at 4 the server is stopped
+    (SIGSTOP of its pid: sockets open, nothing answers) at ``spec["case"]``'s point by the rank that reaches it;
+    each rank writes down what its save raised, how long it took and whether its state changed, then waits for the
+    harness to resume the server (SIGCONT), trains on and saves at 6 (its state written down). The ``staging``
+    case saves through a staging folder instead: the save at 4 is committed locally and uploaded in the background,
+    and its failure is raised by the next ``wait()``. ``phase == "resume"``: a new job (a new staging folder)
+    resumes "latest" and writes down where it landed and its state."""
+    import threading
+
+    import torch
+
+    from wsd_pretrain import CheckpointConfig, CheckpointError, CheckpointManager, WSDSchedule, WSDScheduler
+    from wsd_pretrain import distributed as D
+    from wsd_pretrain.checkpoint import faults, objstore_tier, storage
+
+    objstore_tier.LEASE_TTL_S = 6.0
+    D.init_distributed(backend="gloo", timeout_s=300)
+    rank = D.get_rank()
+    model = torch.nn.parallel.DistributedDataParallel(_mlp())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = WSDScheduler(opt, WSDSchedule(total=TOTAL, decay_length=2))
+    cfg = CheckpointConfig(
+        every_steps=2,
+        max_shard_size=SHARD,
+        keep_last=100,
+        storage_timeout_s=HANG_LIMIT_S,
+        staging_dir=spec.get("staging"),
+    )
+    mgr = CheckpointManager(spec["url"], model, opt, sched, config=cfg)
+    out, pid, case = Path(spec["out"]), int(spec["pid"]), spec["case"]
+
+    def step() -> None:
+        g = torch.Generator().manual_seed(1000 * sched.last_epoch + rank)
+        model(torch.randn(4, 1024, generator=g)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        mgr.maybe_save()
+
+    if spec["phase"] == "resume":
+        mgr.resume("latest")
+        if rank == 0:
+            (out / "resumed.json").write_text(
+                json.dumps({"position": sched.position, "digest": _state_digest(model, opt)})
+            )
+        mgr.close()
+        return
+
+    def stop(name: str) -> None:
+        at = {
+            "parts": rank == 1 and name.startswith("upload-part:") and name.endswith(":2"),
+            "manifest": rank == 0 and name == "upload-manifest",
+            "short": rank == 1 and name.startswith("shard-begin:train_state/"),  # (parts must be 5 MiB to complete)
+            "staging": rank == 1 and name.startswith("upload-object:"),
+        }[case]
+        if sched.position != 4 or (out / "stopped").exists() or not at:
+            return
+        (out / "stopped").write_text(name)
+        os.kill(pid, signal.SIGSTOP)
+        if case == "short":  # resumed by this rank 1 s later: shorter than one try's limit
+            threading.Timer(1.0, os.kill, (pid, signal.SIGCONT)).start()
+
+    for _ in range(2):
+        step()
+    mgr.wait()
+    if rank == 1 and case == "parts":  # multipart uploads on rank 1 for the save at 4 (never completed: moto's minimum)
+        storage.PART_SIZE = 256 * 1024
+    faults.fault_hook = stop
+    step()  # 3
+    g = torch.Generator().manual_seed(1000 * sched.last_epoch + rank)
+    model(torch.randn(4, 1024, generator=g)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    sched.step()  # 4: its save streams to the bucket before maybe_save returns (and raises there)
+    before = _state_digest(model, opt)
+    t0 = time.monotonic()
+    error = ""
+    try:
+        mgr.maybe_save()
+        mgr.wait()  # (the staging tier: the upload's outcome)
+    except CheckpointError as exc:
+        error = str(exc)
+    took = time.monotonic() - t0
+    faults.fault_hook = None
+    storage.PART_SIZE = 16 * 1024 * 1024
+    intact = _state_digest(model, opt) == before
+    (out / f"hang.{rank}.json").write_text(json.dumps({"error": error, "seconds": took, "intact": intact}))
+    deadline = time.monotonic() + 300
+    while not (out / "resumed").exists() and time.monotonic() < deadline:  # the harness: SIGCONT once both reported
+        time.sleep(0.05)
+    while sched.position < 6:
+        step()
+    mgr.wait()
+    if rank == 0:
+        (out / "saved6.json").write_text(json.dumps({"digest": _state_digest(model, opt)}))
+    mgr.close()
+
+
+def hang_trials(workdir: Path, log: Callable[[str], None] = print) -> list[Trial]:
+    """The server stops answering mid-save (SIGSTOP of moto: its sockets stay open, nothing answers, as a hung
+    endpoint or a host gone without closing its connections) while a 2-rank torchrun job streams its save at 4: at
+    rank 1's second multipart part, and between the objects and the manifest (rank 0), for longer than the limit;
+    and for 1 s, less than the limit. :func:`_hang_trial` checks each."""
+    trials: list[Trial] = []
+    with _moto_bucket() as moto:
+        for case, title in HANG_CASES:
+            t0 = time.monotonic()
+            trials.append(_hang_trial(workdir / f"hang-{case}", case, title, moto))
+            trials[-1].extra["total_s"] = round(time.monotonic() - t0, 1)
+            log(f"  {trials[-1].case}: {'ok' if trials[-1].ok else trials[-1].detail}")
+    return trials
+
+
+def _hang_trial(work: Path, case: str, title: str, moto: Any) -> Trial:
+    """Longer than the limit: every rank's save at 4 fails with a CheckpointError saying the store stopped answering
+    and naming the object, within the limits' bound; training state intact; nothing of 4 committed or listed as
+    complete; once the server answers again (SIGCONT) the save at 6 commits, and a new job resumes 6 exactly and
+    removes the failed save's leftovers (objects, claim, multipart uploads). Shorter: the save at 4 commits."""
+    import io
+
+    from wsd_pretrain import cli
+    from wsd_pretrain.checkpoint import objstore, storage
+    from wsd_pretrain.checkpoint.storage import parse_location
+
+    url = f"s3://reliability/hang-{case}"
+    run = parse_location(url)
+    out, tmp = work / "out", work / "tmp"
+    out.mkdir(parents=True)
+    tmp.mkdir()
+    wenv = _env(**moto.env, TMPDIR=str(tmp))
+    pid = moto.proc.pid
+    # the limits' worst case for a failing save: one stalled request (3 tries), the writer's abort and rank 0's
+    # cleanup tried once each, and a margin for this loaded machine
+    bound = storage.request_bound(HANG_LIMIT_S) + 2 * HANG_LIMIT_S + 15
+    problems: list[str] = []
+    staging = str(work / "staging") if case == "staging" else None
+    spec = {"url": url, "phase": "job", "case": case, "out": str(out), "pid": pid, "staging": staging}
+    log_path = work / "job.log"
+    with open(log_path, "w") as logf:
+        job = subprocess.Popen(
+            _torchrun_script("_hangrank", json.dumps(spec)),
+            cwd=ROOT,
+            env=wenv,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 300
+            reported = [out / f"hang.{r}.json" for r in range(2)]
+            while not all(p.exists() for p in reported) and job.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            stopped_s = None
+            if (out / "stopped").exists():
+                stopped_s = time.time() - (out / "stopped").stat().st_mtime
+            os.kill(pid, signal.SIGCONT)  # both ranks reported (or gave up): the server answers again
+            (out / "resumed").write_text("")
+            rc = job.wait(300)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            if job.poll() is None:
+                job.kill()
+                job.wait(10)
+    if not (out / "stopped").exists():
+        return Trial(
+            "hang", title, False, detail=f"the server was never stopped: {_worker_errors(log_path.read_text())}"
+        )
+    if rc != 0:
+        problems.append(f"the job failed (exit {rc}): {_worker_errors(log_path.read_text())[-600:]}")
+    errors, seconds = [], []
+    for r in range(2):
+        path = out / f"hang.{r}.json"
+        if not path.exists():
+            problems.append(f"rank {r} never came back from its save (a hang)")
+            continue
+        got = json.loads(path.read_text())
+        seconds.append(got["seconds"])
+        if not got["intact"]:
+            problems.append(f"rank {r}: training state changed")
+        if case == "short":
+            if got["error"]:
+                problems.append(f"rank {r}: a stall shorter than the limit failed the save: {got['error'][:300]}")
+            continue
+        errors.append(f"rank {r} after {got['seconds']:.1f} s: {got['error']}")
+        said = (
+            f"uploading step-000000004-periodic to {url} failed"
+            if case == "staging"
+            else "checkpoint step-000000004-periodic was not written (nothing was committed)"
+        )
+        if not (
+            got["error"].startswith(said)
+            and "the object store stopped answering: no answer for" in got["error"]
+            and re.search(r"step-000000004-periodic/\S+: [A-Z-]+( \d+)?: the object store stopped", got["error"])
+        ):
+            problems.append(f"rank {r}: not the clear error: {got['error'][:400]!r}")
+        if got["seconds"] > bound:
+            problems.append(f"rank {r}: failed after {got['seconds']:.0f} s, past the limits' bound of {bound:.0f} s")
+    states = {i.position: i.state for i in objstore.list_run(run)}
+    want_complete = [2, 4, 6] if case == "short" else [2, 6]  # (6 is the pre-decay checkpoint too)
+    if case != "short" and states.get(4, "unfinished") != "unfinished":
+        problems.append(f"the failed save is {states[4]}")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        cli.main(["ckpt", "list", "--json", url])
+    listed = [int(i["name"][5:14]) for i in json.loads(buf.getvalue()) if i["state"] == "complete"]
+    if listed != want_complete:
+        problems.append(f"ckpt list shows complete positions {listed}, expected {want_complete}")
+    if not objstore.resolve(run).name.startswith("step-000000006-"):
+        problems.append(f"latest resolves to {objstore.resolve(run).name}")
+    left_before = sum(s == "unfinished" for s in states.values())
+    uploads_before = len(moto.client.list_multipart_uploads(Bucket="reliability", Prefix=run.prefix).get("Uploads", []))
+    # a new job resumes the newest checkpoint exactly and removes what the failed save left
+    spec = {**spec, "phase": "resume", "staging": str(work / "staging-new") if staging else None}  # a new node
+    res = subprocess.run(
+        _torchrun_script("_hangrank", json.dumps(spec)), cwd=ROOT, env=wenv, capture_output=True, text=True, timeout=600
+    )
+    (work / "resume.log").write_text(res.stdout + res.stderr)
+    if res.returncode != 0 or not (out / "resumed.json").exists():
+        problems.append(
+            f"the next job failed (exit {res.returncode}): {_worker_errors(res.stdout + res.stderr)[-600:]}"
+        )
+    else:
+        resumed = json.loads((out / "resumed.json").read_text())
+        saved = json.loads((out / "saved6.json").read_text())
+        if resumed["position"] != 6 or resumed["digest"] != saved["digest"]:
+            problems.append(f"resumed at {resumed['position']}, state equal: {resumed['digest'] == saved['digest']}")
+    after = {i.position: i.state for i in objstore.list_run(run)}
+    if any(s != "complete" for s in after.values()):
+        problems.append(f"after the next job: {after}")
+    if moto.client.list_multipart_uploads(Bucket="reliability", Prefix=run.prefix).get("Uploads", []):
+        problems.append("multipart uploads left after the next job")
+    lease_warnings = len(re.findall(r"could not renew the run lease", log_path.read_text()))
+    return Trial(
+        "hang",
+        title,
+        not problems,
+        detail="; ".join(problems),
+        extra={
+            "stopped_at": (out / "stopped").read_text(),
+            "errors": errors,
+            "seconds": [round(x, 1) for x in seconds],
+            "stopped_s": None if stopped_s is None else round(stopped_s, 1),
+            "bound": round(bound, 1),
+            "left": left_before,
+            "uploads": uploads_before,
+            "lease_warnings": lease_warnings,
+        },
+    )
+
+
 def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
     sys.path.insert(0, str(ROOT / "tools"))
     from _bench import machine
@@ -1946,6 +2209,7 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
         "s3": "object storage (S3), staging tier and direct streaming: kills mid-upload, server restart, stale "
         "listings, hostile names",
         "s3ranks": "object storage (S3): one rank of a 2-rank torchrun job killed mid-upload",
+        "hang": "object storage (S3): the server stops answering mid-save (SIGSTOP), 2-rank torchrun job",
     }
     out = [
         "# Reliability",
@@ -2066,6 +2330,22 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
             if "errors" in t.extra:
                 res = "ok" if t.ok else "FAILED: " + t.detail
                 out += ["", f"- {t.case}: {res} ({'; '.join(t.extra['errors'])})"]
+    hangs = [t for t in trials if t.scenario == "hang"]
+    if hangs:
+        out += ["", "## Object storage (S3): the server stops answering mid-save", "", *HANG_DOC, ""]
+        out += [
+            "| case | result | stopped at | each rank's save raised after | bound | the error (rank 0) | left for the next run |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for t in hangs:
+            e = t.extra
+            res = "ok" if t.ok else "FAILED: " + t.detail.replace("|", "/")
+            at = e.get("stopped_at", "").split("/checkpoints/")[-1]
+            took = " / ".join(f"{x} s" for x in e.get("seconds", []))
+            err = e["errors"][0].split(": ", 1)[1] if e.get("errors") else "(committed)"
+            err = re.sub(r'Read timeout on endpoint URL: "[^"]*"', "Read timeout", err).replace("|", "/")
+            left = f"{e.get('left', 0)} prefix, {e.get('uploads', 0)} multipart uploads"
+            out.append(f"| {t.case} | {res} | {at} | {took} | {e.get('bound')} s | {err[:420]} | {left} |")
     for scen in ("elastic", "preemption", "lock"):
         rows = [t for t in trials if t.scenario == scen]
         if rows:
@@ -2074,7 +2354,7 @@ def write_doc(trials: list[Trial], seconds: float, path: Path = DOC) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
-SCENARIOS = ("kill", "disk", "corruption", "hostile", "elastic", "preemption", "lock", "s3", "s3ranks")
+SCENARIOS = ("kill", "disk", "corruption", "hostile", "elastic", "preemption", "lock", "s3", "s3ranks", "hang")
 S3_DOC = [
     "A local S3 server (moto, 127.0.0.1). The job (`CheckpointManager` on an `s3://` run) saves at updates 2 and 4,",
     "through the staging tier (a staging folder: saved to local disk, then uploaded) and, in the rows marked",
@@ -2112,6 +2392,25 @@ S3_RANKS_DOC = [
 ]
 
 
+HANG_DOC = [
+    "The same 2-rank torchrun job on an `s3://` run of the local server, streaming its saves (no staging folder),",
+    f"with `checkpoint.storage_timeout_s: {HANG_LIMIT_S:g}` (each try of a request; 3 tries) and a 6 s run lease",
+    "(renewed every 2 s, so the heartbeat meets the stopped server too). During the save at 4 the server is stopped",
+    "with SIGSTOP, which keeps its sockets open and answers nothing (a hung endpoint; a host gone without closing its",
+    "connections), by the rank that reaches the chosen point: rank 1's second multipart part (part streaming), or",
+    "rank 0 between the objects and the manifest; the harness resumes it (SIGCONT) once both ranks' saves returned.",
+    "The staging-tier row saves through a staging folder instead (committed locally, uploaded in the background:",
+    'stopped at rank 1\'s first object, the failure raised by the next `wait()`, "uploading ... failed").',
+    "Checked: each rank's save raises a `CheckpointError` naming the save, saying the object store stopped answering",
+    "and for how long, and naming the object, within the limits' bound (one stalled request's 3 tries and backoffs,",
+    "the writer's abort and rank 0's cleanup tried once, and 15 s for this loaded machine); neither rank's training",
+    "state changes; nothing of 4 is committed (`ckpt list --json` shows 2 and 6 complete, `latest` 6); the save at 6,",
+    "after SIGCONT, commits; a new job resumes 6 exactly (model and AdamW state hashed) and has removed what the",
+    "failed save left (its prefix and multipart uploads: left for the next run, as the protocol says, since the",
+    "cleanup of a failed save is tried once). A stop of 1 s, less than one try's limit, must not fail the save.",
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_child":
@@ -2122,6 +2421,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv and argv[0] == "_s3rank":
         _s3_rank(json.loads(argv[1]))
+        return 0
+    if argv and argv[0] == "_hangrank":
+        _hang_rank(json.loads(argv[1]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=60, help="SIGKILL trials (default 60)")
@@ -2153,6 +2455,7 @@ def main(argv: list[str] | None = None) -> int:
             "lock": lambda: lock_trials(work),
             "s3": lambda: s3_trials(work),
             "s3ranks": lambda: s3_rank_trials(work),
+            "hang": lambda: hang_trials(work),
         }
         for s in SCENARIOS:
             if s in only:

@@ -29,13 +29,14 @@ import base64
 import os
 import re
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
 from . import storage as _storage
-from .storage import PreconditionFailed
+from .storage import PreconditionFailed, _Bounds, _timed_out
 
 __all__ = ["AzureObjectWriter", "AzureStore", "container_problems"]
 
@@ -61,10 +62,13 @@ def container_problems(location: str, container: str) -> list[str]:
     ]
 
 
-def _service() -> Any:
-    """One ``BlobServiceClient`` per process and settings (clients are thread-safe; a forked child makes its own)."""
+def _service(timeout: float, attempts: int = _storage.REQUEST_ATTEMPTS) -> Any:
+    """One ``BlobServiceClient`` per process, settings, limit and try count (clients are thread-safe; a forked child
+    makes its own). Every try is bounded by ``timeout`` (connecting, and each wait for a byte to send or receive),
+    retried after 1-4 s, then 3-6 s (the storage SDK's default waits 15 s and more between tries), so a service
+    that stops answering fails a request after about ``attempts x timeout``, as on S3."""
     env = tuple(os.environ.get(k) for k in _ENV)
-    key = (os.getpid(), *env)
+    key = (os.getpid(), *env, timeout, attempts)
     with _CLIENT_LOCK:
         client = _CLIENTS.get(key)
         if client is not None:
@@ -77,7 +81,14 @@ def _service() -> Any:
                 where="checkpoint location",
             ) from None
         conn, account, account_key, sas, endpoint = env
-        opts: dict[str, Any] = {"connection_timeout": 10, "read_timeout": 120, "retry_total": 5}
+        opts: dict[str, Any] = {
+            "connection_timeout": timeout,
+            "read_timeout": timeout,
+            "retry_total": attempts - 1,
+            "initial_backoff": 1,
+            "increment_base": 2,
+            "random_jitter_range": 1,
+        }
         if conn:
             client = BlobServiceClient.from_connection_string(conn, **opts)
             if endpoint:  # the endpoint override wins, with the connection string's credential
@@ -116,21 +127,38 @@ def _service() -> Any:
         return client
 
 
-class AzureStore:
+class AzureStore(_Bounds):
     """The blobs under one container, with :class:`~.storage.S3Store`'s interface: every call names its URL in
-    its errors; a lost condition is :class:`~.storage.PreconditionFailed`, a missing blob ``FileNotFoundError``."""
+    its errors; a lost condition is :class:`~.storage.PreconditionFailed`, a missing blob ``FileNotFoundError``, a
+    service that stopped answering :class:`~.storage.StorageTimeout` (the same limits and ``save`` store as S3)."""
 
-    def __init__(self, container: str) -> None:
+    def __init__(self, container: str, *, save: bool = False) -> None:
         self.bucket = container  # the name objstore_tier and the messages use for S3's bucket
-        self.service = _service()
-        self.container = self.service.get_container_client(container)
+        self._bound(save)
+        self.service = _service(self.timeout)
+        self._main = self.service.get_container_client(container)
+        self._once: Any = None
+
+    @property
+    def container(self) -> Any:
+        """The container client: once the save winds down, one whose requests are tried once (best effort)."""
+        return self._container(False)
+
+    def _container(self, once: bool) -> Any:
+        if not (once or self.winding_down):
+            return self._main
+        if self._once is None:
+            self._once = _service(self.timeout, 1).get_container_client(self.bucket)
+        return self._once
 
     def url(self, key: str) -> str:
         return f"az://{self.bucket}/{key}"
 
-    def _call(self, what: str, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, what: str, key: str, fn: Any, *args: Any, once: bool = False, **kwargs: Any) -> Any:
         from azure.core.exceptions import AzureError, HttpResponseError
 
+        self._before(what, key, once)
+        t0 = time.monotonic()
         try:
             return fn(*args, **kwargs)
         except HttpResponseError as exc:
@@ -145,10 +173,12 @@ class AzureStore:
             message = str(exc.message or exc).splitlines()[0]
             raise CheckpointError(f"{self.url(key)}: {what} failed: {code}: {message}") from None
         except AzureError as exc:  # no answer: connection refused, timeouts after the retries
+            if _timed_out(exc):
+                raise self._stalled(what, key, t0, once, exc) from None
             raise CheckpointError(f"{self.url(key)}: {what} failed: {str(exc).splitlines()[0]}") from None
 
-    def _blob(self, key: str) -> Any:
-        return self.container.get_blob_client(key)
+    def _blob(self, key: str, once: bool = False) -> Any:
+        return self._container(once).get_blob_client(key)
 
     # reads
     def head(self, key: str) -> dict[str, Any] | None:
@@ -249,19 +279,29 @@ class AzureStore:
         with ThreadPoolExecutor(8, thread_name_prefix="wsd-az-delete") as pool:
             list(pool.map(one, keys))
 
-    def _discard_blocks(self, key: str) -> bool:
+    def _discard_blocks(self, key: str, once: bool = False) -> bool:
         """Drop the uncommitted blocks of ``key`` where no committed blob exists: commit an empty block list
         (create only) and delete that empty blob (``If-Match``). False where a committed blob exists (its
-        uncommitted blocks go at its next commit or when the service expires them)."""
+        uncommitted blocks go at its next commit or when the service expires them). ``once``: best effort, each
+        request tried once (a writer's abort: the service may be why it aborts)."""
         from azure.core import MatchConditions
 
-        blob = self._blob(key)
+        blob = self._blob(key, once)
         try:
-            r = self._call("ABORT", key, blob.commit_block_list, [], match_condition=MatchConditions.IfMissing)
+            r = self._call(
+                "ABORT", key, blob.commit_block_list, [], once=once, match_condition=MatchConditions.IfMissing
+            )
         except PreconditionFailed:
             return False
         try:
-            self._call("ABORT", key, blob.delete_blob, etag=r["etag"], match_condition=MatchConditions.IfNotModified)
+            self._call(
+                "ABORT",
+                key,
+                blob.delete_blob,
+                once=once,
+                etag=r["etag"],
+                match_condition=MatchConditions.IfNotModified,
+            )
         except (PreconditionFailed, FileNotFoundError):
             pass  # someone committed there meanwhile: theirs
         return True
@@ -335,12 +375,16 @@ class AzureObjectWriter:
     def _send_block(self) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(_storage.UPLOAD_THREADS, thread_name_prefix="wsd-az-block")
-        for done in [f for f in self._blocks if f.done()]:
-            done.result()  # an error in an earlier block stops the stream now
+        self._raise_failed()  # an error in an earlier block stops the stream now
         body, self._buf = bytes(self._buf), bytearray()
         number = len(self._blocks) + 1
         block_id = base64.b64encode(f"{self._tag}-{number:08d}".encode()).decode()
         self._slots.acquire()  # bounded memory: wait for a slot before buffering another block
+        try:  # the slot may have come free because a block failed (the service stopped answering): send no more
+            self._raise_failed()
+        except BaseException:
+            self._slots.release()
+            raise
 
         def send() -> str:
             try:
@@ -351,6 +395,10 @@ class AzureObjectWriter:
                 self._slots.release()
 
         self._blocks.append(self._pool.submit(send))
+
+    def _raise_failed(self) -> None:
+        for done in [f for f in self._blocks if f.done()]:
+            done.result()
 
     def close(self) -> tuple[int, str]:
         """Finish the blob (the conditional create applies here); returns ``(size, checksum hex)``."""
@@ -388,6 +436,6 @@ class AzureObjectWriter:
         if self._blocks:
             self._blocks = []
             try:
-                self.store._discard_blocks(self.key)
+                self.store._discard_blocks(self.key, once=True)
             except (CheckpointError, FileNotFoundError):
                 pass  # best effort; the next run discards what is left under the prefix

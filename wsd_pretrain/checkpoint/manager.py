@@ -158,6 +158,15 @@ class CheckpointConfig:
     background (objstore_tier.py). Required for an ``s3://`` run directory; unused otherwise."""
     staging_keep: int = 1
     """Checkpoints (and snapshots) kept in ``staging_dir`` after their upload (the newest K; at least 1)."""
+    storage_timeout_s: float | None = None
+    """A run on object storage: how long the store may stay silent on one try of a request (connecting, or no byte
+    sent or received) before the try is abandoned; a request has 3 tries, so a store that stops answering fails the
+    save on every rank after about 3x this, with an error naming the object. None: ``$WSD_STORAGE_TIMEOUT_S``, else
+    60 (the S3 and Azure SDKs' own default; a 64 MiB part is never silent that long on a working store)."""
+    storage_save_minutes: float = 30.0
+    """A run on object storage: the most one save (or one background upload) may spend on the store on a rank;
+    past it no new request is sent and the save fails on every rank. It must leave room in ``timeout_minutes``
+    (how long ranks wait for each other inside a save), checked when the manager is built."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -201,8 +210,34 @@ class CheckpointConfig:
             problems.append(f"staging_dir={self.staging_dir!r}: a local folder (the run itself may be s3://)")
         if isinstance(self.staging_keep, bool) or not isinstance(self.staging_keep, int) or self.staging_keep < 1:
             problems.append(f"staging_keep={self.staging_keep!r}: keep at least 1")
+        if self.storage_timeout_s is not None:
+            problems += _storage.timeout_problems(self.storage_timeout_s, "storage_timeout_s")
+        if (
+            isinstance(self.storage_save_minutes, bool)
+            or not isinstance(self.storage_save_minutes, (int, float))
+            or self.storage_save_minutes <= 0
+        ):
+            problems.append(f"storage_save_minutes={self.storage_save_minutes!r}: a number of minutes > 0")
         if problems:
             raise ConfigError(problems, where="checkpoint config")
+
+
+def _check_storage_limits(cfg: CheckpointConfig) -> None:
+    """A run on object storage: set this process's limits (storage.py) from the config, refusing a pair that could
+    not fail a save before the checkpoint groups' own timeout: a rank that stops at its deadline still waits out
+    one stalled request and one try of the cleanup, and the others wait for it in a collective bounded by
+    ``timeout_minutes``; if that ran out first they would fail with the transport's error, not this one."""
+    timeout = cfg.storage_timeout_s if cfg.storage_timeout_s is not None else _storage.request_timeout()
+    worst = cfg.storage_save_minutes * 60 + _storage.request_bound(timeout) + 2 * timeout
+    if worst >= cfg.timeout_minutes * 60:
+        raise ConfigError(
+            f"storage_save_minutes={cfg.storage_save_minutes:g} with storage_timeout_s={timeout:g}: a failing save "
+            f"may take {worst / 60:.1f} minutes on object storage, not less than timeout_minutes="
+            f"{cfg.timeout_minutes:g} (how long ranks wait for each other inside a save); lower "
+            "storage_save_minutes or storage_timeout_s, or raise timeout_minutes",
+            where="checkpoint config",
+        )
+    _storage.configure_timeouts(cfg.storage_timeout_s, cfg.storage_save_minutes)
 
 
 def _checked(adapter: EngineAdapter) -> EngineAdapter:
@@ -261,6 +296,7 @@ class CheckpointManager:
         if isinstance(location, _storage.ObjectURL):
             from .objstore_tier import RemoteTier
 
+            _check_storage_limits(self.config)  # every rank, before any request: limits a save can keep
             _storage.store_for(location)  # boto3 is installed (or a clear error, on every rank)
             self._direct = self.config.staging_dir is None
             # direct: a local folder only caches what a resume fetches from the bucket (node-local temp)

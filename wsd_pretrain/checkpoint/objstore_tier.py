@@ -59,6 +59,7 @@ class Lease:
         self.nonce = uuid.uuid4().hex
         self.lost: str | None = None
         self._etag: str | None = None
+        self._renewed = time.monotonic()  # when the last write of the lease that succeeded was sent
         self._stop = threading.Event()
         self._mutex = threading.Lock()
         self._acquire()
@@ -71,6 +72,7 @@ class Lease:
         ).encode()
 
     def _acquire(self) -> None:
+        self._renewed = time.monotonic()
         try:
             self._etag = self.store.put(self.key, self._body(), if_none_match=True)
             return
@@ -92,6 +94,7 @@ class Lease:
                 f"renewed for {self.ttl:.0f} s is taken over)"
             )
         try:  # stale: take it over, only if nobody renewed or took it since we read it
+            self._renewed = time.monotonic()
             self._etag = self.store.put(self.key, self._body(), if_match=etag)
         except PreconditionFailed:
             raise CheckpointError(f"{self.run}: could not take the run lease (another run took it first)") from None
@@ -103,13 +106,40 @@ class Lease:
                 if self._etag is None:
                     return
                 try:
-                    self._etag = self.store.put(self.key, self._body(), if_match=self._etag)
-                except PreconditionFailed:
-                    self.lost = f"{self.run}: the run lease was taken over by another run"
-                    log.error("%s; this run must stop writing", self.lost)
-                    return
-                except CheckpointError as exc:  # the server is away: try again at the next beat
+                    self._renew()
+                except CheckpointError as exc:  # the server is away (each try bounded): again at the next beat
                     log.warning("%s: could not renew the run lease: %s", self.run, exc)
+                if self.lost:
+                    return
+
+    def _renew(self) -> None:
+        """One renewal (``If-Match`` on the lease's own ETag), under the mutex; a lost condition marks the lease
+        lost (taken over by another run); other errors are raised."""
+        sent = time.monotonic()
+        try:
+            self._etag = self.store.put(self.key, self._body(), if_match=self._etag)
+            self._renewed = sent
+        except PreconditionFailed:
+            self.lost = f"{self.run}: the run lease was taken over by another run"
+            log.error("%s; this run must stop writing", self.lost)
+
+    def check(self) -> None:
+        """Before a save claims a name: raise if the lease is lost, or may be. The heartbeat renews every TTL/3;
+        when its last success is older than TTL/2 (the store did not answer it: each try is bounded, so a hung
+        store never holds the heartbeat long), the lease is renewed here first: a 412 means another run took it
+        over (lost), a store still not answering fails the save with that error; the lease is never assumed."""
+        with self._mutex:
+            if self.lost is None and self._etag is not None and time.monotonic() - self._renewed > self.ttl / 2:
+                since = time.monotonic() - self._renewed
+                try:
+                    self._renew()
+                except CheckpointError as exc:
+                    raise CheckpointError(
+                        f"{self.run}: the run lease could not be renewed for {since:.0f} s (another run may take "
+                        f"it over after {self.ttl:.0f} s), so no save starts: {exc}"
+                    ) from None
+            if self.lost:
+                raise CheckpointError(self.lost)
 
     @property
     def held(self) -> bool:
@@ -171,8 +201,8 @@ class RemoteTier:
 
     def claim_prefix(self, ckpt: ObjectURL) -> None:
         """Rank 0: claim ``ckpt`` (a checkpoint or snapshot prefix of this run) before any rank writes under it."""
-        if self.lease is not None and self.lease.lost:
-            raise CheckpointError(self.lease.lost)
+        if self.lease is not None:
+            self.lease.check()  # lost, or unrenewed for long: renewed now or the save stops here
         store = store_for(self.url)
         if ckpt.parent.name == F.SNAPSHOTS and store.head((ckpt / F.MANIFEST).key) is not None:
             objstore.delete_checkpoint(ckpt)
@@ -189,7 +219,7 @@ class RemoteTier:
         from .. import distributed as D
 
         root = F.SNAPSHOTS if snapshots else F.CHECKPOINTS
-        store = store_for(self.url)
+        store = store_for(self.url, save=True)  # this upload's deadline and stall rule (storage.py)
         ckpt = self.url / root / newest.name
         error: str | None = None
         try:
@@ -203,6 +233,7 @@ class RemoteTier:
             errors = D.gather_object(error, dst=0, group=group) if world > 1 else [error]
         except Exception:  # a rank died mid-upload (the gather timed out or lost it): nothing is committed
             if rank == 0:
+                store.wind_down()
                 try:
                     objstore.remove_unfinished(store, ckpt)  # every rank's objects and multipart uploads
                 except CheckpointError:
@@ -215,11 +246,13 @@ class RemoteTier:
             try:
                 if failed:
                     outcome = "; ".join(failed)
+                    store.wind_down()  # best effort, one try per request: the store may be why it failed
                     objstore.remove_unfinished(store, ckpt)  # every rank's objects and multipart uploads
                 else:
                     objstore.commit_upload(newest, store, self.url, ckpt, root)
             except Exception as exc:
                 outcome = outcome or f"rank 0 could not commit: {type(exc).__name__}: {exc}"
+                store.wind_down()
                 try:
                     objstore.remove_unfinished(store, ckpt)
                 except CheckpointError:

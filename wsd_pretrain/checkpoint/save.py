@@ -622,7 +622,7 @@ def start_save(
         from .storage import store_for
 
         final_url = dest if isinstance(dest, ObjectURL) else run_dir / F.CHECKPOINTS / name  # type: ignore[operator]
-        objects = (store_for(final_url), final_url)
+        objects = (store_for(final_url, save=True), final_url)  # this save's deadline and stall rule (storage.py)
         root = final = Path(".")  # unused on object storage (no staging directory, no rename)
     else:
         run_dir = Path(run_dir)
@@ -862,6 +862,7 @@ def _remove_save(staging: Path, objects: Any) -> None:
         return
     from .objstore import remove_unfinished
 
+    objects[0].wind_down()  # best effort, one try per request: the store may be why the save failed
     try:
         remove_unfinished(objects[0], objects[1])
     except Exception as exc:  # the server is away: the next run removes the unfinished prefix
