@@ -14,10 +14,12 @@
 
 On object storage: ``WSDTrainerCallback("s3://bucket/runs/x")`` and
 ``resume_from_checkpoint=last_checkpoint("s3://bucket/runs/x")`` on every rank (``output_dir`` stays local). Rank 0
-picks the checkpoint and tells the others; each node downloads, verified, only what the Trainer opens itself (the
-model folder: config and weights) plus ``trainer_state.json``, into ``<cache>/hf-resume/<name>/`` (not a checkpoint:
-no manifest, never listed or resumed as one); the callback's manager restores the training state (optimizer,
-scheduler, RNG, data) in place from the bucket, each rank reading its own byte ranges (docs/integrations.md).
+picks the checkpoint and tells the others. With one rank a node, each node downloads, verified, only what the
+Trainer opens itself (the model folder: config and weights) plus ``trainer_state.json``, into
+``<cache>/hf-resume/<name>/`` (not a checkpoint: no manifest, never listed or resumed as one), and the callback's
+manager restores the training state (optimizer, scheduler, RNG, data) in place from the bucket; with several ranks a
+node (every rank of a replicated model restores the whole state) the node downloads the whole checkpoint once,
+verified, and the manager reads it from disk (``training_state``; docs/integrations.md).
 
 Every checkpoint is a Hugging Face model folder (``from_pretrained`` loads it) holding our training state, plus
 the ``trainer_state.json`` that ``resume_from_checkpoint`` reads: the Trainer restores its counters from it and
