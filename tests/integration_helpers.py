@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +156,24 @@ PREEMPT = Path(__file__).resolve().parent / "preempt_at.py"
 def preempt_cmd(updates: int, script: Path, args: list[str]) -> list[str]:
     """The script run in one process that sends itself SIGUSR1 after ``updates`` updates (tests/preempt_at.py)."""
     return [sys.executable, str(PREEMPT), str(updates), str(script), *args]
+
+
+@contextmanager
+def preempted_at(position: int) -> Iterator[None]:
+    """Within the block, every ``CheckpointManager.maybe_save`` at scheduler position ``position`` first requests
+    preemption (what a SIGTERM does, at a known update): an in-process job saves a ``preempt`` checkpoint there and
+    stops."""
+    from wsd_pretrain.checkpoint.manager import CheckpointManager
+
+    real = CheckpointManager.maybe_save
+
+    def maybe_save(self: Any) -> Any:
+        if self.scheduler.position == position:
+            self.request_preemption()
+        return real(self)
+
+    CheckpointManager.maybe_save = maybe_save  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        CheckpointManager.maybe_save = real  # type: ignore[method-assign]

@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_object_storage import _job, _step
 
+from integration_helpers import preempted_at
 from wsd_pretrain.checkpoint import objstore, storage
 from wsd_pretrain.checkpoint.manager import CheckpointConfig, CheckpointManager
 from wsd_pretrain.checkpoint.storage import parse_location, store_for
@@ -50,17 +51,9 @@ def test_main_job_on_s3_without_staging(s3_server, tmp_path, monkeypatch):
     done = train.run(["--run-dir", straight, "--log-dir", str(tmp_path / "logs-straight"), *args])
     assert done["position"] == 8 and not done["preempted"]
 
-    real = CheckpointManager.maybe_save
-
-    def preempt_at_4(self):  # what a SIGTERM does, at a known update
-        if self.scheduler.position == 4:
-            self.request_preemption()
-        return real(self)
-
-    monkeypatch.setattr(CheckpointManager, "maybe_save", preempt_at_4)
-    stopped = train.run(["--run-dir", victim, "--log-dir", str(tmp_path / "logs-a"), *args])
+    with preempted_at(4):
+        stopped = train.run(["--run-dir", victim, "--log-dir", str(tmp_path / "logs-a"), *args])
     assert stopped["preempted"] and stopped["position"] == 4
-    monkeypatch.setattr(CheckpointManager, "maybe_save", real)
     fresh = tmp_path / "logs-b"  # another machine: nothing local but the command
     resumed = train.run(["--run-dir", victim, "--log-dir", str(fresh), *args, "tracking.tensorboard=true"])
     assert resumed["position"] == 8 and not resumed["preempted"]

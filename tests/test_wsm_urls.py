@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from integration_helpers import preempted_at
 from wsd_pretrain.checkpoint import objread, objstore
 from wsd_pretrain.checkpoint.manager import CheckpointManager
 from wsd_pretrain.checkpoint.storage import parse_location, store_for
@@ -92,20 +93,12 @@ def test_wsm_on_a_bucket_merges_as_on_disk_and_resumes(root_url, local_wsm, tmp_
         real_init(self, ckpt, manifest, **kw)
 
     monkeypatch.setattr(objread.RemoteCheckpoint, "__init__", spy)
-    real_save = CheckpointManager.maybe_save
-
-    def preempt_at_6(self):  # what a SIGTERM does, at a known update
-        if self.scheduler.position == 6:
-            self.request_preemption()
-        return real_save(self)
-
-    monkeypatch.setattr(CheckpointManager, "maybe_save", preempt_at_6)
     staging = tmp_path / "staging"
     staged = ["checkpoint.staging_keep=3", f"checkpoint.staging_dir={staging}"]
-    first = train.run(["--run-dir", url, *WSM, *staged])
+    with preempted_at(6):
+        first = train.run(["--run-dir", url, *WSM, *staged])
     assert first["preempted"] and first["position"] == 6
     assert remote_reads == [], "the window's snapshots were read from the staging run's copies"
-    monkeypatch.setattr(CheckpointManager, "maybe_save", real_save)
     # what a run killed after its merge at 8 (resumed from 6) leaves: the second job's merge at 8 replaces it whole
     loc = parse_location(url)
     stale = loc / MERGES[1]
@@ -220,16 +213,8 @@ def test_a_resumed_local_job_redoes_a_merge_cut_short(local_wsm, tmp_path, monke
 
     monkeypatch.chdir(ROOT)
     run = tmp_path / "run"
-    real_save = CheckpointManager.maybe_save
-
-    def preempt_at_4(self):
-        if self.scheduler.position == 4:
-            self.request_preemption()
-        return real_save(self)
-
-    monkeypatch.setattr(CheckpointManager, "maybe_save", preempt_at_4)
-    assert train.run(["--run-dir", str(run), *WSM])["position"] == 4
-    monkeypatch.setattr(CheckpointManager, "maybe_save", real_save)
+    with preempted_at(4):
+        assert train.run(["--run-dir", str(run), *WSM])["position"] == 4
     (run / MERGES[0] / "config.json").unlink()
     assert train.run(["--run-dir", str(run), *WSM])["position"] == 8
     for merged in MERGES:

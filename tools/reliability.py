@@ -1613,6 +1613,51 @@ def _state_digest(model: Any, opt: Any) -> str:
     return h.hexdigest()
 
 
+def _update(model: Any, opt: Any, sched: Any, rank: int) -> None:
+    """One update of the 2-rank S3 jobs' DDP MLP on batches seeded by the update and the rank (the same in every
+    run of the job)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1000 * sched.last_epoch + rank)
+    model(torch.randn(4, 1024, generator=g)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    sched.step()
+
+
+def _step(model: Any, opt: Any, sched: Any, mgr: Any, rank: int) -> None:
+    """:func:`_update`, then the manager's ``maybe_save`` as a user's loop calls it."""
+    _update(model, opt, sched, rank)
+    mgr.maybe_save()
+
+
+def _timed_save_at_4(
+    model: Any, opt: Any, sched: Any, mgr: Any, rank: int, hook: Any, *, then_wait: bool = False
+) -> dict[str, Any]:
+    """Updates 3 and 4 of a job that committed its save at 2, with ``faults.fault_hook = hook`` (the trial's
+    fault), the save at 4 called on its own and timed (``then_wait``: and its ``wait()``, where the staging tier
+    raises the upload's outcome): what it raised, how long it took and whether it left the training state as it
+    was."""
+    from wsd_pretrain import CheckpointError
+    from wsd_pretrain.checkpoint import faults
+
+    faults.fault_hook = hook
+    _step(model, opt, sched, mgr, rank)  # 3
+    _update(model, opt, sched, rank)  # 4: its save streams to the bucket before maybe_save returns (and raises there)
+    before = _state_digest(model, opt)
+    t0 = time.monotonic()
+    error = ""
+    try:
+        mgr.maybe_save()
+        if then_wait:
+            mgr.wait()
+    except CheckpointError as exc:
+        error = str(exc)
+    took = time.monotonic() - t0
+    faults.fault_hook = None
+    return {"error": error, "seconds": took, "intact": _state_digest(model, opt) == before}
+
+
 def _s3_rank(spec: dict[str, Any]) -> None:
     """One rank of a 2-rank DDP job under torchrun on an s3:// run (the manager in a user's loop, default preemption
     handling). ``phase == "job"``: saves at 2 (waited for: committed on the bucket; the state then is written down),
@@ -1637,12 +1682,7 @@ def _s3_rank(spec: dict[str, Any]) -> None:
     out = Path(spec["out"])
 
     def step() -> None:
-        g = torch.Generator().manual_seed(1000 * sched.last_epoch + rank)
-        model(torch.randn(4, 1024, generator=g)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-        mgr.maybe_save()
+        _step(model, opt, sched, mgr, rank)
 
     if spec["phase"] == "restart":
         _s3_rank_restart(spec, mgr, model, opt, sched, step, rank, out)
@@ -1684,9 +1724,7 @@ def _s3_rank_restart(spec: dict[str, Any], mgr: Any, model: Any, opt: Any, sched
     """The server is stopped and restarted (empty) while both ranks stream the save at 4: rank 0 stops at its first
     state file and waits for the test to restart the server. Each rank writes down the error its save raised and
     whether its training state changed; once the test has made the bucket again, both train on and save at 6."""
-    from wsd_pretrain import CheckpointError
     from wsd_pretrain import distributed as D
-    from wsd_pretrain.checkpoint import faults
 
     def pause(name: str) -> None:
         if rank == 0 and sched.position == 4 and name.startswith("shard-begin:train_state/"):
@@ -1698,26 +1736,8 @@ def _s3_rank_restart(spec: dict[str, Any], mgr: Any, model: Any, opt: Any, sched
     for _ in range(2):
         step()
     mgr.wait()
-    import torch
-
-    faults.fault_hook = pause
-    step()  # 3
-    g = torch.Generator().manual_seed(1000 * sched.last_epoch + rank)
-    model(torch.randn(4, 1024, generator=g)).square().mean().backward()
-    opt.step()
-    opt.zero_grad()
-    sched.step()  # 4: its save streams to the bucket before maybe_save returns (and raises there)
-    before = _state_digest(model, opt)
-    t0 = time.monotonic()
-    error = ""
-    try:
-        mgr.maybe_save()
-    except CheckpointError as exc:
-        error = str(exc)
-    took = time.monotonic() - t0
-    intact = _state_digest(model, opt) == before
-    faults.fault_hook = None
-    (out / f"restart.{rank}.json").write_text(json.dumps({"error": error, "seconds": took, "intact": intact}))
+    saved = _timed_save_at_4(model, opt, sched, mgr, rank, pause)
+    (out / f"restart.{rank}.json").write_text(json.dumps(saved))
     D.barrier()
     if rank == 0:
         (out / "restart.failed").write_text("")
@@ -1950,9 +1970,9 @@ def _hang_rank(spec: dict[str, Any]) -> None:
 
     import torch
 
-    from wsd_pretrain import CheckpointConfig, CheckpointError, CheckpointManager, WSDSchedule, WSDScheduler
+    from wsd_pretrain import CheckpointConfig, CheckpointManager, WSDSchedule, WSDScheduler
     from wsd_pretrain import distributed as D
-    from wsd_pretrain.checkpoint import faults, objstore_tier, storage
+    from wsd_pretrain.checkpoint import objstore_tier, storage
 
     objstore_tier.LEASE_TTL_S = 6.0
     D.init_distributed(backend="gloo", timeout_s=300)
@@ -1971,12 +1991,7 @@ def _hang_rank(spec: dict[str, Any]) -> None:
     out, pid, case = Path(spec["out"]), int(spec["pid"]), spec["case"]
 
     def step() -> None:
-        g = torch.Generator().manual_seed(1000 * sched.last_epoch + rank)
-        model(torch.randn(4, 1024, generator=g)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-        mgr.maybe_save()
+        _step(model, opt, sched, mgr, rank)
 
     if spec["phase"] == "resume":
         mgr.resume("latest")
@@ -2006,26 +2021,9 @@ def _hang_rank(spec: dict[str, Any]) -> None:
     mgr.wait()
     if rank == 1 and case == "parts":  # multipart uploads on rank 1 for the save at 4 (never completed: moto's minimum)
         storage.PART_SIZE = 256 * 1024
-    faults.fault_hook = stop
-    step()  # 3
-    g = torch.Generator().manual_seed(1000 * sched.last_epoch + rank)
-    model(torch.randn(4, 1024, generator=g)).square().mean().backward()
-    opt.step()
-    opt.zero_grad()
-    sched.step()  # 4: its save streams to the bucket before maybe_save returns (and raises there)
-    before = _state_digest(model, opt)
-    t0 = time.monotonic()
-    error = ""
-    try:
-        mgr.maybe_save()
-        mgr.wait()  # (the staging tier: the upload's outcome)
-    except CheckpointError as exc:
-        error = str(exc)
-    took = time.monotonic() - t0
-    faults.fault_hook = None
+    saved = _timed_save_at_4(model, opt, sched, mgr, rank, stop, then_wait=True)
     storage.PART_SIZE = 16 * 1024 * 1024
-    intact = _state_digest(model, opt) == before
-    (out / f"hang.{rank}.json").write_text(json.dumps({"error": error, "seconds": took, "intact": intact}))
+    (out / f"hang.{rank}.json").write_text(json.dumps(saved))
     deadline = time.monotonic() + 300
     while not (out / "resumed").exists() and time.monotonic() < deadline:  # the harness: SIGCONT once both reported
         time.sleep(0.05)
