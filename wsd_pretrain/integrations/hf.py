@@ -226,6 +226,7 @@ def _trainer_files(manifest: dict[str, Any]) -> list[str]:
 def _fetch_newest(url: Any, local_dir: str | os.PathLike[str] | None, *, whole: bool) -> str | None:
     """:func:`last_checkpoint` of a run on object storage (see there)."""
     from .. import distributed as D
+    from ..checkpoint import coord
     from ..checkpoint.storage import cache_dir
 
     picked = _decided_on_rank0(lambda: _newest_on_bucket(url), f"cannot pick the checkpoint to resume from {url}")
@@ -239,14 +240,9 @@ def _fetch_newest(url: Any, local_dir: str | os.PathLike[str] | None, *, whole: 
     except Exception as exc:  # every rank learns it below: none goes on into the Trainer's collectives alone
         if not D.is_distributed():
             raise
-        error = f"rank {D.get_rank()}: {exc if isinstance(exc, WSDError) else f'{type(exc).__name__}: {exc}'}"
-    if D.is_distributed() and D.get_world_size() > 1:
-        errors = [e for e in D.all_gather_object(error) if e]
-        if errors:
-            raise CheckpointError(
-                f"cannot fetch {'' if whole else 'the Trainer files of '}{url}/{F.CHECKPOINTS}/{picked['name']}: "
-                f"{errors[0]}"
-            )
+        error = str(exc) if isinstance(exc, WSDError) else f"{type(exc).__name__}: {exc}"
+    what = f"cannot fetch {'' if whole else 'the Trainer files of '}{url}/{F.CHECKPOINTS}/{picked['name']}"
+    coord.agree(error, what)  # one small all-reduce when every node's fetch succeeded
     _picked[str(url)] = (picked["name"], picked["global_step"])
     return str(path)
 
