@@ -185,25 +185,19 @@ def _newest_on_bucket(url: Any) -> dict[str, Any] | None:
     """Rank 0 of :func:`last_checkpoint`: the run's newest complete checkpoint, its manifest's hash and its saved
     Trainer state (``train_state/trainer.json`` checked against the manifest)."""
     from ..checkpoint import objstore
-    from ..checkpoint.safetensors_io import new_hasher
+    from ..checkpoint.objread import RemoteCheckpoint
     from ..checkpoint.storage import store_for
 
     infos = [i for i in objstore.list_run(url) if i.state == "complete"]
     if not infos:
         return None
     newest = infos[-1]
-    store = store_for(url)
-    m, _, raw_hash = objstore.load_manifest(store, newest.path)  # type: ignore[arg-type]
+    m, _, raw_hash = objstore.load_manifest(store_for(url), newest.path)  # type: ignore[arg-type]
     rel = f"{F.TRAIN_STATE}/trainer.json"
-    rec = m["files"].get(rel)
-    if rec is None:
+    if rel not in m["files"]:
         raise CheckpointError(_not_ours(newest.path))
-    raw, _ = store.get((newest.path / rel).key, max_bytes=64 * 1024 * 1024)  # type: ignore[operator]
-    digest = new_hasher(m["checksum"])
-    digest.update(raw)
-    if len(raw) != rec["size"] or digest.hexdigest() != rec["hash"]:
-        raise CheckpointError(f"{newest.path}: {rel} does not match the manifest")
-    saved = _saved_trainer_state(json.loads(raw))
+    trainer = RemoteCheckpoint(newest.path, m).json(rel, "the saved Trainer state")  # type: ignore[arg-type]
+    saved = _saved_trainer_state(trainer)
     if saved is None:
         raise CheckpointError(_not_ours(newest.path))
     return {
