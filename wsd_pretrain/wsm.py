@@ -185,23 +185,13 @@ class WSMPlan:
 
     @staticmethod
     def _merged(manager: Any, at: int) -> bool:
-        name, remote = f"step-{at:09d}-wsm", getattr(manager, "_remote", None)
-        if remote is None:
-            return (Path(manager.run_dir) / MERGED / name / "config.json").is_file()
-        from .checkpoint.storage import store_for
-
-        return store_for(remote.url).head((remote.url / MERGED / name / "config.json").key) is not None
+        return _run_has(manager, MERGED, f"step-{at:09d}-wsm", "config.json")
 
     @staticmethod
     def _snapshot_committed(manager: Any, at: int) -> bool:
         from .checkpoint import format as F
 
-        name, remote = F.checkpoint_name(at, [F.SNAPSHOT_KIND]), getattr(manager, "_remote", None)
-        if remote is None:
-            return (F.snapshots_dir(manager.run_dir) / name / F.MANIFEST).is_file()
-        from .checkpoint.storage import store_for
-
-        return store_for(remote.url).head((remote.url / F.SNAPSHOTS / name / F.MANIFEST).key) is not None
+        return _run_has(manager, F.SNAPSHOTS, F.checkpoint_name(at, [F.SNAPSHOT_KIND]), F.MANIFEST)
 
     def _merge_at(self, manager: Any, at: int) -> Path | ObjectURL:
         """Every rank: rank 0 merges the window of the milestone ``at``; the outcome is agreed."""
@@ -294,3 +284,17 @@ class WSMPlan:
             if remote.direct:  # the node-local cache keeps what a resume fetched, not merges
                 shutil.rmtree(out, ignore_errors=True)
         return window
+
+
+def _run_has(manager: Any, *parts: str) -> bool:
+    """Whether the manager's run holds the file ``<run>/<parts...>``: on disk, or on the bucket of a run on object
+    storage (a HEAD: the object decides, never a listing)."""
+    remote = getattr(manager, "_remote", None)  # a run on object storage (objstore_tier.RemoteTier)
+    if remote is None:
+        return Path(manager.run_dir, *parts).is_file()
+    from .checkpoint.storage import store_for
+
+    url = remote.url
+    for part in parts:
+        url = url / part
+    return store_for(remote.url).head(url.key) is not None
