@@ -194,8 +194,10 @@ class CheckpointConfig:
             problems.append(f"verify={self.verify!r}: 'checksum', 'size' or 'none'")
         if not isinstance(self.decide_every, int) or self.decide_every < 1:
             problems.append(f"decide_every={self.decide_every!r}: a whole number >= 1")
-        if not isinstance(self.timeout_minutes, (int, float)) or self.timeout_minutes <= 0:
-            problems.append(f"timeout_minutes={self.timeout_minutes!r}: a number of minutes > 0")
+        for name in ("timeout_minutes", "storage_save_minutes"):
+            minutes = getattr(self, name)
+            if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or minutes <= 0:
+                problems.append(f"{name}={minutes!r}: a number of minutes > 0")
         bad = [s for s in self.signals if not hasattr(signal, s)]
         if bad:
             problems.append(f"signals={list(self.signals)}: {bad} are not signal names")
@@ -212,12 +214,6 @@ class CheckpointConfig:
             problems.append(f"staging_keep={self.staging_keep!r}: keep at least 1")
         if self.storage_timeout_s is not None:
             problems += _storage.timeout_problems(self.storage_timeout_s, "storage_timeout_s")
-        if (
-            isinstance(self.storage_save_minutes, bool)
-            or not isinstance(self.storage_save_minutes, (int, float))
-            or self.storage_save_minutes <= 0
-        ):
-            problems.append(f"storage_save_minutes={self.storage_save_minutes!r}: a number of minutes > 0")
         if problems:
             raise ConfigError(problems, where="checkpoint config")
 
