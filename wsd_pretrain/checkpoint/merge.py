@@ -203,14 +203,13 @@ def merge_checkpoints(
     # a checkpoint on object storage (an ObjectURL) is read in place: its manifest validated, its tensors fetched
     # by ranged GETs (objread.RemoteStore), its JSON files checked against their manifest checksums
     ckpts = [parse_location(c) if isinstance(c, str) else c for c in ckpts]
-    remote = {i: c for i, c in enumerate(ckpts) if isinstance(c, ObjectURL)}
-    paths: list[Any] = [_remote_resolve(c) if i in remote else F.resolve_checkpoint(c) for i, c in enumerate(ckpts)]
-    if len({str(p) if i in remote else p.resolve() for i, p in enumerate(paths)}) != len(paths):
+    paths: list[Any] = [_remote_resolve(c) if isinstance(c, ObjectURL) else F.resolve_checkpoint(c) for c in ckpts]
+    if len({str(p) if isinstance(p, ObjectURL) else p.resolve() for p in paths}) != len(paths):
         raise CheckpointError("merge: a checkpoint is given twice")
     out = Path(out)
-    _check_output(out, [p for i, p in enumerate(paths) if i not in remote])
+    _check_output(out, [p for p in paths if not isinstance(p, ObjectURL)])
     target = _dtype(dtype)
-    manifests = [_remote_manifest(p) if i in remote else F.load_manifest(p) for i, p in enumerate(paths)]
+    manifests = [_remote_manifest(p) if isinstance(p, ObjectURL) else F.load_manifest(p) for p in paths]
     order = sorted(range(len(paths)), key=lambda i: _position(manifests[i]))
     paths, manifests = [paths[i] for i in order], [manifests[i] for i in order]
     positions = [_position(m) for m in manifests]
